@@ -1,0 +1,1 @@
+"""Billing: price books, FX, cross-border tax, invoices, credit notes, reports."""

@@ -1,0 +1,1 @@
+"""Metering: usage events, the append-only ledger, tenants and keys, Prometheus metrics."""
