@@ -1,0 +1,120 @@
+"""Prometheus metrics with bounded labels.
+
+Label values come only from closed sets: configured models (anything else is `__unknown__`),
+ISO country codes, ISO 639-1 languages, fixed outcomes and token types, and tenants up to a cap
+(`gateway.max_tenant_labels`); tenants past the cap share the value `__other__` and every overflow
+is counted. Per-tenant detail beyond the cap lives in the ledger, never in Prometheus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from metering.events import TOKEN_TYPES, Outcome, UsageEvent
+
+OTHER = "__other__"
+UNKNOWN = "__unknown__"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class BoundedLabel:
+    """Admits at most `cap` distinct values; the rest map to OTHER (and are counted)."""
+
+    def __init__(self, name: str, cap: int, overflow: Counter, values: Gauge, cap_gauge: Gauge) -> None:
+        self.name = name
+        self.cap = cap
+        self._seen: set[str] = set()
+        self._overflow = overflow.labels(label=name)
+        self._values = values.labels(label=name)
+        cap_gauge.labels(label=name).set(cap)
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self.cap:
+            self._seen.add(value)
+            self._values.set(len(self._seen))
+            return value
+        self._overflow.inc()
+        return OTHER
+
+
+class Metrics:
+    def __init__(self, models: Iterable[str], *, max_tenants: int = 200,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.models = frozenset(models)
+        self.tokens = Counter("tokenport_tokens", "Tokens metered, by tenant, origin country, model, "
+                              "token type (input excludes cached) and language.",
+                              ["tenant", "origin_country", "model", "token_type", "language"], registry=r)
+        self.requests = Counter("tokenport_requests", "Requests metered, by outcome.",
+                                ["tenant", "model", "outcome"], registry=r)
+        self.responses = Counter("tokenport_http_responses", "HTTP responses by route template and status.",
+                                 ["route", "status"], registry=r)
+        self.duration = Histogram("tokenport_request_duration_seconds", "Whole request duration.",
+                                  ["model", "stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("tokenport_time_to_first_token_seconds", "Time to the first streamed token.",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream = Histogram("tokenport_upstream_duration_seconds", "Time waiting on the worker.",
+                                  ["model", "worker"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("tokenport_gateway_overhead_seconds",
+                                  "Time spent in the gateway itself, excluding upstream time.",
+                                  ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.commit = Histogram("tokenport_ledger_commit_seconds", "Ledger group-commit duration.",
+                                buckets=COMMIT_BUCKETS, registry=r)
+        self.commit_batch = Histogram("tokenport_ledger_commit_batch_events", "Events per ledger commit.",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.inflight = Gauge("tokenport_inflight_requests", "Requests in flight.", ["model"], registry=r)
+        self.worker_healthy = Gauge("tokenport_worker_healthy", "1 if the worker passed its last health check.",
+                                    ["worker", "model"], registry=r)
+        self.estimated_spend = Counter("tokenport_estimated_spend",
+                                       "ESTIMATED spend in major currency units, priced at request time. "
+                                       "Invoices come from the ledger, never from this.",
+                                       ["tenant", "currency", "origin_country"], registry=r)
+        self.usage_estimated = Counter("tokenport_usage_estimated", "Requests whose usage the worker did not "
+                                       "report, counted by the gateway's tokenizer.", ["model"], registry=r)
+        self.drift_ratio = Gauge("tokenport_metering_drift_ratio", "Ledger vs worker counter drift (ratio).",
+                                 ["worker", "model", "token_type"], registry=r)
+        self.drift_tokens = Gauge("tokenport_metering_drift_tokens", "Ledger vs worker counter drift (tokens).",
+                                  ["worker", "model", "token_type"], registry=r)
+        self.budget_used = Gauge("tokenport_budget_used_ratio", "Share of the tenant's budget used.",
+                                 ["tenant"], registry=r)
+        label_values = Gauge("tokenport_label_values", "Distinct values tracked for a capped label.",
+                             ["label"], registry=r)
+        label_cap = Gauge("tokenport_label_cap", "Cap on distinct values of a label.", ["label"], registry=r)
+        overflow = Counter("tokenport_label_overflow", "Label values folded into __other__ past the cap.",
+                           ["label"], registry=r)
+        self.tenant_label = BoundedLabel("tenant", max_tenants, overflow, label_values, label_cap)
+        # Start counters at zero for every known model, so increase() sees the first event.
+        for m in self.models:
+            self.usage_estimated.labels(model=m)
+            self.inflight.labels(model=m)
+
+    def model_label(self, model: str) -> str:
+        return model if model in self.models else UNKNOWN
+
+    def observe_event(self, event: UsageEvent) -> None:
+        tenant = self.tenant_label(event.tenant_id)
+        model = self.model_label(event.model)
+        lang = event.language or "und"
+        for token_type, n in event.tokens_by_type().items():
+            if n:
+                self.tokens.labels(tenant, event.origin_country, model, token_type.value, lang).inc(n)
+        self.requests.labels(tenant, model, event.outcome.value).inc()
+        if event.estimated:
+            self.usage_estimated.labels(model).inc()
+
+    def observe_commit(self, seconds: float, events: int) -> None:
+        self.commit.observe(seconds)
+        self.commit_batch.observe(events)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+__all__ = ["Metrics", "BoundedLabel", "OTHER", "UNKNOWN", "TOKEN_TYPES", "Outcome"]

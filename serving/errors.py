@@ -1,0 +1,110 @@
+"""One error hierarchy for the gateway, rendered in one place in OpenAI's error shape.
+
+    TokenportError (500, api_error)
+    ├── InvalidRequest (400, invalid_request_error)
+    │   ├── BodyTooLarge (413)
+    │   └── InvalidOriginCountry (400)
+    ├── AuthenticationFailed (401, invalid_request_error / invalid_api_key)
+    ├── PermissionDenied (403, permission_error)
+    ├── NotFound (404, invalid_request_error)
+    │   └── ModelNotFound (404, model_not_found)
+    ├── Conflict (409)
+    ├── RateLimited (429, rate_limit_error)
+    ├── UpstreamError (502, api_error)
+    ├── NoHealthyWorker (503, service_unavailable)
+    └── ServiceUnavailable (503, service_unavailable)
+
+The body is always {"error": {"message", "type", "param", "code"}}, as OpenAI sends it, so the
+official SDKs raise their matching exception classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class TokenportError(Exception):
+    status_code = 500
+    error_type = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code}}
+
+    def body_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def sse_event(self) -> bytes:
+        """The error as one SSE event, for failures after a stream has started."""
+        return b"data: " + self.body_bytes() + b"\n\n"
+
+
+class InvalidRequest(TokenportError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class BodyTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
+class InvalidOriginCountry(InvalidRequest):
+    code = "invalid_origin_country"
+
+
+class AuthenticationFailed(TokenportError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(TokenportError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFound(TokenportError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Conflict(TokenportError):
+    status_code = 409
+    error_type = "invalid_request_error"
+
+
+class RateLimited(TokenportError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class UpstreamError(TokenportError):
+    status_code = 502
+    error_type = "api_error"
+    code = "upstream_error"
+
+
+class ServiceUnavailable(TokenportError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class NoHealthyWorker(ServiceUnavailable):
+    code = "no_healthy_worker"

@@ -1,0 +1,84 @@
+"""The request path shared by the OpenAI endpoints: auth -> parse -> validate -> attribute -> forward."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from metering.geo import InvalidCountry, OriginResolver
+from metering.language import LanguageDetector, prompt_sample
+from metering.recorder import RequestMeter
+from serving.auth import KeyRing
+from serving.errors import BodyTooLarge, InvalidOriginCountry, InvalidRequest, ModelNotFound
+from serving.openai.protocol import first_error
+from serving.proxy.forward import Forwarder
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+class OpenAIService:
+    def __init__(self, keyring: KeyRing, forwarder: Forwarder, origin: OriginResolver,
+                 language: LanguageDetector | None, max_body_bytes: int) -> None:
+        self.keyring = keyring
+        self.forwarder = forwarder
+        self.origin = origin
+        self.language = language
+        self.max_body_bytes = max_body_bytes
+
+    async def handle(self, request: Request, schema: type[BaseModel], endpoint: str, path: str) -> Response:
+        t0 = time.perf_counter()
+        request_id: str = request.scope.setdefault("tokenport.request_id", new_request_id())
+        principal = await self.keyring.authenticate(request.headers.get("authorization"))
+        body = parse_json_object(await read_body(request, self.max_body_bytes))
+        try:
+            schema.model_validate(body)
+        except ValidationError as exc:
+            message, param = first_error(exc)
+            raise InvalidRequest(message, param=param or None) from exc
+        model: str = body["model"]
+        if not principal.tenant.may_use(model) or model not in self.forwarder.pool.models:
+            raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
+                                param="model")
+        try:
+            country, source = self.origin.resolve(request.headers, principal.tenant.billing_country)
+        except InvalidCountry as exc:
+            raise InvalidOriginCountry(str(exc), param=self.origin.header) from exc
+        language = self.language.detect(prompt_sample(body)) if self.language is not None else None
+        meter = RequestMeter(
+            request_id=request_id, tenant_id=principal.tenant.id, key_id=principal.key_id, model=model,
+            endpoint=endpoint, origin_country=country, origin_source=source, stream=bool(body.get("stream")),
+            language=language,
+        )
+        return await self.forwarder.forward(meter, path, body, {}, t0)

@@ -1,0 +1,169 @@
+"""Forwarding one OpenAI request to a worker and metering it, streamed or not.
+
+Every request ends in exactly one usage event under its request id: `ok`, `client_cancelled`,
+`upstream_error` (tokens the worker did produce are kept), or `rejected` (the worker refused it
+with a 4xx: zero tokens). A connection failure before any byte reached the client is retried once
+on another healthy worker; only the attempt that answered is metered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.responses import Response
+
+from metering.events import Outcome
+from metering.metrics import Metrics
+from metering.recorder import Recorder, RequestMeter
+from serving.errors import TokenportError, UpstreamError
+from serving.proxy.pool import Worker, WorkerPool
+from serving.proxy.relay import RelayResponse, StreamRelay
+
+JSON = "application/json"
+MAX_ATTEMPTS = 2
+ROUTES = {"chat.completions": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+class Forwarder:
+    def __init__(self, pool: WorkerPool, recorder: Recorder, metrics: Metrics, *, timeout_s: float) -> None:
+        self.pool = pool
+        self.recorder = recorder
+        self.metrics = metrics
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent",))
+        return self.session
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def _open(self, meter: RequestMeter, path: str, body: bytes) -> tuple[Worker, aiohttp.ClientResponse]:
+        """POST to a healthy worker, retrying once elsewhere if the connection itself fails."""
+        assert self.session is not None
+        tried: list[Worker] = []
+        last: Exception | None = None
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                worker = self.pool.pick(meter.model, exclude=tried)
+            except TokenportError:
+                if not tried:
+                    raise
+                break
+            tried.append(worker)
+            try:
+                resp = await self.session.post(worker.url + path, data=body, timeout=self.timeout,
+                                               headers={"Content-Type": JSON, "X-Request-Id": meter.request_id})
+                meter.worker_id, meter.serving_region = worker.id, worker.region
+                return worker, resp
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                self.pool.mark_failed(worker)
+                last = exc
+        meter.worker_id = tried[-1].id if tried else None
+        await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
+        raise UpstreamError(f"Could not reach a worker for '{meter.model}': {type(last).__name__}")
+
+    async def forward(self, meter: RequestMeter, path: str, body: dict[str, Any],
+                      headers: dict[str, str], t0: float) -> Response:
+        want_usage = want_continuous = False
+        if meter.stream:
+            opts = body.get("stream_options") or {}
+            want_usage = bool(opts.get("include_usage"))
+            want_continuous = bool(opts.get("continuous_usage_stats"))
+            body["stream_options"] = {**opts, "include_usage": True, "continuous_usage_stats": True}
+        raw = orjson.dumps(body)
+        model_label = self.metrics.model_label(meter.model)
+        inflight = self.metrics.inflight.labels(model_label)
+        inflight.inc()
+        t_up = time.perf_counter()
+        overhead = t_up - t0
+        try:
+            worker, resp = await self._open(meter, path, raw)
+        except BaseException:
+            inflight.dec()
+            raise
+        worker.inflight += 1
+        if resp.status != 200 or not meter.stream:
+            upstream_s = 0.0
+            try:
+                try:
+                    payload = await resp.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    self.pool.mark_failed(worker)
+                    await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
+                    raise UpstreamError(f"The worker failed while answering: {type(exc).__name__}") from exc
+                finally:
+                    resp.release()
+                    worker.inflight -= 1
+                    inflight.dec()
+                upstream_s = time.perf_counter() - t_up
+                self.metrics.upstream.labels(model_label, worker.id).observe(upstream_s)
+                return await self._finish_json(meter, resp.status, payload, headers)
+            finally:
+                now = time.perf_counter()
+                self.metrics.duration.labels(model_label, "false").observe(now - t0)
+                self.metrics.overhead.labels(ROUTES[meter.endpoint]).observe(now - t0 - upstream_s)
+
+        def on_end(relay: StreamRelay) -> None:
+            worker.inflight -= 1
+            inflight.dec()
+            now = time.perf_counter()
+            self.metrics.upstream.labels(model_label, worker.id).observe(now - t_up)
+            self.metrics.duration.labels(model_label, "true").observe(now - t0)
+            self.metrics.overhead.labels(ROUTES[meter.endpoint]).observe(overhead + relay.overhead)
+
+        relay = StreamRelay(meter, resp, self.recorder, self.metrics, want_usage=want_usage,
+                            want_continuous=want_continuous, t0=t0, on_end=on_end)
+        return RelayResponse(relay, headers)
+
+    async def _finish_json(self, meter: RequestMeter, status: int, payload: bytes,
+                           headers: dict[str, str]) -> Response:
+        if status == 200:
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                obj = None
+            if not isinstance(obj, dict):
+                await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
+                raise UpstreamError("The worker sent a response that is not JSON.")
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                meter.take_usage(usage)
+            else:
+                meter.estimated = True
+            await self.recorder.record(meter, Outcome.OK)
+            return Response(payload, 200, headers=headers, media_type=JSON)
+        if 400 <= status < 500:
+            await self.recorder.record(meter, Outcome.REJECTED)
+            return Response(_openai_error(payload, status), status, headers=headers, media_type=JSON)
+        await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
+        raise UpstreamError(f"The worker answered with HTTP {status}.")
+
+
+def _openai_error(payload: bytes, status: int) -> bytes:
+    """The worker's 4xx body in OpenAI's error shape (vLLM already uses it; wrap anything else)."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        err = obj["error"]
+        err.setdefault("type", "invalid_request_error")
+        err.setdefault("param", None)
+        err.setdefault("code", None)
+        return orjson.dumps({"error": err})
+    if isinstance(obj, dict) and "message" in obj:  # older vLLM: flat error object
+        return orjson.dumps({"error": {"message": obj.get("message"), "type": obj.get("type", "invalid_request_error"),
+                                       "param": obj.get("param"), "code": obj.get("code")}})
+    text = payload[:500].decode("utf-8", "replace")
+    return orjson.dumps({"error": {"message": text or f"HTTP {status}", "type": "invalid_request_error",
+                                   "param": None, "code": None}})

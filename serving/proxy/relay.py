@@ -1,0 +1,132 @@
+"""SSE relay: passes a worker's stream to the client chunk by chunk and captures usage on the way.
+
+The worker is always asked for usage on every chunk (continuous_usage_stats), so the meter holds the
+exact cumulative count at any moment. The client sees usage only as it asked:
+- `include_usage` and `continuous_usage_stats`: every chunk unchanged;
+- `include_usage` only: usage removed from content chunks, the final usage chunk kept;
+- neither: usage removed and the final usage-only chunk dropped.
+The event is committed before `data: [DONE]` is sent. A client that goes away is metered for what
+was generated up to that point (`client_cancelled`) and the worker's request is closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from metering.events import Outcome
+from metering.metrics import Metrics
+from metering.recorder import Recorder, RequestMeter
+from serving.errors import UpstreamError
+
+DONE = b"data: [DONE]\n\n"
+
+
+class StreamRelay:
+    def __init__(self, meter: RequestMeter, resp: aiohttp.ClientResponse, recorder: Recorder, metrics: Metrics,
+                 *, want_usage: bool, want_continuous: bool, t0: float, on_end: Any = None) -> None:
+        self.meter = meter
+        self.resp = resp
+        self.recorder = recorder
+        self.metrics = metrics
+        self.want_usage = want_usage
+        self.want_continuous = want_continuous
+        self.t0 = t0
+        self.overhead = 0.0
+        self.content_chunks = 0
+        self._first = True
+        self._on_end = on_end
+
+    def _transform(self, obj: dict[str, Any], payload: bytes) -> bytes | None:
+        if self.want_continuous and self.want_usage:
+            return payload
+        if "usage" not in obj:
+            return payload
+        if not obj.get("choices"):
+            return payload if self.want_usage else None
+        del obj["usage"]
+        return orjson.dumps(obj)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        meter = self.meter
+        try:
+            async for line in self.resp.content:
+                t = time.perf_counter()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    await self._end(Outcome.OK)
+                    yield DONE
+                    return
+                try:
+                    obj = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                if "error" in obj:
+                    await self._end(Outcome.UPSTREAM_ERROR)
+                    yield b"data: " + payload + b"\n\n"
+                    return
+                usage = obj.get("usage")
+                if usage:
+                    meter.take_usage(usage)
+                if obj.get("choices"):
+                    self.content_chunks += 1
+                    if self._first:
+                        self._first = False
+                        self.metrics.ttft.labels(self.metrics.model_label(meter.model)).observe(
+                            time.perf_counter() - self.t0)
+                out = self._transform(obj, payload)
+                self.overhead += time.perf_counter() - t
+                if out is not None:
+                    yield b"data: " + out + b"\n\n"
+            # The worker closed the stream without [DONE]: it failed mid-stream.
+            await self._end(Outcome.UPSTREAM_ERROR)
+            yield UpstreamError("The worker ended the stream unexpectedly.").sse_event()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            await self._end(Outcome.UPSTREAM_ERROR)
+            yield UpstreamError("The worker failed while streaming.").sse_event()
+        finally:
+            self.resp.release()
+
+    async def _end(self, outcome: Outcome) -> None:
+        if not self.meter.has_usage:
+            # The worker sent no usage at all: count what we relayed and say it is an estimate.
+            self.meter.completion_tokens = self.content_chunks
+            self.meter.estimated = True
+        if self._on_end is not None:
+            self._on_end(self)
+        await self.recorder.record(self.meter, outcome)
+
+    def abandon(self) -> None:
+        """Called when the response ends for any reason; meters a client that went away."""
+        if self.meter.recorded:
+            return
+        self.resp.close()  # drops the worker connection: vLLM aborts the generation
+        if not self.meter.has_usage:
+            self.meter.completion_tokens = self.content_chunks
+            self.meter.estimated = True
+        if self._on_end is not None:
+            self._on_end(self)
+        self.recorder.record_nowait(self.meter, Outcome.CLIENT_CANCELLED)
+
+
+class RelayResponse(StreamingResponse):
+    def __init__(self, relay: StreamRelay, headers: dict[str, str]) -> None:
+        super().__init__(relay.body(), media_type="text/event-stream", headers=headers)
+        self.relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.relay.abandon()

@@ -1,0 +1,216 @@
+"""Settings: embedded defaults, then configs/tokenport.yaml (or --config), then TOKENPORT_* env.
+
+The model catalogue lives in its own file (configs/models.yaml) and is validated here too.
+Outside local mode the default secrets are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_SECRET = "local-dev-secret-change-me"
+DEFAULT_ADMIN_TOKEN = "local-admin-token"
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(Exception):
+    """A configuration file or value is invalid; the message says which and why."""
+
+
+class PypiGguf(BaseModel):
+    package: str
+    file: str
+
+
+class ModelSource(BaseModel):
+    pypi_gguf: PypiGguf | None = None
+    hf: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def exactly_one(self) -> ModelSource:
+        given = [k for k in ("pypi_gguf", "hf", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a model source needs exactly one of pypi_gguf, hf, path")
+        return self
+
+
+class WorkerSpec(BaseModel):
+    id: str
+    port: int | None = Field(default=None, ge=1, le=65535)
+    base_url: str | None = None
+    region: str = "local"
+
+    @model_validator(mode="after")
+    def port_or_url(self) -> WorkerSpec:
+        if (self.port is None) == (self.base_url is None):
+            raise ValueError(f"worker {self.id!r} needs exactly one of port (launched here) or base_url")
+        return self
+
+    @property
+    def launched(self) -> bool:
+        return self.port is not None
+
+    def url(self) -> str:
+        if self.base_url is not None:
+            return self.base_url.rstrip("/")
+        return f"http://127.0.0.1:{self.port}"
+
+
+class ModelSpec(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    source: ModelSource | None = None
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    worker_args: list[str] = []
+    workers: list[WorkerSpec] = []
+
+
+class Catalogue(BaseModel):
+    default_model: str | None = None
+    models: list[ModelSpec] = []
+
+    @model_validator(mode="after")
+    def unique(self) -> Catalogue:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model names must be unique")
+        ids = [w.id for m in self.models for w in m.workers]
+        if len(ids) != len(set(ids)):
+            raise ValueError("worker ids must be unique across models")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not in models")
+        return self
+
+    def get(self, name: str) -> ModelSpec | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+class GatewaySettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    origin_country_header: str = "X-Client-Country"
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    key_cache_refresh_s: float = Field(default=0.25, gt=0)
+    max_tenant_labels: int = Field(default=200, ge=1)
+
+
+class WorkerSettings(BaseModel):
+    command: list[str] = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    env: dict[str, str] = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    health_interval_s: float = Field(default=2.0, gt=0)
+    start_timeout_s: float = Field(default=900.0, gt=0)
+    restart_backoff_max_s: float = Field(default=60.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENPORT_", env_nested_delimiter="__", extra="forbid")
+    _yaml_file: ClassVar[Path | None] = None
+
+    mode: Literal["local", "production"] = "local"
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    models_file: Path = Path("models.yaml")
+    secret_key: str = DEFAULT_SECRET
+    admin_token: str = DEFAULT_ADMIN_TOKEN
+    gateway: GatewaySettings = GatewaySettings()
+    workers: WorkerSettings = WorkerSettings()
+    # Filled in by load(): the validated model catalogue and extra workers given on the command line.
+    catalogue: Catalogue = Catalogue()
+    config_dir: Path = PACKAGE_CONFIG_DIR
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
+        return tuple(sources)
+
+    @field_validator("data_dir")
+    @classmethod
+    def absolute_data_dir(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def refuse_default_secrets(self) -> Settings:
+        if self.mode != "local":
+            if self.secret_key == DEFAULT_SECRET or len(self.secret_key) < 32:
+                raise ValueError("production mode needs TOKENPORT_SECRET_KEY (32+ characters, not the default)")
+            if self.admin_token == DEFAULT_ADMIN_TOKEN or len(self.admin_token) < 24:
+                raise ValueError("production mode needs TOKENPORT_ADMIN_TOKEN (24+ characters, not the default)")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tokenport.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+def default_config_file() -> Path | None:
+    env = os.environ.get("TOKENPORT_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in (Path.cwd() / "configs" / "tokenport.yaml", PACKAGE_CONFIG_DIR / "tokenport.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_catalogue(path: Path) -> Catalogue:
+    if not path.is_file():
+        return Catalogue()
+    try:
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return Catalogue.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build validated settings; raises ConfigError naming the file and field that is wrong."""
+    path = config_file if config_file is not None else default_config_file()
+    if path is not None and not path.is_file():
+        raise ConfigError(f"configuration file not found: {path}")
+    Settings._yaml_file = path
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"{path or 'settings'}: {exc}") from exc
+    finally:
+        Settings._yaml_file = None
+    config_dir = path.parent.resolve() if path is not None else PACKAGE_CONFIG_DIR
+    models_path = settings.models_file if settings.models_file.is_absolute() else config_dir / settings.models_file
+    if "catalogue" not in overrides:
+        settings.catalogue = _load_catalogue(models_path)
+    settings.config_dir = config_dir
+    return settings
