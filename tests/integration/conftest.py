@@ -1,0 +1,110 @@
+"""Real parts: one vLLM worker with the default model for the whole session, and the gateway
+started with the `tokenport` command exactly as a user would, each on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.settings import load_settings
+from serving.workers.prepare import is_prepared
+from serving.workers.supervisor import worker_command
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MODEL = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{tail}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def vllm_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real vLLM worker serving the default model (prepared by `make test` into ./data)."""
+    settings = load_settings(REPO / "configs" / "tokenport.yaml", data_dir=REPO / "data")
+    spec = settings.catalogue.get(MODEL)
+    assert spec is not None
+    if not is_prepared(settings.models_dir, spec):
+        pytest.fail("the default model is not prepared: run `make test` (or `tokenport models prepare`)")
+    port = free_port()
+    worker = spec.workers[0].model_copy(update={"port": port})
+    cmd = worker_command(settings, spec, worker)
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {**os.environ, **settings.workers.env}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", 900, proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@dataclass
+class Gateway:
+    url: str
+    data_dir: Path
+    env: dict[str, str]
+    worker_url: str
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "tokenport"), *args], env=self.env, capture_output=True, text=True,
+                              check=True, timeout=120)
+
+    def cli_json(self, *args: str) -> object:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+
+@pytest.fixture(scope="session")
+def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    data = tmp_path_factory.mktemp("gateway-data")
+    port = free_port()
+    env = {**os.environ, "TOKENPORT_DATA_DIR": str(data), "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml")}
+    log = data / "gateway.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(BIN / "tokenport"), "gateway", "--port", str(port),
+                                 "--worker", f"{MODEL}={vllm_worker}"], stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc, log)
+        yield Gateway(url=f"http://127.0.0.1:{port}", data_dir=data, env=env, worker_url=vllm_worker)
+    finally:
+        stop(proc)
