@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sqlalchemy.engine import Engine
 
 from metering.db import make_engine
 from metering.geo import OriginResolver
@@ -24,6 +26,7 @@ from metering.recorder import Recorder
 from metering.store_sql import UsageStore
 from metering.tenants import TenantStore
 from serving import db_schema
+from serving.admin.auth import AdminAuth
 from serving.auth import KeyRing
 from serving.errors import InvalidRequest, NotFound, ServiceUnavailable, TokenportError
 from serving.openai import chat, completions, models
@@ -34,6 +37,10 @@ from serving.settings import Settings
 
 log = logging.getLogger("tokenport.gateway")
 JSON = "application/json"
+
+# Routers beyond the OpenAI endpoints: each is `build(platform) -> APIRouter`, one module per area
+# (tenant usage and invoices, admin usage, invoices, reports, tenants and keys).
+ROUTERS: list[Callable[[Platform], APIRouter]] = []
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,24 @@ def _error_response(exc: TokenportError) -> Response:
     return Response(exc.body_bytes(), exc.status_code, headers=exc.headers, media_type=JSON)
 
 
+@dataclass(frozen=True)
+class Platform:
+    """Every long-lived part of a gateway process, built once by create_app and handed to routers."""
+
+    settings: Settings
+    engine: Engine
+    tenants: TenantStore
+    usage: UsageStore
+    metrics: Metrics
+    ledger: Ledger
+    recorder: Recorder
+    keyring: KeyRing
+    pool: WorkerPool
+    forwarder: Forwarder
+    service: OpenAIService
+    admin: AdminAuth
+
+
 def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
                migrate: bool = True) -> FastAPI:
     engine = make_engine(settings.db_url)
@@ -97,6 +122,9 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s)
     service = OpenAIService(keyring, forwarder, OriginResolver(settings.gateway.origin_country_header),
                             LanguageDetector(), settings.gateway.max_body_bytes)
+    platform = Platform(settings=settings, engine=engine, tenants=tenants, usage=usage, metrics=metrics,
+                        ledger=ledger, recorder=recorder, keyring=keyring, pool=pool, forwarder=forwarder,
+                        service=service, admin=AdminAuth(settings.admin_token))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -121,6 +149,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     app.include_router(chat.router(service))
     app.include_router(completions.router(service))
     app.include_router(models.router(service, created=int(time.time())))
+    for build in ROUTERS:
+        app.include_router(build(platform))
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Response:

@@ -43,4 +43,4 @@ def upgrade(engine: Engine) -> None:
     cfg = alembic_config(str(engine.url.render_as_string(hide_password=False)))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")
