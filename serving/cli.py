@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from functools import cache
 from pathlib import Path
@@ -124,9 +125,42 @@ async def _serve(settings: Settings, extra: list[object], host: str, port: int) 
     config = uvicorn.Config(app_, host=host, port=port, loop="none", http="httptools", lifespan="on",
                             log_level="warning", access_log=False, timeout_graceful_shutdown=30,
                             timeout_keep_alive=75)
-    server = uvicorn.Server(config)
-    console.print(f"gateway listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
-    await server.serve()
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_exit)
+    console.print(f"gateway listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)",
+                  soft_wrap=True)
+    try:
+        await server.serve()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+class _Server:
+    """uvicorn's Server, with signals handled by the event loop (so `up` can stop its workers after
+    the gateway has drained, instead of uvicorn re-raising the signal and killing the process)."""
+
+    def __init__(self, config: object) -> None:
+        import contextlib
+
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # type: ignore[no-untyped-def]
+                yield
+
+        self._server = Server(config)  # type: ignore[arg-type]
+
+    def request_exit(self) -> None:
+        if self._server.should_exit:
+            self._server.force_exit = True  # a second Ctrl-C stops without waiting for streams
+        self._server.should_exit = True
+
+    async def serve(self) -> None:
+        await self._server.serve()
 
 
 def _run(coro: object) -> None:
@@ -182,8 +216,6 @@ def up(ctx: typer.Context,
 
 
 async def _supervise(settings: Settings, only_model: str | None, *, with_gateway: bool) -> None:
-    import signal
-
     from serving.workers.prepare import is_prepared
     from serving.workers.supervisor import Supervisor
 
@@ -192,24 +224,34 @@ async def _supervise(settings: Settings, only_model: str | None, *, with_gateway
             console.print(f"[red]error:[/red] model {m.name} is not prepared: run `tokenport models prepare`")
             raise typer.Exit(2)
     sup = Supervisor(settings, only_model, report=lambda s: console.print(s, highlight=False))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    await sup.start()
+    stop = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
+    # Until the gateway takes over the signals, Ctrl-C / SIGTERM cancel the start-up cleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
     try:
+        await sup.start()
         with console.status("waiting for workers (the first start compiles kernels: a minute or two)…") as st:
             await sup.wait_healthy(progress=lambda w, s: st.update(
                 f"waiting for worker {w.spec.id} ({w.model.name}): {s:.0f}s"))
         console.print("[green]all workers healthy[/green]")
         if with_gateway:
             _print_demo(settings)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             await _serve(settings, [], settings.gateway.host, settings.gateway.port)
         else:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
+    except asyncio.CancelledError:
+        console.print("interrupted")
     finally:
         console.print("stopping workers…")
-        await sup.stop()
+        await asyncio.shield(sup.stop())
+        console.print("stopped")
 
 
 def _demo_key_path(settings: Settings) -> Path:

@@ -76,7 +76,8 @@ class WorkerPool:
 
     def _set(self, worker: Worker, healthy: bool) -> None:
         if worker.healthy != healthy:
-            log.warning("worker %s (%s) is now %s", worker.id, worker.url, "healthy" if healthy else "UNHEALTHY")
+            log.log(logging.INFO if healthy else logging.WARNING, "worker %s (%s) is now %s", worker.id, worker.url,
+                    "healthy" if healthy else "UNHEALTHY")
         worker.healthy = healthy
         if self._on_health is not None:
             self._on_health(worker)

@@ -1,0 +1,399 @@
+"""Invoice, InvoiceLine, AppliedTax, FxUse, CreditNote: frozen documents and their stable JSON.
+
+``to_json_dict()`` is a contract (stored documents, API, CLI): names never change, fields may be
+added. Amounts, rates and prices are decimal strings, never floats; dates are ISO 8601 strings.
+``from_json_dict`` reloads a stored document exactly (``from_json_dict(d.to_json_dict()) == d``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+
+from billing.money import fmt
+from metering.events import TokenType
+
+SCHEMA_VERSION = 1
+
+
+class DocumentStatus(enum.StrEnum):
+    DRAFT = "draft"
+    FINALIZED = "finalized"
+    VOID = "void"
+
+
+class LineKind(enum.StrEnum):
+    USAGE = "usage"
+    ADJUSTMENT = "adjustment"  # late usage of an earlier period (may be negative)
+    MINIMUM_COMMITMENT = "minimum_commitment"  # top-up to the contract's monthly minimum
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InvoiceLine:
+    kind: LineKind
+    model: str | None
+    token_type: TokenType | None
+    quantity_tokens: int
+    unit_price_per_million: Decimal | None
+    amount: Decimal  # rounded once (money.round_money)
+    amount_unrounded: Decimal  # quantity x price / 1e6, exact
+    tier: int | None = None  # 1-based tier index for tiered prices
+    tier_mode: str | None = None  # flat | graduated | volume
+
+    @property
+    def adjustment(self) -> bool:
+        return self.kind is LineKind.ADJUSTMENT
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "model": self.model,
+            "token_type": self.token_type.value if self.token_type else None,
+            "quantity_tokens": self.quantity_tokens,
+            "unit_price_per_million": _s(self.unit_price_per_million),
+            "amount": fmt(self.amount),
+            "amount_unrounded": fmt(self.amount_unrounded),
+            "adjustment": self.adjustment,
+            "tier": self.tier,
+            "tier_mode": self.tier_mode,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> InvoiceLine:
+        return cls(
+            kind=LineKind(d["kind"]),
+            model=d["model"],
+            token_type=TokenType(d["token_type"]) if d["token_type"] else None,
+            quantity_tokens=int(d["quantity_tokens"]),
+            unit_price_per_million=_d(d["unit_price_per_million"]),
+            amount=Decimal(d["amount"]),
+            amount_unrounded=Decimal(d["amount_unrounded"]),
+            tier=d.get("tier"),
+            tier_mode=d.get("tier_mode"),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppliedTax:
+    treatment: str  # billing.tax.Treatment value
+    rate: Decimal  # the rate charged on this document (0 unless supplier_charges)
+    statutory_rate: Decimal | None  # the jurisdiction's rate (what a reverse-charging buyer applies)
+    taxable_amount: Decimal
+    amount: Decimal  # rounded once
+    amount_unrounded: Decimal  # taxable amount x rate / 100, exact
+    currency: str
+    note: str  # English wording
+    wording: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # language -> text
+    tax_currency: str | None = None  # e.g. SAR: the tax also stated in the local currency
+    tax_currency_taxable_amount: Decimal | None = None
+    tax_currency_amount: Decimal | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "treatment": self.treatment,
+            "rate": fmt(self.rate),
+            "statutory_rate": _s(self.statutory_rate),
+            "taxable_amount": fmt(self.taxable_amount),
+            "amount": fmt(self.amount),
+            "amount_unrounded": fmt(self.amount_unrounded),
+            "currency": self.currency,
+            "note": self.note,
+            "wording": dict(self.wording),
+            "tax_currency": self.tax_currency,
+            "tax_currency_taxable_amount": _s(self.tax_currency_taxable_amount),
+            "tax_currency_amount": _s(self.tax_currency_amount),
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> AppliedTax:
+        return cls(
+            treatment=d["treatment"],
+            rate=Decimal(d["rate"]),
+            statutory_rate=_d(d["statutory_rate"]),
+            taxable_amount=Decimal(d["taxable_amount"]),
+            amount=Decimal(d["amount"]),
+            amount_unrounded=Decimal(d["amount_unrounded"]),
+            currency=d["currency"],
+            note=d["note"],
+            wording=MappingProxyType(dict(d.get("wording", {}))),
+            tax_currency=d.get("tax_currency"),
+            tax_currency_taxable_amount=_d(d.get("tax_currency_taxable_amount")),
+            tax_currency_amount=_d(d.get("tax_currency_amount")),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FxUse:
+    """An FX rate a document used: 1 ``from_currency`` = ``rate`` ``to_currency``."""
+
+    from_currency: str
+    to_currency: str
+    rate: Decimal
+    source: str
+    date: date
+    purpose: str  # tax_currency | ledger
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "from": self.from_currency,
+            "to": self.to_currency,
+            "rate": fmt(self.rate),
+            "source": self.source,
+            "date": self.date.isoformat(),
+            "purpose": self.purpose,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> FxUse:
+        return cls(
+            from_currency=d["from"],
+            to_currency=d["to"],
+            rate=Decimal(d["rate"]),
+            source=d["source"],
+            date=date.fromisoformat(d["date"]),
+            purpose=d["purpose"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SellerSnapshot:
+    id: str
+    name: str
+    local_name: str
+    address_lines: tuple[str, ...]
+    city: str
+    postal_code: str
+    country: str
+    tax_id: str  # home registration (CN: USCC), EN 16931 BT-30/BT-32
+    vat_id: str | None  # registration in the buyer's jurisdiction, ISO-prefixed (BT-31)
+    email: str
+    bank: Mapping[str, str]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "local_name": self.local_name,
+            "address_lines": list(self.address_lines),
+            "city": self.city,
+            "postal_code": self.postal_code,
+            "country": self.country,
+            "tax_id": self.tax_id,
+            "vat_id": self.vat_id,
+            "email": self.email,
+            "bank": dict(self.bank),
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> SellerSnapshot:
+        return cls(
+            **{**d, "address_lines": tuple(d["address_lines"]), "bank": MappingProxyType(dict(d["bank"]))}
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BuyerSnapshot:
+    id: str
+    name: str
+    billing_country: str
+    tax_id: str | None  # normalized, without ISO prefix
+    business: bool
+    language: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "billing_country": self.billing_country,
+            "tax_id": self.tax_id,
+            "business": self.business,
+            "language": self.language,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> BuyerSnapshot:
+        return cls(**d)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerView:
+    """The seller's own books (CN): treatment and the net amount in the ledger currency."""
+
+    treatment: str
+    rule_id: str
+    currency: str
+    net_amount: Decimal
+    note: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "treatment": self.treatment,
+            "rule_id": self.rule_id,
+            "currency": self.currency,
+            "net_amount": fmt(self.net_amount),
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> LedgerView:
+        return cls(**{**d, "net_amount": Decimal(d["net_amount"])})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Invoice:
+    number: str | None
+    status: DocumentStatus
+    issue_date: date
+    due_date: date
+    tax_point: date
+    period_start: date
+    period_end: date
+    currency: str
+    seller: SellerSnapshot
+    buyer: BuyerSnapshot
+    lines: tuple[InvoiceLine, ...]
+    subtotal: Decimal
+    taxes: tuple[AppliedTax, ...]
+    total: Decimal
+    fx: tuple[FxUse, ...]
+    usage_digest: str
+    price_book_version: str
+    contract_id: str | None
+    tax_rule_id: str
+    ledger: LedgerView
+    kind: str = "invoice"
+
+    @property
+    def tax_total(self) -> Decimal:
+        return sum((t.amount for t in self.taxes), Decimal(0))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out = _common_json(self)
+        out["due_date"] = self.due_date.isoformat()
+        return out
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> Invoice:
+        return cls(**_common(d), due_date=date.fromisoformat(d["due_date"]))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreditNote:
+    """Reverses an invoice exactly: same lines, taxes and FX rates, amounts stated positive (UBL 381)."""
+
+    number: str | None
+    status: DocumentStatus
+    issue_date: date
+    tax_point: date
+    period_start: date
+    period_end: date
+    currency: str
+    seller: SellerSnapshot
+    buyer: BuyerSnapshot
+    lines: tuple[InvoiceLine, ...]
+    subtotal: Decimal
+    taxes: tuple[AppliedTax, ...]
+    total: Decimal
+    fx: tuple[FxUse, ...]
+    usage_digest: str
+    price_book_version: str
+    contract_id: str | None
+    tax_rule_id: str
+    ledger: LedgerView
+    reason: str
+    original_number: str
+    original_issue_date: date
+    kind: str = "credit_note"
+
+    @property
+    def tax_total(self) -> Decimal:
+        return sum((t.amount for t in self.taxes), Decimal(0))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out = _common_json(self)
+        out.update(
+            reason=self.reason,
+            original_number=self.original_number,
+            original_issue_date=self.original_issue_date.isoformat(),
+        )
+        return out
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> CreditNote:
+        return cls(
+            **_common(d),
+            reason=d["reason"],
+            original_number=d["original_number"],
+            original_issue_date=date.fromisoformat(d["original_issue_date"]),
+        )
+
+
+Document = Invoice | CreditNote
+
+
+def document_from_json(d: Mapping[str, Any]) -> Document:
+    return CreditNote.from_json_dict(d) if d.get("kind") == "credit_note" else Invoice.from_json_dict(d)
+
+
+def _common_json(doc: Document) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": doc.kind,
+        "number": doc.number,
+        "status": doc.status.value,
+        "issue_date": doc.issue_date.isoformat(),
+        "tax_point": doc.tax_point.isoformat(),
+        "period_start": doc.period_start.isoformat(),
+        "period_end": doc.period_end.isoformat(),
+        "currency": doc.currency,
+        "seller": doc.seller.to_json_dict(),
+        "buyer": doc.buyer.to_json_dict(),
+        "lines": [line.to_json_dict() for line in doc.lines],
+        "subtotal": fmt(doc.subtotal),
+        "taxes": [t.to_json_dict() for t in doc.taxes],
+        "tax_total": fmt(doc.tax_total),
+        "total": fmt(doc.total),
+        "fx": [f.to_json_dict() for f in doc.fx],
+        "usage_digest": doc.usage_digest,
+        "price_book_version": doc.price_book_version,
+        "contract_id": doc.contract_id,
+        "tax_rule_id": doc.tax_rule_id,
+        "ledger": doc.ledger.to_json_dict(),
+    }
+
+
+def _common(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "number": d["number"],
+        "status": DocumentStatus(d["status"]),
+        "issue_date": date.fromisoformat(d["issue_date"]),
+        "tax_point": date.fromisoformat(d["tax_point"]),
+        "period_start": date.fromisoformat(d["period_start"]),
+        "period_end": date.fromisoformat(d["period_end"]),
+        "currency": d["currency"],
+        "seller": SellerSnapshot.from_json_dict(d["seller"]),
+        "buyer": BuyerSnapshot.from_json_dict(d["buyer"]),
+        "lines": tuple(InvoiceLine.from_json_dict(x) for x in d["lines"]),
+        "subtotal": Decimal(d["subtotal"]),
+        "taxes": tuple(AppliedTax.from_json_dict(x) for x in d["taxes"]),
+        "total": Decimal(d["total"]),
+        "fx": tuple(FxUse.from_json_dict(x) for x in d["fx"]),
+        "usage_digest": d["usage_digest"],
+        "price_book_version": d["price_book_version"],
+        "contract_id": d["contract_id"],
+        "tax_rule_id": d["tax_rule_id"],
+        "ledger": LedgerView.from_json_dict(d["ledger"]),
+    }
+
+
+def _s(value: Decimal | None) -> str | None:
+    return None if value is None else fmt(value)
+
+
+def _d(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)

@@ -1,0 +1,361 @@
+"""The billing engine: usage x price book x tax rules x FX -> invoice; invoice -> credit note.
+
+Pure: no clock, no files, no database. The same inputs always give the same document (the order
+of the usage rows does not matter). Steps of ``build_invoice``:
+
+1. validate the period and the buyer's tax id (``billing.taxid``);
+2. tax point = period end or issue date (the buyer country's policy); tax treatment on that date;
+3. prices: the price book version covering the period in the buyer's currency + tenant contract;
+4. usage lines: quantities summed per (model, token type), priced through the tiers, one line per
+   tier used; amount = quantity x price / 1e6 rounded once (ROUND_HALF_UP, ISO minor units);
+5. adjustment lines: late usage of earlier periods (may be negative), each (model, token type)
+   priced through the tiers on its own quantity, flagged ``adjustment``;
+6. minimum commitment top-up when the usage lines sum below the minimum (adjustments excluded);
+7. subtotal = sum(lines); tax = round(subtotal x charged rate / 100); total = subtotal + tax
+   (EN 16931 BR-CO-10/13/15/17); tax restated in the tax currency where the rule wants it
+   (SA: SAR) with the FX rate of the rule's date, recorded as an FxUse;
+8. the seller's ledger view (CN) with the net amount in CNY at the ledger FX rate (recorded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import date, timedelta
+from decimal import Decimal
+from typing import TypeVar
+
+from billing.documents import (
+    AppliedTax,
+    BuyerSnapshot,
+    CreditNote,
+    DocumentStatus,
+    FxUse,
+    Invoice,
+    InvoiceLine,
+    LedgerView,
+    LineKind,
+    SellerSnapshot,
+)
+from billing.errors import DocumentStateError, InvalidUsage
+from billing.fx import FxTable, fx_date
+from billing.money import check_currency, div, fmt, mul, round_money
+from billing.parties import Buyer, Seller
+from billing.price_book import PER, PriceBook, ResolvedPrices, rate
+from billing.tax import TaxRules, TaxTreatment
+from billing.taxid import validate as validate_tax_id
+from metering.events import TOKEN_TYPES, TokenType
+
+HUNDRED = Decimal(100)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuantity:
+    """Tokens of one model and token type, aggregated by the caller (optionally per origin/language)."""
+
+    model: str
+    token_type: TokenType
+    quantity_tokens: int
+    origin_country: str | None = None
+    language: str | None = None
+
+
+def usage_digest(usage: Iterable[UsageQuantity]) -> str:
+    """A stable sha256 of usage rows (order-independent), for ``build_invoice(usage_digest=...)``."""
+    rows = sorted(
+        f"{u.model}|{u.token_type.value}|{u.quantity_tokens}|{u.origin_country or ''}|{u.language or ''}"
+        for u in usage
+    )
+    return "sha256:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def _line_amount(quantity: int, price: Decimal) -> Decimal:
+    return div(mul(Decimal(quantity), price), Decimal(PER))
+
+
+def _priced_lines(rows: Sequence[UsageQuantity], prices: ResolvedPrices, kind: LineKind) -> list[InvoiceLine]:
+    totals: dict[tuple[str, TokenType], int] = {}
+    for row in rows:
+        if kind is LineKind.USAGE and row.quantity_tokens < 0:
+            raise InvalidUsage(
+                f"negative usage {row.quantity_tokens} for {row.model}/{row.token_type.value};"
+                " corrections go in adjustments"
+            )
+        key = (row.model, row.token_type)
+        totals[key] = totals.get(key, 0) + row.quantity_tokens
+    order = {t: i for i, t in enumerate(TOKEN_TYPES)}
+    lines: list[InvoiceLine] = []
+    for (model, token_type), quantity in sorted(totals.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+        if quantity == 0:
+            continue
+        spec = prices.price(model, token_type)
+        sign = -1 if quantity < 0 else 1
+        for segment in rate(spec, abs(quantity)):
+            unrounded = _line_amount(sign * segment.quantity, segment.unit_price)
+            lines.append(
+                InvoiceLine(
+                    kind=kind,
+                    model=model,
+                    token_type=token_type,
+                    quantity_tokens=sign * segment.quantity,
+                    unit_price_per_million=segment.unit_price,
+                    amount=round_money(unrounded, prices.currency),
+                    amount_unrounded=unrounded,
+                    tier=segment.tier,
+                    tier_mode=spec.mode.value,
+                )
+            )
+    return lines
+
+
+def _minimum_line(usage_lines: list[InvoiceLine], prices: ResolvedPrices) -> list[InvoiceLine]:
+    if prices.minimum_commitment is None:
+        return []
+    minimum = round_money(prices.minimum_commitment, prices.currency)
+    used = sum((line.amount for line in usage_lines), Decimal(0))
+    if used >= minimum:
+        return []
+    top_up = minimum - used
+    return [
+        InvoiceLine(
+            kind=LineKind.MINIMUM_COMMITMENT,
+            model=None,
+            token_type=None,
+            quantity_tokens=0,
+            unit_price_per_million=None,
+            amount=top_up,
+            amount_unrounded=top_up,
+        )
+    ]
+
+
+def _tax(
+    subtotal: Decimal, currency: str, treatment: TaxTreatment, fx: FxTable, tax_point: date, issue_date: date
+) -> tuple[AppliedTax, list[FxUse]]:
+    charged = treatment.charged_rate
+    exact = div(mul(subtotal, charged), HUNDRED)
+    tax = AppliedTax(
+        treatment=treatment.treatment.value,
+        rate=charged,
+        statutory_rate=treatment.rate,
+        taxable_amount=subtotal,
+        amount=round_money(exact, currency),
+        amount_unrounded=exact,
+        currency=currency,
+        note=treatment.text("en"),
+        wording=treatment.wording,
+    )
+    if treatment.tax_currency is None or treatment.tax_currency == currency:
+        return tax, []
+    used = fx.rate(
+        currency,
+        treatment.tax_currency,
+        fx_date(treatment.fx_date_rule, tax_point=tax_point, issue_date=issue_date),
+    )
+    taxable_local = mul(subtotal, used.rate)
+    tax = replace(
+        tax,
+        tax_currency=treatment.tax_currency,
+        tax_currency_taxable_amount=round_money(taxable_local, treatment.tax_currency),
+        tax_currency_amount=round_money(div(mul(taxable_local, charged), HUNDRED), treatment.tax_currency),
+    )
+    return tax, [
+        FxUse(
+            from_currency=currency,
+            to_currency=used.quote,
+            rate=used.rate,
+            source=used.source,
+            date=used.date,
+            purpose="tax_currency",
+        )
+    ]
+
+
+def _ledger(
+    subtotal: Decimal,
+    currency: str,
+    treatment: TaxTreatment,
+    ledger_currency: str,
+    fx: FxTable,
+    tax_point: date,
+    issue_date: date,
+) -> tuple[LedgerView, list[FxUse]]:
+    uses: list[FxUse] = []
+    net = subtotal
+    if currency != ledger_currency:
+        used = fx.rate(
+            currency,
+            ledger_currency,
+            fx_date(treatment.fx_date_rule, tax_point=tax_point, issue_date=issue_date),
+        )
+        net = round_money(mul(subtotal, used.rate), ledger_currency)
+        uses.append(
+            FxUse(
+                from_currency=currency,
+                to_currency=ledger_currency,
+                rate=used.rate,
+                source=used.source,
+                date=used.date,
+                purpose="ledger",
+            )
+        )
+    view = LedgerView(
+        treatment=treatment.treatment.value,
+        rule_id=treatment.rule_id,
+        currency=ledger_currency,
+        net_amount=net,
+        note=treatment.text("en"),
+    )
+    return view, uses
+
+
+def build_invoice(
+    *,
+    usage: Sequence[UsageQuantity],
+    buyer: Buyer,
+    seller: Seller,
+    price_book: PriceBook,
+    tax_rules: TaxRules,
+    fx: FxTable,
+    period_start: date,
+    period_end: date,
+    issue_date: date,
+    adjustments: Sequence[UsageQuantity] = (),
+    usage_digest: str,
+) -> Invoice:
+    """A draft invoice (no number) for one buyer and billing period."""
+    if period_end < period_start:
+        raise InvalidUsage(f"period ends ({period_end}) before it starts ({period_start})")
+    if issue_date < period_start:
+        raise InvalidUsage(f"issue date {issue_date} is before the period start {period_start}")
+    currency = check_currency(buyer.currency)
+    country = buyer.billing_country.upper()
+    tax_id = validate_tax_id(country, buyer.tax_id) if buyer.tax_id else None
+    buyer = replace(buyer, billing_country=country, tax_id=tax_id, currency=currency)
+    tax_point = tax_rules.tax_point(country, period_end=period_end, issue_date=issue_date)
+    treatment = tax_rules.determine(buyer, seller, tax_point)
+    prices = price_book.select(
+        currency=currency, period_start=period_start, period_end=period_end, tenant_id=buyer.id
+    )
+
+    usage_lines = _priced_lines(usage, prices, LineKind.USAGE)
+    lines = usage_lines + _priced_lines(adjustments, prices, LineKind.ADJUSTMENT)
+    lines += _minimum_line(usage_lines, prices)
+    subtotal = sum((line.amount for line in lines), Decimal(0))
+    if subtotal < 0:
+        raise InvalidUsage(f"negative subtotal {fmt(subtotal)} {currency}: issue a credit note instead")
+
+    tax, tax_fx = _tax(subtotal, currency, treatment, fx, tax_point, issue_date)
+    ledger, ledger_fx = _ledger(
+        subtotal,
+        currency,
+        tax_rules.seller_ledger(buyer, seller, tax_point),
+        tax_rules.ledger_currency,
+        fx,
+        tax_point,
+        issue_date,
+    )
+    return Invoice(
+        number=None,
+        status=DocumentStatus.DRAFT,
+        issue_date=issue_date,
+        due_date=issue_date + timedelta(days=seller.payment_terms_days),
+        tax_point=tax_point,
+        period_start=period_start,
+        period_end=period_end,
+        currency=currency,
+        seller=SellerSnapshot(
+            id=seller.id,
+            name=seller.legal_name,
+            local_name=seller.local_name,
+            address_lines=seller.address_lines,
+            city=seller.city,
+            postal_code=seller.postal_code,
+            country=seller.country,
+            tax_id=seller.tax_id,
+            vat_id=treatment.seller_vat_id,
+            email=seller.email,
+            bank={
+                "bank_name": seller.bank.bank_name,
+                "account_name": seller.bank.account_name,
+                "account_number": seller.bank.account_number,
+                "swift": seller.bank.swift,
+            },
+        ),
+        buyer=BuyerSnapshot(
+            id=buyer.id,
+            name=buyer.name,
+            billing_country=country,
+            tax_id=tax_id,
+            business=buyer.business,
+            language=buyer.language.lower(),
+        ),
+        lines=tuple(lines),
+        subtotal=subtotal,
+        taxes=(tax,),
+        total=subtotal + tax.amount,
+        fx=tuple(tax_fx + ledger_fx),
+        usage_digest=usage_digest,
+        price_book_version=prices.version,
+        contract_id=prices.contract_id,
+        tax_rule_id=treatment.rule_id,
+        ledger=ledger,
+    )
+
+
+D = TypeVar("D", Invoice, CreditNote)
+
+
+def finalize(document: D, number: str) -> D:
+    """A copy with its number and status finalized (numbers come from the store's gapless series)."""
+    if document.status is not DocumentStatus.DRAFT:
+        raise DocumentStateError(
+            f"only a draft can be finalized; {document.number} is {document.status.value}"
+        )
+    if not number.strip():
+        raise DocumentStateError("a finalized document needs a number")
+    return replace(document, number=number, status=DocumentStatus.FINALIZED)
+
+
+def void(document: D) -> D:
+    """A finalized document marked void (kept, never deleted; its number stays used)."""
+    if document.status is not DocumentStatus.FINALIZED:
+        raise DocumentStateError(f"only a finalized document can be voided; it is {document.status.value}")
+    return replace(document, status=DocumentStatus.VOID)
+
+
+def build_credit_note(invoice: Invoice, *, reason: str, issue_date: date) -> CreditNote:
+    """A draft credit note reversing ``invoice`` exactly (same lines, tax and FX rates)."""
+    if invoice.status is not DocumentStatus.FINALIZED or invoice.number is None:
+        raise DocumentStateError("only a finalized invoice can be credited")
+    if not reason.strip():
+        raise DocumentStateError("a credit note needs a reason")
+    if issue_date < invoice.issue_date:
+        raise DocumentStateError(
+            f"credit note date {issue_date} is before the invoice date {invoice.issue_date}"
+        )
+    return CreditNote(
+        number=None,
+        status=DocumentStatus.DRAFT,
+        issue_date=issue_date,
+        tax_point=invoice.tax_point,
+        period_start=invoice.period_start,
+        period_end=invoice.period_end,
+        currency=invoice.currency,
+        seller=invoice.seller,
+        buyer=invoice.buyer,
+        lines=invoice.lines,
+        subtotal=invoice.subtotal,
+        taxes=invoice.taxes,
+        total=invoice.total,
+        fx=invoice.fx,
+        usage_digest=invoice.usage_digest,
+        price_book_version=invoice.price_book_version,
+        contract_id=invoice.contract_id,
+        tax_rule_id=invoice.tax_rule_id,
+        ledger=invoice.ledger,
+        reason=reason,
+        original_number=invoice.number,
+        original_issue_date=invoice.issue_date,
+    )

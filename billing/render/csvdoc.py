@@ -1,0 +1,91 @@
+"""CSV rendering: one row per line, then subtotal, tax and total rows (amounts as decimal strings)."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from billing.documents import CreditNote, Invoice
+from billing.money import fmt
+
+COLUMNS = (
+    "document",
+    "kind",
+    "row",
+    "line_kind",
+    "model",
+    "token_type",
+    "tier",
+    "quantity_tokens",
+    "unit_price_per_million",
+    "amount",
+    "currency",
+    "treatment",
+    "rate",
+)
+
+
+def to_csv(doc: Invoice | CreditNote) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    number = doc.number or "DRAFT"
+    for index, line in enumerate(doc.lines, 1):
+        writer.writerow(
+            [
+                number,
+                doc.kind,
+                index,
+                line.kind.value,
+                line.model or "",
+                line.token_type.value if line.token_type else "",
+                line.tier or "",
+                line.quantity_tokens,
+                fmt(line.unit_price_per_million) if line.unit_price_per_million is not None else "",
+                fmt(line.amount),
+                doc.currency,
+                "",
+                "",
+            ]
+        )
+    writer.writerow(
+        [number, doc.kind, "subtotal", "", "", "", "", "", "", fmt(doc.subtotal), doc.currency, "", ""]
+    )
+    for tax in doc.taxes:
+        writer.writerow(
+            [
+                number,
+                doc.kind,
+                "tax",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                fmt(tax.amount),
+                doc.currency,
+                tax.treatment,
+                fmt(tax.rate),
+            ]
+        )
+        if tax.tax_currency and tax.tax_currency_amount is not None:
+            writer.writerow(
+                [
+                    number,
+                    doc.kind,
+                    "tax_in_tax_currency",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    fmt(tax.tax_currency_amount),
+                    tax.tax_currency,
+                    tax.treatment,
+                    fmt(tax.rate),
+                ]
+            )
+    writer.writerow([number, doc.kind, "total", "", "", "", "", "", "", fmt(doc.total), doc.currency, "", ""])
+    return out.getvalue()
