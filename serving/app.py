@@ -34,6 +34,7 @@ from serving.openai.service import OpenAIService, new_request_id
 from serving.proxy.forward import Forwarder
 from serving.proxy.pool import Worker, WorkerPool
 from serving.settings import Settings
+from serving.spend import SpendEstimator
 
 log = logging.getLogger("tokenport.gateway")
 JSON = "application/json"
@@ -115,8 +116,9 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     workers = build_workers(settings, extra_workers)
     metrics = Metrics({w.model for w in workers}, max_tenants=settings.gateway.max_tenant_labels)
     ledger = Ledger(usage, Spool(settings.data_dir / "spool" / "usage.jsonl"), on_commit=metrics.observe_commit)
-    recorder = Recorder(ledger, metrics)
     keyring = KeyRing(tenants, settings.secret_key, settings.gateway.key_cache_refresh_s)
+    spend = SpendEstimator.from_file(settings.config_dir / "billing" / "price_books.yaml", metrics, keyring.tenant)
+    recorder = Recorder(ledger, metrics, on_event=spend.observe)
     pool = WorkerPool(workers, interval_s=settings.workers.health_interval_s,
                       on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0))
     forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s)

@@ -30,6 +30,7 @@ class KeyRing:
         self._secret = secret_key
         self._refresh_s = refresh_s
         self._keys: dict[str, tuple[ApiKey, Tenant]] = {}
+        self._tenants: dict[str, Tenant] = {}
         self._version = -1
         self._task: asyncio.Task[None] | None = None
 
@@ -46,6 +47,7 @@ class KeyRing:
         version = await asyncio.to_thread(self._store.version)
         if version != self._version:
             self._keys = await asyncio.to_thread(self._store.active_keys)
+            self._tenants = {t.id: t for t in await asyncio.to_thread(self._store.list_tenants)}
             self._version = version
 
     async def _poll(self) -> None:
@@ -57,10 +59,7 @@ class KeyRing:
                 log.exception("could not refresh API keys")
 
     def tenant(self, tenant_id: str) -> Tenant | None:
-        for _key, tenant in self._keys.values():
-            if tenant.id == tenant_id:
-                return tenant
-        return None
+        return self._tenants.get(tenant_id)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
