@@ -37,10 +37,11 @@ RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
 # ---------------------------------------------------------------- final
 FROM ${PYTHON_IMAGE} AS final
 
-# Runtime libraries only: WeasyPrint (PDF invoices) needs Pango and HarfBuzz, plus a font.
+# Runtime libraries only: WeasyPrint (PDF invoices) needs Pango and HarfBuzz, and the Noto fonts
+# render every invoice language (Latin, Cyrillic, CJK, right-to-left Arabic).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core \
+        libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-noto-core fonts-noto-cjk \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 tokenport \
