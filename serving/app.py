@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from sqlalchemy.engine import Engine
 
 from metering.db import make_engine
 from metering.geo import OriginResolver

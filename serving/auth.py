@@ -55,7 +55,7 @@ class KeyRing:
             await asyncio.sleep(self._refresh_s)
             try:
                 await self.refresh()
-            except Exception:  # noqa: BLE001 - keep serving from the cache if the DB blinks
+            except Exception:
                 log.exception("could not refresh API keys")
 
     def tenant(self, tenant_id: str) -> Tenant | None:

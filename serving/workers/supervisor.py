@@ -104,7 +104,7 @@ class Supervisor:
                         async with session.get(w.spec.url() + "/health",
                                                timeout=aiohttp.ClientTimeout(total=2)) as r:
                             w.healthy = r.status == 200
-                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    except (TimeoutError, aiohttp.ClientError, OSError):
                         pass
                     if progress is not None:
                         progress(w, time.monotonic() - w.started_at)
@@ -140,7 +140,7 @@ class Supervisor:
             _signal_group(p.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for p in procs:
                 if p.returncode is None:
                     _signal_group(p.pid, signal.SIGKILL)
