@@ -41,4 +41,6 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # connect_timeout: an unreachable server fails fast, so the ledger spools instead of hanging
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                         connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {})

@@ -117,4 +117,4 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["Metrics", "BoundedLabel", "OTHER", "UNKNOWN", "TOKEN_TYPES", "Outcome"]
+__all__ = ["OTHER", "TOKEN_TYPES", "UNKNOWN", "BoundedLabel", "Metrics", "Outcome"]

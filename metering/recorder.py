@@ -75,8 +75,17 @@ class Recorder:
             return None
         meter.recorded = True
         event = meter.event(outcome)
-        await self.ledger.append(event)
-        self._after(event)
+
+        async def commit() -> None:
+            await self.ledger.append(event)
+            self._after(event)
+
+        # Shielded: a client that goes away during the commit must not skip the metrics and the
+        # budget settlement that follow it.
+        task = asyncio.ensure_future(commit())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
         return event
 
     def record_nowait(self, meter: RequestMeter, outcome: Outcome) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
-from sqlalchemy import and_, func, insert, select, text
+from sqlalchemy import and_, case, func, insert, select, text
 from sqlalchemy.engine import Connection, Engine
 
 from metering.events import Outcome, UsageEvent
-from metering.schema import usage_events
+from metering.schema import metering_snapshots, usage_events
 from metering.tenants import to_aware, to_naive, utcnow
 
 GENESIS = "0" * 64
@@ -29,11 +29,11 @@ EXPORT_FIELDS = (
     "completion_tokens", "stream", "outcome", "started_at", "finished_at",
 )
 GROUP_FIELDS = frozenset({"tenant_id", "origin_country", "model", "language", "outcome", "key_id",
-                          "serving_region", "endpoint", "worker_id"})
+                          "serving_region", "endpoint", "worker_id", "origin_source"})
 
 
 def _ts(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def canonical(event: UsageEvent) -> bytes:
@@ -127,8 +127,9 @@ class UsageStore:
                 return
 
     def summary(self, group_by: Sequence[str], *, tenant_id: str | None = None,
-                start: datetime | None = None, end: datetime | None = None) -> list[dict[str, object]]:
-        """Token totals and request counts grouped by the given fields."""
+                start: datetime | None = None, end: datetime | None = None, limit: int | None = None,
+                offset: int = 0) -> list[dict[str, object]]:
+        """Token totals and request counts grouped by the given fields (paged in group order)."""
         bad = [g for g in group_by if g not in GROUP_FIELDS]
         if bad:
             raise ValueError(f"cannot group by {', '.join(bad)}; choose from {', '.join(sorted(GROUP_FIELDS))}")
@@ -148,6 +149,8 @@ class UsageStore:
             q = q.where(usage_events.c.started_at < to_naive(end))
         if cols:
             q = q.group_by(*cols).order_by(*cols)
+        if limit is not None:
+            q = q.limit(limit).offset(offset)
         with self._engine.connect() as conn:
             return [{k: (int(v) if k in {"requests", "prompt_tokens", "cached_prompt_tokens",
                                          "completion_tokens"} else v) for k, v in r.items()}
@@ -156,6 +159,73 @@ class UsageStore:
     def count(self) -> int:
         with self._engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(usage_events)).scalar() or 0)
+
+    # --- health, reconciliation ------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raises SQLAlchemyError when the database cannot be reached."""
+        with self._engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def get_seq(self, seq: int) -> StoredEvent | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(usage_events).where(usage_events.c.seq == seq)).mappings().first()
+        return None if row is None else _stored(row)
+
+    def max_seq(self) -> int:
+        """The ledger position: every event committed so far has seq <= this."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.max(usage_events.c.seq))).scalar() or 0)
+
+    def worker_totals(self, worker_id: str, model: str, *, after_seq: int, upto_seq: int,
+                      started_from: datetime | None) -> WorkerTotals:
+        """Token totals of one worker and model for events with seq in (after_seq, upto_seq] that
+        started at or after `started_from` (the worker's counter epoch)."""
+        c = usage_events.c
+        cut_off = func.sum(case((c.outcome.in_(CUT_OFF_OUTCOMES), 1), else_=0))
+        q = select(func.count(), func.coalesce(func.sum(c.prompt_tokens), 0),
+                   func.coalesce(func.sum(c.cached_prompt_tokens), 0),
+                   func.coalesce(func.sum(c.completion_tokens), 0), func.coalesce(cut_off, 0),
+                   func.coalesce(func.sum(case((c.estimated.is_(True), 1), else_=0)), 0)).where(
+            c.worker_id == worker_id, c.model == model, c.seq > after_seq, c.seq <= upto_seq)
+        if started_from is not None:
+            q = q.where(c.started_at >= to_naive(started_from))
+        with self._engine.connect() as conn:
+            row = conn.execute(q).one()
+        return WorkerTotals(*(int(v or 0) for v in row))
+
+    def save_snapshots(self, rows: Sequence[dict[str, object]]) -> None:
+        if rows:
+            with self._engine.begin() as conn:
+                conn.execute(insert(metering_snapshots), [{**r, "taken_at": to_naive(r["taken_at"])}  # type: ignore[arg-type]
+                                                          for r in rows])
+
+    def snapshot_before(self, worker_id: str, model: str, at: datetime, epoch: float) -> dict[str, object] | None:
+        """The latest snapshot of this worker process (same counter epoch) taken at or before `at`."""
+        s = metering_snapshots.c
+        q = (select(metering_snapshots).where(s.worker_id == worker_id, s.model == model,
+                                              s.taken_at <= to_naive(at), s.counters_epoch >= epoch - 0.001,
+                                              s.counters_epoch <= epoch + 0.001)
+             .order_by(s.taken_at.desc(), s.id.desc()).limit(1))
+        with self._engine.connect() as conn:
+            row = conn.execute(q).mappings().first()
+        if row is None:
+            return None
+        out = dict(row)
+        out["taken_at"] = to_aware(out["taken_at"])
+        return out
+
+
+CUT_OFF_OUTCOMES = (Outcome.CLIENT_CANCELLED.value, Outcome.UPSTREAM_ERROR.value)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerTotals:
+    requests: int
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    cut_off: int  # client_cancelled + upstream_error events
+    estimated: int
 
 
 def _row(e: UsageEvent, recorded_at: datetime, prev_hash: str, h: str) -> dict[str, object]:

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from metering.schema import api_keys, registry_version, tenants
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+KEY_RE = re.compile(r"^tp_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")  # what create_key makes: tp_<key id>_<secret>
 _COUNTRIES = frozenset(c.alpha_2 for c in pycountry.countries)
 _CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies)
 
@@ -124,6 +125,18 @@ class TenantStore:
         with self._engine.connect() as conn:
             rows = conn.execute(select(tenants).order_by(tenants.c.id)).mappings().all()
         return [_tenant(r) for r in rows]
+
+    def set_allowed_models(self, tenant_id: str, models: list[str] | None) -> Tenant:
+        """Restrict the tenant to these models (None: every catalogued model)."""
+        with self._engine.begin() as conn:
+            res = conn.execute(update(tenants).where(tenants.c.id == tenant_id).values(
+                allowed_models=json.dumps(sorted(set(models))) if models is not None else None))
+            if not res.rowcount:
+                raise RegistryError(f"tenant {tenant_id!r} does not exist")
+            self._bump(conn)
+        tenant = self.get_tenant(tenant_id)
+        assert tenant is not None
+        return tenant
 
     # --- keys ----------------------------------------------------------------------------
     def create_key(self, tenant_id: str, *, name: str | None = None,

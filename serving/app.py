@@ -17,18 +17,30 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering.db import make_engine
+from metering.events import UsageEvent
 from metering.geo import OriginResolver
 from metering.language import LanguageDetector
-from metering.ledger import Ledger, Spool
+from metering.ledger import Ledger, LedgerUnavailable, Spool
 from metering.metrics import Metrics
+from metering.reconcile import PeriodicReconciler, Target
 from metering.recorder import Recorder
 from metering.store_sql import UsageStore
 from metering.tenants import TenantStore
-from serving import db_schema
+from metering.tokencount import TokenCounter
+from serving import db_schema, invoices_api, usage_api
+from serving.admin import audit as admin_audit
+from serving.admin import invoices as admin_invoices
+from serving.admin import reports as admin_reports
+from serving.admin import tenants as admin_tenants
+from serving.admin import usage as admin_usage
 from serving.admin.auth import AdminAuth
 from serving.auth import KeyRing
 from serving.errors import InvalidRequest, NotFound, ServiceUnavailable, TokenportError
+from serving.idempotency import Idempotency, IdempotencyMiddleware, IdempotencyStore
+from serving.limits.http_timeouts import BodyGuardMiddleware
+from serving.limits.wiring import Guardrails, build_guardrails
 from serving.openai import chat, completions, models
+from serving.openai.protocol import hoist_defs
 from serving.openai.service import OpenAIService, new_request_id
 from serving.proxy.forward import Forwarder
 from serving.proxy.pool import Worker, WorkerPool
@@ -40,7 +52,9 @@ JSON = "application/json"
 
 # Routers beyond the OpenAI endpoints: each is `build(platform) -> APIRouter`, one module per area
 # (tenant usage and invoices, admin usage, invoices, reports, tenants and keys).
-ROUTERS: list[Callable[[Platform], APIRouter]] = []
+ROUTERS: list[Callable[[Platform], APIRouter]] = [admin_tenants.build, admin_audit.build,
+                                               admin_invoices.build, admin_reports.build, invoices_api.build,
+                                               usage_api.build, admin_usage.build]
 
 
 @dataclass(frozen=True)
@@ -71,11 +85,12 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = scope.setdefault("tokenport.request_id", new_request_id())
-        header = (b"x-request-id", request_id.encode())
+        scope.setdefault("tokenport.request_id", new_request_id())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                # read now: an idempotent replay answers with the id of the request it replays
+                header = (b"x-request-id", str(scope["tokenport.request_id"]).encode())
                 message["headers"] = [*message.get("headers", []), header]
                 route = scope.get("route")
                 path = getattr(route, "path", "unmatched")
@@ -105,6 +120,7 @@ class Platform:
     forwarder: Forwarder
     service: OpenAIService
     admin: AdminAuth
+    guardrails: Guardrails  # limits, budgets, audit log, content logging
 
 
 def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
@@ -114,18 +130,36 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     usage = UsageStore(engine)
     workers = build_workers(settings, extra_workers)
     metrics = Metrics({w.model for w in workers}, max_tenants=settings.gateway.max_tenant_labels)
-    ledger = Ledger(usage, Spool(settings.data_dir / "spool" / "usage.jsonl"), on_commit=metrics.observe_commit)
+    ledger = Ledger(usage, Spool(settings.data_dir / "spool" / "usage.jsonl"), on_commit=metrics.observe_commit,
+                    fail_closed=settings.metering.fail_closed)
     keyring = KeyRing(tenants, settings.secret_key, settings.gateway.key_cache_refresh_s)
     spend = SpendEstimator.from_file(settings.config_dir / "billing" / "price_books.yaml", metrics, keyring.tenant)
-    recorder = Recorder(ledger, metrics, on_event=spend.observe)
+    guardrails = build_guardrails(settings, engine, tenants, usage, metrics)
+
+    def on_event(event: UsageEvent) -> None:
+        guardrails.limiter.on_event(event)  # settle the request's budget hold with its usage
+        spend.observe(event)
+
+    recorder = Recorder(ledger, metrics, on_event=on_event)
     pool = WorkerPool(workers, interval_s=settings.workers.health_interval_s,
                       on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0))
-    forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s)
-    service = OpenAIService(keyring, forwarder, OriginResolver(settings.gateway.origin_country_header),
-                            LanguageDetector(), settings.gateway.max_body_bytes)
+    tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
+    forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens)
+    origin = OriginResolver(settings.gateway.origin_country_header, settings.gateway.trusted_proxies,
+                            settings.gateway.geoip_db)
+    service = OpenAIService(keyring, forwarder, origin,
+                            LanguageDetector(), settings.gateway.max_body_bytes, guard=guardrails.guard)
+    service.idempotency = idempotency = Idempotency(
+        IdempotencyStore(engine), usage, ttl_s=settings.metering.idempotency_ttl_s,
+        stale_after_s=settings.gateway.request_timeout_s + 60)
+    reconciler = PeriodicReconciler(
+        usage, lambda: [Target(w.id, w.model, w.url) for w in pool.workers],
+        lambda row: (metrics.drift_tokens.labels(row.worker, row.model, row.token_type).set(row.drift),
+                     metrics.drift_ratio.labels(row.worker, row.model, row.token_type).set(row.ratio)),
+        settings.metering.reconcile_interval_s, lambda: forwarder.session)
     platform = Platform(settings=settings, engine=engine, tenants=tenants, usage=usage, metrics=metrics,
                         ledger=ledger, recorder=recorder, keyring=keyring, pool=pool, forwarder=forwarder,
-                        service=service, admin=AdminAuth(settings.admin_token))
+                        service=service, admin=AdminAuth(settings.admin_token), guardrails=guardrails)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -133,15 +167,22 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
             db_schema.upgrade(engine)
         await ledger.start()
         await keyring.start()
+        await guardrails.start()
         session = await forwarder.start()
         await pool.start(session)
+        await idempotency.start()
+        reconciler.start()
         log.info("gateway ready: %d worker(s) for %s", len(workers), ", ".join(pool.models) or "no models")
         try:
             yield
         finally:
+            await reconciler.close()
             await pool.close()
             await keyring.close()
             await ledger.close()  # flush every queued usage event
+            await guardrails.close()  # settle what those events hold
+            await idempotency.close()
+            origin.close()
             await forwarder.close()
             engine.dispose()
 
@@ -171,6 +212,11 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     async def on_tokenport_error(_r: Request, exc: TokenportError) -> Response:
         return _error_response(exc)
 
+    @app.exception_handler(LedgerUnavailable)
+    async def on_ledger_unavailable(_r: Request, _exc: LedgerUnavailable) -> Response:
+        return _error_response(ServiceUnavailable("The usage ledger is unavailable, so requests are refused "
+                                                  "(metering.fail_closed); retry shortly.", code="ledger_unavailable"))
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_r: Request, exc: RequestValidationError) -> Response:
         err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
@@ -187,9 +233,19 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         return _error_response(err)
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_r: Request, exc: Exception) -> Response:
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # Starlette runs this handler outside RequestIdMiddleware: add the id and count it here.
         log.exception("unexpected error", exc_info=exc)
-        return _error_response(TokenportError("The gateway had an internal error."))
+        err = TokenportError("The gateway had an internal error.")
+        request_id = str(request.scope.get("tokenport.request_id") or new_request_id())
+        err.headers = {"X-Request-Id": request_id}
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.responses.labels(route, "500").inc()
+        return _error_response(err)
 
+    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.gateway.max_body_bytes,
+                       timeout_s=settings.gateway.body_timeout_s)
+    app.add_middleware(IdempotencyMiddleware, idempotency=idempotency)
     app.add_middleware(RequestIdMiddleware, metrics=metrics)
+    app.openapi_schema = hoist_defs(app.openapi())  # inline request schemas' $defs -> components
     return app

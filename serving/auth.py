@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from metering.tenants import ApiKey, Tenant, TenantStore, hash_key, utcnow
+from metering.tenants import KEY_RE, ApiKey, Tenant, TenantStore, hash_key, utcnow
 from serving.errors import AuthenticationFailed
 
 log = logging.getLogger("tokenport.auth")
@@ -70,7 +70,7 @@ class KeyRing:
             raise AuthenticationFailed("Malformed Authorization header: use 'Bearer KEY'.")
         digest = hash_key(self._secret, token)
         found = self._keys.get(digest)
-        if found is None:
+        if found is None and KEY_RE.fullmatch(token):  # only a well-formed key is worth a database read
             found = await asyncio.to_thread(self._store.lookup, digest)
             if found is not None and found[0].active(utcnow()):
                 self._keys[digest] = found

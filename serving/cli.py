@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -15,6 +16,8 @@ import typer
 from rich.console import Console
 
 from serving.cli_accounts import keys_app, open_stores, tenants_app, usage_app
+from serving.cli_billing import fx_app, invoices_app, reports_app
+from serving.cli_guardrails import admin_app
 from serving.settings import ConfigError, Settings, load_settings
 
 app = typer.Typer(help="Tokenport: sell LLM tokens across borders.", no_args_is_help=True,
@@ -26,6 +29,10 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(usage_app, name="usage")
 app.add_typer(db_app, name="db")
+app.add_typer(admin_app, name="admin")
+app.add_typer(invoices_app, name="invoices")
+app.add_typer(fx_app, name="fx")
+app.add_typer(reports_app, name="reports")
 console = Console()
 DEMO_TENANT = "demo"
 
@@ -122,9 +129,14 @@ async def _serve(settings: Settings, extra: list[object], host: str, port: int) 
     from serving.app import ExtraWorker, create_app
 
     app_ = create_app(settings, extra_workers=[e for e in extra if isinstance(e, ExtraWorker)])
-    config = uvicorn.Config(app_, host=host, port=port, loop="none", http="httptools", lifespan="on",
-                            log_level="warning", access_log=False, timeout_graceful_shutdown=30,
-                            timeout_keep_alive=75)
+    from serving.limits.http_timeouts import uvicorn_options
+
+    gw = settings.gateway  # header/body deadlines, header size cap, keep-alive (slowloris)
+    # proxy_headers=False: X-Forwarded-For is judged by metering/geo.py against gateway.trusted_proxies
+    config = uvicorn.Config(app_, host=host, port=port, loop="none", lifespan="on", log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=30, proxy_headers=False,
+                            **uvicorn_options(gw.header_timeout_s, gw.max_header_bytes, gw.keep_alive_s,
+                                              gw.max_connections))
     server = _Server(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -187,6 +199,82 @@ def gateway(
     if extra:
         settings = _with_cli_workers(settings, extra)
     _run(_serve(settings, extra, host or settings.gateway.host, port or settings.gateway.port))
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    since: Annotated[str | None, typer.Option(help="Only usage since T (YYYY-MM-DD or ISO time): the baseline is "
+                                                   "each worker's last snapshot at or before T.")] = None,
+    worker: Annotated[list[str] | None, typer.Option(
+        help="MODEL=BASE_URL, as given to `tokenport gateway --worker` (same worker ids). Repeatable.")] = None,
+    max_drift_ratio: Annotated[float, typer.Option(help="Allowed |drift| / worker tokens.")] = 0.001,
+    max_drift_tokens: Annotated[int, typer.Option(help="Allowed |drift| in tokens (the larger allowance wins).")] = 0,
+    cutoff_slack: Annotated[int, typer.Option(help="Output tokens a cut-off request may have generated "
+                                                   "after its last metered chunk (README: Metering).")] = 16,
+    snapshot: Annotated[bool, typer.Option("--snapshot/--no-snapshot",
+                                           help="Store this run's counters as a baseline for --since.")] = True,
+    metrics_file: Annotated[Path | None, typer.Option(
+        help="Also write the drift gauges to this file (Prometheus textfile format).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Compare ledger totals with the workers' own token counters; exit 1 past the threshold
+    (3 when a worker could not be read)."""
+    from rich.table import Table
+
+    from metering.reconcile import Target, Tolerance, run
+    from serving.app import ExtraWorker, build_workers
+    from serving.cli_accounts import parse_day
+
+    settings = _settings(ctx)
+    extra = _parse_workers(worker or [])
+    if extra:
+        settings = _with_cli_workers(settings, extra)
+    targets = [Target(w.id, w.model, w.url) for w in
+               build_workers(settings, [e for e in extra if isinstance(e, ExtraWorker)])]
+    if not targets:
+        console.print("[red]error:[/red] no workers to reconcile (catalogue or --worker)")
+        raise typer.Exit(2)
+    _, usage = open_stores(ctx)
+    tolerance = Tolerance(tokens=max_drift_tokens, ratio=max_drift_ratio, cutoff_slack=cutoff_slack)
+    report = asyncio.run(run(usage, targets, since=parse_day(since, "--since"), tolerance=tolerance,
+                             save_snapshot=snapshot))
+    if metrics_file is not None:
+        _write_drift_metrics(metrics_file, report.rows)
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        table = Table("worker", "model", "token type", "ledger", "worker counters", "drift", "ratio", "cut-off",
+                      "allowed", "")
+        for r in report.rows:
+            table.add_row(r.worker, r.model, r.token_type, str(r.ledger), str(r.worker_tokens), f"{r.drift:+d}",
+                          f"{r.ratio:+.4%}", str(r.cut_off), f"{r.allowed:g}", "ok" if r.ok else "[red]DRIFT[/red]")
+        Console(width=max(console.width, 150)).print(table)
+        for (w, m), baseline in report.baselines.items():
+            console.print(f"{w} ({m}): since {baseline}; ledger up to seq {report.ledger_seq}", highlight=False)
+        for w, err in report.unreachable.items():
+            console.print(f"[red]unreachable[/red] {w}: {err}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+    if report.unreachable:
+        raise typer.Exit(3)
+
+
+def _write_drift_metrics(path: Path, rows: list[object]) -> None:
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    from metering.reconcile import DriftRow
+
+    reg = CollectorRegistry()
+    tokens = Gauge("tokenport_metering_drift_tokens", "Ledger vs worker counter drift (tokens).",
+                   ["worker", "model", "token_type"], registry=reg)
+    ratio = Gauge("tokenport_metering_drift_ratio", "Ledger vs worker counter drift (ratio).",
+                  ["worker", "model", "token_type"], registry=reg)
+    for r in rows:
+        assert isinstance(r, DriftRow)
+        tokens.labels(r.worker, r.model, r.token_type).set(r.drift)
+        ratio.labels(r.worker, r.model, r.token_type).set(r.ratio)
+    write_to_textfile(str(path), reg)
 
 
 @app.command("worker")
@@ -266,7 +354,7 @@ def demo(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Only set 
     path = _demo_key_path(settings)
     if tenants.get_tenant(DEMO_TENANT) is None:
         tenants.create_tenant(id=DEMO_TENANT, name="Demo Almaty Trading LLP", billing_country="KZ",
-                              business=True, tax_id="123456789012", currency="USD", language="ru")
+                              business=True, tax_id="123456789013", currency="USD", language="ru")
     if not path.is_file():
         _key, plaintext = tenants.create_key(DEMO_TENANT, name="demo")
         path.parent.mkdir(parents=True, exist_ok=True)

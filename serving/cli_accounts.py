@@ -6,16 +6,19 @@ import csv
 import json
 import sys
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from metering.audit import AuditStore
 from metering.db import make_engine
 from metering.store_sql import EXPORT_FIELDS, UsageStore
 from metering.tenants import ApiKey, RegistryError, Tenant, TenantStore
 from serving import db_schema
+from serving.admin.audit import Auditor, Who
 from serving.settings import Settings
 
 tenants_app = typer.Typer(help="Tenants: the customer organisations.", no_args_is_help=True)
@@ -35,6 +38,11 @@ def open_stores(ctx: typer.Context) -> tuple[TenantStore, UsageStore]:
     engine = make_engine(settings.db_url)
     db_schema.upgrade(engine)
     return TenantStore(engine, settings.secret_key), UsageStore(engine)
+
+
+def auditor(ctx: typer.Context) -> Auditor:
+    """CLI changes are audited too: actor = the OS user, from = this host, source = cli."""
+    return Auditor(AuditStore(make_engine(_settings(ctx).db_url)))
 
 
 def fail(message: str) -> None:
@@ -71,8 +79,11 @@ def tenants_create(
     """Create a tenant."""
     tenants, _ = open_stores(ctx)
     try:
-        t = tenants.create_tenant(id=id, name=name, billing_country=billing_country, business=business,
-                                  tax_id=tax_id, currency=currency, language=language)
+        detail = {"name": name, "billing_country": billing_country, "business": business, "tax_id": tax_id,
+                  "currency": currency, "language": language}
+        t = auditor(ctx).run(Who.cli(), "tenant.create", lambda: tenants.create_tenant(
+            id=id, name=name, billing_country=billing_country, business=business, tax_id=tax_id, currency=currency,
+            language=language), target=id, tenant_id=id, detail=detail)
     except RegistryError as exc:
         fail(str(exc))
         return
@@ -110,7 +121,10 @@ def keys_create(
     tenants, _ = open_stores(ctx)
     expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
     try:
-        key, plaintext = tenants.create_key(tenant, name=name, expires_at=expires)
+        key, plaintext = auditor(ctx).run(
+            Who.cli(), "key.create", lambda: tenants.create_key(tenant, name=name, expires_at=expires),
+            tenant_id=tenant, detail={"name": name, "expires_at": expires.isoformat() if expires else None},
+            describe=lambda res: {"target": res[0].id, "prefix": res[0].prefix})
     except RegistryError as exc:
         fail(str(exc))
         return
@@ -127,7 +141,9 @@ def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="
     """Revoke a key; running gateways refuse it within a quarter of a second."""
     tenants, _ = open_stores(ctx)
     try:
-        key = tenants.revoke_key(key_id)
+        found = tenants.get_key(key_id)
+        key = auditor(ctx).run(Who.cli(), "key.revoke", lambda: tenants.revoke_key(key_id), target=key_id,
+                               tenant_id=found.tenant_id if found else None)
     except RegistryError as exc:
         fail(str(exc))
         return
@@ -222,3 +238,57 @@ def usage_summary(
         table.add_row(*[str(r[f]) for f in fields], str(r["requests"]), str(r["prompt_tokens"]),
                       str(r["cached_prompt_tokens"]), str(r["completion_tokens"]))
     console.print(table)
+
+
+@usage_app.command("verify")
+def usage_verify(
+    ctx: typer.Context,
+    file: Annotated[Path | None, typer.Option("--file", help="Check a download of /v1/usage/events (JSON pages or "
+                                               "JSONL rows) instead of the ledger: each event's hash and the totals.")]
+    = None,
+    anchor: Annotated[list[str] | None, typer.Option(help="SEQ:HASH that must still be in the chain (a head "
+                                                          "recorded earlier). Repeatable.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the ledger's hash chain and name the first broken link (exit 1 if there is one)."""
+    from metering.verify import parse_anchor, verify_chain, verify_event_rows
+
+    try:
+        anchors = dict(parse_anchor(a) for a in anchor or [])
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    if file is not None:
+        report = verify_event_rows(_download_rows(file))
+    else:
+        _, usage = open_stores(ctx)
+        report = verify_chain(usage.iter_events(), anchors)
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    elif report.first_break is None:
+        console.print(f"[green]ok[/green]: {report.events} events, chain head seq {report.head_seq} "
+                      f"hash {report.head_hash}", highlight=False, soft_wrap=True)
+        console.print(f"tokens: prompt {report.prompt_tokens} (cached {report.cached_prompt_tokens}), "
+                      f"completion {report.completion_tokens}", highlight=False)
+    else:
+        console.print(f"[red]broken[/red] after {report.events} good events: {report.first_break.describe()}",
+                      highlight=False, soft_wrap=True)
+    if report.first_break is not None:
+        raise typer.Exit(1)
+
+
+def _download_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a /v1/usage/events download: one JSON page, several pages, or JSONL rows."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = json.loads(text)
+        docs = doc if isinstance(doc, list) else [doc]
+    except json.JSONDecodeError:
+        docs = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for d in docs:
+        if isinstance(d, dict) and isinstance(d.get("data"), list):
+            rows.extend(d["data"])
+        elif isinstance(d, dict):
+            rows.append(d)
+    return rows

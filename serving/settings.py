@@ -109,6 +109,43 @@ class GatewaySettings(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     key_cache_refresh_s: float = Field(default=0.25, gt=0)
     max_tenant_labels: int = Field(default=200, ge=1)
+    # Origin country (metering/geo.py): the header counts only from these peers; then GeoIP, then the tenant.
+    trusted_proxies: list[str] = ["127.0.0.1/32", "::1/128"]
+    geoip_db: Path | None = None  # a MaxMind-format .mmdb (GeoLite2/GeoIP2 Country or City)
+    # Hostile clients (serving/limits/http_timeouts.py, serving/limits/guard.py)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_header_bytes: int = Field(default=65_536, ge=1024)
+    keep_alive_s: float = Field(default=15.0, gt=0)
+    max_connections: int | None = Field(default=None, ge=1)
+    max_json_depth: int = Field(default=32, ge=2)
+    max_json_values: int = Field(default=100_000, ge=10)
+    max_json_keys: int = Field(default=1024, ge=8)
+
+
+class LimitsSettings(BaseModel):
+    """Rate limits, budgets and per-tenant caps (serving/limits). Per-tenant values override these."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+    on_backend_error_budget: Literal["closed", "open"] = "closed"
+    on_backend_error_rate: Literal["closed", "open"] = "open"
+    default_rpm: int | None = Field(default=None, ge=1)
+    default_tpm: int | None = Field(default=None, ge=1)
+    default_max_tokens: int | None = Field(default=None, ge=1)
+    default_max_prompt_tokens: int | None = Field(default=None, ge=1)
+    unknown_model_context: int = Field(default=32_768, ge=1)
+    price_book: Path = Path("billing/price_books.yaml")  # relative to the config folder
+    content_retention_days: int = Field(default=30, ge=1)
+
+
+class MeteringSettings(BaseModel):
+    """The usage ledger's failure policy, idempotency keys and reconciliation (README: Metering)."""
+
+    fail_closed: bool = False  # database down: 503 to clients instead of spooling events to data/spool
+    idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
+    reconcile_interval_s: float = Field(default=60.0, ge=0)  # 0: the gateway exports no drift gauges
 
 
 class WorkerSettings(BaseModel):
@@ -131,6 +168,8 @@ class Settings(BaseSettings):
     admin_token: str = DEFAULT_ADMIN_TOKEN
     gateway: GatewaySettings = GatewaySettings()
     workers: WorkerSettings = WorkerSettings()
+    limits: LimitsSettings = LimitsSettings()
+    metering: MeteringSettings = MeteringSettings()
     # Filled in by load(): the validated model catalogue and extra workers given on the command line.
     catalogue: Catalogue = Catalogue()
     config_dir: Path = PACKAGE_CONFIG_DIR

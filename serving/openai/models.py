@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from serving.openai.service import OpenAIService
-
-import orjson
 
 
 def router(service: OpenAIService, created: int) -> APIRouter:

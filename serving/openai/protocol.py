@@ -1,7 +1,11 @@
 """Wire types of the OpenAI-compatible API, for validation and the OpenAPI schema.
 
-Only what the gateway must understand is declared; every other OpenAI field passes through to the
-worker untouched (extra="allow"), so new SDK fields keep working.
+Request bodies are validated strictly (JSON types as OpenAI documents them, no coercion) and accept the fields OpenAI documents for each endpoint plus a short list of vLLM
+sampling extras; any other top-level field is refused with OpenAI's own message ("Unrecognized
+request argument supplied: ..."), because vLLM also honours request fields that must never come from
+a tenant (`priority`, `chat_template`, `logits_processors`, `kv_transfer_params`, `request_id`,
+`prompt_logprobs`, ...). Inside messages and tool definitions unknown fields pass through (bounded by
+the JSON depth and size checks in serving/limits/guard.py).
 """
 
 from __future__ import annotations
@@ -12,12 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_STOP = 16
+MAX_TOOLS = 128
+
+Str256 = Field(default=None, max_length=256)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
+    include_obfuscation: bool | None = None
 
 
 class ChatMessage(BaseModel):
@@ -27,7 +36,9 @@ class ChatMessage(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: "n": "4" or "stream": "false" are refused, not coerced — the gateway forwards the body as
+    # sent and sizes budget holds from it, so it must mean exactly what was validated.
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(min_length=1, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -35,6 +46,28 @@ class _Common(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    user: str | None = Str256
+    # vLLM sampling extras
+    top_k: int | None = Field(default=None, ge=-1, le=100_000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    length_penalty: float | None = Field(default=None, ge=-10, le=10)
+    min_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP)
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(default=None, max_length=4096)
+    guided_choice: list[str] | None = Field(default=None, max_length=1024)
+    guided_grammar: str | None = Field(default=None, max_length=65_536)
+    structured_outputs: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_Common):
@@ -42,16 +75,49 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    store: bool | None = None
+    service_tier: str | None = Field(default=None, max_length=32)
+    reasoning_effort: str | None = Field(default=None, max_length=32)
+    modalities: list[str] | None = Field(default=None, max_length=4)
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    echo: bool | None = None
+    suffix: str | None = Field(default=None, max_length=65_536)
 
 
 def first_error(exc: ValidationError) -> tuple[str, str]:
     """(message, param) for the first validation error, in OpenAI's style."""
     err = exc.errors()[0]
     param = ".".join(str(p) for p in err["loc"]) or None
+    if err["type"] == "extra_forbidden" and param is not None:
+        return f"Unrecognized request argument supplied: {param}", param
     msg = err["msg"]
     return (f"Invalid value for '{param}': {msg}" if param else msg), (param or "")
+
+
+def hoist_defs(doc: dict[str, Any]) -> dict[str, Any]:
+    """Move the `$defs` of request schemas given inline (openapi_extra) into components.schemas, where
+    their `#/components/schemas/...` references point, so the OpenAPI document is valid for clients,
+    code generators and schemathesis."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for item in doc.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict):
+                continue
+            for media in op.get("requestBody", {}).get("content", {}).values():
+                schemas.update(media.get("schema", {}).pop("$defs", {}))
+    return doc

@@ -16,6 +16,8 @@ from metering.language import LanguageDetector, prompt_sample
 from metering.recorder import RequestMeter
 from serving.auth import KeyRing
 from serving.errors import BodyTooLarge, InvalidOriginCountry, InvalidRequest, ModelNotFound
+from serving.idempotency import METER_SCOPE, Idempotency
+from serving.limits.guard import Guard
 from serving.openai.protocol import first_error
 from serving.proxy.forward import Forwarder
 
@@ -42,6 +44,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "UTF-8" in exc.msg or "surrogate" in exc.msg:
+            raise InvalidRequest("The request body is not valid UTF-8 JSON (invalid bytes or a lone surrogate).",
+                                 code="invalid_utf8") from exc
         raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
@@ -49,9 +54,12 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 
 class OpenAIService:
+    idempotency: Idempotency | None = None  # Idempotency-Key claims and replays (set by create_app)
+
     def __init__(self, keyring: KeyRing, forwarder: Forwarder, origin: OriginResolver,
-                 language: LanguageDetector | None, max_body_bytes: int) -> None:
+                 language: LanguageDetector | None, max_body_bytes: int, guard: Guard | None = None) -> None:
         self.keyring = keyring
+        self.guard = guard  # limits, budgets, caps, hostile-input checks (serving/limits/guard.py)
         self.forwarder = forwarder
         self.origin = origin
         self.language = language
@@ -61,7 +69,10 @@ class OpenAIService:
         t0 = time.perf_counter()
         request_id: str = request.scope.setdefault("tokenport.request_id", new_request_id())
         principal = await self.keyring.authenticate(request.headers.get("authorization"))
-        body = parse_json_object(await read_body(request, self.max_body_bytes))
+        raw = await read_body(request, self.max_body_bytes)
+        body = parse_json_object(raw)
+        if self.guard is not None:
+            self.guard.check_shape(body)
         try:
             schema.model_validate(body)
         except ValidationError as exc:
@@ -72,13 +83,24 @@ class OpenAIService:
             raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
                                 param="model")
         try:
-            country, source = self.origin.resolve(request.headers, principal.tenant.billing_country)
+            country, source = self.origin.resolve(request.headers, principal.tenant.billing_country,
+                                                  request.client.host if request.client else None)
         except InvalidCountry as exc:
             raise InvalidOriginCountry(str(exc), param=self.origin.header) from exc
         language = self.language.detect(prompt_sample(body)) if self.language is not None else None
+        if self.idempotency is not None:  # a retry of a finished request gets the first answer, unbilled
+            replay = await self.idempotency.claim(request, principal.tenant.id, endpoint, body)
+            if replay is not None:
+                return replay
+        admission = (None if self.guard is None else await self.guard.admit(
+            principal.tenant, principal.key_id, request_id, endpoint, body, len(raw)))  # may raise 429
         meter = RequestMeter(
             request_id=request_id, tenant_id=principal.tenant.id, key_id=principal.key_id, model=model,
             endpoint=endpoint, origin_country=country, origin_source=source, stream=bool(body.get("stream")),
             language=language,
         )
-        return await self.forwarder.forward(meter, path, body, {}, t0)
+        request.scope[METER_SCOPE] = meter  # what the request was billed (for its Idempotency-Key)
+        if self.guard is None or admission is None:
+            return await self.forwarder.forward(meter, path, body, {}, t0)
+        return await self.guard.run(admission, meter, raw, lambda headers, timeout_s: self.forwarder.forward(
+            meter, path, body, headers, t0, timeout_s=timeout_s))

@@ -2,13 +2,14 @@
 
 Every request ends in exactly one usage event under its request id: `ok`, `client_cancelled`,
 `upstream_error` (tokens the worker did produce are kept), or `rejected` (the worker refused it
-with a 4xx: zero tokens). A connection failure before any byte reached the client is retried once
-on another healthy worker; only the attempt that answered is metered.
+with a 4xx: zero tokens). A connection failure before any byte reached the client (while connecting,
+while reading a non-streamed body, or before a stream's first event) is retried once on another
+healthy worker; only the attempt that answered is metered. A worker answer without usage is counted
+with the model's tokenizer (metering/tokencount.py) and marked `estimated`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from starlette.responses import Response
 from metering.events import Outcome
 from metering.metrics import Metrics
 from metering.recorder import Recorder, RequestMeter
+from metering.tokencount import TokenCounter
 from serving.errors import TokenportError, UpstreamError
 from serving.proxy.pool import Worker, WorkerPool
 from serving.proxy.relay import RelayResponse, StreamRelay
@@ -29,8 +31,10 @@ ROUTES = {"chat.completions": "/v1/chat/completions", "completions": "/v1/comple
 
 
 class Forwarder:
-    def __init__(self, pool: WorkerPool, recorder: Recorder, metrics: Metrics, *, timeout_s: float) -> None:
+    def __init__(self, pool: WorkerPool, recorder: Recorder, metrics: Metrics, *, timeout_s: float,
+                 tokens: TokenCounter | None = None) -> None:
         self.pool = pool
+        self.tokens = tokens
         self.recorder = recorder
         self.metrics = metrics
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
@@ -47,8 +51,11 @@ class Forwarder:
             await self.session.close()
             self.session = None
 
-    async def _open(self, meter: RequestMeter, path: str, body: bytes) -> tuple[Worker, aiohttp.ClientResponse]:
-        """POST to a healthy worker, retrying once elsewhere if the connection itself fails."""
+    async def _open(self, meter: RequestMeter, path: str, body: bytes, timeout: aiohttp.ClientTimeout | None = None
+                    ) -> tuple[Worker, aiohttp.ClientResponse, bytes | list[bytes]]:
+        """POST to a healthy worker and read until the client's first byte is known: the whole body
+        (non-streamed, or an error status), or a stream's first event. A connection failure before
+        that is retried once on another healthy worker."""
         assert self.session is not None
         tried: list[Worker] = []
         last: Exception | None = None
@@ -60,20 +67,46 @@ class Forwarder:
                     raise
                 break
             tried.append(worker)
+            worker.inflight += 1
+            resp: aiohttp.ClientResponse | None = None
             try:
-                resp = await self.session.post(worker.url + path, data=body, timeout=self.timeout,
+                resp = await self.session.post(worker.url + path, data=body, timeout=timeout or self.timeout,
                                                headers={"Content-Type": JSON, "X-Request-Id": meter.request_id})
+                got: bytes | list[bytes]
+                if meter.stream and resp.status == 200:
+                    got = await _first_event(resp)
+                else:
+                    got = await resp.read()
+                    resp.release()
                 meter.worker_id, meter.serving_region = worker.id, worker.region
-                return worker, resp
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                return worker, resp, got
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                worker.inflight -= 1
+                if resp is not None:
+                    resp.close()
                 self.pool.mark_failed(worker)
                 last = exc
+            except TimeoutError as exc:  # the request's own deadline: not retried
+                worker.inflight -= 1
+                if resp is not None:
+                    resp.close()
+                meter.worker_id, meter.serving_region = worker.id, worker.region
+                await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
+                raise UpstreamError(f"The worker did not answer within the request timeout ({type(exc).__name__}).",
+                                    code="upstream_timeout") from exc
+            except BaseException:
+                worker.inflight -= 1
+                if resp is not None:
+                    resp.close()
+                raise
         meter.worker_id = tried[-1].id if tried else None
         await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
         raise UpstreamError(f"Could not reach a worker for '{meter.model}': {type(last).__name__}")
 
     async def forward(self, meter: RequestMeter, path: str, body: dict[str, Any],
-                      headers: dict[str, str], t0: float) -> Response:
+                      headers: dict[str, str], t0: float, *, timeout_s: float | None = None) -> Response:
+        """`timeout_s`: a tenant's own request timeout (else `gateway.request_timeout_s`)."""
+        await self.recorder.ledger.admit()  # metering.fail_closed: 503 before any worker runs anything
         want_usage = want_continuous = False
         if meter.stream:
             opts = body.get("stream_options") or {}
@@ -87,27 +120,18 @@ class Forwarder:
         t_up = time.perf_counter()
         overhead = t_up - t0
         try:
-            worker, resp = await self._open(meter, path, raw)
+            worker, resp, got = await self._open(meter, path, raw, None if timeout_s is None
+                                                 else aiohttp.ClientTimeout(total=timeout_s, sock_connect=5))
         except BaseException:
             inflight.dec()
             raise
-        worker.inflight += 1
-        if resp.status != 200 or not meter.stream:
-            upstream_s = 0.0
+        if isinstance(got, bytes):  # the whole answer (not streamed, or an error status)
+            worker.inflight -= 1
+            inflight.dec()
+            upstream_s = time.perf_counter() - t_up
+            self.metrics.upstream.labels(model_label, worker.id).observe(upstream_s)
             try:
-                try:
-                    payload = await resp.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    self.pool.mark_failed(worker)
-                    await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
-                    raise UpstreamError(f"The worker failed while answering: {type(exc).__name__}") from exc
-                finally:
-                    resp.release()
-                    worker.inflight -= 1
-                    inflight.dec()
-                upstream_s = time.perf_counter() - t_up
-                self.metrics.upstream.labels(model_label, worker.id).observe(upstream_s)
-                return await self._finish_json(meter, resp.status, payload, headers)
+                return await self._finish_json(meter, resp.status, got, headers, body)
             finally:
                 now = time.perf_counter()
                 self.metrics.duration.labels(model_label, "false").observe(now - t0)
@@ -122,11 +146,12 @@ class Forwarder:
             self.metrics.overhead.labels(ROUTES[meter.endpoint]).observe(overhead + relay.overhead)
 
         relay = StreamRelay(meter, resp, self.recorder, self.metrics, want_usage=want_usage,
-                            want_continuous=want_continuous, t0=t0, on_end=on_end)
+                            want_continuous=want_continuous, t0=t0, on_end=on_end, head=got,
+                            tokens=self.tokens, body=body)
         return RelayResponse(relay, headers)
 
     async def _finish_json(self, meter: RequestMeter, status: int, payload: bytes,
-                           headers: dict[str, str]) -> Response:
+                           headers: dict[str, str], body: dict[str, Any] | None = None) -> Response:
         if status == 200:
             try:
                 obj = orjson.loads(payload)
@@ -139,7 +164,7 @@ class Forwarder:
             if isinstance(usage, dict):
                 meter.take_usage(usage)
             else:
-                meter.estimated = True
+                self._estimate(meter, obj, body)
             await self.recorder.record(meter, Outcome.OK)
             return Response(payload, 200, headers=headers, media_type=JSON)
         if 400 <= status < 500:
@@ -147,6 +172,33 @@ class Forwarder:
             return Response(_openai_error(payload, status), status, headers=headers, media_type=JSON)
         await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
         raise UpstreamError(f"The worker answered with HTTP {status}.")
+
+
+    def _estimate(self, meter: RequestMeter, obj: dict[str, Any], body: dict[str, Any] | None) -> None:
+        """A 200 answer without usage: count its tokens (never bill it as zero) and mark it estimated."""
+        texts: dict[int, str] = {}
+        finish: dict[int, str | None] = {}
+        for c in obj.get("choices") or []:
+            if isinstance(c, dict):
+                i = int(c.get("index") or 0)
+                msg = c.get("message")
+                text = msg.get("content") if isinstance(msg, dict) else c.get("text")
+                texts[i] = text if isinstance(text, str) else ""
+                finish[i] = c.get("finish_reason")
+        tokens = self.tokens or TokenCounter({})
+        meter.completion_tokens = tokens.completion_tokens(meter.model, texts, finish)
+        meter.prompt_tokens = tokens.prompt_tokens(meter.model, meter.endpoint, body or {})
+        meter.estimated = True
+
+
+async def _first_event(resp: aiohttp.ClientResponse) -> list[bytes]:
+    """Lines of a stream up to and including its first `data:` line (all of them if it ends first)."""
+    lines: list[bytes] = []
+    async for line in resp.content:
+        lines.append(line)
+        if line.startswith(b"data:"):
+            break
+    return lines
 
 
 def _openai_error(payload: bytes, status: int) -> bytes:

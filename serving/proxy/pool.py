@@ -88,7 +88,7 @@ class WorkerPool:
             async with self._session.get(worker.url + "/health",
                                          timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 self._set(worker, resp.status == 200)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             self._set(worker, False)
 
     async def check_all(self) -> None:

@@ -11,7 +11,6 @@ was generated up to that point (`client_cancelled`) and the worker's request is 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,15 +22,19 @@ from starlette.types import Receive, Scope, Send
 
 from metering.events import Outcome
 from metering.metrics import Metrics
+from metering.ledger import LedgerUnavailable
 from metering.recorder import Recorder, RequestMeter
-from serving.errors import UpstreamError
+from metering.tokencount import TokenCounter
+from serving.errors import ServiceUnavailable, UpstreamError
 
 DONE = b"data: [DONE]\n\n"
 
 
 class StreamRelay:
     def __init__(self, meter: RequestMeter, resp: aiohttp.ClientResponse, recorder: Recorder, metrics: Metrics,
-                 *, want_usage: bool, want_continuous: bool, t0: float, on_end: Any = None) -> None:
+                 *, want_usage: bool, want_continuous: bool, t0: float, on_end: Any = None,
+                 head: list[bytes] | None = None, tokens: TokenCounter | None = None,
+                 body: dict[str, Any] | None = None) -> None:
         self.meter = meter
         self.resp = resp
         self.recorder = recorder
@@ -41,8 +44,39 @@ class StreamRelay:
         self.t0 = t0
         self.overhead = 0.0
         self.content_chunks = 0
+        self.token_chunks = 0  # chunks that carry a generated token (not chat's role-only first chunk)
         self._first = True
         self._on_end = on_end
+        self._head = head or []  # lines read before the response started (the first event)
+        self._tokens = tokens
+        self._request = body
+        self._texts: dict[int, list[str]] = {}  # generated text per choice, kept only while no usage came
+        self._finish: dict[int, str | None] = {}
+
+    async def _lines(self) -> AsyncIterator[bytes]:
+        head, self._head = self._head, []
+        for line in head:
+            yield line
+        async for line in self.resp.content:
+            yield line
+
+    def _capture(self, choices: list[Any]) -> None:
+        """Count and keep generated text (for the estimate, should the worker never send usage)."""
+        for c in choices:
+            if not isinstance(c, dict):
+                continue
+            delta = c.get("delta")
+            text = c.get("text") if delta is None else (delta.get("content") if isinstance(delta, dict) else None)
+            role_only = isinstance(delta, dict) and "role" in delta and not text and c.get("finish_reason") is None
+            if not role_only:
+                self.token_chunks += 1
+            if self.meter.has_usage:
+                continue
+            i = int(c.get("index") or 0)
+            if text:
+                self._texts.setdefault(i, []).append(str(text))
+            if c.get("finish_reason") is not None:
+                self._finish[i] = c["finish_reason"]
 
     def _transform(self, obj: dict[str, Any], payload: bytes) -> bytes | None:
         if self.want_continuous and self.want_usage:
@@ -57,14 +91,14 @@ class StreamRelay:
     async def body(self) -> AsyncIterator[bytes]:
         meter = self.meter
         try:
-            async for line in self.resp.content:
+            async for line in self._lines():
                 t = time.perf_counter()
                 if not line.startswith(b"data:"):
                     continue
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
-                    await self._end(Outcome.OK)
-                    yield DONE
+                    refused = await self._end(Outcome.OK)
+                    yield refused or DONE  # no [DONE] unless the event is committed
                     return
                 try:
                     obj = orjson.loads(payload)
@@ -81,6 +115,7 @@ class StreamRelay:
                     meter.take_usage(usage)
                 if obj.get("choices"):
                     self.content_chunks += 1
+                    self._capture(obj["choices"])
                     if self._first:
                         self._first = False
                         self.metrics.ttft.labels(self.metrics.model_label(meter.model)).observe(
@@ -92,29 +127,45 @@ class StreamRelay:
             # The worker closed the stream without [DONE]: it failed mid-stream.
             await self._end(Outcome.UPSTREAM_ERROR)
             yield UpstreamError("The worker ended the stream unexpectedly.").sse_event()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             await self._end(Outcome.UPSTREAM_ERROR)
             yield UpstreamError("The worker failed while streaming.").sse_event()
         finally:
             self.resp.release()
 
-    async def _end(self, outcome: Outcome) -> None:
-        if not self.meter.has_usage:
-            # The worker sent no usage at all: count what we relayed and say it is an estimate.
-            self.meter.completion_tokens = self.content_chunks
-            self.meter.estimated = True
+    def _estimate(self) -> None:
+        """The worker sent no usage at all: count the tokens ourselves and say it is an estimate."""
+        meter = self.meter
+        if meter.has_usage:
+            return
+        texts = {i: "".join(parts) for i, parts in self._texts.items()}
+        if self._tokens is not None:
+            meter.completion_tokens = self._tokens.completion_tokens(meter.model, texts, self._finish,
+                                                                     self.token_chunks)
+            if self._request is not None:
+                meter.prompt_tokens = self._tokens.prompt_tokens(meter.model, meter.endpoint, self._request)
+        else:
+            meter.completion_tokens = self.token_chunks
+        meter.estimated = True
+
+    async def _end(self, outcome: Outcome) -> bytes | None:
+        """Commit the event; an SSE error event instead of the ending when the ledger refused it."""
+        self._estimate()
         if self._on_end is not None:
             self._on_end(self)
-        await self.recorder.record(self.meter, outcome)
+        try:
+            await self.recorder.record(self.meter, outcome)
+        except LedgerUnavailable:
+            return ServiceUnavailable("The usage ledger is unavailable, so this answer cannot be completed; "
+                                      "retry shortly.", code="ledger_unavailable").sse_event()
+        return None
 
     def abandon(self) -> None:
         """Called when the response ends for any reason; meters a client that went away."""
         if self.meter.recorded:
             return
         self.resp.close()  # drops the worker connection: vLLM aborts the generation
-        if not self.meter.has_usage:
-            self.meter.completion_tokens = self.content_chunks
-            self.meter.estimated = True
+        self._estimate()
         if self._on_end is not None:
             self._on_end(self)
         self.recorder.record_nowait(self.meter, Outcome.CLIENT_CANCELLED)

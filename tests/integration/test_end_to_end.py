@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tenant(gateway: Gateway) -> dict[str, Any]:
     t = gateway.cli_json("tenants", "create", "--id", "kz-bank", "--name", "Almaty Bank JSC",
-                         "--billing-country", "KZ", "--business", "--tax-id", "123456789012", "--currency", "USD")
+                         "--billing-country", "KZ", "--business", "--tax-id", "123456789013", "--currency", "USD")
     key = gateway.cli_json("keys", "create", "--tenant", "kz-bank")
     assert isinstance(t, dict) and isinstance(key, dict)
     return {"tenant": t, "key": key}

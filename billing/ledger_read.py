@@ -1,0 +1,154 @@
+"""Reading the usage ledger for billing: billing periods and seq-bounded slices of events.
+
+Only the metering read API is used (``UsageStore.iter_events``: events in ledger ``seq`` order).
+Appends to the ledger are serialized and ``seq`` grows in commit order, so one pass in ``seq``
+order that has seen up to ``seq = hi`` has seen *every* matching event with ``seq <= hi``; events
+committed later have a larger ``seq``. That is what lets an invoice record "I billed the events of
+(tenant, period) with ``seq`` in (lo, hi]" and late usage be found as the events above ``hi``.
+
+A slice aggregates events into ``UsageQuantity`` rows per (model, token type, origin country,
+language) and keeps the ledger hash of every event, for the invoice's usage digest::
+
+    usage_digest = "sha256:" + sha256("\\n".join(sorted(event hashes))).hexdigest()
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+from billing.engine import UsageQuantity
+from billing.errors import InvalidUsage
+from metering.events import TOKEN_TYPES, TokenType
+from metering.store_sql import StoredEvent, UsageStore
+
+_PERIOD = re.compile(r"^(\d{4})-(\d{2})$")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Period:
+    """A billing period: one calendar month in UTC, written ``YYYY-MM``."""
+
+    year: int
+    month: int
+
+    @classmethod
+    def parse(cls, text: str) -> Period:
+        m = _PERIOD.match(text.strip())
+        if m is None or not 1 <= int(m.group(2)) <= 12 or not 1970 <= int(m.group(1)) <= 9998:
+            raise InvalidUsage(f"a billing period is a month YYYY-MM from 1970-01 (e.g. 2026-01), got {text!r}")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    @classmethod
+    def of(cls, day: date | datetime) -> Period:
+        return cls(day.year, day.month)
+
+    def __str__(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+    @property
+    def start(self) -> date:
+        return date(self.year, self.month, 1)
+
+    @property
+    def end(self) -> date:
+        """The last day (inclusive)."""
+        return date(self.year, self.month, calendar.monthrange(self.year, self.month)[1])
+
+    @property
+    def start_at(self) -> datetime:
+        return datetime(self.year, self.month, 1, tzinfo=UTC)
+
+    @property
+    def end_at(self) -> datetime:
+        """The first instant after the period (exclusive bound)."""
+        return datetime.combine(self.end + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+
+    def next(self) -> Period:
+        return Period.of(self.end + timedelta(days=1))
+
+    def previous(self) -> Period:
+        return Period.of(self.start - timedelta(days=1))
+
+
+@dataclass(frozen=True, slots=True)
+class SeqRange:
+    """Ledger events of one tenant and period with ``lo < seq <= hi``."""
+
+    period: str
+    lo: int
+    hi: int
+
+
+@dataclass
+class Slice:
+    """Events of one tenant read for one invoice, aggregated."""
+
+    quantities: dict[tuple[str, TokenType, str, str | None], int] = field(default_factory=dict)
+    hashes: list[str] = field(default_factory=list)
+    ranges: dict[str, SeqRange] = field(default_factory=dict)
+
+    def add(self, stored: StoredEvent, period: str, lo: int) -> None:
+        e = stored.event
+        for token_type, n in e.tokens_by_type().items():
+            if n:
+                key = (e.model, token_type, e.origin_country, e.language)
+                self.quantities[key] = self.quantities.get(key, 0) + n
+        self.hashes.append(stored.hash)
+        seen = self.ranges.get(period)
+        self.ranges[period] = SeqRange(period, lo if seen is None else seen.lo, stored.seq)
+
+    @property
+    def events(self) -> int:
+        return len(self.hashes)
+
+    def rows(self) -> list[UsageQuantity]:
+        order = {t: i for i, t in enumerate(TOKEN_TYPES)}
+        return [
+            UsageQuantity(model, token_type, n, origin, language)
+            for (model, token_type, origin, language), n in sorted(
+                self.quantities.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2], kv[0][3] or "")
+            )
+        ]
+
+
+def event_digest(hashes: Iterable[str]) -> str:
+    """The usage digest of an invoice: sha256 over the sorted ledger hashes of the events it bills."""
+    return "sha256:" + hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+
+
+def events_in(usage: UsageStore, period: Period, *, tenant_id: str | None = None,
+              after_seq: int = 0) -> Iterator[StoredEvent]:
+    """Events that started in ``period`` (UTC), optionally of one tenant, with seq > after_seq."""
+    return usage.iter_events(tenant_id=tenant_id, start=period.start_at, end=period.end_at, after_seq=after_seq)
+
+
+def events_in_ranges(usage: UsageStore, tenant_id: str, ranges: Iterable[SeqRange]) -> Iterator[StoredEvent]:
+    """Exactly the events an invoice recorded as billed: (tenant, period, lo < seq <= hi)."""
+    for r in ranges:
+        for stored in events_in(usage, Period.parse(r.period), tenant_id=tenant_id, after_seq=r.lo):
+            if stored.seq > r.hi:
+                break
+            yield stored
+
+
+def rows_of(quantities: Iterable[UsageQuantity]) -> list[dict[str, object]]:
+    """UsageQuantity rows as JSON-ready dicts (stored with each invoice for reports)."""
+    return [
+        {"model": q.model, "token_type": q.token_type.value, "quantity_tokens": q.quantity_tokens,
+         "origin_country": q.origin_country, "language": q.language}
+        for q in quantities
+    ]
+
+
+def rows_from(data: Iterable[dict[str, object]]) -> list[UsageQuantity]:
+    return [
+        UsageQuantity(str(d["model"]), TokenType(str(d["token_type"])), int(str(d["quantity_tokens"])),
+                      None if d.get("origin_country") is None else str(d["origin_country"]),
+                      None if d.get("language") is None else str(d["language"]))
+        for d in data
+    ]

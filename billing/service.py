@@ -1,0 +1,379 @@
+"""Month close: the ledger, the tenants and the billing configs through the pure engine into the store.
+
+``run(period)`` builds or refreshes one draft invoice per tenant (idempotent), ``finalize(period)``
+numbers the drafts, ``void(number)`` issues a credit note, ``exports(period)`` reports. The clock
+is read here (issue dates, timestamps), never in the engine. Services never commit: each store
+call is its own transaction.
+
+Which tenants get an invoice for a period P (calendar month, UTC):
+
+* every tenant with token usage in P not billed yet (ledger events with ``seq`` above W(tenant, P));
+* every tenant with late usage of an earlier period Q that is closed for it (its Q invoice is
+  issued, or Q was finalized for all tenants while it had no draft there): the events of Q with
+  ``seq`` above W(tenant, Q) become ``adjustment`` lines;
+* every tenant whose price book or contract has a minimum commitment for P, even without usage.
+
+A tenant whose invoice cannot be built (invalid tax id, missing price, FX rate or tax rule) gets an
+``error`` row with the reason; the run goes on with the others, and ``finalize`` refuses that tenant
+with the same reason until a new run succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from billing import engine, price_book, tax
+from billing.documents import CreditNote, Document, DocumentStatus, Invoice, document_from_json
+from billing.errors import BillingError, DocumentStateError, FxImportError, InvalidUsage
+from billing.fx import FxTable, import_csv
+from billing.ledger_read import (
+    Period,
+    SeqRange,
+    Slice,
+    event_digest,
+    events_in,
+    events_in_ranges,
+    rows_from,
+    rows_of,
+)
+from billing.parties import Buyer, Seller, load_seller
+from billing.render import render
+from billing.render.jsondoc import to_json
+from billing.reports import ExportReport, GroupBy, RatedRow, aggregate_exports, credit_rows, rated_rows
+from billing.store import ISSUED, PENDING, BillingStore, Draft, NotFound, StoredDocument
+from metering.store_sql import UsageStore
+from metering.tenants import Tenant, TenantStore
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class BillingConfig:
+    seller: Seller
+    price_book: price_book.PriceBook
+    tax_rules: tax.TaxRules
+    fx: FxTable
+
+
+@dataclass
+class RunReport:
+    period: str
+    issue_date: date
+    drafts: list[StoredDocument] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (tenant, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class FinalizeReport:
+    period: str
+    finalized: list[StoredDocument] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    number: str
+    ok: bool
+    problems: tuple[str, ...]
+    events: int
+
+
+class BillingService:
+    def __init__(self, *, store: BillingStore, usage: UsageStore, tenants: TenantStore, config_dir: Path,
+                 clock: Clock = utcnow) -> None:
+        self.store = store
+        self._usage = usage
+        self._tenants = tenants
+        self._dir = config_dir
+        self._clock = clock
+
+    # --- configuration ---------------------------------------------------------------------
+    def config(self) -> BillingConfig:
+        """Issuer, price books, tax rules, and FX = configs/billing/fx_rates.csv + imported rates."""
+        fx_file = self._dir / "fx_rates.csv"
+        try:
+            shipped = import_csv(fx_file.read_text(encoding="utf-8"), origin=str(fx_file)) if fx_file.is_file() else []
+        except OSError as exc:
+            raise FxImportError(f"{fx_file}: cannot read: {exc}") from exc
+        return BillingConfig(
+            seller=load_seller(self._dir / "issuer.yaml"),
+            price_book=price_book.load(self._dir / "price_books.yaml"),
+            tax_rules=tax.load(self._dir / "tax_rules.yaml"),
+            fx=FxTable(tuple(shipped) + tuple(self.store.fx_rates())),
+        )
+
+    def import_fx(self, text: str, *, origin: str) -> tuple[int, int]:
+        """Store the CSV's rates (refusing contradictions); returns (new rates, rates already stored)."""
+        rates = import_csv(text, origin=origin)
+        self.config().fx.with_rates(rates)  # raises FxImportError on a contradicting rate
+        added = self.store.add_fx_rates(rates, origin=origin, now=self._clock())
+        return added, len(rates) - added
+
+    # --- month close -----------------------------------------------------------------------
+    def run(self, period: Period, *, tenant_id: str | None = None, issue_date: date | None = None) -> RunReport:
+        cfg = self.config()
+        issue = issue_date or period.end + timedelta(days=1)
+        if not period.start <= issue <= period.end + timedelta(days=366):
+            raise InvalidUsage(f"the issue date {issue} must fall between the start of {period} and a year"
+                               " after its end")
+        report = RunReport(str(period), issue)
+        tenants = {t.id: t for t in self._tenants.list_tenants()}
+        if tenant_id is not None and tenant_id not in tenants:
+            raise NotFound(f"no tenant {tenant_id!r}")
+        p = str(period)
+        closed = self.store.closed_periods()
+        earlier = sorted(q for q in set(closed) | self.store.invoiced_periods() if q < p)
+        states = self.store.invoice_states([p, *earlier])
+        billed = self.store.billed_through([tenant_id] if tenant_id else None)
+
+        own, mark = self._read_own(period, tenant_id, billed)
+        late = self._read_late(earlier, tenant_id, closed, states, billed)
+
+        targets = {t for t, s in own.items() if s.quantities} | {t for t, s in late.items() if s.quantities}
+        targets |= {t for (t, q), s in states.items() if q == p and s & set(PENDING)}
+        targets |= {t.id for t in tenants.values() if self._has_minimum(cfg, t, period)}
+        if tenant_id is not None:
+            targets &= {tenant_id}
+            if not targets:
+                report.skipped.append((tenant_id, f"nothing to bill for {p}"))
+        all_rows = True
+        for t in sorted(targets):
+            status = states.get((t, p), set())
+            if status & set(ISSUED):
+                report.skipped.append((t, f"{p} is already invoiced; later usage goes to the next invoice"))
+                continue
+            if p in closed and not status & set(PENDING) and tenant_id is None:
+                why = f"{p} is closed: no new invoices (late usage is billed next period as an adjustment)"
+                report.skipped.append((t, why))
+                continue
+            all_rows &= self._draft(cfg, report, period, issue, t, tenants.get(t), own.get(t), late.get(t))
+        if tenant_id is None and all_rows:
+            self.store.record_run(p, mark, self._clock())
+        return report
+
+    def _read_own(self, period: Period, tenant_id: str | None,
+                  billed: dict[tuple[str, str], int]) -> tuple[dict[str, Slice], int]:
+        """This period's unbilled events per tenant, and the highest seq the pass saw."""
+        p = str(period)
+        slices: dict[str, Slice] = {}
+        after = billed.get((tenant_id, p), 0) if tenant_id else 0
+        mark = 0
+        for stored in events_in(self._usage, period, tenant_id=tenant_id, after_seq=after):
+            mark = stored.seq
+            t = stored.event.tenant_id
+            lo = billed.get((t, p), 0)
+            if stored.seq > lo:
+                slices.setdefault(t, Slice()).add(stored, p, lo)
+        return slices, mark
+
+    def _read_late(self, earlier: list[str], tenant_id: str | None, closed: dict[str, int],
+                   states: dict[tuple[str, str], set[str]], billed: dict[tuple[str, str], int]) -> dict[str, Slice]:
+        """Late usage: unbilled events of earlier periods that are closed for their tenant."""
+
+        def closed_for(t: str, q: str) -> bool:
+            status = states.get((t, q), set())
+            return bool(status & set(ISSUED)) or (q in closed and not status & set(PENDING))
+
+        slices: dict[str, Slice] = {}
+        for q in earlier:
+            if tenant_id is not None:
+                if not closed_for(tenant_id, q):
+                    continue
+                rows_there = bool(states.get((tenant_id, q)))
+                after = max(billed.get((tenant_id, q), 0), 0 if rows_there else closed.get(q, 0))
+            else:
+                # The lowest W of the tenants closed there; a tenant without rows in a closed
+                # period has no event below the close mark (the last full run saw them all).
+                bounds = [billed.get((t, qq), 0) for (t, qq), s in states.items() if qq == q and s & set(ISSUED)]
+                bounds += [closed[q]] if q in closed else []
+                after = min(bounds, default=0)
+            for stored in events_in(self._usage, Period.parse(q), tenant_id=tenant_id, after_seq=after):
+                t = stored.event.tenant_id
+                lo = billed.get((t, q), 0)
+                if stored.seq > lo and closed_for(t, q):
+                    slices.setdefault(t, Slice()).add(stored, q, lo)
+        return slices
+
+    def _has_minimum(self, cfg: BillingConfig, tenant: Tenant, period: Period) -> bool:
+        try:
+            prices = cfg.price_book.select(currency=tenant.currency, period_start=period.start,
+                                           period_end=period.end, tenant_id=tenant.id)
+        except BillingError:
+            return False
+        return prices.minimum_commitment is not None and prices.minimum_commitment > 0
+
+    def _draft(self, cfg: BillingConfig, report: RunReport, period: Period, issue: date, t: str,
+               tenant: Tenant | None, own: Slice | None, late: Slice | None) -> bool:
+        p, now = str(period), self._clock()
+        own, late = own or Slice(), late or Slice()
+        if tenant is None:
+            message = f"usage for unknown tenant {t!r}: create the tenant, then run again"
+            self.store.save_error(t, p, message, now)
+            report.errors.append((t, message))
+            return True
+        try:
+            invoice = engine.build_invoice(
+                usage=own.rows(), adjustments=late.rows(), buyer=buyer_of(tenant), seller=cfg.seller,
+                price_book=cfg.price_book, tax_rules=cfg.tax_rules, fx=cfg.fx, period_start=period.start,
+                period_end=period.end, issue_date=issue, usage_digest=event_digest(own.hashes + late.hashes))
+        except BillingError as exc:
+            self.store.save_error(t, p, str(exc), now)
+            report.errors.append((t, str(exc)))
+            return True
+        if not invoice.lines:
+            self.store.delete_pending(t, p)
+            report.skipped.append((t, f"nothing to bill for {p}"))
+            return True
+        ranges: list[SeqRange] = [*own.ranges.values(), *late.ranges.values()]
+        try:
+            row = self.store.save_draft(Draft(
+                tenant_id=t, period=p, document=to_json(invoice), currency=invoice.currency,
+                subtotal=invoice.subtotal, tax_total=invoice.tax_total, total=invoice.total, issue_date=issue,
+                usage_rows=rows_of(own.rows()), adjustment_rows=rows_of(late.rows()),
+                usage_digest=invoice.usage_digest, event_count=own.events + late.events, ranges=ranges), now)
+        except DocumentStateError as exc:
+            report.errors.append((t, str(exc)))
+            return False
+        report.drafts.append(row)
+        return True
+
+    def finalize(self, period: Period, *, tenant_id: str | None = None) -> FinalizeReport:
+        """Number every draft of the period (or one tenant's); refuse error rows with their reason."""
+        p = str(period)
+        report = FinalizeReport(p)
+        if period.start > self._clock().date():
+            raise DocumentStateError(f"{p} has not started yet: nothing can be finalized for it")
+        if tenant_id is None and p not in self.store.closed_periods() and not self.store.was_run(p):
+            raise DocumentStateError(f"{p} has not been run for all tenants: run `tokenport invoices run"
+                                     f" --period {p}` first")
+        numbering = self.config().seller.numbering
+        pending = self.store.find(period=p, tenant_id=tenant_id, kinds=["invoice"], statuses=PENDING)
+        if tenant_id is not None and not pending:
+            raise DocumentStateError(f"{tenant_id} has no draft for {p}: run `tokenport invoices run"
+                                     f" --period {p} --tenant {tenant_id}` first")
+        for row in pending:
+            if row.status == "error":
+                report.refused.append((row.tenant_id, f"cannot finalize: {row.error}"))
+                continue
+            try:
+                report.finalized.append(self.store.finalize(row.id, numbering, _complete, self._clock()))
+            except DocumentStateError as exc:
+                report.refused.append((row.tenant_id, str(exc)))
+        if tenant_id is None:
+            self.store.close_period(p, self._clock())
+            report.closed = True
+        return report
+
+    def void(self, number: str, *, reason: str, issue_date: date | None = None) -> tuple[StoredDocument, StoredDocument]:
+        """Void a finalized invoice: a credit note reversing it exactly, numbered in its own series."""
+        row = self.store.get(number)
+        if row.kind != "invoice" or row.status != "finalized" or row.document is None:
+            raise DocumentStateError(f"{number} ({row.kind.replace('_', ' ')}, {row.status}): only a finalized"
+                                     " invoice can be voided")
+        invoice = Invoice.from_json_dict(row.document)
+        issue = issue_date or max(self._clock().date(), invoice.issue_date)
+        credit = engine.build_credit_note(invoice, reason=reason, issue_date=issue)
+        return self.store.void(number, reason=reason, credit_note=credit.to_json_dict(),
+                               numbering=self.config().seller.numbering, complete=_complete, now=self._clock())
+
+    # --- documents -------------------------------------------------------------------------
+    def document(self, row: StoredDocument) -> Document:
+        if row.document is None:
+            raise DocumentStateError(f"{row.ref}: no document: {row.error}")
+        doc = document_from_json(row.document)
+        if row.status != "void":
+            return doc
+        if isinstance(doc, Invoice):
+            return engine.void(doc)
+        return engine.void(doc)
+
+    def render(self, ref: str, fmt: str, *, tenant_id: str | None = None) -> bytes:
+        """The document in json | csv | html | pdf | ubl. A finalized document's JSON is the stored bytes."""
+        row = self.store.get(ref)
+        if tenant_id is not None and (row.tenant_id != tenant_id or row.status in PENDING):
+            raise NotFound(f"no invoice or credit note {ref!r}")
+        if fmt == "json" and row.status == "finalized" and row.document_bytes is not None:
+            return row.document_bytes
+        return render(self.document(row), fmt)
+
+    def verify(self, number: str) -> Verification:
+        """Recompute an invoice's usage digest and quantities from the ledger events it recorded."""
+        row = self.store.get(number)
+        problems: list[str] = []
+        content = row.document_bytes
+        if content is not None and hashlib.sha256(content).hexdigest() != row.document_sha256:
+            problems.append("stored document does not match its sha256")
+        target = row
+        if row.kind == "credit_note" and row.original_number:
+            target = self.store.get(row.original_number)
+        own, late = Slice(), Slice()
+        for stored in events_in_ranges(self._usage, target.tenant_id, self.store.ranges(target.id)):
+            (own if stored.event.started_at.strftime("%Y-%m") == target.period else late).add(stored, "", 0)
+        digest = event_digest(own.hashes + late.hashes)
+        if digest != target.usage_digest:
+            problems.append(f"usage digest {digest} != recorded {target.usage_digest}")
+        if rows_of(own.rows()) != target.usage_rows or rows_of(late.rows()) != target.adjustment_rows:
+            problems.append("usage quantities recomputed from the ledger differ from the recorded ones")
+        return Verification(row.ref, not problems, tuple(problems), own.events + late.events)
+
+    # --- reports ---------------------------------------------------------------------------
+    def exports(self, period: Period, *, by: GroupBy | str = GroupBy.COUNTRY) -> ExportReport:
+        """Token export volume and revenue (CNY at the recorded rates) of the period's issued documents."""
+        p = str(period)
+        rows: list[RatedRow] = []
+        by_invoice: dict[str, list[RatedRow]] = {}
+        docs = self.store.find(period=p, statuses=ISSUED)
+        for row in docs:
+            if row.kind == "invoice" and row.document is not None:
+                invoice = Invoice.from_json_dict(row.document)
+                rated = rated_rows(invoice, rows_from(row.usage_rows), rows_from(row.adjustment_rows))
+                by_invoice[row.ref] = rated
+                rows += rated
+        for row in docs:
+            if row.kind == "credit_note" and row.document is not None:
+                note = CreditNote.from_json_dict(row.document)
+                rows += credit_rows(note, by_invoice.get(note.original_number, []))
+        return aggregate_exports(rows, period=p, by=by)
+
+
+def buyer_of(tenant: Tenant) -> Buyer:
+    return Buyer(id=tenant.id, name=tenant.name, billing_country=tenant.billing_country, tax_id=tenant.tax_id,
+                 business=tenant.business, currency=tenant.currency, language=tenant.language or "en")
+
+
+def _complete(draft: dict[str, Any], number: str) -> bytes:
+    doc = document_from_json(draft)
+    if doc.status is not DocumentStatus.DRAFT:
+        raise DocumentStateError(f"{number}: the stored draft is {doc.status.value}")
+    if isinstance(doc, Invoice):
+        return to_json(engine.finalize(doc, number))
+    return to_json(engine.finalize(doc, number))
+
+
+def document_summary(row: StoredDocument) -> dict[str, Any]:
+    """The list view of a document (CLI ``--json``, admin and tenant APIs)."""
+    return {
+        "number": row.number, "ref": row.ref, "kind": row.kind, "status": row.status, "tenant": row.tenant_id,
+        "period": row.period, "currency": row.currency,
+        "subtotal": None if row.subtotal is None else format(row.subtotal, "f"),
+        "tax_total": None if row.tax_total is None else format(row.tax_total, "f"),
+        "total": None if row.total is None else format(row.total, "f"),
+        "issue_date": row.issue_date.isoformat() if row.issue_date else None,
+        "original_number": row.original_number, "credit_note_number": row.credit_note_number,
+        "events": row.event_count, "usage_digest": row.usage_digest, "error": row.error,
+    }
+
+
+def documents_summary(rows: Iterable[StoredDocument]) -> list[dict[str, Any]]:
+    return [document_summary(r) for r in rows]

@@ -1,0 +1,324 @@
+"""`tokenport invoices`, `tokenport fx` and `tokenport reports`: the month close from the command line.
+
+Exit codes: 0 done; 1 done for some tenants but refused or failed for others (each is named), or a
+billing error (the message says what and where); 2 invalid arguments or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from billing.errors import BillingError
+from billing.ledger_read import Period
+from billing.render import FORMATS
+from billing.render.report import REPORT_FORMATS, render_report
+from billing.reports import GroupBy
+from billing.service import BillingService, FinalizeReport, RunReport, document_summary, documents_summary
+from billing.store import BillingStore
+from metering.audit import AuditStore
+from metering.db import make_engine
+from metering.store_sql import UsageStore
+from metering.tenants import TenantStore
+from serving import db_schema
+from serving.admin.audit import Auditor, Who
+from serving.settings import Settings
+
+invoices_app = typer.Typer(help="Invoices and credit notes: run, finalize, void, list, show.", no_args_is_help=True)
+fx_app = typer.Typer(help="FX rates used by billing (configs/billing/fx_rates.csv + imported).",
+                     no_args_is_help=True)
+reports_app = typer.Typer(help="Token export reports from issued invoices.", no_args_is_help=True)
+console = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+PeriodOpt = Annotated[str, typer.Option("--period", help="Billing period: a calendar month in UTC, YYYY-MM.")]
+TenantOpt = Annotated[str | None, typer.Option("--tenant", help="Only this tenant.")]
+
+
+def billing_service(settings: Settings) -> tuple[BillingService, Auditor]:
+    """The billing service and the audit log (CLI changes are audited: actor = OS user, source = cli)."""
+    engine = make_engine(settings.db_url)
+    db_schema.upgrade(engine)
+    svc = BillingService(store=BillingStore(engine), usage=UsageStore(engine),
+                         tenants=TenantStore(engine, settings.secret_key), config_dir=settings.config_dir / "billing")
+    return svc, Auditor(AuditStore(engine))
+
+
+def _service(ctx: typer.Context) -> BillingService:
+    return _both(ctx)[0]
+
+
+def _both(ctx: typer.Context) -> tuple[BillingService, Auditor]:
+    settings: Settings = ctx.obj["settings"]()
+    return billing_service(settings)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _period(text: str) -> Period:
+    try:
+        return Period.parse(text)
+    except BillingError as exc:
+        _fail(str(exc), 2)
+        raise
+
+
+def _day(text: str | None, option: str) -> date | None:
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        _fail(f"{option} must be YYYY-MM-DD, got {text!r}", 2)
+        raise
+
+
+def _emit(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def run_dict(report: RunReport) -> dict[str, Any]:
+    return {"period": report.period, "issue_date": report.issue_date.isoformat(),
+            "drafts": documents_summary(report.drafts),
+            "errors": [{"tenant": t, "error": e} for t, e in report.errors],
+            "skipped": [{"tenant": t, "reason": r} for t, r in report.skipped]}
+
+
+def finalize_dict(report: FinalizeReport) -> dict[str, Any]:
+    return {"period": report.period, "closed": report.closed, "finalized": documents_summary(report.finalized),
+            "refused": [{"tenant": t, "error": e} for t, e in report.refused]}
+
+
+@invoices_app.command("run")
+def invoices_run(
+    ctx: typer.Context,
+    period: PeriodOpt,
+    tenant: TenantOpt = None,
+    issue_date: Annotated[str | None, typer.Option(
+        help="Issue date YYYY-MM-DD (default: the first day after the period).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create or refresh the draft invoices of a period (idempotent); per-tenant errors are listed."""
+    svc, audit = _both(ctx)
+    p, day = _period(period), _day(issue_date, "--issue-date")
+    try:
+        report = audit.run(Who.cli(), "invoices.run", lambda: svc.run(p, tenant_id=tenant, issue_date=day),
+                           target=str(p), tenant_id=tenant, detail={"issue_date": issue_date},
+                           describe=lambda r: {"drafts": len(r.drafts), "errors": r.errors})
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        _emit(run_dict(report))
+    else:
+        for row in report.drafts:
+            console.print(f"draft {row.ref}: {row.total} {row.currency} ({row.event_count} events)", highlight=False)
+        for t, reason in report.skipped:
+            console.print(f"skipped {t}: {reason}", highlight=False)
+        for t, error in report.errors:
+            console.print(f"[red]error[/red] {t}: {error}", highlight=False, soft_wrap=True)
+        console.print(f"{report.period}: {len(report.drafts)} draft(s), {len(report.errors)} error(s), "
+                      f"issue date {report.issue_date}", highlight=False)
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@invoices_app.command("finalize")
+def invoices_finalize(ctx: typer.Context, period: PeriodOpt, tenant: TenantOpt = None,
+                      as_json: JsonOpt = False) -> None:
+    """Number the drafts (gapless) and store them immutably; without --tenant also closes the period."""
+    svc, audit = _both(ctx)
+    p = _period(period)
+    try:
+        report = audit.run(Who.cli(), "invoices.finalize", lambda: svc.finalize(p, tenant_id=tenant), target=str(p),
+                           tenant_id=tenant, describe=lambda r: {"numbers": [d.number for d in r.finalized],
+                                                                 "refused": r.refused})
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        _emit(finalize_dict(report))
+    else:
+        for row in report.finalized:
+            console.print(f"finalized {row.number} for {row.tenant_id}: {row.total} {row.currency}", highlight=False)
+        for t, error in report.refused:
+            console.print(f"[red]refused[/red] {t}: {error}", highlight=False, soft_wrap=True)
+        if report.closed:
+            console.print(f"{report.period} closed: later usage of this month goes on the next invoice")
+    if report.refused:
+        raise typer.Exit(1)
+
+
+@invoices_app.command("void")
+def invoices_void(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="Invoice number.")],
+    reason: Annotated[str, typer.Option(help="Why the invoice is voided (printed on the credit note).")],
+    issue_date: Annotated[str | None, typer.Option(help="Credit note date (default: today).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Void a finalized invoice by issuing a credit note that reverses it."""
+    svc, audit = _both(ctx)
+    day = _day(issue_date, "--issue-date")
+    try:
+        invoice, credit = audit.run(Who.cli(), "invoices.void", lambda: svc.void(number, reason=reason, issue_date=day),
+                                    target=number, detail={"reason": reason, "issue_date": issue_date},
+                                    describe=lambda res: {"tenant": res[0].tenant_id, "credit_note": res[1].number})
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        _emit({"invoice": document_summary(invoice), "credit_note": document_summary(credit)})
+    else:
+        console.print(f"voided {invoice.number}; credit note {credit.number} ({credit.total} {credit.currency})",
+                      highlight=False)
+
+
+@invoices_app.command("list")
+def invoices_list(
+    ctx: typer.Context,
+    period: Annotated[str | None, typer.Option(help="Only this period (YYYY-MM).")] = None,
+    tenant: TenantOpt = None,
+    status: Annotated[str | None, typer.Option(help="draft, error, finalized or void.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List invoices and credit notes (drafts are shown as DRAFT-<period>-<tenant>)."""
+    svc = _service(ctx)
+    rows = svc.store.find(period=str(_period(period)) if period else None, tenant_id=tenant,
+                          statuses=[status] if status else None)
+    if as_json:
+        _emit(documents_summary(rows))
+        return
+    table = Table()
+    for name in ("number", "tenant", "period", "status", "total", "issued"):
+        table.add_column(name, no_wrap=name != "status", justify="right" if name == "total" else "left")
+    for r in rows:
+        total = f"{r.total} {r.currency}" if r.total is not None else "-"
+        table.add_row(r.ref, r.tenant_id, r.period, r.status, total, r.issue_date.isoformat() if r.issue_date else "")
+    out = Console()
+    out.print(table)
+    for r in rows:
+        if r.error:
+            out.print(f"{r.ref}: {r.error}", highlight=False, soft_wrap=True)
+
+
+@invoices_app.command("show")
+def invoices_show(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="Number (or DRAFT-<period>-<tenant> for a draft).")],
+    format: Annotated[str, typer.Option("--format", help="json, csv, html, pdf or ubl.")] = "json",
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Write a document; a finalized one's JSON is byte for byte the stored document."""
+    if format not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}", 2)
+    svc = _service(ctx)
+    try:
+        data = svc.render(number, format)
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        out.write_bytes(data)
+        console.print(f"wrote {out} ({len(data)} bytes)", highlight=False)
+
+
+@invoices_app.command("verify")
+def invoices_verify(ctx: typer.Context, number: Annotated[str, typer.Argument(help="Invoice number.")],
+                    as_json: JsonOpt = False) -> None:
+    """Recompute an invoice's usage digest and quantities from the ledger events it recorded."""
+    svc = _service(ctx)
+    try:
+        result = svc.verify(number)
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        _emit({"number": result.number, "ok": result.ok, "events": result.events, "problems": list(result.problems)})
+    else:
+        console.print(f"{result.number}: {'ok' if result.ok else 'MISMATCH'} ({result.events} events)")
+        for p in result.problems:
+            console.print(f"  {p}", highlight=False)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@fx_app.command("import")
+def fx_import(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="CSV: date,base,quote,rate,source.")],
+              as_json: JsonOpt = False) -> None:
+    """Import FX rates (with source and date) into the database; contradicting rates are refused."""
+    svc, audit = _both(ctx)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail(f"{file}: cannot read: {exc.strerror or exc}", 2)
+        return
+    try:
+        added, known = audit.run(Who.cli(), "fx.import", lambda: svc.import_fx(text, origin=str(file)),
+                                 target=str(file), describe=lambda res: {"imported": res[0], "already_stored": res[1]})
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        _emit({"imported": added, "already_stored": known})
+    else:
+        console.print(f"imported {added} rate(s), {known} already stored", highlight=False)
+
+
+@fx_app.command("list")
+def fx_list(ctx: typer.Context, on: Annotated[str | None, typer.Option("--date", help="Only this date.")] = None,
+            as_json: JsonOpt = False) -> None:
+    """The rates billing uses: the shipped file and the imported ones."""
+    svc = _service(ctx)
+    day = _day(on, "--date")
+    try:
+        rates = [r for r in svc.config().fx.rates if day is None or r.date == day]
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        _emit([{"date": r.date.isoformat(), "base": r.base, "quote": r.quote, "rate": format(r.rate, "f"),
+                "source": r.source} for r in rates])
+        return
+    table = Table("date", "base", "quote", "rate", "source")
+    for r in rates:
+        table.add_row(r.date.isoformat(), r.base, r.quote, format(r.rate, "f"), r.source)
+    Console().print(table)
+
+
+@reports_app.command("exports")
+def reports_exports(
+    ctx: typer.Context,
+    period: PeriodOpt,
+    by: Annotated[str, typer.Option(help="country (origin of the usage), tenant, model or language.")] = "country",
+    format: Annotated[str, typer.Option("--format", help="json, csv or html.")] = "json",
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Token export volume and revenue (CNY at the recorded rates) of a period's issued invoices."""
+    if by not in {g.value for g in GroupBy}:
+        _fail(f"--by must be one of {', '.join(g.value for g in GroupBy)}", 2)
+    if format not in REPORT_FORMATS:
+        _fail(f"--format must be one of {', '.join(REPORT_FORMATS)}", 2)
+    svc = _service(ctx)
+    try:
+        text = render_report(svc.exports(_period(period), by=by), format)
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        console.print(f"wrote {out}", highlight=False)

@@ -1,0 +1,114 @@
+"""The request path's guardrails, in the order they run (serving/openai/service.py calls them):
+
+1. check_shape: JSON nesting depth, number of values and of keys per object (400 invalid_json_shape);
+2. admit: the tenant's caps (max_tokens 400, prompt length 400 context_length_exceeded), the worst
+   case of the request (prompt upper bound + n x max_tokens, max_tokens capped by the tenant's
+   maximum and injected when the client sent none), then the Limiter's reservation (429);
+3. run: forwards with the tenant's request timeout and the rate-limit headers; releases the hold if
+   the request ends before any usage event; wraps the response for content logging if the tenant
+   turned it on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.responses import Response
+
+from metering.recorder import RequestMeter
+from metering.tenants import Tenant
+from serving.content_log import ContentLogger
+from serving.errors import TokenportError
+from serving.limits.errors import ContextLengthExceeded, MaxTokensExceeded, RequestShapeError
+from serving.limits.limiter import Admission, Limiter
+from serving.limits.tokens import PromptCounter
+
+Forward = Callable[[dict[str, str], float | None], Awaitable[Response]]
+
+
+class Guard:
+    def __init__(self, limiter: Limiter, counter: PromptCounter, context_length: Callable[[str], int],
+                 content: ContentLogger | None = None, *, max_depth: int = 32, max_values: int = 100_000,
+                 max_keys: int = 1024) -> None:
+        self.limiter = limiter
+        self.counter = counter
+        self.context_length = context_length
+        self.content = content
+        self.max_depth = max_depth
+        self.max_values = max_values
+        self.max_keys = max_keys
+
+    def check_shape(self, body: dict[str, Any]) -> None:
+        """Refuse bodies nested too deep or with too many values, before any model sees them."""
+        stack: list[tuple[Any, int, str]] = [(body, 1, "")]
+        values = 0
+        while stack:
+            obj, depth, path = stack.pop()
+            if depth > self.max_depth:
+                raise RequestShapeError(f"The request body is nested more than {self.max_depth} levels deep.",
+                                        param=path or None)
+            items: Any
+            if isinstance(obj, dict):
+                if len(obj) > self.max_keys:
+                    raise RequestShapeError(f"An object in the request body has more than {self.max_keys} fields.",
+                                            param=path or None)
+                items = obj.items()
+            else:
+                items = enumerate(obj)
+            for k, v in items:
+                values += 1
+                if isinstance(v, dict | list):
+                    stack.append((v, depth + 1, f"{path}.{k}" if path else str(k)))
+            if values > self.max_values:
+                raise RequestShapeError(f"The request body has more than {self.max_values} JSON values.")
+
+    async def admit(self, tenant: Tenant, key_id: str, request_id: str, endpoint: str, body: dict[str, Any],
+                    size: int) -> Admission:
+        model: str = body["model"]
+        eff = self.limiter.effective(tenant.id, key_id)
+        asked = [v for v in (body.get("max_tokens"), body.get("max_completion_tokens"))
+                 if isinstance(v, int) and not isinstance(v, bool)]
+        requested = min(asked) if asked else None
+        if eff.max_tokens is not None and requested is not None and requested > eff.max_tokens:
+            field = "max_tokens" if body.get("max_tokens") == requested else "max_completion_tokens"
+            raise MaxTokensExceeded(f"{field} is {requested}, above this organization's maximum of "
+                                    f"{eff.max_tokens} tokens per request.", param=field)
+        if eff.unlimited and eff.max_prompt_tokens is None and eff.max_tokens is None:
+            return Admission(request_id=request_id, tenant=tenant, key_id=key_id, model=model,
+                             timeout_s=eff.timeout_s)  # nothing to hold or cap: no tokenizer run
+        count = await self.counter.count(model, endpoint, body, size)
+        if eff.max_prompt_tokens is not None and count.tokens > eff.max_prompt_tokens:
+            how = "tokens" if count.exact else "tokens (counted as bytes: no tokenizer for this model)"
+            raise ContextLengthExceeded(f"The prompt is up to {count.tokens} {how}, above this organization's "
+                                        f"maximum of {eff.max_prompt_tokens}.", param="messages"
+                                        if endpoint == "chat.completions" else "prompt")
+        context = self.context_length(model)
+        cap = min(v for v in (requested, eff.max_tokens, context) if v is not None)
+        if requested is None and eff.max_tokens is not None and eff.max_tokens < context:
+            room = context - count.tokens if count.exact else eff.max_tokens
+            cap = max(1, min(eff.max_tokens, room))
+            body["max_tokens"] = cap  # the worker may then never produce more than was held
+        choices = max(_int(body.get("n")), _int(body.get("best_of")))
+        return await self.limiter.admit(tenant, key_id, request_id, model, prompt_tokens=count.tokens,
+                                        completion_tokens=count.prompts * choices * cap, effective=eff)
+
+    async def run(self, adm: Admission, meter: RequestMeter, raw: bytes, forward: Forward) -> Response:
+        own_timeout = adm.timeout_s if adm.timeout_s < self.limiter.defaults.request_timeout_s else None
+        try:
+            resp = await forward(dict(adm.headers), own_timeout)
+        except BaseException as exc:
+            if not meter.recorded:  # no usage event will come to settle the hold
+                self.limiter.release(adm)
+            if isinstance(exc, TokenportError):
+                for k, v in adm.headers.items():
+                    exc.headers.setdefault(k, v)
+            raise
+        if self.content is not None:
+            resp = self.content.wrap(resp, request_id=meter.request_id, tenant_id=meter.tenant_id,
+                                     key_id=meter.key_id, model=meter.model, request=raw)
+        return resp
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1

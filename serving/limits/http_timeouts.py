@@ -1,0 +1,164 @@
+"""Slow and oversized clients: a header deadline and size cap at the HTTP protocol, a body deadline
+and size cap for every route.
+
+uvicorn closes idle keep-alive connections (`timeout_keep_alive`) but has no deadline for the
+request head: a client that connects and sends one header byte every few seconds (slowloris) keeps
+its connection, and with enough of them the process runs out of descriptors. GuardedHttpTools
+(uvicorn's httptools protocol plus two checks) answers 408 and closes a connection whose request
+head is not complete within `gateway.header_timeout_s` of its first byte (or of the connection), and
+431 when the head grows past `gateway.max_header_bytes`. BodyGuardMiddleware gives the body
+`gateway.body_timeout_s` in total (408) and enforces `gateway.max_body_bytes` on every route (413),
+before FastAPI reads anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from asyncio import TimerHandle
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from serving.errors import BodyTooLarge
+from serving.limits.errors import RequestTimeout
+
+
+def _raw_error(status: int, reason: str, message: str, code: str) -> bytes:
+    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                   "code": code}})
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size cap on each request head."""
+
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 65_536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: TimerHandle | None = None
+        self._head_bytes = 0
+        self._in_head = False  # between the first byte of a request and the end of its head
+
+    @classmethod
+    def configured(cls, header_timeout_s: float, max_header_bytes: int) -> type[GuardedHttpTools]:
+        return type("GuardedHttpToolsConfigured", (cls,), {"header_timeout_s": header_timeout_s,
+                                                           "max_header_bytes": max_header_bytes})
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()  # a connection that never sends a whole head is dropped too
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._reject(431, "Request Header Fields Too Large",
+                             f"The request head is larger than {self.max_header_bytes} bytes.", "headers_too_large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _busy(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._in_head or self.cycle is None:
+            if self._busy():  # a pipelined head while a response is still going: wait for it
+                self._arm()
+                return
+            self._reject(408, "Request Timeout",
+                         f"The request head was not received within {self.header_timeout_s:g} s.", "request_timeout")
+
+    def _reject(self, status: int, reason: str, message: str, code: str) -> None:
+        self._disarm()
+        if not self._busy():
+            self.transport.write(_raw_error(status, reason, message, code))
+        self.transport.close()
+
+
+class BodyGuardMiddleware:
+    """A total deadline and a size cap for request bodies, on every route."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                err = BodyTooLarge(f"Request body is larger than the limit of {self.max_bytes} bytes.")
+                await send({"type": "http.response.start", "status": err.status_code,
+                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": err.body_bytes()})
+                return
+        done = False
+        size = 0
+        deadline: float | None = None
+
+        async def guarded() -> Message:
+            nonlocal done, size, deadline
+            if done:
+                return await receive()
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.001, deadline - time.monotonic()))
+            except TimeoutError as exc:
+                done = True
+                raise RequestTimeout(f"The request body was not received within {self.timeout_s:g} s.",
+                                     headers={"connection": "close"}) from exc
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    done = True
+                    raise BodyTooLarge(f"Request body is larger than the limit of {self.max_bytes} bytes.",
+                                       headers={"connection": "close"})
+                if not message.get("more_body", False):
+                    done = True
+            else:
+                done = True
+            return message
+
+        await self.app(scope, guarded, send)
+
+
+def uvicorn_options(header_timeout_s: float, max_header_bytes: int, keep_alive_s: float,
+                    max_connections: int | None) -> dict[str, Any]:
+    """uvicorn.Config keyword arguments that apply these protections (used by `tokenport gateway`)."""
+    return {"http": GuardedHttpTools.configured(header_timeout_s, max_header_bytes),
+            "timeout_keep_alive": keep_alive_s, "limit_concurrency": max_connections}

@@ -1,0 +1,222 @@
+"""The admission algorithm of backend.py as Lua scripts in Redis, shared by every gateway process.
+
+Each script runs atomically in Redis, so concurrent admissions from any number of processes see one
+order. All keys of a request carry the tenant as hash tag (`tp:{tenant}:...`), so they live in one
+slot and the scripts also work on Redis Cluster. Keys:
+  tp:{T}:rl:<scope>:<rpm|tpm>        bucket: level, ts                  (expires after 2 idle minutes)
+  tp:{T}:bg:<scope>:<window>:<unit>  hold state: used, reserved, epoch  (kept for the window + margin)
+  ...:r  (hash rid -> amount)   ...:x  (zset rid -> expiry ms)          the holds in flight
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.limits.backend import (
+    AdmitResult,
+    BucketRefund,
+    BucketSpec,
+    BucketView,
+    HoldSettle,
+    HoldSpec,
+    HoldStatus,
+)
+
+ADMIT = r"""
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local nb = tonumber(ARGV[3])
+local nh = tonumber(ARGV[4])
+local new_epoch = ARGV[5]
+local a = 6
+local epochs = {}
+for i = 1, nh do
+  local k = nb + (i - 1) * 3
+  local kst, kres, kexp = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local o = a + nb * 2 + (i - 1) * 5
+  local limit, amount, seed = tonumber(ARGV[o]), tonumber(ARGV[o + 1]), tonumber(ARGV[o + 3])
+  local st = redis.call('HMGET', kst, 'used', 'reserved', 'epoch')
+  if not st[3] then
+    if seed < 0 then return {'need_seed', i - 1} end
+    redis.call('DEL', kres, kexp)
+    redis.call('HSET', kst, 'used', ARGV[o + 3], 'reserved', 0, 'epoch', new_epoch)
+    redis.call('PEXPIRE', kst, tonumber(ARGV[o + 4]))
+    st = {seed, 0, new_epoch}
+  end
+  local used, reserved = tonumber(st[1]), tonumber(st[2])
+  local expired = redis.call('ZRANGEBYSCORE', kexp, '-inf', now)
+  if #expired > 0 then
+    for _, r in ipairs(expired) do
+      local amt = redis.call('HGET', kres, r)
+      if amt then
+        reserved = reserved - tonumber(amt)
+        redis.call('HDEL', kres, r)
+      end
+      redis.call('ZREM', kexp, r)
+    end
+    if reserved < 0 then reserved = 0 end
+    redis.call('HSET', kst, 'reserved', string.format('%d', reserved))
+  end
+  if used + reserved + amount > limit then return {'budget', i - 1, used, reserved} end
+  epochs[i] = st[3]
+end
+local levels = {}
+for i = 1, nb do
+  local cap = tonumber(ARGV[a + (i - 1) * 2])
+  local st = redis.call('HMGET', KEYS[i], 'level', 'ts')
+  local level = cap
+  if st[1] then
+    level = math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * cap / 60000)
+  end
+  levels[i] = level
+end
+local out = {}
+for i = 1, nb do
+  local cap, cost = tonumber(ARGV[a + (i - 1) * 2]), tonumber(ARGV[a + (i - 1) * 2 + 1])
+  if cost > levels[i] then
+    local retry = -1
+    if cost <= cap then retry = math.ceil((cost - levels[i]) * 60000 / cap) end
+    local views = {'rate', i - 1, retry}
+    for j = 1, nb do table.insert(views, tostring(levels[j])) end
+    return views
+  end
+end
+out[1] = 'ok'
+out[2] = -1
+out[3] = -1
+for i = 1, nb do
+  local cost = tonumber(ARGV[a + (i - 1) * 2 + 1])
+  local level = levels[i] - cost
+  redis.call('HSET', KEYS[i], 'level', tostring(level), 'ts', now)
+  redis.call('PEXPIRE', KEYS[i], 120000)
+  table.insert(out, tostring(level))
+end
+for i = 1, nh do
+  local k = nb + (i - 1) * 3
+  local o = a + nb * 2 + (i - 1) * 5
+  local ttl, keyttl = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])
+  redis.call('HINCRBY', KEYS[k + 1], 'reserved', ARGV[o + 1])
+  redis.call('HSET', KEYS[k + 2], rid, ARGV[o + 1])
+  redis.call('ZADD', KEYS[k + 3], now + ttl, rid)
+  for _, key in ipairs({KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]}) do redis.call('PEXPIRE', key, keyttl) end
+  table.insert(out, epochs[i])
+end
+return out
+"""
+
+SETTLE = r"""
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local nh = tonumber(ARGV[3])
+local nb = tonumber(ARGV[4])
+local a = 5
+for i = 1, nh do
+  local k = (i - 1) * 3
+  local kst, kres, kexp = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local actual, epoch = tonumber(ARGV[a + (i - 1) * 2]), ARGV[a + (i - 1) * 2 + 1]
+  local amt = redis.call('HGET', kres, rid)
+  if amt then
+    redis.call('HDEL', kres, rid)
+    redis.call('ZREM', kexp, rid)
+    local left = redis.call('HINCRBY', kst, 'reserved', string.format('%d', -tonumber(amt)))
+    if left < 0 then redis.call('HSET', kst, 'reserved', 0) end
+  end
+  if actual >= 0 then
+    local cur = redis.call('HGET', kst, 'epoch')
+    if cur and (epoch == '' or cur == epoch) then redis.call('HINCRBY', kst, 'used', ARGV[a + (i - 1) * 2]) end
+  end
+end
+local b = a + nh * 2
+for i = 1, nb do
+  local key = KEYS[nh * 3 + i]
+  local cap, refund = tonumber(ARGV[b + (i - 1) * 2]), tonumber(ARGV[b + (i - 1) * 2 + 1])
+  local st = redis.call('HMGET', key, 'level', 'ts')
+  if st[1] then
+    local level = math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * cap / 60000)
+    level = math.min(cap, level + refund)
+    redis.call('HSET', key, 'level', tostring(level), 'ts', now)
+  end
+end
+return 1
+"""
+
+STATUS = r"""
+local now = tonumber(ARGV[1])
+local st = redis.call('HMGET', KEYS[1], 'used', 'reserved', 'epoch')
+if not st[3] then return {0, 0, 0, 0} end
+local reserved = tonumber(st[2])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, r in ipairs(expired) do
+  local amt = redis.call('HGET', KEYS[2], r)
+  if amt then reserved = reserved - tonumber(amt); redis.call('HDEL', KEYS[2], r) end
+  redis.call('ZREM', KEYS[3], r)
+end
+if reserved < 0 then reserved = 0 end
+redis.call('HSET', KEYS[1], 'reserved', string.format('%d', reserved))
+return {tonumber(st[1]), reserved, 1, redis.call('HLEN', KEYS[2])}
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBackend:
+    def __init__(self, url: str, *, timeout_s: float = 0.5, max_connections: int = 64) -> None:
+        import redis.asyncio as aioredis
+
+        # A blocking pool: a burst of admissions waits briefly for a connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s * 4,
+                                                        socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._pool = pool
+        self.client = aioredis.Redis(connection_pool=pool)
+        self._admit = self.client.register_script(ADMIT)
+        self._settle = self.client.register_script(SETTLE)
+        self._status = self.client.register_script(STATUS)
+
+    async def admit(self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec],
+                    new_epoch: str) -> AdmitResult:
+        keys: list[str] = [b.key for b in buckets]
+        argv: list[Any] = [now_ms, rid, len(buckets), len(holds), new_epoch]
+        for b in buckets:
+            argv += [b.capacity, b.cost]
+        for h in holds:
+            keys += [h.key, h.key + ":r", h.key + ":x"]
+            argv += [h.limit, h.amount, h.ttl_ms, -1 if h.seed is None else h.seed, h.key_ttl_ms]
+        raw = await self._admit(keys=keys, args=argv)
+        status, index = _s(raw[0]), int(raw[1])
+        if status == "need_seed":
+            return AdmitResult("need_seed", index)
+        if status == "budget":
+            return AdmitResult("budget", index, used=int(raw[2]), reserved=int(raw[3]))
+        levels = [float(_s(v)) for v in raw[3:3 + len(buckets)]]
+        views = [_view(b, lv) for b, lv in zip(buckets, levels)]
+        if status == "rate":
+            retry = int(raw[2])
+            return AdmitResult("rate", index, views, retry_after_ms=None if retry < 0 else retry)
+        return AdmitResult("ok", buckets=views, epochs=[_s(e) for e in raw[3 + len(buckets):]])
+
+    async def settle(self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]) -> None:
+        keys: list[str] = []
+        argv: list[Any] = [now_ms, rid, len(holds), len(refunds)]
+        for h in holds:
+            keys += [h.key, h.key + ":r", h.key + ":x"]
+            argv += [-1 if h.actual is None else h.actual, h.epoch]
+        for r in refunds:
+            keys.append(r.key)
+            argv += [r.capacity, r.refund]
+        await self._settle(keys=keys, args=argv)
+
+    async def status(self, key: str, now_ms: int) -> HoldStatus:
+        raw = await self._status(keys=[key, key + ":r", key + ":x"], args=[now_ms])
+        return HoldStatus(int(raw[0]), int(raw[1]), bool(int(raw[2])), int(raw[3]))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self._pool.disconnect()
+
+
+def _view(spec: BucketSpec, level: float) -> BucketView:
+    from serving.limits.backend import view
+
+    return view(spec, level)

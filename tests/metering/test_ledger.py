@@ -1,0 +1,176 @@
+"""The Ledger: group commit, durability via the spool when the database fails, idempotent replay."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+
+from metering.events import Outcome, UsageEvent
+from metering.ledger import Ledger, LedgerUnavailable, Spool, event_from_json, event_to_json
+from metering.store_sql import UsageStore
+from tests.metering.conftest import EventFactory
+
+
+class FlakyStore:
+    """A UsageStore whose database can be 'down' (raises OperationalError like a lost connection)."""
+
+    def __init__(self, real: UsageStore) -> None:
+        self.real = real
+        self.down = False
+        self.calls: list[list[str]] = []
+
+    def append_batch(self, events: Sequence[UsageEvent]) -> list[str]:
+        self.calls.append([e.request_id for e in events])
+        if self.down:
+            raise OperationalError("INSERT INTO usage_events ...", {}, Exception("database is unreachable"))
+        return self.real.append_batch(events)
+
+
+class Commits:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, seconds: float, events: int) -> None:
+        assert seconds >= 0
+        self.batches.append(events)
+
+
+def test_event_json_round_trip(event: EventFactory) -> None:
+    e = event(outcome=Outcome.UPSTREAM_ERROR, estimated=True, language=None, worker_id=None)
+    assert event_from_json(event_to_json(e)) == e
+
+
+async def test_group_commit_stores_all_in_fewer_commits(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    store = UsageStore(engine)
+    commits = Commits()
+    ledger = Ledger(store, Spool(tmp_path / "spool.jsonl"), on_commit=commits)
+    await ledger.start()
+    try:
+        events = [event() for _ in range(300)]
+        await asyncio.gather(*(ledger.append(e) for e in events))
+        # append returned: every event is durable now
+        assert store.count() == 300
+        assert sum(commits.batches) == 300
+        assert len(commits.batches) < 300 / 10, commits.batches
+        # the same events again: no new rows
+        await asyncio.gather(*(ledger.append(e) for e in events[:50]))
+        assert store.count() == 300
+    finally:
+        await ledger.close()
+    assert not (tmp_path / "spool.jsonl").exists()
+
+
+async def test_batches_respect_max_batch(engine: Engine, tmp_path: Path, event: EventFactory) -> None:
+    commits = Commits()
+    ledger = Ledger(UsageStore(engine), Spool(tmp_path / "s.jsonl"), max_batch=16, on_commit=commits)
+    await ledger.start()
+    try:
+        await asyncio.gather(*(ledger.append(event()) for _ in range(100)))
+    finally:
+        await ledger.close()
+    assert sum(commits.batches) == 100 and max(commits.batches) <= 16
+
+
+async def test_close_flushes_what_is_queued(engine: Engine, tmp_path: Path, event: EventFactory) -> None:
+    store = UsageStore(engine)
+    ledger = Ledger(store, Spool(tmp_path / "s.jsonl"))
+    await ledger.start()
+    futures = [ledger.append_nowait(event()) for _ in range(40)]
+    await ledger.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert store.count() == 40
+
+
+async def test_database_outage_spools_and_replays_without_duplicates(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    real = UsageStore(engine)
+    flaky = FlakyStore(real)
+    spool_path = tmp_path / "spool" / "usage.jsonl"
+    ledger = Ledger(flaky, Spool(spool_path))  # type: ignore[arg-type]
+    await ledger.start()
+    try:
+        flaky.down = True
+        down_events = [event() for _ in range(5)]
+        # append still returns (the events are fsync'd to the spool), it does not raise
+        await asyncio.gather(*(ledger.append(e) for e in down_events))
+        await ledger.append(down_events[0])  # a duplicate while down is spooled again
+        assert real.count() == 0
+        spooled = Spool(spool_path).read()
+        assert {e.request_id for e in spooled} == {e.request_id for e in down_events}
+        assert spooled[0] == down_events[0]
+
+        flaky.down = False
+        up = event()
+        await ledger.append(up)
+        stored = [s.event for s in real.iter_events()]
+        # spooled events first, then the new one; each exactly once
+        assert [e.request_id for e in stored] == [e.request_id for e in down_events] + [up.request_id]
+        assert stored[:5] == down_events
+        assert not spool_path.exists()
+
+        await ledger.append(down_events[1])  # replaying / re-recording never duplicates
+        assert real.count() == 6
+    finally:
+        await ledger.close()
+
+
+async def test_spool_left_by_a_previous_process_is_replayed_at_start(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    store = UsageStore(engine)
+    spool = Spool(tmp_path / "usage.jsonl")
+    already = event()
+    store.append_batch([already])
+    spool.write([event(), already, event()])
+    spool.path.write_bytes(
+        spool.path.read_bytes() + b'{"request_id": "torn'
+    )  # a torn write: skipped, not fatal
+    ledger = Ledger(store, spool)
+    await ledger.start()
+    await ledger.close()
+    assert store.count() == 3
+    assert not spool.path.exists()
+
+
+async def test_replay_that_fails_keeps_the_spool(engine: Engine, tmp_path: Path, event: EventFactory) -> None:
+    flaky = FlakyStore(UsageStore(engine))
+    spool = Spool(tmp_path / "usage.jsonl")
+    spool.write([event(), event()])
+    flaky.down = True
+    ledger = Ledger(flaky, spool)  # type: ignore[arg-type]
+    await ledger.start()  # must not raise while the database is down
+    try:
+        await ledger.append(event())
+        assert len(spool.read()) == 3
+        flaky.down = False
+        await ledger.append(event())
+        assert flaky.real.count() == 4
+        assert not spool.path.exists()
+    finally:
+        await ledger.close()
+
+
+async def test_fail_closed_raises_instead_of_spooling(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    flaky = FlakyStore(UsageStore(engine))
+    flaky.down = True
+    ledger = Ledger(flaky, Spool(tmp_path / "usage.jsonl"), fail_closed=True)  # type: ignore[arg-type]
+    await ledger.start()
+    try:
+        with pytest.raises(LedgerUnavailable):
+            await ledger.append(event())
+        assert not (tmp_path / "usage.jsonl").exists()
+        flaky.down = False
+        await ledger.append(event())  # the writer survived the failure
+        assert flaky.real.count() == 1
+    finally:
+        await ledger.close()

@@ -1,0 +1,135 @@
+"""API keys at the gateway: the KeyRing on its own, and revocation/expiry against a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import openai
+import pytest
+
+from metering.db import make_engine
+from metering.tenants import TenantStore, utcnow
+from serving import db_schema
+from serving.auth import KeyRing
+from serving.errors import AuthenticationFailed
+from tests.conftest import MODEL, Gateway, TenantKey
+from tests.fakes import FakeWorker
+
+SECRET = "unit-test-secret-0123456789abcdef"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TenantStore]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'auth.db'}")
+    db_schema.upgrade(engine)
+    yield TenantStore(engine, SECRET)
+    engine.dispose()
+
+
+@pytest.fixture
+async def keyring(store: TenantStore) -> AsyncIterator[KeyRing]:
+    ring = KeyRing(store, SECRET, refresh_s=0.05)
+    await ring.start()
+    yield ring
+    await ring.close()
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer   ", "Basic dXNlcjpwYXNz", "Token abc"])
+async def test_missing_or_malformed_authorization(keyring: KeyRing, header: str | None) -> None:
+    with pytest.raises(AuthenticationFailed) as info:
+        await keyring.authenticate(header)
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+
+
+async def test_key_lifecycle_in_the_keyring(store: TenantStore, keyring: KeyRing) -> None:
+    store.create_tenant(id="acme", name="Acme", billing_country="DE")
+    key, plain = store.create_key("acme")
+    # A key created a moment ago works before the cache refreshes.
+    p = await keyring.authenticate(f"Bearer {plain}")
+    assert (p.tenant.id, p.key_id) == ("acme", key.id)
+    assert (await keyring.authenticate(f"bearer   {plain}  ")).key_id == key.id  # scheme is case-insensitive
+    with pytest.raises(AuthenticationFailed):
+        await keyring.authenticate(f"Bearer {plain}x")
+    store.revoke_key(key.id)
+    await asyncio.sleep(0.2)  # a few refresh intervals
+    with pytest.raises(AuthenticationFailed, match="revoked or has expired"):
+        await keyring.authenticate(f"Bearer {plain}")
+    # ... and stays refused (it is not re-cached by the database lookup).
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            await keyring.authenticate(f"Bearer {plain}")
+
+
+async def test_revoking_a_key_takes_effect_within_half_a_second(
+    gateway: Gateway, tenant: TenantKey, client: openai.AsyncOpenAI, worker: FakeWorker
+) -> None:
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    assert done.choices  # the key is in the gateway's cache now
+    await asyncio.to_thread(gateway.tenants.revoke_key, tenant.key.id)
+    revoked_at = time.monotonic()
+    while True:
+        try:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        except openai.AuthenticationError as exc:
+            assert exc.status_code == 401
+            break
+        assert time.monotonic() - revoked_at < 0.5, "a revoked key still worked after 0.5 s"
+        await asyncio.sleep(0.02)
+    assert time.monotonic() - revoked_at < 0.5
+    n_ok = len(gateway.events_for(tenant.tenant.id))
+    for _ in range(3):  # and it stays refused
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    assert len(gateway.events_for(tenant.tenant.id)) == n_ok
+
+
+async def test_revoking_one_key_leaves_the_tenants_other_keys(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
+    _other, other_plain = gateway.tenants.create_key(tenant.tenant.id)
+    gateway.tenants.revoke_key(tenant.key.id)
+    await asyncio.sleep(0.5)
+    with pytest.raises(openai.AuthenticationError):
+        await gateway.client(tenant.api_key).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    done = await gateway.client(other_plain).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    assert done.choices
+
+
+async def test_expired_keys_are_refused(gateway: Gateway, worker: FakeWorker) -> None:
+    t, _k, _p = gateway.new_tenant()
+    _old, old_plain = gateway.tenants.create_key(t.id, expires_at=utcnow() - timedelta(seconds=1))
+    with pytest.raises(openai.AuthenticationError, match="revoked or has expired"):
+        await gateway.client(old_plain).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+
+    _soon, soon_plain = gateway.tenants.create_key(t.id, expires_at=utcnow() + timedelta(seconds=0.6))
+    client = gateway.client(soon_plain)
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    assert done.choices
+    await asyncio.sleep(0.7)
+    with pytest.raises(openai.AuthenticationError):
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    assert len(gateway.events_for(t.id)) == 1
+
+
+async def test_restricting_a_tenants_models_takes_effect_within_half_a_second(
+    gateway: Gateway, tenant: TenantKey, client: openai.AsyncOpenAI, worker: FakeWorker
+) -> None:
+    assert (await client.chat.completions.create(model=MODEL, messages=MESSAGES)).choices  # type: ignore[arg-type]
+    await asyncio.to_thread(gateway.tenants.set_allowed_models, tenant.tenant.id, ["tiny-other"])
+    changed_at = time.monotonic()
+    while True:
+        try:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        except openai.NotFoundError:
+            break
+        assert time.monotonic() - changed_at < 0.5, "a withdrawn model still served after 0.5 s"
+        await asyncio.sleep(0.02)
+    assert [m.id for m in (await client.models.list()).data] == ["tiny-other"]
+    assert (await client.chat.completions.create(model="tiny-other", messages=MESSAGES)).choices  # type: ignore[arg-type]

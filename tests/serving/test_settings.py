@@ -1,0 +1,195 @@
+"""Settings: YAML + env, the model catalogue, and production mode's refusal of default secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serving.settings import (
+    DEFAULT_ADMIN_TOKEN,
+    DEFAULT_SECRET,
+    Catalogue,
+    ConfigError,
+    ModelSpec,
+    WorkerSpec,
+    load_settings,
+)
+
+STRONG_SECRET = "s" * 40
+STRONG_ADMIN = "a" * 30
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("TOKENPORT_"):
+            monkeypatch.delenv(name)
+
+
+def _write(tmp_path: Path, config: dict[str, object], models: dict[str, object] | None = None) -> Path:
+    path = tmp_path / "tokenport.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    if models is not None:
+        (tmp_path / "models.yaml").write_text(yaml.safe_dump(models), encoding="utf-8")
+    return path
+
+
+MODELS = {
+    "default_model": "m1",
+    "models": [
+        {"name": "m1", "workers": [{"id": "w1", "base_url": "http://10.0.0.1:8000/", "region": "r1"}]},
+        {"name": "m2", "workers": [{"id": "w2", "port": 8101}]},
+    ],
+}
+
+
+def test_yaml_file_and_catalogue_are_loaded(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        {
+            "data_dir": str(tmp_path / "d"),
+            "gateway": {"port": 9001, "max_body_bytes": 4096},
+            "workers": {"health_interval_s": 0.5},
+        },
+        MODELS,
+    )
+    s = load_settings(config_file=path)
+    assert s.gateway.port == 9001 and s.gateway.max_body_bytes == 4096
+    assert s.workers.health_interval_s == 0.5
+    assert s.data_dir == (tmp_path / "d").resolve()
+    assert s.db_url == f"sqlite:///{(tmp_path / 'd' / 'tokenport.db').resolve()}"
+    assert s.config_dir == tmp_path.resolve()
+    assert [m.name for m in s.catalogue.models] == ["m1", "m2"]
+    m1, m2 = s.catalogue.models
+    assert m1.workers[0].url() == "http://10.0.0.1:8000" and not m1.workers[0].launched
+    assert m2.workers[0].url() == "http://127.0.0.1:8101" and m2.workers[0].launched
+    assert s.catalogue.get("m2") is m2 and s.catalogue.get("nope") is None
+
+
+def test_env_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, {"gateway": {"port": 9001}})
+    monkeypatch.setenv("TOKENPORT_GATEWAY__PORT", "9100")
+    assert load_settings(config_file=path).gateway.port == 9100
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"gateway": {"port": "not-a-port"}},
+        {"gateway": {"port": 70000}},
+        {"gateway": {"max_body_bytes": 10}},
+        {"workers": {"health_interval_s": 0}},
+        {"mode": "staging"},
+        {"no_such_setting": 1},
+    ],
+)
+def test_bad_yaml_field_is_a_config_error_naming_the_file(tmp_path: Path, config: dict[str, object]) -> None:
+    path = _write(tmp_path, config)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=path)
+    assert str(path) in str(info.value)
+    field = next(iter(config))
+    assert field in str(info.value)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(config_file=tmp_path / "absent.yaml")
+
+
+def test_bad_models_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    path = _write(tmp_path, {}, {"models": [{"name": "m1", "workers": [{"id": "w", "port": "x"}]}]})
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=path)
+    assert str(tmp_path / "models.yaml") in str(info.value)
+    (tmp_path / "models.yaml").write_text("models: [unclosed", encoding="utf-8")
+    with pytest.raises(ConfigError, match="models.yaml"):
+        load_settings(config_file=path)
+
+
+@pytest.mark.parametrize(
+    ("secret", "admin"),
+    [
+        (DEFAULT_SECRET, STRONG_ADMIN),
+        ("short", STRONG_ADMIN),
+        (STRONG_SECRET, DEFAULT_ADMIN_TOKEN),
+        (STRONG_SECRET, "short"),
+    ],
+)
+def test_production_refuses_default_or_weak_secrets(tmp_path: Path, secret: str, admin: str) -> None:
+    path = _write(tmp_path, {"mode": "production", "secret_key": secret, "admin_token": admin})
+    with pytest.raises(ConfigError, match="production mode needs") as info:
+        load_settings(config_file=path)
+    assert str(path) in str(info.value)
+
+
+def test_production_refuses_defaults_set_by_env_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, {})
+    monkeypatch.setenv("TOKENPORT_MODE", "production")
+    with pytest.raises(ConfigError, match="TOKENPORT_SECRET_KEY"):
+        load_settings(config_file=path)
+    monkeypatch.setenv("TOKENPORT_SECRET_KEY", STRONG_SECRET)
+    monkeypatch.setenv("TOKENPORT_ADMIN_TOKEN", STRONG_ADMIN)
+    s = load_settings(config_file=path)
+    assert s.mode == "production" and s.secret_key == STRONG_SECRET
+
+
+def test_local_mode_accepts_the_defaults(tmp_path: Path) -> None:
+    s = load_settings(config_file=_write(tmp_path, {}))
+    assert s.mode == "local" and s.secret_key == DEFAULT_SECRET
+
+
+def test_catalogue_rejects_duplicate_model_names() -> None:
+    with pytest.raises(ValidationError, match="model names must be unique"):
+        Catalogue(models=[ModelSpec(name="m"), ModelSpec(name="m")])
+
+
+def test_catalogue_rejects_duplicate_worker_ids_and_unknown_default() -> None:
+    with pytest.raises(ValidationError, match="worker ids must be unique"):
+        Catalogue(
+            models=[
+                ModelSpec(name="a", workers=[WorkerSpec(id="w", port=1)]),
+                ModelSpec(name="b", workers=[WorkerSpec(id="w", port=2)]),
+            ]
+        )
+    with pytest.raises(ValidationError, match="default_model"):
+        Catalogue(default_model="c", models=[ModelSpec(name="a")])
+
+
+@pytest.mark.parametrize(
+    "worker",
+    [
+        {"id": "w", "port": 8100, "base_url": "http://x:1"},
+        {"id": "w"},
+    ],
+)
+def test_worker_needs_exactly_one_of_port_and_base_url(worker: dict[str, object]) -> None:
+    with pytest.raises(ValidationError, match="exactly one of port"):
+        WorkerSpec.model_validate(worker)
+
+
+def test_duplicate_models_in_the_models_file_is_a_config_error(tmp_path: Path) -> None:
+    models = {
+        "models": [
+            {"name": "m", "workers": [{"id": "a", "port": 1}]},
+            {"name": "m", "workers": [{"id": "b", "port": 2}]},
+        ]
+    }
+    path = _write(tmp_path, {}, models)
+    with pytest.raises(ConfigError, match="model names must be unique"):
+        load_settings(config_file=path)
+    models = {"models": [{"name": "m", "workers": [{"id": "a", "port": 1, "base_url": "http://h:1"}]}]}
+    path = _write(tmp_path, {}, models)
+    with pytest.raises(ConfigError, match="exactly one of port"):
+        load_settings(config_file=path)
+
+
+@pytest.mark.parametrize("name", ["", "-starts-with-dash", "has space", "x" * 200])
+def test_model_names_are_restricted(name: str) -> None:
+    with pytest.raises(ValidationError):
+        ModelSpec(name=name)
