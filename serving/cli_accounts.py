@@ -78,6 +78,14 @@ def tenants_create(
 ) -> None:
     """Create a tenant."""
     tenants, _ = open_stores(ctx)
+    if tax_id is not None:
+        from billing.errors import TaxIdInvalid
+        from billing.taxid import validate as validate_tax_id
+
+        try:  # an id that fails its checksum could never be invoiced: refuse it now
+            validate_tax_id(billing_country, tax_id)
+        except TaxIdInvalid as exc:
+            fail(f"{exc} (every invoice for this tenant would fail)")
     try:
         detail = {"name": name, "billing_country": billing_country, "business": business, "tax_id": tax_id,
                   "currency": currency, "language": language}
