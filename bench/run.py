@@ -806,8 +806,8 @@ class Bench:
             md += [("The second process shares core 0 with wrk and the fake upstream on a 2-core machine, so this "
                    "shows that processes share the ledger correctly and what a second core buys here, not clean "
                    "linear scaling. The gateway has no `--workers` option yet: the processes listen on separate ports "
-                   "(see the report for what one port needs: SO_REUSEPORT or uvicorn workers, and Prometheus "
-                   "multiprocess mode)."), ""]
+                   f"(what one port needs, SO_REUSEPORT or uvicorn workers and Prometheus multiprocess mode, is in "
+                   f"the analysis of profile-{self.stamp.strftime('%Y-%m-%d')}.md)."), ""]
         chain = self.extra.get("chain")
         if chain:
             md += [(f"Ledger integrity after the whole run: {chain['rows']:,} rows, {chain['distinct_request_ids']:,} "
