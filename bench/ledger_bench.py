@@ -150,8 +150,8 @@ def write(results: list[Result], out: Path, seconds: float) -> None:
     lines = [
         "# Ledger append throughput and commit-before-complete latency",
         "",
-        f"{meta['when']}, {meta['cpus']} CPUs, load average {meta['loadavg']} (shared machine), "
-        f"{seconds:g} s per run. `python -m bench.ledger_bench`.",
+        (f"{meta['when']}, {meta['cpus']} CPUs, load average {meta['loadavg']} (shared machine), "
+         f"{seconds:g} s per run. `python -m bench.ledger_bench`."),
         "",
         "Latency = time `await ledger.append(event)` takes = what committing the usage event before the",
         "response completes adds to each request. SQLite: WAL, synchronous=FULL. PostgreSQL 15: fsync on.",

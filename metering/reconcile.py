@@ -233,10 +233,9 @@ def reconcile(store: UsageStore, readings: Iterable[Reading], *, upto_seq: int, 
         if since is not None and since > start:
             snap = store.snapshot_before(r.target.worker_id, r.target.model, since, r.epoch)
             if snap is not None:
-                baseline = Counters(int(snap["prompt_tokens"]), int(snap["cached_prompt_tokens"]),  # type: ignore[call-overload]
-                                    int(snap["completion_tokens"]))  # type: ignore[call-overload]
-                after_seq = int(snap["ledger_seq"])  # type: ignore[call-overload]
-                label = f"snapshot {snap['taken_at'].isoformat(timespec='seconds')} (seq {after_seq})"  # type: ignore[union-attr]
+                baseline = Counters(snap.prompt_tokens, snap.cached_prompt_tokens, snap.completion_tokens)
+                after_seq = snap.ledger_seq
+                label = f"snapshot {snap.taken_at.isoformat(timespec='seconds')} (seq {after_seq})"
             else:
                 label += f" (no snapshot of this worker process at or before {since.isoformat(timespec='seconds')})"
         totals = store.worker_totals(r.target.worker_id, r.target.model, after_seq=after_seq, upto_seq=upto_seq,
@@ -328,5 +327,5 @@ class PeriodicReconciler:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.once()
-            except Exception:  # noqa: BLE001 - a failed round is logged and retried next interval
+            except Exception:
                 log.exception("periodic reconcile failed")

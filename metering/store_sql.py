@@ -199,7 +199,7 @@ class UsageStore:
                 conn.execute(insert(metering_snapshots), [{**r, "taken_at": to_naive(r["taken_at"])}  # type: ignore[arg-type]
                                                           for r in rows])
 
-    def snapshot_before(self, worker_id: str, model: str, at: datetime, epoch: float) -> dict[str, object] | None:
+    def snapshot_before(self, worker_id: str, model: str, at: datetime, epoch: float) -> Snapshot | None:
         """The latest snapshot of this worker process (same counter epoch) taken at or before `at`."""
         s = metering_snapshots.c
         q = (select(metering_snapshots).where(s.worker_id == worker_id, s.model == model,
@@ -210,9 +210,26 @@ class UsageStore:
             row = conn.execute(q).mappings().first()
         if row is None:
             return None
-        out = dict(row)
-        out["taken_at"] = to_aware(out["taken_at"])
-        return out
+        taken = to_aware(row["taken_at"])
+        assert taken is not None
+        return Snapshot(taken_at=taken, worker_id=row["worker_id"], model=row["model"],
+                        counters_epoch=float(row["counters_epoch"]), prompt_tokens=int(row["prompt_tokens"]),
+                        cached_prompt_tokens=int(row["cached_prompt_tokens"]),
+                        completion_tokens=int(row["completion_tokens"]), ledger_seq=int(row["ledger_seq"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A worker's counters at one moment and the ledger position then (table metering_snapshots)."""
+
+    taken_at: datetime
+    worker_id: str
+    model: str
+    counters_epoch: float
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    ledger_seq: int
 
 
 CUT_OFF_OUTCOMES = (Outcome.CLIENT_CANCELLED.value, Outcome.UPSTREAM_ERROR.value)

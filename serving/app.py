@@ -22,7 +22,7 @@ from metering.geo import OriginResolver
 from metering.language import LanguageDetector
 from metering.ledger import Ledger, LedgerUnavailable, Spool
 from metering.metrics import Metrics
-from metering.reconcile import PeriodicReconciler, Target
+from metering.reconcile import DriftRow, PeriodicReconciler, Target
 from metering.recorder import Recorder
 from metering.store_sql import UsageStore
 from metering.tenants import TenantStore
@@ -152,11 +152,12 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     service.idempotency = idempotency = Idempotency(
         IdempotencyStore(engine), usage, ttl_s=settings.metering.idempotency_ttl_s,
         stale_after_s=settings.gateway.request_timeout_s + 60)
-    reconciler = PeriodicReconciler(
-        usage, lambda: [Target(w.id, w.model, w.url) for w in pool.workers],
-        lambda row: (metrics.drift_tokens.labels(row.worker, row.model, row.token_type).set(row.drift),
-                     metrics.drift_ratio.labels(row.worker, row.model, row.token_type).set(row.ratio)),
-        settings.metering.reconcile_interval_s, lambda: forwarder.session)
+    def set_drift(row: DriftRow) -> None:
+        metrics.drift_tokens.labels(row.worker, row.model, row.token_type).set(row.drift)
+        metrics.drift_ratio.labels(row.worker, row.model, row.token_type).set(row.ratio)
+
+    reconciler = PeriodicReconciler(usage, lambda: [Target(w.id, w.model, w.url) for w in pool.workers], set_drift,
+                                    settings.metering.reconcile_interval_s, lambda: forwarder.session)
     platform = Platform(settings=settings, engine=engine, tenants=tenants, usage=usage, metrics=metrics,
                         ledger=ledger, recorder=recorder, keyring=keyring, pool=pool, forwarder=forwarder,
                         service=service, admin=AdminAuth(settings.admin_token), guardrails=guardrails)

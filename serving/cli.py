@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated
@@ -260,7 +261,7 @@ def reconcile(
         raise typer.Exit(3)
 
 
-def _write_drift_metrics(path: Path, rows: list[object]) -> None:
+def _write_drift_metrics(path: Path, rows: Sequence[object]) -> None:
     from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
     from metering.reconcile import DriftRow

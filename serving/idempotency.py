@@ -212,7 +212,7 @@ class Idempotency:
     def finish(self, claim: Claim, status: int | None, body: bytes | None, meter: RequestMeter | None) -> None:
         """Store the answer, consume the key, or release it (see the module docstring)."""
         complete = status is not None and body is not None and (
-            (not claim.stream or status != 200 or body.endswith(DONE_EVENT)))
+            not claim.stream or status != 200 or body.endswith(DONE_EVENT))
         billed = meter is not None and meter.recorded and (meter.prompt_tokens + meter.completion_tokens) > 0
         worker_answered = meter is not None and meter.recorded
         if status == 503:  # refused by the gateway (no worker, ledger unavailable): nothing was billed

@@ -51,7 +51,7 @@ def parse_time(value: str | None, name: str) -> datetime | None:
             return datetime.fromtimestamp(float(v), UTC)
         if len(v) == 10:
             return datetime.combine(date.fromisoformat(v), time(), tzinfo=UTC)
-        parsed = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(v)
     except (ValueError, OverflowError, OSError) as exc:
         raise InvalidRequest(f"{name} must be YYYY-MM-DD, an ISO 8601 timestamp or Unix seconds, got {value[:40]!r}.",
                              param=name) from exc
@@ -136,8 +136,8 @@ def build(platform: "Platform") -> APIRouter:
     @r.get("/usage/events")
     async def tenant_events(who: PrincipalDep, start: str | None = Query(default=None, max_length=40),
                             end: str | None = Query(default=None, max_length=40),
-                            after: int = Query(default=0, ge=0), limit: int = Query(default=100, ge=1, le=1000)
-                            ) -> Response:
+                            after: int = Query(default=0, ge=0, le=2**62),
+                            limit: int = Query(default=100, ge=1, le=1000)) -> Response:
         s, e = parse_window(start, end)
 
         def load() -> list[StoredEvent]:

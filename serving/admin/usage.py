@@ -46,8 +46,8 @@ def build(platform: "Platform") -> APIRouter:
                         end: str | None = Query(default=None, max_length=40),
                         group_by: str | None = Query(default=None, max_length=200),
                         tenant: str | None = Query(default=None, max_length=64),
-                        limit: int = Query(default=100, ge=1, le=1000), offset: int = Query(default=0, ge=0)
-                        ) -> Response:
+                        limit: int = Query(default=100, ge=1, le=1000),
+                        offset: int = Query(default=0, ge=0, le=10**9)) -> Response:
         s, e = parse_window(start, end)
         groups = parse_groups(group_by, ADMIN_GROUPS, {"tenant": "tenant_id", "worker": "worker_id"},
                               default=("tenant_id",))
@@ -63,8 +63,8 @@ def build(platform: "Platform") -> APIRouter:
     async def all_events(_admin: AdminDep, tenant: str | None = Query(default=None, max_length=64),
                          start: str | None = Query(default=None, max_length=40),
                          end: str | None = Query(default=None, max_length=40),
-                         after: int = Query(default=0, ge=0), limit: int = Query(default=100, ge=1, le=1000)
-                         ) -> Response:
+                         after: int = Query(default=0, ge=0, le=2**62),
+                         limit: int = Query(default=100, ge=1, le=1000)) -> Response:
         s, e = parse_window(start, end)
 
         def load() -> tuple[list[StoredEvent], tuple[int, str] | None]:

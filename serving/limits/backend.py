@@ -13,7 +13,9 @@ Hold (budget): state `used` (settled usage in the budget's window), `reserved` (
 flight) and one hold per request id with an expiry. Admit iff used + reserved + amount <= limit.
 Settle: drop the hold and add the actual usage to `used`; release: drop the hold only. A hold that
 outlives its expiry (a gateway process died mid-request) is dropped at the next admission, so no
-budget stays blocked. `used` is seeded from the ledger the first time a window is touched; the seed
+budget stays blocked (a late settle of it still counts, once). Settling is idempotent: usage is added
+only while the request's hold exists (or just expired), so a retried settle never counts twice.
+`used` is seeded from the ledger the first time a window is touched; the seed
 gets an epoch, and a settle only adds to `used` if the epoch it was admitted under still holds (after
 a state loss the new seed already contains what the ledger has).
 """
@@ -109,17 +111,24 @@ def view(spec: BucketSpec, level: float) -> BucketView:
     return BucketView(spec.capacity, max(0, math.floor(level)), reset, spec.kind, spec.scope)
 
 
+GONE_MS = 3_600_000  # expired holds are remembered this long, so a late settle counts once
+
+
 @dataclass(slots=True)
 class _Hold:
     used: int
     epoch: str
     reserved: int = 0
     holds: dict[str, tuple[int, int]] = field(default_factory=dict)  # rid -> (amount, expires_ms)
+    gone: dict[str, int] = field(default_factory=dict)  # expired rid -> when
 
     def purge(self, now_ms: int) -> None:
         for rid in [r for r, (_a, exp) in self.holds.items() if exp <= now_ms]:
             self.reserved -= self.holds.pop(rid)[0]
+            self.gone[rid] = now_ms
         self.reserved = max(0, self.reserved)
+        for rid in [r for r, t in self.gone.items() if t < now_ms - GONE_MS]:
+            del self.gone[rid]
 
 
 class MemoryBackend:
@@ -168,7 +177,8 @@ class MemoryBackend:
             held = st.holds.pop(rid, None)
             if held is not None:
                 st.reserved = max(0, st.reserved - held[0])
-            if s.actual is not None and (not s.epoch or s.epoch == st.epoch):
+            counts = held is not None or st.gone.pop(rid, None) is not None  # never twice
+            if counts and s.actual is not None and (not s.epoch or s.epoch == st.epoch):
                 st.used += s.actual
         for r in refunds:
             if r.key in self._buckets and r.refund:

@@ -282,11 +282,20 @@ class Limiter:
     def _backend_failed(self, adm: Admission, exc: Exception) -> None:
         self.backend_errors.labels("admit").inc()
         log.error("limits backend failed at admission (%s: %s)", type(exc).__name__, exc)
+        if adm.holds:  # a timeout may come after Redis ran the script: drop any hold it made
+            self._spawn(self._forget(adm.request_id, [HoldSettle(h.spec.key, None, "") for h in adm.holds]))
         if (adm.holds and self.on_error_budget == "closed") or (adm.buckets and self.on_error_rate == "closed"):
             self.rejections.labels("unavailable").inc()
             raise LimitsUnavailable("Rate limits and budgets cannot be checked right now; retry shortly.") from exc
         adm.degraded = True
         adm.buckets, adm.holds = [], []
+
+    async def _forget(self, rid: str, holds: list[HoldSettle]) -> None:
+        await asyncio.sleep(1.0)
+        try:
+            await self.backend.settle(rid, self._now_ms(), holds, [])
+        except Exception:  # noqa: BLE001 - the holds expire on their own
+            self.backend_errors.labels("settle").inc()
 
     def _refuse_rate(self, adm: Admission, result: AdmitResult) -> None:
         b = adm.buckets[result.index]

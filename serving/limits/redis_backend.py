@@ -6,6 +6,7 @@ slot and the scripts also work on Redis Cluster. Keys:
   tp:{T}:rl:<scope>:<rpm|tpm>        bucket: level, ts                  (expires after 2 idle minutes)
   tp:{T}:bg:<scope>:<window>:<unit>  hold state: used, reserved, epoch  (kept for the window + margin)
   ...:r  (hash rid -> amount)   ...:x  (zset rid -> expiry ms)          the holds in flight
+  ...:g  (zset rid -> when it expired)                                  expired holds, for an hour
 """
 
 from __future__ import annotations
@@ -22,7 +23,29 @@ from serving.limits.backend import (
     HoldStatus,
 )
 
-ADMIT = r"""
+# Shared Lua: drop a window's expired holds (their amounts leave `reserved`, their ids move to the
+# "gone" set for an hour, so a late settle still counts its usage exactly once).
+PURGE = r"""
+local function purge(kst, kres, kexp, kgone, now, reserved)
+  local expired = redis.call('ZRANGEBYSCORE', kexp, '-inf', now)
+  if #expired == 0 then return reserved end
+  for _, r in ipairs(expired) do
+    local amt = redis.call('HGET', kres, r)
+    if amt then
+      reserved = reserved - tonumber(amt)
+      redis.call('HDEL', kres, r)
+      redis.call('ZADD', kgone, now, r)
+    end
+    redis.call('ZREM', kexp, r)
+  end
+  redis.call('ZREMRANGEBYSCORE', kgone, '-inf', now - 3600000)
+  if reserved < 0 then reserved = 0 end
+  redis.call('HSET', kst, 'reserved', string.format('%d', reserved))
+  return reserved
+end
+"""
+
+ADMIT = PURGE + r"""
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local nb = tonumber(ARGV[3])
@@ -31,32 +54,20 @@ local new_epoch = ARGV[5]
 local a = 6
 local epochs = {}
 for i = 1, nh do
-  local k = nb + (i - 1) * 3
-  local kst, kres, kexp = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local k = nb + (i - 1) * 4
+  local kst, kres, kexp, kgone = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local o = a + nb * 2 + (i - 1) * 5
   local limit, amount, seed = tonumber(ARGV[o]), tonumber(ARGV[o + 1]), tonumber(ARGV[o + 3])
   local st = redis.call('HMGET', kst, 'used', 'reserved', 'epoch')
   if not st[3] then
     if seed < 0 then return {'need_seed', i - 1} end
-    redis.call('DEL', kres, kexp)
+    redis.call('DEL', kres, kexp, kgone)
     redis.call('HSET', kst, 'used', ARGV[o + 3], 'reserved', 0, 'epoch', new_epoch)
     redis.call('PEXPIRE', kst, tonumber(ARGV[o + 4]))
     st = {seed, 0, new_epoch}
   end
-  local used, reserved = tonumber(st[1]), tonumber(st[2])
-  local expired = redis.call('ZRANGEBYSCORE', kexp, '-inf', now)
-  if #expired > 0 then
-    for _, r in ipairs(expired) do
-      local amt = redis.call('HGET', kres, r)
-      if amt then
-        reserved = reserved - tonumber(amt)
-        redis.call('HDEL', kres, r)
-      end
-      redis.call('ZREM', kexp, r)
-    end
-    if reserved < 0 then reserved = 0 end
-    redis.call('HSET', kst, 'reserved', string.format('%d', reserved))
-  end
+  local used = tonumber(st[1])
+  local reserved = purge(kst, kres, kexp, kgone, now, tonumber(st[2]))
   if used + reserved + amount > limit then return {'budget', i - 1, used, reserved} end
   epochs[i] = st[3]
 end
@@ -70,7 +81,6 @@ for i = 1, nb do
   end
   levels[i] = level
 end
-local out = {}
 for i = 1, nb do
   local cap, cost = tonumber(ARGV[a + (i - 1) * 2]), tonumber(ARGV[a + (i - 1) * 2 + 1])
   if cost > levels[i] then
@@ -81,29 +91,29 @@ for i = 1, nb do
     return views
   end
 end
-out[1] = 'ok'
-out[2] = -1
-out[3] = -1
+local out = {'ok', -1, -1}
 for i = 1, nb do
-  local cost = tonumber(ARGV[a + (i - 1) * 2 + 1])
-  local level = levels[i] - cost
+  local level = levels[i] - tonumber(ARGV[a + (i - 1) * 2 + 1])
   redis.call('HSET', KEYS[i], 'level', tostring(level), 'ts', now)
   redis.call('PEXPIRE', KEYS[i], 120000)
   table.insert(out, tostring(level))
 end
 for i = 1, nh do
-  local k = nb + (i - 1) * 3
+  local k = nb + (i - 1) * 4
   local o = a + nb * 2 + (i - 1) * 5
   local ttl, keyttl = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])
   redis.call('HINCRBY', KEYS[k + 1], 'reserved', ARGV[o + 1])
   redis.call('HSET', KEYS[k + 2], rid, ARGV[o + 1])
   redis.call('ZADD', KEYS[k + 3], now + ttl, rid)
-  for _, key in ipairs({KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]}) do redis.call('PEXPIRE', key, keyttl) end
+  for j = 1, 4 do redis.call('PEXPIRE', KEYS[k + j], keyttl) end
   table.insert(out, epochs[i])
 end
 return out
 """
 
+# Settle (actual >= 0) or release (actual = -1) one request's holds. Idempotent: usage is added only
+# when the request's hold is found in flight or among the recently expired, and the hold is consumed,
+# so a retried settle (a timeout after Redis did run it) never counts twice.
 SETTLE = r"""
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -111,24 +121,30 @@ local nh = tonumber(ARGV[3])
 local nb = tonumber(ARGV[4])
 local a = 5
 for i = 1, nh do
-  local k = (i - 1) * 3
-  local kst, kres, kexp = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local k = (i - 1) * 4
+  local kst, kres, kexp, kgone = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local actual, epoch = tonumber(ARGV[a + (i - 1) * 2]), ARGV[a + (i - 1) * 2 + 1]
+  local held = false
   local amt = redis.call('HGET', kres, rid)
   if amt then
+    held = true
     redis.call('HDEL', kres, rid)
     redis.call('ZREM', kexp, rid)
     local left = redis.call('HINCRBY', kst, 'reserved', string.format('%d', -tonumber(amt)))
     if left < 0 then redis.call('HSET', kst, 'reserved', 0) end
+  elseif redis.call('ZREM', kgone, rid) == 1 then
+    held = true
   end
-  if actual >= 0 then
+  if held and actual >= 0 then
     local cur = redis.call('HGET', kst, 'epoch')
-    if cur and (epoch == '' or cur == epoch) then redis.call('HINCRBY', kst, 'used', ARGV[a + (i - 1) * 2]) end
+    if cur and (epoch == '' or cur == epoch) then
+      redis.call('HINCRBY', kst, 'used', ARGV[a + (i - 1) * 2])
+    end
   end
 end
 local b = a + nh * 2
 for i = 1, nb do
-  local key = KEYS[nh * 3 + i]
+  local key = KEYS[nh * 4 + i]
   local cap, refund = tonumber(ARGV[b + (i - 1) * 2]), tonumber(ARGV[b + (i - 1) * 2 + 1])
   local st = redis.call('HMGET', key, 'level', 'ts')
   if st[1] then
@@ -140,21 +156,16 @@ end
 return 1
 """
 
-STATUS = r"""
-local now = tonumber(ARGV[1])
+STATUS = PURGE + r"""
 local st = redis.call('HMGET', KEYS[1], 'used', 'reserved', 'epoch')
 if not st[3] then return {0, 0, 0, 0} end
-local reserved = tonumber(st[2])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for _, r in ipairs(expired) do
-  local amt = redis.call('HGET', KEYS[2], r)
-  if amt then reserved = reserved - tonumber(amt); redis.call('HDEL', KEYS[2], r) end
-  redis.call('ZREM', KEYS[3], r)
-end
-if reserved < 0 then reserved = 0 end
-redis.call('HSET', KEYS[1], 'reserved', string.format('%d', reserved))
+local reserved = purge(KEYS[1], KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[1]), tonumber(st[2]))
 return {tonumber(st[1]), reserved, 1, redis.call('HLEN', KEYS[2])}
 """
+
+
+def _hold_keys(key: str) -> list[str]:
+    return [key, key + ":r", key + ":x", key + ":g"]
 
 
 def _s(value: Any) -> str:
@@ -181,7 +192,7 @@ class RedisBackend:
         for b in buckets:
             argv += [b.capacity, b.cost]
         for h in holds:
-            keys += [h.key, h.key + ":r", h.key + ":x"]
+            keys += _hold_keys(h.key)
             argv += [h.limit, h.amount, h.ttl_ms, -1 if h.seed is None else h.seed, h.key_ttl_ms]
         raw = await self._admit(keys=keys, args=argv)
         status, index = _s(raw[0]), int(raw[1])
@@ -200,7 +211,7 @@ class RedisBackend:
         keys: list[str] = []
         argv: list[Any] = [now_ms, rid, len(holds), len(refunds)]
         for h in holds:
-            keys += [h.key, h.key + ":r", h.key + ":x"]
+            keys += _hold_keys(h.key)
             argv += [-1 if h.actual is None else h.actual, h.epoch]
         for r in refunds:
             keys.append(r.key)
@@ -208,7 +219,7 @@ class RedisBackend:
         await self._settle(keys=keys, args=argv)
 
     async def status(self, key: str, now_ms: int) -> HoldStatus:
-        raw = await self._status(keys=[key, key + ":r", key + ":x"], args=[now_ms])
+        raw = await self._status(keys=_hold_keys(key), args=[now_ms])
         return HoldStatus(int(raw[0]), int(raw[1]), bool(int(raw[2])), int(raw[3]))
 
     async def close(self) -> None:

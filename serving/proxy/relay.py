@@ -21,8 +21,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from metering.events import Outcome
-from metering.metrics import Metrics
 from metering.ledger import LedgerUnavailable
+from metering.metrics import Metrics
 from metering.recorder import Recorder, RequestMeter
 from metering.tokencount import TokenCounter
 from serving.errors import ServiceUnavailable, UpstreamError

@@ -293,16 +293,16 @@ def test_sigterm_drains_in_flight_streams(vllm_worker: str, tmp_path: Path, gate
     gw = GatewayProc(tmp_path / "gw", [vllm_worker]).start()
     gateways.append(gw)
     key = gw.new_key("drain-co")
-    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
-        with c.stream("POST", "/v1/chat/completions", json={
-                "model": MODEL, "messages": PROMPT, "max_tokens": 120, "min_tokens": 120, "stream": True}) as resp:
-            rid = resp.headers["x-request-id"]
-            lines = resp.iter_lines()
-            for line in lines:
-                if line.startswith("data: {"):
-                    break
-            gw.signal(signal.SIGTERM)
-            rest = list(lines)
+    body = {"model": MODEL, "messages": PROMPT, "max_tokens": 120, "min_tokens": 120, "stream": True}
+    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c, \
+            c.stream("POST", "/v1/chat/completions", json=body) as resp:
+        rid = resp.headers["x-request-id"]
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break
+        gw.signal(signal.SIGTERM)
+        rest = list(lines)
     assert "data: [DONE]" in rest, rest[-3:]
     assert gw.wait(30) == 0
     stored = gw.store().get(rid)

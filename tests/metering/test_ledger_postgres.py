@@ -191,8 +191,8 @@ def test_snapshots_round_trip(store: UsageStore) -> None:
              "prompt_tokens": 20, "cached_prompt_tokens": 2, "completion_tokens": 6, "ledger_seq": 9}]
     store.save_snapshots(rows)
     got = store.snapshot_before("w-0", "m", T0 + timedelta(minutes=1), 1000.5)
-    assert got is not None and got["ledger_seq"] == 4 and got["taken_at"] == T0
-    assert store.snapshot_before("w-0", "m", T0 + timedelta(minutes=9), 1000.5)["ledger_seq"] == 9  # type: ignore[index]
+    assert got is not None and got.ledger_seq == 4 and got.taken_at == T0
+    assert store.snapshot_before("w-0", "m", T0 + timedelta(minutes=9), 1000.5).ledger_seq == 9  # type: ignore[union-attr]
     assert store.snapshot_before("w-0", "m", T0 + timedelta(minutes=9), 2000.0) is None  # another process
     assert store.snapshot_before("w-0", "m", T0 - timedelta(minutes=1), 1000.5) is None
 

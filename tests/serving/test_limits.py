@@ -235,3 +235,58 @@ def test_static_and_price_book_pricers() -> None:
     assert book.price("smollm2-135m-instruct", TokenType.INPUT, 500_000, "USD", on=on) == Decimal("0.010")
     with pytest.raises(PriceUnavailable):
         book.price("no-such-model", TokenType.INPUT, 1, "USD", on=on)
+
+
+async def test_settling_twice_counts_once(backend: Any) -> None:
+    """A settle retried after a timeout (Redis ran the first one) must not add the usage again."""
+    k = ns()
+    ok = await backend.admit("r1", T0, [], [hold(k, 100, 40, ttl_ms=1000)], "e")
+    for _ in range(2):
+        await backend.settle("r1", T0, [HoldSettle(k + ":bg", 30, ok.epochs[0])], [])
+    assert (await backend.status(k + ":bg", T0)).used == 30
+    # The same for a hold that expired before its request ended: counted once, late.
+    await backend.admit("r2", T0, [], [hold(k, 100, 40, ttl_ms=1000)], "e")
+    await backend.admit("r3", T0 + 2000, [], [hold(k, 100, 1, ttl_ms=1000)], "e")  # purges r2's hold
+    for _ in range(2):
+        await backend.settle("r2", T0 + 2500, [HoldSettle(k + ":bg", 20, ok.epochs[0])], [])
+    st = await backend.status(k + ":bg", T0 + 2500)
+    assert (st.used, st.reserved) == (50, 1)
+
+
+async def test_an_admission_that_timed_out_after_redis_ran_it_drops_its_hold() -> None:
+    """Redis ran the script but the answer came too late: the budget must not stay held (phantom 429s)."""
+    from datetime import UTC, datetime
+
+    from metering.metrics import Metrics
+    from metering.tenants import Tenant
+    from serving.limits.errors import LimitsUnavailable
+    from serving.limits.limiter import Limiter
+
+    class Late(MemoryBackend):
+        async def admit(self, *a: Any, **kw: Any) -> Any:
+            result = await super().admit(*a, **kw)
+            if result.status == "ok":
+                raise TimeoutError("answer lost")
+            return result
+
+    class Policies:
+        def tenant(self, _t: str) -> LimitPolicy:
+            return LimitPolicy(budget=Budget("tokens", Decimal(1000), "month"))
+
+        def key(self, _k: str) -> None:
+            return None
+
+    class Usage:
+        def summary(self, *_a: Any, **_kw: Any) -> list[dict[str, Any]]:
+            return []
+
+    backend = Late()
+    limiter = Limiter(backend, Policies(), Usage(), Metrics([]), defaults=Defaults())  # type: ignore[arg-type]
+    tenant = Tenant("t", "T", "DE", True, None, "USD", None, None, datetime.now(UTC))
+    with pytest.raises(LimitsUnavailable):
+        await limiter.admit(tenant, "key_1", "r1", "m", prompt_tokens=100, completion_tokens=800)
+    key = next(iter(backend._holds))
+    assert (await backend.status(key, limiter._now_ms())).reserved == 900
+    await asyncio.sleep(1.2)
+    await limiter.drain()
+    assert (await backend.status(key, limiter._now_ms())).reserved == 0

@@ -240,6 +240,7 @@ async def test_prepaid_balance_and_top_up(gw: Gateway, worker: FakeWorker) -> No
 @pytest.fixture
 async def redis_pair(fake: FakeWorker, redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[list[Gateway]]:
     env = {"TOKENPORT_LIMITS__BACKEND": "redis", "TOKENPORT_LIMITS__REDIS_URL": redis_server.url,
+           "TOKENPORT_LIMITS__REDIS_TIMEOUT_S": "3",  # a shared 2-core test machine can be slow
            "TOKENPORT_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}"}
     workers = [(MODEL, "f0", fake.url)]
     async with guarded_gateway(tmp_path / "a", workers, env=env) as a, \
