@@ -379,7 +379,7 @@ curl {base}/chat/completions \\
   -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -H "X-Client-Country: KZ" \\
   -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
 
-python - <<'EOF'
+.venv/bin/python - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{base}", api_key="{key}")
 r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=32)

@@ -29,8 +29,10 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus is not installed (make test installs it via .ci/system-deps.sh)")
     tmp = tmp_path_factory.mktemp("dash")
+    # The gateway reconciles against its workers every 2 s here, so the drift panels have data.
     env = {"PATH": str(BIN) + ":/usr/bin:/bin", "TOKENPORT_DATA_DIR": str(tmp / "data"),
-           "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"), "HOME": str(tmp)}
+           "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"), "HOME": str(tmp),
+           "TOKENPORT_METERING__RECONCILE_INTERVAL_S": "2"}
     keys = {}
     for tid, (country, currency) in TENANTS.items():
         subprocess.run([str(BIN / "tokenport"), "tenants", "create", "--id", tid, "--name", tid.upper(),
@@ -39,6 +41,10 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         out = subprocess.run([str(BIN / "tokenport"), "keys", "create", "--tenant", tid, "--json"], env=env,
                              check=True, capture_output=True, text=True)
         keys[tid] = yaml.safe_load(out.stdout)["key"]
+        # A monthly token budget, so the budget panel and TenantNearBudget have a series.
+        subprocess.run([str(BIN / "tokenport"), "tenants", "set-limits", tid, "--budget", "1000000",
+                        "--budget-unit", "tokens", "--budget-period", "month"], env=env, check=True,
+                       capture_output=True)
     gw_port, prom_port, dead_port = free_port(), free_port(), free_port()
     gw_log = tmp / "gateway.log"
     with open(gw_log, "wb") as f:
