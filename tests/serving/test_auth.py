@@ -108,11 +108,12 @@ async def test_expired_keys_are_refused(gateway: Gateway, worker: FakeWorker) ->
     with pytest.raises(openai.AuthenticationError, match="revoked or has expired"):
         await gateway.client(old_plain).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
 
-    _soon, soon_plain = gateway.tenants.create_key(t.id, expires_at=utcnow() + timedelta(seconds=0.6))
+    expires = utcnow() + timedelta(seconds=3)  # long enough for the first call on a loaded machine
+    _soon, soon_plain = gateway.tenants.create_key(t.id, expires_at=expires)
     client = gateway.client(soon_plain)
     done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
     assert done.choices
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(max(0.0, (expires - utcnow()).total_seconds()) + 0.1)
     with pytest.raises(openai.AuthenticationError):
         await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
     assert len(gateway.events_for(t.id)) == 1
