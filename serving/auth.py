@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from metering.tenants import KEY_RE, ApiKey, Tenant, TenantStore, hash_key, utcnow
 from serving.errors import AuthenticationFailed
+from serving.poller import Poller
 
 log = logging.getLogger("tokenport.auth")
 
@@ -28,20 +29,17 @@ class KeyRing:
     def __init__(self, store: TenantStore, secret_key: str, refresh_s: float) -> None:
         self._store = store
         self._secret = secret_key
-        self._refresh_s = refresh_s
         self._keys: dict[str, tuple[ApiKey, Tenant]] = {}
         self._tenants: dict[str, Tenant] = {}
         self._version = -1
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller("API key refresh", refresh_s, self.refresh, log)
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(self._poll(), name="keyring-refresh")
+        self._poller.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        await self._poller.close()
 
     async def refresh(self) -> None:
         version = await asyncio.to_thread(self._store.version)
@@ -50,13 +48,6 @@ class KeyRing:
             self._tenants = {t.id: t for t in await asyncio.to_thread(self._store.list_tenants)}
             self._version = version
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("could not refresh API keys")
 
     def tenant(self, tenant_id: str) -> Tenant | None:
         return self._tenants.get(tenant_id)

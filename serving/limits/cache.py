@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from serving.limits.policy import LimitPolicy
 from serving.limits.store import LimitsStore
+from serving.poller import Poller
 
 log = logging.getLogger("tokenport.limits")
 
@@ -18,20 +19,17 @@ class PolicyCache:
     def __init__(self, store: LimitsStore, version: Callable[[], int], refresh_s: float) -> None:
         self._store = store
         self._version_of = version
-        self._refresh_s = refresh_s
         self._version = -1
         self._tenants: dict[str, LimitPolicy] = {}
         self._keys: dict[str, LimitPolicy] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller("limit policy refresh", refresh_s, self.refresh, log)
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(self._poll(), name="limits-refresh")
+        self._poller.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        await self._poller.close()
 
     async def refresh(self, force: bool = False) -> None:
         version = await asyncio.to_thread(self._version_of)
@@ -39,13 +37,6 @@ class PolicyCache:
             self._tenants, self._keys = await asyncio.to_thread(self._store.all)
             self._version = version
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("could not refresh limit policies")
 
     def tenant(self, tenant_id: str) -> LimitPolicy | None:
         return self._tenants.get(tenant_id)
