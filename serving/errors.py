@@ -3,16 +3,25 @@
     TokenportError (500, api_error)
     ├── InvalidRequest (400, invalid_request_error)
     │   ├── BodyTooLarge (413)
-    │   └── InvalidOriginCountry (400)
+    │   ├── InvalidOriginCountry (400)
+    │   ├── limits.ContextLengthExceeded, MaxTokensExceeded, RequestShapeError (400)
+    │   └── limits.RequestTimeout (408)
     ├── AuthenticationFailed (401, invalid_request_error / invalid_api_key)
     ├── PermissionDenied (403, permission_error)
+    │   └── limits.ModelNotPriced (403)
     ├── NotFound (404, invalid_request_error)
     │   └── ModelNotFound (404, model_not_found)
-    ├── Conflict (409)
+    ├── Conflict (409)           idempotency: in progress / key consumed
     ├── RateLimited (429, rate_limit_error)
+    │   ├── limits.RateLimitExceeded (429, with x-ratelimit-* headers)
+    │   └── limits.QuotaExceeded (429, insufficient_quota: budget spent)
     ├── UpstreamError (502, api_error)
     ├── NoHealthyWorker (503, service_unavailable)
     └── ServiceUnavailable (503, service_unavailable)
+        └── limits.LimitsUnavailable (503: the budget store is down and budgets fail closed)
+
+(`limits.` = serving/limits/errors.py.) Billing errors (billing/errors.py) are mapped to 4xx by the
+admin and tenant invoice routes.
 
 The body is always {"error": {"message", "type", "param", "code"}}, as OpenAI sends it, so the
 official SDKs raise their matching exception classes.
