@@ -9,6 +9,7 @@ is counted. Per-tenant detail beyond the cap lives in the ledger, never in Prome
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -47,6 +48,7 @@ class Metrics:
     def __init__(self, models: Iterable[str], *, max_tenants: int = 200,
                  registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.models = frozenset(models)
         self.tokens = Counter("tokenport_tokens", "Tokens metered, by tenant, origin country, model, "
@@ -95,6 +97,15 @@ class Metrics:
             self.usage_estimated.labels(model=m)
             self.inflight.labels(model=m)
 
+    def child(self, metric: Any, *values: str) -> Any:
+        """metric.labels(*values), cached: labels() validates and locks on every call, a dict does not.
+        Bounded like the label values themselves."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def model_label(self, model: str) -> str:
         return model if model in self.models else UNKNOWN
 
@@ -104,8 +115,8 @@ class Metrics:
         lang = event.language or "und"
         for token_type, n in event.tokens_by_type().items():
             if n:
-                self.tokens.labels(tenant, event.origin_country, model, token_type.value, lang).inc(n)
-        self.requests.labels(tenant, model, event.outcome.value).inc()
+                self.child(self.tokens, tenant, event.origin_country, model, token_type.value, lang).inc(n)
+        self.child(self.requests, tenant, model, event.outcome.value).inc()
         if event.estimated:
             self.usage_estimated.labels(model).inc()
 

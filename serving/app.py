@@ -94,7 +94,7 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
                 route = scope.get("route")
                 path = getattr(route, "path", "unmatched")
-                self.metrics.responses.labels(path, str(message["status"])).inc()
+                self.metrics.child(self.metrics.responses, path, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, send_with_id)

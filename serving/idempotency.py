@@ -49,6 +49,7 @@ from serving.errors import Conflict, InvalidRequest, ServiceUnavailable
 
 log = logging.getLogger("tokenport.idempotency")
 HEADER = "idempotency-key"
+_HEADER_BYTES = HEADER.encode()
 CLAIM_SCOPE = "tokenport.idempotency"
 METER_SCOPE = "tokenport.meter"
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -256,7 +257,9 @@ class IdempotencyMiddleware:
         self.idempotency = idempotency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        # Only a request that carries the header can claim a key: every other one passes untouched
+        # (no wrapped `send` on the hot path).
+        if scope["type"] != "http" or not any(name == _HEADER_BYTES for name, _ in scope.get("headers", ())):
             await self.app(scope, receive, send)
             return
         status: int | None = None

@@ -115,7 +115,7 @@ class Forwarder:
             body["stream_options"] = {**opts, "include_usage": True, "continuous_usage_stats": True}
         raw = orjson.dumps(body)
         model_label = self.metrics.model_label(meter.model)
-        inflight = self.metrics.inflight.labels(model_label)
+        inflight = self.metrics.child(self.metrics.inflight, model_label)
         inflight.inc()
         t_up = time.perf_counter()
         overhead = t_up - t0
@@ -129,21 +129,21 @@ class Forwarder:
             worker.inflight -= 1
             inflight.dec()
             upstream_s = time.perf_counter() - t_up
-            self.metrics.upstream.labels(model_label, worker.id).observe(upstream_s)
+            self.metrics.child(self.metrics.upstream, model_label, worker.id).observe(upstream_s)
             try:
                 return await self._finish_json(meter, resp.status, got, headers, body)
             finally:
                 now = time.perf_counter()
-                self.metrics.duration.labels(model_label, "false").observe(now - t0)
-                self.metrics.overhead.labels(ROUTES[meter.endpoint]).observe(now - t0 - upstream_s)
+                self.metrics.child(self.metrics.duration, model_label, "false").observe(now - t0)
+                self.metrics.child(self.metrics.overhead, ROUTES[meter.endpoint]).observe(now - t0 - upstream_s)
 
         def on_end(relay: StreamRelay) -> None:
             worker.inflight -= 1
             inflight.dec()
             now = time.perf_counter()
-            self.metrics.upstream.labels(model_label, worker.id).observe(now - t_up)
-            self.metrics.duration.labels(model_label, "true").observe(now - t0)
-            self.metrics.overhead.labels(ROUTES[meter.endpoint]).observe(overhead + relay.overhead)
+            self.metrics.child(self.metrics.upstream, model_label, worker.id).observe(now - t_up)
+            self.metrics.child(self.metrics.duration, model_label, "true").observe(now - t0)
+            self.metrics.child(self.metrics.overhead, ROUTES[meter.endpoint]).observe(overhead + relay.overhead)
 
         relay = StreamRelay(meter, resp, self.recorder, self.metrics, want_usage=want_usage,
                             want_continuous=want_continuous, t0=t0, on_end=on_end, head=got,

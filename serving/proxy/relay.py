@@ -118,7 +118,7 @@ class StreamRelay:
                     self._capture(obj["choices"])
                     if self._first:
                         self._first = False
-                        self.metrics.ttft.labels(self.metrics.model_label(meter.model)).observe(
+                        self.metrics.child(self.metrics.ttft, self.metrics.model_label(meter.model)).observe(
                             time.perf_counter() - self.t0)
                 out = self._transform(obj, payload)
                 self.overhead += time.perf_counter() - t
