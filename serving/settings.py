@@ -131,8 +131,10 @@ class LimitsSettings(BaseModel):
     redis_timeout_s: float = Field(default=0.5, gt=0)
     on_backend_error_budget: Literal["closed", "open"] = "closed"
     on_backend_error_rate: Literal["closed", "open"] = "open"
-    default_rpm: int | None = Field(default=None, ge=1)
-    default_tpm: int | None = Field(default=None, ge=1)
+    # A ceiling for tenants without limits of their own, so every response carries OpenAI's
+    # x-ratelimit-* headers; set real limits per tenant (tenants set-limits) or lower these.
+    default_rpm: int | None = Field(default=1_000_000, ge=1)
+    default_tpm: int | None = Field(default=1_000_000_000, ge=1)
     default_max_tokens: int | None = Field(default=None, ge=1)
     default_max_prompt_tokens: int | None = Field(default=None, ge=1)
     unknown_model_context: int = Field(default=32_768, ge=1)

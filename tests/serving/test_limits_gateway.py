@@ -109,7 +109,8 @@ async def test_a_keys_own_limits_apply_to_that_key_only(gw: Gateway, worker: Fak
     assert refused.status_code == 429 and "API key" in refused.json()["error"]["message"]
     for _ in range(3):
         ok = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=4), headers=bearer(api2))
-        assert ok.status_code == 200 and "x-ratelimit-limit-requests" not in ok.headers
+        # the second key is held only to the tenant's (default) limit, not to the first key's 1 rpm
+        assert ok.status_code == 200 and ok.headers["x-ratelimit-limit-requests"] == "1000000"
 
 
 async def test_max_tokens_cap_is_enforced_and_injected(gw: Gateway, worker: FakeWorker) -> None:
@@ -325,8 +326,12 @@ async def test_a_redis_restart_reseeds_budgets_from_the_ledger(fake: FakeWorker,
         server.stop()
 
 
-async def test_no_limits_means_no_rate_limit_headers(gw: Gateway, worker: FakeWorker) -> None:
+async def test_a_tenant_without_limits_gets_the_default_ceiling_headers(gw: Gateway, worker: FakeWorker) -> None:
     _t, _k, api_key = gw.new_tenant()
     r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=4), headers=bearer(api_key))
-    assert r.status_code == 200 and not [h for h in r.headers if h.startswith("x-ratelimit")]
+    assert r.status_code == 200
+    assert r.headers["x-ratelimit-limit-requests"] == "1000000"
+    assert r.headers["x-ratelimit-limit-tokens"] == "1000000000"
+    assert int(r.headers["x-ratelimit-remaining-requests"]) == 999_999
+    assert {"x-ratelimit-reset-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"} <= set(r.headers)
     _ = httpx  # (typing helper import kept for readers of these tests)
