@@ -50,6 +50,11 @@ class ModelTokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self._template = _compile(template) if template else None
 
+    @property
+    def encoder(self) -> Any:
+        """The underlying `tokenizers.Tokenizer` (shared with the admission counter)."""
+        return self._tok
+
     def count(self, text: str, *, special: bool = False) -> int:
         return len(self._tok.encode(text, add_special_tokens=special).ids)
 

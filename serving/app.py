@@ -134,7 +134,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
                     fail_closed=settings.metering.fail_closed)
     keyring = KeyRing(tenants, settings.secret_key, settings.gateway.key_cache_refresh_s)
     spend = SpendEstimator.from_file(settings.config_dir / "billing" / "price_books.yaml", metrics, keyring.tenant)
-    guardrails = build_guardrails(settings, engine, tenants, usage, metrics)
+    tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
+    guardrails = build_guardrails(settings, engine, tenants, usage, metrics, tokens)
 
     def on_event(event: UsageEvent) -> None:
         guardrails.limiter.on_event(event)  # settle the request's budget hold with its usage
@@ -143,7 +144,6 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     recorder = Recorder(ledger, metrics, on_event=on_event)
     pool = WorkerPool(workers, interval_s=settings.workers.health_interval_s,
                       on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0))
-    tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
     forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens)
     origin = OriginResolver(settings.gateway.origin_country_header, settings.gateway.trusted_proxies,
                             settings.gateway.geoip_db)

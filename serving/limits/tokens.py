@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 
+from metering.tokencount import TokenCounter
+
 log = logging.getLogger("tokenport.limits")
 
 PER_MESSAGE = 8  # role markers and separators the chat template adds around each message
@@ -64,11 +66,15 @@ def _text_pieces(body: dict[str, Any]) -> tuple[list[str], list[str], int]:
 
 
 class PromptCounter:
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, shared: TokenCounter | None = None) -> None:
         self._dir = models_dir
+        self._shared = shared  # the gateway's tokenizers, so each model's is loaded once per process
         self._tokenizers: dict[str, Any] = {}
 
     def tokenizer(self, model: str) -> Any:
+        if self._shared is not None:
+            found = self._shared.tokenizer(model)
+            return None if found is None else found.encoder
         if model not in self._tokenizers:
             self._tokenizers[model] = self._load(model)
         return self._tokenizers[model]

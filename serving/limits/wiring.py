@@ -10,6 +10,7 @@ from metering.audit import AuditStore
 from metering.metrics import Metrics
 from metering.store_sql import UsageStore
 from metering.tenants import TenantStore
+from metering.tokencount import TokenCounter
 from serving.admin.audit import Auditor
 from serving.content_log import ContentLogger, ContentLogStore
 from serving.limits.backend import Backend, MemoryBackend
@@ -44,7 +45,7 @@ class Guardrails:
 
 
 def build_guardrails(settings: Settings, engine: Engine, tenants: TenantStore, usage: UsageStore,
-                     metrics: Metrics) -> Guardrails:
+                     metrics: Metrics, tokens: TokenCounter | None = None) -> Guardrails:
     lim = settings.limits
     backend: Backend
     if lim.backend == "redis":
@@ -74,7 +75,7 @@ def build_guardrails(settings: Settings, engine: Engine, tenants: TenantStore, u
 
     content = ContentLogger(ContentLogStore(engine), content_policy)
     gw = settings.gateway
-    guard = Guard(limiter, PromptCounter(settings.models_dir), context_length, content,
+    guard = Guard(limiter, PromptCounter(settings.models_dir, tokens), context_length, content,
                   max_depth=gw.max_json_depth, max_values=gw.max_json_values, max_keys=gw.max_json_keys)
     return Guardrails(store=store, policies=policies, limiter=limiter, guard=guard, audit=Auditor(AuditStore(engine)),
                       content=content)
