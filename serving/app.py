@@ -36,6 +36,7 @@ from serving.admin import usage as admin_usage
 from serving.admin.auth import AdminAuth
 from serving.auth import KeyRing
 from serving.errors import InvalidRequest, NotFound, ServiceUnavailable, TokenportError
+from serving.front import Front, error_response, ledger_unavailable
 from serving.idempotency import Idempotency, IdempotencyMiddleware, IdempotencyStore
 from serving.limits.http_timeouts import BodyGuardMiddleware
 from serving.limits.wiring import Guardrails, build_guardrails
@@ -98,10 +99,6 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-def _error_response(exc: TokenportError) -> Response:
-    return Response(exc.body_bytes(), exc.status_code, headers=exc.headers, media_type=JSON)
 
 
 @dataclass(frozen=True)
@@ -211,27 +208,26 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
 
     @app.exception_handler(TokenportError)
     async def on_tokenport_error(_r: Request, exc: TokenportError) -> Response:
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(LedgerUnavailable)
     async def on_ledger_unavailable(_r: Request, _exc: LedgerUnavailable) -> Response:
-        return _error_response(ServiceUnavailable("The usage ledger is unavailable, so requests are refused "
-                                                  "(metering.fail_closed); retry shortly.", code="ledger_unavailable"))
+        return error_response(ledger_unavailable())
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_r: Request, exc: RequestValidationError) -> Response:
         err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
         param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
-        return _error_response(InvalidRequest(str(err.get("msg")), param=param))
+        return error_response(InvalidRequest(str(err.get("msg")), param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_r: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            return _error_response(NotFound("Unknown route.", code="unknown_route"))
+            return error_response(NotFound("Unknown route.", code="unknown_route"))
         err = TokenportError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "api_error"
-        return _error_response(err)
+        return error_response(err)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> Response:
@@ -242,11 +238,14 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         err.headers = {"X-Request-Id": request_id}
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.responses.labels(route, "500").inc()
-        return _error_response(err)
+        return error_response(err)
 
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.gateway.max_body_bytes,
                        timeout_s=settings.gateway.body_timeout_s)
     app.add_middleware(IdempotencyMiddleware, idempotency=idempotency)
     app.add_middleware(RequestIdMiddleware, metrics=metrics)
+    # outermost: the completion routes' short path (serving/front.py); the rest goes on to FastAPI
+    app.add_middleware(Front, service=service, metrics=metrics, max_body_bytes=settings.gateway.max_body_bytes,
+                       body_timeout_s=settings.gateway.body_timeout_s)
     app.openapi_schema = hoist_defs(app.openapi())  # inline request schemas' $defs -> components
     return app

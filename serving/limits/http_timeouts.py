@@ -147,6 +147,7 @@ class BodyGuardMiddleware:
                 size += len(message.get("body", b""))
                 if size > self.max_bytes:
                     done = True
+                    await drain(receive, message)
                     raise BodyTooLarge(f"Request body is larger than the limit of {self.max_bytes} bytes.",
                                        headers={"connection": "close"})
                 if not message.get("more_body", False):
@@ -156,6 +157,20 @@ class BodyGuardMiddleware:
             return message
 
         await self.app(scope, guarded, send)
+
+
+async def drain(receive: Receive, message: Message, *, max_s: float = 1.0, max_bytes: int = 64 << 20) -> None:
+    """Read and discard the rest of a refused body for a moment (nginx's lingering close): a
+    connection closed while the client is still sending is reset, and the client sees a broken
+    connection instead of the 413."""
+    size = 0
+    try:
+        async with asyncio.timeout(max_s):
+            while message["type"] == "http.request" and message.get("more_body", False) and size < max_bytes:
+                message = await receive()
+                size += len(message.get("body", b""))
+    except TimeoutError:
+        pass
 
 
 def uvicorn_options(header_timeout_s: float, max_header_bytes: int, keep_alive_s: float,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from metering.geo import InvalidCountry, OriginResolver
 from metering.language import LanguageDetector, prompt_sample
@@ -66,10 +68,19 @@ class OpenAIService:
         self.max_body_bytes = max_body_bytes
 
     async def handle(self, request: Request, schema: type[BaseModel], endpoint: str, path: str) -> Response:
+        """The FastAPI route's entry (requests with an Idempotency-Key, and the OpenAPI document):
+        reads the body, then the same path as the ASGI front (serving/front.py)."""
         t0 = time.perf_counter()
-        request_id: str = request.scope.setdefault("tokenport.request_id", new_request_id())
-        principal = await self.keyring.authenticate(request.headers.get("authorization"))
+        request.scope.setdefault("tokenport.request_id", new_request_id())
         raw = await read_body(request, self.max_body_bytes)
+        return await self.process(request.scope, request.headers, raw, schema, endpoint, path, t0, request=request)
+
+    async def process(self, scope: Scope, headers: Mapping[str, str], raw: bytes, schema: type[BaseModel],
+                      endpoint: str, path: str, t0: float, *, request: Request | None = None) -> Response:
+        """auth -> parse -> validate -> attribute -> admit -> forward, for a body already read.
+        `request` is given only by the FastAPI route (an Idempotency-Key claim needs it)."""
+        request_id: str = scope["tokenport.request_id"]
+        principal = await self.keyring.authenticate(headers.get("authorization"))
         body = parse_json_object(raw)
         if self.guard is not None:
             self.guard.check_shape(body)
@@ -82,13 +93,15 @@ class OpenAIService:
         if not principal.tenant.may_use(model) or model not in self.forwarder.pool.models:
             raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
                                 param="model")
+        client = scope.get("client")
         try:
-            country, source = self.origin.resolve(request.headers, principal.tenant.billing_country,
-                                                  request.client.host if request.client else None)
+            country, source = self.origin.resolve(headers, principal.tenant.billing_country,
+                                                  client[0] if client else None)
         except InvalidCountry as exc:
             raise InvalidOriginCountry(str(exc), param=self.origin.header) from exc
         language = self.language.detect(prompt_sample(body)) if self.language is not None else None
-        if self.idempotency is not None:  # a retry of a finished request gets the first answer, unbilled
+        if self.idempotency is not None and request is not None:
+            # a retry of a finished request gets the first answer, unbilled
             replay = await self.idempotency.claim(request, principal.tenant.id, endpoint, body)
             if replay is not None:
                 return replay
@@ -99,7 +112,7 @@ class OpenAIService:
             endpoint=endpoint, origin_country=country, origin_source=source, stream=bool(body.get("stream")),
             language=language,
         )
-        request.scope[METER_SCOPE] = meter  # what the request was billed (for its Idempotency-Key)
+        scope[METER_SCOPE] = meter  # what the request was billed (for its Idempotency-Key)
         if self.guard is None or admission is None:
             return await self.forwarder.forward(meter, path, body, {}, t0)
         return await self.guard.run(admission, meter, raw, lambda headers, timeout_s: self.forwarder.forward(
