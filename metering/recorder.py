@@ -70,28 +70,22 @@ class Recorder:
         self._pending: set[asyncio.Future[None]] = set()
 
     async def record(self, meter: RequestMeter, outcome: Outcome) -> UsageEvent | None:
-        """Append the request's event and wait until it is durable. Only the first call counts."""
+        """Append the request's event and wait until it is durable. Only the first call counts.
+        Raises what the ledger raised (LedgerUnavailable when it fails closed)."""
         if meter.recorded:
             return None
-        meter.recorded = True
-        event = meter.event(outcome)
-
-        async def commit() -> None:
-            await self.ledger.append(event)
-            self._after(event)
-
-        # Shielded: a client that goes away during the commit must not skip the metrics and the
-        # budget settlement that follow it.
-        task = asyncio.ensure_future(commit())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        await asyncio.shield(task)
+        event, fut = self._append(meter, outcome, awaited=True)
+        # Shielded: a client that goes away during the commit neither cancels the commit nor skips
+        # the metrics and the budget settlement that follow it (they run in the future's callback).
+        await asyncio.shield(fut)
         return event
 
     def record_nowait(self, meter: RequestMeter, outcome: Outcome) -> None:
         """The same without awaiting: for requests abandoned by their client (under cancellation)."""
-        if meter.recorded:
-            return
+        if not meter.recorded:
+            self._append(meter, outcome, awaited=False)
+
+    def _append(self, meter: RequestMeter, outcome: Outcome, *, awaited: bool) -> tuple[UsageEvent, asyncio.Future[None]]:
         meter.recorded = True
         event = meter.event(outcome)
         fut = self.ledger.append_nowait(event)
@@ -99,12 +93,16 @@ class Recorder:
 
         def done(f: asyncio.Future[None]) -> None:
             self._pending.discard(f)
-            if not f.cancelled() and f.exception() is None:
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is None:
                 self._after(event)
-            elif not f.cancelled():
-                log.error("could not record %s: %s", event.request_id, f.exception())
+            elif not awaited:  # an awaiting caller gets the exception instead
+                log.error("could not record %s: %s", event.request_id, exc)
 
         fut.add_done_callback(done)
+        return event, fut
 
     def _after(self, event: UsageEvent) -> None:
         self.metrics.observe_event(event)

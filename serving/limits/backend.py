@@ -170,6 +170,10 @@ class MemoryBackend:
         return AdmitResult("ok", buckets=views, epochs=[st.epoch for st in states])
 
     async def settle(self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]) -> None:
+        self.settle_now(rid, now_ms, holds, refunds)
+
+    def settle_now(self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]) -> None:
+        """settle() without awaiting (in-process state): the limiter's hot path calls it directly."""
         for s in holds:
             st = self._holds.get(s.key)
             if st is None:

@@ -333,6 +333,9 @@ class Limiter:
         if adm is None or adm.done:
             return
         adm.done = True
+        if not adm.holds and isinstance(self.backend, MemoryBackend):  # rate limits only, in-process: no task
+            self.backend.settle_now(adm.request_id, self._now_ms(), [], self._refunds(adm, event))
+            return
         self._spawn(self._settle(adm, event))
 
     def release(self, adm: Admission) -> None:
@@ -348,8 +351,14 @@ class Limiter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, adm: Admission, event: UsageEvent | None) -> None:
+    @staticmethod
+    def _refunds(adm: Admission, event: UsageEvent | None) -> list[BucketRefund]:
+        """Token buckets were charged the worst case: give back what the request did not use."""
         actual_tokens = 0 if event is None else event.prompt_tokens + event.completion_tokens
+        return [BucketRefund(b.key, b.capacity, b.cost - actual_tokens)
+                for b in adm.buckets if b.kind == "tokens" and b.cost != actual_tokens]
+
+    async def _settle(self, adm: Admission, event: UsageEvent | None) -> None:
         holds: list[HoldSettle] = []
         for i, h in enumerate(adm.holds):
             actual: int | None = None
@@ -364,8 +373,7 @@ class Limiter:
                             h.spec.amount, h.scope, adm.tenant.id)
             epoch = adm.epochs[i] if i < len(adm.epochs) else ""
             holds.append(HoldSettle(h.spec.key, actual, epoch))
-        refunds = [BucketRefund(b.key, b.capacity, b.cost - actual_tokens)
-                   for b in adm.buckets if b.kind == "tokens" and b.cost != actual_tokens]
+        refunds = self._refunds(adm, event)
         for delay in (*SETTLE_RETRIES, None):
             try:
                 await self.backend.settle(adm.request_id, self._now_ms(), holds, refunds)
