@@ -122,7 +122,7 @@ class Platform:
 
 def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
                migrate: bool = True) -> FastAPI:
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, sqlite_synchronous=settings.metering.sqlite_synchronous)
     tenants = TenantStore(engine, settings.secret_key)
     usage = UsageStore(engine)
     workers = build_workers(settings, extra_workers)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from pydantic import BaseModel
 from starlette.responses import Response
@@ -105,7 +104,7 @@ class Front:
         try:
             async with asyncio.timeout(self.body_timeout_s):
                 while True:
-                    message: dict[str, Any] = await receive()
+                    message = await receive()
                     if message["type"] != "http.request":
                         break  # http.disconnect: the client left; what arrived is what there is
                     part = message.get("body", b"")

@@ -148,6 +148,10 @@ class MeteringSettings(BaseModel):
     fail_closed: bool = False  # database down: 503 to clients instead of spooling events to data/spool
     idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
     reconcile_interval_s: float = Field(default=60.0, ge=0)  # 0: the gateway exports no drift gauges
+    # SQLite ledger: FULL fsyncs every group commit (an answered request's usage survives a power
+    # loss); NORMAL fsyncs at checkpoints only (survives a crash of the gateway or a SIGKILL, not of
+    # the machine) and takes the fsync (~0.2-0.7 ms here) off every response. PostgreSQL: ignored.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
 class WorkerSettings(BaseModel):
