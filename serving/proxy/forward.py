@@ -10,6 +10,7 @@ with the model's tokenizer (metering/tokencount.py) and marked `estimated`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -24,6 +25,8 @@ from metering.tokencount import TokenCounter
 from serving.errors import TokenportError, UpstreamError
 from serving.proxy.pool import Worker, WorkerPool
 from serving.proxy.relay import RelayResponse, StreamRelay
+from serving.proxy.upstream import UpstreamClient, UpstreamResponse
+from serving.proxy.upstream import UpstreamError as UpstreamConnectionError
 
 JSON = "application/json"
 MAX_ATTEMPTS = 2
@@ -37,8 +40,9 @@ class Forwarder:
         self.tokens = tokens
         self.recorder = recorder
         self.metrics = metrics
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
-        self.session: aiohttp.ClientSession | None = None
+        self.timeout_s = timeout_s
+        self.client = UpstreamClient()  # the request path's keep-alive client (serving/proxy/upstream.py)
+        self.session: aiohttp.ClientSession | None = None  # health checks and reconciliation scrapes
 
     async def start(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
@@ -47,18 +51,19 @@ class Forwarder:
         return self.session
 
     async def close(self) -> None:
+        await self.client.close()
         if self.session is not None:
             await self.session.close()
             self.session = None
 
-    async def _open(self, meter: RequestMeter, path: str, body: bytes, timeout: aiohttp.ClientTimeout | None = None
-                    ) -> tuple[Worker, aiohttp.ClientResponse, bytes | list[bytes]]:
+    async def _open(self, meter: RequestMeter, path: str, body: bytes, deadline: float
+                    ) -> tuple[Worker, UpstreamResponse, bytes]:
         """POST to a healthy worker and read until the client's first byte is known: the whole body
         (non-streamed, or an error status), or a stream's first event. A connection failure before
-        that is retried once on another healthy worker."""
-        assert self.session is not None
+        that is retried once on another healthy worker; the deadline is the request's own."""
         tried: list[Worker] = []
         last: Exception | None = None
+        headers = (("X-Request-Id", meter.request_id),)
         for _ in range(MAX_ATTEMPTS):
             try:
                 worker = self.pool.pick(meter.model, exclude=tried)
@@ -68,19 +73,15 @@ class Forwarder:
                 break
             tried.append(worker)
             worker.inflight += 1
-            resp: aiohttp.ClientResponse | None = None
+            resp: UpstreamResponse | None = None
             try:
-                resp = await self.session.post(worker.url + path, data=body, timeout=timeout or self.timeout,
-                                               headers={"Content-Type": JSON, "X-Request-Id": meter.request_id})
-                got: bytes | list[bytes]
-                if meter.stream and resp.status == 200:
-                    got = await _first_event(resp)
-                else:
-                    got = await resp.read()
-                    resp.release()
+                async with asyncio.timeout_at(deadline):
+                    resp = await self.client.post(worker.url, path, body, headers)
+                    got = (await _first_event(resp) if meter.stream and resp.status == 200
+                           else await resp.read())
                 meter.worker_id, meter.serving_region = worker.id, worker.region
                 return worker, resp, got
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            except UpstreamConnectionError as exc:
                 worker.inflight -= 1
                 if resp is not None:
                     resp.close()
@@ -92,7 +93,7 @@ class Forwarder:
                     resp.close()
                 meter.worker_id, meter.serving_region = worker.id, worker.region
                 await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
-                raise UpstreamError(f"The worker did not answer within the request timeout ({type(exc).__name__}).",
+                raise UpstreamError("The worker did not answer within the request timeout.",
                                     code="upstream_timeout") from exc
             except BaseException:
                 worker.inflight -= 1
@@ -119,13 +120,13 @@ class Forwarder:
         inflight.inc()
         t_up = time.perf_counter()
         overhead = t_up - t0
+        deadline = asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
-            worker, resp, got = await self._open(meter, path, raw, None if timeout_s is None
-                                                 else aiohttp.ClientTimeout(total=timeout_s, sock_connect=5))
+            worker, resp, got = await self._open(meter, path, raw, deadline)
         except BaseException:
             inflight.dec()
             raise
-        if isinstance(got, bytes):  # the whole answer (not streamed, or an error status)
+        if not meter.stream or resp.status != 200:  # the whole answer (not streamed, or an error status)
             worker.inflight -= 1
             inflight.dec()
             upstream_s = time.perf_counter() - t_up
@@ -147,7 +148,7 @@ class Forwarder:
 
         relay = StreamRelay(meter, resp, self.recorder, self.metrics, want_usage=want_usage,
                             want_continuous=want_continuous, t0=t0, on_end=on_end, head=got,
-                            tokens=self.tokens, body=body)
+                            tokens=self.tokens, body=body, deadline=deadline)
         return RelayResponse(relay, headers)
 
     async def _finish_json(self, meter: RequestMeter, status: int, payload: bytes,
@@ -191,14 +192,17 @@ class Forwarder:
         meter.estimated = True
 
 
-async def _first_event(resp: aiohttp.ClientResponse) -> list[bytes]:
-    """Lines of a stream up to and including its first `data:` line (all of them if it ends first)."""
-    lines: list[bytes] = []
-    async for line in resp.content:
-        lines.append(line)
-        if line.startswith(b"data:"):
-            break
-    return lines
+async def _first_event(resp: UpstreamResponse) -> bytes:
+    """A stream's bytes up to and including its first `data:` line (all of them if it ends first)."""
+    got = b""
+    while True:
+        data = await resp.read_some()
+        if not data:
+            return got
+        got += data
+        i = 0 if got.startswith(b"data:") else got.find(b"\ndata:")
+        if i != -1 and got.find(b"\n", i + 1) != -1:
+            return got
 
 
 def _openai_error(payload: bytes, status: int) -> bytes:

@@ -11,11 +11,11 @@ was generated up to that point (`client_cancelled`) and the worker's request is 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -26,15 +26,17 @@ from metering.metrics import Metrics
 from metering.recorder import Recorder, RequestMeter
 from metering.tokencount import TokenCounter
 from serving.errors import ServiceUnavailable, UpstreamError
+from serving.proxy.upstream import UpstreamError as UpstreamReadError
+from serving.proxy.upstream import UpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
 
 
 class StreamRelay:
-    def __init__(self, meter: RequestMeter, resp: aiohttp.ClientResponse, recorder: Recorder, metrics: Metrics,
+    def __init__(self, meter: RequestMeter, resp: UpstreamResponse, recorder: Recorder, metrics: Metrics,
                  *, want_usage: bool, want_continuous: bool, t0: float, on_end: Any = None,
-                 head: list[bytes] | None = None, tokens: TokenCounter | None = None,
-                 body: dict[str, Any] | None = None) -> None:
+                 head: bytes = b"", tokens: TokenCounter | None = None,
+                 body: dict[str, Any] | None = None, deadline: float | None = None) -> None:
         self.meter = meter
         self.resp = resp
         self.recorder = recorder
@@ -47,18 +49,13 @@ class StreamRelay:
         self.token_chunks = 0  # chunks that carry a generated token (not chat's role-only first chunk)
         self._first = True
         self._on_end = on_end
-        self._head = head or []  # lines read before the response started (the first event)
+        self._head = head  # bytes read before the response started (up to the first event)
+        self._read = resp.read_some
+        self._deadline = deadline  # the request's own (loop time), for the whole stream
         self._tokens = tokens
         self._request = body
         self._texts: dict[int, list[str]] = {}  # generated text per choice, kept only while no usage came
         self._finish: dict[int, str | None] = {}
-
-    async def _lines(self) -> AsyncIterator[bytes]:
-        head, self._head = self._head, []
-        for line in head:
-            yield line
-        async for line in self.resp.content:
-            yield line
 
     def _capture(self, choices: list[Any]) -> None:
         """Count and keep generated text (for the estimate, should the worker never send usage)."""
@@ -88,46 +85,69 @@ class StreamRelay:
         del obj["usage"]
         return orjson.dumps(obj)
 
-    async def body(self) -> AsyncIterator[bytes]:
+    def _events(self, lines: list[bytes], out: list[bytes]) -> tuple[Outcome, bytes] | None:
+        """Relay complete lines into `out`; (outcome, last bytes) when the stream ends among them."""
         meter = self.meter
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return Outcome.OK, DONE
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if "error" in obj:
+                return Outcome.UPSTREAM_ERROR, b"data: " + payload + b"\n\n"
+            usage = obj.get("usage")
+            if usage:
+                meter.take_usage(usage)
+            if obj.get("choices"):
+                self.content_chunks += 1
+                self._capture(obj["choices"])
+                if self._first:
+                    self._first = False
+                    self.metrics.child(self.metrics.ttft, self.metrics.model_label(meter.model)).observe(
+                        time.perf_counter() - self.t0)
+            relayed = self._transform(obj, payload)
+            if relayed is not None:
+                out.append(b"data: " + relayed + b"\n\n")
+        return None
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """One client write per upstream read: every complete event the read delivered, relayed
+        together (a stream under load delivers several per read; `[DONE]` only after the commit)."""
+        buf, self._head = self._head, b""
         try:
-            async for line in self._lines():
-                t = time.perf_counter()
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    refused = await self._end(Outcome.OK)
-                    yield refused or DONE  # no [DONE] unless the event is committed
-                    return
-                try:
-                    obj = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(obj, dict):
-                    continue
-                if "error" in obj:
-                    await self._end(Outcome.UPSTREAM_ERROR)
-                    yield b"data: " + payload + b"\n\n"
-                    return
-                usage = obj.get("usage")
-                if usage:
-                    meter.take_usage(usage)
-                if obj.get("choices"):
-                    self.content_chunks += 1
-                    self._capture(obj["choices"])
-                    if self._first:
-                        self._first = False
-                        self.metrics.child(self.metrics.ttft, self.metrics.model_label(meter.model)).observe(
-                            time.perf_counter() - self.t0)
-                out = self._transform(obj, payload)
-                self.overhead += time.perf_counter() - t
-                if out is not None:
-                    yield b"data: " + out + b"\n\n"
+            while True:
+                if buf:
+                    t = time.perf_counter()
+                    *lines, buf = buf.split(b"\n")
+                    out: list[bytes] = []
+                    end = self._events(lines, out)
+                    self.overhead += time.perf_counter() - t
+                    if end is not None:
+                        outcome, last = end
+                        if outcome is Outcome.OK:
+                            self.resp.finish()  # pooled once the chunked terminator arrives
+                        refused = await self._end(outcome)
+                        out.append(refused or last)  # no [DONE] unless the event is committed
+                        yield b"".join(out)
+                        return
+                    if out:
+                        yield out[0] if len(out) == 1 else b"".join(out)
+                async with asyncio.timeout_at(self._deadline):
+                    data = await self._read()
+                if not data:
+                    break
+                buf += data
             # The worker closed the stream without [DONE]: it failed mid-stream.
             await self._end(Outcome.UPSTREAM_ERROR)
             yield UpstreamError("The worker ended the stream unexpectedly.").sse_event()
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, UpstreamReadError):
             await self._end(Outcome.UPSTREAM_ERROR)
             yield UpstreamError("The worker failed while streaming.").sse_event()
         finally:
@@ -172,12 +192,44 @@ class StreamRelay:
 
 
 class RelayResponse(StreamingResponse):
+    """The relay as a plain ASGI response: one `send` per relayed write, and a client that goes away
+    (`http.disconnect`) cancels the relay at once, so the worker's generation is aborted and what it
+    produced is metered `client_cancelled` (StreamRelay.abandon). A StreamingResponse subclass so that
+    content logging can tee `body_iterator`; Starlette's own __call__ (a task group per response and
+    cancel-scope checks on every chunk) is not used."""
+
     def __init__(self, relay: StreamRelay, headers: dict[str, str]) -> None:
         super().__init__(relay.body(), media_type="text/event-stream", headers=headers)
         self.relay = relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        state = {"done": False, "left": False}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        def on_disconnect(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and not state["done"] and task is not None:
+                state["left"] = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        watcher.add_done_callback(on_disconnect)
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            state["done"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["left"]:
+                raise
+            task.uncancel()  # type: ignore[union-attr]  # the client left: this response is over, not cancelled
+        except OSError:  # the server's transport broke mid-write: the client is gone
+            pass
         finally:
+            state["done"] = True
+            watcher.cancel()
             self.relay.abandon()
