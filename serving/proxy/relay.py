@@ -82,6 +82,12 @@ class StreamRelay:
             return payload
         if not obj.get("choices"):
             return payload if self.want_usage else None
+        # vLLM writes compact JSON with `usage` as the last field: cut it from the bytes (a quote
+        # inside a string is escaped, so `,"usage":` unescaped can only be that key); else re-encode.
+        if next(reversed(obj)) == "usage":
+            cut = payload.rfind(b',"usage":')
+            if cut != -1 and payload.endswith(b"}"):
+                return payload[:cut] + b"}"
         del obj["usage"]
         return orjson.dumps(obj)
 
@@ -107,7 +113,8 @@ class StreamRelay:
                 meter.take_usage(usage)
             if obj.get("choices"):
                 self.content_chunks += 1
-                self._capture(obj["choices"])
+                if not meter.has_usage:  # the worker's usage is exact: no text to keep for an estimate
+                    self._capture(obj["choices"])
                 if self._first:
                     self._first = False
                     self.metrics.child(self.metrics.ttft, self.metrics.model_label(meter.model)).observe(
