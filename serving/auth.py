@@ -4,6 +4,11 @@ Every gateway process keeps the active keys (by HMAC) in memory and reloads them
 version in the database moves (checked every `key_cache_refresh_s`, 0.25 s by default), so a key
 revoked by the CLI or another process stops working within that interval. A key not in the cache is
 looked up in the database before it is refused, so a key created a moment ago works at once.
+
+The HMAC of a bearer token that authenticated is remembered (token -> digest, at most
+`DIGEST_CACHE_SIZE` tokens, forgotten all at once when full), so a known key costs a dict lookup
+instead of an HMAC. The digest -> key map stays the only authority: revocation and expiry work as
+before. Tokens that fail never enter the cache, so random tokens can neither grow nor flush it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from serving.errors import AuthenticationFailed
 from serving.poller import Poller
 
 log = logging.getLogger("tokenport.auth")
+DIGEST_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +36,7 @@ class KeyRing:
         self._store = store
         self._secret = secret_key
         self._keys: dict[str, tuple[ApiKey, Tenant]] = {}
+        self._digests: dict[str, str] = {}  # bearer token -> hash_key(secret, token), for keys that worked
         self._tenants: dict[str, Tenant] = {}
         self._version = -1
         self._poller = Poller("API key refresh", refresh_s, self.refresh, log)
@@ -48,7 +55,6 @@ class KeyRing:
             self._tenants = {t.id: t for t in await asyncio.to_thread(self._store.list_tenants)}
             self._version = version
 
-
     def tenant(self, tenant_id: str) -> Tenant | None:
         return self._tenants.get(tenant_id)
 
@@ -59,7 +65,10 @@ class KeyRing:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationFailed("Malformed Authorization header: use 'Bearer KEY'.")
-        digest = hash_key(self._secret, token)
+        digest = self._digests.get(token)
+        remembered = digest is not None
+        if digest is None:
+            digest = hash_key(self._secret, token)
         found = self._keys.get(digest)
         if found is None and KEY_RE.fullmatch(token):  # only a well-formed key is worth a database read
             found = await asyncio.to_thread(self._store.lookup, digest)
@@ -70,5 +79,10 @@ class KeyRing:
         key, tenant = found
         if not key.active(utcnow()):
             self._keys.pop(digest, None)
+            self._digests.pop(token, None)
             raise AuthenticationFailed("This API key has been revoked or has expired.")
+        if not remembered:
+            if len(self._digests) >= DIGEST_CACHE_SIZE:
+                self._digests.clear()
+            self._digests[token] = digest
         return Principal(tenant=tenant, key_id=key.id)

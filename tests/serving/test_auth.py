@@ -7,12 +7,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import openai
 import pytest
 
 from metering.db import make_engine
-from metering.tenants import TenantStore, utcnow
+from metering.tenants import TenantStore, hash_key, utcnow
 from serving import db_schema
 from serving.auth import KeyRing
 from serving.errors import AuthenticationFailed
@@ -134,3 +135,40 @@ async def test_restricting_a_tenants_models_takes_effect_within_half_a_second(
         await asyncio.sleep(0.02)
     assert [m.id for m in (await client.models.list()).data] == ["tiny-other"]
     assert (await client.chat.completions.create(model="tiny-other", messages=MESSAGES)).choices  # type: ignore[arg-type]
+
+
+async def test_a_known_key_is_hashed_once(store: TenantStore, keyring: KeyRing) -> None:
+    store.create_tenant(id="acme", name="Acme", billing_country="DE")
+    key, plain = store.create_key("acme")
+    with mock.patch("serving.auth.hash_key", wraps=hash_key) as hashed:
+        for _ in range(5):
+            assert (await keyring.authenticate(f"Bearer {plain}")).key_id == key.id
+        assert hashed.call_count == 1
+        store.revoke_key(key.id)
+        await asyncio.sleep(0.2)  # a few refresh intervals: the remembered digest does not keep it alive
+        for _ in range(2):
+            with pytest.raises(AuthenticationFailed, match="revoked or has expired"):
+                await keyring.authenticate(f"Bearer {plain}")
+    assert plain not in keyring._digests
+
+
+async def test_tokens_that_fail_are_not_remembered(store: TenantStore, keyring: KeyRing) -> None:
+    store.create_tenant(id="acme", name="Acme", billing_country="DE")
+    for i in range(50):
+        with pytest.raises(AuthenticationFailed):
+            await keyring.authenticate(f"Bearer tp_0123456789ab_{i:043d}")
+        with pytest.raises(AuthenticationFailed):
+            await keyring.authenticate(f"Bearer random-{i}")
+    assert keyring._digests == {}
+
+
+async def test_remembered_digests_are_capped(
+    store: TenantStore, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serving.auth.DIGEST_CACHE_SIZE", 3)
+    store.create_tenant(id="acme", name="Acme", billing_country="DE")
+    keys = [store.create_key("acme") for _ in range(7)]
+    for _ in range(2):
+        for key, plain in keys:
+            assert (await keyring.authenticate(f"Bearer {plain}")).key_id == key.id
+            assert 1 <= len(keyring._digests) <= 3
