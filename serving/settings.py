@@ -152,6 +152,18 @@ class MeteringSettings(BaseModel):
     # loss); NORMAL fsyncs at checkpoints only (survives a crash of the gateway or a SIGKILL, not of
     # the machine) and takes the fsync (~0.2-0.7 ms here) off every response. PostgreSQL: ignored.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # Languages a request's prompt is attributed to (ISO 639-1 codes py3langid knows); null: the
+    # markets' default set in metering/language.py. Fewer languages: faster detection, less memory.
+    languages: list[str] | None = None
+
+    @field_validator("languages")
+    @classmethod
+    def _languages(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            bad = [v for v in value if not (len(v) == 2 and v.isascii() and v.isalpha() and v.islower())]
+            if bad or not value:
+                raise ValueError(f"metering.languages must be ISO 639-1 codes such as 'en', 'kk', got {bad or value}")
+        return value
 
 
 class WorkerSettings(BaseModel):
