@@ -5,6 +5,14 @@ when the database cannot be reached — written and fsync'd to the local spool f
 replayed (idempotently, by request id) once the database answers again. Events that arrive while a
 commit is running are committed together in the next transaction (group commit), so commit-before-
 respond costs one transaction per batch, not per request.
+
+Commits run on one long-lived writer thread owned by the ledger (the database calls block). On the
+event loop, `append` adds (event, future) to a list; once per loop iteration that list goes to the
+thread's queue as one item (so everything appended in one iteration wakes the thread once and lands
+in one transaction, as when the writer was a task on the loop). The thread takes everything queued
+(up to `max_batch` per transaction), commits it and hands the whole batch back to the loop with one
+`call_soon_threadsafe`, where `on_commit` runs and the futures are resolved. No executor, no thread
+hop per batch on the loop's side.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import asyncio
 import fcntl
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -149,6 +159,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_STOP = object()  # put on the writer's queue by close(): flush what is queued, then exit
+
+_Item = tuple[UsageEvent, "asyncio.Future[None]"]
+
+
 class Ledger:
     def __init__(self, store: UsageStore, spool: Spool, *, fail_closed: bool = False, max_batch: int = 512,
                  on_commit: Callable[[float, int], None] | None = None, replay_interval_s: float = 2.0) -> None:
@@ -158,28 +173,32 @@ class Ledger:
         self.max_batch = max_batch
         self._on_commit = on_commit
         self.replay_interval_s = replay_interval_s
-        self._queue: asyncio.Queue[tuple[UsageEvent, asyncio.Future[None]]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._spooled = False
+        self._pending: list[_Item] = []  # appended during this loop iteration (loop thread only)
+        self._inbox: queue.SimpleQueue[list[_Item] | object] = queue.SimpleQueue()  # to the writer thread
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._spooled = False  # written and read by the writer thread only while it runs
         self.available = True  # False from a failed commit until the database answers again
         self._last_probe = 0.0
 
     async def start(self) -> None:
         if self.spool.pending():
             await self._replay()
-        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        self._thread = threading.Thread(target=self._writer, args=(loop, self._stopped), name="ledger-writer",
+                                        daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
         """Flush everything queued (and replay the spool if the database is back), then stop."""
-        if self._task is None:
+        if self._thread is None or self._stopped is None:
             return
-        await self._queue.join()
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        self._task = None
+        self._flush()
+        self._inbox.put(_STOP)
+        await asyncio.shield(self._stopped)
+        self._thread.join(5.0)  # it has posted its last callback: returns at once
+        self._thread = self._stopped = None
         if self._spooled:
             await self._replay()
 
@@ -199,66 +218,121 @@ class Ledger:
         self.available = True
 
     async def append(self, event: UsageEvent) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((event, fut))
-        await fut
+        await self.append_nowait(event)
 
     def append_nowait(self, event: UsageEvent) -> asyncio.Future[None]:
         """Queue an event without waiting (for paths that must not await, e.g. under cancellation)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((event, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.append((event, fut))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
         return fut
 
-    async def _run(self) -> None:
-        while True:
-            if self._spooled:  # retry the spool even when no request comes in
-                try:
-                    first = await asyncio.wait_for(self._queue.get(), self.replay_interval_s)
-                except TimeoutError:
-                    await self._replay()
-                    continue
-            else:
-                first = await self._queue.get()
-            items = [first]
-            while len(items) < self.max_batch and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            events = [e for e, _ in items]
-            error: BaseException | None = None
-            t0 = time.perf_counter()
+    def _flush(self) -> None:
+        """Hand what was appended during this loop iteration to the writer thread."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._inbox.put(batch)
+
+    # --- the writer thread ----------------------------------------------------------------------
+    def _writer(self, loop: asyncio.AbstractEventLoop, stopped: asyncio.Future[None]) -> None:
+        try:
+            self._drain(loop)
+        finally:
             try:
-                if self._spooled:
-                    await self._replay()
-                await asyncio.to_thread(self.store.append_batch, events)
-                self.available = True
-            except SQLAlchemyError as exc:
-                self.available = False
-                log.error("ledger database error (%s); %s", exc.__class__.__name__,
-                          "failing closed" if self.fail_closed else "spooling to " + str(self.spool.path))
-                if self.fail_closed:
-                    error = LedgerUnavailable("the usage ledger is unavailable")
-                else:
-                    try:
-                        await asyncio.to_thread(self.spool.write, events)
-                        self._spooled = True
-                    except OSError as spool_exc:
-                        error = spool_exc
-            except BaseException as exc:  # noqa: BLE001 - resolve waiters, then re-raise below
-                error = exc
-            if self._on_commit is not None:
-                self._on_commit(time.perf_counter() - t0, len(events))
-            for _, fut in items:
-                if not fut.done():
-                    if error is None:
-                        fut.set_result(None)
+                loop.call_soon_threadsafe(_set_done, stopped)
+            except RuntimeError:  # the loop is closed: nobody waits for us
+                pass
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        inbox = self._inbox
+        stopping = False
+        queued: list[_Item] = []  # taken from the inbox, not committed yet (in order)
+        while True:
+            if not queued:
+                try:
+                    if stopping:  # close(): commit what is queued, then exit
+                        got = inbox.get_nowait()
+                    elif self._spooled:  # retry the spool even when no request comes in
+                        got = inbox.get(timeout=self.replay_interval_s)
                     else:
-                        fut.set_exception(error)
-                self._queue.task_done()
-            if isinstance(error, asyncio.CancelledError):
-                raise error
+                        got = inbox.get()
+                except queue.Empty:
+                    if stopping:
+                        return
+                    try:
+                        self._replay_now()
+                    except Exception:  # the writer must outlive any failure: appends would hang
+                        log.exception("replaying the usage spool failed")
+                    continue
+                if got is _STOP:
+                    stopping = True
+                    continue
+                queued = got  # type: ignore[assignment]
+            while len(queued) < self.max_batch:  # group commit: everything queued meanwhile
+                try:
+                    got = inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if got is _STOP:
+                    stopping = True
+                else:
+                    queued.extend(got)  # type: ignore[arg-type]
+            items, queued = queued[:self.max_batch], queued[self.max_batch:]
+            error, seconds = self._commit([e for e, _ in items])
+            try:
+                loop.call_soon_threadsafe(self._resolve, items, error, seconds)
+            except RuntimeError:  # the loop is closed: nobody waits for these futures
+                return
+            if error is not None and not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt, SystemExit: end the thread
+
+    def _commit(self, events: list[UsageEvent]) -> tuple[BaseException | None, float]:
+        """Commit one batch (on the writer thread): None, or the error each waiter gets."""
+        error: BaseException | None = None
+        t0 = time.perf_counter()
+        try:
+            if self._spooled:
+                self._replay_now()
+            self.store.append_batch(events)
+            self.available = True
+        except SQLAlchemyError as exc:
+            self.available = False
+            log.error("ledger database error (%s); %s", exc.__class__.__name__,
+                      "failing closed" if self.fail_closed else "spooling to " + str(self.spool.path))
+            if self.fail_closed:
+                error = LedgerUnavailable("the usage ledger is unavailable")
+            else:
+                try:
+                    self.spool.write(events)
+                    self._spooled = True
+                except OSError as spool_exc:
+                    error = spool_exc
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiters
+            error = exc
+        return error, time.perf_counter() - t0
+
+    def _resolve(self, items: list[_Item], error: BaseException | None, seconds: float) -> None:
+        """On the loop: report the commit, then wake every waiter of the batch."""
+        if self._on_commit is not None:
+            try:
+                self._on_commit(seconds, len(items))
+            except Exception:
+                log.exception("ledger on_commit callback failed")
+        for _, fut in items:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
 
     async def _replay(self) -> None:
+        await asyncio.to_thread(self._replay_now)
+
+    def _replay_now(self) -> None:
         try:
-            n = await asyncio.to_thread(self.spool.replay, self.store)
+            n = self.spool.replay(self.store)
             self._spooled = self.spool.pending()  # another process may be replaying a file right now
             self.available = True
             if n:
@@ -269,3 +343,8 @@ class Ledger:
         except OSError as exc:
             self._spooled = True
             log.error("cannot replay the usage spool %s: %s", self.spool.path, exc)
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

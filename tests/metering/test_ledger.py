@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,5 +174,180 @@ async def test_fail_closed_raises_instead_of_spooling(
         flaky.down = False
         await ledger.append(event())  # the writer survived the failure
         assert flaky.real.count() == 1
+    finally:
+        await ledger.close()
+
+
+# --- the writer thread ---------------------------------------------------------------------------
+class ThreadRecordingStore:
+    """A UsageStore that notes which thread each commit ran on (and can be slow or fail once)."""
+
+    def __init__(self, real: UsageStore, delay_s: float = 0.0) -> None:
+        self.real = real
+        self.delay_s = delay_s
+        self.threads: set[int] = set()
+        self.batches: list[int] = []
+        self.fail_next: BaseException | None = None
+
+    def append_batch(self, events: Sequence[UsageEvent]) -> list[str]:
+        self.threads.add(threading.get_ident())
+        self.batches.append(len(events))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        return self.real.append_batch(events)
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ledger-writer"]
+
+
+async def test_one_writer_thread_commits_and_callbacks_run_on_the_loop(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    loop_thread = threading.get_ident()
+    store = ThreadRecordingStore(UsageStore(engine))
+    callback_threads: list[int] = []
+    before = set(_writer_threads())
+    ledger = Ledger(store, Spool(tmp_path / "s.jsonl"),  # type: ignore[arg-type]
+                    on_commit=lambda _s, _n: callback_threads.append(threading.get_ident()))
+    await ledger.start()
+    mine = [t for t in _writer_threads() if t not in before]
+    assert len(mine) == 1 and mine[0].daemon
+    try:
+        for _ in range(5):
+            await ledger.append(event())
+        await asyncio.gather(*(ledger.append(event()) for _ in range(50)))
+        futures = [ledger.append_nowait(event()) for _ in range(20)]
+        await asyncio.gather(*futures)
+        assert all(f.done() and f.exception() is None for f in futures)
+    finally:
+        await ledger.close()
+    assert len(store.threads) == 1 and loop_thread not in store.threads  # one long-lived thread
+    assert callback_threads and set(callback_threads) == {loop_thread}
+    assert len(callback_threads) == len(store.batches)
+    assert store.real.count() == 75
+    assert not mine[0].is_alive()
+
+
+async def test_a_batch_wakes_the_loop_once(
+    engine: Engine, tmp_path: Path, event: EventFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    store = ThreadRecordingStore(UsageStore(engine))
+    commits = Commits()
+    ledger = Ledger(store, Spool(tmp_path / "s.jsonl"), max_batch=50, on_commit=commits)  # type: ignore[arg-type]
+    resolves: list[int] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kw):  # type: ignore[no-untyped-def]
+        if callback == ledger._resolve:
+            resolves.append(len(args[0]))
+        return real(callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    await ledger.start()
+    try:
+        # appended in one loop iteration: handed to the writer together, committed in batches of 50
+        await asyncio.gather(*(ledger.append(event()) for _ in range(200)))
+    finally:
+        await ledger.close()
+    assert store.batches == [50, 50, 50, 50] == commits.batches == resolves
+
+
+async def test_the_loop_runs_on_during_a_slow_commit(engine: Engine, tmp_path: Path, event: EventFactory) -> None:
+    ledger = Ledger(ThreadRecordingStore(UsageStore(engine), delay_s=0.3),  # type: ignore[arg-type]
+                    Spool(tmp_path / "s.jsonl"))
+    await ledger.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    try:
+        await ledger.append(event())
+    finally:
+        t.cancel()
+        await ledger.close()
+    assert ticks >= 10
+
+
+async def test_close_flushes_events_queued_during_a_commit(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    store = ThreadRecordingStore(UsageStore(engine), delay_s=0.05)
+    commits = Commits()
+    ledger = Ledger(store, Spool(tmp_path / "s.jsonl"), max_batch=8, on_commit=commits)  # type: ignore[arg-type]
+    early = [ledger.append_nowait(event()) for _ in range(3)]  # queued before start: committed after it
+    await ledger.start()
+    futures = list(early)
+    for i in range(47):
+        futures.append(ledger.append_nowait(event()))
+        if i % 10 == 0:
+            await asyncio.sleep(0.02)  # some arrive while a commit is running
+    await ledger.close()  # returns once every queued event is committed
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert store.real.count() == 50 and sum(commits.batches) == 50 and max(commits.batches) <= 8
+    assert ledger._thread is None
+    await ledger.close()  # closing twice is harmless
+
+
+async def test_an_unexpected_error_reaches_the_waiters_and_the_writer_goes_on(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    store = ThreadRecordingStore(UsageStore(engine))
+    ledger = Ledger(store, Spool(tmp_path / "s.jsonl"))  # type: ignore[arg-type]
+    await ledger.start()
+    try:
+        store.fail_next = ValueError("a bug in the store")
+        with pytest.raises(ValueError, match="a bug in the store"):
+            await ledger.append(event())
+        assert ledger.available  # not a database outage: nothing spooled
+        assert not (tmp_path / "s.jsonl").exists()
+        await ledger.append(event())
+    finally:
+        await ledger.close()
+    assert store.real.count() == 1
+
+
+async def test_a_failing_on_commit_callback_does_not_strand_the_waiters(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    def broken(_s: float, _n: int) -> None:
+        raise RuntimeError("metrics are broken")
+
+    store = UsageStore(engine)
+    ledger = Ledger(store, Spool(tmp_path / "s.jsonl"), on_commit=broken)
+    await ledger.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(ledger.append(event()) for _ in range(3))), 5)
+    finally:
+        await ledger.close()
+    assert store.count() == 3
+
+
+async def test_periodic_replay_runs_on_the_writer_thread(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    flaky = FlakyStore(UsageStore(engine))
+    spool = Spool(tmp_path / "usage.jsonl")
+    ledger = Ledger(flaky, spool, replay_interval_s=0.05)  # type: ignore[arg-type]
+    await ledger.start()
+    try:
+        flaky.down = True
+        await ledger.append(event())
+        assert spool.pending() and not ledger.available
+        flaky.down = False
+        for _ in range(200):  # no new request: the writer retries on its own
+            if not spool.pending():
+                break
+            await asyncio.sleep(0.01)
+        assert not spool.pending() and ledger.available and flaky.real.count() == 1
     finally:
         await ledger.close()
