@@ -25,7 +25,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import pycountry
 
-from billing.errors import CurrencyError as CurrencyError  # re-exported
+from billing.errors import CurrencyError as CurrencyError  # noqa: PLC0414 - re-exported
 
 ROUNDING = ROUND_HALF_UP
 _CTX = decimal.Context(prec=50, rounding=ROUND_HALF_UP)
@@ -75,7 +75,7 @@ def minor_units(currency: str) -> int:
 
 def to_decimal(value: object) -> Decimal:
     """Exact Decimal from str/int/Decimal; floats are refused (money is never a float)."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise TypeError(f"money must not be a float or bool: {value!r}; write it as a string")
     if isinstance(value, Decimal):
         result = value

@@ -184,7 +184,7 @@ def parse_day(value: str | None, option: str) -> datetime | None:
     try:
         if len(value) == 10:
             return datetime.combine(date.fromisoformat(value), time(), tzinfo=UTC)
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value)  # Python 3.11 reads a trailing "Z"
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except ValueError:
         fail(f"{option} must be YYYY-MM-DD or an ISO 8601 timestamp, got {value!r}")

@@ -81,7 +81,7 @@ def prepare(models_dir: Path, spec: ModelSpec, progress: Callable[[str], None] =
     config = quantized.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # type: ignore[no-untyped-call]
     plain.load_state_dict(quantized.state_dict())
     progress(f"{spec.name}: writing Hugging Face folder")
     plain.save_pretrained(str(tmp))

@@ -70,7 +70,7 @@ class Supervisor:
     async def _spawn(self, w: ManagedWorker) -> None:
         w.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings.workers.env}
-        logf = open(w.log_path, "ab")  # noqa: SIM115 - handed to the child
+        logf = open(w.log_path, "ab")  # noqa: SIM115, ASYNC230 - handed to the child; opening is instant
         try:
             w.process = await asyncio.create_subprocess_exec(
                 *w.command, stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
