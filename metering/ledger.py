@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -166,7 +167,8 @@ _Item = tuple[UsageEvent, "asyncio.Future[None]"]
 
 class Ledger:
     def __init__(self, store: UsageStore, spool: Spool, *, fail_closed: bool = False, max_batch: int = 512,
-                 on_commit: Callable[[float, int], None] | None = None, replay_interval_s: float = 2.0) -> None:
+                 on_commit: Callable[[float, int], None] | None = None, replay_interval_s: float = 2.0,
+                 checkpoint_interval_s: float = 1.0) -> None:
         self.store = store
         self.spool = spool
         self.fail_closed = fail_closed
@@ -176,6 +178,9 @@ class Ledger:
         self._pending: list[_Item] = []  # appended during this loop iteration (loop thread only)
         self._inbox: queue.SimpleQueue[list[_Item] | object] = queue.SimpleQueue()  # to the writer thread
         self._thread: threading.Thread | None = None
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoints_stop = threading.Event()
         self._stopped: asyncio.Future[None] | None = None
         self._spooled = False  # written and read by the writer thread only while it runs
         self.available = True  # False from a failed commit until the database answers again
@@ -189,6 +194,23 @@ class Ledger:
         self._thread = threading.Thread(target=self._writer, args=(loop, self._stopped), name="ledger-writer",
                                         daemon=True)
         self._thread.start()
+        if self.checkpoint_interval_s > 0 and self.store.checkpoint_in_background():
+            self._checkpoints_stop = threading.Event()
+            self._checkpointer = threading.Thread(target=self._checkpoints, args=(self._checkpoints_stop,),
+                                                  name="ledger-checkpoints", daemon=True)
+            self._checkpointer.start()
+
+    def _checkpoints(self, stop: threading.Event) -> None:
+        """SQLite WAL checkpoints, off the commit path (UsageStore.checkpoint_in_background)."""
+        failing = False
+        while not stop.wait(self.checkpoint_interval_s):
+            try:
+                self.store.checkpoint()
+                failing = False
+            except (sqlite3.Error, SQLAlchemyError, OSError) as exc:  # next round tries again; the WAL grows meanwhile
+                if not failing:
+                    log.warning("ledger WAL checkpoint failed: %s", exc)
+                failing = True
 
     async def close(self) -> None:
         """Flush everything queued (and replay the spool if the database is back), then stop."""
@@ -199,6 +221,10 @@ class Ledger:
         await asyncio.shield(self._stopped)
         self._thread.join(5.0)  # it has posted its last callback: returns at once
         self._thread = self._stopped = None
+        if self._checkpointer is not None:
+            self._checkpoints_stop.set()
+            self._checkpointer.join(5.0)
+            self._checkpointer = None
         if self._spooled:
             await self._replay()
 

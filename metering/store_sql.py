@@ -98,6 +98,7 @@ _COLUMNS = (
 _SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(_COLUMNS))})")
 _SQLITE_HEAD = "SELECT hash FROM usage_events ORDER BY seq DESC LIMIT 1"
+_SQLITE_FULL = 2  # PRAGMA synchronous
 
 
 @functools.lru_cache(maxsize=_IN_CHUNK)
@@ -131,6 +132,7 @@ class _SqliteAppender:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._lock = threading.Lock()
+        self.autocheckpoint = True  # False: WAL checkpoints are someone else's job (Ledger's checkpointer)
         self._conn: sqlite3.Connection | None = None
         self._cur: sqlite3.Cursor | None = None
         self._handle: Any = None
@@ -168,7 +170,26 @@ class _SqliteAppender:
             self._conn, self._handle = dedicated_sqlite_connection(self._engine)
             self._pid = os.getpid()
             self._cur = self._conn.cursor()
+            if not self.autocheckpoint:
+                self._cur.execute("PRAGMA wal_autocheckpoint=0")
         return self._cur
+
+    def synchronous(self) -> int:
+        """The connections' PRAGMA synchronous (0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA)."""
+        conn, handle = dedicated_sqlite_connection(self._engine)
+        try:
+            return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+        finally:
+            handle.close()
+
+    def checkpoint(self) -> None:
+        """A PASSIVE WAL checkpoint on a connection of its own: it copies what it can into the
+        database file while appends go on, and never waits for them."""
+        conn, handle = dedicated_sqlite_connection(self._engine)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            handle.close()
 
     def append(self, unique: dict[str, UsageEvent]) -> list[str]:
         with self._lock:
@@ -227,6 +248,24 @@ class UsageStore:
         append opens a new one)."""
         if self._sqlite is not None:
             self._sqlite.close()
+
+    def checkpoint_in_background(self) -> bool:
+        """Take SQLite's WAL checkpoints off the append path: the writer connection stops checkpointing
+        inside its COMMITs and the caller runs `checkpoint()` from another thread. Done only at
+        synchronous=NORMAL (or OFF), where a checkpoint inside a COMMIT first fsyncs the WAL written
+        since the last one: a 5-10 ms stall for that commit's requests (p99 at one connection 6.4 ->
+        2.2 ms). At FULL each COMMIT has fsync'd its WAL already, and a checkpointer fsyncing the
+        database file at the same time slows every COMMIT's fsync instead (p50 +0.17 ms, measured):
+        False, nothing changed. False too unless the ledger is an SQLite file."""
+        if self._sqlite is None or self._sqlite.synchronous() >= _SQLITE_FULL:
+            return False
+        self._sqlite.autocheckpoint = False
+        self._sqlite.close()  # the next append reconnects with wal_autocheckpoint=0
+        return True
+
+    def checkpoint(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.checkpoint()
 
     def append_batch(self, events: Sequence[UsageEvent]) -> list[str]:
         """Store the events not stored yet, in one transaction; returns the request ids stored now.

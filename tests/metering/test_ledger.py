@@ -12,9 +12,11 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
+from metering.db import make_engine
 from metering.events import Outcome, UsageEvent
 from metering.ledger import Ledger, LedgerUnavailable, Spool, event_from_json, event_to_json
 from metering.store_sql import UsageStore
+from serving import db_schema
 from tests.metering.conftest import EventFactory
 
 
@@ -31,6 +33,12 @@ class FlakyStore:
         if self.down:
             raise OperationalError("INSERT INTO usage_events ...", {}, Exception("database is unreachable"))
         return self.real.append_batch(events)
+
+    def checkpoint_in_background(self) -> bool:
+        return self.real.checkpoint_in_background()
+
+    def checkpoint(self) -> None:
+        self.real.checkpoint()
 
 
 class Commits:
@@ -199,6 +207,9 @@ class ThreadRecordingStore:
             raise exc
         return self.real.append_batch(events)
 
+    def checkpoint_in_background(self) -> bool:
+        return False  # no checkpointer thread: only the writer's threads are recorded
+
 
 def _writer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "ledger-writer"]
@@ -351,3 +362,52 @@ async def test_periodic_replay_runs_on_the_writer_thread(
         assert not spool.pending() and ledger.available and flaky.real.count() == 1
     finally:
         await ledger.close()
+
+
+async def test_wal_checkpoints_at_full_stay_in_the_commit(engine: Engine, tmp_path: Path, event: EventFactory) -> None:
+    """At synchronous=FULL (the default) SQLite checkpoints inside COMMITs as usual: no checkpointer."""
+    ledger = Ledger(UsageStore(engine), Spool(tmp_path / "s.jsonl"), checkpoint_interval_s=0.02)
+    await ledger.start()
+    try:
+        await ledger.append(event())
+        assert ledger._checkpointer is None
+    finally:
+        await ledger.close()
+
+
+async def test_wal_checkpoints_at_normal_run_off_the_commit_path(tmp_path: Path, event: EventFactory) -> None:
+    """At synchronous=NORMAL the writer connection never checkpoints inside a COMMIT
+    (wal_autocheckpoint=0); the ledger's own thread checkpoints instead, and stops with the ledger."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'normal.db'}", sqlite_synchronous="NORMAL")
+    db_schema.upgrade(engine)
+    store = UsageStore(engine)
+    rounds: list[int] = []
+    checkpoint = store.checkpoint
+
+    def counted() -> None:
+        rounds.append(1)
+        checkpoint()
+
+    store.checkpoint = counted  # type: ignore[method-assign]
+    ledger = Ledger(store, Spool(tmp_path / "s.jsonl"), checkpoint_interval_s=0.02)
+    await ledger.start()
+    try:
+        for i in range(50):
+            await ledger.append(event(request_id=f"req-{i}"))
+        sqlite = store._sqlite
+        assert sqlite is not None
+        with sqlite._lock:
+            assert sqlite._conn is not None
+            assert sqlite._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        for _ in range(100):
+            if len(rounds) >= 3:
+                break
+            await asyncio.sleep(0.02)
+        assert len(rounds) >= 3
+    finally:
+        await ledger.close()
+    stopped = len(rounds)
+    await asyncio.sleep(0.1)
+    assert len(rounds) == stopped  # the checkpointer ended with the ledger
+    assert len(list(store.iter_events())) == 50
+    engine.dispose()
