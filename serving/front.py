@@ -18,7 +18,7 @@ import time
 
 from pydantic import BaseModel
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering.ledger import LedgerUnavailable
 from metering.metrics import Metrics
@@ -74,9 +74,12 @@ class Front:
         request_id = scope["tokenport.request_id"] = new_request_id()
         path = scope["path"]
         try:
+            principal = await self.service.keyring.authenticate(headers.get("authorization"))  # before the body
             raw = await self._read_body(headers, receive)
             schema, endpoint = route
-            resp = await self.service.process(scope, headers, raw, schema, endpoint, path, t0)
+            resp = await self.service.process(scope, headers, principal, raw, schema, endpoint, path, t0)
+        except ClientGone:
+            return  # the client left before its request was whole: nothing to run, no one to answer
         except TokenportError as exc:
             resp = error_response(exc)
         except LedgerUnavailable:
@@ -94,10 +97,13 @@ class Front:
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         """The whole body within `gateway.body_timeout_s` and `gateway.max_body_bytes` (408 / 413,
-        both closing the connection, as BodyGuardMiddleware does for the other routes)."""
+        both closing the connection, as BodyGuardMiddleware does for the other routes). A refused
+        body is drained for a moment first (outside the deadline), so the client reads the 413."""
         limit = self.max_body_bytes
         declared = headers.get("content-length")
+        message: Message = {"type": "http.request", "body": b"", "more_body": True}
         if declared is not None and declared.isdigit() and int(declared) > limit:
+            await drain(receive, message)
             raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.", headers=dict(_CLOSE))
         chunks: list[bytes] = []
         size = 0
@@ -106,18 +112,23 @@ class Front:
                 while True:
                     message = await receive()
                     if message["type"] != "http.request":
-                        break  # http.disconnect: the client left; what arrived is what there is
-                    part = message.get("body", b"")
+                        raise ClientGone  # http.disconnect
+                    part: bytes = message.get("body", b"")
                     size += len(part)
-                    if size > limit:
-                        await drain(receive, message)
-                        raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.",
-                                           headers=dict(_CLOSE))
-                    chunks.append(part)
-                    if not message.get("more_body", False):
+                    if size > limit or not message.get("more_body", False):
                         break
+                    chunks.append(part)
         except TimeoutError as exc:
             raise RequestTimeout(f"The request body was not received within {self.body_timeout_s:g} s.",
                                  headers=dict(_CLOSE)) from exc
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if size > limit:
+            await drain(receive, message)
+            raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.", headers=dict(_CLOSE))
+        if not chunks:
+            return part
+        chunks.append(part)
+        return b"".join(chunks)
 
+
+class ClientGone(Exception):
+    """The client disconnected while its request body was being read."""

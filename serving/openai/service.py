@@ -16,7 +16,7 @@ from starlette.types import Scope
 from metering.geo import InvalidCountry, OriginResolver
 from metering.language import LanguageDetector, prompt_sample
 from metering.recorder import RequestMeter
-from serving.auth import KeyRing
+from serving.auth import KeyRing, Principal
 from serving.errors import BodyTooLarge, InvalidOriginCountry, InvalidRequest, ModelNotFound
 from serving.idempotency import METER_SCOPE, Idempotency
 from serving.limits.guard import Guard
@@ -72,15 +72,18 @@ class OpenAIService:
         reads the body, then the same path as the ASGI front (serving/front.py)."""
         t0 = time.perf_counter()
         request.scope.setdefault("tokenport.request_id", new_request_id())
+        principal = await self.keyring.authenticate(request.headers.get("authorization"))  # before the body
         raw = await read_body(request, self.max_body_bytes)
-        return await self.process(request.scope, request.headers, raw, schema, endpoint, path, t0, request=request)
+        return await self.process(request.scope, request.headers, principal, raw, schema, endpoint, path, t0,
+                                  request=request)
 
-    async def process(self, scope: Scope, headers: Mapping[str, str], raw: bytes, schema: type[BaseModel],
-                      endpoint: str, path: str, t0: float, *, request: Request | None = None) -> Response:
-        """auth -> parse -> validate -> attribute -> admit -> forward, for a body already read.
+    async def process(self, scope: Scope, headers: Mapping[str, str], principal: Principal, raw: bytes,
+                      schema: type[BaseModel], endpoint: str, path: str, t0: float, *,
+                      request: Request | None = None) -> Response:
+        """parse -> validate -> attribute -> admit -> forward, for a request already authenticated
+        (before its body was read: an unknown caller never makes the gateway hold a body) and read.
         `request` is given only by the FastAPI route (an Idempotency-Key claim needs it)."""
         request_id: str = scope["tokenport.request_id"]
-        principal = await self.keyring.authenticate(headers.get("authorization"))
         body = parse_json_object(raw)
         if self.guard is not None:
             self.guard.check_shape(body)

@@ -12,6 +12,7 @@ was generated up to that point (`client_cancelled`) and the worker's request is 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +30,7 @@ from serving.errors import ServiceUnavailable, UpstreamError
 from serving.proxy.upstream import UpstreamError as UpstreamReadError
 from serving.proxy.upstream import UpstreamResponse
 
+log = logging.getLogger("tokenport.relay")
 DONE = b"data: [DONE]\n\n"
 
 
@@ -149,7 +151,9 @@ class StreamRelay:
                 async with asyncio.timeout_at(self._deadline):
                     data = await self._read()
                 if not data:
-                    break
+                    if not buf:
+                        break
+                    data = b"\n"  # the worker closed right after a last line without its newline
                 buf += data
             # The worker closed the stream without [DONE]: it failed mid-stream.
             await self._end(Outcome.UPSTREAM_ERROR)
@@ -185,6 +189,10 @@ class StreamRelay:
         except LedgerUnavailable:
             return ServiceUnavailable("The usage ledger is unavailable, so this answer cannot be completed; "
                                       "retry shortly.", code="ledger_unavailable").sse_event()
+        except Exception:  # the database is down and the spool cannot be written either (disk full)
+            log.exception("usage of %s could not be recorded", self.meter.request_id)
+            return ServiceUnavailable("The usage of this answer could not be recorded, so it cannot be "
+                                      "completed; retry shortly.", code="ledger_unavailable").sse_event()
         return None
 
     def abandon(self) -> None:

@@ -15,9 +15,11 @@ Behaviour:
   dropped once idle for `idle_timeout_s` (vLLM's uvicorn closes them after 5 s), when the worker
   closed it, when it sent bytes nobody asked for, or when the answer said `Connection: close` or
   was HTTP/1.0 without keep-alive.
-- A reused connection that fails before any byte of the answer arrived (the worker closed it while
-  it sat idle) is retried once, transparently, on a fresh connection. Any other failure is an
-  `UpstreamError`.
+- A reused connection that fails before any byte of the answer arrived and within `STALE_RETRY_S`
+  of the write (the worker had closed it while it sat idle) is retried once, transparently, on a
+  fresh connection. Any other failure is an `UpstreamError` (a failure later, during the work, is
+  the caller's to judge: it may retry on another worker, and must not run a generation twice unseen).
+- `https://` workers are reached over TLS (the system's CA store, or `ssl_context`).
 - Bodies by Content-Length, chunked (de-chunked) or read until the worker closes. More than
   `HIGH_WATER` unread bytes pause reading from the socket until the consumer catches up.
 - Deadlines are the caller's (`asyncio.timeout`). Cancellation at any await closes the connection,
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import cast
@@ -37,7 +40,8 @@ from urllib.parse import urlsplit
 import httptools
 
 HIGH_WATER = 256 * 1024  # unread body bytes above which reading from the socket pauses
-_Key = tuple[str, int]  # (host, port)
+STALE_RETRY_S = 1.0  # a reused connection failing this soon after the write: the worker had closed it
+_Key = tuple[str, int, bool]  # (host, port, TLS)
 
 
 class UpstreamError(ConnectionError):
@@ -73,6 +77,7 @@ class _Conn(asyncio.Protocol):
         self.buffered = 0
         self.waiter: asyncio.Future[None] | None = None
         self.drain_to: UpstreamClient | None = None  # set by UpstreamResponse.finish()
+        self.drain_timer: asyncio.TimerHandle | None = None  # ...which gives the rest this long
 
     async def wait(self) -> None:
         self.waiter = fut = self.loop.create_future()
@@ -159,6 +164,9 @@ class _Conn(asyncio.Protocol):
         self.complete = True
         client, self.drain_to = self.drain_to, None
         if client is not None:  # finished in the background after UpstreamResponse.finish()
+            if self.drain_timer is not None:
+                self.drain_timer.cancel()
+                self.drain_timer = None
             client._put(self)
             return
         self._wake()
@@ -250,6 +258,7 @@ class UpstreamResponse:
             return
         self._conn = None
         conn.drain_to = self._client
+        conn.drain_timer = conn.loop.call_later(self._client.idle_timeout_s, conn.abort)  # never: drop it
         conn.body = []
         conn.buffered = 0
         if conn.paused and conn.transport is not None:
@@ -265,16 +274,23 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    """Keep-alive HTTP/1.1 client for plain-http workers. See the module docstring."""
+    """Keep-alive HTTP/1.1 client for workers (http, or https with the system's CA store). See the
+    module docstring."""
 
     def __init__(self, *, connect_timeout_s: float = 5.0, idle_timeout_s: float = 4.0,
-                 max_idle_per_host: int = 512) -> None:
+                 max_idle_per_host: int = 512, ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_idle_per_host = max_idle_per_host
         self._idle: dict[_Key, deque[_Conn]] = {}
         self._targets: dict[tuple[str, str, str], tuple[_Key, bytes]] = {}
         self._closed = False
+        self._ssl = ssl_context  # https workers: the system's CA store unless given
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
 
     async def post(self, base_url: str, path: str, body: bytes,
                    headers: Sequence[tuple[str, str]] = ()) -> UpstreamResponse:
@@ -299,14 +315,15 @@ class UpstreamClient:
     def idle_count(self, base_url: str) -> int:
         """Pooled connections to this worker (for metrics and tests)."""
         url = urlsplit(base_url)
-        pool = self._idle.get((url.hostname or "", url.port or 80))
+        tls = url.scheme == "https"
+        pool = self._idle.get((url.hostname or "", url.port or (443 if tls else 80), tls))
         return sum(1 for c in pool if c.usable()) if pool else 0
 
     # --- internals ------------------------------------------------------------------------------
     def _target(self, method: str, base_url: str, path: str) -> tuple[_Key, bytes]:
         url = urlsplit(base_url)
-        if url.scheme != "http":
-            raise ValueError(f"UpstreamClient speaks plain http only, not {url.scheme!r} ({base_url!r})")
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"UpstreamClient speaks http and https, not {url.scheme!r} ({base_url!r})")
         if not url.hostname:
             raise ValueError(f"No host in the worker URL {base_url!r}")
         target = url.path.rstrip("/") + (path if path.startswith("/") else "/" + path)
@@ -314,7 +331,8 @@ class UpstreamClient:
             raise ValueError(f"Invalid request path {target!r}")
         netloc = url.netloc.rpartition("@")[2]
         ctype = "Content-Type: application/json\r\n" if method == "POST" else ""
-        entry = ((url.hostname, url.port or 80),
+        tls = url.scheme == "https"
+        entry = ((url.hostname, url.port or (443 if tls else 80), tls),
                  f"{method} {target} HTTP/1.1\r\nHost: {netloc}\r\n{ctype}".encode("latin-1"))
         if len(self._targets) >= 1024:
             self._targets.clear()
@@ -326,11 +344,12 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient is closed")
         conn = self._pop_idle(key)
         if conn is not None:
+            sent = conn.loop.time()
             try:
                 return await self._send(conn, data)
             except UpstreamError:
-                if conn.got_bytes:
-                    raise
+                if conn.got_bytes or conn.loop.time() - sent > STALE_RETRY_S:
+                    raise  # a failure during the work (not the idle-close race) is the caller's to judge
                 # The worker closed this idle connection as we reused it: once more on a fresh one.
         return await self._send(await self._connect(key), data)
 
@@ -353,10 +372,12 @@ class UpstreamClient:
 
     async def _connect(self, key: _Key) -> _Conn:
         loop = asyncio.get_running_loop()
-        host, port = key
+        host, port, tls = key
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _Conn(loop, key), host, port)
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(loop, key), host, port,
+                    ssl=self._tls() if tls else None, server_hostname=host if tls else None)
         except TimeoutError as exc:
             raise UpstreamError(f"Connecting to the worker at {host}:{port} timed out "
                                 f"after {self.connect_timeout_s:g} s") from exc

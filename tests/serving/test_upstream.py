@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
 
+from serving.proxy import upstream
 from serving.proxy.upstream import HIGH_WATER, UpstreamClient, UpstreamError, UpstreamResponse
 from tests.fakes import free_port
 
@@ -255,6 +259,59 @@ async def test_stale_reused_connection_is_retried_once_on_a_fresh_one() -> None:
         await client.close()
 
 
+async def test_reused_connection_failing_during_the_work_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reset that comes long after the write (a load balancer cutting a slow generation) is not the
+    idle-close race: re-sending would run the generation twice unseen, so the caller gets the error."""
+    monkeypatch.setattr(upstream, "STALE_RETRY_S", 0.05)
+
+    async def slow_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int) -> None:
+        await read_request(reader, raw)
+        writer.write(answer())
+        if await read_request(reader, raw):
+            await asyncio.sleep(0.2)  # "generating"
+            reset(writer)
+
+    async with raw_server(slow_then_reset) as raw:
+        client = UpstreamClient()
+        await (await client.post(raw.url, "/a", b"{}")).read()
+        with pytest.raises(UpstreamError):
+            await client.post(raw.url, "/a", b"{}")
+        assert raw.conns == 1 and len(raw.requests) == 2  # sent once, not re-sent on a fresh connection
+        await client.close()
+
+
+async def test_https_worker_with_a_private_ca(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(argv, check=True, capture_output=True)  # noqa: ASYNC221 - a one-off test certificate
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            await reader.readexactly(2)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"tls\": 1}\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        untrusting = UpstreamClient()  # the system's CAs do not know this certificate
+        with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.post(f"https://localhost:{port}", "/v1/chat/completions", b"{}")
+        await untrusting.close()
+        client = UpstreamClient(ssl_context=ssl.create_default_context(cafile=str(cert)))
+        for _ in range(2):
+            resp = await client.post(f"https://localhost:{port}", "/v1/chat/completions", b"{}")
+            assert resp.status == 200 and await resp.read() == b'{"tls": 1}\n'
+        assert client.idle_count(f"https://localhost:{port}") == 1  # kept alive over TLS too
+        await client.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_fresh_connection_closed_without_answer_is_an_error() -> None:
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int) -> None:
         await read_request(reader, raw)
@@ -450,8 +507,8 @@ async def test_connect_timeout_is_an_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 async def test_bad_urls_and_headers_are_refused(client: UpstreamClient) -> None:
-    with pytest.raises(ValueError, match="plain http"):
-        await client.post("https://example.com", "/a", b"{}")
+    with pytest.raises(ValueError, match="http and https"):
+        await client.post("ftp://example.com", "/a", b"{}")
     with pytest.raises(ValueError, match="header"):
         await client.post("http://127.0.0.1:9", "/a", b"{}", [("X-Evil", "a\r\nInjected: 1")])
     with pytest.raises(ValueError, match="path"):
