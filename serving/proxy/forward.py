@@ -56,8 +56,8 @@ class Forwarder:
             await self.session.close()
             self.session = None
 
-    async def _open(self, meter: RequestMeter, path: str, body: bytes, deadline: float
-                    ) -> tuple[Worker, UpstreamResponse, bytes]:
+    async def _open(self, meter: RequestMeter, path: str, body: bytes, deadline: float,
+                    request: dict[str, Any]) -> tuple[Worker, UpstreamResponse, bytes]:
         """POST to a healthy worker and read until the client's first byte is known: the whole body
         (non-streamed, or an error status), or a stream's first event. A connection failure before
         that is retried once on another healthy worker; the deadline is the request's own."""
@@ -95,10 +95,16 @@ class Forwarder:
                 await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
                 raise UpstreamError("The worker did not answer within the request timeout.",
                                     code="upstream_timeout") from exc
-            except BaseException:
+            except BaseException as exc:
                 worker.inflight -= 1
                 if resp is not None:
-                    resp.close()
+                    resp.close()  # the worker aborts the generation
+                if isinstance(exc, asyncio.CancelledError):  # cut off (the server's shutdown deadline)
+                    meter.worker_id, meter.serving_region = worker.id, worker.region
+                    meter.prompt_tokens = (self.tokens or TokenCounter({})).prompt_tokens(
+                        meter.model, meter.endpoint, request)
+                    meter.estimated = True  # the prompt was prefilled; what was generated is unknown
+                    self.recorder.record_nowait(meter, Outcome.CLIENT_CANCELLED)
                 raise
         meter.worker_id = tried[-1].id if tried else None
         await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
@@ -122,7 +128,7 @@ class Forwarder:
         overhead = t_up - t0
         deadline = asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
-            worker, resp, got = await self._open(meter, path, raw, deadline)
+            worker, resp, got = await self._open(meter, path, raw, deadline, body)
         except BaseException:
             inflight.dec()
             raise
