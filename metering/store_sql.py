@@ -7,35 +7,27 @@ one ledger.
 
 Appends are the hot path (one transaction per group commit, on every request at low load). On an
 SQLite file they go through one long-lived DBAPI connection with constant SQL strings
-(`_SqliteAppender`): the same transaction and the same rows as the SQLAlchemy statements, for about
+(`SqliteAppender`): the same transaction and the same rows as the SQLAlchemy statements, for about
 a ninth of the CPU (synchronous=NORMAL; a fifth at FULL, where the fsync is most of what is left).
 PostgreSQL (and in-memory SQLite) use SQLAlchemy Core statements built once.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import sqlite3
-import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
-import orjson
-from sqlalchemy import and_, bindparam, case, event, func, insert, select, text
+from sqlalchemy import and_, bindparam, case, func, insert, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
-from metering.db import dedicated_sqlite_connection, is_sqlite_file
+from metering.chain import GENESIS, IN_CHUNK, chain_hash, unique_events
+from metering.db import is_sqlite_file
 from metering.events import Outcome, UsageEvent
 from metering.schema import metering_snapshots, usage_events
+from metering.sqlite_append import SQLITE_FULL, SqliteAppender
 from metering.tenants import to_aware, to_naive, utcnow
 
-GENESIS = "0" * 64
 _PG_CHAIN_LOCK = 7_302_118  # advisory lock id serializing chain appends on PostgreSQL
 
 EXPORT_FIELDS = (
@@ -44,24 +36,6 @@ EXPORT_FIELDS = (
 )
 GROUP_FIELDS = frozenset({"tenant_id", "origin_country", "model", "language", "outcome", "key_id",
                           "serving_region", "endpoint", "worker_id", "origin_source"})
-
-
-def _ts(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def canonical(event: UsageEvent) -> bytes:
-    """The bytes the hash covers: every field of the fact, in a fixed order and format."""
-    return orjson.dumps([
-        event.request_id, event.tenant_id, event.key_id, event.model, event.endpoint, event.origin_country,
-        event.origin_source, event.language, event.serving_region, event.worker_id, event.prompt_tokens,
-        event.cached_prompt_tokens, event.completion_tokens, event.stream, event.outcome.value,
-        event.estimated, _ts(event.started_at), _ts(event.finished_at),
-    ])
-
-
-def chain_hash(prev_hash: str, event: UsageEvent) -> str:
-    return hashlib.sha256(prev_hash.encode() + canonical(event)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,175 +47,16 @@ class StoredEvent:
     hash: str
 
 
-def _unique(events: Sequence[UsageEvent]) -> dict[str, UsageEvent]:
-    unique: dict[str, UsageEvent] = {}
-    for e in events:
-        unique.setdefault(e.request_id, e)
-    return unique
-
-
-# The append statements, built once (SQLAlchemy caches their compiled form).
-_IN_CHUNK = 500  # request ids per "already stored?" query (SQLite and PostgreSQL cap bound parameters)
 _PG_LOCK_CHAIN = text("SELECT pg_advisory_xact_lock(:k)")
 _SELECT_EXISTING = select(usage_events.c.request_id).where(
     usage_events.c.request_id.in_(bindparam("ids", expanding=True)))
 _SELECT_HEAD = select(usage_events.c.hash).order_by(usage_events.c.seq.desc()).limit(1)
 _INSERT_EVENTS = insert(usage_events)
 
-# The same statements as constant SQL for the DBAPI path on SQLite. The columns and their values are
-# exactly what the SQLAlchemy path writes (`_row` and `_sqlite_row`; tests compare the stored rows).
-_COLUMNS = (
-    "request_id", "tenant_id", "key_id", "model", "endpoint", "origin_country", "origin_source", "language",
-    "serving_region", "worker_id", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "stream",
-    "outcome", "estimated", "started_at", "finished_at", "recorded_at", "prev_hash", "hash",
-)
-_SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(_COLUMNS))})")
-_SQLITE_HEAD = "SELECT hash FROM usage_events ORDER BY seq DESC LIMIT 1"
-_SQLITE_FULL = 2  # PRAGMA synchronous
-
-
-@functools.lru_cache(maxsize=_IN_CHUNK)
-def _sqlite_existing(n: int) -> str:
-    return f"SELECT request_id FROM usage_events WHERE request_id IN ({', '.join('?' * n)})"
-
-
-def _sqlite_time(value: datetime) -> str:
-    """A naive UTC datetime as SQLAlchemy's SQLite DateTime stores it: 'YYYY-MM-DD HH:MM:SS.ffffff'."""
-    return value.isoformat(" ", "microseconds")
-
-
-def _sqlite_row(e: UsageEvent, recorded_at: str, prev_hash: str, h: str) -> tuple[object, ...]:
-    return (e.request_id, e.tenant_id, e.key_id, e.model, e.endpoint, e.origin_country, e.origin_source,
-            e.language, e.serving_region, e.worker_id, e.prompt_tokens, e.cached_prompt_tokens,
-            e.completion_tokens, 1 if e.stream else 0, e.outcome.value, 1 if e.estimated else 0,
-            _sqlite_time(to_naive(e.started_at)), _sqlite_time(to_naive(e.finished_at)), recorded_at,
-            prev_hash, h)
-
-
-class _SqliteAppender:
-    """Appends to an SQLite file through one long-lived DBAPI connection of its own.
-
-    Same transaction as the SQLAlchemy path: BEGIN IMMEDIATE (serializes writers across processes),
-    skip the request ids already stored, read the chain head, insert the new rows, COMMIT. The
-    connection is made by the engine (same PRAGMAs, same `sqlite_synchronous`) and used under a lock,
-    so any thread may append. A connection that raised a database error is closed and replaced at the
-    next append; one inherited across fork() is left alone. `engine.dispose()` closes it.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._lock = threading.Lock()
-        self.autocheckpoint = True  # False: WAL checkpoints are someone else's job (Ledger's checkpointer)
-        self._conn: sqlite3.Connection | None = None
-        self._cur: sqlite3.Cursor | None = None
-        self._handle: Any = None
-        self._pid = 0
-        self._inherited: list[Any] = []  # connections opened by a parent process: never used nor closed
-        me = weakref.ref(self)
-
-        def on_dispose(_engine: Engine) -> None:
-            appender = me()
-            if appender is not None:
-                appender.close()
-
-        event.listen(engine, "engine_disposed", on_dispose)
-        weakref.finalize(self, event.remove, engine, "engine_disposed", on_dispose).atexit = False
-
-    def close(self) -> None:
-        with self._lock:
-            self._discard()
-
-    def _discard(self) -> None:
-        handle, self._handle, self._conn, self._cur = self._handle, None, None, None
-        if handle is None:
-            return
-        if self._pid != os.getpid():
-            self._inherited.append(handle)
-            return
-        try:
-            handle.close()
-        except Exception:  # noqa: BLE001,S110 - closing a broken connection may fail; it is dropped anyway
-            pass
-
-    def _cursor(self) -> sqlite3.Cursor:
-        if self._cur is None or self._pid != os.getpid():
-            self._discard()
-            self._conn, self._handle = dedicated_sqlite_connection(self._engine)
-            self._pid = os.getpid()
-            self._cur = self._conn.cursor()
-            if not self.autocheckpoint:
-                self._cur.execute("PRAGMA wal_autocheckpoint=0")
-        return self._cur
-
-    def synchronous(self) -> int:
-        """The connections' PRAGMA synchronous (0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA)."""
-        conn, handle = dedicated_sqlite_connection(self._engine)
-        try:
-            return int(conn.execute("PRAGMA synchronous").fetchone()[0])
-        finally:
-            handle.close()
-
-    def checkpoint(self) -> None:
-        """A PASSIVE WAL checkpoint on a connection of its own: it copies what it can into the
-        database file while appends go on, and never waits for them."""
-        conn, handle = dedicated_sqlite_connection(self._engine)
-        try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        finally:
-            handle.close()
-
-    def append(self, unique: dict[str, UsageEvent]) -> list[str]:
-        with self._lock:
-            stmt = "BEGIN IMMEDIATE"
-            params: Any = None
-            try:
-                cur = self._cursor()
-                cur.execute(stmt)
-                ids = list(unique)
-                existing: set[str] = set()
-                for i in range(0, len(ids), _IN_CHUNK):
-                    params = ids[i:i + _IN_CHUNK]
-                    stmt = _sqlite_existing(len(params))
-                    existing.update(r[0] for r in cur.execute(stmt, params))
-                params = None
-                fresh = [e for rid, e in unique.items() if rid not in existing]
-                if fresh:
-                    stmt = _SQLITE_HEAD
-                    head = cur.execute(stmt).fetchone()
-                    prev = (head[0] if head is not None else None) or GENESIS
-                    now = _sqlite_time(to_naive(utcnow()))
-                    rows = []
-                    for e in fresh:
-                        h = chain_hash(prev, e)
-                        rows.append(_sqlite_row(e, now, prev, h))
-                        prev = h
-                    stmt, params = _SQLITE_INSERT, rows
-                    cur.executemany(stmt, rows)
-                    params = None
-                stmt = "COMMIT"
-                cur.execute(stmt)
-            except sqlite3.Error as exc:
-                self._discard()  # closing rolls back whatever is open
-                raise DBAPIError.instance(stmt, params, exc, sqlite3.Error, hide_parameters=True) from exc
-            except BaseException:
-                self._rollback()
-                raise
-        return [e.request_id for e in fresh]
-
-    def _rollback(self) -> None:
-        conn = self._conn
-        if conn is not None and conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                self._discard()
-
-
 class UsageStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._sqlite = _SqliteAppender(engine) if is_sqlite_file(engine) else None
+        self._sqlite = SqliteAppender(engine) if is_sqlite_file(engine) else None
 
     def close(self) -> None:
         """Close the store's own SQLite writer connection (also done by `engine.dispose()`; a later
@@ -257,7 +72,7 @@ class UsageStore:
         2.2 ms). At FULL each COMMIT has fsync'd its WAL already, and a checkpointer fsyncing the
         database file at the same time slows every COMMIT's fsync instead (p50 +0.17 ms, measured):
         False, nothing changed. False too unless the ledger is an SQLite file."""
-        if self._sqlite is None or self._sqlite.synchronous() >= _SQLITE_FULL:
+        if self._sqlite is None or self._sqlite.synchronous() >= SQLITE_FULL:
             return False
         self._sqlite.autocheckpoint = False
         self._sqlite.close()  # the next append reconnects with wal_autocheckpoint=0
@@ -274,20 +89,20 @@ class UsageStore:
             return self._append_sqlalchemy(events)
         if not events:
             return []
-        return self._sqlite.append(_unique(events))
+        return self._sqlite.append(unique_events(events))
 
     def _append_sqlalchemy(self, events: Sequence[UsageEvent]) -> list[str]:
         """append_batch through SQLAlchemy Core (PostgreSQL, in-memory SQLite)."""
         if not events:
             return []
-        unique = _unique(events)
+        unique = unique_events(events)
         with self._engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(_PG_LOCK_CHAIN, {"k": _PG_CHAIN_LOCK})
             ids = list(unique)
             existing: set[str] = set()
-            for i in range(0, len(ids), _IN_CHUNK):
-                existing.update(conn.execute(_SELECT_EXISTING, {"ids": ids[i:i + _IN_CHUNK]}).scalars())
+            for i in range(0, len(ids), IN_CHUNK):
+                existing.update(conn.execute(_SELECT_EXISTING, {"ids": ids[i:i + IN_CHUNK]}).scalars())
             fresh = [e for rid, e in unique.items() if rid not in existing]
             if not fresh:
                 return []

@@ -1,6 +1,6 @@
 """Checking the ledger's hash chain, and a tenant's own downloaded events.
 
-Every stored event carries ``hash = sha256(prev_hash + canonical(event))`` (store_sql.canonical) and
+Every stored event carries ``hash = sha256(prev_hash + canonical(event))`` (metering/chain.py) and
 the ``prev_hash`` of the event before it (``GENESIS`` for the first). Walking the ledger in ``seq``
 order finds the first broken link:
 
@@ -30,7 +30,8 @@ from typing import Any
 
 import orjson
 
-from metering.store_sql import GENESIS, StoredEvent, chain_hash
+from metering.chain import GENESIS, chain_hash
+from metering.store_sql import StoredEvent
 
 # The fields a tenant's download carries for each event, in the order the hash covers them.
 CANONICAL_FIELDS = (

@@ -19,11 +19,12 @@ from sqlalchemy import create_engine, delete, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
+from metering.chain import GENESIS
 from metering.db import make_engine
 from metering.events import Outcome, UsageEvent
 from metering.ledger import Ledger, LedgerUnavailable, Spool
 from metering.schema import usage_events
-from metering.store_sql import GENESIS, UsageStore
+from metering.store_sql import UsageStore
 from metering.verify import verify_chain
 from serving import db_schema
 from tests import pg

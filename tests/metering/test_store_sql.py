@@ -9,9 +9,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from metering.chain import GENESIS, canonical, chain_hash
 from metering.db import make_engine
 from metering.events import Outcome
-from metering.store_sql import GENESIS, UsageStore, canonical, chain_hash
+from metering.store_sql import UsageStore
 from tests.metering.conftest import EventFactory
 
 

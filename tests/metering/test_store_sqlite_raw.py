@@ -16,9 +16,11 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from metering.chain import GENESIS, chain_hash
 from metering.db import is_sqlite_file, make_engine
 from metering.events import Outcome, UsageEvent
-from metering.store_sql import _COLUMNS, GENESIS, UsageStore, _row, chain_hash
+from metering.sqlite_append import COLUMNS as _COLUMNS
+from metering.store_sql import UsageStore, _row
 from metering.verify import verify_chain
 from serving import db_schema
 from tests.metering.conftest import EventFactory
