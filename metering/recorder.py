@@ -63,10 +63,14 @@ class RequestMeter:
 
 class Recorder:
     def __init__(self, ledger: Ledger, metrics: Metrics,
-                 on_event: Callable[[UsageEvent], None] | None = None) -> None:
+                 on_event: Callable[[UsageEvent], None] | None = None,
+                 on_lost: Callable[[UsageEvent], None] | None = None) -> None:
+        """`on_event`: the event is in the ledger. `on_lost`: the ledger refused it (fail-closed, or
+        the spool could not be written either): nothing of the request was billed."""
         self.ledger = ledger
         self.metrics = metrics
         self._on_event = on_event
+        self._on_lost = on_lost
         self._pending: set[asyncio.Future[None]] = set()
 
     async def record(self, meter: RequestMeter, outcome: Outcome) -> UsageEvent | None:
@@ -98,8 +102,11 @@ class Recorder:
             exc = f.exception()
             if exc is None:
                 self._after(event)
-            elif not awaited:  # an awaiting caller gets the exception instead
+                return
+            if not awaited:  # an awaiting caller gets the exception instead
                 log.error("could not record %s: %s", event.request_id, exc)
+            if self._on_lost is not None:
+                self._on_lost(event)
 
         fut.add_done_callback(done)
         return event, fut

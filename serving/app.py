@@ -139,7 +139,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         guardrails.limiter.on_event(event)  # settle the request's budget hold with its usage
         spend.observe(event)
 
-    recorder = Recorder(ledger, metrics, on_event=on_event)
+    recorder = Recorder(ledger, metrics, on_event=on_event, on_lost=guardrails.limiter.on_lost)
     pool = WorkerPool(workers, interval_s=settings.workers.health_interval_s,
                       on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0))
     forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens)

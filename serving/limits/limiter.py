@@ -338,6 +338,13 @@ class Limiter:
             return
         self._spawn(self._settle(adm, event))
 
+    def on_lost(self, event: UsageEvent) -> None:
+        """Recorder hook: the ledger refused the request's event, so nothing was billed: drop its holds
+        now instead of when they expire (a database outage would otherwise block budgets for minutes)."""
+        adm = self._tracked.get(event.request_id)
+        if adm is not None:
+            self.release(adm)
+
     def release(self, adm: Admission) -> None:
         """The request ended without a usage event (refused before any worker): drop its holds."""
         self._tracked.pop(adm.request_id, None)

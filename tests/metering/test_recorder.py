@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -109,3 +111,35 @@ async def test_record_nowait_moves_metrics_once_committed(
     assert metric(text, "tokenport_requests_total", outcome="client_cancelled") == 1
     assert metric(text, "tokenport_tokens_total", token_type="output") == 3
     assert [e.request_id for e in seen] == ["req_cancel"]
+
+
+async def test_an_event_the_ledger_refused_is_reported_lost(tmp_path: Path) -> None:
+    """Fail-closed and the database down: the caller gets LedgerUnavailable and `on_lost` hears of
+    the event (so budget holds can go); `on_event` never does."""
+    from sqlalchemy.exc import OperationalError
+
+    from metering.ledger import LedgerUnavailable
+
+    class Down:
+        def append_batch(self, _events: Any) -> list[str]:
+            raise OperationalError("INSERT ...", {}, Exception("database is unreachable"))
+
+        def checkpoint_in_background(self) -> bool:
+            return False
+
+    ledger = Ledger(Down(), Spool(tmp_path / "s.jsonl"), fail_closed=True)  # type: ignore[arg-type]
+    seen: list[UsageEvent] = []
+    lost: list[UsageEvent] = []
+    recorder = Recorder(ledger, Metrics({"m"}), on_event=seen.append, on_lost=lost.append)
+    await ledger.start()
+    try:
+        with pytest.raises(LedgerUnavailable):
+            await recorder.record(_meter("req_refused"), Outcome.OK)
+        recorder.record_nowait(_meter("req_gone"), Outcome.CLIENT_CANCELLED)
+        for _ in range(100):
+            if len(lost) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [e.request_id for e in lost] == ["req_refused", "req_gone"] and seen == []
+    finally:
+        await ledger.close()

@@ -290,3 +290,39 @@ async def test_an_admission_that_timed_out_after_redis_ran_it_drops_its_hold() -
     await asyncio.sleep(1.2)
     await limiter.drain()
     assert (await backend.status(key, limiter._now_ms())).reserved == 0
+
+
+async def test_a_request_whose_event_the_ledger_refused_drops_its_hold() -> None:
+    """Fail-closed ledger down: the request was not billed, so its budget hold goes at once (not at
+    its expiry, which would block the budget for the request timeout after every refused commit)."""
+    from datetime import UTC, datetime
+
+    from metering.events import Outcome
+    from metering.metrics import Metrics
+    from metering.recorder import RequestMeter
+    from metering.tenants import Tenant
+    from serving.limits.limiter import Limiter
+
+    class Policies:
+        def tenant(self, _t: str) -> LimitPolicy:
+            return LimitPolicy(budget=Budget("tokens", Decimal(1000), "month"))
+
+        def key(self, _k: str) -> None:
+            return None
+
+    class Usage:
+        def summary(self, *_a: Any, **_kw: Any) -> list[dict[str, Any]]:
+            return []
+
+    backend = MemoryBackend()
+    limiter = Limiter(backend, Policies(), Usage(), Metrics([]), defaults=Defaults())  # type: ignore[arg-type]
+    tenant = Tenant("t", "T", "DE", True, None, "USD", None, None, datetime.now(UTC))
+    await limiter.admit(tenant, "key_1", "r1", "m", prompt_tokens=100, completion_tokens=800)
+    key = next(iter(backend._holds))
+    assert (await backend.status(key, limiter._now_ms())).reserved == 900
+    meter = RequestMeter(request_id="r1", tenant_id="t", key_id="key_1", model="m", endpoint="chat.completions",
+                         origin_country="DE", origin_source="tenant", stream=False)
+    limiter.on_lost(meter.event(Outcome.OK))
+    await limiter.drain()
+    st = await backend.status(key, limiter._now_ms())
+    assert (st.reserved, st.used) == (0, 0)
