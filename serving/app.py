@@ -146,7 +146,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     origin = OriginResolver(settings.gateway.origin_country_header, settings.gateway.trusted_proxies,
                             settings.gateway.geoip_db)
     service = OpenAIService(keyring, forwarder, origin,
-                            LanguageDetector(settings.metering.languages), settings.gateway.max_body_bytes, guard=guardrails.guard)
+                            LanguageDetector(settings.metering.languages), guard=guardrails.guard)
     service.idempotency = idempotency = Idempotency(
         IdempotencyStore(engine), usage, ttl_s=settings.metering.idempotency_ttl_s,
         stale_after_s=settings.gateway.request_timeout_s + 60)

@@ -12,20 +12,18 @@ middlewares and the wrappers around `send` at 100-165 µs per request, a quarter
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from pydantic import BaseModel
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from metering.ledger import LedgerUnavailable
 from metering.metrics import Metrics
-from serving.errors import BodyTooLarge, ServiceUnavailable, TokenportError
+from serving.errors import ServiceUnavailable, TokenportError
 from serving.idempotency import HEADER as IDEMPOTENCY_HEADER
-from serving.limits.errors import RequestTimeout
-from serving.limits.http_timeouts import drain
+from serving.limits.http_timeouts import ClientGone, read_body
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai.service import OpenAIService, new_request_id
 
@@ -36,7 +34,6 @@ ROUTES: dict[str, tuple[type[BaseModel], str]] = {
     "/v1/completions": (CompletionRequest, "completions"),
 }
 _IDEMPOTENCY = IDEMPOTENCY_HEADER.lower().encode()
-_CLOSE = {"connection": "close"}
 
 
 def ledger_unavailable() -> ServiceUnavailable:
@@ -75,7 +72,7 @@ class Front:
         path = scope["path"]
         try:
             principal = await self.service.keyring.authenticate(headers.get("authorization"))  # before the body
-            raw = await self._read_body(headers, receive)
+            raw = await read_body(receive, headers, max_bytes=self.max_body_bytes, timeout_s=self.body_timeout_s)
             schema, endpoint = route
             resp = await self.service.process(scope, headers, principal, raw, schema, endpoint, path, t0)
         except ClientGone:
@@ -94,41 +91,3 @@ class Front:
             await send({"type": "http.response.body", "body": resp.body})
         else:  # a stream (serving/proxy/relay.py) or another Response type
             await resp(scope, receive, send)
-
-    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
-        """The whole body within `gateway.body_timeout_s` and `gateway.max_body_bytes` (408 / 413,
-        both closing the connection, as BodyGuardMiddleware does for the other routes). A refused
-        body is drained for a moment first (outside the deadline), so the client reads the 413."""
-        limit = self.max_body_bytes
-        declared = headers.get("content-length")
-        message: Message = {"type": "http.request", "body": b"", "more_body": True}
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await drain(receive, message)
-            raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.", headers=dict(_CLOSE))
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                while True:
-                    message = await receive()
-                    if message["type"] != "http.request":
-                        raise ClientGone  # http.disconnect
-                    part: bytes = message.get("body", b"")
-                    size += len(part)
-                    if size > limit or not message.get("more_body", False):
-                        break
-                    chunks.append(part)
-        except TimeoutError as exc:
-            raise RequestTimeout(f"The request body was not received within {self.body_timeout_s:g} s.",
-                                 headers=dict(_CLOSE)) from exc
-        if size > limit:
-            await drain(receive, message)
-            raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.", headers=dict(_CLOSE))
-        if not chunks:
-            return part
-        chunks.append(part)
-        return b"".join(chunks)
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request body was being read."""

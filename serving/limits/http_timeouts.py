@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from asyncio import TimerHandle
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -106,6 +107,52 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.transport.close()
 
 
+def too_large(max_bytes: int) -> BodyTooLarge:
+    return BodyTooLarge(f"Request body is larger than the limit of {max_bytes} bytes.", headers={"connection": "close"})
+
+
+def too_slow(timeout_s: float) -> RequestTimeout:
+    return RequestTimeout(f"The request body was not received within {timeout_s:g} s.",
+                          headers={"connection": "close"})
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+async def read_body(receive: Receive, headers: Mapping[str, str], *, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, for an app that reads it itself (serving/front.py), under the rules
+    BodyGuardMiddleware applies to the other routes: within `timeout_s` (408) and `max_bytes` (413),
+    both closing the connection; a refused body is drained for a moment first (outside the deadline)."""
+    declared = headers.get("content-length")
+    message: Message = {"type": "http.request", "body": b"", "more_body": True}
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        await drain(receive, message)
+        raise too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise ClientGone  # http.disconnect
+                part: bytes = message.get("body", b"")
+                size += len(part)
+                if size > max_bytes or not message.get("more_body", False):
+                    break
+                chunks.append(part)
+    except TimeoutError as exc:
+        raise too_slow(timeout_s) from exc
+    if size > max_bytes:
+        await drain(receive, message)
+        raise too_large(max_bytes)
+    if not chunks:
+        return part
+    chunks.append(part)
+    return b"".join(chunks)
+
+
 class BodyGuardMiddleware:
     """A total deadline and a size cap for request bodies, on every route."""
 
@@ -120,7 +167,7 @@ class BodyGuardMiddleware:
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                err = BodyTooLarge(f"Request body is larger than the limit of {self.max_bytes} bytes.")
+                err = too_large(self.max_bytes)
                 await send({"type": "http.response.start", "status": err.status_code,
                             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
                 await send({"type": "http.response.body", "body": err.body_bytes()})
@@ -141,15 +188,13 @@ class BodyGuardMiddleware:
                     message = await receive()
             except TimeoutError as exc:
                 done = True
-                raise RequestTimeout(f"The request body was not received within {self.timeout_s:g} s.",
-                                     headers={"connection": "close"}) from exc
+                raise too_slow(self.timeout_s) from exc
             if message["type"] == "http.request":
                 size += len(message.get("body", b""))
                 if size > self.max_bytes:
                     done = True
                     await drain(receive, message)
-                    raise BodyTooLarge(f"Request body is larger than the limit of {self.max_bytes} bytes.",
-                                       headers={"connection": "close"})
+                    raise too_large(self.max_bytes)
                 if not message.get("more_body", False):
                     done = True
             else:

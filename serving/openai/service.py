@@ -17,7 +17,7 @@ from metering.geo import InvalidCountry, OriginResolver
 from metering.language import LanguageDetector, prompt_sample
 from metering.recorder import RequestMeter
 from serving.auth import KeyRing, Principal
-from serving.errors import BodyTooLarge, InvalidOriginCountry, InvalidRequest, ModelNotFound
+from serving.errors import InvalidOriginCountry, InvalidRequest, ModelNotFound
 from serving.idempotency import METER_SCOPE, Idempotency
 from serving.limits.guard import Guard
 from serving.openai.protocol import first_error
@@ -26,20 +26,6 @@ from serving.proxy.forward import Forwarder
 
 def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()  # as random as uuid4, without building a UUID object
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -59,13 +45,12 @@ class OpenAIService:
     idempotency: Idempotency | None = None  # Idempotency-Key claims and replays (set by create_app)
 
     def __init__(self, keyring: KeyRing, forwarder: Forwarder, origin: OriginResolver,
-                 language: LanguageDetector | None, max_body_bytes: int, guard: Guard | None = None) -> None:
+                 language: LanguageDetector | None, guard: Guard | None = None) -> None:
         self.keyring = keyring
         self.guard = guard  # limits, budgets, caps, hostile-input checks (serving/limits/guard.py)
         self.forwarder = forwarder
         self.origin = origin
         self.language = language
-        self.max_body_bytes = max_body_bytes
 
     async def handle(self, request: Request, schema: type[BaseModel], endpoint: str, path: str) -> Response:
         """The FastAPI route's entry (requests with an Idempotency-Key, and the OpenAPI document):
@@ -73,7 +58,7 @@ class OpenAIService:
         t0 = time.perf_counter()
         request.scope.setdefault("tokenport.request_id", new_request_id())
         principal = await self.keyring.authenticate(request.headers.get("authorization"))  # before the body
-        raw = await read_body(request, self.max_body_bytes)
+        raw = await request.body()  # size cap and deadline: BodyGuardMiddleware, on this path
         return await self.process(request.scope, request.headers, principal, raw, schema, endpoint, path, t0,
                                   request=request)
 

@@ -253,6 +253,23 @@ async def test_settling_twice_counts_once(backend: Any) -> None:
     assert (st.used, st.reserved) == (50, 1)
 
 
+class _BudgetOf1000:
+    """Policies: every tenant has a 1,000-token monthly budget, no key has its own."""
+
+    def tenant(self, _t: str) -> LimitPolicy:
+        return LimitPolicy(budget=Budget("tokens", Decimal(1000), "month"))
+
+    def key(self, _k: str) -> None:
+        return None
+
+
+class _NoUsage:
+    """A ledger without usage: budgets seed at zero."""
+
+    def summary(self, *_a: Any, **_kw: Any) -> list[dict[str, Any]]:
+        return []
+
+
 async def test_an_admission_that_timed_out_after_redis_ran_it_drops_its_hold() -> None:
     """Redis ran the script but the answer came too late: the budget must not stay held (phantom 429s)."""
     from datetime import UTC, datetime
@@ -269,19 +286,8 @@ async def test_an_admission_that_timed_out_after_redis_ran_it_drops_its_hold() -
                 raise TimeoutError("answer lost")
             return result
 
-    class Policies:
-        def tenant(self, _t: str) -> LimitPolicy:
-            return LimitPolicy(budget=Budget("tokens", Decimal(1000), "month"))
-
-        def key(self, _k: str) -> None:
-            return None
-
-    class Usage:
-        def summary(self, *_a: Any, **_kw: Any) -> list[dict[str, Any]]:
-            return []
-
     backend = Late()
-    limiter = Limiter(backend, Policies(), Usage(), Metrics([]), defaults=Defaults())  # type: ignore[arg-type]
+    limiter = Limiter(backend, _BudgetOf1000(), _NoUsage(), Metrics([]), defaults=Defaults())  # type: ignore[arg-type]
     tenant = Tenant("t", "T", "DE", True, None, "USD", None, None, datetime.now(UTC))
     with pytest.raises(LimitsUnavailable):
         await limiter.admit(tenant, "key_1", "r1", "m", prompt_tokens=100, completion_tokens=800)
@@ -303,19 +309,8 @@ async def test_a_request_whose_event_the_ledger_refused_drops_its_hold() -> None
     from metering.tenants import Tenant
     from serving.limits.limiter import Limiter
 
-    class Policies:
-        def tenant(self, _t: str) -> LimitPolicy:
-            return LimitPolicy(budget=Budget("tokens", Decimal(1000), "month"))
-
-        def key(self, _k: str) -> None:
-            return None
-
-    class Usage:
-        def summary(self, *_a: Any, **_kw: Any) -> list[dict[str, Any]]:
-            return []
-
     backend = MemoryBackend()
-    limiter = Limiter(backend, Policies(), Usage(), Metrics([]), defaults=Defaults())  # type: ignore[arg-type]
+    limiter = Limiter(backend, _BudgetOf1000(), _NoUsage(), Metrics([]), defaults=Defaults())  # type: ignore[arg-type]
     tenant = Tenant("t", "T", "DE", True, None, "USD", None, None, datetime.now(UTC))
     await limiter.admit(tenant, "key_1", "r1", "m", prompt_tokens=100, completion_tokens=800)
     key = next(iter(backend._holds))
