@@ -8,28 +8,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import orjson
 
+from metering.event_codec import codec
 from metering.events import UsageEvent
 
 GENESIS = "0" * 64
 IN_CHUNK = 500  # request ids per "already stored?" query (SQLite and PostgreSQL cap bound parameters)
 
 
-def _ts(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def canonical(event: UsageEvent) -> bytes:
-    """The bytes the hash covers: every field of the fact, in a fixed order and format."""
-    return orjson.dumps([
-        event.request_id, event.tenant_id, event.key_id, event.model, event.endpoint, event.origin_country,
-        event.origin_source, event.language, event.serving_region, event.worker_id, event.prompt_tokens,
-        event.cached_prompt_tokens, event.completion_tokens, event.stream, event.outcome.value,
-        event.estimated, _ts(event.started_at), _ts(event.finished_at),
-    ])
+    """The bytes the hash covers: every field of the fact, in the dataclass's order and canonical form
+    (metering/event_codec.py)."""
+    return orjson.dumps(codec().canonical(event))
 
 
 def chain_hash(prev_hash: str, event: UsageEvent) -> str:
@@ -42,5 +34,3 @@ def unique_events(events: Sequence[UsageEvent]) -> dict[str, UsageEvent]:
         unique.setdefault(e.request_id, e)
     return unique
 
-
-# The append statements, built once (SQLAlchemy caches their compiled form).

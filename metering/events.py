@@ -1,5 +1,12 @@
 """The usage event: one immutable fact per request, keyed by its request id.
 
+This dataclass is the one definition of what an event holds. Its field order is the order the hash
+covers (metering/chain.py) and the column order of `usage_events`; every form of an event (database
+row, canonical hash form, spool JSON, export) is derived from it by metering/event_codec.py, and the
+`usage_events` columns by metering/schema.py. Adding a field means adding it here (with its
+`max_length` when it is text) and a migration; tests/metering/test_event_codec.py checks that every
+codec carries every field.
+
 Token counts follow OpenAI's usage object: ``prompt_tokens`` *includes* ``cached_prompt_tokens``.
 Billing and metrics split them into three token types that add up to the total:
 ``input`` (prompt minus cached), ``cached_input`` and ``output``.
@@ -10,6 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 
 class Outcome(str, enum.Enum):
@@ -28,27 +36,33 @@ class TokenType(str, enum.Enum):
 TOKEN_TYPES: tuple[TokenType, ...] = (TokenType.INPUT, TokenType.CACHED_INPUT, TokenType.OUTPUT)
 
 
-@dataclass(frozen=True, slots=True)
+def width(max_length: int) -> dict[str, Any]:
+    """Field metadata of a text field: at most `max_length` characters (its database column's width)."""
+    return {"max_length": max_length}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UsageEvent:
-    request_id: str
-    tenant_id: str
-    key_id: str
-    model: str
-    origin_country: str
+    # The order of the fields is the order of the canonical hash form: never reorder them; a new
+    # field goes at the end (and changes the hash of the events that carry it, not of the old ones).
+    request_id: str = field(metadata=width(64))
+    tenant_id: str = field(metadata=width(64))
+    key_id: str = field(metadata=width(32))
+    model: str = field(metadata=width(128))
+    endpoint: str = field(default="chat.completions", metadata=width(32))
+    origin_country: str = field(metadata=width(2))
+    origin_source: str = field(default="tenant", metadata=width(16))
+    language: str | None = field(default=None, metadata=width(8))
+    serving_region: str | None = field(default=None, metadata=width(64))
+    worker_id: str | None = field(default=None, metadata=width(64))
     prompt_tokens: int
     cached_prompt_tokens: int
     completion_tokens: int
     stream: bool
-    outcome: Outcome
+    outcome: Outcome = field(metadata=width(24))
+    estimated: bool = False
     started_at: datetime
     finished_at: datetime
-    endpoint: str = "chat.completions"
-    origin_source: str = "tenant"
-    language: str | None = None
-    serving_region: str | None = None
-    worker_id: str | None = None
-    estimated: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def input_tokens(self) -> int:

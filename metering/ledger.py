@@ -11,8 +11,11 @@ event loop, `append` adds (event, future) to a list; once per loop iteration tha
 thread's queue as one item (so everything appended in one iteration wakes the thread once and lands
 in one transaction, as when the writer was a task on the loop). The thread takes everything queued
 (up to `max_batch` per transaction), commits it and hands the whole batch back to the loop with one
-`call_soon_threadsafe`, where `on_commit` runs and the futures are resolved. No executor, no thread
-hop per batch on the loop's side.
+`call_soon_threadsafe`, where `on_commit` runs, the subscribers hear of each event and the futures
+are resolved. No executor, no thread hop per batch on the loop's side.
+
+Subscribers (`subscribe(committed, refused)`) are how the rest of the gateway learns what became of
+an event (metrics, budget settlement, the spend estimate), without the ledger knowing them.
 """
 
 from __future__ import annotations
@@ -26,14 +29,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
-import orjson
 from sqlalchemy.exc import SQLAlchemyError
 
-from metering.events import Outcome, UsageEvent
+from metering.event_codec import codec
+from metering.events import UsageEvent
 from metering.store_sql import UsageStore
 
 log = logging.getLogger("tokenport.ledger")
@@ -43,20 +44,7 @@ class LedgerUnavailable(Exception):
     """The database is unreachable and the ledger is configured to fail closed."""
 
 
-def event_to_json(event: UsageEvent) -> bytes:
-    d = asdict(event)
-    d["outcome"] = event.outcome.value
-    d["started_at"] = event.started_at.isoformat()
-    d["finished_at"] = event.finished_at.isoformat()
-    return orjson.dumps(d)
-
-
-def event_from_json(raw: bytes) -> UsageEvent:
-    d = orjson.loads(raw)
-    d["outcome"] = Outcome(d["outcome"])
-    d["started_at"] = datetime.fromisoformat(d["started_at"])
-    d["finished_at"] = datetime.fromisoformat(d["finished_at"])
-    return UsageEvent(**d)
+EventSubscriber = Callable[[UsageEvent], None]
 
 
 class Spool:
@@ -74,7 +62,7 @@ class Spool:
 
     def write(self, events: list[UsageEvent]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = b"".join(event_to_json(e) + b"\n" for e in events)
+        data = b"".join(codec().to_json(e) + b"\n" for e in events)
         while True:
             with open(self.path, "ab") as f:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -138,7 +126,7 @@ def _read_events(path: Path) -> list[UsageEvent]:
     for line in path.read_bytes().splitlines():
         if line.strip():
             try:
-                out.append(event_from_json(line))
+                out.append(codec().from_json(line))
             except (ValueError, TypeError, KeyError):
                 log.error("spool %s: skipping an unreadable line (torn write?)", path)
     return out
@@ -185,6 +173,13 @@ class Ledger:
         self._spooled = False  # written and read by the writer thread only while it runs
         self.available = True  # False from a failed commit until the database answers again
         self._last_probe = 0.0
+        self._subscribers: list[tuple[EventSubscriber, EventSubscriber | None]] = []
+
+    def subscribe(self, committed: EventSubscriber, refused: EventSubscriber | None = None) -> None:
+        """`committed(event)` runs (on the event loop) once the event is durable, stored or spooled;
+        `refused(event)` when the ledger refused it (failing closed, or the spool could not be written
+        either): nothing of it was recorded. In the order subscribed, before the appender wakes up."""
+        self._subscribers.append((committed, refused))
 
     async def start(self) -> None:
         if self.spool.pending():
@@ -340,12 +335,21 @@ class Ledger:
         return error, time.perf_counter() - t0
 
     def _resolve(self, items: list[_Item], error: BaseException | None, seconds: float) -> None:
-        """On the loop: report the commit, then wake every waiter of the batch."""
+        """On the loop: report the commit, tell the subscribers, then wake every waiter of the batch."""
         if self._on_commit is not None:
             try:
                 self._on_commit(seconds, len(items))
             except Exception:
                 log.exception("ledger on_commit callback failed")
+        for committed, refused in self._subscribers:
+            hear = committed if error is None else refused
+            if hear is None:
+                continue
+            for event, _ in items:
+                try:
+                    hear(event)
+                except Exception:
+                    log.exception("ledger subscriber %r failed on %s", hear, event.request_id)
         for _, fut in items:
             if not fut.done():
                 if error is None:

@@ -1,18 +1,22 @@
-"""Turns a finished request into one UsageEvent, appends it to the ledger, then moves the metrics."""
+"""Turns a finished request into one UsageEvent and appends it to the ledger.
+
+What follows a durable event (metrics, budget settlement, spend) hears of it through the ledger's
+subscriptions (`Ledger.subscribe`); the recorder subscribes the metrics.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
+from metering.clock import utcnow
 from metering.events import Outcome, UsageEvent
 from metering.ledger import Ledger
 from metering.metrics import Metrics
-from metering.tenants import utcnow
 
 log = logging.getLogger("tokenport.recorder")
 
@@ -50,28 +54,25 @@ class RequestMeter:
         self.has_usage = True
 
     def event(self, outcome: Outcome) -> UsageEvent:
-        return UsageEvent(
-            request_id=self.request_id, tenant_id=self.tenant_id, key_id=self.key_id, model=self.model,
-            origin_country=self.origin_country, prompt_tokens=self.prompt_tokens,
-            cached_prompt_tokens=min(self.cached_prompt_tokens, self.prompt_tokens),
-            completion_tokens=self.completion_tokens, stream=self.stream, outcome=outcome,
-            started_at=self.started_at, finished_at=utcnow(), endpoint=self.endpoint,
-            origin_source=self.origin_source, language=self.language, serving_region=self.serving_region,
-            worker_id=self.worker_id, estimated=self.estimated,
-        )
+        """The event: every field the meter shares with UsageEvent, and how and when the request ended."""
+        values = {name: getattr(self, name) for name in _carried()}
+        values["cached_prompt_tokens"] = min(self.cached_prompt_tokens, self.prompt_tokens)
+        return UsageEvent(**values, outcome=outcome, finished_at=utcnow())
+
+
+@functools.cache
+def _carried() -> tuple[str, ...]:
+    """The UsageEvent fields a RequestMeter carries (all but `outcome` and `finished_at`, known at the end)."""
+    mine = {f.name for f in fields(RequestMeter)}
+    return tuple(f.name for f in fields(UsageEvent) if f.name in mine)
 
 
 class Recorder:
-    def __init__(self, ledger: Ledger, metrics: Metrics,
-                 on_event: Callable[[UsageEvent], None] | None = None,
-                 on_lost: Callable[[UsageEvent], None] | None = None) -> None:
-        """`on_event`: the event is in the ledger. `on_lost`: the ledger refused it (fail-closed, or
-        the spool could not be written either): nothing of the request was billed."""
+    def __init__(self, ledger: Ledger, metrics: Metrics) -> None:
         self.ledger = ledger
         self.metrics = metrics
-        self._on_event = on_event
-        self._on_lost = on_lost
         self._pending: set[asyncio.Future[None]] = set()
+        ledger.subscribe(metrics.observe_event)
 
     async def record(self, meter: RequestMeter, outcome: Outcome) -> UsageEvent | None:
         """Append the request's event and wait until it is durable. Only the first call counts.
@@ -79,8 +80,8 @@ class Recorder:
         if meter.recorded:
             return None
         event, fut = self._append(meter, outcome, awaited=True)
-        # Shielded: a client that goes away during the commit neither cancels the commit nor skips
-        # the metrics and the budget settlement that follow it (they run in the future's callback).
+        # Shielded: a client that goes away during the commit does not cancel the commit (the
+        # subscribers, e.g. the budget settlement, hear of the event whatever the client does).
         await asyncio.shield(fut)
         return event
 
@@ -97,21 +98,8 @@ class Recorder:
 
         def done(f: asyncio.Future[None]) -> None:
             self._pending.discard(f)
-            if f.cancelled():
-                return
-            exc = f.exception()
-            if exc is None:
-                self._after(event)
-                return
-            if not awaited:  # an awaiting caller gets the exception instead
-                log.error("could not record %s: %s", event.request_id, exc)
-            if self._on_lost is not None:
-                self._on_lost(event)
+            if not awaited and not f.cancelled() and f.exception() is not None:
+                log.error("could not record %s: %s", event.request_id, f.exception())
 
         fut.add_done_callback(done)
         return event, fut
-
-    def _after(self, event: UsageEvent) -> None:
-        self.metrics.observe_event(event)
-        if self._on_event is not None:
-            self._on_event(event)

@@ -1,10 +1,18 @@
-"""Table definitions for tenants, API keys and the usage ledger (SQLAlchemy Core).
+"""metering's tables: tenants, API keys, the registry version, the usage ledger, reconcile snapshots.
 
-Migrations live in serving/migrations (Alembic); these objects are what the stores query.
-Timestamps are stored as naive UTC and handed out as aware UTC datetimes.
+Migrations live in serving/migrations (Alembic, one linear history); these objects are what the
+stores query. Timestamps are stored as naive UTC and handed out as aware UTC datetimes. serving's
+tables are in serving/tables.py, billing's in billing.
+
+The usage ledger's event columns are derived from the UsageEvent dataclass (metering/events.py):
+its field order, types, nullability and text widths.
 """
 
 from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -15,12 +23,14 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     String,
     Table,
     Text,
 )
+
+from metering.event_codec import EventCodec
+from metering.events import UsageEvent
 
 metadata = MetaData()
 
@@ -60,107 +70,38 @@ registry_version = Table(
     Column("version", BigInteger, nullable=False),
 )
 
+def event_columns(cls: type[UsageEvent] = UsageEvent) -> list[Column[Any]]:
+    """One column per field of the event class, in field order (`request_id` unique)."""
+    c = EventCodec(cls)
+    out: list[Column[Any]] = []
+    for f in c.fields:
+        t = c.types[f.name]
+        kind: Any
+        if t is bool:
+            kind = Boolean
+        elif t is int:
+            kind = Integer
+        elif issubclass(t, datetime):
+            kind = DateTime
+        elif issubclass(t, (str, enum.Enum)):
+            kind = String(f.metadata["max_length"])
+        else:
+            raise TypeError(f"UsageEvent.{f.name}: no column type for {t!r}")
+        out.append(Column(f.name, kind, nullable=c.nullable[f.name], unique=f.name == "request_id" or None))
+    return out
+
+
 usage_events = Table(
     "usage_events",
     metadata,
     Column("seq", Integer().with_variant(BigInteger, "postgresql"), primary_key=True, autoincrement=True),
-    Column("request_id", String(64), nullable=False, unique=True),
-    Column("tenant_id", String(64), nullable=False),
-    Column("key_id", String(32), nullable=False),
-    Column("model", String(128), nullable=False),
-    Column("endpoint", String(32), nullable=False),
-    Column("origin_country", String(2), nullable=False),
-    Column("origin_source", String(16), nullable=False),
-    Column("language", String(8)),
-    Column("serving_region", String(64)),
-    Column("worker_id", String(64)),
-    Column("prompt_tokens", Integer, nullable=False),
-    Column("cached_prompt_tokens", Integer, nullable=False),
-    Column("completion_tokens", Integer, nullable=False),
-    Column("stream", Boolean, nullable=False),
-    Column("outcome", String(24), nullable=False),
-    Column("estimated", Boolean, nullable=False),
-    Column("started_at", DateTime, nullable=False),
-    Column("finished_at", DateTime, nullable=False),
+    *event_columns(),
     Column("recorded_at", DateTime, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
 )
 Index("ix_usage_tenant_started", usage_events.c.tenant_id, usage_events.c.started_at)
 Index("ix_usage_started", usage_events.c.started_at)
-
-# --- guardrails (migration 0002_guardrails): limits, budgets, audit log, content logging ---------------
-# Limits and budgets of a tenant (scope "tenant") or of one key (scope "key"). NULL = no limit.
-# Money amounts are exact decimal text in the tenant's currency (never floats).
-limit_policies = Table(
-    "limit_policies",
-    metadata,
-    Column("scope", String(8), primary_key=True),  # tenant | key
-    Column("scope_id", String(64), primary_key=True),
-    Column("tenant_id", String(64), nullable=False, index=True),
-    Column("rpm", Integer),
-    Column("tpm", BigInteger),
-    Column("budget_unit", String(8)),  # tokens | money
-    Column("budget_amount", String(40)),
-    Column("budget_period", String(8)),  # month | prepaid
-    Column("budget_start", DateTime),  # prepaid: usage from here on counts against the balance
-    Column("max_tokens", Integer),
-    Column("max_prompt_tokens", Integer),
-    Column("request_timeout_s", Integer),
-    Column("content_logging", Boolean),  # tenant scope only: store prompts and completions
-    Column("content_retention_days", Integer),
-    Column("updated_at", DateTime, nullable=False),
-)
-
-# Who did what, when, from where: every admin API and CLI change. Append-only.
-audit_log = Table(
-    "audit_log",
-    metadata,
-    Column("id", Integer().with_variant(BigInteger, "postgresql"), primary_key=True, autoincrement=True),
-    Column("at", DateTime, nullable=False, index=True),
-    Column("actor", String(200), nullable=False),
-    Column("source", String(8), nullable=False),  # api | cli
-    Column("client", String(200)),  # IP address (api) or host name (cli)
-    Column("action", String(64), nullable=False),
-    Column("target", String(128)),
-    Column("tenant_id", String(64), index=True),
-    Column("outcome", String(16), nullable=False),  # ok | error
-    Column("detail", Text),  # JSON; never a secret
-)
-
-# Prompts and completions, only for tenants that turned content logging on; purged after retention.
-content_log = Table(
-    "content_log",
-    metadata,
-    Column("request_id", String(64), primary_key=True),
-    Column("tenant_id", String(64), nullable=False, index=True),
-    Column("key_id", String(32), nullable=False),
-    Column("model", String(128), nullable=False),
-    Column("created_at", DateTime, nullable=False),
-    Column("expires_at", DateTime, nullable=False, index=True),
-    Column("request", Text, nullable=False),
-    Column("completion", Text),
-)
-
-# --- metering (migration 0002_metering): idempotency keys, reconcile snapshots --------------------------
-# Idempotency-Key of a tenant -> the request that key started, and what that request answered, so a
-# retry gets the first answer instead of a second generation (and a second bill). Expires after a day.
-idempotency_keys = Table(
-    "idempotency_keys",
-    metadata,
-    Column("tenant_id", String(64), primary_key=True),
-    Column("key", String(255), primary_key=True),
-    Column("fingerprint", String(64), nullable=False),  # sha256 of endpoint + canonical request body
-    Column("request_id", String(64), nullable=False),
-    Column("stream", Boolean, nullable=False),
-    Column("state", String(16), nullable=False),  # in_flight | done
-    Column("status", Integer),
-    Column("outcome", String(24)),
-    Column("response", LargeBinary),  # the JSON body, or the SSE bytes sent, replayed to retries
-    Column("created_at", DateTime, nullable=False),
-    Column("completed_at", DateTime),
-    Column("expires_at", DateTime, nullable=False, index=True),
-)
 
 # A worker's own token counters at one moment, with the ledger position at that moment: the baseline
 # `tokenport reconcile --since T` compares deltas against. `counters_epoch` (unix seconds, the

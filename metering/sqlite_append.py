@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from datetime import datetime
+from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import event
@@ -20,17 +20,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from metering.chain import GENESIS, IN_CHUNK, chain_hash
+from metering.clock import utcnow
 from metering.db import dedicated_sqlite_connection
+from metering.event_codec import codec, sqlite_time
 from metering.events import UsageEvent
-from metering.tenants import to_naive, utcnow
 
-# The same statements as constant SQL for the DBAPI path on SQLite. The columns and their values are
-# exactly what the SQLAlchemy path writes (`_row` and `_sqlite_row`; tests compare the stored rows).
-COLUMNS = (
-    "request_id", "tenant_id", "key_id", "model", "endpoint", "origin_country", "origin_source", "language",
-    "serving_region", "worker_id", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "stream",
-    "outcome", "estimated", "started_at", "finished_at", "recorded_at", "prev_hash", "hash",
-)
+# The same statements as constant SQL for the DBAPI path on SQLite. The columns are the event's fields
+# (metering/events.py) and the chain's; the values are what the SQLAlchemy path writes (`_row` and
+# `_sqlite_row`; tests compare the stored rows).
+COLUMNS: tuple[str, ...] = (*(f.name for f in fields(UsageEvent)), "recorded_at", "prev_hash", "hash")
 _SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(COLUMNS))})")
 _SQLITE_HEAD = "SELECT hash FROM usage_events ORDER BY seq DESC LIMIT 1"
@@ -42,17 +40,8 @@ def _sqlite_existing(n: int) -> str:
     return f"SELECT request_id FROM usage_events WHERE request_id IN ({', '.join('?' * n)})"
 
 
-def _sqlite_time(value: datetime) -> str:
-    """A naive UTC datetime as SQLAlchemy's SQLite DateTime stores it: 'YYYY-MM-DD HH:MM:SS.ffffff'."""
-    return value.isoformat(" ", "microseconds")
-
-
 def _sqlite_row(e: UsageEvent, recorded_at: str, prev_hash: str, h: str) -> tuple[object, ...]:
-    return (e.request_id, e.tenant_id, e.key_id, e.model, e.endpoint, e.origin_country, e.origin_source,
-            e.language, e.serving_region, e.worker_id, e.prompt_tokens, e.cached_prompt_tokens,
-            e.completion_tokens, 1 if e.stream else 0, e.outcome.value, 1 if e.estimated else 0,
-            _sqlite_time(to_naive(e.started_at)), _sqlite_time(to_naive(e.finished_at)), recorded_at,
-            prev_hash, h)
+    return (*codec().sqlite_values(e), recorded_at, prev_hash, h)
 
 
 class SqliteAppender:
@@ -146,7 +135,7 @@ class SqliteAppender:
                     stmt = _SQLITE_HEAD
                     head = cur.execute(stmt).fetchone()
                     prev = (head[0] if head is not None else None) or GENESIS
-                    now = _sqlite_time(to_naive(utcnow()))
+                    now = sqlite_time(utcnow())
                     rows = []
                     for e in fresh:
                         h = chain_hash(prev, e)

@@ -14,26 +14,26 @@ PostgreSQL (and in-memory SQLite) use SQLAlchemy Core statements built once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, bindparam, case, func, insert, select, text
 from sqlalchemy.engine import Engine
 
 from metering.chain import GENESIS, IN_CHUNK, chain_hash, unique_events
+from metering.clock import to_aware, to_naive, utcnow
 from metering.db import is_sqlite_file
+from metering.event_codec import codec
 from metering.events import Outcome, UsageEvent
 from metering.schema import metering_snapshots, usage_events
 from metering.sqlite_append import SQLITE_FULL, SqliteAppender
-from metering.tenants import to_aware, to_naive, utcnow
 
 _PG_CHAIN_LOCK = 7_302_118  # advisory lock id serializing chain appends on PostgreSQL
 
-EXPORT_FIELDS = (
-    "request_id", "tenant_id", "key_id", "model", "origin_country", "prompt_tokens", "cached_prompt_tokens",
-    "completion_tokens", "stream", "outcome", "started_at", "finished_at",
-)
+# `tokenport usage export`: every field of the event (rows from `codec().to_record`), in field order.
+EXPORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(UsageEvent))
 GROUP_FIELDS = frozenset({"tenant_id", "origin_country", "model", "language", "outcome", "key_id",
                           "serving_region", "endpoint", "worker_id", "origin_source"})
 
@@ -52,6 +52,7 @@ _SELECT_EXISTING = select(usage_events.c.request_id).where(
     usage_events.c.request_id.in_(bindparam("ids", expanding=True)))
 _SELECT_HEAD = select(usage_events.c.hash).order_by(usage_events.c.seq.desc()).limit(1)
 _INSERT_EVENTS = insert(usage_events)
+
 
 class UsageStore:
     def __init__(self, engine: Engine) -> None:
@@ -270,28 +271,11 @@ class WorkerTotals:
 
 
 def _row(e: UsageEvent, recorded_at: datetime, prev_hash: str, h: str) -> dict[str, object]:
-    return {
-        "request_id": e.request_id, "tenant_id": e.tenant_id, "key_id": e.key_id, "model": e.model,
-        "endpoint": e.endpoint, "origin_country": e.origin_country, "origin_source": e.origin_source,
-        "language": e.language, "serving_region": e.serving_region, "worker_id": e.worker_id,
-        "prompt_tokens": e.prompt_tokens, "cached_prompt_tokens": e.cached_prompt_tokens,
-        "completion_tokens": e.completion_tokens, "stream": e.stream, "outcome": e.outcome.value,
-        "estimated": e.estimated, "started_at": to_naive(e.started_at), "finished_at": to_naive(e.finished_at),
-        "recorded_at": recorded_at, "prev_hash": prev_hash, "hash": h,
-    }
+    return {**codec().to_db(e), "recorded_at": recorded_at, "prev_hash": prev_hash, "hash": h}
 
 
-def _stored(r: object) -> StoredEvent:
-    m = dict(r)  # type: ignore[call-overload]
-    started, finished, recorded = (to_aware(m["started_at"]), to_aware(m["finished_at"]),
-                                   to_aware(m["recorded_at"]))
-    assert started and finished and recorded
-    event = UsageEvent(
-        request_id=m["request_id"], tenant_id=m["tenant_id"], key_id=m["key_id"], model=m["model"],
-        origin_country=m["origin_country"], prompt_tokens=m["prompt_tokens"],
-        cached_prompt_tokens=m["cached_prompt_tokens"], completion_tokens=m["completion_tokens"],
-        stream=bool(m["stream"]), outcome=Outcome(m["outcome"]), started_at=started, finished_at=finished,
-        endpoint=m["endpoint"], origin_source=m["origin_source"], language=m["language"],
-        serving_region=m["serving_region"], worker_id=m["worker_id"], estimated=bool(m["estimated"]),
-    )
-    return StoredEvent(seq=m["seq"], event=event, recorded_at=recorded, prev_hash=m["prev_hash"], hash=m["hash"])
+def _stored(r: Mapping[Any, Any]) -> StoredEvent:
+    recorded = to_aware(r["recorded_at"])
+    assert recorded is not None
+    return StoredEvent(seq=r["seq"], event=codec().from_db(r), recorded_at=recorded, prev_hash=r["prev_hash"],
+                       hash=r["hash"])

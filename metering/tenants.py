@@ -12,13 +12,17 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pycountry
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+# Re-exported (explicitly, for mypy) until every caller imports metering.clock; then a plain import.
+from metering.clock import to_aware as to_aware  # noqa: PLC0414
+from metering.clock import to_naive as to_naive  # noqa: PLC0414
+from metering.clock import utcnow as utcnow  # noqa: PLC0414
 from metering.schema import api_keys, registry_version, tenants
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -29,18 +33,6 @@ _CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies)
 
 class RegistryError(Exception):
     """A tenant or key request that cannot be done; the message says why."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def to_aware(value: datetime | None) -> datetime | None:
-    return None if value is None else value.replace(tzinfo=UTC)
-
-
-def to_naive(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None)
 
 
 def valid_country(code: str) -> bool:

@@ -24,26 +24,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import orjson
 
 from metering.chain import GENESIS, chain_hash
+from metering.event_codec import canonical_time, codec
+from metering.events import UsageEvent
 from metering.store_sql import StoredEvent
 
 # The fields a tenant's download carries for each event, in the order the hash covers them.
-CANONICAL_FIELDS = (
-    "request_id", "tenant_id", "key_id", "model", "endpoint", "origin_country", "origin_source", "language",
-    "serving_region", "worker_id", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "stream",
-    "outcome", "estimated", "started_at", "finished_at",
-)
-
-
-def canonical_time(value: datetime) -> str:
-    """The timestamp form the hash covers: UTC, microseconds, a trailing Z."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+CANONICAL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(UsageEvent))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +129,7 @@ def verify_chain(events: Iterable[StoredEvent], anchors: Mapping[int, str] | Non
 # --- a tenant's download -----------------------------------------------------------------------------
 def event_row_hash(row: Mapping[str, Any]) -> str:
     """sha256(prev_hash + canonical JSON array of CANONICAL_FIELDS), from a downloaded row alone."""
-    content = orjson.dumps([row[f] for f in CANONICAL_FIELDS])
+    content = orjson.dumps(codec().trim([row[f] for f in CANONICAL_FIELDS]))
     return hashlib.sha256(str(row["prev_hash"]).encode() + content).hexdigest()
 
 
@@ -173,14 +165,5 @@ def verify_event_rows(rows: Iterable[Mapping[str, Any]]) -> ChainReport:
 
 def event_row(stored: StoredEvent) -> dict[str, Any]:
     """One event as handed to a tenant: every field the hash covers, in canonical form, plus the chain."""
-    e = stored.event
-    return {
-        "seq": stored.seq, "request_id": e.request_id, "tenant_id": e.tenant_id, "key_id": e.key_id,
-        "model": e.model, "endpoint": e.endpoint, "origin_country": e.origin_country,
-        "origin_source": e.origin_source, "language": e.language, "serving_region": e.serving_region,
-        "worker_id": e.worker_id, "prompt_tokens": e.prompt_tokens, "cached_prompt_tokens": e.cached_prompt_tokens,
-        "completion_tokens": e.completion_tokens, "stream": e.stream, "outcome": e.outcome.value,
-        "estimated": e.estimated, "started_at": canonical_time(e.started_at),
-        "finished_at": canonical_time(e.finished_at), "recorded_at": canonical_time(stored.recorded_at),
-        "prev_hash": stored.prev_hash, "hash": stored.hash,
-    }
+    return {"seq": stored.seq, **codec().canonical_fields(stored.event),
+            "recorded_at": canonical_time(stored.recorded_at), "prev_hash": stored.prev_hash, "hash": stored.hash}

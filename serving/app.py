@@ -18,7 +18,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering.db import make_engine
-from metering.events import UsageEvent
 from metering.geo import OriginResolver
 from metering.language import LanguageDetector
 from metering.ledger import Ledger, LedgerUnavailable, Spool
@@ -135,11 +134,9 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
     guardrails = build_guardrails(settings, engine, tenants, usage, metrics, tokens)
 
-    def on_event(event: UsageEvent) -> None:
-        guardrails.limiter.on_event(event)  # settle the request's budget hold with its usage
-        spend.observe(event)
-
-    recorder = Recorder(ledger, metrics, on_event=on_event, on_lost=guardrails.limiter.on_lost)
+    ledger.subscribe(guardrails.limiter.on_event, guardrails.limiter.on_lost)  # settle or release budget holds
+    ledger.subscribe(spend.observe)
+    recorder = Recorder(ledger, metrics)  # subscribes the metrics
     pool = WorkerPool(workers, interval_s=settings.workers.health_interval_s,
                       on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0))
     forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens)

@@ -13,12 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from metering.audit import AuditStore
 from metering.db import make_engine
+from metering.event_codec import codec
 from metering.store_sql import EXPORT_FIELDS, UsageStore
 from metering.tenants import ApiKey, RegistryError, Tenant, TenantStore
 from serving import db_schema
 from serving.admin.audit import Auditor, Who
+from serving.audit_store import AuditStore
 from serving.settings import Settings
 
 tenants_app = typer.Typer(help="Tenants: the customer organisations.", no_args_is_help=True)
@@ -208,12 +209,7 @@ def usage_export(
     if writer is not None:
         writer.writeheader()
     for stored in usage.iter_events(tenant_id=tenant, start=start, end=end):
-        e = stored.event
-        row = {"request_id": e.request_id, "tenant_id": e.tenant_id, "key_id": e.key_id, "model": e.model,
-               "origin_country": e.origin_country, "prompt_tokens": e.prompt_tokens,
-               "cached_prompt_tokens": e.cached_prompt_tokens, "completion_tokens": e.completion_tokens,
-               "stream": e.stream, "outcome": e.outcome.value, "started_at": e.started_at.isoformat(),
-               "finished_at": e.finished_at.isoformat()}
+        row = codec().to_record(stored.event)  # every field, as EXPORT_FIELDS lists them
         if writer is not None:
             writer.writerow(row)
         else:

@@ -23,12 +23,12 @@ from billing.render.report import REPORT_FORMATS, render_report
 from billing.reports import GroupBy
 from billing.service import BillingService, FinalizeReport, RunReport, document_summary, documents_summary
 from billing.store import BillingStore
-from metering.audit import AuditStore
 from metering.db import make_engine
 from metering.store_sql import UsageStore
 from metering.tenants import TenantStore
 from serving import db_schema
 from serving.admin.audit import Auditor, Who
+from serving.audit_store import AuditStore
 from serving.settings import Settings
 
 invoices_app = typer.Typer(help="Invoices and credit notes: run, finalize, void, list, show.", no_args_is_help=True)

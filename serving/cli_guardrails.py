@@ -12,10 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from metering.audit import AuditStore
 from metering.db import make_engine
 from metering.tenants import RegistryError
 from serving.admin.audit import Who
+from serving.audit_store import AuditStore
 from serving.cli_accounts import JsonOpt, _settings, auditor, fail, keys_app, open_stores, tenants_app
 from serving.limits.policy import LimitPolicy
 from serving.limits.pricing import PriceBookPricer, PriceUnavailable, cost_units

@@ -21,8 +21,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.responses import Response, StreamingResponse
 
-from metering.schema import content_log
 from metering.tenants import to_aware, to_naive, utcnow
+from serving.tables import content_log
 
 log = logging.getLogger("tokenport.content")
 MAX_TEXT = 1_000_000  # characters kept of a completion

@@ -42,10 +42,10 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering.recorder import RequestMeter
-from metering.schema import idempotency_keys
 from metering.store_sql import UsageStore
 from metering.tenants import to_aware, to_naive, utcnow
 from serving.errors import Conflict, InvalidRequest, ServiceUnavailable
+from serving.tables import idempotency_keys
 
 log = logging.getLogger("tokenport.idempotency")
 HEADER = "idempotency-key"

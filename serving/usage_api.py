@@ -22,8 +22,9 @@ from fastapi import APIRouter, Depends, Query
 from starlette.requests import Request
 from starlette.responses import Response
 
+from metering.event_codec import canonical_time
 from metering.store_sql import StoredEvent
-from metering.verify import CANONICAL_FIELDS, canonical_time, event_row
+from metering.verify import CANONICAL_FIELDS, event_row
 from serving.auth import Principal
 from serving.errors import InvalidRequest
 

@@ -17,8 +17,8 @@ import orjson
 from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response
 
-from metering.audit import AuditStore
 from serving.admin.auth import Admin
+from serving.audit_store import AuditStore
 
 if TYPE_CHECKING:
     from serving.app import Platform

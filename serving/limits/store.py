@@ -11,9 +11,10 @@ from typing import Any, Literal
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from metering.schema import api_keys, limit_policies, registry_version, tenants
+from metering.schema import api_keys, registry_version, tenants
 from metering.tenants import RegistryError, to_aware, to_naive, utcnow
 from serving.limits.policy import PERIODS, UNITS, Budget, LimitPolicy
+from serving.tables import limit_policies
 
 Scope = Literal["tenant", "key"]
 UNSET: Any = object()

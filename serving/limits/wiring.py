@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
 
-from metering.audit import AuditStore
 from metering.metrics import Metrics
 from metering.store_sql import UsageStore
 from metering.tenants import TenantStore
 from metering.tokencount import TokenCounter
 from serving.admin.audit import Auditor
+from serving.audit_store import AuditStore
 from serving.content_log import ContentLogger, ContentLogStore
 from serving.limits.backend import Backend, MemoryBackend
 from serving.limits.cache import PolicyCache

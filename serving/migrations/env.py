@@ -1,10 +1,10 @@
-"""Alembic environment: one migration history for the metering and billing tables."""
+"""Alembic environment: one linear migration history for the tables of every package."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from serving.db_schema import target_metadata
+from serving.db_schema import linearize_stamps, target_metadata
 
 config = context.config
 
@@ -16,11 +16,14 @@ def run_migrations_online() -> None:
 
         engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
         with engine.connect() as connection:
+            with connection.begin():  # committed on its own: SQLite's DDL is not run in one transaction
+                linearize_stamps(connection)
             context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
             with context.begin_transaction():
                 context.run_migrations()
         engine.dispose()
         return
+    linearize_stamps(connectable)  # inside the caller's transaction (serving/db_schema.py: upgrade)
     context.configure(connection=connectable, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()

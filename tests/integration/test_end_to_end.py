@@ -225,9 +225,10 @@ def test_revoked_key_is_refused_at_once(gateway: Gateway) -> None:
 
 def test_usage_export_and_summary(gateway: Gateway) -> None:
     rows = [json.loads(line) for line in gateway.cli("usage", "export", "--tenant", "kz-bank").stdout.splitlines()]
-    assert rows and set(rows[0]) == {
-        "request_id", "tenant_id", "key_id", "model", "origin_country", "prompt_tokens", "cached_prompt_tokens",
-        "completion_tokens", "stream", "outcome", "started_at", "finished_at"}
+    assert rows and list(rows[0]) == [  # every field of UsageEvent, in its order (metering/events.py)
+        "request_id", "tenant_id", "key_id", "model", "endpoint", "origin_country", "origin_source", "language",
+        "serving_region", "worker_id", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "stream",
+        "outcome", "estimated", "started_at", "finished_at"]
     csv_out = gateway.cli("usage", "export", "--tenant", "kz-bank", "--format", "csv").stdout.splitlines()
     assert len(csv_out) == len(rows) + 1
     summary = gateway.cli_json("usage", "summary", "--by", "tenant,origin_country,model")

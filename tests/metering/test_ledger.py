@@ -13,8 +13,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from metering.db import make_engine
+from metering.event_codec import codec
 from metering.events import Outcome, UsageEvent
-from metering.ledger import Ledger, LedgerUnavailable, Spool, event_from_json, event_to_json
+from metering.ledger import Ledger, LedgerUnavailable, Spool
 from metering.store_sql import UsageStore
 from serving import db_schema
 from tests.metering.conftest import EventFactory
@@ -52,7 +53,7 @@ class Commits:
 
 def test_event_json_round_trip(event: EventFactory) -> None:
     e = event(outcome=Outcome.UPSTREAM_ERROR, estimated=True, language=None, worker_id=None)
-    assert event_from_json(event_to_json(e)) == e
+    assert codec().from_json(codec().to_json(e)) == e
 
 
 async def test_group_commit_stores_all_in_fewer_commits(

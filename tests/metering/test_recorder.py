@@ -74,8 +74,9 @@ async def parts(
     ledger = Ledger(store, Spool(tmp_path / "s.jsonl"))
     metrics = Metrics({"m"})
     seen: list[UsageEvent] = []
+    ledger.subscribe(seen.append)
     await ledger.start()
-    yield Recorder(ledger, metrics, on_event=seen.append), store, metrics, seen
+    yield Recorder(ledger, metrics), store, metrics, seen
     await ledger.close()
 
 
@@ -114,8 +115,8 @@ async def test_record_nowait_moves_metrics_once_committed(
 
 
 async def test_an_event_the_ledger_refused_is_reported_lost(tmp_path: Path) -> None:
-    """Fail-closed and the database down: the caller gets LedgerUnavailable and `on_lost` hears of
-    the event (so budget holds can go); `on_event` never does."""
+    """Fail-closed and the database down: the caller gets LedgerUnavailable and the `refused`
+    subscriber hears of the event (so budget holds can go); the `committed` one never does."""
     from sqlalchemy.exc import OperationalError
 
     from metering.ledger import LedgerUnavailable
@@ -130,7 +131,8 @@ async def test_an_event_the_ledger_refused_is_reported_lost(tmp_path: Path) -> N
     ledger = Ledger(Down(), Spool(tmp_path / "s.jsonl"), fail_closed=True)  # type: ignore[arg-type]
     seen: list[UsageEvent] = []
     lost: list[UsageEvent] = []
-    recorder = Recorder(ledger, Metrics({"m"}), on_event=seen.append, on_lost=lost.append)
+    ledger.subscribe(seen.append, lost.append)
+    recorder = Recorder(ledger, Metrics({"m"}))
     await ledger.start()
     try:
         with pytest.raises(LedgerUnavailable):

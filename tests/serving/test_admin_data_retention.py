@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from metering.schema import content_log
 from metering.tenants import to_naive, utcnow
 from serving.content_log import ContentLogStore
+from serving.tables import content_log
 from tests.conftest import MODEL, Gateway
 from tests.fakes import FakeWorker
 from tests.serving.limits_support import bearer, chat, guarded_gateway, set_limits, stream_all

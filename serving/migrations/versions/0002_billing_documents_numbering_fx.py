@@ -1,7 +1,7 @@
 """billing: documents, coverage, gapless counters, imported FX rates, period closes
 
 Revision ID: 0002_billing
-Revises: 0001
+Revises: 0002_metering
 Create Date: 2026-11-23 22:00:00
 
 Issued documents are protected by triggers (SQLite and PostgreSQL): once a row is finalized or
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_billing"
-down_revision = "0001"
+down_revision = "0002_metering"
 branch_labels = None
 depends_on = None
 
@@ -73,6 +73,8 @@ def _postgresql_triggers() -> list[str]:
 
 
 def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("billing_documents"):
+        return  # applied while this revision was one of three heads off 0001 (serving/db_schema.py)
     op.create_table(
         "billing_documents",
         sa.Column("id", _ID, autoincrement=True, nullable=False),

@@ -13,6 +13,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("limit_policies"):
+        return  # applied while this revision was one of three heads off 0001 (serving/db_schema.py)
     op.create_table('limit_policies',
     sa.Column('scope', sa.String(length=8), nullable=False),
     sa.Column('scope_id', sa.String(length=64), nullable=False),

@@ -1,18 +1,20 @@
 """metering: idempotency keys, reconcile snapshots
 
 Revision ID: 0002_metering
-Revises: 0001
+Revises: 0002_guardrails
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0002_metering'
-down_revision = '0001'
+down_revision = "0002_guardrails"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("idempotency_keys"):
+        return  # applied while this revision was one of three heads off 0001 (serving/db_schema.py)
     op.create_table('idempotency_keys',
     sa.Column('tenant_id', sa.String(length=64), nullable=False),
     sa.Column('key', sa.String(length=255), nullable=False),

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
-from metering.schema import audit_log
-from metering.tenants import to_aware, to_naive, utcnow
+from metering.clock import to_aware, to_naive, utcnow
+from serving.tables import audit_log
 
 
 @dataclass(frozen=True, slots=True)
