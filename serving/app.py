@@ -15,7 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering.db import make_engine
 from metering.geo import OriginResolver
@@ -35,14 +34,13 @@ from serving.admin import tenants as admin_tenants
 from serving.admin import usage as admin_usage
 from serving.admin.auth import AdminAuth
 from serving.auth import KeyRing
-from serving.errors import InvalidRequest, NotFound, ServiceUnavailable, TokenportError
-from serving.front import Front, error_response, ledger_unavailable
-from serving.idempotency import Idempotency, IdempotencyMiddleware, IdempotencyStore
+from serving.errors import ServiceUnavailable, TokenportError, render
+from serving.idempotency import Idempotency, IdempotencyStore
 from serving.limits.http_timeouts import BodyGuardMiddleware
 from serving.limits.wiring import Guardrails, build_guardrails
-from serving.openai import chat, completions, models
+from serving.openai import models, routes
 from serving.openai.protocol import hoist_defs
-from serving.openai.service import OpenAIService, new_request_id
+from serving.pipeline import REQUEST_ID, Pipeline, new_request_id
 from serving.proxy.forward import Forwarder
 from serving.proxy.pool import Worker, WorkerPool
 from serving.settings import Settings
@@ -75,32 +73,6 @@ def build_workers(settings: Settings, extra: Iterable[ExtraWorker] = ()) -> list
     return workers
 
 
-class RequestIdMiddleware:
-    """Gives every request an id, puts X-Request-Id on every response, counts responses by route."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        scope.setdefault("tokenport.request_id", new_request_id())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                # read now: an idempotent replay answers with the id of the request it replays
-                header = (b"x-request-id", str(scope["tokenport.request_id"]).encode())
-                message["headers"] = [*message.get("headers", []), header]
-                route = scope.get("route")
-                path = getattr(route, "path", "unmatched")
-                self.metrics.child(self.metrics.responses, path, str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
 @dataclass(frozen=True)
 class Platform:
     """Every long-lived part of a gateway process, built once by create_app and handed to routers."""
@@ -115,7 +87,6 @@ class Platform:
     keyring: KeyRing
     pool: WorkerPool
     forwarder: Forwarder
-    service: OpenAIService
     admin: AdminAuth
     guardrails: Guardrails  # limits, budgets, audit log, content logging
 
@@ -142,9 +113,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens)
     origin = OriginResolver(settings.gateway.origin_country_header, settings.gateway.trusted_proxies,
                             settings.gateway.geoip_db)
-    service = OpenAIService(keyring, forwarder, origin,
-                            LanguageDetector(settings.metering.languages), guard=guardrails.guard)
-    service.idempotency = idempotency = Idempotency(
+    idempotency = Idempotency(
         IdempotencyStore(engine), usage, ttl_s=settings.metering.idempotency_ttl_s,
         stale_after_s=settings.gateway.request_timeout_s + 60)
     def set_drift(row: DriftRow) -> None:
@@ -155,7 +124,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
                                     settings.metering.reconcile_interval_s, lambda: forwarder.session)
     platform = Platform(settings=settings, engine=engine, tenants=tenants, usage=usage, metrics=metrics,
                         ledger=ledger, recorder=recorder, keyring=keyring, pool=pool, forwarder=forwarder,
-                        service=service, admin=AdminAuth(settings.admin_token), guardrails=guardrails)
+                        admin=AdminAuth(settings.admin_token), guardrails=guardrails)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -189,9 +158,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
 
     app = FastAPI(title="Tokenport", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway with exact per-tenant, per-country token metering.")
-    app.include_router(chat.router(service))
-    app.include_router(completions.router(service))
-    app.include_router(models.router(service, created=int(time.time())))
+    app.include_router(routes.router())  # documents the completion routes; the Pipeline serves them
+    app.include_router(models.router(keyring, pool, created=int(time.time())))
     for build in ROUTERS:
         app.include_router(build(platform))
 
@@ -209,46 +177,27 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.exception_handler(TokenportError)
-    async def on_tokenport_error(_r: Request, exc: TokenportError) -> Response:
-        return error_response(exc)
+    async def on_error(_r: Request, exc: Exception) -> Response:
+        status, headers, body = render(exc)
+        return Response(body, status, headers=headers)
 
-    @app.exception_handler(LedgerUnavailable)
-    async def on_ledger_unavailable(_r: Request, _exc: LedgerUnavailable) -> Response:
-        return error_response(ledger_unavailable())
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_r: Request, exc: RequestValidationError) -> Response:
-        err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
-        return error_response(InvalidRequest(str(err.get("msg")), param=param))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_r: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404:
-            return error_response(NotFound("Unknown route.", code="unknown_route"))
-        err = TokenportError(str(exc.detail))
-        err.status_code = exc.status_code
-        err.error_type = "invalid_request_error" if exc.status_code < 500 else "api_error"
-        return error_response(err)
+    for known in (TokenportError, LedgerUnavailable, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(known, on_error)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        # Starlette runs this handler outside RequestIdMiddleware: add the id and count it here.
-        log.exception("unexpected error", exc_info=exc)
-        err = TokenportError("The gateway had an internal error.")
-        request_id = str(request.scope.get("tokenport.request_id") or new_request_id())
-        err.headers = {"X-Request-Id": request_id}
+        # Starlette runs this handler outside the Pipeline: add the id and count it here.
+        status, headers, body = render(exc)
+        headers["X-Request-Id"] = str(request.scope.get(REQUEST_ID) or new_request_id())
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.responses.labels(route, "500").inc()
-        return error_response(err)
+        metrics.responses.labels(route, str(status)).inc()
+        return Response(body, status, headers=headers)
 
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.gateway.max_body_bytes,
                        timeout_s=settings.gateway.body_timeout_s)
-    app.add_middleware(IdempotencyMiddleware, idempotency=idempotency)
-    app.add_middleware(RequestIdMiddleware, metrics=metrics)
-    # outermost: the completion routes' short path (serving/front.py); the rest goes on to FastAPI
-    app.add_middleware(Front, service=service, metrics=metrics, max_body_bytes=settings.gateway.max_body_bytes,
-                       body_timeout_s=settings.gateway.body_timeout_s)
+    # outermost: the completion pipeline (serving/pipeline.py); the rest goes on to FastAPI
+    app.add_middleware(Pipeline, keyring=keyring, origin=origin, language=LanguageDetector(settings.metering.languages),
+                       idempotency=idempotency, guard=guardrails.guard, forwarder=forwarder, metrics=metrics,
+                       max_body_bytes=settings.gateway.max_body_bytes, body_timeout_s=settings.gateway.body_timeout_s)
     app.openapi_schema = hoist_defs(app.openapi())  # inline request schemas' $defs -> components
     return app

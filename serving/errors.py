@@ -24,14 +24,24 @@
 admin and tenant invoice routes.
 
 The body is always {"error": {"message", "type", "param", "code"}}, as OpenAI sends it, so the
-official SDKs raise their matching exception classes.
+official SDKs raise their matching exception classes. `render(exc)` is the one place an exception
+becomes a response (the completion pipeline and FastAPI's exception handlers both call it): any
+other exception is an internal error, logged, and answered 500 in the same shape.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from metering.ledger import LedgerUnavailable
+
+log = logging.getLogger("tokenport.gateway")
+JSON_HEADERS = {"content-type": "application/json"}
 
 
 class TokenportError(Exception):
@@ -117,3 +127,35 @@ class ServiceUnavailable(TokenportError):
 
 class NoHealthyWorker(ServiceUnavailable):
     code = "no_healthy_worker"
+
+
+def ledger_unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("The usage ledger is unavailable, so requests are refused (metering.fail_closed); "
+                              "retry shortly.", code="ledger_unavailable")
+
+
+def to_error(exc: BaseException) -> TokenportError:
+    """Any exception as the gateway error the client gets."""
+    if isinstance(exc, TokenportError):
+        return exc
+    if isinstance(exc, LedgerUnavailable):
+        return ledger_unavailable()
+    if isinstance(exc, RequestValidationError):  # FastAPI's own validation (admin and tenant routes)
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return InvalidRequest(str(first.get("msg")), param=param)
+    if isinstance(exc, HTTPException):  # Starlette's routing: unknown route, method not allowed
+        if exc.status_code == 404:
+            return NotFound("Unknown route.", code="unknown_route")
+        err = TokenportError(str(exc.detail))
+        err.status_code = exc.status_code
+        err.error_type = "invalid_request_error" if exc.status_code < 500 else "api_error"
+        return err
+    log.error("unexpected error", exc_info=exc)
+    return TokenportError("The gateway had an internal error.")
+
+
+def render(exc: BaseException) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of the response that answers `exc`, in OpenAI's error shape."""
+    err = to_error(exc)
+    return err.status_code, {**JSON_HEADERS, **err.headers}, err.body_bytes()

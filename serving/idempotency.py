@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,9 +37,7 @@ import orjson
 from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Send
 
 from metering.recorder import RequestMeter
 from metering.store_sql import UsageStore
@@ -49,9 +47,6 @@ from serving.tables import idempotency_keys
 
 log = logging.getLogger("tokenport.idempotency")
 HEADER = "idempotency-key"
-_HEADER_BYTES = HEADER.encode()
-CLAIM_SCOPE = "tokenport.idempotency"
-METER_SCOPE = "tokenport.meter"
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -140,10 +135,48 @@ def fingerprint(endpoint: str, body: dict[str, Any]) -> str:
 
 @dataclass(slots=True)
 class Claim:
+    """A key this request holds; what it answers is captured on the way out (`capture`)."""
+
     tenant_id: str
     key: str
     request_id: str
     stream: bool
+    cap: int  # bytes of answer kept (Idempotency.max_response_bytes)
+    status: int | None = None
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    ended: bool = False
+
+    def capture(self, send: Send) -> Send:
+        """`send`, keeping the status and the bytes of the answer (JSON or streamed) to store them."""
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                part = bytes(message.get("body", b""))
+                self.size += len(part)
+                if self.size <= self.cap:
+                    self.chunks.append(part)
+                if not message.get("more_body", False):
+                    self.ended = True
+            await send(message)
+
+        return watch
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The stored answer of a finished request with this key, to send again."""
+
+    request_id: str  # the metered request's id (X-Request-Id of the replay)
+    status: int
+    body: bytes
+    stream: bool
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        media = b"text/event-stream" if self.stream else b"application/json"
+        return [(b"content-type", media), (b"content-length", str(len(self.body)).encode()),
+                (b"idempotent-replayed", b"true")]
 
 
 class Idempotency:
@@ -167,16 +200,14 @@ class Idempotency:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def claim(self, request: Request, tenant_id: str, endpoint: str, body: dict[str, Any]) -> Response | None:
-        """Claim the request's Idempotency-Key; a Response (replay) when a retry must not run again."""
-        key = request.headers.get(HEADER)
-        if key is None:
-            return None
-        key = key.strip()
+    async def claim(self, header: str, tenant_id: str, request_id: str, endpoint: str,
+                    body: dict[str, Any]) -> Claim | Replay:
+        """Claim the request's Idempotency-Key (`header`): a Claim to run it, a Replay when a retry
+        must not run again; Conflict / InvalidRequest / ServiceUnavailable otherwise."""
+        key = header.strip()
         if not key or len(key) > 255:
             raise InvalidRequest("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key",
                                  code="invalid_idempotency_key")
-        request_id: str = request.scope["tokenport.request_id"]
         fp = fingerprint(endpoint, body)
         stream = bool(body.get("stream"))
         try:
@@ -191,8 +222,7 @@ class Idempotency:
             raise ServiceUnavailable("Requests with an Idempotency-Key cannot be accepted right now (the ledger "
                                      "database is unavailable); retry shortly.", code="idempotency_unavailable") from exc
         if existing is None:
-            request.scope[CLAIM_SCOPE] = Claim(tenant_id, key, request_id, stream)
-            return None
+            return Claim(tenant_id, key, request_id, stream, self.max_response_bytes)
         if existing.fingerprint != fp:
             raise InvalidRequest("This Idempotency-Key was already used with a different request body; "
                                  "use a new key for a new request.", param="Idempotency-Key",
@@ -204,14 +234,12 @@ class Idempotency:
             raise Conflict(f"The request with this Idempotency-Key ({existing.request_id}) ended without a "
                            f"complete answer ({existing.outcome or 'unknown'}) and was billed; send a new "
                            "Idempotency-Key to run it again.", code="idempotency_key_consumed")
-        request.scope["tokenport.request_id"] = existing.request_id  # X-Request-Id: the metered request
-        headers = {"Idempotent-Replayed": "true"}
-        if existing.stream:
-            return Response(existing.response, existing.status, headers=headers, media_type="text/event-stream")
-        return Response(existing.response, existing.status, headers=headers, media_type="application/json")
+        return Replay(existing.request_id, existing.status, existing.response, existing.stream)
 
-    def finish(self, claim: Claim, status: int | None, body: bytes | None, meter: RequestMeter | None) -> None:
-        """Store the answer, consume the key, or release it (see the module docstring)."""
+    def finish(self, claim: Claim, meter: RequestMeter | None) -> None:
+        """Store the captured answer, consume the key, or release it (see the module docstring)."""
+        status = claim.status if claim.ended else None
+        body = b"".join(claim.chunks) if claim.ended and claim.size <= claim.cap else None
         complete = status is not None and body is not None and (
             not claim.stream or status != 200 or body.endswith(DONE_EVENT))
         billed = meter is not None and meter.recorded and (meter.prompt_tokens + meter.completion_tokens) > 0
@@ -246,46 +274,3 @@ class Idempotency:
                 await asyncio.to_thread(self.store.purge)
             except SQLAlchemyError as exc:
                 log.warning("idempotency purge failed: %s", exc)
-
-
-class IdempotencyMiddleware:
-    """Watches the responses of requests that claimed an Idempotency-Key (status, bytes sent, end)
-    and hands them to Idempotency.finish. Requests without a claim pass through untouched."""
-
-    def __init__(self, app: ASGIApp, idempotency: Idempotency) -> None:
-        self.app = app
-        self.idempotency = idempotency
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Only a request that carries the header can claim a key: every other one passes untouched
-        # (no wrapped `send` on the hot path).
-        if scope["type"] != "http" or not any(name == _HEADER_BYTES for name, _ in scope.get("headers", ())):
-            await self.app(scope, receive, send)
-            return
-        status: int | None = None
-        chunks: list[bytes] = []
-        size = 0
-        ended = False
-        cap = self.idempotency.max_response_bytes
-
-        async def watch(message: Message) -> None:
-            nonlocal status, size, ended
-            if CLAIM_SCOPE in scope:
-                if message["type"] == "http.response.start":
-                    status = int(message["status"])
-                elif message["type"] == "http.response.body":
-                    part = bytes(message.get("body", b""))
-                    size += len(part)
-                    if size <= cap:
-                        chunks.append(part)
-                    if not message.get("more_body", False):
-                        ended = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        finally:
-            claim = scope.get(CLAIM_SCOPE)
-            if isinstance(claim, Claim):
-                body = b"".join(chunks) if ended and size <= cap else None
-                self.idempotency.finish(claim, status if ended else None, body, scope.get(METER_SCOPE))

@@ -7,7 +7,8 @@
     ├── ContextLengthExceeded (400, context_length_exceeded)  prompt over the tenant's maximum
     ├── MaxTokensExceeded     (400, max_tokens_exceeded)      max_tokens over the tenant's maximum
     ├── RequestShapeError     (400, invalid_json_shape)       too deep / too many fields
-    └── RequestTimeout        (408, request_timeout)          body not received in time
+    ├── RequestTimeout        (408, request_timeout)          head or body not received in time
+    └── HeadersTooLarge       (431, headers_too_large)        request head over gateway.max_header_bytes
     PermissionDenied (403)
     └── ModelNotPriced        (403, model_not_priced)         money budget, model has no price
     ServiceUnavailable (503)
@@ -43,6 +44,11 @@ class RequestShapeError(InvalidRequest):
 class RequestTimeout(InvalidRequest):
     status_code = 408
     code = "request_timeout"
+
+
+class HeadersTooLarge(InvalidRequest):
+    status_code = 431
+    code = "headers_too_large"
 
 
 class ModelNotPriced(PermissionDenied):

@@ -1,17 +1,16 @@
-"""The request path's guardrails, in the order they run (serving/openai/service.py calls them):
+"""The request path's guardrails, in the order they run (serving/pipeline.py calls them):
 
 1. check_shape: JSON nesting depth, number of values and of keys per object (400 invalid_json_shape);
 2. admit: the tenant's caps (max_tokens 400, prompt length 400 context_length_exceeded), the worst
    case of the request (prompt upper bound + n x max_tokens, max_tokens capped by the tenant's
    maximum and injected when the client sent none), then the Limiter's reservation (429);
-3. run: forwards with the tenant's request timeout and the rate-limit headers; releases the hold if
-   the request ends before any usage event; wraps the response for content logging if the tenant
-   turned it on.
+3. around the forward: the tenant's request timeout (`timeout_s`), `release` of the hold when the
+   request ends before any usage event, `log_content` when the tenant turned content logging on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import Response
@@ -19,12 +18,9 @@ from starlette.responses import Response
 from metering.recorder import RequestMeter
 from metering.tenants import Tenant
 from serving.content_log import ContentLogger
-from serving.errors import TokenportError
 from serving.limits.errors import ContextLengthExceeded, MaxTokensExceeded, RequestShapeError
 from serving.limits.limiter import Admission, Limiter
 from serving.limits.tokens import PromptCounter
-
-Forward = Callable[[dict[str, str], float | None], Awaitable[Response]]
 
 
 class Guard:
@@ -93,21 +89,20 @@ class Guard:
         return await self.limiter.admit(tenant, key_id, request_id, model, prompt_tokens=count.tokens,
                                         completion_tokens=count.prompts * choices * cap, effective=eff)
 
-    async def run(self, adm: Admission, meter: RequestMeter, raw: bytes, forward: Forward) -> Response:
-        own_timeout = adm.timeout_s if adm.timeout_s < self.limiter.defaults.request_timeout_s else None
-        try:
-            resp = await forward(dict(adm.headers), own_timeout)
-        except BaseException as exc:
-            if not meter.recorded:  # no usage event will come to settle the hold
-                self.limiter.release(adm)
-            if isinstance(exc, TokenportError):
-                for k, v in adm.headers.items():
-                    exc.headers.setdefault(k, v)
-            raise
-        if self.content is not None:
-            resp = self.content.wrap(resp, request_id=meter.request_id, tenant_id=meter.tenant_id,
-                                     key_id=meter.key_id, model=meter.model, request=raw)
-        return resp
+    def timeout_s(self, adm: Admission) -> float | None:
+        """The tenant's own request timeout, when shorter than the gateway's (else None)."""
+        return adm.timeout_s if adm.timeout_s < self.limiter.defaults.request_timeout_s else None
+
+    def release(self, adm: Admission) -> None:
+        """The request ended before any usage event (none will come to settle the hold): drop it."""
+        self.limiter.release(adm)
+
+    def log_content(self, resp: Response, meter: RequestMeter, raw: bytes) -> Response:
+        """The response, teed into the content log when the tenant turned it on."""
+        if self.content is None:
+            return resp
+        return self.content.wrap(resp, request_id=meter.request_id, tenant_id=meter.tenant_id,
+                                 key_id=meter.key_id, model=meter.model, request=raw)
 
 
 def _int(value: Any) -> int:

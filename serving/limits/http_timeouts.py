@@ -18,18 +18,18 @@ from asyncio import TimerHandle
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serving.errors import BodyTooLarge
-from serving.limits.errors import RequestTimeout
+from serving.errors import BodyTooLarge, TokenportError, render
+from serving.limits.errors import HeadersTooLarge, RequestTimeout
 
 
-def _raw_error(status: int, reason: str, message: str, code: str) -> bytes:
-    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                   "code": code}})
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+def _raw_error(reason: str, exc: TokenportError) -> bytes:
+    """A whole HTTP/1.1 response for `exc`, written straight to the transport (no ASGI app ran)."""
+    status, headers, body = render(exc)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (f"HTTP/1.1 {status} {reason}\r\n{head}content-length: {len(body)}\r\n"
             f"connection: close\r\n\r\n").encode() + body
 
 
@@ -74,8 +74,8 @@ class GuardedHttpTools(HttpToolsProtocol):
         if self._in_head and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
-                self._reject(431, "Request Header Fields Too Large",
-                             f"The request head is larger than {self.max_header_bytes} bytes.", "headers_too_large")
+                self._reject("Request Header Fields Too Large", HeadersTooLarge(
+                    f"The request head is larger than {self.max_header_bytes} bytes."))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -97,13 +97,13 @@ class GuardedHttpTools(HttpToolsProtocol):
             if self._busy():  # a pipelined head while a response is still going: wait for it
                 self._arm()
                 return
-            self._reject(408, "Request Timeout",
-                         f"The request head was not received within {self.header_timeout_s:g} s.", "request_timeout")
+            self._reject("Request Timeout", RequestTimeout(
+                f"The request head was not received within {self.header_timeout_s:g} s."))
 
-    def _reject(self, status: int, reason: str, message: str, code: str) -> None:
+    def _reject(self, reason: str, exc: TokenportError) -> None:
         self._disarm()
         if not self._busy():
-            self.transport.write(_raw_error(status, reason, message, code))
+            self.transport.write(_raw_error(reason, exc))
         self.transport.close()
 
 
@@ -121,7 +121,7 @@ class ClientGone(Exception):
 
 
 async def read_body(receive: Receive, headers: Mapping[str, str], *, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole body, for an app that reads it itself (serving/front.py), under the rules
+    """The whole body, for an app that reads it itself (serving/pipeline.py), under the rules
     BodyGuardMiddleware applies to the other routes: within `timeout_s` (408) and `max_bytes` (413),
     both closing the connection; a refused body is drained for a moment first (outside the deadline)."""
     declared = headers.get("content-length")

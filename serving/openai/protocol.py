@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.errors import InvalidRequest
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -121,3 +124,17 @@ def hoist_defs(doc: dict[str, Any]) -> dict[str, Any]:
             for media in op.get("requestBody", {}).get("content", {}).values():
                 schemas.update(media.get("schema", {}).pop("$defs", {}))
     return doc
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object (400 in OpenAI's shape otherwise)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "UTF-8" in exc.msg or "surrogate" in exc.msg:
+            raise InvalidRequest("The request body is not valid UTF-8 JSON (invalid bytes or a lone surrogate).",
+                                 code="invalid_utf8") from exc
+        raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body

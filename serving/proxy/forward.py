@@ -23,6 +23,8 @@ from metering.metrics import Metrics
 from metering.recorder import Recorder, RequestMeter
 from metering.tokencount import TokenCounter
 from serving.errors import TokenportError, UpstreamError
+from serving.openai.routes import BY_ENDPOINT
+from serving.proxy.flight import Flight
 from serving.proxy.pool import Worker, WorkerPool
 from serving.proxy.relay import RelayResponse, StreamRelay
 from serving.proxy.upstream import UpstreamClient, UpstreamResponse
@@ -30,7 +32,6 @@ from serving.proxy.upstream import UpstreamError as UpstreamConnectionError
 
 JSON = "application/json"
 MAX_ATTEMPTS = 2
-ROUTES = {"chat.completions": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
 class Forwarder:
@@ -110,9 +111,10 @@ class Forwarder:
         await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
         raise UpstreamError(f"Could not reach a worker for '{meter.model}': {type(last).__name__}")
 
-    async def forward(self, meter: RequestMeter, path: str, body: dict[str, Any],
-                      headers: dict[str, str], t0: float, *, timeout_s: float | None = None) -> Response:
-        """`timeout_s`: a tenant's own request timeout (else `gateway.request_timeout_s`)."""
+    async def forward(self, meter: RequestMeter, body: dict[str, Any], headers: dict[str, str], t0: float, *,
+                      timeout_s: float | None = None) -> Response:
+        """The worker's answer as the client's response (a stream relay for a stream); `timeout_s`: a
+        tenant's own request timeout (else `gateway.request_timeout_s`)."""
         await self.recorder.ledger.admit()  # metering.fail_closed: 503 before any worker runs anything
         want_usage = want_continuous = False
         if meter.stream:
@@ -121,39 +123,26 @@ class Forwarder:
             want_continuous = bool(opts.get("continuous_usage_stats"))
             body["stream_options"] = {**opts, "include_usage": True, "continuous_usage_stats": True}
         raw = orjson.dumps(body)
+        path = BY_ENDPOINT[meter.endpoint].path
         model_label = self.metrics.model_label(meter.model)
         inflight = self.metrics.child(self.metrics.inflight, model_label)
         inflight.inc()
         t_up = time.perf_counter()
-        overhead = t_up - t0
         deadline = asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
             worker, resp, got = await self._open(meter, path, raw, deadline, body)
         except BaseException:
             inflight.dec()
             raise
+        flight = Flight(worker, self.metrics, model_label, path, inflight, t0, t_up)
         if not meter.stream or resp.status != 200:  # the whole answer (not streamed, or an error status)
-            worker.inflight -= 1
-            inflight.dec()
-            upstream_s = time.perf_counter() - t_up
-            self.metrics.child(self.metrics.upstream, model_label, worker.id).observe(upstream_s)
+            flight.land()
             try:
                 return await self._finish_json(meter, resp.status, got, headers, body)
             finally:
-                now = time.perf_counter()
-                self.metrics.child(self.metrics.duration, model_label, "false").observe(now - t0)
-                self.metrics.child(self.metrics.overhead, ROUTES[meter.endpoint]).observe(now - t0 - upstream_s)
-
-        def on_end(relay: StreamRelay) -> None:
-            worker.inflight -= 1
-            inflight.dec()
-            now = time.perf_counter()
-            self.metrics.child(self.metrics.upstream, model_label, worker.id).observe(now - t_up)
-            self.metrics.child(self.metrics.duration, model_label, "true").observe(now - t0)
-            self.metrics.child(self.metrics.overhead, ROUTES[meter.endpoint]).observe(overhead + relay.overhead)
-
+                flight.answered()
         relay = StreamRelay(meter, resp, self.recorder, self.metrics, want_usage=want_usage,
-                            want_continuous=want_continuous, t0=t0, on_end=on_end, head=got,
+                            want_continuous=want_continuous, t0=t0, flight=flight, head=got,
                             tokens=self.tokens, body=body, deadline=deadline)
         return RelayResponse(relay, headers)
 

@@ -46,6 +46,9 @@ class WorkerPool:
     def models(self) -> list[str]:
         return list(self._by_model)
 
+    def serves(self, model: str) -> bool:
+        return model in self._by_model
+
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
         await self.check_all()

@@ -27,6 +27,7 @@ from metering.metrics import Metrics
 from metering.recorder import Recorder, RequestMeter
 from metering.tokencount import TokenCounter
 from serving.errors import ServiceUnavailable, UpstreamError
+from serving.proxy.flight import Flight
 from serving.proxy.upstream import UpstreamError as UpstreamReadError
 from serving.proxy.upstream import UpstreamResponse
 
@@ -36,7 +37,7 @@ DONE = b"data: [DONE]\n\n"
 
 class StreamRelay:
     def __init__(self, meter: RequestMeter, resp: UpstreamResponse, recorder: Recorder, metrics: Metrics,
-                 *, want_usage: bool, want_continuous: bool, t0: float, on_end: Any = None,
+                 *, want_usage: bool, want_continuous: bool, t0: float, flight: Flight | None = None,
                  head: bytes = b"", tokens: TokenCounter | None = None,
                  body: dict[str, Any] | None = None, deadline: float | None = None) -> None:
         self.meter = meter
@@ -50,7 +51,7 @@ class StreamRelay:
         self.content_chunks = 0
         self.token_chunks = 0  # chunks that carry a generated token (not chat's role-only first chunk)
         self._first = True
-        self._on_end = on_end
+        self._flight = flight  # the worker's in-flight counts and latency: closed when the stream ends
         self._head = head  # bytes read before the response started (up to the first event)
         self._read = resp.read_some
         self._deadline = deadline  # the request's own (loop time), for the whole stream
@@ -182,8 +183,8 @@ class StreamRelay:
     async def _end(self, outcome: Outcome) -> bytes | None:
         """Commit the event; an SSE error event instead of the ending when the ledger refused it."""
         self._estimate()
-        if self._on_end is not None:
-            self._on_end(self)
+        if self._flight is not None:
+            self._flight.streamed(self.overhead)
         try:
             await self.recorder.record(self.meter, outcome)
         except LedgerUnavailable:
@@ -201,8 +202,8 @@ class StreamRelay:
             return
         self.resp.close()  # drops the worker connection: vLLM aborts the generation
         self._estimate()
-        if self._on_end is not None:
-            self._on_end(self)
+        if self._flight is not None:
+            self._flight.streamed(self.overhead)
         self.recorder.record_nowait(self.meter, Outcome.CLIENT_CANCELLED)
 
 

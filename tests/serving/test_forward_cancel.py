@@ -49,7 +49,7 @@ async def test_cancelled_while_the_worker_generates_is_metered() -> None:
     meter = RequestMeter(request_id="req_1", tenant_id="t", key_id="k", model=MODEL, endpoint="chat.completions",
                          origin_country="KZ", origin_source="header", stream=False)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 20}]}
-    task = asyncio.create_task(forwarder.forward(meter, "/v1/chat/completions", body, {}, 0.0))
+    task = asyncio.create_task(forwarder.forward(meter, body, {}, 0.0))
     try:
         await asyncio.wait_for(got_request.wait(), 5)
         task.cancel()

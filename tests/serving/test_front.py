@@ -1,4 +1,4 @@
-"""The ASGI front (serving/front.py) on the completion routes: what it does before any worker runs."""
+"""The completion pipeline (serving/pipeline.py) on the completion routes: what it does before any worker runs."""
 
 from __future__ import annotations
 
