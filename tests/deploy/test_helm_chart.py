@@ -590,6 +590,18 @@ def test_keda_scales_workers_on_vllm_queue_depth(all_on_docs: list[Doc]) -> None
     assert llama["spec"]["scaleTargetRef"]["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
 
 
+def test_a_cpu_model_has_its_own_image_and_no_gpu(all_on_docs: list[Doc]) -> None:
+    deployment = one(all_on_docs, "Deployment", f"{FULLNAME}-worker-smollm2-135m-instruct")
+    c = container(deployment)
+    assert c["image"] == "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
+    assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
+    assert not any(a.startswith("--tensor-parallel-size") for a in c["args"])
+    assert env_of(c)["VLLM_CPU_KVCACHE_SPACE"]["value"] == "2"
+    assert "tolerations" not in pod_spec(deployment)
+    for flag in WORKER_FLAGS:
+        assert flag in c["args"]
+
+
 def test_a_model_behind_an_existing_router_gets_no_workers(all_on_docs: list[Doc]) -> None:
     assert not [d for d in all_on_docs if d["metadata"]["name"].endswith("gemma-3-12b-it")]
 

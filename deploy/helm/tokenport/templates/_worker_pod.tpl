@@ -12,8 +12,9 @@ imagePullSecrets:
 {{- end }}
 containers:
   - name: vllm
-    image: {{ printf "%s:%s" $w.image.repository $w.image.tag }}
-    imagePullPolicy: {{ $w.image.pullPolicy }}
+    {{- $image := $m.image | default $w.image }}
+    image: {{ printf "%s:%s" $image.repository $image.tag }}
+    imagePullPolicy: {{ $image.pullPolicy | default "IfNotPresent" }}
     {{- if eq .role "single" }}
     command:
       {{- toYaml $w.command | nindent 6 }}
@@ -101,11 +102,12 @@ volumes:
     emptyDir:
       medium: Memory
       sizeLimit: {{ $w.shmSize }}
-{{- with ($m.nodeSelector | default $w.nodeSelector) }}
+{{- /* A model's own nodeSelector / tolerations replace the shared ones, even when empty. */}}
+{{- with (ternary $m.nodeSelector $w.nodeSelector (hasKey $m "nodeSelector")) }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with ($m.tolerations | default $w.tolerations) }}
+{{- with (ternary $m.tolerations $w.tolerations (hasKey $m "tolerations")) }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
