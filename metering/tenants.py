@@ -19,11 +19,13 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-# Re-exported (explicitly, for mypy) until every caller imports metering.clock; then a plain import.
-from metering.clock import to_aware as to_aware  # noqa: PLC0414
-from metering.clock import to_naive as to_naive  # noqa: PLC0414
-from metering.clock import utcnow as utcnow  # noqa: PLC0414
+from metering.clock import to_aware, to_naive, utcnow
 from metering.schema import api_keys, registry_version, tenants
+
+# Re-exported for the callers that still import the clock from here (they move to metering.clock).
+__all__ = ["KEY_RE", "TENANT_ID_RE", "ApiKey", "InvalidTenantField", "KeyNotFound", "RegistryError", "Tenant",
+           "TenantExists", "TenantNotFound", "TenantStore", "hash_key", "to_aware", "to_naive", "utcnow",
+           "valid_country"]
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 KEY_RE = re.compile(r"^tp_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")  # what create_key makes: tp_<key id>_<secret>
@@ -32,7 +34,30 @@ _CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies)
 
 
 class RegistryError(Exception):
-    """A tenant or key request that cannot be done; the message says why."""
+    """A tenant or key request that cannot be done; the message says why. Callers map the subclasses
+    by type (serving/api_errors.py): not found 404, exists 409, anything else 400."""
+
+
+class TenantNotFound(RegistryError):
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(f"tenant {tenant_id!r} does not exist")
+        self.tenant_id = tenant_id
+
+
+class KeyNotFound(RegistryError):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"key {key_id!r} does not exist")
+        self.key_id = key_id
+
+
+class TenantExists(RegistryError):
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(f"tenant {tenant_id!r} already exists")
+        self.tenant_id = tenant_id
+
+
+class InvalidTenantField(RegistryError):
+    """A field of a tenant (id, country, currency, name) that is not valid."""
 
 
 def valid_country(code: str) -> bool:
@@ -85,13 +110,13 @@ class TenantStore:
         country = billing_country.upper()
         cur = currency.upper()
         if not TENANT_ID_RE.match(id):
-            raise RegistryError(f"tenant id {id!r} must be 1-64 of a-z, 0-9, '_' or '-', starting alnum")
+            raise InvalidTenantField(f"tenant id {id!r} must be 1-64 of a-z, 0-9, '_' or '-', starting alnum")
         if not valid_country(country):
-            raise RegistryError(f"billing country {billing_country!r} is not an ISO 3166-1 alpha-2 code")
+            raise InvalidTenantField(f"billing country {billing_country!r} is not an ISO 3166-1 alpha-2 code")
         if cur not in _CURRENCIES:
-            raise RegistryError(f"currency {currency!r} is not an ISO 4217 code")
+            raise InvalidTenantField(f"currency {currency!r} is not an ISO 4217 code")
         if not name.strip():
-            raise RegistryError("tenant name must not be empty")
+            raise InvalidTenantField("tenant name must not be empty")
         row = {
             "id": id, "name": name.strip(), "billing_country": country, "business": business,
             "tax_id": tax_id, "currency": cur, "language": language,
@@ -103,7 +128,7 @@ class TenantStore:
                 conn.execute(insert(tenants).values(**row))
                 self._bump(conn)
         except IntegrityError as exc:
-            raise RegistryError(f"tenant {id!r} already exists") from exc
+            raise TenantExists(id) from exc
         tenant = self.get_tenant(id)
         assert tenant is not None
         return tenant
@@ -124,7 +149,7 @@ class TenantStore:
             res = conn.execute(update(tenants).where(tenants.c.id == tenant_id).values(
                 allowed_models=json.dumps(sorted(set(models))) if models is not None else None))
             if not res.rowcount:
-                raise RegistryError(f"tenant {tenant_id!r} does not exist")
+                raise TenantNotFound(tenant_id)
             self._bump(conn)
         tenant = self.get_tenant(tenant_id)
         assert tenant is not None
@@ -135,7 +160,7 @@ class TenantStore:
                    expires_at: datetime | None = None) -> tuple[ApiKey, str]:
         """Create a key; returns it with the plaintext, which is never stored and never shown again."""
         if self.get_tenant(tenant_id) is None:
-            raise RegistryError(f"tenant {tenant_id!r} does not exist")
+            raise TenantNotFound(tenant_id)
         key_id = "key_" + secrets.token_hex(6)
         plaintext = f"tp_{key_id[4:]}_{secrets.token_urlsafe(32)}"
         row = {
@@ -170,7 +195,7 @@ class TenantStore:
                 self._bump(conn)
         key = self.get_key(key_id)
         if key is None:
-            raise RegistryError(f"key {key_id!r} does not exist")
+            raise KeyNotFound(key_id)
         return key
 
     def lookup(self, key_hash: str) -> tuple[ApiKey, Tenant] | None:

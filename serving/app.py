@@ -5,55 +5,36 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import orjson
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from sqlalchemy.engine import Engine
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from fastapi import FastAPI
 
-from metering.db import make_engine
 from metering.geo import OriginResolver
 from metering.language import LanguageDetector
-from metering.ledger import Ledger, LedgerUnavailable, Spool
+from metering.ledger import Ledger, Spool
 from metering.metrics import Metrics
 from metering.reconcile import DriftRow, PeriodicReconciler, Target
 from metering.recorder import Recorder
-from metering.store_sql import UsageStore
-from metering.tenants import TenantStore
 from metering.tokencount import TokenCounter
-from serving import db_schema, invoices_api, usage_api
-from serving.admin import audit as admin_audit
-from serving.admin import invoices as admin_invoices
-from serving.admin import reports as admin_reports
-from serving.admin import tenants as admin_tenants
-from serving.admin import usage as admin_usage
-from serving.admin.auth import AdminAuth
-from serving.auth import KeyRing
-from serving.errors import ServiceUnavailable, TokenportError, render
+from serving import admin, db_schema, ops, tenant
+from serving.api_errors import install_error_handlers
+from serving.auth import AdminAuth, KeyRing
+from serving.deps import AppServices, install
 from serving.idempotency import Idempotency, IdempotencyStore
 from serving.limits.http_timeouts import BodyGuardMiddleware
-from serving.limits.wiring import Guardrails, build_guardrails
+from serving.limits.wiring import build_guardrails
 from serving.openai import models, routes
 from serving.openai.protocol import hoist_defs
-from serving.pipeline import REQUEST_ID, Pipeline, new_request_id
+from serving.pipeline import Pipeline
 from serving.proxy.forward import Forwarder
 from serving.proxy.pool import Worker, WorkerPool
+from serving.services import open_stores
 from serving.settings import Settings
 from serving.spend import SpendEstimator
 
 log = logging.getLogger("tokenport.gateway")
-JSON = "application/json"
-
-# Routers beyond the OpenAI endpoints: each is `build(platform) -> APIRouter`, one module per area
-# (tenant usage and invoices, admin usage, invoices, reports, tenants and keys).
-ROUTERS: list[Callable[[Platform], APIRouter]] = [admin_tenants.build, admin_audit.build,
-                                               admin_invoices.build, admin_reports.build, invoices_api.build,
-                                               usage_api.build, admin_usage.build]
 
 
 @dataclass(frozen=True)
@@ -73,37 +54,18 @@ def build_workers(settings: Settings, extra: Iterable[ExtraWorker] = ()) -> list
     return workers
 
 
-@dataclass(frozen=True)
-class Platform:
-    """Every long-lived part of a gateway process, built once by create_app and handed to routers."""
-
-    settings: Settings
-    engine: Engine
-    tenants: TenantStore
-    usage: UsageStore
-    metrics: Metrics
-    ledger: Ledger
-    recorder: Recorder
-    keyring: KeyRing
-    pool: WorkerPool
-    forwarder: Forwarder
-    admin: AdminAuth
-    guardrails: Guardrails  # limits, budgets, audit log, content logging
-
-
 def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
                migrate: bool = True) -> FastAPI:
-    engine = make_engine(settings.db_url, sqlite_synchronous=settings.metering.sqlite_synchronous)
-    tenants = TenantStore(engine, settings.secret_key)
-    usage = UsageStore(engine)
+    stores = open_stores(settings, migrate=False)  # migrated in the lifespan
+    engine, usage = stores.engine, stores.usage
     workers = build_workers(settings, extra_workers)
     metrics = Metrics({w.model for w in workers}, max_tenants=settings.gateway.max_tenant_labels)
     ledger = Ledger(usage, Spool(settings.data_dir / "spool" / "usage.jsonl"), on_commit=metrics.observe_commit,
                     fail_closed=settings.metering.fail_closed)
-    keyring = KeyRing(tenants, settings.secret_key, settings.gateway.key_cache_refresh_s)
+    keyring = KeyRing(stores.tenants, settings.secret_key, settings.gateway.key_cache_refresh_s)
     spend = SpendEstimator.from_file(settings.config_dir / "billing" / "price_books.yaml", metrics, keyring.tenant)
     tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
-    guardrails = build_guardrails(settings, engine, tenants, usage, metrics, tokens)
+    guardrails = build_guardrails(settings, stores, metrics, tokens)
 
     ledger.subscribe(guardrails.limiter.on_event, guardrails.limiter.on_lost)  # settle or release budget holds
     ledger.subscribe(spend.observe)
@@ -122,9 +84,6 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
 
     reconciler = PeriodicReconciler(usage, lambda: [Target(w.id, w.model, w.url) for w in pool.workers], set_drift,
                                     settings.metering.reconcile_interval_s, lambda: forwarder.session)
-    platform = Platform(settings=settings, engine=engine, tenants=tenants, usage=usage, metrics=metrics,
-                        ledger=ledger, recorder=recorder, keyring=keyring, pool=pool, forwarder=forwarder,
-                        admin=AdminAuth(settings.admin_token), guardrails=guardrails)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -158,40 +117,13 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
 
     app = FastAPI(title="Tokenport", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway with exact per-tenant, per-country token metering.")
+    install(app, AppServices(stores=stores, keyring=keyring, admin=AdminAuth(settings.admin_token),
+                             policies=guardrails.policies, limiter=guardrails.limiter, pool=pool, metrics=metrics))
     app.include_router(routes.router())  # documents the completion routes; the Pipeline serves them
     app.include_router(models.router(keyring, pool, created=int(time.time())))
-    for build in ROUTERS:
-        app.include_router(build(platform))
-
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> Response:
-        return Response(b'{"status":"ok"}', media_type=JSON)
-
-    @app.get("/readyz", tags=["ops"])
-    async def readyz() -> Response:
-        if not pool.ready():
-            raise ServiceUnavailable("Not ready: some model has no healthy worker.", code="not_ready")
-        return Response(orjson.dumps({"status": "ready", "models": pool.models}), media_type=JSON)
-
-    @app.get("/metrics", tags=["ops"])
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def on_error(_r: Request, exc: Exception) -> Response:
-        status, headers, body = render(exc)
-        return Response(body, status, headers=headers)
-
-    for known in (TokenportError, LedgerUnavailable, RequestValidationError, StarletteHTTPException):
-        app.add_exception_handler(known, on_error)
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        # Starlette runs this handler outside the Pipeline: add the id and count it here.
-        status, headers, body = render(exc)
-        headers["X-Request-Id"] = str(request.scope.get(REQUEST_ID) or new_request_id())
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.responses.labels(route, str(status)).inc()
-        return Response(body, status, headers=headers)
+    for router in (*tenant.ROUTERS, *admin.ROUTERS, ops.router):
+        app.include_router(router)
+    install_error_handlers(app, metrics)
 
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.gateway.max_body_bytes,
                        timeout_s=settings.gateway.body_timeout_s)

@@ -1,4 +1,4 @@
-"""API key -> Principal(tenant, key id).
+"""Credentials: an API key -> Principal(tenant, key id) (`KeyRing`), and the admin token -> Admin (`AdminAuth`).
 
 Every gateway process keeps the active keys (by HMAC) in memory and reloads them when the registry
 version in the database moves (checked every `key_cache_refresh_s`, 0.25 s by default), so a key
@@ -14,10 +14,13 @@ before. Tokens that fail never enter the cache, so random tokens can neither gro
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from dataclasses import dataclass
 
-from metering.tenants import KEY_RE, ApiKey, Tenant, TenantStore, hash_key, utcnow
+from metering.clock import utcnow
+from metering.tenants import KEY_RE, ApiKey, Tenant, TenantStore, hash_key
+from serving.audit import Who
 from serving.errors import AuthenticationFailed
 from serving.poller import Poller
 
@@ -86,3 +89,28 @@ class KeyRing:
                 self._digests.clear()
             self._digests[token] = digest
         return Principal(tenant=tenant, key_id=key.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """Who performed an admin action (for the audit log)."""
+
+    actor: str
+    client_ip: str | None
+
+    def who(self) -> Who:
+        return Who.api(self.actor, self.client_ip)
+
+
+class AdminAuth:
+    """The admin credential: a bearer token separate from tenant keys, compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def check(self, authorization: str | None, client_ip: str | None) -> Admin:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
+            raise AuthenticationFailed("Admin routes need 'Authorization: Bearer <admin token>'.",
+                                       code="invalid_admin_token")
+        return Admin(actor="admin", client_ip=client_ip)

@@ -176,7 +176,7 @@ async def run_gateway(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    # As `tokenport gateway` runs it (serving/cli.py): no uvicorn proxy-header rewriting (geo.py judges
+    # As `tokenport gateway` runs it (serving/cli/run.py): no uvicorn proxy-header rewriting (geo.py judges
     # X-Forwarded-For against gateway.trusted_proxies) and the slow-client protections.
     gw_settings = settings.gateway
     config = uvicorn.Config(

@@ -1,0 +1,9 @@
+"""The admin API (/admin/v1), behind the admin credential: tenants and keys, usage, invoices, reports, audit."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from serving.admin import audit, invoices, reports, tenants, usage
+
+ROUTERS: tuple[APIRouter, ...] = (tenants.router, audit.router, invoices.router, reports.router, usage.router)

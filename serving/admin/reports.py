@@ -7,35 +7,30 @@ language, from the period's issued invoices and credit notes; revenue net of tax
 with the FX rate each invoice recorded.
 """
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+import asyncio
+from typing import Literal
+
+from fastapi import APIRouter, Query
 from starlette.responses import Response
 
-from billing.ledger_read import Period
 from billing.render.report import render_report
-from serving.admin.auth import Admin
-from serving.admin.invoices import PERIOD, billing_service, call
+from metering.clock import Period
+from serving.deps import AdminDep, BillingDep
+from serving.documents_http import PERIOD
 
-if TYPE_CHECKING:
-    from serving.app import Platform
-
+router = APIRouter(prefix="/admin/v1/reports", tags=["admin", "billing"])
 MEDIA = {"json": "application/json", "csv": "text/csv; charset=utf-8", "html": "text/html; charset=utf-8"}
 
 
-def build(platform: "Platform") -> APIRouter:
-    r = APIRouter(prefix="/admin/v1/reports", tags=["admin", "billing"])
-    AdminDep = Annotated[Admin, Depends(platform.admin)]
-    svc = billing_service(platform)
-
-    @r.get("/exports")
-    async def exports(
-        _admin: AdminDep,
-        period: str = Query(pattern=PERIOD),
-        by: Literal["country", "tenant", "model", "language"] = "country",
-        format: Literal["json", "csv", "html"] = "json",
-    ) -> Response:
-        text = await call(lambda: render_report(svc.exports(Period.parse(period), by=by), format))
-        return Response(text.encode("utf-8"), media_type=MEDIA[format])
-
-    return r
+@router.get("/exports")
+async def exports(
+    _admin: AdminDep,
+    svc: BillingDep,
+    period: str = Query(pattern=PERIOD),
+    by: Literal["country", "tenant", "model", "language"] = "country",
+    format: Literal["json", "csv", "html"] = "json",
+) -> Response:
+    text = await asyncio.to_thread(lambda: render_report(svc.exports(Period.parse(period), by=by), format))
+    return Response(text.encode("utf-8"), media_type=MEDIA[format])

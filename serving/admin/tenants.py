@@ -1,7 +1,8 @@
 """Admin API for tenants, keys, limits and budgets (/admin/v1), behind the admin credential.
 
-Every change is written to the audit log (serving/admin/audit.py). A key's plaintext is in the
-response that creates it and nowhere else (not in the audit log, not in any later response).
+Every change goes through the accounts service (serving/accounts.py), which audits it. A key's
+plaintext is in the response that creates it and nowhere else (not in the audit log, not in any
+later response).
 
     GET    /admin/v1/tenants                         list
     POST   /admin/v1/tenants                         create (201)
@@ -17,30 +18,28 @@ response that creates it and nowhere else (not in the audit log, not in any late
     POST   /admin/v1/keys/{key_id}/revoke            revoke (every gateway refuses it within 0.25 s)
 """
 
+from __future__ import annotations
+
 import asyncio
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from metering.tenants import ApiKey, RegistryError, Tenant
-from serving.admin.audit import Who
-from serving.admin.auth import Admin
-from serving.errors import Conflict, InvalidRequest, NotFound, TokenportError
+from metering.tenants import Tenant
+from serving.accounts import UNSET, key_expiry, key_json, tenant_json
+from serving.deps import AdminDep, KeyRingDep, LimiterDep, PoliciesDep, TenantsDep
 from serving.limits.policy import LimitPolicy
 from serving.limits.store import make_budget
 
-if TYPE_CHECKING:
-    from serving.app import Platform
-
-T = TypeVar("T")
+router = APIRouter(prefix="/admin/v1", tags=["admin"])
 TenantId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 KeyId = Annotated[str, Path(min_length=1, max_length=32, pattern=r"^key_[0-9a-f]{1,28}$")]
 Amount = Annotated[str, Field(pattern=r"^[0-9]{1,15}(\.[0-9]{1,6})?$")] | Annotated[int, Field(ge=0, le=10**15)]
+ModelName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class _In(BaseModel):
@@ -55,8 +54,7 @@ class TenantIn(_In):
     tax_id: str | None = Field(default=None, max_length=64)
     currency: str = Field(default="USD", min_length=3, max_length=3)
     language: str | None = Field(default=None, max_length=8)
-    allowed_models: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(default=None,
-                                                                                             max_length=256)
+    allowed_models: list[ModelName] | None = Field(default=None, max_length=256)
 
 
 class BudgetIn(_In):
@@ -75,8 +73,7 @@ class KeyLimitsIn(_In):
 
 
 class TenantLimitsIn(KeyLimitsIn):
-    allowed_models: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(default=None,
-                                                                                             max_length=256)
+    allowed_models: list[ModelName] | None = Field(default=None, max_length=256)
     content_logging: bool | None = None
     content_retention_days: int | None = Field(default=None, ge=1, le=3650)
 
@@ -91,39 +88,8 @@ class KeyIn(_In):
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
 
 
-def tenant_json(t: Tenant, limits: LimitPolicy | None = None) -> dict[str, Any]:
-    return {"object": "tenant", "id": t.id, "name": t.name, "billing_country": t.billing_country,
-            "business": t.business, "tax_id": t.tax_id, "currency": t.currency, "language": t.language,
-            "allowed_models": list(t.allowed_models) if t.allowed_models is not None else None,
-            "created_at": t.created_at.isoformat(), "limits": (limits or LimitPolicy()).as_dict()}
-
-
-def key_json(k: ApiKey, limits: LimitPolicy | None = None) -> dict[str, Any]:
-    return {"object": "api_key", "id": k.id, "tenant_id": k.tenant_id, "prefix": k.prefix, "name": k.name,
-            "created_at": k.created_at.isoformat(),
-            "expires_at": k.expires_at.isoformat() if k.expires_at else None,
-            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
-            "limits": (limits or LimitPolicy()).as_dict()}
-
-
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(obj), status, media_type="application/json")
-
-
-def registry_error(exc: RegistryError) -> TokenportError:
-    msg = str(exc)
-    if "does not exist" in msg:
-        return NotFound(msg[0].upper() + msg[1:] + ".")
-    if "already exists" in msg:
-        return Conflict(msg[0].upper() + msg[1:] + ".", code="already_exists")
-    return InvalidRequest(msg[0].upper() + msg[1:] + ".")
-
-
-async def _call(fn: Callable[[], T]) -> T:
-    try:
-        return await asyncio.to_thread(fn)
-    except RegistryError as exc:
-        raise registry_error(exc) from exc
 
 
 def _limit_changes(body: KeyLimitsIn) -> dict[str, Any]:
@@ -138,137 +104,96 @@ def _limit_changes(body: KeyLimitsIn) -> dict[str, Any]:
     return changes
 
 
-def build(platform: "Platform") -> APIRouter:
-    r = APIRouter(prefix="/admin/v1", tags=["admin"])
-    AdminDep = Annotated[Admin, Depends(platform.admin)]
-    tenants = platform.tenants
-    g = platform.guardrails
-    limits, audit = g.store, g.audit
+@router.get("/tenants")
+async def list_tenants(_admin: AdminDep, accounts: TenantsDep) -> Response:
+    return _json({"object": "list", "data": await asyncio.to_thread(accounts.tenants_json)})
 
-    def existing_tenant(tenant_id: str) -> Tenant:
-        t = tenants.get_tenant(tenant_id)
-        if t is None:
-            raise RegistryError(f"tenant {tenant_id!r} does not exist")
-        return t
 
-    def existing_key(key_id: str) -> ApiKey:
-        k = tenants.get_key(key_id)
-        if k is None:
-            raise RegistryError(f"key {key_id!r} does not exist")
-        return k
+@router.post("/tenants", status_code=201)
+async def create_tenant(body: TenantIn, admin: AdminDep, accounts: TenantsDep) -> Response:
+    t = await asyncio.to_thread(lambda: accounts.create_tenant(admin.who(), **body.model_dump()))
+    return _json(tenant_json(t), 201)
 
-    @r.get("/tenants")
-    async def list_tenants(_admin: AdminDep) -> Response:
-        rows = await _call(tenants.list_tenants)
-        pols, _ = await _call(limits.all)
-        return _json({"object": "list", "data": [tenant_json(t, pols.get(t.id)) for t in rows]})
 
-    @r.post("/tenants", status_code=201)
-    async def create_tenant(body: TenantIn, admin: AdminDep) -> Response:
-        fields = body.model_dump()
-        t = await _call(lambda: audit.run(Who.api(admin), "tenant.create", lambda: tenants.create_tenant(**fields),
-                                          target=body.id, tenant_id=body.id, detail=fields))
-        return _json(tenant_json(t), 201)
+@router.get("/tenants/{tenant_id}")
+async def get_tenant(tenant_id: TenantId, _admin: AdminDep, accounts: TenantsDep) -> Response:
+    def load() -> tuple[Tenant, LimitPolicy | None]:
+        return accounts.tenant(tenant_id), accounts.policy("tenant", tenant_id)
 
-    @r.get("/tenants/{tenant_id}")
-    async def get_tenant(tenant_id: TenantId, _admin: AdminDep) -> Response:
-        t = await _call(lambda: existing_tenant(tenant_id))
-        return _json(tenant_json(t, await _call(lambda: limits.get("tenant", tenant_id))))
+    return _json(tenant_json(*await asyncio.to_thread(load)))
 
-    @r.patch("/tenants/{tenant_id}/limits")
-    async def set_tenant_limits(tenant_id: TenantId, body: TenantLimitsIn, admin: AdminDep) -> Response:
-        def change() -> Tenant:
-            existing_tenant(tenant_id)
-            changes = _limit_changes(body)
-            if changes:
-                limits.update("tenant", tenant_id, **changes)
-            if "allowed_models" in body.model_fields_set:
-                tenants.set_allowed_models(tenant_id, body.allowed_models)
-            return existing_tenant(tenant_id)
 
-        detail = body.model_dump(mode="json", exclude_unset=True)
-        t = await _call(lambda: audit.run(Who.api(admin), "tenant.limits", change, target=tenant_id,
-                                          tenant_id=tenant_id, detail=detail))
-        await g.policies.refresh(force=True)
-        return _json(tenant_json(t, await _call(lambda: limits.get("tenant", tenant_id))))
+@router.patch("/tenants/{tenant_id}/limits")
+async def set_tenant_limits(tenant_id: TenantId, body: TenantLimitsIn, admin: AdminDep, accounts: TenantsDep,
+                            policies: PoliciesDep) -> Response:
+    models = body.allowed_models if "allowed_models" in body.model_fields_set else UNSET
 
-    @r.delete("/tenants/{tenant_id}/limits")
-    async def clear_tenant_limits(tenant_id: TenantId, admin: AdminDep) -> Response:
-        def change() -> Tenant:
-            t = existing_tenant(tenant_id)
-            limits.clear("tenant", tenant_id)
-            return t
+    def change() -> tuple[Tenant, LimitPolicy | None]:
+        accounts.set_limits(admin.who(), "tenant", tenant_id, _limit_changes(body), allowed_models=models)
+        return accounts.tenant(tenant_id), accounts.policy("tenant", tenant_id)
 
-        t = await _call(lambda: audit.run(Who.api(admin), "tenant.limits.clear", change, target=tenant_id,
-                                          tenant_id=tenant_id))
-        await g.policies.refresh(force=True)
-        return _json(tenant_json(t))
+    t, policy = await asyncio.to_thread(change)
+    await policies.refresh(force=True)
+    return _json(tenant_json(t, policy))
 
-    @r.get("/tenants/{tenant_id}/budget")
-    async def budget(tenant_id: TenantId, _admin: AdminDep) -> Response:
-        t = await _call(lambda: existing_tenant(tenant_id))
-        status = await g.limiter.budget_status(t)
-        return _json({"object": "budget", "tenant_id": tenant_id, "budget": status})
 
-    @r.post("/tenants/{tenant_id}/budget/top-up")
-    async def top_up(tenant_id: TenantId, body: TopUpIn, admin: AdminDep) -> Response:
-        pol = await _call(lambda: audit.run(Who.api(admin), "tenant.budget.top_up",
-                                            lambda: limits.top_up("tenant", tenant_id, body.amount),
-                                            target=tenant_id, tenant_id=tenant_id, detail={"amount": str(body.amount)}))
-        await g.policies.refresh(force=True)
-        return _json({"object": "limits", "tenant_id": tenant_id, **pol.as_dict()})
+@router.delete("/tenants/{tenant_id}/limits")
+async def clear_tenant_limits(tenant_id: TenantId, admin: AdminDep, accounts: TenantsDep,
+                              policies: PoliciesDep) -> Response:
+    def change() -> Tenant:
+        accounts.set_limits(admin.who(), "tenant", tenant_id, {}, clear=True, action="tenant.limits.clear")
+        return accounts.tenant(tenant_id)
 
-    @r.get("/tenants/{tenant_id}/keys")
-    async def list_keys(tenant_id: TenantId, _admin: AdminDep) -> Response:
-        await _call(lambda: existing_tenant(tenant_id))
-        rows = await _call(lambda: tenants.list_keys(tenant_id))
-        _, pols = await _call(limits.all)
-        return _json({"object": "list", "data": [key_json(k, pols.get(k.id)) for k in rows]})
+    t = await asyncio.to_thread(change)
+    await policies.refresh(force=True)
+    return _json(tenant_json(t))
 
-    @r.post("/tenants/{tenant_id}/keys", status_code=201)
-    async def create_key(tenant_id: TenantId, body: KeyIn, admin: AdminDep) -> Response:
-        if body.expires_at is not None and body.expires_in_days is not None:
-            raise InvalidRequest("Give expires_at or expires_in_days, not both.", param="expires_at")
-        expires = body.expires_at
-        if expires is not None:
-            expires = expires if expires.tzinfo else expires.replace(tzinfo=UTC)
-            if expires <= datetime.now(UTC):
-                raise InvalidRequest("expires_at must be in the future.", param="expires_at")
-        elif body.expires_in_days is not None:
-            expires = datetime.now(UTC) + timedelta(days=body.expires_in_days)
-        key, plaintext = await _call(lambda: audit.run(
-            Who.api(admin), "key.create", lambda: tenants.create_key(tenant_id, name=body.name, expires_at=expires),
-            tenant_id=tenant_id, detail={"name": body.name, "expires_at": expires.isoformat() if expires else None},
-            describe=lambda res: {"target": res[0].id, "prefix": res[0].prefix}))
-        return _json({**key_json(key), "key": plaintext}, 201)
 
-    @r.get("/keys/{key_id}")
-    async def get_key(key_id: KeyId, _admin: AdminDep) -> Response:
-        k = await _call(lambda: existing_key(key_id))
-        return _json(key_json(k, await _call(lambda: limits.get("key", key_id))))
+@router.get("/tenants/{tenant_id}/budget")
+async def budget(tenant_id: TenantId, _admin: AdminDep, accounts: TenantsDep, limiter: LimiterDep) -> Response:
+    t = await asyncio.to_thread(accounts.tenant, tenant_id)
+    return _json({"object": "budget", "tenant_id": tenant_id, "budget": await limiter.budget_status(t)})
 
-    @r.patch("/keys/{key_id}/limits")
-    async def set_key_limits(key_id: KeyId, body: KeyLimitsIn, admin: AdminDep) -> Response:
-        k = await _call(lambda: existing_key(key_id))
 
-        def change() -> LimitPolicy:
-            changes = _limit_changes(body)
-            return limits.update("key", key_id, **changes) if changes else (limits.get("key", key_id)
-                                                                             or LimitPolicy())
+@router.post("/tenants/{tenant_id}/budget/top-up")
+async def top_up(tenant_id: TenantId, body: TopUpIn, admin: AdminDep, accounts: TenantsDep,
+                 policies: PoliciesDep) -> Response:
+    pol = await asyncio.to_thread(accounts.top_up, admin.who(), tenant_id, body.amount)
+    await policies.refresh(force=True)
+    return _json({"object": "limits", "tenant_id": tenant_id, **pol.as_dict()})
 
-        pol = await _call(lambda: audit.run(Who.api(admin), "key.limits", change, target=key_id,
-                                            tenant_id=k.tenant_id,
-                                            detail=body.model_dump(mode="json", exclude_unset=True)))
-        await g.policies.refresh(force=True)
-        return _json(key_json(k, pol))
 
-    @r.post("/keys/{key_id}/revoke")
-    async def revoke_key(key_id: KeyId, admin: AdminDep) -> Response:
-        k = await _call(lambda: existing_key(key_id))
-        key = await _call(lambda: audit.run(Who.api(admin), "key.revoke", lambda: tenants.revoke_key(key_id),
-                                            target=key_id, tenant_id=k.tenant_id, detail={"prefix": k.prefix}))
-        await platform.keyring.refresh()
-        return _json(key_json(key))
+@router.get("/tenants/{tenant_id}/keys")
+async def list_keys(tenant_id: TenantId, _admin: AdminDep, accounts: TenantsDep) -> Response:
+    return _json({"object": "list", "data": await asyncio.to_thread(accounts.keys_json, tenant_id)})
 
-    return r
 
+@router.post("/tenants/{tenant_id}/keys", status_code=201)
+async def create_key(tenant_id: TenantId, body: KeyIn, admin: AdminDep, accounts: TenantsDep) -> Response:
+    expires = key_expiry(body.expires_at, body.expires_in_days)
+    key, plaintext = await asyncio.to_thread(lambda: accounts.create_key(admin.who(), tenant_id, name=body.name,
+                                                                         expires_at=expires))
+    return _json({**key_json(key), "key": plaintext}, 201)
+
+
+@router.get("/keys/{key_id}")
+async def get_key(key_id: KeyId, _admin: AdminDep, accounts: TenantsDep) -> Response:
+    k = await asyncio.to_thread(accounts.key, key_id)
+    return _json(key_json(k, await asyncio.to_thread(accounts.policy, "key", key_id)))
+
+
+@router.patch("/keys/{key_id}/limits")
+async def set_key_limits(key_id: KeyId, body: KeyLimitsIn, admin: AdminDep, accounts: TenantsDep,
+                         policies: PoliciesDep) -> Response:
+    k = await asyncio.to_thread(accounts.key, key_id)
+    pol = await asyncio.to_thread(accounts.set_limits, admin.who(), "key", key_id, _limit_changes(body))
+    await policies.refresh(force=True)
+    return _json(key_json(k, pol))
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(key_id: KeyId, admin: AdminDep, accounts: TenantsDep, keyring: KeyRingDep) -> Response:
+    await asyncio.to_thread(accounts.key, key_id)
+    key = await asyncio.to_thread(accounts.revoke_key, admin.who(), key_id)
+    await keyring.refresh()
+    return _json(key_json(key))

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Engine
-
 from metering.metrics import Metrics
-from metering.store_sql import UsageStore
-from metering.tenants import TenantStore
 from metering.tokencount import TokenCounter
-from serving.admin.audit import Auditor
-from serving.audit_store import AuditStore
 from serving.content_log import ContentLogger, ContentLogStore
 from serving.limits.backend import Backend, MemoryBackend
 from serving.limits.cache import PolicyCache
@@ -21,6 +15,7 @@ from serving.limits.policy import Defaults
 from serving.limits.pricing import PriceBookPricer
 from serving.limits.store import LimitsStore
 from serving.limits.tokens import PromptCounter
+from serving.services import Stores
 from serving.settings import Settings
 
 
@@ -30,7 +25,6 @@ class Guardrails:
     policies: PolicyCache
     limiter: Limiter
     guard: Guard
-    audit: Auditor
     content: ContentLogger
 
     async def start(self) -> None:
@@ -44,8 +38,8 @@ class Guardrails:
         await self.policies.close()
 
 
-def build_guardrails(settings: Settings, engine: Engine, tenants: TenantStore, usage: UsageStore,
-                     metrics: Metrics, tokens: TokenCounter | None = None) -> Guardrails:
+def build_guardrails(settings: Settings, stores: Stores, metrics: Metrics,
+                     tokens: TokenCounter | None = None) -> Guardrails:
     lim = settings.limits
     backend: Backend
     if lim.backend == "redis":
@@ -54,13 +48,13 @@ def build_guardrails(settings: Settings, engine: Engine, tenants: TenantStore, u
         backend = RedisBackend(lim.redis_url, timeout_s=lim.redis_timeout_s)
     else:
         backend = MemoryBackend()
-    store = LimitsStore(engine)
-    policies = PolicyCache(store, tenants.version, settings.gateway.key_cache_refresh_s)
+    store = stores.limits
+    policies = PolicyCache(store, stores.tenants.version, settings.gateway.key_cache_refresh_s)
     book = lim.price_book if lim.price_book.is_absolute() else settings.config_dir / lim.price_book
     defaults = Defaults(rpm=lim.default_rpm, tpm=lim.default_tpm, max_tokens=lim.default_max_tokens,
                         max_prompt_tokens=lim.default_max_prompt_tokens,
                         request_timeout_s=settings.gateway.request_timeout_s)
-    limiter = Limiter(backend, policies, usage, metrics, defaults=defaults, pricer=PriceBookPricer.from_file(book),
+    limiter = Limiter(backend, policies, stores.usage, metrics, defaults=defaults, pricer=PriceBookPricer.from_file(book),
                       on_error_budget=lim.on_backend_error_budget, on_error_rate=lim.on_backend_error_rate)
 
     def context_length(model: str) -> int:
@@ -73,9 +67,8 @@ def build_guardrails(settings: Settings, engine: Engine, tenants: TenantStore, u
             return False, 0
         return True, p.content_retention_days or lim.content_retention_days
 
-    content = ContentLogger(ContentLogStore(engine), content_policy)
+    content = ContentLogger(ContentLogStore(stores.engine), content_policy)
     gw = settings.gateway
     guard = Guard(limiter, PromptCounter(settings.models_dir, tokens), context_length, content,
                   max_depth=gw.max_json_depth, max_values=gw.max_json_values, max_keys=gw.max_json_keys)
-    return Guardrails(store=store, policies=policies, limiter=limiter, guard=guard, audit=Auditor(AuditStore(engine)),
-                      content=content)
+    return Guardrails(store=store, policies=policies, limiter=limiter, guard=guard, content=content)

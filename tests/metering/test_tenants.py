@@ -9,7 +9,16 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from metering.tenants import RegistryError, TenantStore, hash_key, utcnow
+from metering.clock import utcnow
+from metering.tenants import (
+    InvalidTenantField,
+    KeyNotFound,
+    RegistryError,
+    TenantExists,
+    TenantNotFound,
+    TenantStore,
+    hash_key,
+)
 
 SECRET = "tenant-test-secret-0123456789abcdef"
 
@@ -60,14 +69,14 @@ def test_create_tenant_normalises_and_reads_back(store: TenantStore) -> None:
 )
 def test_iso_and_id_validation(store: TenantStore, kwargs: dict[str, str], match: str) -> None:
     args = {"id": "acme", "name": "Acme", "billing_country": "DE", "currency": "EUR", **kwargs}
-    with pytest.raises(RegistryError, match=match):
+    with pytest.raises(InvalidTenantField, match=match):
         store.create_tenant(**args)  # type: ignore[arg-type]
     assert store.list_tenants() == []
 
 
 def test_duplicate_tenant_is_refused(store: TenantStore) -> None:
     store.create_tenant(id="acme", name="Acme", billing_country="DE")
-    with pytest.raises(RegistryError, match="already exists"):
+    with pytest.raises(TenantExists, match="already exists"):
         store.create_tenant(id="acme", name="Other", billing_country="FR")
 
 
@@ -99,8 +108,10 @@ def test_lookup_by_hash(store: TenantStore) -> None:
     assert found == (key, t)
     assert store.lookup(hash_key(SECRET, plain + "x")) is None
     assert store.lookup(hash_key("wrong-secret", plain)) is None
-    with pytest.raises(RegistryError, match="does not exist"):
+    with pytest.raises(TenantNotFound, match="does not exist"):
         store.create_key("nobody")
+    with pytest.raises(TenantNotFound):
+        store.set_allowed_models("nobody", None)
 
 
 def test_revoke(store: TenantStore) -> None:
@@ -119,7 +130,7 @@ def test_revoke(store: TenantStore) -> None:
     active = store.active_keys()
     assert set(active) == {hash_key(SECRET, other_plain)}
     assert active[hash_key(SECRET, other_plain)][0] == other
-    with pytest.raises(RegistryError, match="does not exist"):
+    with pytest.raises(KeyNotFound, match="does not exist"):
         store.revoke_key("key_nope")
     assert [k.id for k in store.list_keys("acme")] == [key.id, other.id]
 
@@ -149,3 +160,14 @@ def test_version_moves_on_every_change(store: TenantStore) -> None:
     v2 = store.version()
     store.revoke_key(key.id)
     assert 0 < v1 < v2 < store.version()
+
+
+def test_registry_errors_map_to_http_codes_by_type_not_message() -> None:
+    from serving.api_errors import registry_error
+
+    assert registry_error(TenantNotFound("x")).status_code == 404
+    assert registry_error(KeyNotFound("key_1")).status_code == 404
+    assert registry_error(TenantExists("x")).status_code == 409
+    assert registry_error(InvalidTenantField("currency 'ZZZ' is not an ISO 4217 code")).status_code == 400
+    # a message that merely reads like another error does not change the code
+    assert registry_error(RegistryError("the tenant does not exist, already exists")).status_code == 400

@@ -262,7 +262,7 @@ async def test_idle_keep_alive_connections_are_closed(srv: Server) -> None:
 
 
 def test_the_tokenport_gateway_command_uses_these_protections() -> None:
-    src = (Path(__file__).resolve().parents[2] / "serving" / "cli.py").read_text()
+    src = (Path(__file__).resolve().parents[2] / "serving" / "cli" / "run.py").read_text()
     assert "uvicorn_options(" in src
 
 

@@ -6,102 +6,51 @@ billing error (the message says what and where); 2 invalid arguments or configur
 
 from __future__ import annotations
 
-import json
 import sys
-from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from billing.errors import BillingError
-from billing.ledger_read import Period
 from billing.render import FORMATS
 from billing.render.report import REPORT_FORMATS, render_report
 from billing.reports import GroupBy
-from billing.service import BillingService, FinalizeReport, RunReport, document_summary, documents_summary
-from billing.store import BillingStore
-from metering.db import make_engine
-from metering.store_sql import UsageStore
-from metering.tenants import TenantStore
-from serving import db_schema
-from serving.admin.audit import Auditor, Who
-from serving.audit_store import AuditStore
-from serving.settings import Settings
+from billing.service import BillingService
+from serving.audit import Auditor, Who
+from serving.cli.common import JsonOpt, arg, emit, fail, period, stores
+from serving.dates import parse_day
+from serving.invoicing import documents_summary, finalize_json, run_json, verify_json, void_json
 
 invoices_app = typer.Typer(help="Invoices and credit notes: run, finalize, void, list, show.", no_args_is_help=True)
 fx_app = typer.Typer(help="FX rates used by billing (configs/billing/fx_rates.csv + imported).",
                      no_args_is_help=True)
 reports_app = typer.Typer(help="Token export reports from issued invoices.", no_args_is_help=True)
 console = Console(stderr=True)
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 PeriodOpt = Annotated[str, typer.Option("--period", help="Billing period: a calendar month in UTC, YYYY-MM.")]
 TenantOpt = Annotated[str | None, typer.Option("--tenant", help="Only this tenant.")]
 
 
-def billing_service(settings: Settings) -> tuple[BillingService, Auditor]:
-    """The billing service and the audit log (CLI changes are audited: actor = OS user, source = cli)."""
-    engine = make_engine(settings.db_url)
-    db_schema.upgrade(engine)
-    svc = BillingService(store=BillingStore(engine), usage=UsageStore(engine),
-                         tenants=TenantStore(engine, settings.secret_key), config_dir=settings.config_dir / "billing")
-    return svc, Auditor(AuditStore(engine))
-
-
 def _service(ctx: typer.Context) -> BillingService:
-    return _both(ctx)[0]
+    return stores(ctx).billing
 
 
 def _both(ctx: typer.Context) -> tuple[BillingService, Auditor]:
-    settings: Settings = ctx.obj["settings"]()
-    return billing_service(settings)
+    """The billing service and the audit log (CLI changes are audited: actor = OS user, source = cli)."""
+    s = stores(ctx)
+    return s.billing, s.audit
 
 
 def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _period(text: str) -> Period:
-    try:
-        return Period.parse(text)
-    except BillingError as exc:
-        _fail(str(exc), 2)
-        raise
-
-
-def _day(text: str | None, option: str) -> date | None:
-    if text is None:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        _fail(f"{option} must be YYYY-MM-DD, got {text!r}", 2)
-        raise
-
-
-def _emit(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
-
-
-def run_dict(report: RunReport) -> dict[str, Any]:
-    return {"period": report.period, "issue_date": report.issue_date.isoformat(),
-            "drafts": documents_summary(report.drafts),
-            "errors": [{"tenant": t, "error": e} for t, e in report.errors],
-            "skipped": [{"tenant": t, "reason": r} for t, r in report.skipped]}
-
-
-def finalize_dict(report: FinalizeReport) -> dict[str, Any]:
-    return {"period": report.period, "closed": report.closed, "finalized": documents_summary(report.finalized),
-            "refused": [{"tenant": t, "error": e} for t, e in report.refused]}
+    fail(message, code, console)
 
 
 @invoices_app.command("run")
 def invoices_run(
     ctx: typer.Context,
-    period: PeriodOpt,
+    period_: PeriodOpt,
     tenant: TenantOpt = None,
     issue_date: Annotated[str | None, typer.Option(
         help="Issue date YYYY-MM-DD (default: the first day after the period).")] = None,
@@ -109,7 +58,7 @@ def invoices_run(
 ) -> None:
     """Create or refresh the draft invoices of a period (idempotent); per-tenant errors are listed."""
     svc, audit = _both(ctx)
-    p, day = _period(period), _day(issue_date, "--issue-date")
+    p, day = period(period_), arg(lambda: parse_day(issue_date, "--issue-date"))
     try:
         report = audit.run(Who.cli(), "invoices.run", lambda: svc.run(p, tenant_id=tenant, issue_date=day),
                            target=str(p), tenant_id=tenant, detail={"issue_date": issue_date},
@@ -118,7 +67,7 @@ def invoices_run(
         _fail(str(exc))
         return
     if as_json:
-        _emit(run_dict(report))
+        emit(run_json(report))
     else:
         for row in report.drafts:
             console.print(f"draft {row.ref}: {row.total} {row.currency} ({row.event_count} events)", highlight=False)
@@ -133,11 +82,11 @@ def invoices_run(
 
 
 @invoices_app.command("finalize")
-def invoices_finalize(ctx: typer.Context, period: PeriodOpt, tenant: TenantOpt = None,
+def invoices_finalize(ctx: typer.Context, period_: PeriodOpt, tenant: TenantOpt = None,
                       as_json: JsonOpt = False) -> None:
     """Number the drafts (gapless) and store them immutably; without --tenant also closes the period."""
     svc, audit = _both(ctx)
-    p = _period(period)
+    p = period(period_)
     try:
         report = audit.run(Who.cli(), "invoices.finalize", lambda: svc.finalize(p, tenant_id=tenant), target=str(p),
                            tenant_id=tenant, describe=lambda r: {"numbers": [d.number for d in r.finalized],
@@ -146,7 +95,7 @@ def invoices_finalize(ctx: typer.Context, period: PeriodOpt, tenant: TenantOpt =
         _fail(str(exc))
         return
     if as_json:
-        _emit(finalize_dict(report))
+        emit(finalize_json(report))
     else:
         for row in report.finalized:
             console.print(f"finalized {row.number} for {row.tenant_id}: {row.total} {row.currency}", highlight=False)
@@ -168,7 +117,7 @@ def invoices_void(
 ) -> None:
     """Void a finalized invoice by issuing a credit note that reverses it."""
     svc, audit = _both(ctx)
-    day = _day(issue_date, "--issue-date")
+    day = arg(lambda: parse_day(issue_date, "--issue-date"))
     try:
         invoice, credit = audit.run(Who.cli(), "invoices.void", lambda: svc.void(number, reason=reason, issue_date=day),
                                     target=number, detail={"reason": reason, "issue_date": issue_date},
@@ -177,7 +126,7 @@ def invoices_void(
         _fail(str(exc))
         return
     if as_json:
-        _emit({"invoice": document_summary(invoice), "credit_note": document_summary(credit)})
+        emit(void_json(invoice, credit))
     else:
         console.print(f"voided {invoice.number}; credit note {credit.number} ({credit.total} {credit.currency})",
                       highlight=False)
@@ -186,17 +135,17 @@ def invoices_void(
 @invoices_app.command("list")
 def invoices_list(
     ctx: typer.Context,
-    period: Annotated[str | None, typer.Option(help="Only this period (YYYY-MM).")] = None,
+    period_: Annotated[str | None, typer.Option("--period", help="Only this period (YYYY-MM).")] = None,
     tenant: TenantOpt = None,
     status: Annotated[str | None, typer.Option(help="draft, error, finalized or void.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List invoices and credit notes (drafts are shown as DRAFT-<period>-<tenant>)."""
     svc = _service(ctx)
-    rows = svc.store.find(period=str(_period(period)) if period else None, tenant_id=tenant,
+    rows = svc.store.find(period=str(period(period_)) if period_ else None, tenant_id=tenant,
                           statuses=[status] if status else None)
     if as_json:
-        _emit(documents_summary(rows))
+        emit(documents_summary(rows))
         return
     table = Table()
     for name in ("number", "tenant", "period", "status", "total", "issued"):
@@ -246,7 +195,7 @@ def invoices_verify(ctx: typer.Context, number: Annotated[str, typer.Argument(he
         _fail(str(exc))
         return
     if as_json:
-        _emit({"number": result.number, "ok": result.ok, "events": result.events, "problems": list(result.problems)})
+        emit(verify_json(result))
     else:
         console.print(f"{result.number}: {'ok' if result.ok else 'MISMATCH'} ({result.events} events)")
         for p in result.problems:
@@ -272,7 +221,7 @@ def fx_import(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="CSV
         _fail(str(exc))
         return
     if as_json:
-        _emit({"imported": added, "already_stored": known})
+        emit({"imported": added, "already_stored": known})
     else:
         console.print(f"imported {added} rate(s), {known} already stored", highlight=False)
 
@@ -282,14 +231,14 @@ def fx_list(ctx: typer.Context, on: Annotated[str | None, typer.Option("--date",
             as_json: JsonOpt = False) -> None:
     """The rates billing uses: the shipped file and the imported ones."""
     svc = _service(ctx)
-    day = _day(on, "--date")
+    day = arg(lambda: parse_day(on, "--date"))
     try:
         rates = [r for r in svc.config().fx.rates if day is None or r.date == day]
     except BillingError as exc:
         _fail(str(exc))
         return
     if as_json:
-        _emit([{"date": r.date.isoformat(), "base": r.base, "quote": r.quote, "rate": format(r.rate, "f"),
+        emit([{"date": r.date.isoformat(), "base": r.base, "quote": r.quote, "rate": format(r.rate, "f"),
                 "source": r.source} for r in rates])
         return
     table = Table("date", "base", "quote", "rate", "source")
@@ -301,7 +250,7 @@ def fx_list(ctx: typer.Context, on: Annotated[str | None, typer.Option("--date",
 @reports_app.command("exports")
 def reports_exports(
     ctx: typer.Context,
-    period: PeriodOpt,
+    period_: PeriodOpt,
     by: Annotated[str, typer.Option(help="country (origin of the usage), tenant, model or language.")] = "country",
     format: Annotated[str, typer.Option("--format", help="json, csv or html.")] = "json",
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
@@ -313,7 +262,7 @@ def reports_exports(
         _fail(f"--format must be one of {', '.join(REPORT_FORMATS)}", 2)
     svc = _service(ctx)
     try:
-        text = render_report(svc.exports(_period(period), by=by), format)
+        text = render_report(svc.exports(period(period_), by=by), format)
     except BillingError as exc:
         _fail(str(exc))
         return

