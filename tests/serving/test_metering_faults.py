@@ -12,6 +12,7 @@ import pytest
 
 from metering.events import Outcome
 from metering.tokencount import TokenCounter
+from serving.pipeline import Pipeline
 from tests.conftest import MODEL, GatewayFactory
 from tests.fakes import FakeWorker
 from tests.serving.helpers import auth, chat_body, stream_raw
@@ -115,11 +116,8 @@ async def test_missing_usage_is_counted_with_the_models_tokenizer(gateway_factor
 
 
 def _forwarder(app: Any) -> Any:
-    for route in app.routes:
-        svc = getattr(getattr(route, "endpoint", None), "__closure__", None)
-        if svc:
-            for cell in svc:
-                fwd = getattr(cell.cell_contents, "forwarder", None)
-                if fwd is not None:
-                    return fwd
+    """The gateway's Forwarder, as create_app handed it to the completion pipeline."""
+    for m in app.user_middleware:
+        if m.cls is Pipeline:
+            return m.kwargs["forwarder"]
     raise AssertionError("no forwarder found")
