@@ -20,6 +20,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from decimal import ROUND_HALF_EVEN, Decimal
 from importlib import resources
 from pathlib import Path
@@ -263,7 +264,8 @@ def render(result: MeasureResult, fmt: str) -> str:
 
 
 def measure_command(models_dir: Path, models: Sequence[str], references: Sequence[str] | None = None,
-                    fmt: str = "table", corpus_path: Path | None = None) -> str:
+                    fmt: str = "table", corpus_path: Path | None = None,
+                    premiums_path: Path | None = None, measured_on: date | None = None) -> str:
     """What ``tokenport languages measure`` prints.
 
     `models`: served model names whose prepared folder (``models_dir/<name>``) has a tokenizer.json.
@@ -271,6 +273,8 @@ def measure_command(models_dir: Path, models: Sequence[str], references: Sequenc
     a tokenizer.json; None = every built-in reference whose package is installed (the others are
     listed under the table). Raises `reftokenizers.TokenizerUnavailable` for a model or reference
     asked for by name that cannot be loaded, ValueError for an unknown format.
+    `premiums_path`: also merge the premiums into that dated premium file (`metering.language_premiums`),
+    as measured on `measured_on` (default: today, UTC).
     """
     from metering import reftokenizers
 
@@ -292,8 +296,15 @@ def measure_command(models_dir: Path, models: Sequence[str], references: Sequenc
             tokenizers[name] = tok
     if not tokenizers:
         raise reftokenizers.TokenizerUnavailable("no tokenizer to measure (name a model or a reference)")
-    result = measure(tokenizers, load_corpus(corpus_path))
+    corpus = load_corpus(corpus_path)
+    result = measure(tokenizers, corpus)
     text = render(result, fmt)
+    if premiums_path is not None:
+        from metering.clock import utcnow
+        from metering.language_premiums import write_premiums
+
+        source = f"tokenport languages measure, corpus {corpus.name} ({len(corpus.sentences)} sentences)"
+        write_premiums(premiums_path, result, measured_on or utcnow().date(), source)
     if fmt == "table" and skipped:
         text += "\nnot measured (install the `langs` extra: pip install 'tokenport[langs]'):\n"
         text += "".join(f"  {line}\n" for line in skipped)

@@ -210,3 +210,91 @@ def test_renderers_agree_on_the_same_result() -> None:
                                                                             for r in rows]
     assert doc["measurements"][1]["premium"] == 1.8 and rows[1]["premium_vs_baseline"] == "1.800"
     assert "1.80x" in render_table(result)
+
+
+# ---- the dated premium file (configs/billing/language_premiums.csv) ---------------------------------
+
+def test_premiums_are_written_from_a_measurement_and_read_back(tmp_path: Path) -> None:
+    from datetime import date
+
+    from metering.language_premiums import load_premiums, write_premiums
+
+    path = tmp_path / "billing" / "language_premiums.csv"
+    first = measure({"words": Words()}, parse_corpus(TOY))
+    write_premiums(path, first, date(2026, 1, 5), "toy corpus")
+    second = measure({"words": Chars()}, parse_corpus(TOY))  # same tokenizer name, new figures, later day
+    table = write_premiums(path, second, date(2026, 3, 1), "toy corpus, by characters")
+    assert load_premiums(path) == table
+    assert len(table.rows) == 2 * 3  # en, xx, yy on each day (no row is lost to the newer one)
+    old, new = table.lookup("xx", "words", date(2026, 2, 28)), table.lookup("xx", "words")
+    assert old is not None and (old.premium, old.measured_on, old.source) == (Decimal("1.800"), date(2026, 1, 5),
+                                                                               "toy corpus")
+    assert new is not None and new.premium == Decimal("2.050") and new.measured_on == date(2026, 3, 1)
+    assert table.lookup("xx", "words", date(2025, 12, 31)) is None
+    en = table.lookup("en", "words")
+    assert en is not None and en.premium == 1
+    # the same day again replaces that day's rows only
+    again = write_premiums(path, first, date(2026, 3, 1), "re-run")
+    redone = again.lookup("xx", "words")
+    assert len(again.rows) == 6 and redone is not None and redone.premium == Decimal("1.800")
+
+
+HEADER = "language,tokenizer,premium,source,measured_on\n"
+
+
+@pytest.mark.parametrize(("row", "field", "reason"), [
+    ("KK,qwen2.5,3.0,s,2026-12-03", "language", "ISO 639"),
+    ("kk,,3.0,s,2026-12-03", "tokenizer", "empty"),
+    ("kk,qwen2.5,three,s,2026-12-03", "premium", "not a number"),
+    ("kk,qwen2.5,0,s,2026-12-03", "premium", "not in (0, 100]"),
+    ("kk,qwen2.5,NaN,s,2026-12-03", "premium", "not in"),
+    ("en,qwen2.5,1.2,s,2026-12-03", "premium", "baseline"),
+    ("kk,qwen2.5,3.0, ,2026-12-03", "source", "empty"),
+    ("kk,qwen2.5,3.0,s,03.12.2026", "measured_on", "YYYY-MM-DD"),
+    ("kk,qwen2.5,3.0,s,2026-02-30", "measured_on", "day is out of range"),
+    ("kk,qwen2.5,3.0,s", "row", "4 fields"),
+    ("kk,qwen2.5,3.0,s,2026-12-03\nkk,qwen2.5,3.1,t,2026-12-03", "measured_on", "already has a premium"),
+])
+def test_a_bad_premium_row_names_file_line_field_and_reason(row: str, field: str, reason: str) -> None:
+    from metering.language_premiums import PremiumFileError, parse_premiums
+
+    with pytest.raises(PremiumFileError) as info:
+        parse_premiums(f"# comment\n{HEADER}ar,qwen2.5,1.5,s,2026-12-03\n{row}\n", "p.csv")
+    err = info.value
+    assert (err.file, err.field) == ("p.csv", field) and reason in err.reason
+    assert err.line == 4 + row.count("\n")
+
+
+def test_a_premium_file_without_the_header_is_refused(tmp_path: Path) -> None:
+    from metering.language_premiums import PremiumFileError, load_premiums, parse_premiums
+
+    with pytest.raises(PremiumFileError, match=r"p.csv:1: header: expected language,tokenizer"):
+        parse_premiums("kk,qwen2.5,3.0,s,2026-12-03\n", "p.csv")
+    with pytest.raises(PremiumFileError, match="file: cannot read"):
+        load_premiums(tmp_path / "absent.csv")
+
+
+def test_the_shipped_premium_file_is_valid_and_matches_a_fresh_measurement() -> None:
+    from metering.language_premiums import load_premiums
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "billing" / "language_premiums.csv"
+    table = load_premiums(path)
+    assert {"qwen2.5", "cl100k", "llama3", "deepseek-v4"} <= set(table.tokenizers)
+    shipped = table.lookup("kk", "qwen2.5")
+    fresh = measure({"qwen2.5": reftokenizers.reference("qwen2.5").load()}, load_corpus()).get("qwen2.5", "kk")
+    assert shipped is not None and shipped.premium == fresh.premium
+    assert all(table.lookup(lang, "cl100k") is not None for lang in REQUIRED_LANGUAGES)
+
+
+def test_measure_command_writes_the_premium_file(tmp_path: Path) -> None:
+    from datetime import date
+
+    from metering.language_premiums import load_premiums
+
+    toy_model(tmp_path / "toy")
+    out = tmp_path / "premiums.csv"
+    measure_command(tmp_path, ["toy"], ["cl100k"], "csv", premiums_path=out, measured_on=date(2026, 12, 3))
+    table = load_premiums(out)
+    kk = table.lookup("kk", "cl100k")
+    assert kk is not None and kk.premium > 1 and kk.measured_on == date(2026, 12, 3)
+    assert "tokenport-parallel-v1" in kk.source and len(table.rows) == 2 * len(REQUIRED_LANGUAGES)
