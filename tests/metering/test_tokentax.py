@@ -298,3 +298,13 @@ def test_measure_command_writes_the_premium_file(tmp_path: Path) -> None:
     kk = table.lookup("kk", "cl100k")
     assert kk is not None and kk.premium > 1 and kk.measured_on == date(2026, 12, 3)
     assert "tokenport-parallel-v1" in kk.source and len(table.rows) == 2 * len(REQUIRED_LANGUAGES)
+
+
+def test_the_default_served_model_taxes_kazakh_more_than_a_multilingual_vocabulary() -> None:
+    models_dir = Path(__file__).resolve().parents[2] / "data" / "models"
+    if not (models_dir / "smollm2-135m-instruct" / "tokenizer.json").is_file():
+        pytest.skip("the default model is not prepared here (make model)")
+    result = measure({"smollm2": reftokenizers.model_tokenizer(models_dir, "smollm2-135m-instruct"),
+                      "qwen2.5": reftokenizers.reference("qwen2.5").load()}, load_corpus())
+    smol, qwen = result.get("smollm2", "kk").premium, result.get("qwen2.5", "kk").premium
+    assert smol is not None and qwen is not None and smol > qwen > 1
