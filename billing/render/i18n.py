@@ -57,11 +57,14 @@ class Localizer:
     def for_language(cls, language: str | None) -> Localizer:
         code = (language or FALLBACK).replace("-", "_")
         base = code.split("_")[0].lower()
-        try:
-            locale = Locale.parse(LOCALES.get(base, code))
-        except (UnknownLocaleError, ValueError):
-            base, locale = FALLBACK, Locale.parse(FALLBACK)
-        return cls(base, locale)
+        for candidate in (LOCALES.get(base), code):
+            if candidate is None:
+                continue
+            try:
+                return cls(base, Locale.parse(candidate))
+            except (UnknownLocaleError, ValueError):
+                continue
+        return cls(FALLBACK, Locale.parse(FALLBACK))
 
     @property
     def direction(self) -> str:
