@@ -42,7 +42,11 @@ $(MODEL): | $(STAMP)
 
 model: $(MODEL)
 
-run: install model
+# Fonts and HarfBuzz's subsetter for PDF invoices in en, zh, ru, ar, kk, uz, tr (installs what is missing).
+fonts:
+	bash .ci/runtime-deps.sh
+
+run: install model fonts
 	$(BIN)/tokenport demo --quiet
 	exec $(BIN)/tokenport up
 

@@ -1,6 +1,8 @@
 """Renderers: json, csv, html, pdf, ubl (UBL 2.1) and the ZATCA phase-1 QR.
 
-``render(document, fmt)`` returns bytes for any of ``FORMATS``.
+``render(document, fmt)`` returns bytes for any of ``FORMATS``. ``language`` overrides the buyer's
+document language and ``void_reference`` (the cancelling credit note's number) marks an html/pdf
+rendering VOID. PDFs are reproducible and fail loudly (fonts.MissingFonts) rather than print boxes.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ from billing.documents import CreditNote, Invoice
 FORMATS = ("json", "csv", "html", "pdf", "ubl")
 
 
-def render(document: Invoice | CreditNote, fmt: str) -> bytes:
+def render(
+    document: Invoice | CreditNote,
+    fmt: str,
+    *,
+    language: str | None = None,
+    void_reference: str | None = None,
+) -> bytes:
     if fmt == "json":
         from billing.render.jsondoc import to_json
 
@@ -22,11 +30,11 @@ def render(document: Invoice | CreditNote, fmt: str) -> bytes:
     if fmt == "html":
         from billing.render.html import to_html
 
-        return to_html(document).encode("utf-8")
+        return to_html(document, language=language, void_reference=void_reference).encode("utf-8")
     if fmt == "pdf":
         from billing.render.pdf import to_pdf
 
-        return to_pdf(document)
+        return to_pdf(document, language=language, void_reference=void_reference)
     if fmt == "ubl":
         from billing.render.ubl import to_ubl
 

@@ -1,4 +1,9 @@
-"""Rendering of export reports (``tokenport reports exports --format json|csv|html``)."""
+"""Rendering of export reports (``tokenport reports exports --format json|csv|html``).
+
+The HTML report is in the reader's language (en, zh, ru, ar, kk, uz, tr: labels from
+templates/messages.yaml, numbers and country names from Babel); json and csv keep their stable
+machine-readable English field names.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ import json
 from typing import Any
 
 from jinja2 import Template
+from markupsafe import Markup, escape
 
 from billing.money import fmt
+from billing.render.bidi import fill, isolate, ltr
 from billing.render.i18n import Localizer
 from billing.reports import ExportReport
 
@@ -18,24 +25,49 @@ REPORT_FORMATS = ("json", "csv", "html")
 _HTML = Template(
     """<!DOCTYPE html>
 <html lang="{{ loc.language }}" dir="{{ loc.direction }}"><head><meta charset="utf-8">
-<title>Token exports {{ report.period }} by {{ report.by.value }}</title>
+<title>{{ t('report_title', period=report.period) }}</title>
 <style>body { font-family: 'Noto Sans', 'Noto Sans CJK SC', 'Noto Sans Arabic', sans-serif; }
-td.num, th.num { text-align: end; } table { border-collapse: collapse; }
-th, td { padding: 2pt 6pt; border-bottom: 0.5pt solid #ccc; }</style></head>
-<body><h1>Token exports {{ report.period }} by {{ report.by.value }}</h1>
-<table><thead><tr><th>{{ report.by.value }}</th><th class="num">tokens</th><th class="num">revenue (CNY)</th>
-<th>revenue by invoice currency</th><th class="num">documents</th></tr></thead><tbody>
-{% for g in report.groups %}<tr><td>{{ g.key }}</td><td class="num">{{ loc.number(g.quantity_tokens) }}</td>
-<td class="num">{{ loc.money(g.revenue_cny, 'CNY') }}</td>
-<td>{% for c, v in g.revenue_by_currency %}{{ loc.money(v, c) }}{% if not loop.last %}, {% endif %}
+td.num, th.num { text-align: end; } table { border-collapse: collapse; } bdi { unicode-bidi: isolate; }
+th, td { padding: 2pt 6pt; border-bottom: 0.5pt solid #ccc; text-align: start; }</style></head>
+<body><h1>{{ title }}</h1>
+<table><thead><tr><th>{{ by_label }}</th><th class="num">{{ t('quantity') }}</th>
+<th class="num">{{ t('revenue_cny') }}</th><th>{{ t('revenue_by_currency') }}</th>
+<th class="num">{{ t('documents') }}</th></tr></thead><tbody>
+{% for g in report.groups %}<tr><td>{{ key(g.key) }}</td><td class="num">{{ ltr(loc.number(g.quantity_tokens)) }}</td>
+<td class="num">{{ ltr(loc.money(g.revenue_cny, 'CNY')) }}</td>
+<td>{% for c, v in g.revenue_by_currency %}{{ ltr(loc.money(v, c)) }}{% if not loop.last %}, {% endif %}
 {% endfor %}</td>
-<td class="num">{{ g.documents }}</td></tr>
-{% endfor %}</tbody><tfoot><tr><th>total</th><th class="num">{{ loc.number(report.quantity_tokens) }}</th>
-<th class="num">{{ loc.money(report.revenue_cny, 'CNY') }}</th><th></th><th></th></tr></tfoot></table>
+<td class="num">{{ ltr(loc.number(g.documents)) }}</td></tr>
+{% endfor %}</tbody><tfoot><tr><th>{{ t('total') }}</th><th class="num">{{ ltr(loc.number(report.quantity_tokens)) }}</th>
+<th class="num">{{ ltr(loc.money(report.revenue_cny, 'CNY')) }}</th><th></th><th></th></tr></tfoot></table>
 </body></html>
 """,
     autoescape=True,
 )
+
+
+def _html(report: ExportReport, language: str) -> str:
+    loc = Localizer.for_language(language)
+    by = report.by.value
+    by_key = f"by_{by}"
+    countries = by.endswith("country")
+
+    def key(value: str) -> Markup:
+        if countries and len(value) == 2 and value.isalpha() and value.isupper():
+            return escape(loc.country(value)) + Markup(" (") + isolate(value) + Markup(")")
+        return isolate(value)
+
+    return str(
+        _HTML.render(
+            report=report,
+            loc=loc,
+            t=loc.t,
+            ltr=ltr,
+            key=key,
+            title=fill(loc.t("report_title"), period=report.period),
+            by_label=loc.t(by_key) if loc.has(by_key) else by,
+        )
+    )
 
 
 def report_dict(report: ExportReport) -> dict[str, Any]:
@@ -74,5 +106,5 @@ def render_report(report: ExportReport, fmt_name: str, *, language: str = "en") 
         writer.writerow(["total", report.quantity_tokens, fmt(report.revenue_cny), "", "", ""])
         return out.getvalue()
     if fmt_name == "html":
-        return str(_HTML.render(report=report, loc=Localizer.for_language(language)))
+        return _html(report, language)
     raise ValueError(f"unknown report format {fmt_name!r}; choose one of {', '.join(REPORT_FORMATS)}")
