@@ -10,7 +10,7 @@ DEV     := $(VENV)/.installed-dev-$(EXTRA)
 MODEL   := data/models/smollm2-135m-instruct/.tokenport-prepared
 PYTEST_ARGS ?=
 
-.PHONY: install dev system-deps model run test unit lint bench clean
+.PHONY: install dev system-deps model fonts run test unit lint bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 dev: $(DEV)
 
 $(DEV): $(STAMP) pyproject.toml
-	$(BIN)/pip install -e '.[$(EXTRA),dev]'
+	$(BIN)/pip install -e '.[$(EXTRA),dev,langs]'
 	$(MAKE) --no-print-directory _after-pip
 	touch $@
 
