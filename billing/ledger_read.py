@@ -1,4 +1,4 @@
-"""Reading the usage ledger for billing: billing periods and seq-bounded slices of events.
+"""Reading the usage ledger for billing: seq-bounded slices of events of a period (metering.clock.Period).
 
 Only the metering read API is used (``UsageStore.iter_events``: events in ledger ``seq`` order).
 Appends to the ledger are serialized and ``seq`` grows in commit order, so one pass in ``seq``
@@ -14,65 +14,24 @@ language) and keeps the ledger hash of every event, for the invoice's usage dige
 
 from __future__ import annotations
 
-import calendar
 import hashlib
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
 
 from billing.engine import UsageQuantity
 from billing.errors import InvalidUsage
+from metering.clock import InvalidPeriod
+from metering.clock import Period as Period  # noqa: PLC0414 - transitional re-export for serving's CLI/admin until the wiring merge
 from metering.events import TOKEN_TYPES, TokenType
 from metering.store_sql import StoredEvent, UsageStore
 
-_PERIOD = re.compile(r"^(\d{4})-(\d{2})$")
 
-
-@dataclass(frozen=True, slots=True, order=True)
-class Period:
-    """A billing period: one calendar month in UTC, written ``YYYY-MM``."""
-
-    year: int
-    month: int
-
-    @classmethod
-    def parse(cls, text: str) -> Period:
-        m = _PERIOD.match(text.strip())
-        if m is None or not 1 <= int(m.group(2)) <= 12 or not 1970 <= int(m.group(1)) <= 9998:
-            raise InvalidUsage(f"a billing period is a month YYYY-MM from 1970-01 (e.g. 2026-01), got {text!r}")
-        return cls(int(m.group(1)), int(m.group(2)))
-
-    @classmethod
-    def of(cls, day: date | datetime) -> Period:
-        return cls(day.year, day.month)
-
-    def __str__(self) -> str:
-        return f"{self.year:04d}-{self.month:02d}"
-
-    @property
-    def start(self) -> date:
-        return date(self.year, self.month, 1)
-
-    @property
-    def end(self) -> date:
-        """The last day (inclusive)."""
-        return date(self.year, self.month, calendar.monthrange(self.year, self.month)[1])
-
-    @property
-    def start_at(self) -> datetime:
-        return datetime(self.year, self.month, 1, tzinfo=UTC)
-
-    @property
-    def end_at(self) -> datetime:
-        """The first instant after the period (exclusive bound)."""
-        return datetime.combine(self.end + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
-
-    def next(self) -> Period:
-        return Period.of(self.end + timedelta(days=1))
-
-    def previous(self) -> Period:
-        return Period.of(self.start - timedelta(days=1))
+def parse_period(text: str) -> Period:
+    """A billing period typed by a user: `Period.parse`, with a bad text as billing's InvalidUsage (4xx)."""
+    try:
+        return Period.parse(text)
+    except InvalidPeriod as exc:
+        raise InvalidUsage(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)

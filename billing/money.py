@@ -1,4 +1,11 @@
-"""Decimal money with ISO 4217 minor units and the one rounding policy.
+"""Money in one shape per purpose, and the conversions between them (only here).
+
+* Invoices: exact ``Decimal`` amounts next to the document's ISO 4217 currency, rounded by the
+  policy below (`round_money`).
+* Budgets (serving/limits): integer millionths of the currency's major unit (`to_micro`, rounded
+  up; `from_micro`), so holds and settlements are exact integer arithmetic in the limiter.
+* The spend metric (serving/spend.py): a float, made by `metric_value` at the Prometheus boundary
+  only.
 
 Policy (the only one in billing):
 
@@ -20,8 +27,7 @@ some cash digits). Every currency that ``pycountry`` knows and that is not liste
 from __future__ import annotations
 
 import decimal
-from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
 import pycountry
 
@@ -117,40 +123,26 @@ def fmt(value: Decimal) -> str:
     return format(value, "f")
 
 
-@dataclass(frozen=True, slots=True)
-class Money:
-    """A rounded amount with its currency."""
+# --- the other shapes of money, converted here only ---------------------------------------------
+MICRO = Decimal(1_000_000)  # budgets hold money in integer millionths of the currency's major unit
+PER_MILLION_TOKENS = Decimal(1_000_000)  # price book prices are per one million tokens
 
-    amount: Decimal
-    currency: str
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "currency", check_currency(self.currency))
-        object.__setattr__(self, "amount", to_decimal(self.amount))
+def to_micro(amount: Decimal) -> int:
+    """An amount as integer millionths, rounded up (a budget hold or charge is never under-counted)."""
+    return int((amount * MICRO).to_integral_value(rounding=ROUND_CEILING))
 
-    @classmethod
-    def of(cls, value: Decimal, currency: str) -> Money:
-        """Round ``value`` by the policy and wrap it."""
-        return cls(round_money(value, currency), currency)
 
-    @classmethod
-    def zero(cls, currency: str) -> Money:
-        return cls.of(Decimal(0), currency)
+def from_micro(units: int) -> Decimal:
+    """Integer millionths back to an exact Decimal amount."""
+    return Decimal(units) / MICRO
 
-    def _same(self, other: Money) -> None:
-        if other.currency != self.currency:
-            raise CurrencyError(f"cannot combine {self.currency} with {other.currency}")
 
-    def __add__(self, other: Money) -> Money:
-        self._same(other)
-        return Money(self.amount + other.amount, self.currency)
+def token_cost(tokens: int, price_per_million: Decimal) -> Decimal:
+    """The exact, unrounded cost of `tokens` tokens at a price per one million tokens."""
+    return price_per_million * tokens / PER_MILLION_TOKENS
 
-    def __sub__(self, other: Money) -> Money:
-        self._same(other)
-        return Money(self.amount - other.amount, self.currency)
 
-    def __neg__(self) -> Money:
-        return Money(-self.amount, self.currency)
-
-    def __str__(self) -> str:
-        return f"{fmt(self.amount)} {self.currency}"
+def metric_value(amount: Decimal) -> float:
+    """The only float money: a value handed to a Prometheus counter (estimates, never invoices)."""
+    return float(amount)

@@ -2,8 +2,9 @@
 
 ``run(period)`` builds or refreshes one draft invoice per tenant (idempotent), ``finalize(period)``
 numbers the drafts, ``void(number)`` issues a credit note, ``exports(period)`` reports. The clock
-is read here (issue dates, timestamps), never in the engine. Services never commit: each store
-call is its own transaction.
+is read here (issue dates, timestamps), never in the engine. Services never commit: every write is
+composed here, inside one unit of work (``with self.store.unit() as tx``) that commits when it ends;
+the persistence modules only persist, and billing/lifecycle.py says which status may become which.
 
 Which tenants get an invoice for a period P (calendar month, UTC):
 
@@ -21,39 +22,36 @@ with the same reason until a new run succeeds.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from billing import engine, price_book, tax
-from billing.documents import CreditNote, Document, DocumentStatus, Invoice, document_from_json
+from billing import (
+    engine,
+    fx_store,
+    issuing,
+    lifecycle,
+    period_store,
+    price_book,
+    tax,
+)
+from billing.document_store import Draft, NotFound, StoredDocument
+from billing.documents import CreditNote, Document, Invoice, document_from_json
 from billing.errors import BillingError, DocumentStateError, FxImportError, InvalidUsage
 from billing.fx import FxTable, import_csv
-from billing.ledger_read import (
-    Period,
-    SeqRange,
-    Slice,
-    event_digest,
-    events_in,
-    events_in_ranges,
-    rows_from,
-    rows_of,
-)
-from billing.parties import Buyer, Seller, load_seller
+from billing.ledger_read import SeqRange, Slice, event_digest, events_in, events_in_ranges, rows_from, rows_of
+from billing.lifecycle import ISSUED, PENDING, Op
+from billing.parties import Buyer, NumberSeries, Seller, load_seller
+from billing.prices import PriceSource, load_price_source
 from billing.render import render
 from billing.render.jsondoc import to_json
 from billing.reports import ExportReport, GroupBy, RatedRow, aggregate_exports, credit_rows, rated_rows
-from billing.store import ISSUED, PENDING, BillingStore, Draft, NotFound, StoredDocument
+from billing.store import BillingStore
+from metering.clock import Clock, Period, utcnow
 from metering.store_sql import UsageStore
 from metering.tenants import Tenant, TenantStore
-
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +89,20 @@ class Verification:
 
 class BillingService:
     def __init__(self, *, store: BillingStore, usage: UsageStore, tenants: TenantStore, config_dir: Path,
-                 clock: Clock = utcnow) -> None:
+                 prices: PriceSource | None = None, clock: Clock = utcnow) -> None:
         self.store = store
         self._usage = usage
         self._tenants = tenants
         self._dir = config_dir
+        # The application's one price source (CONTRACTS 4). Transitional default for callers that do
+        # not pass it yet: the same file, <config>/billing/price_books.yaml, read through the same type.
+        self.prices = prices if prices is not None else load_price_source(config_dir / "price_books.yaml")
         self._clock = clock
 
     # --- configuration ---------------------------------------------------------------------
     def config(self) -> BillingConfig:
-        """Issuer, price books, tax rules, and FX = configs/billing/fx_rates.csv + imported rates."""
+        """Issuer, price book (the shared source, re-read if its file changed), tax rules, and FX =
+        configs/billing/fx_rates.csv + imported rates."""
         fx_file = self._dir / "fx_rates.csv"
         try:
             shipped = import_csv(fx_file.read_text(encoding="utf-8"), origin=str(fx_file)) if fx_file.is_file() else []
@@ -108,7 +110,7 @@ class BillingService:
             raise FxImportError(f"{fx_file}: cannot read: {exc}") from exc
         return BillingConfig(
             seller=load_seller(self._dir / "issuer.yaml"),
-            price_book=price_book.load(self._dir / "price_books.yaml"),
+            price_book=self._current_prices(),
             tax_rules=tax.load(self._dir / "tax_rules.yaml"),
             fx=FxTable(tuple(shipped) + tuple(self.store.fx_rates())),
         )
@@ -117,8 +119,13 @@ class BillingService:
         """Store the CSV's rates (refusing contradictions); returns (new rates, rates already stored)."""
         rates = import_csv(text, origin=origin)
         self.config().fx.with_rates(rates)  # raises FxImportError on a contradicting rate
-        added = self.store.add_fx_rates(rates, origin=origin, now=self._clock())
+        with self.store.unit() as tx:
+            added = fx_store.add(tx, rates, origin=origin, now=self._clock())
         return added, len(rates) - added
+
+    def _current_prices(self) -> price_book.PriceBook:
+        self.prices.refresh()
+        return self.prices.book()
 
     # --- month close -----------------------------------------------------------------------
     def run(self, period: Period, *, tenant_id: str | None = None, issue_date: date | None = None) -> RunReport:
@@ -159,7 +166,8 @@ class BillingService:
                 continue
             all_rows &= self._draft(cfg, report, period, issue, t, tenants.get(t), own.get(t), late.get(t))
         if tenant_id is None and all_rows:
-            self.store.record_run(p, mark, self._clock())
+            with self.store.unit() as tx:
+                period_store.record_run(tx, p, mark, self._clock())
         return report
 
     def _read_own(self, period: Period, tenant_id: str | None,
@@ -219,7 +227,7 @@ class BillingService:
         own, late = own or Slice(), late or Slice()
         if tenant is None:
             message = f"usage for unknown tenant {t!r}: create the tenant, then run again"
-            self.store.save_error(t, p, message, now)
+            issuing.save_pending(self.store, t, p, message, (), now)
             report.errors.append((t, message))
             return True
         try:
@@ -228,20 +236,21 @@ class BillingService:
                 price_book=cfg.price_book, tax_rules=cfg.tax_rules, fx=cfg.fx, period_start=period.start,
                 period_end=period.end, issue_date=issue, usage_digest=event_digest(own.hashes + late.hashes))
         except BillingError as exc:
-            self.store.save_error(t, p, str(exc), now)
+            issuing.save_pending(self.store, t, p, str(exc), (), now)
             report.errors.append((t, str(exc)))
             return True
         if not invoice.lines:
-            self.store.delete_pending(t, p)
+            issuing.discard_pending(self.store, t, p)
             report.skipped.append((t, f"nothing to bill for {p}"))
             return True
         ranges: list[SeqRange] = [*own.ranges.values(), *late.ranges.values()]
         try:
-            row = self.store.save_draft(Draft(
+            row = issuing.save_pending(self.store, t, p, Draft(
                 tenant_id=t, period=p, document=to_json(invoice), currency=invoice.currency,
                 subtotal=invoice.subtotal, tax_total=invoice.tax_total, total=invoice.total, issue_date=issue,
                 usage_rows=rows_of(own.rows()), adjustment_rows=rows_of(late.rows()),
-                usage_digest=invoice.usage_digest, event_count=own.events + late.events, ranges=ranges), now)
+                usage_digest=invoice.usage_digest, event_count=own.events + late.events, ranges=ranges),
+                ranges, now)
         except DocumentStateError as exc:
             report.errors.append((t, str(exc)))
             return False
@@ -257,7 +266,7 @@ class BillingService:
         if tenant_id is None and p not in self.store.closed_periods() and not self.store.was_run(p):
             raise DocumentStateError(f"{p} has not been run for all tenants: run `tokenport invoices run"
                                      f" --period {p}` first")
-        numbering = self.config().seller.numbering
+        series = self.config().seller.numbering
         pending = self.store.find(period=p, tenant_id=tenant_id, kinds=["invoice"], statuses=PENDING)
         if tenant_id is not None and not pending:
             raise DocumentStateError(f"{tenant_id} has no draft for {p}: run `tokenport invoices run"
@@ -267,25 +276,30 @@ class BillingService:
                 report.refused.append((row.tenant_id, f"cannot finalize: {row.error}"))
                 continue
             try:
-                report.finalized.append(self.store.finalize(row.id, numbering, _complete, self._clock()))
+                report.finalized.append(self.finalize_document(row.id, series))
             except DocumentStateError as exc:
                 report.refused.append((row.tenant_id, str(exc)))
         if tenant_id is None:
-            self.store.close_period(p, self._clock())
+            with self.store.unit() as tx:
+                period_store.close(tx, p, self._clock())
             report.closed = True
         return report
+
+    def finalize_document(self, document_id: int, series: NumberSeries | None = None) -> StoredDocument:
+        """Number one draft (see billing/issuing.py)."""
+        return issuing.finalize_draft(self.store, document_id, series or self.config().seller.numbering,
+                                      now=self._clock())
 
     def void(self, number: str, *, reason: str, issue_date: date | None = None) -> tuple[StoredDocument, StoredDocument]:
         """Void a finalized invoice: a credit note reversing it exactly, numbered in its own series."""
         row = self.store.get(number)
-        if row.kind != "invoice" or row.status != "finalized" or row.document is None:
-            raise DocumentStateError(f"{number} ({row.kind.replace('_', ' ')}, {row.status}): only a finalized"
-                                     " invoice can be voided")
+        lifecycle.transition(row.kind, row.status, Op.VOID, what=number)
+        assert row.document is not None
         invoice = Invoice.from_json_dict(row.document)
         issue = issue_date or max(self._clock().date(), invoice.issue_date)
         credit = engine.build_credit_note(invoice, reason=reason, issue_date=issue)
-        return self.store.void(number, reason=reason, credit_note=credit.to_json_dict(),
-                               numbering=self.config().seller.numbering, complete=_complete, now=self._clock())
+        return issuing.void_invoice(self.store, row.id, credit, reason=reason,
+                                    series=self.config().seller.numbering, now=self._clock())
 
     # --- documents -------------------------------------------------------------------------
     def document(self, row: StoredDocument) -> Document:
@@ -350,15 +364,6 @@ class BillingService:
 def buyer_of(tenant: Tenant) -> Buyer:
     return Buyer(id=tenant.id, name=tenant.name, billing_country=tenant.billing_country, tax_id=tenant.tax_id,
                  business=tenant.business, currency=tenant.currency, language=tenant.language or "en")
-
-
-def _complete(draft: dict[str, Any], number: str) -> bytes:
-    doc = document_from_json(draft)
-    if doc.status is not DocumentStatus.DRAFT:
-        raise DocumentStateError(f"{number}: the stored draft is {doc.status.value}")
-    if isinstance(doc, Invoice):
-        return to_json(engine.finalize(doc, number))
-    return to_json(engine.finalize(doc, number))
 
 
 def document_summary(row: StoredDocument) -> dict[str, Any]:

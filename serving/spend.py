@@ -1,7 +1,9 @@
 """Estimated spend at request time, for dashboards and alerts only.
 
-Each metered event is priced with the tenant's price book (first tier of each price: tiers depend
-on the month's total, which only the invoice knows). The counter is labelled an estimate; invoices
+Each metered event is priced with the application's one price source (billing/prices.py, shared
+with budgets and invoices; first tier of each price: tiers depend on the month's total, which only
+the invoice knows). Amounts stay exact Decimals; the float is made at the counter only
+(`billing.money.metric_value`). The counter is labelled an estimate; invoices
 always come from the ledger through billing, never from Prometheus.
 
 Prices are looked up once per (tenant, currency, month, model): an event costs a dict lookup, three
@@ -12,26 +14,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
 from billing.errors import BillingError
-from billing.price_book import PriceBook, ResolvedPrices, load
+from billing.money import metric_value, token_cost
+from billing.price_book import PriceBook, ResolvedPrices
+from billing.prices import PriceSource, load_price_source
+from metering.clock import Period
 from metering.events import TokenType, UsageEvent
 from metering.metrics import Metrics
 from metering.tenants import Tenant
-from serving.dates import month_bounds
 
 log = logging.getLogger("tokenport.spend")
-PER_MILLION = Decimal(1_000_000)
 PRICED = (TokenType.INPUT, TokenType.CACHED_INPUT, TokenType.OUTPUT)  # the order of the counts in observe
 MAX_CACHED_PRICES = 10_000  # (tenant, month, model) price lookups remembered; forgotten all at once when full
 
 
 class SpendEstimator:
-    def __init__(self, book: PriceBook | None, metrics: Metrics, tenant: Callable[[str], Tenant | None]) -> None:
-        self._book = book
+    def __init__(self, prices: PriceSource | None, metrics: Metrics,
+                 tenant: Callable[[str], Tenant | None]) -> None:
+        self._prices = prices
+        self._book: PriceBook | None = None  # the book the caches were filled from
         self._metrics = metrics
         self._tenant = tenant
         # (tenant, currency, year, month) -> the month's prices; None: no price book covers it.
@@ -42,29 +46,41 @@ class SpendEstimator:
 
     @classmethod
     def from_file(cls, path: Path, metrics: Metrics, tenant: Callable[[str], Tenant | None]) -> SpendEstimator:
-        book = None
-        if path.is_file():
-            try:
-                book = load(path)
-            except BillingError as exc:
-                log.error("estimated spend disabled: %s", exc)
-        return cls(book, metrics, tenant)
+        """Transitional, until the wiring hands over the application's PriceSource."""
+        source = load_price_source(path) if path.is_file() else None
+        if source is not None and not source.available:
+            log.error("estimated spend disabled: %s", source.error)
+        return cls(source, metrics, tenant)
 
-    def _prices(self, tenant: Tenant, year: int, month: int) -> ResolvedPrices | None:
+    def _current_book(self) -> PriceBook | None:
+        """The source's book; the caches are dropped when the source was refreshed to a new one."""
+        if self._prices is None:
+            return None
+        try:
+            book = self._prices.book()
+        except BillingError:
+            return None
+        if book is not self._book:
+            self._book = book
+            self._resolved.clear()
+            self._units.clear()
+        return book
+
+    def _month_prices(self, book: PriceBook, tenant: Tenant, year: int, month: int) -> ResolvedPrices | None:
         key = (tenant.id, tenant.currency, year, month)
         if key not in self._resolved:
-            start, end = month_bounds(date(year, month, 1))
+            period = Period(year, month)
             try:
-                assert self._book is not None
-                self._resolved[key] = self._book.select(currency=tenant.currency, period_start=start,
-                                                        period_end=end, tenant_id=tenant.id)
+                self._resolved[key] = book.select(currency=tenant.currency, period_start=period.start,
+                                                  period_end=period.end, tenant_id=tenant.id)
             except BillingError as exc:
                 log.warning("no estimated spend for tenant %s: %s", tenant.id, exc)
                 self._resolved[key] = None
         return self._resolved[key]
 
-    def _unit_prices(self, tenant: Tenant, year: int, month: int, model: str) -> tuple[Decimal | None, ...] | None:
-        prices = self._prices(tenant, year, month)
+    def _unit_prices(self, book: PriceBook, tenant: Tenant, year: int, month: int,
+                     model: str) -> tuple[Decimal | None, ...] | None:
+        prices = self._month_prices(book, tenant, year, month)
         if prices is None:
             return None
         units: list[Decimal | None] = []
@@ -76,7 +92,8 @@ class SpendEstimator:
         return tuple(units)
 
     def observe(self, event: UsageEvent) -> None:
-        if self._book is None:
+        book = self._current_book()
+        if book is None:
             return
         tenant = self._tenant(event.tenant_id)
         if tenant is None:
@@ -88,7 +105,7 @@ class SpendEstimator:
         except KeyError:
             if len(self._units) >= MAX_CACHED_PRICES:
                 self._units.clear()
-            units = self._units[key] = self._unit_prices(tenant, started.year, started.month, event.model)
+            units = self._units[key] = self._unit_prices(book, tenant, started.year, started.month, event.model)
         if units is None:
             return
         amount = Decimal(0)
@@ -97,8 +114,8 @@ class SpendEstimator:
             if n:
                 if unit is None:  # a model without a price for this token type: no estimate
                     return
-                amount += n * unit
+                amount += token_cost(n, unit)
         if amount:
             metrics = self._metrics
             metrics.child(metrics.estimated_spend, metrics.tenant_label(tenant.id), tenant.currency,
-                          event.origin_country).inc(float(amount / PER_MILLION))
+                          event.origin_country).inc(metric_value(amount))

@@ -9,18 +9,21 @@ never silently at zero.
 
 from __future__ import annotations
 
-import calendar
 import logging
-from datetime import UTC, date, datetime
-from decimal import ROUND_CEILING, Decimal
+from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
 
+from billing.errors import BillingError
+from billing.money import to_micro as to_micro  # noqa: PLC0414 - the conversion lives in billing.money
+from billing.money import token_cost
+from billing.price_book import PriceBook, ResolvedPrices
+from billing.prices import PriceSource, load_price_source
+from metering.clock import Period, utcnow
 from metering.events import TokenType
-from serving.limits.policy import MICRO
 
 log = logging.getLogger("tokenport.limits")
-PER_MILLION = Decimal(1_000_000)
 
 
 class PriceUnavailable(Exception):
@@ -46,50 +49,41 @@ class StaticPricer:
         unit = self.per_million.get((model, token_type))
         if unit is None or currency != self.currency:
             raise PriceUnavailable(f"no {currency} price for {model} {token_type.value}")
-        return unit * tokens / PER_MILLION
+        return token_cost(tokens, unit)
 
 
 class PriceBookPricer:
-    """Adapter over billing.price_book: the version covering the current month, with tenant contracts."""
+    """The shared price source (billing/prices.py): the version covering the month, with tenant contracts."""
 
-    def __init__(self, book: object) -> None:
-        self._book = book
-        self._cache: dict[tuple[str, str, date], object] = {}
+    def __init__(self, source: PriceSource) -> None:
+        self._source = source
+        self._book: PriceBook | None = None  # the book the cache was filled from
+        self._cache: dict[tuple[str, str, date], ResolvedPrices] = {}
 
     @classmethod
     def from_file(cls, path: Path) -> PriceBookPricer | None:
-        if not path.is_file():
+        """Transitional, until the wiring hands over the application's PriceSource: None when unusable."""
+        source = load_price_source(path)
+        if not source.available:
+            log.error("price book %s unusable for money budgets: %s", path, source.error)
             return None
-        try:
-            from billing.price_book import load
-
-            return cls(load(path))
-        except Exception as exc:  # noqa: BLE001 - money budgets then refuse (fail closed)
-            log.error("price book %s unusable for money budgets: %s", path, exc)
-            return None
+        return cls(source)
 
     def price(self, model: str, token_type: TokenType, tokens: int, currency: str, *,
               tenant_id: str | None = None, on: date | None = None) -> Decimal:
-        from billing.errors import BillingError
-
-        day = on or datetime.now(UTC).date()
-        start = day.replace(day=1)
-        end = day.replace(day=calendar.monthrange(day.year, day.month)[1])
-        key = (tenant_id or "", currency, start)
+        period = Period.of(on or utcnow().date())
+        key = (tenant_id or "", currency, period.start)
         try:
+            book = self._source.book()
+            if book is not self._book:  # the source was refreshed: prices may have changed
+                self._book, self._cache = book, {}
             if key not in self._cache:
-                self._cache[key] = self._book.select(  # type: ignore[attr-defined]
-                    currency=currency, period_start=start, period_end=end, tenant_id=tenant_id or "")
-            spec = self._cache[key].price(model, token_type)  # type: ignore[attr-defined]
+                self._cache[key] = book.select(currency=currency, period_start=period.start,
+                                               period_end=period.end, tenant_id=tenant_id or "")
+            spec = self._cache[key].price(model, token_type)
         except BillingError as exc:
             raise PriceUnavailable(str(exc)) from exc
-        unit: Decimal = max(t.price for t in spec.tiers)
-        return unit * tokens / PER_MILLION
-
-
-def to_micro(amount: Decimal) -> int:
-    """Money in integer millionths, rounded up (a hold or a charge is never under-counted)."""
-    return int((amount * MICRO).to_integral_value(rounding=ROUND_CEILING))
+        return token_cost(tokens, max(t.price for t in spec.tiers))
 
 
 def cost_units(pricer: Pricer, model: str, currency: str, tenant_id: str, *, input_tokens: int,

@@ -23,9 +23,10 @@ from sqlalchemy.engine import Engine
 
 from billing.documents import Invoice
 from billing.errors import DocumentStateError, InvalidUsage
-from billing.ledger_read import Period
+from billing.ledger_read import parse_period
 from billing.service import BillingService
 from billing.store import BillingStore, NotFound
+from metering.clock import Period
 from metering.db import make_engine
 from metering.events import Outcome, UsageEvent
 from metering.store_sql import UsageStore
@@ -314,7 +315,7 @@ def test_finalize_before_any_run_is_refused(world: World) -> None:
             world.svc.run(JAN, issue_date=wrong)
     for written in ("2026-13", "0000-01", "9999-12", "26-01"):
         with pytest.raises(InvalidUsage, match="YYYY-MM"):
-            Period.parse(written)
+            parse_period(written)
     with pytest.raises(NotFound, match="no tenant 'nobody'"):
         world.svc.run(JAN, tenant_id="nobody")
     assert world.svc.store.closed_periods() == {} and world.svc.store.find() == []

@@ -24,10 +24,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+import billing.issuing
 from billing.errors import DocumentStateError
-from billing.ledger_read import Period
 from billing.service import BillingService
 from billing.store import BillingStore, StaleDraft
+from metering.clock import Period
 from metering.db import make_engine
 from metering.events import Outcome, UsageEvent
 from metering.store_sql import UsageStore
@@ -135,12 +136,16 @@ import json, random, sys, time
 from pathlib import Path
 from metering.db import make_engine
 from billing.errors import DocumentStateError
-from billing.parties import load_seller
-from billing.service import _complete
+from billing.service import BillingService
 from billing.store import BillingStore
+from metering.store_sql import UsageStore
+from metering.tenants import TenantStore
 url, start, seed, root = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-store = BillingStore(make_engine(url))
-numbering = load_seller(root / "configs" / "billing" / "issuer.yaml").numbering
+engine = make_engine(url)
+store = BillingStore(engine)
+svc = BillingService(store=store, usage=UsageStore(engine), tenants=TenantStore(engine, "s" * 32),
+                     config_dir=root / "configs" / "billing")
+numbering = svc.config().seller.numbering
 ids = [r.id for r in store.find(kinds=["invoice"], statuses=["draft"])]
 random.Random(seed).shuffle(ids)
 (start.parent / f"ready-{seed}").touch()
@@ -149,7 +154,7 @@ while not start.exists():
 got = []
 for i in ids:
     try:
-        got.append(store.finalize(i, numbering, _complete, __import__("datetime").datetime.now()).number)
+        got.append(svc.finalize_document(i, numbering).number)
     except DocumentStateError:
         pass
     time.sleep(0.005)  # other work between two finalizations: lets the others take the lock
@@ -186,24 +191,24 @@ def test_finalize_twice_refused_and_number_not_consumed(db: tuple[str, Engine]) 
     [row] = svc.finalize(JAN, tenant_id=t).finalized
     with pytest.raises(DocumentStateError, match="no draft"):
         svc.finalize(JAN, tenant_id=t)
-    numbering = svc.config().seller.numbering
     with pytest.raises(DocumentStateError, match="only a draft can be finalized"):
-        svc.store.finalize(row.id, numbering, lambda d, n: b"{}", NOW)
+        svc.finalize_document(row.id)
     assert_gapless(engine, 1)
 
 
-def test_failed_finalization_rolls_the_counter_back(db: tuple[str, Engine]) -> None:
+def test_failed_finalization_rolls_the_counter_back(db: tuple[str, Engine], monkeypatch: pytest.MonkeyPatch) -> None:
     _, engine = db
     ids = with_drafts(engine, 2)
     svc = service(engine)
-    numbering = svc.config().seller.numbering
     draft = svc.store.get(f"DRAFT-2026-01-{ids[0]}")
 
     def broken(_draft: dict[str, Any], _number: str) -> bytes:
         raise RuntimeError("renderer crashed after the number was taken")
 
-    with pytest.raises(RuntimeError):
-        svc.store.finalize(draft.id, numbering, broken, NOW)
+    with monkeypatch.context() as patch:
+        patch.setattr(billing.issuing, "finalized_json", broken)
+        with pytest.raises(RuntimeError):
+            svc.finalize_document(draft.id)
     assert svc.store.counter("TP-INV-2026") == 0
     assert svc.store.get(draft.ref).status == "draft"
     report = svc.finalize(JAN)
@@ -242,7 +247,7 @@ def test_stale_draft_is_refused_instead_of_billing_twice(db: tuple[str, Engine])
     assert feb.drafts[0].adjustment_rows and mar.drafts[0].adjustment_rows  # both saw the late event
     assert svc.finalize(Period(2026, 2), tenant_id=t).finalized
     with pytest.raises(StaleDraft, match="run `tokenport invoices run` again"):
-        svc.store.finalize(mar.drafts[0].id, svc.config().seller.numbering, lambda d, n: b"{}", NOW)
+        svc.finalize_document(mar.drafts[0].id)
     refreshed = svc.run(Period(2026, 3))
     assert refreshed.drafts[0].adjustment_rows == []
     assert svc.finalize(Period(2026, 3), tenant_id=t).finalized

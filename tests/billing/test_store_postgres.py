@@ -25,10 +25,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+import billing.issuing
 from billing.errors import DocumentStateError
-from billing.ledger_read import Period
-from billing.service import BillingService, _complete
+from billing.issuing import finalized_json
+from billing.service import BillingService
 from billing.store import BillingStore, StaleDraft
+from metering.clock import Period
 from metering.db import make_engine
 from metering.events import Outcome, UsageEvent
 from metering.store_sql import UsageStore
@@ -160,7 +162,7 @@ def test_concurrent_finalization_is_gapless(engine: Engine) -> None:
     assert svc.store.counter("TP-INV-2026") == 40
 
 
-def test_a_draft_made_stale_concurrently_is_refused(engine: Engine) -> None:
+def test_a_draft_made_stale_concurrently_is_refused(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     [t] = tenants_with_usage(engine, 1)
     svc = service(engine)
     svc.run(JAN)
@@ -172,17 +174,18 @@ def test_a_draft_made_stale_concurrently_is_refused(engine: Engine) -> None:
     svc.run(Period(2026, 3))
     outcomes: list[str] = []
     barrier = threading.Barrier(2)
-    numbering = svc.config().seller.numbering
 
     def slow(draft: dict[str, Any], number: str) -> bytes:
         time.sleep(0.4)  # hold the transaction open: the other finalization runs meanwhile
-        return _complete(draft, number)
+        return finalized_json(draft, number)
+
+    monkeypatch.setattr(billing.issuing, "finalized_json", slow)
 
     def worker(p: Period) -> None:
         row = svc.store.get(f"DRAFT-{p}-{t}")
         barrier.wait()
         try:
-            BillingStore(engine).finalize(row.id, numbering, slow, NOW)
+            service(engine).finalize_document(row.id)
             outcomes.append("ok")
         except StaleDraft:
             outcomes.append("stale")

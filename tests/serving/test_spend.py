@@ -12,10 +12,11 @@ import pytest
 
 from billing.errors import BillingError
 from billing.price_book import PriceBook, load
+from billing.prices import PriceSource, load_price_source
+from metering.clock import Period
 from metering.events import TOKEN_TYPES, Outcome, UsageEvent
 from metering.metrics import Metrics
 from metering.tenants import Tenant
-from serving.dates import month_bounds
 from serving.spend import SpendEstimator
 
 BOOK = Path("configs/billing/price_books.yaml")
@@ -41,9 +42,9 @@ def event(i: int, tenant_id: str, model: str, started_at: datetime, prompt: int,
 
 def reference_amount(book: PriceBook, t: Tenant, e: UsageEvent) -> Decimal | None:
     """Every event priced from scratch: the estimate the cache must reproduce."""
-    start, end = month_bounds(e.started_at.date())
+    month = Period.of(e.started_at)
     try:
-        prices = book.select(currency=t.currency, period_start=start, period_end=end, tenant_id=t.id)
+        prices = book.select(currency=t.currency, period_start=month.start, period_end=month.end, tenant_id=t.id)
     except BillingError:
         return None
     amount = Decimal(0)
@@ -70,7 +71,7 @@ def book() -> PriceBook:
 
 def test_the_same_estimate_as_pricing_every_event(book: PriceBook) -> None:
     metrics = Metrics(MODELS[:2])
-    estimator = SpendEstimator(book, metrics, TENANTS.get)
+    estimator = SpendEstimator(PriceSource.of(book), metrics, TENANTS.get)
     rng = random.Random(11)
     want: dict[tuple[str, str, str], float] = {}
     start = datetime(2025, 6, 20, tzinfo=UTC)  # June 2025: no price book yet; then 2025.2, then 2026.1
@@ -94,7 +95,7 @@ def test_the_same_estimate_as_pricing_every_event(book: PriceBook) -> None:
 
 def test_prices_are_looked_up_once_per_tenant_month_and_model(book: PriceBook) -> None:
     metrics = Metrics(MODELS[:2])
-    estimator = SpendEstimator(book, metrics, TENANTS.get)
+    estimator = SpendEstimator(PriceSource.of(book), metrics, TENANTS.get)
     day = datetime(2026, 3, 5, 12, tzinfo=UTC)
     with mock.patch.object(PriceBook, "select", autospec=True, side_effect=PriceBook.select) as select:
         for i in range(100):
@@ -108,15 +109,45 @@ def test_prices_are_looked_up_once_per_tenant_month_and_model(book: PriceBook) -
 
 
 def test_a_month_runs_to_its_last_day() -> None:
-    assert month_bounds(date(2024, 2, 10)) == (date(2024, 2, 1), date(2024, 2, 29))
-    assert month_bounds(date(2026, 12, 31)) == (date(2026, 12, 1), date(2026, 12, 31))
+    assert (Period.of(date(2024, 2, 10)).start, Period.of(date(2024, 2, 10)).end) == (date(2024, 2, 1),
+                                                                                     date(2024, 2, 29))
+    assert Period.of(date(2026, 12, 31)).end == date(2026, 12, 31)
+
+
+def test_the_estimate_follows_the_shared_source_when_it_is_refreshed(tmp_path: Path) -> None:
+    """Budgets, billing and the metric read one PriceSource: a refreshed file changes the estimate too."""
+    path = tmp_path / "price_books.yaml"
+    path.write_text(BOOK.read_text(encoding="utf-8"), encoding="utf-8")
+    source = load_price_source(path)
+    metrics = Metrics(MODELS[:2])
+    estimator = SpendEstimator(source, metrics, TENANTS.get)
+    day = datetime(2026, 3, 5, 12, tzinfo=UTC)
+    estimator.observe(event(1, "acme", MODELS[0], day, 1_000_000, 0, 0))
+    assert spend(metrics, "acme", "USD", "KZ") == pytest.approx(0.020)  # smollm2 2026.1 USD input 0.020
+    path.write_text(path.read_text(encoding="utf-8").replace('input: "0.020"', 'input: "0.500"'), encoding="utf-8")
+    estimator.observe(event(2, "acme", MODELS[0], day, 1_000_000, 0, 0))
+    assert spend(metrics, "acme", "USD", "KZ") == pytest.approx(0.040)  # not refreshed yet: same book
+    source.refresh()
+    estimator.observe(event(3, "acme", MODELS[0], day, 1_000_000, 0, 0))
+    assert spend(metrics, "acme", "USD", "KZ") == pytest.approx(0.540)
+
+
+def test_an_unusable_source_gives_no_estimate(tmp_path: Path) -> None:
+    metrics = Metrics(MODELS[:2])
+    broken = tmp_path / "price_books.yaml"
+    broken.write_text("price_books: [\n", encoding="utf-8")
+    source = load_price_source(broken)
+    assert not source.available and "not valid YAML" in str(source.error)
+    SpendEstimator(source, metrics, TENANTS.get).observe(
+        event(1, "acme", MODELS[0], datetime(2026, 1, 10, tzinfo=UTC), 10, 0, 10))
+    assert spend(metrics, "acme", "USD", "KZ") == 0.0
 
 
 def test_no_estimate_without_a_book_a_tenant_or_a_price(book: PriceBook) -> None:
     metrics = Metrics(MODELS[:2])
     day = datetime(2026, 1, 10, tzinfo=UTC)
     SpendEstimator(None, metrics, TENANTS.get).observe(event(1, "acme", MODELS[0], day, 10, 0, 10))
-    estimator = SpendEstimator(book, metrics, TENANTS.get)
+    estimator = SpendEstimator(PriceSource.of(book), metrics, TENANTS.get)
     estimator.observe(event(2, "nobody", MODELS[0], day, 10, 0, 10))
     estimator.observe(event(3, "acme", "not-priced", day, 10, 0, 10))
     estimator.observe(event(4, "acme", MODELS[0], day, 0, 0, 0))  # nothing to price

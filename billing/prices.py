@@ -1,0 +1,94 @@
+"""The one price source: the price book read from one path, shared by invoices, budgets and the spend metric.
+
+The application builds it once (``load_price_source(settings.price_book_path)``) and hands the same
+object to billing (billing/service.py), the budget pricer (serving/limits/pricing.py) and the spend
+metric (serving/spend.py), so a budget hold, a spend estimate and an invoice always price from the
+same version of the same file.
+
+Loading never raises: an unreadable or invalid file is kept as the error, and ``book()`` raises it
+(a ``BillingError`` naming the file and field) to whoever asks for a price: money budgets then
+refuse (fail closed), the spend metric stays silent, a billing run reports the error.
+
+``refresh()`` re-reads the file when it changed on disk (size or modification time); a billing run
+calls it first, so a corrected price book takes effect at the next month-close run without a
+restart, and the budget pricer and the spend metric see the new version from then on (they compare
+``book()`` by identity to drop what they cached).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from billing import price_book
+from billing.errors import BillingError
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    stamp: tuple[int, int] | None  # (size, mtime_ns) of the file read; None: missing, or a fixed book
+    book: price_book.PriceBook | None
+    error: BillingError | None
+
+
+class PriceSource:
+    """The price book of one file, or the reason it is unusable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._loaded = self._load()
+
+    @classmethod
+    def of(cls, book: price_book.PriceBook, *, path: Path = Path("<memory>")) -> PriceSource:
+        """A fixed source over an already parsed book (tests, tools)."""
+        source = cls.__new__(cls)
+        source.path = path
+        source._lock = threading.Lock()
+        source._loaded = _Loaded(None, book, None)
+        return source
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _load(self) -> _Loaded:
+        stamp = self._stamp()
+        try:
+            return _Loaded(stamp, price_book.load(self.path), None)
+        except BillingError as exc:
+            return _Loaded(stamp, None, exc)
+
+    def refresh(self) -> None:
+        """Re-read the file if it changed since it was read (no-op for a fixed source)."""
+        if self._loaded.stamp is None and self._loaded.book is not None:  # a fixed book
+            return
+        with self._lock:
+            if self._stamp() != self._loaded.stamp:
+                self._loaded = self._load()
+
+    @property
+    def available(self) -> bool:
+        return self._loaded.book is not None
+
+    @property
+    def error(self) -> BillingError | None:
+        return self._loaded.error
+
+    def book(self) -> price_book.PriceBook:
+        """The current price book; raises the load error when the file is unusable."""
+        loaded = self._loaded
+        if loaded.book is None:
+            assert loaded.error is not None
+            raise loaded.error
+        return loaded.book
+
+
+def load_price_source(path: Path) -> PriceSource:
+    """The price source of one file (read now; errors kept, see the module docstring)."""
+    return PriceSource(Path(path))
