@@ -63,7 +63,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     ledger = Ledger(usage, Spool(settings.data_dir / "spool" / "usage.jsonl"), on_commit=metrics.observe_commit,
                     fail_closed=settings.metering.fail_closed)
     keyring = KeyRing(stores.tenants, settings.secret_key, settings.gateway.key_cache_refresh_s)
-    spend = SpendEstimator.from_file(settings.config_dir / "billing" / "price_books.yaml", metrics, keyring.tenant)
+    spend = SpendEstimator(stores.prices, metrics, keyring.tenant)  # the same price source as budgets and billing
     tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
     guardrails = build_guardrails(settings, stores, metrics, tokens)
 

@@ -11,15 +11,16 @@ from functools import cached_property
 
 from sqlalchemy.engine import Engine
 
+from billing.prices import PriceSource, load_price_source
 from billing.service import BillingService
 from billing.store import BillingStore
-from serving.audit_store import AuditStore
 from metering.db import make_engine
 from metering.store_sql import UsageStore
 from metering.tenants import TenantStore
 from serving import db_schema
 from serving.accounts import Accounts
 from serving.audit import Auditor
+from serving.audit_store import AuditStore
 from serving.limits.store import LimitsStore
 from serving.settings import Settings
 
@@ -38,9 +39,14 @@ class Stores:
         return Accounts(self.tenants, self.limits, self.audit)
 
     @cached_property
+    def prices(self) -> PriceSource:
+        """The one price source (settings.price_book_path), shared by billing, budgets and the spend metric."""
+        return load_price_source(self.settings.price_book_path)
+
+    @cached_property
     def billing(self) -> BillingService:
         return BillingService(store=BillingStore(self.engine), usage=self.usage, tenants=self.tenants,
-                              config_dir=self.settings.config_dir / "billing")
+                              config_dir=self.settings.config_dir / "billing", prices=self.prices)
 
 
 def open_stores(settings: Settings, *, migrate: bool = True) -> Stores:

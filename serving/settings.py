@@ -225,6 +225,12 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'tokenport.db'}"
 
     @property
+    def price_book_path(self) -> Path:
+        """The one price book (`limits.price_book`, relative to the config folder): invoices, budgets, spend."""
+        book = self.limits.price_book
+        return book if book.is_absolute() else self.config_dir / book
+
+    @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
 

@@ -16,7 +16,7 @@ from metering.tenants import RegistryError
 from serving.accounts import UNSET
 from serving.audit import Who
 from serving.cli.accounts import keys_app, tenants_app
-from serving.cli.common import JsonOpt, fail, settings, stores
+from serving.cli.common import JsonOpt, fail, stores
 from serving.limits.policy import LimitPolicy
 from serving.limits.pricing import PriceBookPricer, PriceUnavailable, cost_units
 from serving.limits.store import Scope, make_budget
@@ -134,9 +134,7 @@ def tenants_limits(ctx: typer.Context, tenant: Annotated[str, typer.Argument(hel
         _window, start = b.window(utcnow())
         rows = s.usage.summary(["model"], tenant_id=tenant, start=start)
         used = 0
-        cfg = settings(ctx)
-        path = cfg.limits.price_book  # the lead's merge: load_price_source(cfg.price_book_path) (CONTRACTS 4)
-        pricer = PriceBookPricer.from_file(path if path.is_absolute() else cfg.config_dir / path)
+        pricer = PriceBookPricer(s.prices) if s.prices.available else None  # the one price source
         for r in rows:
             p, c, o = (int(str(r["prompt_tokens"])), int(str(r["cached_prompt_tokens"])),
                        int(str(r["completion_tokens"])))
