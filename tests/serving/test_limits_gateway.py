@@ -355,7 +355,7 @@ async def test_split_token_fields_are_held_capped_and_sent_as_one(gw: Gateway, w
     assert sent["max_tokens"] == 2 and "max_completion_tokens" not in sent
     r = await gw.http.post("/v1/chat/completions", json=chat(max_completion_tokens=60), headers=bearer(api_key))
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
-    t2, _key2, api2 = gw.new_tenant()  # no caps of its own: still one field upstream
+    _t2, _key2, api2 = gw.new_tenant()  # no caps of its own: still one field upstream
     r = await gw.http.post("/v1/chat/completions", json=chat(max_completion_tokens=7), headers=bearer(api2))
     assert r.status_code == 200, r.text
     sent = worker.completion_requests()[-1].body
