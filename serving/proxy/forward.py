@@ -1,8 +1,9 @@
 """Forwarding one OpenAI request to a worker and metering it, streamed or not.
 
 Every request ends in exactly one usage event under its request id: `ok`, `client_cancelled`,
-`upstream_error` (tokens the worker did produce are kept), or `rejected` (the worker refused it
-with a 4xx: zero tokens). A connection failure before any byte reached the client (while connecting,
+`upstream_error` (tokens the worker did produce are kept; a request cut by its timeout before the
+first byte is billed its prompt, estimated), or `rejected` (the worker refused it with a 4xx: zero
+tokens). A connection failure before any byte reached the client (while connecting,
 while reading a non-streamed body, or before a stream's first event) is retried once on another
 healthy worker; only the attempt that answered is metered. A worker answer without usage is counted
 with the model's tokenizer (metering/tokencount.py) and marked `estimated`.
@@ -91,8 +92,9 @@ class Forwarder:
             except TimeoutError as exc:  # the request's own deadline: not retried
                 worker.inflight -= 1
                 if resp is not None:
-                    resp.close()
+                    resp.close()  # the worker aborts the generation
                 meter.worker_id, meter.serving_region = worker.id, worker.region
+                self._bill_prompt(meter, request)
                 await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
                 raise UpstreamError("The worker did not answer within the request timeout.",
                                     code="upstream_timeout") from exc
@@ -102,9 +104,7 @@ class Forwarder:
                     resp.close()  # the worker aborts the generation
                 if isinstance(exc, asyncio.CancelledError):  # cut off (the server's shutdown deadline)
                     meter.worker_id, meter.serving_region = worker.id, worker.region
-                    meter.prompt_tokens = (self.tokens or TokenCounter({})).prompt_tokens(
-                        meter.model, meter.endpoint, request)
-                    meter.estimated = True  # the prompt was prefilled; what was generated is unknown
+                    self._bill_prompt(meter, request)
                     self.recorder.record_nowait(meter, Outcome.CLIENT_CANCELLED)
                 raise
         meter.worker_id = tried[-1].id if tried else None
@@ -169,6 +169,13 @@ class Forwarder:
         await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
         raise UpstreamError(f"The worker answered with HTTP {status}.")
 
+
+    def _bill_prompt(self, meter: RequestMeter, request: dict[str, Any]) -> None:
+        """Cut off before the first byte (timeout, cancellation): the worker prefilled the prompt, what
+        it generated is unknown. The prompt is counted with the model's tokenizer and marked estimated,
+        so the event bills the work done and settles the request's hold."""
+        meter.prompt_tokens = (self.tokens or TokenCounter({})).prompt_tokens(meter.model, meter.endpoint, request)
+        meter.estimated = True
 
     def _estimate(self, meter: RequestMeter, obj: dict[str, Any], body: dict[str, Any] | None) -> None:
         """A 200 answer without usage: count its tokens (never bill it as zero) and mark it estimated."""

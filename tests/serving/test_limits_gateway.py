@@ -360,3 +360,19 @@ async def test_split_token_fields_are_held_capped_and_sent_as_one(gw: Gateway, w
     assert r.status_code == 200, r.text
     sent = worker.completion_requests()[-1].body
     assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
+
+
+async def test_timeout_before_the_first_byte_bills_the_prompt_and_settles_the_hold(gw: Gateway,
+                                                                                  worker: FakeWorker) -> None:
+    """The worker prefilled the prompt before the tenant's timeout cut the request: the prompt is billed
+    (estimated) and the hold is settled by that event, so the request cannot be repeated for free."""
+    t, _key, api_key = gw.new_tenant()
+    await set_limits(gw, t.id, request_timeout_s=1, budget={"unit": "tokens", "amount": 100_000})
+    worker.behave(tokens=5, delay_s=3)  # the first event would come after the timeout
+    status, headers, _data = await stream_all(gw.http, api_key, chat("tell me a long story", max_tokens=20))
+    assert status == 502
+    ev = (await gw.wait_event(headers["x-request-id"])).event
+    assert ev.outcome.value == "upstream_error" and ev.estimated
+    assert ev.prompt_tokens > 4 and ev.completion_tokens == 0
+    b = await settled_budget(gw, t.id)
+    assert int(b["used"]) == ev.prompt_tokens
