@@ -53,9 +53,20 @@ def new_request_id() -> str:
 class Pipeline:
     """The outermost ASGI app: the completion routes here, everything else to `app` (FastAPI)."""
 
-    def __init__(self, app: ASGIApp, *, keyring: KeyRing, origin: OriginResolver, language: LanguageDetector | None,
-                 idempotency: Idempotency, guard: Guard, forwarder: Forwarder, metrics: Metrics,
-                 max_body_bytes: int, body_timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keyring: KeyRing,
+        origin: OriginResolver,
+        language: LanguageDetector | None,
+        idempotency: Idempotency,
+        guard: Guard,
+        forwarder: Forwarder,
+        metrics: Metrics,
+        max_body_bytes: int,
+        body_timeout_s: float,
+    ) -> None:
         self.app = app
         self.keyring = keyring
         self.origin = origin
@@ -88,8 +99,12 @@ class Pipeline:
         resp: Response
         try:
             principal = await self.keyring.authenticate(headers.get("authorization"))  # 2. auth
-            raw = await read_body(receive, headers, max_bytes=self.max_body_bytes,  # 3. body
-                                  timeout_s=self.body_timeout_s)
+            raw = await read_body(
+                receive,
+                headers,
+                max_bytes=self.max_body_bytes,  # 3. body
+                timeout_s=self.body_timeout_s,
+            )
             body = parse_json_object(raw)  # 4. parse/validate
             self.guard.check_shape(body)
             try:
@@ -100,11 +115,14 @@ class Pipeline:
             model: str = body["model"]
             tenant = principal.tenant
             if not tenant.may_use(model) or not self.forwarder.pool.serves(model):
-                raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
-                                    param="model")
+                raise ModelNotFound(
+                    f"The model '{model}' does not exist or you do not have access to it.", param="model"
+                )
             client = scope.get("client")  # 5. attribute
             try:
-                country, source = self.origin.resolve(headers, tenant.billing_country, client[0] if client else None)
+                country, source = self.origin.resolve(
+                    headers, tenant.billing_country, client[0] if client else None
+                )
             except InvalidCountry as exc:
                 raise InvalidOriginCountry(str(exc), param=self.origin.header) from exc
             language = self.language.detect(prompt_sample(body)) if self.language is not None else None
@@ -116,14 +134,29 @@ class Pipeline:
                     return
                 claim = got
                 send = claim.capture(send)
-            admission = await self.guard.admit(tenant, principal.key_id, request_id,  # 7. admission
-                                               route.endpoint, body, len(raw))
-            meter = RequestMeter(request_id=request_id, tenant_id=tenant.id, key_id=principal.key_id, model=model,
-                                 endpoint=route.endpoint, origin_country=country, origin_source=source,
-                                 stream=bool(body.get("stream")), language=language)
+            admission = await self.guard.admit(
+                tenant,
+                principal.key_id,
+                request_id,  # 7. admission
+                route.endpoint,
+                body,
+                len(raw),
+            )
+            meter = RequestMeter(
+                request_id=request_id,
+                tenant_id=tenant.id,
+                key_id=principal.key_id,
+                model=model,
+                endpoint=route.endpoint,
+                origin_country=country,
+                origin_source=source,
+                stream=bool(body.get("stream")),
+                language=language,
+            )
             try:  # 8. forward or relay; 9. record (by the forwarder, or by the relay when the stream ends)
-                resp = await self.forwarder.forward(meter, body, dict(admission.headers), t0,
-                                                    timeout_s=self.guard.timeout_s(admission))
+                resp = await self.forwarder.forward(
+                    meter, body, dict(admission.headers), t0, timeout_s=self.guard.timeout_s(admission)
+                )
             except BaseException as exc:
                 if not meter.recorded:  # no usage event will come to settle the hold
                     self.guard.release(admission)
@@ -141,7 +174,9 @@ class Pipeline:
             resp.raw_headers.append((b"x-request-id", request_id.encode()))
             self.metrics.child(self.metrics.responses, route.path, str(resp.status_code)).inc()
             if type(resp) is Response:  # a whole body: two sends, no Starlette call machinery
-                await send({"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers})
+                await send(
+                    {"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers}
+                )
                 await send({"type": "http.response.body", "body": resp.body})
             else:  # a stream (serving/proxy/relay.py)
                 await resp(scope, receive, send)
@@ -150,7 +185,10 @@ class Pipeline:
                 self.idempotency.finish(claim, meter)
 
     async def _replay(self, replay: Replay, route: Route, send: Send) -> None:
-        headers = [*replay.raw_headers(), (b"x-request-id", replay.request_id.encode())]  # the metered request's
+        headers = [
+            *replay.raw_headers(),
+            (b"x-request-id", replay.request_id.encode()),
+        ]  # the metered request's
         self.metrics.child(self.metrics.responses, route.path, str(replay.status)).inc()
         await send({"type": "http.response.start", "status": replay.status, "headers": headers})
         await send({"type": "http.response.body", "body": replay.body})
