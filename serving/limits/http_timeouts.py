@@ -192,10 +192,10 @@ class BodyGuardMiddleware:
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                err = too_large(self.max_bytes)
-                await send({"type": "http.response.start", "status": err.status_code,
-                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": err.body_bytes()})
+                status, headers, body = render(too_large(self.max_bytes))
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+                await send({"type": "http.response.body", "body": body})
                 return
         done = False
         size = 0
