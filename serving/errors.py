@@ -5,7 +5,8 @@
     │   ├── BodyTooLarge (413)
     │   ├── InvalidOriginCountry (400)
     │   ├── limits.ContextLengthExceeded, MaxTokensExceeded, RequestShapeError (400)
-    │   └── limits.RequestTimeout (408)
+    │   ├── limits.RequestTimeout (408), limits.HeadersTooLarge (431)
+    │   └── UpstreamRejected (the worker's 4xx status, upstream_rejected / context_length_exceeded)
     ├── AuthenticationFailed (401, invalid_request_error / invalid_api_key)
     ├── PermissionDenied (403, permission_error)
     │   └── limits.ModelNotPriced (403)
@@ -84,6 +85,16 @@ class InvalidOriginCountry(InvalidRequest):
     code = "invalid_origin_country"
 
 
+class UpstreamRejected(InvalidRequest):
+    """The worker refused the request (a 4xx): told in our own words, with the worker's status."""
+
+    code = "upstream_rejected"
+
+    def __init__(self, message: str, status: int, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status_code = status
+
+
 class AuthenticationFailed(TokenportError):
     status_code = 401
     error_type = "invalid_request_error"
@@ -130,8 +141,8 @@ class NoHealthyWorker(ServiceUnavailable):
 
 
 def ledger_unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable("The usage ledger is unavailable, so requests are refused (metering.fail_closed); "
-                              "retry shortly.", code="ledger_unavailable")
+    return ServiceUnavailable("The usage ledger is unavailable, so requests are refused "
+                              "(metering.fail_closed); retry shortly.", code="ledger_unavailable")
 
 
 def to_error(exc: BaseException) -> TokenportError:

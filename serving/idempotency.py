@@ -174,7 +174,7 @@ class Replay:
     stream: bool
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        media = b"text/event-stream" if self.stream else b"application/json"
+        media = b"text/event-stream; charset=utf-8" if self.stream else b"application/json"  # as first sent
         return [(b"content-type", media), (b"content-length", str(len(self.body)).encode()),
                 (b"idempotent-replayed", b"true")]
 

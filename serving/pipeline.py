@@ -53,9 +53,20 @@ def new_request_id() -> str:
 class Pipeline:
     """The outermost ASGI app: the completion routes here, everything else to `app` (FastAPI)."""
 
-    def __init__(self, app: ASGIApp, *, keyring: KeyRing, origin: OriginResolver, language: LanguageDetector | None,
-                 idempotency: Idempotency, guard: Guard, forwarder: Forwarder, metrics: Metrics,
-                 max_body_bytes: int, body_timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keyring: KeyRing,
+        origin: OriginResolver,
+        language: LanguageDetector | None,
+        idempotency: Idempotency,
+        guard: Guard,
+        forwarder: Forwarder,
+        metrics: Metrics,
+        max_body_bytes: int,
+        body_timeout_s: float,
+    ) -> None:
         self.app = app
         self.keyring = keyring
         self.origin = origin
@@ -79,7 +90,8 @@ class Pipeline:
 
     async def _complete(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
-        request_id = scope[REQUEST_ID] = new_request_id()  # 1. request id
+        # 1. request id
+        request_id = scope[REQUEST_ID] = new_request_id()
         headers: dict[str, str] = {}
         for name, value in reversed(scope["headers"]):  # the first of repeated headers wins, as in Starlette
             headers[name.decode("latin-1")] = value.decode("latin-1")
@@ -87,10 +99,14 @@ class Pipeline:
         meter: RequestMeter | None = None
         resp: Response
         try:
-            principal = await self.keyring.authenticate(headers.get("authorization"))  # 2. auth
-            raw = await read_body(receive, headers, max_bytes=self.max_body_bytes,  # 3. body
-                                  timeout_s=self.body_timeout_s)
-            body = parse_json_object(raw)  # 4. parse/validate
+            # 2. auth, before the body
+            principal = await self.keyring.authenticate(headers.get("authorization"))
+            # 3. body
+            raw = await read_body(
+                receive, headers, max_bytes=self.max_body_bytes, timeout_s=self.body_timeout_s
+            )
+            # 4. parse/validate
+            body = parse_json_object(raw)
             self.guard.check_shape(body)
             try:
                 route.schema.model_validate(body)
@@ -100,15 +116,20 @@ class Pipeline:
             model: str = body["model"]
             tenant = principal.tenant
             if not tenant.may_use(model) or not self.forwarder.pool.serves(model):
-                raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
-                                    param="model")
-            client = scope.get("client")  # 5. attribute
+                raise ModelNotFound(
+                    f"The model '{model}' does not exist or you do not have access to it.", param="model"
+                )
+            # 5. attribute
+            client = scope.get("client")
             try:
-                country, source = self.origin.resolve(headers, tenant.billing_country, client[0] if client else None)
+                country, source = self.origin.resolve(
+                    headers, tenant.billing_country, client[0] if client else None
+                )
             except InvalidCountry as exc:
                 raise InvalidOriginCountry(str(exc), param=self.origin.header) from exc
             language = self.language.detect(prompt_sample(body)) if self.language is not None else None
-            key = headers.get(IDEMPOTENCY_KEY)  # 6. idempotency
+            # 6. idempotency
+            key = headers.get(IDEMPOTENCY_KEY)
             if key is not None:
                 got = await self.idempotency.claim(key, tenant.id, request_id, route.endpoint, body)
                 if isinstance(got, Replay):  # a retry of a finished request gets the first answer, unbilled
@@ -116,14 +137,26 @@ class Pipeline:
                     return
                 claim = got
                 send = claim.capture(send)
-            admission = await self.guard.admit(tenant, principal.key_id, request_id,  # 7. admission
-                                               route.endpoint, body, len(raw))
-            meter = RequestMeter(request_id=request_id, tenant_id=tenant.id, key_id=principal.key_id, model=model,
-                                 endpoint=route.endpoint, origin_country=country, origin_source=source,
-                                 stream=bool(body.get("stream")), language=language)
-            try:  # 8. forward or relay; 9. record (by the forwarder, or by the relay when the stream ends)
-                resp = await self.forwarder.forward(meter, body, dict(admission.headers), t0,
-                                                    timeout_s=self.guard.timeout_s(admission))
+            # 7. admission
+            admission = await self.guard.admit(
+                tenant, principal.key_id, request_id, route.endpoint, body, len(raw)
+            )
+            meter = RequestMeter(
+                request_id=request_id,
+                tenant_id=tenant.id,
+                key_id=principal.key_id,
+                model=model,
+                endpoint=route.endpoint,
+                origin_country=country,
+                origin_source=source,
+                stream=bool(body.get("stream")),
+                language=language,
+            )
+            # 8. forward or relay; 9. record (by the forwarder, or by the relay when the stream ends)
+            try:
+                resp = await self.forwarder.forward(
+                    meter, body, dict(admission.headers), t0, timeout_s=self.guard.timeout_s(admission)
+                )
             except BaseException as exc:
                 if not meter.recorded:  # no usage event will come to settle the hold
                     self.guard.release(admission)
@@ -137,11 +170,14 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001  every error in OpenAI's shape; render logs an unexpected one
             status, err_headers, payload = render(exc)
             resp = Response(payload, status, headers=err_headers)
-        try:  # 10. respond
+        # 10. respond
+        try:
             resp.raw_headers.append((b"x-request-id", request_id.encode()))
             self.metrics.child(self.metrics.responses, route.path, str(resp.status_code)).inc()
             if type(resp) is Response:  # a whole body: two sends, no Starlette call machinery
-                await send({"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers})
+                await send(
+                    {"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers}
+                )
                 await send({"type": "http.response.body", "body": resp.body})
             else:  # a stream (serving/proxy/relay.py)
                 await resp(scope, receive, send)
@@ -150,7 +186,8 @@ class Pipeline:
                 self.idempotency.finish(claim, meter)
 
     async def _replay(self, replay: Replay, route: Route, send: Send) -> None:
-        headers = [*replay.raw_headers(), (b"x-request-id", replay.request_id.encode())]  # the metered request's
+        # X-Request-Id: the id of the metered request it replays
+        headers = [*replay.raw_headers(), (b"x-request-id", replay.request_id.encode())]
         self.metrics.child(self.metrics.responses, route.path, str(replay.status)).inc()
         await send({"type": "http.response.start", "status": replay.status, "headers": headers})
         await send({"type": "http.response.body", "body": replay.body})

@@ -1,9 +1,11 @@
 """The request path's guardrails, in the order they run (serving/pipeline.py calls them):
 
 1. check_shape: JSON nesting depth, number of values and of keys per object (400 invalid_json_shape);
-2. admit: the tenant's caps (max_tokens 400, prompt length 400 context_length_exceeded), the worst
-   case of the request (prompt upper bound + n x max_tokens, max_tokens capped by the tenant's
-   maximum and injected when the client sent none), then the Limiter's reservation (429);
+2. admit: one token limit (`one_token_limit`: the smaller of max_tokens and max_completion_tokens,
+   forwarded as max_tokens alone), the tenant's caps (max_tokens 400, prompt length 400
+   context_length_exceeded), the worst case of the request (prompt upper bound + n x max_tokens,
+   max_tokens capped by the tenant's maximum and injected when the client sent none), then the
+   Limiter's reservation (429);
 3. around the forward: the tenant's request timeout (`timeout_s`), `release` of the hold when the
    request ends before any usage event, `log_content` when the tenant turned content logging on.
 """
@@ -63,11 +65,8 @@ class Guard:
                     size: int) -> Admission:
         model: str = body["model"]
         eff = self.limiter.effective(tenant.id, key_id)
-        asked = [v for v in (body.get("max_tokens"), body.get("max_completion_tokens"))
-                 if isinstance(v, int) and not isinstance(v, bool)]
-        requested = min(asked) if asked else None
+        field, requested = one_token_limit(body)
         if eff.max_tokens is not None and requested is not None and requested > eff.max_tokens:
-            field = "max_tokens" if body.get("max_tokens") == requested else "max_completion_tokens"
             raise MaxTokensExceeded(f"{field} is {requested}, above this organization's maximum of "
                                     f"{eff.max_tokens} tokens per request.", param=field)
         if eff.unlimited and eff.max_prompt_tokens is None and eff.max_tokens is None:
@@ -103,6 +102,23 @@ class Guard:
             return resp
         return self.content.wrap(resp, request_id=meter.request_id, tenant_id=meter.tenant_id,
                                  key_id=meter.key_id, model=meter.model, request=raw)
+
+
+def one_token_limit(body: dict[str, Any]) -> tuple[str, int | None]:
+    """The one completion-token limit of a request, written back as the body's only such field.
+
+    A client may send `max_tokens`, `max_completion_tokens` or both; vLLM obeys `max_completion_tokens`
+    when both come, so forwarding both would let a request generate more than it was held and capped
+    for. The rule: the smaller of the two is the limit, and the worker gets it as `max_tokens` alone
+    (the field both endpoints and every vLLM version take). Returns (the field the client used for
+    it, the limit or None when the client set none)."""
+    asked = [(v, f) for f in ("max_tokens", "max_completion_tokens")
+             if isinstance(v := body.pop(f, None), int) and not isinstance(v, bool)]
+    if not asked:
+        return "max_tokens", None
+    limit, field = min(asked, key=lambda a: a[0])  # a tie names max_tokens
+    body["max_tokens"] = limit
+    return field, limit
 
 
 def _int(value: Any) -> int:

@@ -6,7 +6,8 @@ request head: a client that connects and sends one header byte every few seconds
 its connection, and with enough of them the process runs out of descriptors. GuardedHttpTools
 (uvicorn's httptools protocol plus two checks) answers 408 and closes a connection whose request
 head is not complete within `gateway.header_timeout_s` of its first byte (or of the connection), and
-431 when the head grows past `gateway.max_header_bytes`. BodyGuardMiddleware gives the body
+431 when the head is not complete within `gateway.max_header_bytes` received bytes (counted before
+the parser sees them, so a whole oversized head in one write is refused too). BodyGuardMiddleware gives the body
 `gateway.body_timeout_s` in total (408) and enforces `gateway.max_body_bytes` on every route (413),
 before FastAPI reads anything.
 """
@@ -42,8 +43,10 @@ class GuardedHttpTools(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: TimerHandle | None = None
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received since the last head ended (the next head's, so far)
         self._in_head = False  # between the first byte of a request and the end of its head
+        self._in_body = False  # between the end of a head and the end of its message
+        self._heads = 0  # heads parsed on this connection
 
     @classmethod
     def configured(cls, header_timeout_s: float, max_header_bytes: int) -> type[GuardedHttpTools]:
@@ -66,21 +69,43 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_bytes = 0
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
-                self._reject("Request Header Fields Too Large", HeadersTooLarge(
-                    f"The request head is larger than {self.max_header_bytes} bytes."))
+        """Feed the parser, counting every byte that may belong to a request head before it is parsed:
+        a head that is not complete within `max_header_bytes` received bytes is refused (431), however
+        it arrives (one write of 100 KB, or many small ones)."""
+        if self._in_body or self.transport.is_closing():
+            super().data_received(data)
+            return
+        room = self.max_header_bytes - self._head_bytes
+        if len(data) <= room:
+            self._head_bytes += len(data)  # what follows the head in this chunk is forgotten at its end
+            super().data_received(data)
+            return
+        heads = self._heads
+        if room > 0:  # the head must end within the bytes it may still have
+            self._head_bytes += room
+            super().data_received(data[:room])
+        if self.transport.is_closing():
+            return
+        if self._heads != heads:  # the head ended in time: the rest (body, next request) as usual
+            self.data_received(data[room:])
+        else:
+            self._reject("Request Header Fields Too Large", HeadersTooLarge(
+                f"The request head is larger than {self.max_header_bytes} bytes."))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._in_body = True
+        self._heads += 1
+        self._head_bytes = 0
         self._disarm()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -167,10 +192,10 @@ class BodyGuardMiddleware:
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                err = too_large(self.max_bytes)
-                await send({"type": "http.response.start", "status": err.status_code,
-                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": err.body_bytes()})
+                status, headers, body = render(too_large(self.max_bytes))
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+                await send({"type": "http.response.body", "body": body})
                 return
         done = False
         size = 0

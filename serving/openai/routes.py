@@ -29,16 +29,27 @@ class Route:
         return self.endpoint.replace(".", "_")
 
 
-ROUTES: dict[str, Route] = {r.path: r for r in (
-    Route("/v1/chat/completions", ChatCompletionRequest, "chat.completions"),
-    Route("/v1/completions", CompletionRequest, "completions"),
-)}
+ROUTES: dict[str, Route] = {
+    r.path: r
+    for r in (
+        Route("/v1/chat/completions", ChatCompletionRequest, "chat.completions"),
+        Route("/v1/completions", CompletionRequest, "completions"),
+    )
+}
 BY_ENDPOINT: dict[str, Route] = {r.endpoint: r for r in ROUTES.values()}
 
 
 def _openapi(schema: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": schema.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": schema.model_json_schema(ref_template="#/components/schemas/{model}")
+                }
+            },
+        }
+    }
 
 
 async def _served_by_the_pipeline() -> Response:
@@ -49,6 +60,12 @@ def router() -> APIRouter:
     """The completion routes for FastAPI's OpenAPI document only."""
     r = APIRouter()
     for route in ROUTES.values():
-        r.add_api_route(route.path, _served_by_the_pipeline, methods=["POST"], name=route.name,
-                        openapi_extra=_openapi(route.schema), tags=["openai"])
+        r.add_api_route(
+            route.path,
+            _served_by_the_pipeline,
+            methods=["POST"],
+            name=route.name,
+            openapi_extra=_openapi(route.schema),
+            tags=["openai"],
+        )
     return r

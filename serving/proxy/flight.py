@@ -11,15 +11,36 @@ import time
 from typing import Any
 
 from metering.metrics import Metrics
-from serving.proxy.pool import Worker
+from serving.proxy.pool import Worker, WorkerPool
 
 
 class Flight:
-    __slots__ = ("done", "inflight", "metrics", "model_label", "route", "t0", "t_up", "upstream_s", "worker")
+    __slots__ = (
+        "done",
+        "inflight",
+        "metrics",
+        "model_label",
+        "pool",
+        "route",
+        "t0",
+        "t_up",
+        "upstream_s",
+        "worker",
+    )
 
-    def __init__(self, worker: Worker, metrics: Metrics, model_label: str, route: str, inflight: Any,
-                 t0: float, t_up: float) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        pool: WorkerPool,
+        metrics: Metrics,
+        model_label: str,
+        route: str,
+        inflight: Any,
+        t0: float,
+        t_up: float,
+    ) -> None:
         self.worker = worker
+        self.pool = pool
         self.metrics = metrics
         self.model_label = model_label
         self.route = route
@@ -39,6 +60,11 @@ class Flight:
         self.upstream_s = time.perf_counter() - self.t_up
         self.metrics.child(self.metrics.upstream, self.model_label, self.worker.id).observe(self.upstream_s)
 
+    def failed(self) -> None:
+        """The worker broke the connection mid-answer (it died): out of the pool now, not at the next
+        health check, so no new request is sent to it and /readyz tells."""
+        self.pool.mark_failed(self.worker)
+
     def answered(self) -> None:
         """A whole answer is ready for the client: its duration and the gateway's own time."""
         total = time.perf_counter() - self.t0
@@ -51,5 +77,7 @@ class Flight:
         if self.done:
             return
         self.land()
-        self.metrics.child(self.metrics.duration, self.model_label, "true").observe(time.perf_counter() - self.t0)
+        self.metrics.child(self.metrics.duration, self.model_label, "true").observe(
+            time.perf_counter() - self.t0
+        )
         self.metrics.child(self.metrics.overhead, self.route).observe(self.t_up - self.t0 + relay_overhead)

@@ -1,8 +1,9 @@
 """Forwarding one OpenAI request to a worker and metering it, streamed or not.
 
 Every request ends in exactly one usage event under its request id: `ok`, `client_cancelled`,
-`upstream_error` (tokens the worker did produce are kept), or `rejected` (the worker refused it
-with a 4xx: zero tokens). A connection failure before any byte reached the client (while connecting,
+`upstream_error` (tokens the worker did produce are kept; a request cut by its timeout before the
+first byte is billed its prompt, estimated), or `rejected` (the worker refused it with a 4xx: zero
+tokens; the client gets our own message, never the worker's text, see `rejected`). A connection failure before any byte reached the client (while connecting,
 while reading a non-streamed body, or before a stream's first event) is retried once on another
 healthy worker; only the attempt that answered is metered. A worker answer without usage is counted
 with the model's tokenizer (metering/tokencount.py) and marked `estimated`.
@@ -22,7 +23,7 @@ from metering.events import Outcome
 from metering.metrics import Metrics
 from metering.recorder import Recorder, RequestMeter
 from metering.tokencount import TokenCounter
-from serving.errors import TokenportError, UpstreamError
+from serving.errors import TokenportError, UpstreamError, UpstreamRejected
 from serving.openai.routes import BY_ENDPOINT
 from serving.proxy.flight import Flight
 from serving.proxy.pool import Worker, WorkerPool
@@ -91,8 +92,9 @@ class Forwarder:
             except TimeoutError as exc:  # the request's own deadline: not retried
                 worker.inflight -= 1
                 if resp is not None:
-                    resp.close()
+                    resp.close()  # the worker aborts the generation
                 meter.worker_id, meter.serving_region = worker.id, worker.region
+                self._bill_prompt(meter, request)
                 await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
                 raise UpstreamError("The worker did not answer within the request timeout.",
                                     code="upstream_timeout") from exc
@@ -102,9 +104,7 @@ class Forwarder:
                     resp.close()  # the worker aborts the generation
                 if isinstance(exc, asyncio.CancelledError):  # cut off (the server's shutdown deadline)
                     meter.worker_id, meter.serving_region = worker.id, worker.region
-                    meter.prompt_tokens = (self.tokens or TokenCounter({})).prompt_tokens(
-                        meter.model, meter.endpoint, request)
-                    meter.estimated = True  # the prompt was prefilled; what was generated is unknown
+                    self._bill_prompt(meter, request)
                     self.recorder.record_nowait(meter, Outcome.CLIENT_CANCELLED)
                 raise
         meter.worker_id = tried[-1].id if tried else None
@@ -134,7 +134,7 @@ class Forwarder:
         except BaseException:
             inflight.dec()
             raise
-        flight = Flight(worker, self.metrics, model_label, path, inflight, t0, t_up)
+        flight = Flight(worker, self.pool, self.metrics, model_label, path, inflight, t0, t_up)
         if not meter.stream or resp.status != 200:  # the whole answer (not streamed, or an error status)
             flight.land()
             try:
@@ -165,10 +165,18 @@ class Forwarder:
             return Response(payload, 200, headers=headers, media_type=JSON)
         if 400 <= status < 500:
             await self.recorder.record(meter, Outcome.REJECTED)
-            return Response(_openai_error(payload, status), status, headers=headers, media_type=JSON)
+            raise rejected(status, payload)
         await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
         raise UpstreamError(f"The worker answered with HTTP {status}.")
 
+
+    def _bill_prompt(self, meter: RequestMeter, request: dict[str, Any]) -> None:
+        """Cut off before the first byte (timeout, cancellation): the worker prefilled the prompt, what
+        it generated is unknown. The prompt is counted with the model's tokenizer and marked estimated,
+        so the event bills the work done and settles the request's hold."""
+        tokens = self.tokens or TokenCounter({})
+        meter.prompt_tokens = tokens.prompt_tokens(meter.model, meter.endpoint, request)
+        meter.estimated = True
 
     def _estimate(self, meter: RequestMeter, obj: dict[str, Any], body: dict[str, Any] | None) -> None:
         """A 200 answer without usage: count its tokens (never bill it as zero) and mark it estimated."""
@@ -200,21 +208,14 @@ async def _first_event(resp: UpstreamResponse) -> bytes:
             return got
 
 
-def _openai_error(payload: bytes, status: int) -> bytes:
-    """The worker's 4xx body in OpenAI's error shape (vLLM already uses it; wrap anything else)."""
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-        err = obj["error"]
-        err.setdefault("type", "invalid_request_error")
-        err.setdefault("param", None)
-        err.setdefault("code", None)
-        return orjson.dumps({"error": err})
-    if isinstance(obj, dict) and "message" in obj:  # older vLLM: flat error object
-        return orjson.dumps({"error": {"message": obj.get("message"), "type": obj.get("type", "invalid_request_error"),
-                                       "param": obj.get("param"), "code": obj.get("code")}})
-    text = payload[:500].decode("utf-8", "replace")
-    return orjson.dumps({"error": {"message": text or f"HTTP {status}", "type": "invalid_request_error",
-                                   "param": None, "code": None}})
+def rejected(status: int, payload: bytes) -> UpstreamRejected:
+    """The worker's 4xx, in OpenAI's shape and our own words: vLLM's text (its internals, versions,
+    engine details) never reaches the client; only the kind of refusal is kept (context length, or
+    the HTTP status)."""
+    text = payload[:4096].decode("utf-8", "replace").lower()
+    if "context length" in text or "context_length" in text:
+        return UpstreamRejected("The prompt and the requested completion (max_tokens) are longer than this "
+                                "model's context: shorten the prompt or lower max_tokens.", status,
+                                code="context_length_exceeded")
+    return UpstreamRejected(f"The model refused this request (HTTP {status}): a parameter is not supported "
+                            "or is out of range for this model.", status)

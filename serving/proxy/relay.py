@@ -109,8 +109,9 @@ class StreamRelay:
                 continue
             if not isinstance(obj, dict):
                 continue
-            if "error" in obj:
-                return Outcome.UPSTREAM_ERROR, b"data: " + payload + b"\n\n"
+            if "error" in obj:  # the worker's own error event: told in our words, not vLLM's
+                failed = UpstreamError("The worker failed while generating this answer.")
+                return Outcome.UPSTREAM_ERROR, failed.sse_event()
             usage = obj.get("usage")
             if usage:
                 meter.take_usage(usage)
@@ -157,13 +158,20 @@ class StreamRelay:
                     data = b"\n"  # the worker closed right after a last line without its newline
                 buf += data
             # The worker closed the stream without [DONE]: it failed mid-stream.
+            self._worker_failed()
             await self._end(Outcome.UPSTREAM_ERROR)
             yield UpstreamError("The worker ended the stream unexpectedly.").sse_event()
-        except (TimeoutError, UpstreamReadError):
+        except (TimeoutError, UpstreamReadError) as exc:
+            if isinstance(exc, UpstreamReadError):  # the connection broke (a timeout is the request's own)
+                self._worker_failed()
             await self._end(Outcome.UPSTREAM_ERROR)
             yield UpstreamError("The worker failed while streaming.").sse_event()
         finally:
             self.resp.release()
+
+    def _worker_failed(self) -> None:
+        if self._flight is not None:
+            self._flight.failed()
 
     def _estimate(self) -> None:
         """The worker sent no usage at all: count the tokens ourselves and say it is an estimate."""

@@ -224,6 +224,38 @@ async def test_oversized_request_head_is_431(srv: Server) -> None:
     assert data.startswith(b"HTTP/1.1 431")
 
 
+@pytest.mark.parametrize("size", [12_000, 100_000])
+async def test_a_whole_oversized_head_in_one_write_is_431(srv: Server, size: int) -> None:
+    """The cap is on the bytes received: a complete head over it is refused even when it arrives whole."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * size + b"\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(head)
+    await writer.drain()
+    data = await _read_all(reader, 3)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 431"), data[:100]
+    body = orjson.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "headers_too_large" and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_heads_under_the_cap_are_served_with_their_bodies_and_pipelined(srv: Server) -> None:
+    body = orjson.dumps(chat(max_tokens=4))
+    post_head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {srv.api_key}\r\n"
+                 f"Content-Type: application/json\r\nX-Pad: {'p' * 7000}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n").encode()
+    assert len(post_head) < 8192
+    get = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"q" * 7000 + b"\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(post_head + body + get)  # one write: over the cap in total, each head under it
+    await writer.drain()
+    data = b""
+    deadline = time.monotonic() + 5
+    while data.count(b"HTTP/1.1 200") < 2 and time.monotonic() < deadline:
+        data += await _read_all(reader, 0.3)
+    writer.close()
+    assert data.count(b"HTTP/1.1 200") == 2 and b"HTTP/1.1 431" not in data, data[:300]
+
+
 async def test_slow_body_is_408_in_openai_shape(srv: Server, worker: FakeWorker) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {srv.api_key}\r\n"

@@ -125,3 +125,18 @@ async def test_invalid_key_is_400(gateway: Gateway, tenant: TenantKey) -> None:
     r = await gateway.http.post("/v1/chat/completions", json=chat_body(),
                                 headers=auth(tenant.api_key, **{"Idempotency-Key": "x" * 300}))
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+async def test_a_replayed_stream_has_the_first_streams_bytes_and_content_type(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
+    k = key()
+    body = chat_body("Stream it", stream=True)
+    first = await stream_raw(gateway.http, tenant.api_key, body, **{"Idempotency-Key": k})
+    await asyncio.sleep(0.1)  # the answer is stored just after it is sent
+    again = await stream_raw(gateway.http, tenant.api_key, body, **{"Idempotency-Key": k})
+    assert first.done and again.done and again.request_id == first.request_id
+    assert again.headers["content-type"] == first.headers["content-type"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.events == first.events
+    assert len(worker.completion_requests()) == 1

@@ -335,3 +335,46 @@ async def test_a_tenant_without_limits_gets_the_default_ceiling_headers(gw: Gate
     assert int(r.headers["x-ratelimit-remaining-requests"]) == 999_999
     assert {"x-ratelimit-reset-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"} <= set(r.headers)
     _ = httpx  # (typing helper import kept for readers of these tests)
+
+
+async def test_split_token_fields_are_held_capped_and_sent_as_one(gw: Gateway, worker: FakeWorker) -> None:
+    """vLLM generates max_completion_tokens when both fields come: the worker gets one field, the
+    limit that was held (the smaller), so 1 held token cannot become 1,500 generated ones."""
+    t, _key, api_key = gw.new_tenant()
+    await set_limits(gw, t.id, tpm=100_000, max_tokens=50)
+    r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=1, max_completion_tokens=1500),
+                           headers=bearer(api_key))
+    assert r.status_code == 200, r.text
+    held = int(r.headers["x-ratelimit-limit-tokens"]) - int(r.headers["x-ratelimit-remaining-tokens"])
+    assert held == 9 + 8 + 16 + 1  # prompt upper bound + the one limit
+    sent = worker.completion_requests()[-1].body
+    assert sent["max_tokens"] == 1 and "max_completion_tokens" not in sent
+    r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=1500, max_completion_tokens=2),
+                           headers=bearer(api_key))
+    assert r.status_code == 200, r.text
+    sent = worker.completion_requests()[-1].body
+    assert sent["max_tokens"] == 2 and "max_completion_tokens" not in sent
+    r = await gw.http.post("/v1/chat/completions", json=chat(max_completion_tokens=60),
+                           headers=bearer(api_key))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    _t2, _key2, api2 = gw.new_tenant()  # no caps of its own: still one field upstream
+    r = await gw.http.post("/v1/chat/completions", json=chat(max_completion_tokens=7), headers=bearer(api2))
+    assert r.status_code == 200, r.text
+    sent = worker.completion_requests()[-1].body
+    assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
+
+
+async def test_timeout_before_the_first_byte_bills_the_prompt_and_settles_the_hold(gw: Gateway,
+                                                                                  worker: FakeWorker) -> None:
+    """The worker prefilled the prompt before the tenant's timeout cut the request: the prompt is billed
+    (estimated) and the hold is settled by that event, so the request cannot be repeated for free."""
+    t, _key, api_key = gw.new_tenant()
+    await set_limits(gw, t.id, request_timeout_s=1, budget={"unit": "tokens", "amount": 100_000})
+    worker.behave(tokens=5, delay_s=3)  # the first event would come after the timeout
+    status, headers, _data = await stream_all(gw.http, api_key, chat("tell me a long story", max_tokens=20))
+    assert status == 502
+    ev = (await gw.wait_event(headers["x-request-id"])).event
+    assert ev.outcome.value == "upstream_error" and ev.estimated
+    assert ev.prompt_tokens > 4 and ev.completion_tokens == 0
+    b = await settled_budget(gw, t.id)
+    assert int(b["used"]) == ev.prompt_tokens

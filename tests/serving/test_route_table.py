@@ -19,13 +19,20 @@ def test_the_table_is_the_two_completion_routes() -> None:
         "/v1/completions": (CompletionRequest, "completions"),
     }
     assert {e: r.path for e, r in BY_ENDPOINT.items()} == {
-        "chat.completions": "/v1/chat/completions", "completions": "/v1/completions"}
+        "chat.completions": "/v1/chat/completions",
+        "completions": "/v1/completions",
+    }
 
 
 def test_fastapi_has_no_other_openai_post_route_and_the_pipeline_is_outermost(gateway: Gateway) -> None:
-    posts = {r.path for r in gateway.app.routes
-             if isinstance(r, APIRoute) and "POST" in r.methods and r.path.startswith("/v1/")
-             and "openai" in r.tags}
+    posts = {
+        r.path
+        for r in gateway.app.routes
+        if isinstance(r, APIRoute)
+        and "POST" in r.methods
+        and r.path.startswith("/v1/")
+        and "openai" in r.tags
+    }
     assert posts == set(ROUTES)
     assert gateway.app.user_middleware[0].cls is Pipeline  # add_middleware: the last added runs first
 
@@ -43,9 +50,13 @@ def test_fastapi_documents_each_route_with_its_schema(gateway: Gateway) -> None:
 async def test_every_route_is_served_by_the_pipeline_and_forwarded_under_its_path(
     gateway: Gateway, tenant: TenantKey, worker: FakeWorker
 ) -> None:
-    bodies = {"/v1/chat/completions": {"model": "smollm2-135m-instruct",
-                                       "messages": [{"role": "user", "content": "hi"}]},
-              "/v1/completions": {"model": "smollm2-135m-instruct", "prompt": "hi"}}
+    bodies = {
+        "/v1/chat/completions": {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        "/v1/completions": {"model": "smollm2-135m-instruct", "prompt": "hi"},
+    }
     assert set(bodies) == set(ROUTES)
     for path, body in bodies.items():
         r = await gateway.http.post(path, json=body, headers=auth(tenant.api_key))

@@ -120,8 +120,13 @@ async def test_worker_dying_mid_stream_is_an_sse_error_and_upstream_error(
     assert len(gateway.events_for(tenant.tenant.id)) == 1
     await _wait_inflight_zero(gateway)
 
-    # The gateway still serves the next request (on the same worker).
+    # The worker was taken out of the pool at once; the next health check finds it alive again and
+    # the gateway serves the next request on it.
     worker.behave(die_after=None)
+    deadline = time.monotonic() + 5
+    while (await gateway.http.get("/readyz")).status_code != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
     done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
     assert done.usage is not None and done.usage.completion_tokens == 10
     assert [e.event.outcome for e in gateway.events_for(tenant.tenant.id)] == [
@@ -225,7 +230,7 @@ async def test_non_stream_estimate_is_not_zero(
     assert ev.prompt_tokens > 0 and ev.completion_tokens > 0
 
 
-async def test_in_stream_error_event_is_relayed_and_metered(
+async def test_in_stream_error_event_is_translated_and_metered(
     gateway: Gateway, tenant: TenantKey, client: openai.AsyncOpenAI, worker: FakeWorker
 ) -> None:
     worker.behave(tokens=8, prompt_tokens=9, error_event_after=3)  # role chunk + 2 tokens, then vLLM's error
@@ -235,9 +240,11 @@ async def test_in_stream_error_event_is_relayed_and_metered(
         stream=True,
     )
     got: list[str] = []
-    with pytest.raises(openai.APIError, match="engine step failed"):
+    with pytest.raises(openai.APIError) as info:
         async for chunk in raw.parse():
             got += [c.delta.content or "" for c in chunk.choices]
+    assert info.value.body == {"message": "The worker failed while generating this answer.",  # not vLLM's words
+                               "type": "api_error", "param": None, "code": "upstream_error"}
     assert "".join(got) == " w0 w1"
     ev = (await gateway.wait_event(raw.headers["x-request-id"])).event
     assert ev.outcome is Outcome.UPSTREAM_ERROR
@@ -282,3 +289,22 @@ async def test_disconnect_during_the_commit_still_moves_the_metrics(
     text = await gw.metrics()
     assert metric(text, "tokenport_requests_total", tenant=tenant.id) == 1  # ... and Prometheus counts it
     assert metric(text, "tokenport_tokens_total", tenant=tenant.id, token_type="output") == 3
+
+
+async def test_a_worker_dying_mid_stream_is_out_of_the_pool_at_once(
+    gateway_factory: GatewayFactory, fake_factory: FakeFactory
+) -> None:
+    """Marked failed when its stream breaks, not at the next health check (60 s away here): /readyz
+    turns 503 for its model and no new request is sent to it."""
+    dying = await fake_factory()
+    gw = await gateway_factory([(MODEL, "w-only", dying.url)], health_interval_s=60)
+    _tenant, _key, plain = gw.new_tenant()
+    assert (await gw.http.get("/readyz")).status_code == 200
+    dying.behave(tokens=10, die_after=3)
+    out = await stream_raw(gw.http, plain, chat_body(stream=True))
+    assert out.status == 200 and not out.done
+    r = await gw.http.get("/readyz")
+    assert_openai_error(r, 503, type="service_unavailable", code="not_ready")
+    nxt = await gw.http.post("/v1/chat/completions", json=chat_body(), headers=auth(plain))
+    assert_openai_error(nxt, 503, code="no_healthy_worker")
+    assert len(dying.completion_requests()) == 1
