@@ -9,7 +9,7 @@ the sentences present in both count, so a corpus with a missing translation stay
 
 Everything here is pure: tokenizers come in as objects with ``count(text) -> int`` (a served model's
 `metering.tokencount.ModelTokenizer` fits; `metering.reftokenizers` loads the reference ones offline)
-and the renderers return text. `measure_command` is what ``tokenport languages measure`` runs.
+and the renderers return text. metering/tokentax_command.py composes them into ``tokenport languages measure``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
 from decimal import ROUND_HALF_EVEN, Decimal
 from importlib import resources
 from pathlib import Path
@@ -261,51 +260,3 @@ def render(result: MeasureResult, fmt: str) -> str:
 
 
 # ---- the command -----------------------------------------------------------------------------------
-
-
-def measure_command(models_dir: Path, models: Sequence[str], references: Sequence[str] | None = None,
-                    fmt: str = "table", corpus_path: Path | None = None,
-                    premiums_path: Path | None = None, measured_on: date | None = None) -> str:
-    """What ``tokenport languages measure`` prints.
-
-    `models`: served model names whose prepared folder (``models_dir/<name>``) has a tokenizer.json.
-    `references`: reference tokenizer names (`metering.reftokenizers.REFERENCES`) or ``NAME=PATH`` to
-    a tokenizer.json; None = every built-in reference whose package is installed (the others are
-    listed under the table). Raises `reftokenizers.TokenizerUnavailable` for a model or reference
-    asked for by name that cannot be loaded, ValueError for an unknown format.
-    `premiums_path`: also merge the premiums into that dated premium file (`metering.language_premiums`),
-    as measured on `measured_on` (default: today, UTC).
-    """
-    from metering import reftokenizers
-
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
-    tokenizers: dict[str, TextTokenizer] = {}
-    for model in models:
-        tokenizers[model] = reftokenizers.model_tokenizer(models_dir, model)
-    skipped: list[str] = []
-    if references is None:
-        for ref in reftokenizers.REFERENCES:
-            try:
-                tokenizers[ref.name] = ref.load()
-            except reftokenizers.TokenizerUnavailable as exc:
-                skipped.append(f"{ref.name}: {exc}")
-    else:
-        for spec in references:
-            name, tok = reftokenizers.load_spec(spec)
-            tokenizers[name] = tok
-    if not tokenizers:
-        raise reftokenizers.TokenizerUnavailable("no tokenizer to measure (name a model or a reference)")
-    corpus = load_corpus(corpus_path)
-    result = measure(tokenizers, corpus)
-    text = render(result, fmt)
-    if premiums_path is not None:
-        from metering.clock import utcnow
-        from metering.language_premiums import write_premiums
-
-        source = f"tokenport languages measure, corpus {corpus.name} ({len(corpus.sentences)} sentences)"
-        write_premiums(premiums_path, result, measured_on or utcnow().date(), source)
-    if fmt == "table" and skipped:
-        text += "\nnot measured (install the `langs` extra: pip install 'tokenport[langs]'):\n"
-        text += "".join(f"  {line}\n" for line in skipped)
-    return text

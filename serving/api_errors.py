@@ -23,6 +23,7 @@ from serving.dates import InvalidTime
 from serving.errors import Conflict, InvalidRequest, NotFound, TokenportError, render
 from serving.pipeline import REQUEST_ID, new_request_id
 
+
 def _sentence(text: str) -> str:
     text = text[:1].upper() + text[1:]
     return text if text.endswith(".") else text + "."

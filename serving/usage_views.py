@@ -10,8 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from metering.store_sql import StoredEvent
 from metering.event_codec import canonical_time
+from metering.store_sql import StoredEvent
 from metering.verify import CANONICAL_FIELDS, event_row
 from serving.errors import InvalidRequest
 

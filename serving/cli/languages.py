@@ -28,7 +28,7 @@ def languages_measure(
 ) -> None:
     """Tokenize the parallel corpus with each tokenizer: tokens per sentence and the premium against English."""
     from metering.reftokenizers import TokenizerUnavailable
-    from metering.tokentax import measure_command
+    from metering.tokentax_command import measure_command
 
     s = settings(ctx)
     models = model or [m.name for m in s.catalogue.models

@@ -20,12 +20,12 @@ from metering.tokentax import (
     CorpusError,
     load_corpus,
     measure,
-    measure_command,
     parse_corpus,
     render_csv,
     render_json,
     render_table,
 )
+from metering.tokentax_command import measure_command
 
 
 class Words:
