@@ -54,8 +54,11 @@ class SqliteAppender:
     next append; one inherited across fork() is left alone. `engine.dispose()` closes it.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, wait_s: float | None = None) -> None:
         self._engine = engine
+        # How long BEGIN IMMEDIATE waits for another writer's lock before failing ("database is
+        # locked"); None: the engine's busy timeout (30 s).
+        self.wait_s = wait_s
         self._lock = threading.Lock()
         self.autocheckpoint = True  # False: WAL checkpoints are someone else's job (Ledger's checkpointer)
         self._conn: sqlite3.Connection | None = None
@@ -97,6 +100,8 @@ class SqliteAppender:
             self._cur = self._conn.cursor()
             if not self.autocheckpoint:
                 self._cur.execute("PRAGMA wal_autocheckpoint=0")
+            if self.wait_s is not None:
+                self._cur.execute(f"PRAGMA busy_timeout={max(0, round(self.wait_s * 1000))}")
         return self._cur
 
     def synchronous(self) -> int:

@@ -55,9 +55,13 @@ _INSERT_EVENTS = insert(usage_events)
 
 
 class UsageStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, append_wait_s: float | None = None) -> None:
+        """`append_wait_s`: the longest an append waits for the chain's write lock (SQLite's busy
+        timeout, PostgreSQL's lock_timeout) before it fails, so that the ledger spools instead of
+        stalling its requests (`metering.spool_after_s`); None: the database's own waits (30 s on SQLite)."""
         self._engine = engine
-        self._sqlite = SqliteAppender(engine) if is_sqlite_file(engine) else None
+        self._append_wait_s = append_wait_s
+        self._sqlite = SqliteAppender(engine, wait_s=append_wait_s) if is_sqlite_file(engine) else None
 
     def close(self) -> None:
         """Close the store's own SQLite writer connection (also done by `engine.dispose()`; a later
@@ -99,6 +103,8 @@ class UsageStore:
         unique = unique_events(events)
         with self._engine.begin() as conn:
             if conn.dialect.name == "postgresql":
+                if self._append_wait_s is not None:
+                    conn.execute(text(f"SET LOCAL lock_timeout = {max(1, round(self._append_wait_s * 1000))}"))
                 conn.execute(_PG_LOCK_CHAIN, {"k": _PG_CHAIN_LOCK})
             ids = list(unique)
             existing: set[str] = set()

@@ -124,7 +124,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
                migrate: bool = True) -> FastAPI:
     engine = make_engine(settings.db_url, sqlite_synchronous=settings.metering.sqlite_synchronous)
     tenants = TenantStore(engine, settings.secret_key)
-    usage = UsageStore(engine)
+    usage = UsageStore(engine, append_wait_s=settings.metering.spool_after_s)
     workers = build_workers(settings, extra_workers)
     metrics = Metrics({w.model for w in workers}, max_tenants=settings.gateway.max_tenant_labels)
     ledger = Ledger(usage, Spool(settings.data_dir / "spool" / "usage.jsonl"), on_commit=metrics.observe_commit,
