@@ -3,10 +3,11 @@
     GET /v1/usage?start=...&end=...&group_by=model,origin_country,language
         token totals of the calling tenant only, grouped by any of model, origin_country,
         origin_source, language, outcome, key_id, serving_region, endpoint
-    GET /v1/usage/events?start=...&end=...&after=SEQ&limit=N
-        the tenant's events in ledger order with `seq`, `prev_hash` and `hash`: every field the
-        hash covers, in canonical form, so the tenant can recompute each hash and add up the
-        tokens without trusting us (`tokenport usage verify --file` does exactly that)
+    GET /v1/usage/events?start=...&end=...&after=TENANT_SEQ&limit=N
+        the tenant's events in ledger order with `tenant_seq` (the event's position among the
+        tenant's own events: the global `seq` would count other tenants' requests), `prev_hash`
+        and `hash`: every field the hash covers, in canonical form, so the tenant can recompute
+        each hash and add up the tokens without trusting us (`tokenport usage verify --file` does exactly that)
 
 `start` (inclusive) and `end` (exclusive) filter on when a request started: `YYYY-MM-DD` (00:00 UTC),
 an ISO 8601 timestamp, or Unix seconds. Token totals follow OpenAI's usage: `prompt_tokens` includes
@@ -100,11 +101,14 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else canonical_time(value.astimezone(UTC))
 
 
-def events_page(events: list[StoredEvent], limit: int, head: tuple[int, str] | None = None) -> dict[str, Any]:
+def events_page(events: list[StoredEvent], limit: int, head: tuple[int, str] | None = None, *,
+                tenant_view: bool = False) -> dict[str, Any]:
+    """A page of events; the tenant's view is positioned (and paged) by `tenant_seq`, not the global `seq`."""
     more = len(events) > limit
     page = events[:limit]
-    out: dict[str, Any] = {"object": "list", "data": [event_row(s) for s in page], "has_more": more,
-                           "next_after": page[-1].seq if more and page else None, "chain": CHAIN}
+    last = (page[-1].tenant_seq if tenant_view else page[-1].seq) if more and page else None
+    out: dict[str, Any] = {"object": "list", "data": [event_row(s, tenant_view=tenant_view) for s in page],
+                           "has_more": more, "next_after": last, "chain": CHAIN}
     if head is not None:
         out["chain_head"] = {"seq": head[0], "hash": head[1]}
     return out
@@ -142,9 +146,10 @@ def build(platform: "Platform") -> APIRouter:
         s, e = parse_window(start, end)
 
         def load() -> list[StoredEvent]:
-            return list(usage.iter_events(tenant_id=who.tenant.id, start=s, end=e, after_seq=after, limit=limit + 1))
+            return list(usage.iter_events(tenant_id=who.tenant.id, start=s, end=e, after_tenant_seq=after,
+                                          limit=limit + 1))
 
         events = await asyncio.to_thread(load)
-        return json_response({**events_page(events, limit), "tenant_id": who.tenant.id})
+        return json_response({**events_page(events, limit, tenant_view=True), "tenant_id": who.tenant.id})
 
     return r

@@ -19,7 +19,7 @@ from metering.store_sql import EXPORT_FIELDS, UsageStore, _row
 from metering.verify import CANONICAL_FIELDS, event_row, event_row_hash, verify_event_rows
 
 NAMES = tuple(f.name for f in fields(UsageEvent))
-CHAIN_COLUMNS = ("recorded_at", "prev_hash", "hash")
+CHAIN_COLUMNS = ("recorded_at", "prev_hash", "hash", "tenant_seq")
 
 # Two events and their chain hashes as computed by the code before the codec was derived from the
 # dataclass (commit 94cc6ed, metering/chain.py): the canonical form of stored events must never change.
@@ -69,10 +69,10 @@ def test_every_codec_covers_every_field() -> None:
     assert len(c.sqlite_values(FIXED_A)) == len(NAMES)
     assert tuple(c.to_record(FIXED_A)) == NAMES
     assert COLUMNS == (*NAMES, *CHAIN_COLUMNS)
-    assert tuple(_row(FIXED_A, datetime(2026, 1, 1), GENESIS, GENESIS)) == (*NAMES, *CHAIN_COLUMNS)
+    assert tuple(_row(FIXED_A, datetime(2026, 1, 1), GENESIS, GENESIS, 1)) == (*NAMES, *CHAIN_COLUMNS)
     assert EXPORT_FIELDS == NAMES
     assert CANONICAL_FIELDS == NAMES
-    event_cols = [col.name for col in usage_events.columns if col.name not in ("seq", "tenant_seq", *CHAIN_COLUMNS)]
+    event_cols = [col.name for col in usage_events.columns if col.name not in ("seq", *CHAIN_COLUMNS)]
     assert tuple(event_cols) == NAMES
     # and back again, to the same event
     assert c.from_record(c.to_record(FIXED_A)) == FIXED_A
