@@ -118,8 +118,11 @@ class Spool:
             except FileNotFoundError:
                 return stored
             with f:
-                head = _read_events(b"".join(line for line in (f.readline() for _ in range(self.chunk))
-                                             if line.endswith(b"\n")))
+                head = _read_events(
+                    b"".join(
+                        line for line in (f.readline() for _ in range(self.chunk)) if line.endswith(b"\n")
+                    )
+                )
                 if head:  # try the database first: a failed attempt (it raises) renames nothing
                     stored += len(store.append_batch(head))
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # once no writer is appending to it
@@ -133,7 +136,7 @@ class Spool:
         events = _read_events(path.read_bytes())
         stored = 0
         for i in range(0, len(events), self.chunk):
-            stored += len(store.append_batch(events[i:i + self.chunk]))
+            stored += len(store.append_batch(events[i : i + self.chunk]))
         path.unlink()
         return stored
 

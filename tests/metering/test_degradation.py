@@ -20,8 +20,9 @@ from metering.store_sql import UsageStore
 from tests.metering.conftest import EventFactory
 
 
-async def test_a_locked_sqlite_ledger_spools_after_the_bounded_wait(engine: Engine, tmp_path: Path,
-                                                                     event: EventFactory) -> None:
+async def test_a_locked_sqlite_ledger_spools_after_the_bounded_wait(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
     store = UsageStore(engine, append_wait_s=0.5)
     attempts: list[int] = []
     append_batch = store.append_batch
@@ -37,7 +38,9 @@ async def test_a_locked_sqlite_ledger_spools_after_the_bounded_wait(engine: Engi
     locker = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
     first, second, third = event(), event(), event()
     try:
-        locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock (a stuck writer, a backup...)
+        locker.execute(
+            "BEGIN IMMEDIATE"
+        )  # another process holds the write lock (a stuck writer, a backup...)
         t0 = time.monotonic()
         await asyncio.wait_for(ledger.append(first), 10)
         assert 0.4 < time.monotonic() - t0 < 5  # the bounded wait, not SQLite's 30 s busy timeout
@@ -72,8 +75,9 @@ class DownStore:
         return False
 
 
-async def test_an_outage_leaves_one_spool_file_and_replays_in_order(engine: Engine, tmp_path: Path,
-                                                                    event: EventFactory) -> None:
+async def test_an_outage_leaves_one_spool_file_and_replays_in_order(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
     store = DownStore(UsageStore(engine))
     folder = tmp_path / "spool"
     interval = 0.2

@@ -41,8 +41,9 @@ def _ids(store: UsageStore) -> list[str]:
     return [s.event.request_id for s in store.iter_events()]
 
 
-def test_the_open_file_is_sealed_by_size_and_replayed_in_order(engine: Engine, tmp_path: Path,
-                                                               event: EventFactory) -> None:
+def test_the_open_file_is_sealed_by_size_and_replayed_in_order(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
     line = len(codec().to_json(event())) + 1
     spool = Spool(tmp_path / "usage.jsonl", max_bytes=10 * line, chunk=7)
     events = [event() for _ in range(95)]
@@ -75,12 +76,14 @@ def test_a_failed_replay_renames_nothing(engine: Engine, tmp_path: Path, event: 
     assert _files(tmp_path / "spool") == []
 
 
-def test_files_left_by_the_former_spool_are_replayed_first(engine: Engine, tmp_path: Path,
-                                                          event: EventFactory) -> None:
+def test_files_left_by_the_former_spool_are_replayed_first(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
     spool = Spool(tmp_path / "usage.jsonl")
     old = [event() for _ in range(3)]
     (tmp_path / "usage.jsonl.replay-123-1700000000000000000").write_bytes(
-        b"".join(codec().to_json(e) + b"\n" for e in old))
+        b"".join(codec().to_json(e) + b"\n" for e in old)
+    )
     new = [event() for _ in range(2)]
     spool.write(new)
     store = UsageStore(engine)
@@ -89,8 +92,9 @@ def test_files_left_by_the_former_spool_are_replayed_first(engine: Engine, tmp_p
     assert not spool.pending()
 
 
-def test_writers_and_replayers_at_once_store_every_event_exactly_once(engine: Engine, tmp_path: Path,
-                                                                      event: EventFactory) -> None:
+def test_writers_and_replayers_at_once_store_every_event_exactly_once(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
     path = tmp_path / "usage.jsonl"
     store = UsageStore(engine)
     written: list[str] = []

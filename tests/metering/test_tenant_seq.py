@@ -49,14 +49,28 @@ def test_the_migration_numbers_the_events_stored_before(tmp_path: Path, event: E
     with engine.begin() as conn:  # rows as the former code wrote them: no tenant_seq
         for e in events:
             h = chain_hash(prev, e)
-            row = {**codec().to_db(e), "recorded_at": codec().to_db(e)["finished_at"], "prev_hash": prev, "hash": h}
-            conn.execute(text(f"INSERT INTO usage_events ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})"),
-                         row)
+            row = {
+                **codec().to_db(e),
+                "recorded_at": codec().to_db(e)["finished_at"],
+                "prev_hash": prev,
+                "hash": h,
+            }
+            conn.execute(
+                text(
+                    f"INSERT INTO usage_events ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})"
+                ),
+                row,
+            )
             prev = h
     db_schema.upgrade(engine)
     store = UsageStore(engine)
     assert [(s.event.tenant_id, s.tenant_seq) for s in store.iter_events()] == [
-        ("x", 1), ("y", 1), ("x", 2), ("x", 3), ("y", 2)]
+        ("x", 1),
+        ("y", 1),
+        ("x", 2),
+        ("x", 3),
+        ("y", 2),
+    ]
     assert verify_chain(store.iter_events()).ok  # no hash changed
     store.append_batch([event(tenant_id="y"), replace(events[0], request_id="req_new_x")])
     assert [s.tenant_seq for s in store.iter_events(tenant_id="y")] == [1, 2, 3]
@@ -64,8 +78,9 @@ def test_the_migration_numbers_the_events_stored_before(tmp_path: Path, event: E
     engine.dispose()
 
 
-async def test_the_tenant_api_shows_its_own_positions_only(gateway: Gateway, tenant: TenantKey,
-                                                           worker: FakeWorker) -> None:
+async def test_the_tenant_api_shows_its_own_positions_only(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
     _t, _k, other = gateway.new_tenant()
     ids: list[str] = []
     for i in range(6):  # the two tenants' requests interleave in the ledger
@@ -78,8 +93,11 @@ async def test_the_tenant_api_shows_its_own_positions_only(gateway: Gateway, ten
     rows = []
     after = 0
     while True:
-        page = (await gateway.http.get("/v1/usage/events", params={"after": after, "limit": 2},
-                                       headers=auth(tenant.api_key))).json()
+        page = (
+            await gateway.http.get(
+                "/v1/usage/events", params={"after": after, "limit": 2}, headers=auth(tenant.api_key)
+            )
+        ).json()
         rows.extend(page["data"])
         if not page["has_more"]:
             break
@@ -91,7 +109,12 @@ async def test_the_tenant_api_shows_its_own_positions_only(gateway: Gateway, ten
     assert report.ok and report.events == 3 and report.head_seq == 3
     rows[1], rows[2] = rows[2], rows[1]
     assert not verify_event_rows(rows).ok  # out of order
-    admin = (await gateway.http.get("/admin/v1/usage/events", params={"tenant": tenant.tenant.id},
-                                    headers={"Authorization": "Bearer local-admin-token"})).json()
+    admin = (
+        await gateway.http.get(
+            "/admin/v1/usage/events",
+            params={"tenant": tenant.tenant.id},
+            headers={"Authorization": "Bearer local-admin-token"},
+        )
+    ).json()
     assert [r["seq"] for r in admin["data"]] == sorted(r["seq"] for r in admin["data"])
     assert [r["seq"] for r in admin["data"]][-1] >= 5  # the global position stays for the operator

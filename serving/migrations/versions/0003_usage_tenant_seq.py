@@ -5,6 +5,7 @@ Revises: 0002_billing
 
 Existing events get theirs in ledger order (seq); the hash chain does not cover it, so no hash changes.
 """
+
 import sqlalchemy as sa
 from alembic import op
 
