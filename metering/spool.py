@@ -12,8 +12,8 @@ database is still down renames nothing and leaves no file behind.
 
 Several gateway processes may share one data_dir. A writer appends under an exclusive flock on the
 open file (sealing happens under it too, so a sealed file never changes) and reopens the path if
-the file was sealed between its open and its lock. One process replays at a time (a flock on
-`.<name>.lock`; the others skip), which keeps the order. A replay cut short by a crash leaves
+the file was sealed between its open and its lock. One process replays at a time (a flock on the
+spool's folder; the others skip), which keeps the order. A replay cut short by a crash leaves
 sealed files, replayed first by the next one; `<name>.replay-*` files left by the former spool (one
 file per commit attempt) come before all others.
 """
@@ -106,30 +106,36 @@ class Spool:
         and to run from several processes at once (one replays, the others return 0 at once). Raises
         what the store raised (SQLAlchemyError when the database fails), keeping every file not
         replayed completely."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{self.path.name}.lock"), "ab") as lock:
+        if not self.path.parent.is_dir():
+            return 0
+        lock = os.open(self.path.parent, os.O_RDONLY)  # the folder's flock: no file of its own left behind
+        try:
             try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return 0  # another process is replaying: it takes these events too, in order
-            stored = sum(self._replay_file(p, store) for p in self.sealed())
-            try:
-                f = open(self.path, "rb")  # noqa: SIM115 - held open for its lock
-            except FileNotFoundError:
-                return stored
-            with f:
-                head = _read_events(
-                    b"".join(
-                        line for line in (f.readline() for _ in range(self.chunk)) if line.endswith(b"\n")
-                    )
-                )
-                if head:  # try the database first: a failed attempt (it raises) renames nothing
-                    stored += len(store.append_batch(head))
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # once no writer is appending to it
-                if _same_file(f.fileno(), self.path):
-                    self._seal_locked()
-            # sealed now, by us or by a writer (size): replay it and whatever was sealed after it
-            return stored + sum(self._replay_file(p, store) for p in self.sealed())
+            return self._replay_locked(store)
+        finally:
+            os.close(lock)  # releases the flock
+
+    def _replay_locked(self, store: AppendStore) -> int:
+        """The replay, under the folder's flock."""
+        stored = sum(self._replay_file(p, store) for p in self.sealed())
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - held open for its lock
+        except FileNotFoundError:
+            return stored
+        with f:
+            head = _read_events(
+                b"".join(line for line in (f.readline() for _ in range(self.chunk)) if line.endswith(b"\n"))
+            )
+            if head:  # try the database first: a failed attempt (it raises) renames nothing
+                stored += len(store.append_batch(head))
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # once no writer is appending to it
+            if _same_file(f.fileno(), self.path):
+                self._seal_locked()
+        # sealed now, by us or by a writer (size): replay it and whatever was sealed after it
+        return stored + sum(self._replay_file(p, store) for p in self.sealed())
 
     def _replay_file(self, path: Path, store: AppendStore) -> int:
         """Store a sealed file's events (no writer touches a sealed file) in chunks, then delete it."""

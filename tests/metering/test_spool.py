@@ -34,7 +34,7 @@ class CountingStore:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    return sorted(p.name for p in folder.iterdir())
 
 
 def _ids(store: UsageStore) -> list[str]:
