@@ -80,14 +80,19 @@ class EventCodec:
         self._record = self._converters(time=datetime.isoformat, enum_=_enum_value)
         self._from_db = self._parsers(time=to_aware, boolean=bool)
         self._from_record = self._parsers(time=datetime.fromisoformat)
-        last_required = max(i for i, f in enumerate(self.fields)
-                            if f.default is MISSING and f.default_factory is MISSING)
+        last_required = max(
+            i for i, f in enumerate(self.fields) if f.default is MISSING and f.default_factory is MISSING
+        )
         # (index, canonical default) of the trailing fields with defaults, last first
-        self._trailing = [(i, self._canonical_value(self.names[i], self.fields[i].default))
-                          for i in range(len(self.fields) - 1, last_required, -1)]
+        self._trailing = [
+            (i, self._canonical_value(self.names[i], self.fields[i].default))
+            for i in range(len(self.fields) - 1, last_required, -1)
+        ]
 
     # --- building the conversions ------------------------------------------------------------------
-    def _converters(self, *, time: Convert, enum_: Convert, boolean: Convert | None = None) -> list[tuple[int, Convert]]:
+    def _converters(
+        self, *, time: Convert, enum_: Convert, boolean: Convert | None = None
+    ) -> list[tuple[int, Convert]]:
         """(index, conversion) of the fields whose value changes in a form; the others pass as they are."""
         out: list[tuple[int, Convert]] = []
         for i, name in enumerate(self.names):

@@ -1,8 +1,11 @@
 """The ledger: asynchronous, group-committed, idempotent appends of usage events.
 
 `await ledger.append(event)` returns once the event is durable: committed to the database, or —
-when the database cannot be reached — written and fsync'd to the local spool file, from which it is
-replayed (idempotently, by request id) once the database answers again. Events that arrive while a
+when the database cannot be reached, or does not answer within the store's bounded wait
+(`metering.spool_after_s`) — written and fsync'd to the local spool (metering/spool.py), from which
+it is replayed (in order, idempotently by request id) once the database answers again. While
+events are spooled, later ones join them in the spool at once; a replay is tried at most once per
+`replay_interval_s`. Events that arrive while a
 commit is running are committed together in the next transaction (group commit), so commit-before-
 respond costs one transaction per batch, not per request.
 
@@ -21,20 +24,17 @@ an event (metrics, budget settlement, the spend estimate), without the ledger kn
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import os
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from metering.event_codec import codec
 from metering.events import UsageEvent
+from metering.spool import Spool
 from metering.store_sql import UsageStore
 
 log = logging.getLogger("tokenport.ledger")
@@ -45,108 +45,7 @@ class LedgerUnavailable(Exception):
 
 
 EventSubscriber = Callable[[UsageEvent], None]
-
-
-class Spool:
-    """An append-only JSONL file of events not yet in the database (fsync'd on every write).
-
-    Several gateway processes may share one data_dir. A writer appends under an exclusive flock. A
-    replay first renames the file aside (later writes start a new file), takes the lock on the
-    renamed file (so a writer still appending to it finishes first), stores its events (idempotent
-    by request id), and deletes it. A writer whose open file was renamed away reopens the path. A
-    replay cut short by a crash leaves `<name>.replay-*` files, picked up by the next replay.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, events: list[UsageEvent]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = b"".join(codec().to_json(e) + b"\n" for e in events)
-        while True:
-            with open(self.path, "ab") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-                try:
-                    if not _same_file(f.fileno(), self.path):
-                        continue  # renamed aside for a replay between open and lock: use the new file
-                    created = f.tell() == 0
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                finally:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            if created:
-                _fsync_dir(self.path.parent)
-            return
-
-    def _aside(self) -> list[Path]:
-        return sorted(self.path.parent.glob(self.path.name + ".replay-*"))
-
-    def pending(self) -> bool:
-        return self.path.exists() or bool(self._aside())
-
-    def read(self) -> list[UsageEvent]:
-        """Every spooled event not replayed yet (for inspection and tests)."""
-        out: list[UsageEvent] = []
-        for p in [*self._aside(), self.path]:
-            if p.exists():
-                out.extend(_read_events(p))
-        return out
-
-    def replay(self, store: UsageStore) -> int:
-        """Move spooled events into the store; returns how many were new. Safe to repeat and to run
-        from several processes at once. Raises SQLAlchemyError (leaving the files) if the store fails."""
-        mine = self.path.with_name(f"{self.path.name}.replay-{os.getpid()}-{time.time_ns()}")
-        try:
-            os.replace(self.path, mine)
-        except FileNotFoundError:
-            pass
-        stored = 0
-        for p in self._aside():
-            try:
-                f = open(p, "rb")  # noqa: SIM115 - held open for its lock
-            except FileNotFoundError:
-                continue  # another process replayed it meanwhile
-            with f:
-                try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX if p == mine else fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # another process is replaying it right now
-                if not p.exists():
-                    continue
-                events = _read_events(p)
-                if events:
-                    stored += len(store.append_batch(events))
-                p.unlink()
-        return stored
-
-
-def _read_events(path: Path) -> list[UsageEvent]:
-    out = []
-    for line in path.read_bytes().splitlines():
-        if line.strip():
-            try:
-                out.append(codec().from_json(line))
-            except (ValueError, TypeError, KeyError):
-                log.error("spool %s: skipping an unreadable line (torn write?)", path)
-    return out
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        a, b = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+__all__ = ["EventSubscriber", "Ledger", "LedgerUnavailable", "Spool"]
 
 _STOP = object()  # put on the writer's queue by close(): flush what is queued, then exit
 
@@ -171,6 +70,7 @@ class Ledger:
         self._checkpoints_stop = threading.Event()
         self._stopped: asyncio.Future[None] | None = None
         self._spooled = False  # written and read by the writer thread only while it runs
+        self._last_replay = 0.0  # monotonic time of the last replay attempt (writer thread)
         self.available = True  # False from a failed commit until the database answers again
         self._last_probe = 0.0
         self._subscribers: list[tuple[EventSubscriber, EventSubscriber | None]] = []
@@ -310,29 +210,44 @@ class Ledger:
                 raise error  # KeyboardInterrupt, SystemExit: end the thread
 
     def _commit(self, events: list[UsageEvent]) -> tuple[BaseException | None, float]:
-        """Commit one batch (on the writer thread): None, or the error each waiter gets."""
+        """Commit one batch (on the writer thread): None, or the error each waiter gets.
+
+        While events are spooled, new ones join them in the spool (in order, at once) until a replay
+        (at most one per `replay_interval_s`) has emptied it; the database is not asked meanwhile.
+        A database that does not answer within the store's bounded wait (`metering.spool_after_s`)
+        counts as down."""
         error: BaseException | None = None
         t0 = time.perf_counter()
         try:
-            if self._spooled:
-                self._replay_now()
-            self.store.append_batch(events)
-            self.available = True
+            if self._spooled and not self._replayed() and not self.fail_closed:
+                error = self._to_spool(events)
+            else:
+                self.store.append_batch(events)
+                self.available = True
         except SQLAlchemyError as exc:
             self.available = False
+            self._last_replay = time.monotonic()
             log.error("ledger database error (%s); %s", exc.__class__.__name__,
                       "failing closed" if self.fail_closed else "spooling to " + str(self.spool.path))
-            if self.fail_closed:
-                error = LedgerUnavailable("the usage ledger is unavailable")
-            else:
-                try:
-                    self.spool.write(events)
-                    self._spooled = True
-                except OSError as spool_exc:
-                    error = spool_exc
+            error = LedgerUnavailable("the usage ledger is unavailable") if self.fail_closed else self._to_spool(events)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiters
             error = exc
         return error, time.perf_counter() - t0
+
+    def _to_spool(self, events: list[UsageEvent]) -> OSError | None:
+        try:
+            self.spool.write(events)
+        except OSError as exc:
+            return exc
+        self._spooled = True
+        return None
+
+    def _replayed(self) -> bool:
+        """Replay the spool if the last attempt is `replay_interval_s` old: True once it is empty."""
+        if time.monotonic() - self._last_replay < self.replay_interval_s:
+            return False
+        self._replay_now()
+        return not self._spooled
 
     def _resolve(self, items: list[_Item], error: BaseException | None, seconds: float) -> None:
         """On the loop: report the commit, tell the subscribers, then wake every waiter of the batch."""
@@ -361,6 +276,7 @@ class Ledger:
         await asyncio.to_thread(self._replay_now)
 
     def _replay_now(self) -> None:
+        self._last_replay = time.monotonic()
         try:
             n = self.spool.replay(self.store)
             self._spooled = self.spool.pending()  # another process may be replaying a file right now

@@ -99,8 +99,12 @@ usage_events = Table(
     Column("recorded_at", DateTime, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # The event's position among its tenant's events (1, 2, ...), assigned in the same serialized
+    # append transaction as `seq`: what the tenant API shows instead of the global `seq`.
+    Column("tenant_seq", BigInteger, nullable=False),
 )
 Index("ix_usage_tenant_started", usage_events.c.tenant_id, usage_events.c.started_at)
+Index("ux_usage_tenant_seq", usage_events.c.tenant_id, usage_events.c.tenant_seq, unique=True)
 Index("ix_usage_started", usage_events.c.started_at)
 
 # A worker's own token counters at one moment, with the ledger position at that moment: the baseline

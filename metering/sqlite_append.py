@@ -19,7 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from metering.chain import GENESIS, IN_CHUNK, chain_hash
+from metering.chain import GENESIS, IN_CHUNK, TenantPositions, chain_hash
 from metering.clock import utcnow
 from metering.db import dedicated_sqlite_connection
 from metering.event_codec import codec, sqlite_time
@@ -28,7 +28,7 @@ from metering.events import UsageEvent
 # The same statements as constant SQL for the DBAPI path on SQLite. The columns are the event's fields
 # (metering/events.py) and the chain's; the values are what the SQLAlchemy path writes (`_row` and
 # `_sqlite_row`; tests compare the stored rows).
-COLUMNS: tuple[str, ...] = (*(f.name for f in fields(UsageEvent)), "recorded_at", "prev_hash", "hash")
+COLUMNS: tuple[str, ...] = (*(f.name for f in fields(UsageEvent)), "recorded_at", "prev_hash", "hash", "tenant_seq")
 _SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(COLUMNS))})")
 _SQLITE_HEAD = "SELECT hash FROM usage_events ORDER BY seq DESC LIMIT 1"
@@ -40,8 +40,14 @@ def _sqlite_existing(n: int) -> str:
     return f"SELECT request_id FROM usage_events WHERE request_id IN ({', '.join('?' * n)})"
 
 
-def _sqlite_row(e: UsageEvent, recorded_at: str, prev_hash: str, h: str) -> tuple[object, ...]:
-    return (*codec().sqlite_values(e), recorded_at, prev_hash, h)
+@functools.lru_cache(maxsize=IN_CHUNK)
+def _sqlite_tenant_heads(n: int) -> str:
+    return (f"SELECT tenant_id, MAX(tenant_seq) FROM usage_events WHERE tenant_id IN ({', '.join('?' * n)}) "
+            "GROUP BY tenant_id")
+
+
+def _sqlite_row(e: UsageEvent, recorded_at: str, prev_hash: str, h: str, tenant_seq: int) -> tuple[object, ...]:
+    return (*codec().sqlite_values(e), recorded_at, prev_hash, h, tenant_seq)
 
 
 class SqliteAppender:
@@ -54,8 +60,12 @@ class SqliteAppender:
     next append; one inherited across fork() is left alone. `engine.dispose()` closes it.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, wait_s: float | None = None) -> None:
         self._engine = engine
+        # How long BEGIN IMMEDIATE waits for another writer's lock before failing ("database is
+        # locked"); None: the engine's busy timeout (30 s).
+        self.wait_s = wait_s
+        self._positions = TenantPositions()  # tenant_seq heads, valid while nobody else appends
         self._lock = threading.Lock()
         self.autocheckpoint = True  # False: WAL checkpoints are someone else's job (Ledger's checkpointer)
         self._conn: sqlite3.Connection | None = None
@@ -97,6 +107,8 @@ class SqliteAppender:
             self._cur = self._conn.cursor()
             if not self.autocheckpoint:
                 self._cur.execute("PRAGMA wal_autocheckpoint=0")
+            if self.wait_s is not None:
+                self._cur.execute(f"PRAGMA busy_timeout={max(0, round(self.wait_s * 1000))}")
         return self._cur
 
     def synchronous(self) -> int:
@@ -135,17 +147,24 @@ class SqliteAppender:
                     stmt = _SQLITE_HEAD
                     head = cur.execute(stmt).fetchone()
                     prev = (head[0] if head is not None else None) or GENESIS
+                    tenants = self._positions.begin(prev, (e.tenant_id for e in fresh))
+                    for i in range(0, len(tenants), IN_CHUNK):
+                        params = tenants[i:i + IN_CHUNK]
+                        stmt = _sqlite_tenant_heads(len(params))
+                        self._positions.found(params, dict(cur.execute(stmt, params).fetchall()))
                     now = sqlite_time(utcnow())
                     rows = []
                     for e in fresh:
                         h = chain_hash(prev, e)
-                        rows.append(_sqlite_row(e, now, prev, h))
+                        rows.append(_sqlite_row(e, now, prev, h, self._positions.take(e.tenant_id)))
                         prev = h
                     stmt, params = _SQLITE_INSERT, rows
                     cur.executemany(stmt, rows)
                     params = None
                 stmt = "COMMIT"
                 cur.execute(stmt)
+                if fresh:
+                    self._positions.committed(prev)
             except sqlite3.Error as exc:
                 self._discard()  # closing rolls back whatever is open
                 raise DBAPIError.instance(stmt, params, exc, sqlite3.Error, hide_parameters=True) from exc

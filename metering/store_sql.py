@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, case, func, insert, select, text
 from sqlalchemy.engine import Engine
 
-from metering.chain import GENESIS, IN_CHUNK, chain_hash, unique_events
+from metering.chain import GENESIS, IN_CHUNK, TenantPositions, chain_hash, unique_events
 from metering.clock import to_aware, to_naive, utcnow
 from metering.db import is_sqlite_file
 from metering.event_codec import codec
@@ -40,11 +40,12 @@ GROUP_FIELDS = frozenset({"tenant_id", "origin_country", "model", "language", "o
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    seq: int
+    seq: int  # the position in the whole ledger (the hash chain's order)
     event: UsageEvent
     recorded_at: datetime
     prev_hash: str
     hash: str
+    tenant_seq: int  # the position among the tenant's own events (what the tenant API shows)
 
 
 _PG_LOCK_CHAIN = text("SELECT pg_advisory_xact_lock(:k)")
@@ -52,12 +53,19 @@ _SELECT_EXISTING = select(usage_events.c.request_id).where(
     usage_events.c.request_id.in_(bindparam("ids", expanding=True)))
 _SELECT_HEAD = select(usage_events.c.hash).order_by(usage_events.c.seq.desc()).limit(1)
 _INSERT_EVENTS = insert(usage_events)
+_SELECT_TENANT_HEADS = (select(usage_events.c.tenant_id, func.max(usage_events.c.tenant_seq))
+                        .where(usage_events.c.tenant_id.in_(bindparam("tenants", expanding=True)))
+                        .group_by(usage_events.c.tenant_id))
 
 
 class UsageStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, append_wait_s: float | None = None) -> None:
+        """`append_wait_s`: the longest an append waits for the chain's write lock (SQLite's busy
+        timeout, PostgreSQL's lock_timeout) before it fails, so that the ledger spools instead of
+        stalling its requests (`metering.spool_after_s`); None: the database's own waits (30 s on SQLite)."""
         self._engine = engine
-        self._sqlite = SqliteAppender(engine) if is_sqlite_file(engine) else None
+        self._append_wait_s = append_wait_s
+        self._sqlite = SqliteAppender(engine, wait_s=append_wait_s) if is_sqlite_file(engine) else None
 
     def close(self) -> None:
         """Close the store's own SQLite writer connection (also done by `engine.dispose()`; a later
@@ -99,6 +107,8 @@ class UsageStore:
         unique = unique_events(events)
         with self._engine.begin() as conn:
             if conn.dialect.name == "postgresql":
+                if self._append_wait_s is not None:
+                    conn.execute(text(f"SET LOCAL lock_timeout = {max(1, round(self._append_wait_s * 1000))}"))
                 conn.execute(_PG_LOCK_CHAIN, {"k": _PG_CHAIN_LOCK})
             ids = list(unique)
             existing: set[str] = set()
@@ -108,11 +118,16 @@ class UsageStore:
             if not fresh:
                 return []
             prev = conn.execute(_SELECT_HEAD).scalar() or GENESIS
+            positions = TenantPositions()
+            tenants = positions.begin(prev, (e.tenant_id for e in fresh))
+            for i in range(0, len(tenants), IN_CHUNK):
+                last = conn.execute(_SELECT_TENANT_HEADS, {"tenants": tenants[i:i + IN_CHUNK]}).tuples().all()
+                positions.found(tenants[i:i + IN_CHUNK], dict(last))
             now = to_naive(utcnow())
             rows = []
             for e in fresh:
                 h = chain_hash(prev, e)
-                rows.append(_row(e, now, prev, h))
+                rows.append(_row(e, now, prev, h, positions.take(e.tenant_id)))
                 prev = h
             conn.execute(_INSERT_EVENTS, rows)
         return [e.request_id for e in fresh]
@@ -123,12 +138,15 @@ class UsageStore:
         return None if row is None else _stored(row)
 
     def iter_events(self, *, tenant_id: str | None = None, start: datetime | None = None,
-                    end: datetime | None = None, after_seq: int = 0, limit: int | None = None,
-                    batch: int = 5000) -> Iterator[StoredEvent]:
-        """Events in ledger order (seq), filtered by tenant and started_at in [start, end)."""
+                    end: datetime | None = None, after_seq: int = 0, after_tenant_seq: int = 0,
+                    limit: int | None = None, batch: int = 5000) -> Iterator[StoredEvent]:
+        """Events in ledger order (seq), filtered by tenant and started_at in [start, end), after a
+        ledger position or (with a tenant) after a position among the tenant's events."""
         conds = [usage_events.c.seq > after_seq]
         if tenant_id is not None:
             conds.append(usage_events.c.tenant_id == tenant_id)
+            if after_tenant_seq:
+                conds.append(usage_events.c.tenant_seq > after_tenant_seq)
         if start is not None:
             conds.append(usage_events.c.started_at >= to_naive(start))
         if end is not None:
@@ -270,12 +288,13 @@ class WorkerTotals:
     estimated: int
 
 
-def _row(e: UsageEvent, recorded_at: datetime, prev_hash: str, h: str) -> dict[str, object]:
-    return {**codec().to_db(e), "recorded_at": recorded_at, "prev_hash": prev_hash, "hash": h}
+def _row(e: UsageEvent, recorded_at: datetime, prev_hash: str, h: str, tenant_seq: int) -> dict[str, object]:
+    return {**codec().to_db(e), "recorded_at": recorded_at, "prev_hash": prev_hash, "hash": h,
+            "tenant_seq": tenant_seq}
 
 
 def _stored(r: Mapping[Any, Any]) -> StoredEvent:
     recorded = to_aware(r["recorded_at"])
     assert recorded is not None
     return StoredEvent(seq=r["seq"], event=codec().from_db(r), recorded_at=recorded, prev_hash=r["prev_hash"],
-                       hash=r["hash"])
+                       hash=r["hash"], tenant_seq=r["tenant_seq"])

@@ -134,36 +134,41 @@ def event_row_hash(row: Mapping[str, Any]) -> str:
 
 
 def verify_event_rows(rows: Iterable[Mapping[str, Any]]) -> ChainReport:
-    """Check every downloaded event's own hash (and links between consecutive ledger events) and total
-    the tokens. Needs nothing but the rows: this is what a tenant runs to check our totals."""
+    """Check every downloaded event's own hash (and that the events come in order) and total the
+    tokens. Needs nothing but the rows: this is what a tenant runs to check our totals. The rows'
+    position is `tenant_seq` (the tenant API's download) or `seq` (the admin API's)."""
     report = ChainReport()
     prev: Mapping[str, Any] | None = None
     for row in rows:
-        missing = [f for f in (*CANONICAL_FIELDS, "seq", "prev_hash", "hash") if f not in row]
+        pos = "tenant_seq" if "tenant_seq" in row else "seq"
+        missing = [f for f in (*CANONICAL_FIELDS, pos, "prev_hash", "hash") if f not in row]
         if missing:
-            report.first_break = Break(row.get("seq"), row.get("request_id"), "edited",
+            report.first_break = Break(row.get(pos), row.get("request_id"), "edited",
                                        f"the row lacks {', '.join(missing)}")
             return report
         expected = event_row_hash(row)
         if expected != row["hash"]:
-            report.first_break = Break(row["seq"], row["request_id"], "edited",
+            report.first_break = Break(row[pos], row["request_id"], "edited",
                                        f"hash {str(row['hash'])[:16]}… is not the hash of the row's content "
                                        f"({expected[:16]}…)")
             return report
-        if prev is not None and int(row["seq"]) <= int(prev["seq"]):
-            report.first_break = Break(row["seq"], row["request_id"], "broken_link",
-                                       f"seq {row['seq']} does not follow seq {prev['seq']}")
+        if prev is not None and (pos not in prev or int(row[pos]) <= int(prev[pos])):
+            report.first_break = Break(row[pos], row["request_id"], "broken_link",
+                                       f"{pos} {row[pos]} does not follow {pos} {prev.get(pos)}")
             return report
         report.events += 1
         report.prompt_tokens += int(row["prompt_tokens"])
         report.cached_prompt_tokens += int(row["cached_prompt_tokens"])
         report.completion_tokens += int(row["completion_tokens"])
-        report.head_seq, report.head_hash = int(row["seq"]), str(row["hash"])
+        report.head_seq, report.head_hash = int(row[pos]), str(row["hash"])
         prev = row
     return report
 
 
-def event_row(stored: StoredEvent) -> dict[str, Any]:
-    """One event as handed to a tenant: every field the hash covers, in canonical form, plus the chain."""
-    return {"seq": stored.seq, **codec().canonical_fields(stored.event),
+def event_row(stored: StoredEvent, *, tenant_view: bool = False) -> dict[str, Any]:
+    """One event as handed out: every field the hash covers, in canonical form, plus the chain. The
+    tenant's view carries the event's position among the tenant's events (`tenant_seq`) instead of
+    its ledger position (`seq`), which would tell how many requests other tenants made."""
+    position = {"tenant_seq": stored.tenant_seq} if tenant_view else {"seq": stored.seq}
+    return {**position, **codec().canonical_fields(stored.event),
             "recorded_at": canonical_time(stored.recorded_at), "prev_hash": stored.prev_hash, "hash": stored.hash}

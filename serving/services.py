@@ -55,4 +55,4 @@ def open_stores(settings: Settings, *, migrate: bool = True) -> Stores:
     if migrate:
         db_schema.upgrade(engine)
     return Stores(settings=settings, engine=engine, tenants=TenantStore(engine, settings.secret_key),
-                  usage=UsageStore(engine), limits=LimitsStore(engine), audit=Auditor(AuditStore(engine)))
+                  usage=UsageStore(engine, append_wait_s=settings.metering.spool_after_s), limits=LimitsStore(engine), audit=Auditor(AuditStore(engine)))

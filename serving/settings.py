@@ -146,6 +146,9 @@ class MeteringSettings(BaseModel):
     """The usage ledger's failure policy, idempotency keys and reconciliation (README: Metering)."""
 
     fail_closed: bool = False  # database down: 503 to clients instead of spooling events to data/spool
+    # The longest a commit waits for the ledger database's write lock before its events go to the
+    # spool (or, failing closed, before 503): a locked SQLite file or a stuck PostgreSQL lock.
+    spool_after_s: float = Field(default=1.0, gt=0, le=60)
     idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
     reconcile_interval_s: float = Field(default=60.0, ge=0)  # 0: the gateway exports no drift gauges
     # SQLite ledger: FULL fsyncs every group commit (an answered request's usage survives a power

@@ -3,10 +3,11 @@
     GET /v1/usage?start=...&end=...&group_by=model,origin_country,language
         token totals of the calling tenant only, grouped by any of model, origin_country,
         origin_source, language, outcome, key_id, serving_region, endpoint
-    GET /v1/usage/events?start=...&end=...&after=SEQ&limit=N
-        the tenant's events in ledger order with `seq`, `prev_hash` and `hash`: every field the
-        hash covers, in canonical form, so the tenant can recompute each hash and add up the
-        tokens without trusting us (`tokenport usage verify --file` does exactly that)
+    GET /v1/usage/events?start=...&end=...&after=TENANT_SEQ&limit=N
+        the tenant's events in ledger order with `tenant_seq` (the event's position among the
+        tenant's own events: the global `seq` would count other tenants' requests), `prev_hash`
+        and `hash`: every field the hash covers, in canonical form, so the tenant can recompute
+        each hash and add up the tokens without trusting us (`tokenport usage verify --file`)
 
 `start` (inclusive) and `end` (exclusive) filter on when a request started: `YYYY-MM-DD` (00:00 UTC),
 an ISO 8601 timestamp, or Unix seconds (serving/dates.py; out of range: 400). Token totals follow
@@ -50,7 +51,8 @@ async def tenant_events(who: PrincipalDep, usage: UsageDep, start: str | None = 
     s, e = parse_window(start, end)
 
     def load() -> list[StoredEvent]:
-        return list(usage.iter_events(tenant_id=who.tenant.id, start=s, end=e, after_seq=after, limit=limit + 1))
+        return list(usage.iter_events(tenant_id=who.tenant.id, start=s, end=e, after_tenant_seq=after,
+                                    limit=limit + 1))
 
     events = await asyncio.to_thread(load)
-    return Response(orjson.dumps({**events_page(events, limit), "tenant_id": who.tenant.id}), media_type=JSON)
+    return Response(orjson.dumps({**events_page(events, limit, tenant_view=True), "tenant_id": who.tenant.id}), media_type=JSON)

@@ -19,27 +19,50 @@ from metering.store_sql import EXPORT_FIELDS, UsageStore, _row
 from metering.verify import CANONICAL_FIELDS, event_row, event_row_hash, verify_event_rows
 
 NAMES = tuple(f.name for f in fields(UsageEvent))
-CHAIN_COLUMNS = ("recorded_at", "prev_hash", "hash")
+CHAIN_COLUMNS = ("recorded_at", "prev_hash", "hash", "tenant_seq")
 
 # Two events and their chain hashes as computed by the code before the codec was derived from the
 # dataclass (commit 94cc6ed, metering/chain.py): the canonical form of stored events must never change.
 FIXED_A = UsageEvent(
-    request_id="req_fixed_1", tenant_id="t-acme", key_id="key_1", model="qwen-0.5b", origin_country="DE",
-    prompt_tokens=120, cached_prompt_tokens=64, completion_tokens=37, stream=True, outcome=Outcome.CLIENT_CANCELLED,
+    request_id="req_fixed_1",
+    tenant_id="t-acme",
+    key_id="key_1",
+    model="qwen-0.5b",
+    origin_country="DE",
+    prompt_tokens=120,
+    cached_prompt_tokens=64,
+    completion_tokens=37,
+    stream=True,
+    outcome=Outcome.CLIENT_CANCELLED,
     started_at=datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC),
     finished_at=datetime(2026, 3, 1, 14, 0, 1, 5, tzinfo=timezone(timedelta(hours=2))),
-    endpoint="completions", origin_source="header", language="de", serving_region="eu-west", worker_id="w-1",
+    endpoint="completions",
+    origin_source="header",
+    language="de",
+    serving_region="eu-west",
+    worker_id="w-1",
     estimated=True,
 )
 FIXED_B = UsageEvent(
-    request_id="req_fixed_2", tenant_id="t-b", key_id="key_2", model="m", origin_country="ZZ", prompt_tokens=0,
-    cached_prompt_tokens=0, completion_tokens=0, stream=False, outcome=Outcome.OK,
-    started_at=datetime(2026, 1, 1, tzinfo=UTC), finished_at=datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+    request_id="req_fixed_2",
+    tenant_id="t-b",
+    key_id="key_2",
+    model="m",
+    origin_country="ZZ",
+    prompt_tokens=0,
+    cached_prompt_tokens=0,
+    completion_tokens=0,
+    stream=False,
+    outcome=Outcome.OK,
+    started_at=datetime(2026, 1, 1, tzinfo=UTC),
+    finished_at=datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
 )
 HASH_A = "fdd74e1df86d2d733ad7dcce09dbeaaacf75df6c67a4f19e61948589b6792bf0"
 HASH_B = "d4769f42e17367c347a25d3eb23170c3b610c9c03dca1dc2832a745676361f14"
-CANONICAL_A = (b'["req_fixed_1","t-acme","key_1","qwen-0.5b","completions","DE","header","de","eu-west","w-1",120,'
-               b'64,37,true,"client_cancelled",true,"2026-03-01T12:00:00.123456Z","2026-03-01T12:00:01.000005Z"]')
+CANONICAL_A = (
+    b'["req_fixed_1","t-acme","key_1","qwen-0.5b","completions","DE","header","de","eu-west","w-1",120,'
+    b'64,37,true,"client_cancelled",true,"2026-03-01T12:00:00.123456Z","2026-03-01T12:00:01.000005Z"]'
+)
 # A spool line the old code wrote (metering/ledger.py event_to_json, with the unused `extra` field).
 OLD_SPOOL_LINE = (
     b'{"request_id":"req_fixed_1","tenant_id":"t-acme","key_id":"key_1","model":"qwen-0.5b","origin_country":"DE",'
@@ -69,10 +92,10 @@ def test_every_codec_covers_every_field() -> None:
     assert len(c.sqlite_values(FIXED_A)) == len(NAMES)
     assert tuple(c.to_record(FIXED_A)) == NAMES
     assert COLUMNS == (*NAMES, *CHAIN_COLUMNS)
-    assert tuple(_row(FIXED_A, datetime(2026, 1, 1), GENESIS, GENESIS)) == (*NAMES, *CHAIN_COLUMNS)
+    assert tuple(_row(FIXED_A, datetime(2026, 1, 1), GENESIS, GENESIS, 1)) == (*NAMES, *CHAIN_COLUMNS)
     assert EXPORT_FIELDS == NAMES
     assert CANONICAL_FIELDS == NAMES
-    event_cols = [col.name for col in usage_events.columns if col.name not in ("seq", "tenant_seq", *CHAIN_COLUMNS)]
+    event_cols = [col.name for col in usage_events.columns if col.name not in ("seq", *CHAIN_COLUMNS)]
     assert tuple(event_cols) == NAMES
     # and back again, to the same event
     assert c.from_record(c.to_record(FIXED_A)) == FIXED_A

@@ -105,7 +105,7 @@ async def test_database_outage_spools_and_replays_without_duplicates(
     real = UsageStore(engine)
     flaky = FlakyStore(real)
     spool_path = tmp_path / "spool" / "usage.jsonl"
-    ledger = Ledger(flaky, Spool(spool_path))  # type: ignore[arg-type]
+    ledger = Ledger(flaky, Spool(spool_path), replay_interval_s=0.05)  # type: ignore[arg-type]
     await ledger.start()
     try:
         flaky.down = True
@@ -119,6 +119,7 @@ async def test_database_outage_spools_and_replays_without_duplicates(
         assert spooled[0] == down_events[0]
 
         flaky.down = False
+        await asyncio.sleep(0.06)  # the next commit replays the spool first (one attempt per replay_interval_s)
         up = event()
         await ledger.append(up)
         stored = [s.event for s in real.iter_events()]
@@ -156,12 +157,13 @@ async def test_replay_that_fails_keeps_the_spool(engine: Engine, tmp_path: Path,
     spool = Spool(tmp_path / "usage.jsonl")
     spool.write([event(), event()])
     flaky.down = True
-    ledger = Ledger(flaky, spool)  # type: ignore[arg-type]
+    ledger = Ledger(flaky, spool, replay_interval_s=0.05)  # type: ignore[arg-type]
     await ledger.start()  # must not raise while the database is down
     try:
         await ledger.append(event())
         assert len(spool.read()) == 3
         flaky.down = False
+        await asyncio.sleep(0.06)
         await ledger.append(event())
         assert flaky.real.count() == 4
         assert not spool.path.exists()
@@ -356,8 +358,8 @@ async def test_periodic_replay_runs_on_the_writer_thread(
         await ledger.append(event())
         assert spool.pending() and not ledger.available
         flaky.down = False
-        for _ in range(200):  # no new request: the writer retries on its own
-            if not spool.pending():
+        for _ in range(1000):  # no new request: the writer retries on its own
+            if not spool.pending() and ledger.available:  # the writer marks it available after the replay
                 break
             await asyncio.sleep(0.01)
         assert not spool.pending() and ledger.available and flaky.real.count() == 1

@@ -358,3 +358,34 @@ def test_anchor_detects_a_cut_off_tail_and_a_rewritten_history(store: UsageStore
     cut = verify_chain(store.iter_events(), {head.head_seq: head.head_hash})
     assert cut.first_break is not None and cut.first_break.kind == "anchor"
     assert "cut off" in cut.first_break.detail
+
+
+# --- bounded wait, per-tenant positions (both backends) -------------------------------------------------
+def test_an_append_waits_for_a_held_chain_lock_at_most_append_wait_s(engine: Engine, db_url: str) -> None:
+    """Another writer holding the chain's lock (SQLite's write lock, PostgreSQL's advisory lock) fails the
+    append after `append_wait_s`, so that the ledger spools instead of stalling its requests."""
+    import time
+
+    store = UsageStore(engine, append_wait_s=0.3)
+    holder = create_engine(db_url) if db_url.startswith("postgresql") else make_engine(db_url)
+    with holder.connect() as conn:
+        if db_url.startswith("postgresql"):
+            conn.execute(text("SELECT pg_advisory_lock(7302118)"))
+        else:
+            conn.exec_driver_sql("INSERT INTO registry_version (id, version) VALUES (99, 1)")  # BEGIN IMMEDIATE held
+        t0 = time.monotonic()
+        with pytest.raises(OperationalError):
+            store.append_batch([event()])
+        assert time.monotonic() - t0 < 5
+        conn.rollback()
+        if db_url.startswith("postgresql"):
+            conn.execute(text("SELECT pg_advisory_unlock(7302118)"))
+    holder.dispose()
+    assert store.append_batch([e := event()]) == [e.request_id]
+
+
+def test_tenant_positions_on_both_backends(store: UsageStore) -> None:
+    store.append_batch([event(tenant="a"), event(tenant="b"), event(tenant="a")])
+    store.append_batch([event(tenant="b"), event(tenant="a")])
+    assert [(s.event.tenant_id, s.tenant_seq) for s in store.iter_events()] == [
+        ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)]

@@ -22,14 +22,14 @@ from metering.db import make_engine
 from serving import db_schema
 
 FORMER = db_schema.FORMER_BRANCHES
-OLD_ENV = '''
+OLD_ENV = """
 from alembic import context
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection)
 with context.begin_transaction():
     context.run_migrations()
-'''
+"""
 
 
 def _head() -> str:
@@ -75,7 +75,11 @@ def _stamps(engine: Engine) -> set[str]:
 def _schema_diffs(engine: Engine) -> list[Any]:
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), db_schema.target_metadata)
-    return [d for d in diffs if not (isinstance(d, tuple) and d[0] == "remove_table" and d[1].name == "alembic_version")]
+    return [
+        d
+        for d in diffs
+        if not (isinstance(d, tuple) and d[0] == "remove_table" and d[1].name == "alembic_version")
+    ]
 
 
 def test_the_history_has_one_head() -> None:
@@ -95,33 +99,44 @@ def test_a_fresh_database_upgrades_to_the_head(engine: Engine) -> None:
     assert _stamps(engine) == {_head()}
 
 
-@pytest.mark.parametrize("stamped", [
-    FORMER,
-    ("0002_guardrails",),
-    ("0002_metering",),
-    ("0002_billing",),
-    ("0002_guardrails", "0002_billing"),
-    ("0002_metering", "0002_billing"),
-    ("0002_guardrails", "0002_metering"),
-    ("0001",),
-])
-def test_a_database_of_the_former_heads_upgrades(old_history: Config, engine: Engine,
-                                                 stamped: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "stamped",
+    [
+        FORMER,
+        ("0002_guardrails",),
+        ("0002_metering",),
+        ("0002_billing",),
+        ("0002_guardrails", "0002_billing"),
+        ("0002_metering", "0002_billing"),
+        ("0002_guardrails", "0002_metering"),
+        ("0001",),
+    ],
+)
+def test_a_database_of_the_former_heads_upgrades(
+    old_history: Config, engine: Engine, stamped: tuple[str, ...]
+) -> None:
     _old_upgrade(old_history, engine, *stamped)
     assert _stamps(engine) == set(stamped)
     with engine.begin() as conn:  # a row made before the upgrade survives it
-        conn.execute(text("INSERT INTO tenants (id, name, billing_country, business, currency, created_at) "
-                          "VALUES ('t1', 'T', 'DE', 1, 'EUR', '2026-01-01 00:00:00.000000')"))
+        conn.execute(
+            text(
+                "INSERT INTO tenants (id, name, billing_country, business, currency, created_at) "
+                "VALUES ('t1', 'T', 'DE', 1, 'EUR', '2026-01-01 00:00:00.000000')"
+            )
+        )
     db_schema.upgrade(engine)
     assert _stamps(engine) == {_head()}
     assert _schema_diffs(engine) == []
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM tenants")).scalar() == 1
     assert {"limit_policies", "idempotency_keys", "billing_documents", "usage_events"} <= set(
-        inspect(engine).get_table_names())
+        inspect(engine).get_table_names()
+    )
 
 
-def test_the_former_heads_upgrade_through_the_alembic_command_too(old_history: Config, engine: Engine) -> None:
+def test_the_former_heads_upgrade_through_the_alembic_command_too(
+    old_history: Config, engine: Engine
+) -> None:
     """`alembic upgrade head` (env.py opening its own connection) rewrites the stamps the same way."""
     _old_upgrade(old_history, engine, *FORMER)
     cfg = db_schema.alembic_config(str(engine.url))

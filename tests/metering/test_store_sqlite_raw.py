@@ -59,7 +59,7 @@ def test_the_raw_path_is_used_on_a_file_and_not_in_memory(engine: Engine) -> Non
 
 
 def test_columns_are_the_columns_sqlalchemy_writes(event: EventFactory) -> None:
-    assert tuple(_row(event(), datetime(2026, 1, 1), GENESIS, GENESIS)) == _COLUMNS
+    assert tuple(_row(event(), datetime(2026, 1, 1), GENESIS, GENESIS, 1)) == _COLUMNS
 
 
 def test_both_paths_store_identical_rows(engine: Engine, tmp_path: Path, event: EventFactory) -> None:
@@ -69,7 +69,7 @@ def test_both_paths_store_identical_rows(engine: Engine, tmp_path: Path, event: 
         assert store._append_sqlalchemy([replace(e, request_id=e.request_id + "_sa")]) == [e.request_id + "_sa"]
         assert store.append_batch([replace(e, request_id=e.request_id + "_raw")]) == [e.request_id + "_raw"]
     rows = _raw_rows(tmp_path / "ledger.db")
-    skip = {_COLUMNS.index(c) for c in ("request_id", "recorded_at", "prev_hash", "hash")}
+    skip = {_COLUMNS.index(c) for c in ("request_id", "recorded_at", "prev_hash", "hash", "tenant_seq")}
     for e in events:
         sa, raw = rows[e.request_id + "_sa"], rows[e.request_id + "_raw"]
         for i, col in enumerate(_COLUMNS):
@@ -80,6 +80,8 @@ def test_both_paths_store_identical_rows(engine: Engine, tmp_path: Path, event: 
         assert raw[2 * i + 1] == sa[2 * i + 1] == "text"
         assert len(str(raw[2 * i])) == len(str(sa[2 * i])) == len("2026-01-01 00:00:00.000000")
         datetime.strptime(str(raw[2 * i]), "%Y-%m-%d %H:%M:%S.%f")
+    # both paths number the tenant's events on one sequence: 1, 2, ... in ledger order
+    assert [s.tenant_seq for s in store.iter_events()] == list(range(1, 2 * len(events) + 1))
     # read back identically through SQLAlchemy
     for e in events:
         got_sa, got_raw = store.get(e.request_id + "_sa"), store.get(e.request_id + "_raw")
