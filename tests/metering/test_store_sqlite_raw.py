@@ -233,6 +233,10 @@ def test_two_processes_appending_at_once_keep_one_chain(
         p.stdin.flush()
     for p in procs:
         assert p.wait(120) == 0
+    for p in procs:  # close our ends of the pipes
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.close()
+        p.stdout.close()
     store = UsageStore(engine)
     ids = [s.event.request_id for s in store.iter_events()]
     assert len(ids) == len(set(ids)) == 150 + 2 * (150 + 75)

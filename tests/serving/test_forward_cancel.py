@@ -40,6 +40,7 @@ async def test_cancelled_while_the_worker_generates_is_metered() -> None:
         await reader.readuntil(b"\r\n\r\n")
         got_request.set()
         await reader.read()  # until the gateway hangs up
+        writer.close()
 
     server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
