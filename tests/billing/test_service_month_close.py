@@ -64,7 +64,7 @@ class World:
             for token_type, n in (("input", int(r["prompt_tokens"]) - int(r["cached_prompt_tokens"])),  # type: ignore[call-overload]
                                   ("cached_input", r["cached_prompt_tokens"]), ("output", r["completion_tokens"])):
                 if n:
-                    out[(m, token_type)] = int(n)  # type: ignore[call-overload]
+                    out[(m, token_type)] = int(n)  # type: ignore[arg-type]
         return out
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -99,7 +100,7 @@ class Deltas:
         assert g == {"input": prompt - cached, "cached_input": cached, "output": completion}
 
 
-MESSAGES = [{"role": "user", "content": "Привет! Расскажи коротко о Ташкенте."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Привет! Расскажи коротко о Ташкенте."}]
 
 
 def test_chat_non_stream(gateway: Gateway, client: openai.OpenAI) -> None:

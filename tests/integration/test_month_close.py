@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 import pytest
 import yaml
 
@@ -82,7 +83,7 @@ def send_traffic(gateway: Gateway) -> None:
         for i, origin in enumerate(origins):
             client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key["key"], max_retries=0, timeout=120,
                                    default_headers={"X-Client-Country": origin})
-            messages = [{"role": "user", "content": f"Name {i + 2} cities in {country}. Answer briefly."}]
+            messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"Name {i + 2} cities in {country}. Answer briefly."}]
             if i % 2:
                 stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, stream=True)
                 assert sum(1 for _ in stream) > 0

@@ -76,7 +76,7 @@ def ledger_tokens(gw: Gateway, tenant_id: str) -> int:
     return sum(e.event.prompt_tokens + e.event.completion_tokens for e in gw.events_for(tenant_id))
 
 
-def chat(text: str = "Say hello", **extra: Any) -> dict[str, Any]:
+def chat(text: str = "Say hello", /, **extra: Any) -> dict[str, Any]:
     from tests.conftest import MODEL
 
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}

@@ -76,7 +76,7 @@ def secrets_of(b: Side, sent: set[str]) -> set[str]:
 
 
 def tenant_routes(gw: Gateway) -> list[tuple[str, APIRoute]]:
-    out = []
+    out: list[tuple[str, APIRoute]] = []
     for route in gw.app.routes:
         if isinstance(route, APIRoute) and not route.path.startswith(OPS):
             out.extend((m, route) for m in sorted(route.methods))

@@ -55,8 +55,8 @@ async def test_fail_closed_ledger_refuses_with_503(gateway_factory: GatewayFacto
             raise OperationalError("INSERT", {}, Exception("connection refused"))
         return real(events)
 
-    store.append_batch = flaky  # type: ignore[method-assign]
-    store.ping = lambda: flaky([])  # type: ignore[method-assign]
+    store.append_batch = flaky
+    store.ping = lambda: flaky([])
     # the commit fails: a non-streamed answer is withheld (503), a stream ends without [DONE]
     r = await gw.http.post("/v1/chat/completions", json=chat_body(), headers=auth(api_key))
     assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable"
@@ -84,7 +84,7 @@ async def test_stream_whose_commit_fails_gets_an_error_event_not_done(gateway_fa
         from sqlalchemy.exc import OperationalError
         raise OperationalError("INSERT", {}, Exception("gone"))
 
-    ledger.store.append_batch = broken  # type: ignore[method-assign]
+    ledger.store.append_batch = broken
     s = await stream_raw(gw.http, api_key, chat_body(stream=True))
     assert s.status == 200 and not s.done
     assert s.events[-1]["error"]["code"] == "ledger_unavailable"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def _write(tmp_path: Path, config: dict[str, object], models: dict[str, object] | None = None) -> Path:
+def _write(tmp_path: Path, config: dict[str, object], models: Mapping[str, object] | None = None) -> Path:
     path = tmp_path / "tokenport.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     if models is not None:

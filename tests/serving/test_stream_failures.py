@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import openai
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 import pytest
 
 from metering.events import Outcome, UsageEvent
@@ -15,7 +16,7 @@ from tests.conftest import MODEL, Gateway, GatewayFactory, TenantKey, metric
 from tests.fakes import FakeWorker
 from tests.serving.helpers import assert_openai_error, auth, chat_body, read_sse, stream_raw
 
-MESSAGES = [{"role": "user", "content": "Tell me a long story"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a long story"}]
 FakeFactory = Callable[[], Awaitable[FakeWorker]]
 
 
@@ -97,7 +98,7 @@ async def test_worker_dying_mid_stream_is_an_sse_error_and_upstream_error(
     received: list[str] = []
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
     )
     rid = raw.headers["x-request-id"]
@@ -122,7 +123,7 @@ async def test_worker_dying_mid_stream_is_an_sse_error_and_upstream_error(
 
     # The gateway still serves the next request (on the same worker).
     worker.behave(die_after=None)
-    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert done.usage is not None and done.usage.completion_tokens == 10
     assert [e.event.outcome for e in gateway.events_for(tenant.tenant.id)] == [
         Outcome.UPSTREAM_ERROR,
@@ -180,14 +181,16 @@ async def test_no_usage_from_the_worker_is_marked_estimated(
     before = await gateway.metrics()
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[call-overload]
+        messages=MESSAGES,
         stream=stream,
     )
     parsed = raw.parse()
     if stream:
+        assert isinstance(parsed, openai.AsyncStream)
         chunks = [c async for c in parsed]
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == " w0 w1 w2 w3"
     else:
+        assert isinstance(parsed, ChatCompletion)
         assert parsed.usage is None
     ev = (await gateway.wait_event(raw.headers["x-request-id"])).event
     assert ev.estimated is True
@@ -206,7 +209,7 @@ async def test_streamed_estimate_counts_generated_tokens(
     worker.behave(omit_usage=True, tokens=4)
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
     )
     _ = [c async for c in raw.parse()]
@@ -219,7 +222,7 @@ async def test_non_stream_estimate_is_not_zero(
     gateway: Gateway, tenant: TenantKey, client: openai.AsyncOpenAI, worker: FakeWorker
 ) -> None:
     worker.behave(omit_usage=True, tokens=4)
-    raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
     ev = (await gateway.wait_event(raw.headers["x-request-id"])).event
     assert ev.estimated is True
     assert ev.prompt_tokens > 0 and ev.completion_tokens > 0
@@ -231,7 +234,7 @@ async def test_in_stream_error_event_is_relayed_and_metered(
     worker.behave(tokens=8, prompt_tokens=9, error_event_after=3)  # role chunk + 2 tokens, then vLLM's error
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
     )
     got: list[str] = []
@@ -250,7 +253,7 @@ async def test_non_json_200_from_the_worker_is_502(
 ) -> None:
     worker.behave(body_override=b"<html>proxy error</html>")
     with pytest.raises(openai.InternalServerError) as info:
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert info.value.status_code == 502
     [stored] = gateway.events_for(tenant.tenant.id)
     assert stored.event.outcome is Outcome.UPSTREAM_ERROR
