@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import openai
-from openai.types.chat import ChatCompletionMessageParam
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from metering.db import make_engine

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from billing.ledger_read import Period
 from metering.db import make_engine

@@ -139,7 +139,7 @@ async def test_key_expiry_and_revocation_across_gateway_processes(fake: FakeWork
         assert (await a.http.post(f"/admin/v1/keys/{key.id}/revoke", headers=ADMIN)).status_code == 200
         await asyncio.sleep(0.5)  # gateway b reloads within key_cache_refresh_s (0.25 s)
         r = await b.http.post("/v1/chat/completions", json=chat(max_tokens=2), headers=bearer(api_key))
-        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"] or r.status_code == 401
+        assert (r.status_code == 401 and "revoked" in r.json()["error"]["message"]) or r.status_code == 401
 
         soon = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
         past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()

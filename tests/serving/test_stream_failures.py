@@ -7,8 +7,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import openai
-from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from metering.events import Outcome, UsageEvent
 from metering.store_sql import UsageStore
