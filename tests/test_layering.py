@@ -186,7 +186,10 @@ def test_checker_finds_an_upward_import_even_inside_a_function(tmp_path: Path) -
         "billing/engine.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from serving import app\n",
     }
     graph = import_graph(_tree(tmp_path, files), list(LAYERS))
-    assert upward_imports(graph, LAYERS) == [("billing.engine", "serving.app"), ("metering.events", "billing.engine")]
+    assert upward_imports(graph, LAYERS) == [
+        ("billing.engine", "serving.app"),
+        ("metering.events", "billing.engine"),
+    ]
 
 
 def test_checker_finds_a_cycle_through_deferred_and_relative_imports(tmp_path: Path) -> None:

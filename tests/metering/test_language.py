@@ -221,7 +221,9 @@ def test_the_rebuilt_automaton_finds_exactly_py3langids_features() -> None:
     blocks = [(32, 126), (0x400, 0x4FF), (0x600, 0x6FF), (0x4E00, 0x9FFF), (0xA0, 0x24F), (0x10A0, 0x10FF),
               (0x1F600, 0x1F64F), (0x3040, 0x30FF), (0xAC00, 0xD7A3), (0x0E00, 0x0E7F)]  # fmt: skip
     texts = [text for _lang, text in CASES]
-    texts += ["".join(chr(rng.randint(*rng.choice(blocks))) for _ in range(rng.randint(1, 200))) for _ in range(200)]
+    texts += [
+        "".join(chr(rng.randint(*rng.choice(blocks))) for _ in range(rng.randint(1, 200))) for _ in range(200)
+    ]
     for text in texts:
         data = ident._encode(text)
         want = dict(visit_counts(ident.tk_nextmove, ident._rowbase, ident.tk_output, data) or {})
@@ -239,7 +241,11 @@ def test_a_smaller_set_of_languages() -> None:
     assert small.languages == {"en", "ru"}
     assert small.detect(SENTENCES["ru"][0]) == "ru"
     assert small.detect(SENTENCES["kk"][0]) in {"ru", UNDETERMINED}  # no Kazakh: the nearest
-    assert small.detect(SENTENCES["zh"][0]) in {"en", "ru", UNDETERMINED}  # no shortcut to a language not served
+    assert small.detect(SENTENCES["zh"][0]) in {
+        "en",
+        "ru",
+        UNDETERMINED,
+    }  # no shortcut to a language not served
     assert small.detect(SENTENCES["de"][0]) in {"en", "ru", UNDETERMINED}
     for text in SENTENCES["en"]:
         assert small.detect(text) == "en"

@@ -29,7 +29,12 @@ def request_ids(resp: httpx.Response | httpx2.Response) -> list[str]:
 
 
 def assert_openai_error(
-    resp: httpx.Response | httpx2.Response, status: int, *, type: str | None = None, code: object = ..., param: object = ...
+    resp: httpx.Response | httpx2.Response,
+    status: int,
+    *,
+    type: str | None = None,
+    code: object = ...,
+    param: object = ...,
 ) -> dict[str, Any]:
     """The body is exactly {"error": {"message", "type", "param", "code"}} and one X-Request-Id is set."""
     assert resp.status_code == status, resp.text

@@ -47,8 +47,16 @@ async def test_cancelled_while_the_worker_generates_is_metered() -> None:
     worker = Worker(id="w1", model=MODEL, url=f"http://127.0.0.1:{port}", region="local", healthy=True)
     recorder: Any = StubRecorder()
     forwarder = Forwarder(WorkerPool([worker]), recorder, Metrics({MODEL}), timeout_s=60)
-    meter = RequestMeter(request_id="req_1", tenant_id="t", key_id="k", model=MODEL, endpoint="chat.completions",
-                         origin_country="KZ", origin_source="header", stream=False)
+    meter = RequestMeter(
+        request_id="req_1",
+        tenant_id="t",
+        key_id="k",
+        model=MODEL,
+        endpoint="chat.completions",
+        origin_country="KZ",
+        origin_source="header",
+        stream=False,
+    )
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 20}]}
     task = asyncio.create_task(forwarder.forward(meter, "/v1/chat/completions", body, {}, 0.0))
     try:

@@ -95,8 +95,14 @@ def fuzz(op: Any, mode: GenerationMode, base_url: str, headers: dict[str, str], 
     """Up to FUZZ_EXAMPLES generated calls of one operation; 5xx answers are added to `failures`."""
     calls = 0
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=op.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
         nonlocal calls
@@ -105,15 +111,15 @@ def fuzz(op: Any, mode: GenerationMode, base_url: str, headers: dict[str, str], 
             case.body["model"] = MODEL  # most requests reach the worker
         resp = case.call(base_url=base_url, headers=headers, timeout=15)
         if resp.status_code >= 500:
-            failures.append(f"{case.method} {case.formatted_path} ({mode.value}) -> {resp.status_code}: "
-                            f"{resp.text[:300]}")
+            failures.append(
+                f"{case.method} {case.formatted_path} ({mode.value}) -> {resp.status_code}: {resp.text[:300]}"
+            )
 
     try:
         run()
     except Unsatisfiable:  # nothing to make invalid (e.g. a GET without parameters)
         assert mode is GenerationMode.NEGATIVE
     return calls
-
 
 
 T = TypeVar("T")
@@ -133,8 +139,11 @@ def test_fuzz_the_openapi_schema(harness: Harness) -> None:
     tenant, _key, api_key = gw.new_tenant()
 
     async def setup() -> None:
-        r = await gw.http.patch(f"/admin/v1/tenants/{tenant.id}/limits", headers=ADMIN, json={
-            "rpm": 100_000, "tpm": 100_000_000, "budget": {"unit": "tokens", "amount": 100_000_000}})
+        r = await gw.http.patch(
+            f"/admin/v1/tenants/{tenant.id}/limits",
+            headers=ADMIN,
+            json={"rpm": 100_000, "tpm": 100_000_000, "budget": {"unit": "tokens", "amount": 100_000_000}},
+        )
         assert r.status_code == 200
 
     harness.call(setup())
@@ -162,7 +171,10 @@ def test_fuzz_the_openapi_schema(harness: Harness) -> None:
 
     async def check() -> None:
         assert (await gw.http.get("/healthz")).status_code == 200  # still up
-        seen = {next(v for k, v in r.headers.items() if k.lower() == "x-request-id") for r in fake.completion_requests()}
+        seen = {
+            next(v for k, v in r.headers.items() if k.lower() == "x-request-id")
+            for r in fake.completion_requests()
+        }
         for _ in range(100):  # events of streams still closing
             events = gw.events_for(tenant.id)
             if {e.event.request_id for e in events} >= seen:

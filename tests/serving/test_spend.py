@@ -24,19 +24,47 @@ SPEND = "tokenport_estimated_spend_total"
 
 
 def tenant(id: str, currency: str) -> Tenant:
-    return Tenant(id=id, name=id, billing_country="DE", business=True, tax_id=None, currency=currency,
-                  language=None, allowed_models=None, created_at=datetime(2025, 1, 1, tzinfo=UTC))
+    return Tenant(
+        id=id,
+        name=id,
+        billing_country="DE",
+        business=True,
+        tax_id=None,
+        currency=currency,
+        language=None,
+        allowed_models=None,
+        created_at=datetime(2025, 1, 1, tzinfo=UTC),
+    )
 
 
 TENANTS = {t.id: t for t in (tenant("acme", "USD"), tenant("han", "CNY"), tenant("t-sample-enterprise", "USD"),
                              tenant("euro", "EUR"))}  # fmt: skip
 
 
-def event(i: int, tenant_id: str, model: str, started_at: datetime, prompt: int, cached: int, completion: int,
-          country: str = "KZ") -> UsageEvent:
-    return UsageEvent(request_id=f"req_{i}", tenant_id=tenant_id, key_id="k", model=model, origin_country=country,
-                      prompt_tokens=prompt, cached_prompt_tokens=cached, completion_tokens=completion,
-                      stream=False, outcome=Outcome.OK, started_at=started_at, finished_at=started_at)
+def event(
+    i: int,
+    tenant_id: str,
+    model: str,
+    started_at: datetime,
+    prompt: int,
+    cached: int,
+    completion: int,
+    country: str = "KZ",
+) -> UsageEvent:
+    return UsageEvent(
+        request_id=f"req_{i}",
+        tenant_id=tenant_id,
+        key_id="k",
+        model=model,
+        origin_country=country,
+        prompt_tokens=prompt,
+        cached_prompt_tokens=cached,
+        completion_tokens=completion,
+        stream=False,
+        outcome=Outcome.OK,
+        started_at=started_at,
+        finished_at=started_at,
+    )
 
 
 def reference_amount(book: PriceBook, t: Tenant, e: UsageEvent) -> Decimal | None:
@@ -76,9 +104,16 @@ def test_the_same_estimate_as_pricing_every_event(book: PriceBook) -> None:
     start = datetime(2025, 6, 20, tzinfo=UTC)  # June 2025: no price book yet; then 2025.2, then 2026.1
     for i in range(3000):
         tenant_id = rng.choice([*TENANTS, "unknown-tenant"])
-        e = event(i, tenant_id, rng.choice(MODELS), start + timedelta(hours=rng.randint(0, 24 * 250)),
-                  prompt=(p := rng.choice([0, 1, 17, 1000, 123_457])), cached=rng.choice([0, p // 3, p]),
-                  completion=rng.choice([0, 5, 999]), country=rng.choice(["KZ", "UZ", "AE"]))
+        e = event(
+            i,
+            tenant_id,
+            rng.choice(MODELS),
+            start + timedelta(hours=rng.randint(0, 24 * 250)),
+            prompt=(p := rng.choice([0, 1, 17, 1000, 123_457])),
+            cached=rng.choice([0, p // 3, p]),
+            completion=rng.choice([0, 5, 999]),
+            country=rng.choice(["KZ", "UZ", "AE"]),
+        )
         estimator.observe(e)
         t = TENANTS.get(tenant_id)
         amount = reference_amount(book, t, e) if t else None
