@@ -391,7 +391,7 @@ def _histogram(name: str, labels: str, n: int) -> list[str]:
         for le, count in (("0.05", 1), ("0.5", 3), ("5", 4), ("+Inf", 4))
     ]
     braces = f"{{{labels}}}" if labels else ""
-    return lines + [f"{name}_sum{braces} {n * 2.5}", f"{name}_count{braces} {n * 4}"]
+    return [*lines, f"{name}_sum{braces} {n * 2.5}", f"{name}_count{braces} {n * 4}"]
 
 
 def gateway_metrics(n: int) -> str:

@@ -7,7 +7,8 @@
 The graph is read from the source with `ast`, nothing is imported. Every import statement counts:
 at module level, inside functions (deferred imports hide cycles, they do not remove them) and under
 `if TYPE_CHECKING:` (a type-only import upward is still a dependency upward). `from pkg import name`
-is an edge to the submodule `pkg.name` when there is one, else to `pkg` itself (`import a.b` is an edge to `a.b`).
+is an edge to the submodule `pkg.name` when there is one, else to `pkg` itself; `import a.b` is an edge
+to `a.b`.
 
 The last tests run the checker on tiny package trees in `tmp_path`, so it is known to fail on a
 cycle and on an upward import.
@@ -183,7 +184,7 @@ def test_checker_finds_an_upward_import_even_inside_a_function(tmp_path: Path) -
     files = {
         **CLEAN,
         "metering/events.py": "def later() -> None:\n    from billing.engine import price\n",
-        "billing/engine.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from serving import app\n",
+        "billing/engine.py": "import typing\nif typing.TYPE_CHECKING:\n    from serving import app\n",
     }
     graph = import_graph(_tree(tmp_path, files), list(LAYERS))
     assert upward_imports(graph, LAYERS) == [
@@ -195,7 +196,8 @@ def test_checker_finds_an_upward_import_even_inside_a_function(tmp_path: Path) -
 def test_checker_finds_a_cycle_through_deferred_and_relative_imports(tmp_path: Path) -> None:
     files = {
         **CLEAN,
-        "serving/errors.py": "def render() -> None:\n    from . import app\n",  # app -> routes -> chat -> errors -> app
+        # serving: app -> routes -> routes.chat -> errors -> app
+        "serving/errors.py": "def render() -> None:\n    from . import app\n",
         "metering/a.py": "from metering import b\n",
         "metering/b.py": "import metering.a\n",
     }

@@ -249,7 +249,10 @@ def test_issued_documents_are_immutable_in_the_database(db: tuple[str, Engine]) 
         "UPDATE billing_documents SET total = '0.00' WHERE number = :n",
         "UPDATE billing_documents SET status = 'draft' WHERE number = :n",
         "DELETE FROM billing_documents WHERE number = :n",
-        "DELETE FROM billing_coverage WHERE document_id = (SELECT id FROM billing_documents WHERE number = :n)",
+        (
+            "DELETE FROM billing_coverage"
+            " WHERE document_id = (SELECT id FROM billing_documents WHERE number = :n)"
+        ),
     ):
         with pytest.raises((IntegrityError, DBAPIError), match="immutable"), engine.begin() as conn:
             conn.execute(text(statement), {"n": row.number})
@@ -285,7 +288,8 @@ def test_one_live_invoice_per_tenant_and_period(db: tuple[str, Engine]) -> None:
     with pytest.raises(IntegrityError), engine.begin() as conn:
         conn.execute(
             text(
-                "INSERT INTO billing_documents (kind, tenant_id, period, status, event_count, created_at, updated_at)"
+                "INSERT INTO billing_documents"
+                " (kind, tenant_id, period, status, event_count, created_at, updated_at)"
                 " VALUES ('invoice', :t, '2026-01', 'draft', 0, :now, :now)"
             ),
             {"t": t, "now": NOW.replace(tzinfo=None)},

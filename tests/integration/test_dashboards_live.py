@@ -140,7 +140,7 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def traffic(gateway: str, keys: dict[str, str]) -> None:
     long_prompt = "Summarise the customs rules for exporting software services from Tianjin. " * 40
-    for tid, key in keys.items():
+    for _tid, key in keys.items():
         for country in ("UZ", "TR"):
             c = openai.OpenAI(
                 base_url=gateway + "/v1",
@@ -151,7 +151,7 @@ def traffic(gateway: str, keys: dict[str, str]) -> None:
             c.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "Привет, как дела?"}], max_tokens=6
             )
-            for chunk in c.chat.completions.create(
+            for _chunk in c.chat.completions.create(
                 model=MODEL,
                 stream=True,
                 max_tokens=6,

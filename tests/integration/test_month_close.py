@@ -131,7 +131,8 @@ def send_traffic(gateway: Gateway) -> None:
 
 
 def ledger(gateway: Gateway, tenant: str, period: Period) -> tuple[dict[tuple[str, str], int], list[str]]:
-    """(model, token type) -> tokens and the event hashes of a tenant's events in the period, from the ledger."""
+    """(model, token type) -> tokens and the event hashes of a tenant's events in the period, from the
+    ledger."""
     store = UsageStore(make_engine(f"sqlite:///{gateway.data_dir / 'tokenport.db'}"))
     tokens: dict[tuple[str, str], int] = {}
     hashes: list[str] = []

@@ -27,14 +27,15 @@ SENTENCES: dict[str, list[str]] = {
     "ru": ["Здравствуйте! Помогите, пожалуйста, составить договор поставки оборудования из Китая в Россию.",
            "Привет! Как у тебя дела сегодня? Расскажи мне что-нибудь интересное.",
            "Объясни, чем отличается аккредитив от банковской гарантии, и приведи примеры."],
-    "uk": ["Добрий день! Допоможіть, будь ласка, написати лист нашому партнерові щодо умов постачання товарів.",
+    "uk": [("Добрий день! Допоможіть, будь ласка, написати лист нашому партнерові щодо умов постачання "
+           "товарів."),
            "Поясніть, будь ласка, як правильно оформити рахунок-фактуру для іноземного клієнта.",
            "Я хочу дізнатися більше про податкові пільги для малого бізнесу в Україні."],
     "kk": ["Сәлеметсіз бе! Маған Қытайдан келетін тауарлар туралы қысқа есеп жазуға көмектесіңізші.",
            "Қазақстан Республикасының астанасы Астана қаласы болып табылады.",
            "Бүгін ауа райы жақсы, сондықтан біз саябаққа серуендеуге барамыз."],
-    "uz": [("Assalomu alaykum! Iltimos, menga Xitoydan keladigan mahsulotlar haqida qisqacha hisobot yozishga "
-           "yordam bering."),
+    "uz": [("Assalomu alaykum! Iltimos, menga Xitoydan keladigan mahsulotlar haqida qisqacha hisobot "
+           "yozishga yordam bering."),
            "O'zbekiston Respublikasining poytaxti Toshkent shahri hisoblanadi.",
            "Bugun havo yaxshi, shuning uchun biz bog'da sayr qilishga boramiz."],
     "ky": ["Саламатсызбы! Мага Кытайдан келген товарлар жөнүндө кыскача отчет жазууга жардам бериңизчи.",
@@ -66,8 +67,8 @@ SENTENCES: dict[str, list[str]] = {
            "schreiben?"),
            "Bitte fasse den beigefügten Vertrag zusammen und liste die Zahlungsbedingungen auf.",
            "Das Wetter ist heute schön, deshalb gehen wir im Park spazieren."],
-    "fr": [("Bonjour, pouvez-vous m'aider à écrire un court courriel à mon responsable au sujet de l'échéance "
-           "du projet ?"),
+    "fr": [("Bonjour, pouvez-vous m'aider à écrire un court courriel à mon responsable au sujet de "
+           "l'échéance du projet ?"),
            "Veuillez résumer le contrat ci-joint et énumérer les conditions de paiement.",
            "Il fait beau aujourd'hui, alors nous allons nous promener dans le parc."],
     "es": ["Hola, ¿puedes ayudarme a escribir un correo breve a mi jefe sobre la fecha límite del proyecto?",
@@ -135,7 +136,8 @@ def test_the_script_shortcut_agrees_with_the_model(detector: LanguageDetector, l
 @pytest.mark.parametrize(
     "text",
     [
-        "Please explain what 你好 and 谢谢 mean when I greet a client in Shanghai.",  # English with a little Chinese
+        # English with a little Chinese
+        "Please explain what 你好 and 谢谢 mean when I greet a client in Shanghai.",
         "Please explain the meaning of こんにちは in a business email to a Japanese client.",
         "Can you translate 감사합니다 into English and tell me when to use it?",
     ],

@@ -198,7 +198,8 @@ async def test_key_expiry_and_revocation_across_gateway_processes(
 
 
 async def test_only_well_formed_unknown_keys_are_looked_up_in_the_database() -> None:
-    """Unknown keys are refused from the in-memory cache; only a key shaped like ours costs a database read."""
+    """Unknown keys are refused from the in-memory cache; only a key shaped like ours costs a database
+    read."""
     from serving.auth import KeyRing
     from serving.errors import AuthenticationFailed
 

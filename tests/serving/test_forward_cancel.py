@@ -4,6 +4,7 @@ cancels it) still ends in one usage event: `client_cancelled`, its prompt counte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from metering.events import Outcome
@@ -62,10 +63,8 @@ async def test_cancelled_while_the_worker_generates_is_metered() -> None:
     try:
         await asyncio.wait_for(got_request.wait(), 5)
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         assert [(m.request_id, o) for m, o in recorder.recorded] == [("req_1", Outcome.CLIENT_CANCELLED)]
         assert meter.estimated and meter.prompt_tokens > 20 and meter.completion_tokens == 0
         assert meter.worker_id == "w1" and worker.inflight == 0

@@ -342,7 +342,7 @@ def test_every_integer_parameter_of_the_api_is_bounded(srv: Server) -> None:
         for method, op in item.items():
             for p in op.get("parameters", []):
                 s = p.get("schema", {})
-                types = [s] + s.get("anyOf", [])
+                types = [s, *s.get("anyOf", [])]
                 if any(
                     t.get("type") == "integer" and "maximum" not in t and "exclusiveMaximum" not in t
                     for t in types

@@ -160,7 +160,8 @@ async def test_after_a_redis_state_loss_settles_of_old_holds_do_not_double_count
     try:
         ok = await b.admit("r1", T0, [], [hold(k, 100, 10, seed=0)], "old")
         await b.client.delete(k + ":bg", k + ":bg:r", k + ":bg:x")  # Redis lost the window
-        # Re-seeded from the ledger, which already holds r1's usage (5): the late settle must not add it again.
+        # Re-seeded from the ledger, which already holds r1's usage (5): the late settle must not add it
+        # again.
         assert (await b.admit("r2", T0, [], [hold(k, 100, 10, seed=5)], "new")).status == "ok"
         await b.settle("r1", T0, [HoldSettle(k + ":bg", 5, ok.epochs[0])], [])
         st = await b.status(k + ":bg", T0)

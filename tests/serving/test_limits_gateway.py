@@ -24,8 +24,6 @@ from tests import redis_fixture
 from tests.conftest import MODEL, OTHER_MODEL, Gateway, metric
 from tests.fakes import FakeWorker
 from tests.redis_fixture import RedisServer
-
-redis_server = redis_fixture.redis_server  # the fixture, for this module
 from tests.serving.limits_support import (
     ADMIN,
     PRICE_BOOK,
@@ -40,6 +38,7 @@ from tests.serving.limits_support import (
     stream_all,
 )
 
+redis_server = redis_fixture.redis_server  # the fixture, for this module
 DEAD = "dead-model"
 
 

@@ -109,7 +109,7 @@ def test_bad_models_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
         load_settings(config_file=path)
     assert str(tmp_path / "models.yaml") in str(info.value)
     (tmp_path / "models.yaml").write_text("models: [unclosed", encoding="utf-8")
-    with pytest.raises(ConfigError, match="models.yaml"):
+    with pytest.raises(ConfigError, match=r"models.yaml"):
         load_settings(config_file=path)
 
 

@@ -1,4 +1,5 @@
-"""SpendEstimator: prices looked up once per (tenant, month, model), the same estimate as pricing every event."""
+"""SpendEstimator: prices looked up once per (tenant, month, model), the same estimate as pricing every
+event."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def tenant(id: str, currency: str) -> Tenant:
     )
 
 
-TENANTS = {t.id: t for t in (tenant("acme", "USD"), tenant("han", "CNY"), tenant("t-sample-enterprise", "USD"),
-                             tenant("euro", "EUR"))}  # fmt: skip
+TENANTS = {t.id: t for t in (tenant("acme", "USD"), tenant("han", "CNY"),
+                             tenant("t-sample-enterprise", "USD"), tenant("euro", "EUR"))}  # fmt: skip
 
 
 def event(
