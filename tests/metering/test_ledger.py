@@ -223,8 +223,8 @@ async def test_one_writer_thread_commits_and_callbacks_run_on_the_loop(
     callback_threads: list[int] = []
     before = set(_writer_threads())
     ledger = Ledger(
-        store,
-        Spool(tmp_path / "s.jsonl"),  # type: ignore[arg-type]
+        store,  # type: ignore[arg-type]
+        Spool(tmp_path / "s.jsonl"),
         on_commit=lambda _s, _n: callback_threads.append(threading.get_ident()),
     )
     await ledger.start()

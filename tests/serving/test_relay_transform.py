@@ -14,9 +14,9 @@ from serving.proxy.relay import StreamRelay
 def _relay(*, want_usage: bool, want_continuous: bool) -> StreamRelay:
     resp: Any = SimpleNamespace(read_some=None)
     return StreamRelay(
-        meter=None,
+        meter=None,  # type: ignore[arg-type]
         resp=resp,
-        recorder=None,
+        recorder=None,  # type: ignore[arg-type]
         metrics=None,  # type: ignore[arg-type]
         want_usage=want_usage,
         want_continuous=want_continuous,
