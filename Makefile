@@ -57,7 +57,8 @@ unit: dev
 	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 lint: dev
-	$(BIN)/ruff check serving metering billing
+	$(BIN)/ruff check serving metering billing tests bench
+	$(BIN)/ruff format --check serving metering billing tests bench
 	$(BIN)/mypy
 
 bench: dev system-deps

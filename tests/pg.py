@@ -46,7 +46,9 @@ class PgServer:
     def __init__(self, *, fsync: bool = False) -> None:
         bindir = pg_bin_dir()
         if bindir is None:
-            raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql; make test does it)")
+            raise RuntimeError(
+                "PostgreSQL is not installed (Debian: apt-get install postgresql; make test does it)"
+            )
         self.bindir = bindir
         self.fsync = fsync
         self.base = Path(tempfile.mkdtemp(prefix="tokenport-pg-"))
@@ -71,22 +73,60 @@ class PgServer:
                 cmd = ["runuser", "-u", "postgres", "--", *cmd]
             else:
                 cmd = ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(cmd)]
-        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout, cwd=self.base)
+        return subprocess.run(
+            cmd, check=check, capture_output=True, text=True, timeout=timeout, cwd=self.base
+        )
 
     def start(self) -> PgServer:
         if not (self.data / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data), "-U", USER, "-A", "trust", "-E", "UTF8", "--no-sync",
-                      "--locale=C")
-        opts = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c max_connections=100 "
-                f"-c fsync={'on' if self.fsync else 'off'} -c full_page_writes={'on' if self.fsync else 'off'}")
-        res = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start",
-                        check=False)
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                USER,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            )
+        opts = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c max_connections=100 "
+            f"-c fsync={'on' if self.fsync else 'off'} -c full_page_writes={'on' if self.fsync else 'off'}"
+        )
+        res = self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+            check=False,
+        )
         if res.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {res.stdout}{res.stderr}\n{self._log_tail()}")
         self.running = True
         self._wait_ready()
-        exists = self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, "-d", "postgres", "-tAc",
-                           f"SELECT 1 FROM pg_database WHERE datname = '{DB}'")
+        exists = self._run(
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            USER,
+            "-d",
+            "postgres",
+            "-tAc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{DB}'",
+        )
         if exists.stdout.strip() != "1":
             self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, DB)
         return self

@@ -304,17 +304,17 @@ def start_prometheus(workdir: Path, config_text: str) -> tuple[subprocess.Popen[
     config = workdir / "prometheus.yml"
     config.write_text(config_text)
     port = free_port()
-    log = (workdir / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with (workdir / "prometheus.log").open("wb") as log:  # the child keeps its own copy
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -391,7 +391,7 @@ def _histogram(name: str, labels: str, n: int) -> list[str]:
         for le, count in (("0.05", 1), ("0.5", 3), ("5", 4), ("+Inf", 4))
     ]
     braces = f"{{{labels}}}" if labels else ""
-    return lines + [f"{name}_sum{braces} {n * 2.5}", f"{name}_count{braces} {n * 4}"]
+    return [*lines, f"{name}_sum{braces} {n * 2.5}", f"{name}_count{braces} {n * 4}"]
 
 
 def gateway_metrics(n: int) -> str:

@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -196,7 +196,7 @@ def test_compose_refuses_to_start_without_the_gateway_secret(compose: list[str])
 
 @pytest.fixture(scope="module")
 def services() -> dict[str, Any]:
-    return load_yaml(REPO / "compose.yaml")["services"]
+    return cast("dict[str, Any]", load_yaml(REPO / "compose.yaml")["services"])
 
 
 def test_compose_services(services: dict[str, Any]) -> None:

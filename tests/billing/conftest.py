@@ -43,7 +43,7 @@ def shipped_fx() -> fx.FxTable:
 def registered(seller: Seller, country: str, number: str) -> Seller:
     """The seller with one more VAT registration (from 2020)."""
     reg = VatRegistration(country, number, date(2020, 1, 1))
-    return dataclasses.replace(seller, vat_registrations=seller.vat_registrations + (reg,))
+    return dataclasses.replace(seller, vat_registrations=(*seller.vat_registrations, reg))
 
 
 def buyer(

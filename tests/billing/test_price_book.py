@@ -134,7 +134,7 @@ def test_overlapping_versions_and_contracts_are_refused() -> None:
     contract = {"id": "c1", "tenant": "t", "currency": "USD", "effective_from": "2026-01-01"}
     with pytest.raises(ConfigError, match="overlaps contract 'c1'"):
         parse({**two, "contracts": [contract, dict(contract, id="c2")]}, file="pb.yaml")
-    with pytest.raises(ConfigError, match="contracts.0.currency"):
+    with pytest.raises(ConfigError, match=r"contracts.0.currency"):
         parse({**two, "contracts": [dict(contract, currency="ZZZ")]}, file="pb.yaml")
 
 
@@ -155,7 +155,7 @@ def test_selection_errors_are_explicit(shipped_prices: PriceBook) -> None:
             currency="USD", tenant_id="t", period_start=date(2025, 12, 15), period_end=date(2026, 1, 14)
         )
     resolved = shipped_prices.select(currency="USD", tenant_id="t", **JAN)
-    with pytest.raises(PriceMissing, match="gpt-9.*output.*2026.1"):
+    with pytest.raises(PriceMissing, match=r"gpt-9.*output.*2026.1"):
         resolved.price("gpt-9", TokenType.OUTPUT)
 
 
@@ -221,8 +221,10 @@ tiers = st.lists(st.integers(1, 10_000), min_size=1, max_size=4, unique=True).ma
 def test_graduated_equals_sum_of_marginal_prices(bounds: list[int], prices: list[int], quantity: int) -> None:
     spec = PriceSpec(
         TierMode.GRADUATED,
-        tuple(Tier(b, Decimal(p)) for b, p in zip(bounds, prices, strict=False))
-        + (Tier(None, Decimal(prices[-1])),),
+        (
+            *(Tier(b, Decimal(p)) for b, p in zip(bounds, prices, strict=False)),
+            Tier(None, Decimal(prices[-1])),
+        ),
     )
     segments = rate(spec, quantity)
     assert sum(s.quantity for s in segments) == quantity
@@ -246,7 +248,7 @@ def test_graduated_equals_sum_of_marginal_prices(bounds: list[int], prices: list
 def test_volume_uses_one_tier_for_everything(bounds: list[int], quantity: int) -> None:
     spec = PriceSpec(
         TierMode.VOLUME,
-        tuple(Tier(b, Decimal(i)) for i, b in enumerate(bounds, 1)) + (Tier(None, Decimal(99)),),
+        (*(Tier(b, Decimal(i)) for i, b in enumerate(bounds, 1)), Tier(None, Decimal(99))),
     )
     [segment] = rate(spec, quantity)
     assert segment.quantity == quantity

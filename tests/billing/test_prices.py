@@ -21,7 +21,7 @@ SHIPPED = ROOT / "configs" / "billing" / "price_books.yaml"
 def test_a_missing_or_invalid_file_is_kept_as_the_error(tmp_path: Path) -> None:
     missing = load_price_source(tmp_path / "nope.yaml")
     assert not missing.available
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         missing.book()
     pricer = PriceBookPricer(missing)  # money budgets then refuse (fail closed), never price at zero
     with pytest.raises(PriceUnavailable, match="cannot read"):

@@ -58,10 +58,22 @@ def openai_error(r: httpx.Response, status: int, code: str | None = None) -> dic
 @pytest.fixture()
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     shutil.copytree(ROOT / "configs" / "billing", tmp_path / "billing")
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"default_model": MODEL, "models": [
-        {"name": MODEL, "workers": [{"id": "w0", "base_url": "http://127.0.0.1:9", "region": "nowhere"}]}]}))
-    (tmp_path / "tokenport.yaml").write_text(yaml.safe_dump({"mode": "local", "data_dir": str(tmp_path / "data"),
-                                                             "models_file": "models.yaml"}))
+    (tmp_path / "models.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "default_model": MODEL,
+                "models": [
+                    {
+                        "name": MODEL,
+                        "workers": [{"id": "w0", "base_url": "http://127.0.0.1:9", "region": "nowhere"}],
+                    }
+                ],
+            }
+        )
+    )
+    (tmp_path / "tokenport.yaml").write_text(
+        yaml.safe_dump({"mode": "local", "data_dir": str(tmp_path / "data"), "models_file": "models.yaml"})
+    )
     settings = load_settings(config_file=tmp_path / "tokenport.yaml")
     engine = make_engine(settings.db_url)
     db_schema.upgrade(engine)
@@ -71,11 +83,26 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         tenants.create_tenant(id=tid, name=f"Tenant {tid}", billing_country=country, tax_id=tax_id)
         keys[tid] = tenants.create_key(tid)[1]
     when = datetime(2026, 1, 8, 9, tzinfo=UTC)
-    UsageStore(engine).append_batch([
-        UsageEvent(request_id="req_" + uuid.uuid4().hex, tenant_id=t, key_id="key_api", model=MODEL,
-                   origin_country=o, prompt_tokens=p, cached_prompt_tokens=0, completion_tokens=c, stream=False,
-                   outcome=Outcome.OK, started_at=when, finished_at=when, language="en")
-        for t, o, p, c in (("kz-a", "KZ", 10_000_000, 5_000_000), ("kz-b", "UZ", 20_000_000, 1_000_000))])
+    UsageStore(engine).append_batch(
+        [
+            UsageEvent(
+                request_id="req_" + uuid.uuid4().hex,
+                tenant_id=t,
+                key_id="key_api",
+                model=MODEL,
+                origin_country=o,
+                prompt_tokens=p,
+                cached_prompt_tokens=0,
+                completion_tokens=c,
+                stream=False,
+                outcome=Outcome.OK,
+                started_at=when,
+                finished_at=when,
+                language="en",
+            )
+            for t, o, p, c in (("kz-a", "KZ", 10_000_000, 5_000_000), ("kz-b", "UZ", 20_000_000, 1_000_000))
+        ]
+    )
     engine.dispose()
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -89,8 +116,11 @@ async def test_admin_month_close_over_http(api: Api) -> None:
     openai_error(await api.http.get("/admin/v1/invoices", headers={"Authorization": "Bearer nope"}), 401)
     openai_error(await api.http.get("/admin/v1/reports/exports?period=2026-01"), 401)
     openai_error(await api.admin("POST", "/admin/v1/invoices/run", json={"period": "2026-1"}), 400)
-    openai_error(await api.admin("POST", "/admin/v1/invoices/finalize", json={"period": "2026-01"}), 409,
-                 "invoice_state")  # not run yet
+    openai_error(
+        await api.admin("POST", "/admin/v1/invoices/finalize", json={"period": "2026-01"}),
+        409,
+        "invoice_state",
+    )  # not run yet
 
     run = await api.admin("POST", "/admin/v1/invoices/run", json={"period": "2026-01"})
     assert run.status_code == 200, run.text
@@ -102,25 +132,36 @@ async def test_admin_month_close_over_http(api: Api) -> None:
 
     listed = (await api.admin("GET", "/admin/v1/invoices?period=2026-01&status=finalized")).json()
     assert [(d["number"], d["tenant"], d["total"]) for d in listed["data"]] == [
-        ("TP-INV-2026-000001", "kz-a", "0.40"), ("TP-INV-2026-000002", "kz-b", "0.44")]
+        ("TP-INV-2026-000001", "kz-a", "0.40"),
+        ("TP-INV-2026-000002", "kz-b", "0.44"),
+    ]
     doc = await api.admin("GET", "/admin/v1/invoices/TP-INV-2026-000001")
     assert doc.headers["content-type"] == "application/json" and doc.json()["status"] == "finalized"
     pdf = await api.admin("GET", "/admin/v1/invoices/TP-INV-2026-000001?format=pdf")
     assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF-")
-    assert (await api.admin("GET", "/admin/v1/invoices/TP-INV-2026-000001?format=ubl")).text.startswith("<?xml")
+    assert (await api.admin("GET", "/admin/v1/invoices/TP-INV-2026-000001?format=ubl")).text.startswith(
+        "<?xml"
+    )
     openai_error(await api.admin("GET", "/admin/v1/invoices/TP-INV-2026-000001?format=docx"), 400)
     openai_error(await api.admin("GET", "/admin/v1/invoices/TP-INV-2030-000001"), 404, "invoice_not_found")
     verify = (await api.admin("GET", "/admin/v1/invoices/TP-INV-2026-000002/verify")).json()
     assert verify == {"number": "TP-INV-2026-000002", "ok": True, "events": 1, "problems": []}
 
-    void = await api.admin("POST", "/admin/v1/invoices/TP-INV-2026-000002/void", json={"reason": "test order"})
+    void = await api.admin(
+        "POST", "/admin/v1/invoices/TP-INV-2026-000002/void", json={"reason": "test order"}
+    )
     assert void.status_code == 200, void.text
     assert void.json()["credit_note"]["number"] == "TP-CRN-2026-000001"
-    openai_error(await api.admin("POST", "/admin/v1/invoices/TP-INV-2026-000002/void", json={"reason": "again"}),
-                 409, "invoice_state")
+    openai_error(
+        await api.admin("POST", "/admin/v1/invoices/TP-INV-2026-000002/void", json={"reason": "again"}),
+        409,
+        "invoice_state",
+    )
     report = (await api.admin("GET", "/admin/v1/reports/exports?period=2026-01&by=tenant")).json()
     assert {g["key"]: (g["quantity_tokens"], g["revenue_by_currency"]) for g in report["groups"]} == {
-        "kz-a": (15_000_000, {"USD": "0.40"}), "kz-b": (0, {"USD": "0.00"})}
+        "kz-a": (15_000_000, {"USD": "0.40"}),
+        "kz-b": (0, {"USD": "0.00"}),
+    }
     csv = await api.admin("GET", "/admin/v1/reports/exports?period=2026-01&by=country&format=csv")
     assert csv.headers["content-type"].startswith("text/csv") and csv.text.startswith("country,")
     openai_error(await api.admin("GET", "/admin/v1/reports/exports?period=2026-01&by=planet"), 400)
@@ -140,7 +181,9 @@ async def test_tenants_see_only_their_own_issued_documents(api: Api) -> None:
 
     mine = (await api.tenant("kz-a", "/v1/invoices")).json()["data"]
     assert [(d["number"], d["kind"], d["status"]) for d in mine] == [
-        ("TP-INV-2026-000001", "invoice", "void"), ("TP-CRN-2026-000001", "credit_note", "finalized")]
+        ("TP-INV-2026-000001", "invoice", "void"),
+        ("TP-CRN-2026-000001", "credit_note", "finalized"),
+    ]
     assert all("tenant" not in d and "error" not in d for d in mine)
     theirs = (await api.tenant("kz-b", "/v1/invoices?period=2026-01")).json()["data"]
     assert [d["number"] for d in theirs] == ["TP-INV-2026-000002"]
@@ -152,5 +195,6 @@ async def test_tenants_see_only_their_own_issued_documents(api: Api) -> None:
     for other in ("TP-INV-2026-000001", "TP-CRN-2026-000001"):
         err = openai_error(await api.tenant("kz-b", f"/v1/invoices/{other}"), 404, "invoice_not_found")
         assert "kz-a" not in json.dumps(err)
-    assert (await api.tenant("kz-a", "/v1/invoices/TP-CRN-2026-000001")).json()["original_number"] == \
-        "TP-INV-2026-000001"
+    assert (await api.tenant("kz-a", "/v1/invoices/TP-CRN-2026-000001")).json()[
+        "original_number"
+    ] == "TP-INV-2026-000001"

@@ -47,13 +47,34 @@ class World:
     svc: BillingService
     config_dir: Path
 
-    def use(self, tenant: str, day: date, *, model: str = S, prompt: int = 0, cached: int = 0,
-            completion: int = 0, origin: str = "KZ", language: str | None = "ru") -> UsageEvent:
+    def use(
+        self,
+        tenant: str,
+        day: date,
+        *,
+        model: str = S,
+        prompt: int = 0,
+        cached: int = 0,
+        completion: int = 0,
+        origin: str = "KZ",
+        language: str | None = "ru",
+    ) -> UsageEvent:
         when = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
-        e = UsageEvent(request_id="req_" + uuid.uuid4().hex, tenant_id=tenant, key_id="key_t", model=model,
-                       origin_country=origin, prompt_tokens=prompt, cached_prompt_tokens=cached,
-                       completion_tokens=completion, stream=False, outcome=Outcome.OK, started_at=when,
-                       finished_at=when, language=language)
+        e = UsageEvent(
+            request_id="req_" + uuid.uuid4().hex,
+            tenant_id=tenant,
+            key_id="key_t",
+            model=model,
+            origin_country=origin,
+            prompt_tokens=prompt,
+            cached_prompt_tokens=cached,
+            completion_tokens=completion,
+            stream=False,
+            outcome=Outcome.OK,
+            started_at=when,
+            finished_at=when,
+            language=language,
+        )
         assert self.usage.append_batch([e]) == [e.request_id]
         return e
 
@@ -62,10 +83,13 @@ class World:
         out: dict[tuple[str, str], int] = {}
         for r in self.usage.summary(["model"], tenant_id=tenant, start=period.start_at, end=period.end_at):
             m = str(r["model"])
-            for token_type, n in (("input", int(r["prompt_tokens"]) - int(r["cached_prompt_tokens"])),  # type: ignore[call-overload]
-                                  ("cached_input", r["cached_prompt_tokens"]), ("output", r["completion_tokens"])):
+            for token_type, n in (
+                ("input", int(r["prompt_tokens"]) - int(r["cached_prompt_tokens"])),  # type: ignore[call-overload]
+                ("cached_input", r["cached_prompt_tokens"]),
+                ("output", r["completion_tokens"]),
+            ):
                 if n:
-                    out[(m, token_type)] = int(n)  # type: ignore[call-overload]
+                    out[(m, token_type)] = int(n)  # type: ignore[arg-type]
         return out
 
 
@@ -76,21 +100,36 @@ def world(tmp_path: Path) -> Iterator[World]:
     engine = make_engine(f"sqlite:///{tmp_path / 'tokenport.db'}")
     db_schema.upgrade(engine)
     usage, tenants = UsageStore(engine), TenantStore(engine, "s" * 32)
-    svc = BillingService(store=BillingStore(engine), usage=usage, tenants=tenants, config_dir=config_dir,
-                         clock=lambda: NOW)
-    tenants.create_tenant(id="kz-bank", name="Almaty Bank JSC", billing_country="KZ", tax_id="123456789013",
-                          language="ru")
-    tenants.create_tenant(id="sa-retail", name="Riyadh Retail LLC", billing_country="SA",
-                          tax_id="300000000000003", language="ar")
-    tenants.create_tenant(id="ru-soft", name="OOO Soft", billing_country="RU", tax_id="7707083893",
-                          currency="CNY", language="ru")
+    svc = BillingService(
+        store=BillingStore(engine), usage=usage, tenants=tenants, config_dir=config_dir, clock=lambda: NOW
+    )
+    tenants.create_tenant(
+        id="kz-bank", name="Almaty Bank JSC", billing_country="KZ", tax_id="123456789013", language="ru"
+    )
+    tenants.create_tenant(
+        id="sa-retail",
+        name="Riyadh Retail LLC",
+        billing_country="SA",
+        tax_id="300000000000003",
+        language="ar",
+    )
+    tenants.create_tenant(
+        id="ru-soft",
+        name="OOO Soft",
+        billing_country="RU",
+        tax_id="7707083893",
+        currency="CNY",
+        language="ru",
+    )
     tenants.create_tenant(id="ae-person", name="A. Person", billing_country="AE", business=False)
     yield World(engine, usage, tenants, svc, config_dir)
     engine.dispose()
 
 
 def january(w: World) -> None:
-    w.use("kz-bank", date(2026, 1, 3), prompt=40_000_000, cached=10_000_000, completion=20_000_000, origin="KZ")
+    w.use(
+        "kz-bank", date(2026, 1, 3), prompt=40_000_000, cached=10_000_000, completion=20_000_000, origin="KZ"
+    )
     w.use("kz-bank", date(2026, 1, 20), model=Q, prompt=120_000_000, completion=60_000_000, origin="UZ")
     w.use("sa-retail", date(2026, 1, 9), prompt=30_000_000, completion=5_000_000, origin="SA", language="ar")
     w.use("ru-soft", date(2026, 1, 15), prompt=70_000_000, completion=10_000_000, origin="RU")
@@ -120,25 +159,35 @@ def test_run_bills_exactly_the_ledger_and_is_idempotent(world: World) -> None:
     assert not first.errors and first.issue_date == date(2026, 2, 1)
     assert sorted(r.tenant_id for r in first.drafts) == ["ae-person", "kz-bank", "ru-soft", "sa-retail"]
     again = world.svc.run(JAN)
-    assert [(r.id, r.document_bytes) for r in again.drafts] == [(r.id, r.document_bytes) for r in first.drafts]
+    assert [(r.id, r.document_bytes) for r in again.drafts] == [
+        (r.id, r.document_bytes) for r in first.drafts
+    ]
     for row in again.drafts:
         inv = invoice_of(world, row.ref)
         assert line_tokens(inv) == world.ledger_tokens(row.tenant_id, JAN), row.tenant_id
         assert inv.subtotal == sum((line.amount for line in inv.lines), Decimal(0))
         assert inv.subtotal + inv.tax_total == inv.total
-        hashes = sorted(s.hash for s in world.usage.iter_events(tenant_id=row.tenant_id, start=JAN.start_at,
-                                                                 end=JAN.end_at))
+        hashes = sorted(
+            s.hash
+            for s in world.usage.iter_events(tenant_id=row.tenant_id, start=JAN.start_at, end=JAN.end_at)
+        )
         assert inv.usage_digest == "sha256:" + hashlib.sha256("\n".join(hashes).encode()).hexdigest()
         assert inv.price_book_version == "2026.1" and inv.tax_rule_id
     treatments = {r.tenant_id: invoice_of(world, r.ref).taxes[0].treatment for r in again.drafts}
-    assert treatments == {"kz-bank": "reverse_charge", "sa-retail": "reverse_charge", "ru-soft": "supplier_charges",
-                          "ae-person": "not_collecting"}
+    assert treatments == {
+        "kz-bank": "reverse_charge",
+        "sa-retail": "reverse_charge",
+        "ru-soft": "supplier_charges",
+        "ae-person": "not_collecting",
+    }
     ru = invoice_of(world, "DRAFT-2026-01-ru-soft")
     assert ru.currency == "CNY" and ru.taxes[0].rate == Decimal(22)
     sa = invoice_of(world, "DRAFT-2026-01-sa-retail")
     assert [(f.to_currency, f.source, f.date) for f in sa.fx] == [
-        ("SAR", "sample:SAMA", date(2026, 1, 31)), ("CNY", "sample:PBOC-central-parity", date(2026, 1, 1))]
-    assert world.svc.render("DRAFT-2026-01-sa-retail", "html").startswith(b"<!DOCTYPE html>\n<html lang=\"ar\"")
+        ("SAR", "sample:SAMA", date(2026, 1, 31)),
+        ("CNY", "sample:PBOC-central-parity", date(2026, 1, 1)),
+    ]
+    assert world.svc.render("DRAFT-2026-01-sa-retail", "html").startswith(b'<!DOCTYPE html>\n<html lang="ar"')
 
 
 def test_finalize_numbers_once_and_documents_never_change(world: World) -> None:
@@ -154,7 +203,9 @@ def test_finalize_numbers_once_and_documents_never_change(world: World) -> None:
     # Later: more usage, a new run, and different prices in the config -- the issued invoice stays.
     world.use(report.finalized[1].tenant_id, date(2026, 1, 30), prompt=5_000_000)
     book = world.config_dir / "price_books.yaml"
-    book.write_text(book.read_text(encoding="utf-8").replace('input: "0.020"', 'input: "9.000"'), encoding="utf-8")
+    book.write_text(
+        book.read_text(encoding="utf-8").replace('input: "0.020"', 'input: "9.000"'), encoding="utf-8"
+    )
     world.svc.run(JAN)
     with pytest.raises(DocumentStateError):
         world.svc.finalize(JAN, tenant_id=report.finalized[1].tenant_id)
@@ -170,14 +221,22 @@ def test_late_usage_goes_on_the_next_invoice_as_adjustment(world: World) -> None
     new_tenant_late = world.use("ae-person", date(2026, 1, 29), completion=4_000_000, origin="AE")
     report = world.svc.run(FEB)
     kz = invoice_of(world, "DRAFT-2026-02-kz-bank")
-    assert line_tokens(kz, "adjustment") == {(S, "input"): late.prompt_tokens, (S, "output"): late.completion_tokens}
+    assert line_tokens(kz, "adjustment") == {
+        (S, "input"): late.prompt_tokens,
+        (S, "output"): late.completion_tokens,
+    }
     assert line_tokens(kz) == world.ledger_tokens("kz-bank", FEB)
     assert all(line.adjustment for line in kz.lines if line.kind.value == "adjustment")
     ae = invoice_of(world, "DRAFT-2026-02-ae-person")  # no February usage: an adjustment-only invoice
-    assert line_tokens(ae) == {} and line_tokens(ae, "adjustment") == {(S, "output"): new_tenant_late.completion_tokens}
+    assert line_tokens(ae) == {} and line_tokens(ae, "adjustment") == {
+        (S, "output"): new_tenant_late.completion_tokens
+    }
     assert {r.tenant_id for r in report.drafts} == {"kz-bank", "ae-person"}
     world.svc.finalize(FEB)
-    assert world.svc.render(world.svc.store.find(tenant_id="kz-bank", period="2026-01")[0].ref, "json") == jan_bytes
+    assert (
+        world.svc.render(world.svc.store.find(tenant_id="kz-bank", period="2026-01")[0].ref, "json")
+        == jan_bytes
+    )
     # Billed once: a March run finds nothing left of January.
     march = world.svc.run(Period(2026, 3))
     assert march.drafts == []
@@ -215,10 +274,15 @@ def test_errors_are_per_tenant_and_finalize_refuses_them(world: World) -> None:
     assert all("cannot finalize" in why for _, why in fin.refused)
     # Fix the price, run again: the refused tenant is billed (its month is still open for it).
     book = world.config_dir / "price_books.yaml"
-    book.write_text(book.read_text(encoding="utf-8").replace(
-        "          qwen2.5-7b-instruct:\n            input:\n              mode: graduated",
-        '          mystery-70b: {input: "1.00", cached_input: "0.50", output: "2.00"}\n'
-        "          qwen2.5-7b-instruct:\n            input:\n              mode: graduated", 1), encoding="utf-8")
+    book.write_text(
+        book.read_text(encoding="utf-8").replace(
+            "          qwen2.5-7b-instruct:\n            input:\n              mode: graduated",
+            '          mystery-70b: {input: "1.00", cached_input: "0.50", output: "2.00"}\n'
+            "          qwen2.5-7b-instruct:\n            input:\n              mode: graduated",
+            1,
+        ),
+        encoding="utf-8",
+    )
     assert [r.tenant_id for r in world.svc.run(JAN, tenant_id="uz-gpu").drafts] == ["uz-gpu"]
     assert [r.number for r in world.svc.finalize(JAN, tenant_id="uz-gpu").finalized] == ["TP-INV-2026-000005"]
 
@@ -231,22 +295,29 @@ def test_missing_fx_rate_is_reported_until_imported(world: World) -> None:
     assert tenant == "sa-retail" and "no FX rate USD->SAR for 2025-11-30" in error
     added, _ = world.svc.import_fx(
         "date,base,quote,rate,source\n2025-11-30,USD,SAR,3.7500,SAMA:2025-11-30\n"
-        "2025-11-01,USD,CNY,7.1100,PBOC:2025-11-01\n", origin="nov.csv")
+        "2025-11-01,USD,CNY,7.1100,PBOC:2025-11-01\n",
+        origin="nov.csv",
+    )
     assert added == 2
     [row] = world.svc.run(nov).drafts
     inv = invoice_of(world, row.ref)
     assert {(f.to_currency, f.rate, f.source) for f in inv.fx} == {
-        ("SAR", Decimal("3.7500"), "SAMA:2025-11-30"), ("CNY", Decimal("7.1100"), "PBOC:2025-11-01")}
+        ("SAR", Decimal("3.7500"), "SAMA:2025-11-30"),
+        ("CNY", Decimal("7.1100"), "PBOC:2025-11-01"),
+    }
     assert inv.price_book_version == "2025.2"
 
 
 def test_minimum_commitment_without_usage(world: World) -> None:
-    world.tenants.create_tenant(id="t-sample-enterprise", name="Enterprise", billing_country="TR",
-                                tax_id="1234567890", currency="USD")
+    world.tenants.create_tenant(
+        id="t-sample-enterprise", name="Enterprise", billing_country="TR", tax_id="1234567890", currency="USD"
+    )
     report = world.svc.run(JAN, tenant_id="t-sample-enterprise")
     [row] = report.drafts
     inv = invoice_of(world, row.ref)
-    assert [(line.kind.value, line.amount) for line in inv.lines] == [("minimum_commitment", Decimal("500.00"))]
+    assert [(line.kind.value, line.amount) for line in inv.lines] == [
+        ("minimum_commitment", Decimal("500.00"))
+    ]
     assert inv.contract_id == "sample-enterprise-2026" and inv.subtotal == Decimal("500.00")
 
 
@@ -280,8 +351,10 @@ def test_exports_report_adds_up_to_the_invoices_and_the_ledger(world: World) -> 
     fin = world.svc.finalize(JAN)
     invoices = [invoice_of(world, r.number or "") for r in fin.finalized]
     ledger = world.usage.summary(["origin_country"], start=JAN.start_at, end=JAN.end_at)
-    by_country = {str(r["origin_country"]): int(r["prompt_tokens"]) + int(r["completion_tokens"])  # type: ignore[call-overload]
-                  for r in ledger}
+    by_country = {
+        str(r["origin_country"]): int(r["prompt_tokens"]) + int(r["completion_tokens"])  # type: ignore[call-overload]
+        for r in ledger
+    }
     report = world.svc.exports(JAN, by="country")
     assert {g.key: g.quantity_tokens for g in report.groups} == by_country
     assert report.revenue_cny == sum((i.ledger.net_amount for i in invoices), Decimal(0))
@@ -298,8 +371,12 @@ def test_verify_recomputes_from_the_ledger_and_detects_tampering(world: World) -
     ok = world.svc.verify(number)
     assert ok.ok and ok.events == 1
     with world.engine.begin() as conn:
-        conn.execute(text("UPDATE usage_events SET completion_tokens = completion_tokens + 1"
-                          " WHERE tenant_id = 'sa-retail'"))
+        conn.execute(
+            text(
+                "UPDATE usage_events SET completion_tokens = completion_tokens + 1"
+                " WHERE tenant_id = 'sa-retail'"
+            )
+        )
     bad = world.svc.verify(number)
     assert not bad.ok and any("quantities" in p for p in bad.problems)
 
@@ -311,7 +388,9 @@ def test_finalize_before_any_run_is_refused(world: World) -> None:
     with pytest.raises(DocumentStateError, match="2026-03 has not started yet"):  # the clock says 2026-02-02
         world.svc.finalize(Period(2026, 3))
     for wrong in (date(2025, 12, 31), date(2027, 2, 2)):
-        with pytest.raises(InvalidUsage, match="must fall between the start of 2026-01 and a year after its end"):
+        with pytest.raises(
+            InvalidUsage, match="must fall between the start of 2026-01 and a year after its end"
+        ):
             world.svc.run(JAN, issue_date=wrong)
     for written in ("2026-13", "0000-01", "9999-12", "26-01"):
         with pytest.raises(InvalidUsage, match="YYYY-MM"):

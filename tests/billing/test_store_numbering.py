@@ -42,12 +42,24 @@ JAN = Period(2026, 1)
 NOW = datetime(2026, 4, 2, 9, 0, tzinfo=UTC)
 
 
-def event(tenant: str, when: datetime, prompt: int = 2_000_000, completion: int = 1_000_000,
-          origin: str = "KZ") -> UsageEvent:
-    return UsageEvent(request_id="req_" + uuid.uuid4().hex, tenant_id=tenant, key_id="key_test", model=MODEL,
-                      origin_country=origin, prompt_tokens=prompt, cached_prompt_tokens=0,
-                      completion_tokens=completion, stream=False, outcome=Outcome.OK, started_at=when,
-                      finished_at=when, language="ru")
+def event(
+    tenant: str, when: datetime, prompt: int = 2_000_000, completion: int = 1_000_000, origin: str = "KZ"
+) -> UsageEvent:
+    return UsageEvent(
+        request_id="req_" + uuid.uuid4().hex,
+        tenant_id=tenant,
+        key_id="key_test",
+        model=MODEL,
+        origin_country=origin,
+        prompt_tokens=prompt,
+        cached_prompt_tokens=0,
+        completion_tokens=completion,
+        stream=False,
+        outcome=Outcome.OK,
+        started_at=when,
+        finished_at=when,
+        language="ru",
+    )
 
 
 @pytest.fixture()
@@ -60,8 +72,13 @@ def db(tmp_path: Path) -> Iterator[tuple[str, Engine]]:
 
 
 def service(engine: Engine) -> BillingService:
-    return BillingService(store=BillingStore(engine), usage=UsageStore(engine),
-                          tenants=TenantStore(engine, "s" * 32), config_dir=CONFIGS, clock=lambda: NOW)
+    return BillingService(
+        store=BillingStore(engine),
+        usage=UsageStore(engine),
+        tenants=TenantStore(engine, "s" * 32),
+        config_dir=CONFIGS,
+        clock=lambda: NOW,
+    )
 
 
 def with_drafts(engine: Engine, count: int) -> list[str]:
@@ -78,8 +95,11 @@ def with_drafts(engine: Engine, count: int) -> list[str]:
 
 def numbers(engine: Engine) -> list[str]:
     with engine.connect() as conn:
-        return list(conn.execute(text("SELECT number FROM billing_documents WHERE number IS NOT NULL"
-                                      " ORDER BY number")).scalars())
+        return list(
+            conn.execute(
+                text("SELECT number FROM billing_documents WHERE number IS NOT NULL ORDER BY number")
+            ).scalars()
+        )
 
 
 def assert_gapless(engine: Engine, count: int) -> None:
@@ -166,8 +186,16 @@ def test_processes_finalize_gapless(db: tuple[str, Engine], tmp_path: Path) -> N
     url, engine = db
     with_drafts(engine, 40)
     start = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, url, str(start), str(seed), str(ROOT)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, url, str(start), str(seed), str(ROOT)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(4)
+    ]
     deadline = time.monotonic() + 60
     while len(list(tmp_path.glob("ready-*"))) < len(procs):  # every process has its list of drafts
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process did not start"
@@ -196,7 +224,9 @@ def test_finalize_twice_refused_and_number_not_consumed(db: tuple[str, Engine]) 
     assert_gapless(engine, 1)
 
 
-def test_failed_finalization_rolls_the_counter_back(db: tuple[str, Engine], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_finalization_rolls_the_counter_back(
+    db: tuple[str, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, engine = db
     ids = with_drafts(engine, 2)
     svc = service(engine)
@@ -226,7 +256,10 @@ def test_issued_documents_are_immutable_in_the_database(db: tuple[str, Engine]) 
         "UPDATE billing_documents SET total = '0.00' WHERE number = :n",
         "UPDATE billing_documents SET status = 'draft' WHERE number = :n",
         "DELETE FROM billing_documents WHERE number = :n",
-        "DELETE FROM billing_coverage WHERE document_id = (SELECT id FROM billing_documents WHERE number = :n)",
+        (
+            "DELETE FROM billing_coverage"
+            " WHERE document_id = (SELECT id FROM billing_documents WHERE number = :n)"
+        ),
     ):
         with pytest.raises((IntegrityError, DBAPIError), match="immutable"), engine.begin() as conn:
             conn.execute(text(statement), {"n": row.number})
@@ -242,7 +275,9 @@ def test_stale_draft_is_refused_instead_of_billing_twice(db: tuple[str, Engine])
     svc.finalize(JAN)
     usage = UsageStore(engine)
     usage.append_batch([event(t, datetime(2026, 1, 31, 23, 59, tzinfo=UTC), 500_000, 0)])  # late January
-    usage.append_batch([event(t, datetime(2026, 2, 5, tzinfo=UTC)), event(t, datetime(2026, 3, 5, tzinfo=UTC))])
+    usage.append_batch(
+        [event(t, datetime(2026, 2, 5, tzinfo=UTC)), event(t, datetime(2026, 3, 5, tzinfo=UTC))]
+    )
     feb, mar = svc.run(Period(2026, 2)), svc.run(Period(2026, 3))
     assert feb.drafts[0].adjustment_rows and mar.drafts[0].adjustment_rows  # both saw the late event
     assert svc.finalize(Period(2026, 2), tenant_id=t).finalized
@@ -258,9 +293,14 @@ def test_one_live_invoice_per_tenant_and_period(db: tuple[str, Engine]) -> None:
     _, engine = db
     [t] = with_drafts(engine, 1)
     with pytest.raises(IntegrityError), engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO billing_documents (kind, tenant_id, period, status, event_count, created_at, updated_at)"
-            " VALUES ('invoice', :t, '2026-01', 'draft', 0, :now, :now)"), {"t": t, "now": NOW.replace(tzinfo=None)})
+        conn.execute(
+            text(
+                "INSERT INTO billing_documents"
+                " (kind, tenant_id, period, status, event_count, created_at, updated_at)"
+                " VALUES ('invoice', :t, '2026-01', 'draft', 0, :now, :now)"
+            ),
+            {"t": t, "now": NOW.replace(tzinfo=None)},
+        )
 
 
 def test_fx_rates_stored_once_and_contradictions_refused(db: tuple[str, Engine]) -> None:

@@ -73,21 +73,33 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = root / "data"
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tokenport"]),
-                   check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tokenport"]),
+        check=True,
+        capture_output=True,
+    )
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60"
-    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"),
-                                 "-w", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres(
+            [str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
     try:
-        admin = create_engine(f"postgresql+psycopg://tokenport@127.0.0.1:{port}/postgres",
-                              isolation_level="AUTOCOMMIT")
+        admin = create_engine(
+            f"postgresql+psycopg://tokenport@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT"
+        )
         with admin.connect() as conn:
             conn.execute(text("CREATE DATABASE billing"))
         admin.dispose()
         yield f"postgresql+psycopg://tokenport@127.0.0.1:{port}/billing"
     finally:
-        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                       check=False, capture_output=True)
+        subprocess.run(
+            _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+            check=False,
+            capture_output=True,
+        )
 
 
 @pytest.fixture()
@@ -97,8 +109,12 @@ def engine(pg_url: str) -> Iterator[Engine]:
     with e.begin() as conn:  # a clean slate per test (triggers protect issued rows: drop them for the reset)
         conn.execute(text("ALTER TABLE billing_documents DISABLE TRIGGER USER"))
         conn.execute(text("ALTER TABLE billing_coverage DISABLE TRIGGER USER"))
-        conn.execute(text("TRUNCATE billing_coverage, billing_documents, billing_counters, billing_periods,"
-                          " billing_fx_rates, usage_events, api_keys, tenants CASCADE"))
+        conn.execute(
+            text(
+                "TRUNCATE billing_coverage, billing_documents, billing_counters, billing_periods,"
+                " billing_fx_rates, usage_events, api_keys, tenants CASCADE"
+            )
+        )
         conn.execute(text("ALTER TABLE billing_documents ENABLE TRIGGER USER"))
         conn.execute(text("ALTER TABLE billing_coverage ENABLE TRIGGER USER"))
     yield e
@@ -106,15 +122,30 @@ def engine(pg_url: str) -> Iterator[Engine]:
 
 
 def service(engine: Engine) -> BillingService:
-    return BillingService(store=BillingStore(engine), usage=UsageStore(engine),
-                          tenants=TenantStore(engine, "s" * 32), config_dir=CONFIGS, clock=lambda: NOW)
+    return BillingService(
+        store=BillingStore(engine),
+        usage=UsageStore(engine),
+        tenants=TenantStore(engine, "s" * 32),
+        config_dir=CONFIGS,
+        clock=lambda: NOW,
+    )
 
 
 def event(tenant: str, when: datetime, prompt: int = 3_000_000) -> UsageEvent:
-    return UsageEvent(request_id="req_" + uuid.uuid4().hex, tenant_id=tenant, key_id="key_pg",
-                      model="smollm2-135m-instruct", origin_country="KZ", prompt_tokens=prompt,
-                      cached_prompt_tokens=0, completion_tokens=1_000_000, stream=False, outcome=Outcome.OK,
-                      started_at=when, finished_at=when)
+    return UsageEvent(
+        request_id="req_" + uuid.uuid4().hex,
+        tenant_id=tenant,
+        key_id="key_pg",
+        model="smollm2-135m-instruct",
+        origin_country="KZ",
+        prompt_tokens=prompt,
+        cached_prompt_tokens=0,
+        completion_tokens=1_000_000,
+        stream=False,
+        outcome=Outcome.OK,
+        started_at=when,
+        finished_at=when,
+    )
 
 
 def tenants_with_usage(engine: Engine, count: int) -> list[str]:
@@ -169,7 +200,9 @@ def test_a_draft_made_stale_concurrently_is_refused(engine: Engine, monkeypatch:
     svc.finalize(JAN)
     usage = UsageStore(engine)
     usage.append_batch([event(t, datetime(2026, 1, 30, tzinfo=UTC), 1_000)])  # late January usage
-    usage.append_batch([event(t, datetime(2026, 2, 3, tzinfo=UTC)), event(t, datetime(2026, 3, 3, tzinfo=UTC))])
+    usage.append_batch(
+        [event(t, datetime(2026, 2, 3, tzinfo=UTC)), event(t, datetime(2026, 3, 3, tzinfo=UTC))]
+    )
     svc.run(Period(2026, 2))
     svc.run(Period(2026, 3))
     outcomes: list[str] = []
@@ -206,13 +239,16 @@ def test_issued_rows_are_protected_by_triggers(engine: Engine) -> None:
     svc = service(engine)
     svc.run(JAN)
     [row] = svc.finalize(JAN).finalized
-    for statement in ("UPDATE billing_documents SET document = '{}' WHERE number = :n",
-                      "UPDATE billing_documents SET status = 'draft' WHERE number = :n",
-                      "DELETE FROM billing_documents WHERE number = :n"):
+    for statement in (
+        "UPDATE billing_documents SET document = '{}' WHERE number = :n",
+        "UPDATE billing_documents SET status = 'draft' WHERE number = :n",
+        "DELETE FROM billing_documents WHERE number = :n",
+    ):
         with pytest.raises(DBAPIError, match="immutable"), engine.begin() as conn:
             conn.execute(text(statement), {"n": row.number})
     invoice, credit = svc.void(row.number or "", reason="test")
     assert (invoice.status, credit.number) == ("void", "TP-CRN-2026-000001")
     with pytest.raises(DBAPIError, match="immutable"), engine.begin() as conn:
-        conn.execute(text("UPDATE billing_documents SET status = 'finalized' WHERE number = :n"),
-                     {"n": row.number})
+        conn.execute(
+            text("UPDATE billing_documents SET status = 'finalized' WHERE number = :n"), {"n": row.number}
+        )

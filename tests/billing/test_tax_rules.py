@@ -193,7 +193,7 @@ def test_wording_is_localized(tax_rules: TaxRules, seller: Seller, make_buyer: C
 def test_gap_in_configured_rules_is_an_error(
     tax_rules: TaxRules, seller: Seller, make_buyer: Callable[..., Buyer]
 ) -> None:
-    with pytest.raises(TaxRuleMissing, match="TJ.*2023-06-01"):
+    with pytest.raises(TaxRuleMissing, match=r"TJ.*2023-06-01"):
         tax_rules.determine(make_buyer("TJ", "123456789"), seller, date(2023, 6, 1))
 
 
@@ -241,13 +241,13 @@ def test_tax_rule_config_errors() -> None:
     assert parsed.tax_point("XX", period_end=date(2026, 1, 31), issue_date=date(2026, 2, 1)) == date(
         2026, 2, 1
     )
-    with pytest.raises(ConfigError, match="countries.XX.rules.r1: overlaps rule r2"):
+    with pytest.raises(ConfigError, match=r"countries.XX.rules.r1: overlaps rule r2"):
         parse(_rules(rules=[rule, dict(rule, id="r2", effective_from="2026-06-01")]), file="t.yaml")
     with pytest.raises(ConfigError, match="rate: supplier_charges needs a rate"):
         parse(_rules(rules=[dict(rule, rate=None, b2c="supplier_charges")]), file="t.yaml")
     with pytest.raises(ConfigError, match="quoted string"):
         parse(_rules(rules=[dict(rule, rate=10.5)]), file="t.yaml")
-    with pytest.raises(ConfigError, match="countries.XX.rules.0.b2b"):
+    with pytest.raises(ConfigError, match=r"countries.XX.rules.0.b2b"):
         parse(_rules(rules=[dict(rule, b2b="self_assess")]), file="t.yaml")
     with pytest.raises(ConfigError, match="effective_to is before"):
         parse(_rules(rules=[dict(rule, effective_to="2025-01-01")]), file="t.yaml")

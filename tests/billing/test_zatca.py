@@ -17,7 +17,7 @@ SALLA = [(1, "Salla"), (2, "1234567891"), (3, "2021-07-12T14:25:09Z"), (4, "100.
     [
         (SALLA, "AQVTYWxsYQIKMTIzNDU2Nzg5MQMUMjAyMS0wNy0xMlQxNDoyNTowOVoEBjEwMC4wMAUFMTUuMDA="),
         (
-            [(1, "سلة")] + SALLA[1:],
+            [(1, "سلة"), *SALLA[1:]],
             "AQbYs9mE2KkCCjEyMzQ1Njc4OTEDFDIwMjEtMDctMTJUMTQ6MjU6MDlaBAYxMDAuMDAFBTE1LjAw",
         ),
         (

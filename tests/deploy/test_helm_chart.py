@@ -183,8 +183,15 @@ def test_every_rendered_object_validates(
     kinds = {d["kind"] for d in docs}
     if values is None:
         assert kinds == {
-            "ConfigMap", "CronJob", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
-            "PodDisruptionBudget", "Service", "ServiceMonitor",
+            "ConfigMap",
+            "CronJob",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "Job",
+            "NetworkPolicy",
+            "PodDisruptionBudget",
+            "Service",
+            "ServiceMonitor",
         }
     else:
         assert {"LeaderWorkerSet", "ScaledObject", "PrometheusRule", "StatefulSet", "Secret"} <= kinds
@@ -212,12 +219,22 @@ def test_object_names_are_unique(all_on_docs: list[Doc]) -> None:
         (lambda d: d["spec"].update(minReplicas="two"), "HorizontalPodAutoscaler"),
         (lambda d: d["spec"]["endpoints"][0].update(intervall="15s"), "ServiceMonitor"),
         (lambda d: d["spec"]["leaderWorkerTemplate"].update(size="two"), "LeaderWorkerSet"),
-        (lambda d: d["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0].update(imagee="x"),
-         "LeaderWorkerSet"),
+        (
+            lambda d: d["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0].update(
+                imagee="x"
+            ),
+            "LeaderWorkerSet",
+        ),
         (lambda d: d["spec"]["triggers"][0].pop("type"), "ScaledObject"),
     ],
-    ids=["deployment-unknown-field", "hpa-wrong-type", "servicemonitor-unknown-field", "lws-wrong-type",
-         "lws-pod-unknown-field", "scaledobject-missing-field"],
+    ids=[
+        "deployment-unknown-field",
+        "hpa-wrong-type",
+        "servicemonitor-unknown-field",
+        "lws-wrong-type",
+        "lws-pod-unknown-field",
+        "scaledobject-missing-field",
+    ],
 )
 def test_validation_catches_a_broken_object(
     all_on_docs: list[Doc], kubernetes_validate: Any, mutate: Any, kind: str
@@ -277,8 +294,10 @@ def test_dev_instances_are_hooks_that_come_before_the_migrations(all_on_docs: li
     dev = [d for d in all_on_docs if d["metadata"]["labels"]["app.kubernetes.io/component"].startswith("dev")]
     assert {(d["kind"], d["metadata"]["name"]) for d in dev} == {
         ("Secret", f"{FULLNAME}-dev"),
-        ("Service", f"{FULLNAME}-postgresql"), ("StatefulSet", f"{FULLNAME}-postgresql"),
-        ("Service", f"{FULLNAME}-redis"), ("StatefulSet", f"{FULLNAME}-redis"),
+        ("Service", f"{FULLNAME}-postgresql"),
+        ("StatefulSet", f"{FULLNAME}-postgresql"),
+        ("Service", f"{FULLNAME}-redis"),
+        ("StatefulSet", f"{FULLNAME}-redis"),
     }
     for d in dev:
         assert d["metadata"]["annotations"][HOOK] == "pre-install,pre-upgrade"
@@ -319,7 +338,9 @@ def tokenport_containers(docs: list[Doc]) -> list[tuple[str, Doc]]:
 def test_every_tokenport_container_reads_its_secrets_from_secrets(default_docs: list[Doc]) -> None:
     containers = tokenport_containers(default_docs)
     assert {name for name, _ in containers} == {
-        f"Deployment/{FULLNAME}-gateway", f"Job/{FULLNAME}-migrate", f"CronJob/{FULLNAME}-invoices-run",
+        f"Deployment/{FULLNAME}-gateway",
+        f"Job/{FULLNAME}-migrate",
+        f"CronJob/{FULLNAME}-invoices-run",
     }
     for _, c in containers:
         env = env_of(c)
@@ -334,9 +355,16 @@ def test_every_tokenport_container_reads_its_secrets_from_secrets(default_docs: 
 def test_secret_names_and_keys_come_from_values(helm: str) -> None:
     docs = render(
         helm,
-        "--set", "secrets.name=tp-keys", "--set", "secrets.secretKeyKey=hmac",
-        "--set", "database.urlSecret.name=pg", "--set", "database.urlSecret.key=url",
-        "--set", "settings.limits.backend=memory",
+        "--set",
+        "secrets.name=tp-keys",
+        "--set",
+        "secrets.secretKeyKey=hmac",
+        "--set",
+        "database.urlSecret.name=pg",
+        "--set",
+        "database.urlSecret.key=url",
+        "--set",
+        "settings.limits.backend=memory",
     )
     env = env_of(container(one(docs, "Deployment", f"{FULLNAME}-gateway")))
     assert secret_ref(env, "TOKENPORT_SECRET_KEY") == ("tp-keys", "hmac")
@@ -434,7 +462,9 @@ def test_gateway_runs_unprivileged_on_a_read_only_root(default_docs: list[Doc]) 
 def test_gateway_hpa_targets_the_gateway_deployment(default_docs: list[Doc]) -> None:
     hpa = one(default_docs, "HorizontalPodAutoscaler", f"{FULLNAME}-gateway")
     assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1", "kind": "Deployment", "name": f"{FULLNAME}-gateway"
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": f"{FULLNAME}-gateway",
     }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
     (metric,) = hpa["spec"]["metrics"]
@@ -460,7 +490,9 @@ def test_pdb_and_service_select_the_gateway_pods(default_docs: list[Doc]) -> Non
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     service = one(default_docs, "Service", f"{FULLNAME}-gateway")
     assert service["spec"]["selector"].items() <= labels.items()
-    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
 
 
 def test_every_service_selects_pods_of_the_release(all_on_docs: list[Doc]) -> None:
@@ -538,7 +570,9 @@ def test_worker_deployment_per_model(default_docs: list[Doc]) -> None:
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] == 1800
     assert deployment["spec"]["replicas"] == 1
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(deployment)["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(deployment)[
+        "tolerations"
+    ]
     volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
     assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
     service = one(default_docs, "Service", name)
@@ -552,10 +586,17 @@ def test_multi_node_model_is_a_leader_worker_set(all_on_docs: list[Doc]) -> None
     lws = one(all_on_docs, "LeaderWorkerSet", name)
     group = lws["spec"]["leaderWorkerTemplate"]
     assert group["size"] == 2
-    leader, worker = group["leaderTemplate"]["spec"]["containers"][0], group["workerTemplate"]["spec"]["containers"][0]
+    leader, worker = (
+        group["leaderTemplate"]["spec"]["containers"][0],
+        group["workerTemplate"]["spec"]["containers"][0],
+    )
     script = leader["args"][0]
-    for flag in (*WORKER_FLAGS, "--tensor-parallel-size=8", "--pipeline-parallel-size=2",
-                 "--served-model-name=Llama-3.1-405B-Instruct"):
+    for flag in (
+        *WORKER_FLAGS,
+        "--tensor-parallel-size=8",
+        "--pipeline-parallel-size=2",
+        "--served-model-name=Llama-3.1-405B-Instruct",
+    ):
         assert f"'{flag}'" in script
     assert "'python3' '-m' 'vllm.entrypoints.openai.api_server'" in script
     assert "leader --ray_cluster_size=$(LWS_GROUP_SIZE)" in script
@@ -563,7 +604,9 @@ def test_multi_node_model_is_a_leader_worker_set(all_on_docs: list[Doc]) -> None
     assert leader["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert "ports" not in worker and "readinessProbe" not in worker
-    assert group["leaderTemplate"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert group["leaderTemplate"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"
+    }
     # The headless Service reaches the leaders only (they serve the API).
     service = one(all_on_docs, "Service", name)
     assert service["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
@@ -575,7 +618,9 @@ def test_keda_scales_workers_on_vllm_queue_depth(all_on_docs: list[Doc]) -> None
     assert set(scaled) == {f"{FULLNAME}-worker-qwen2-5-7b-instruct", f"{FULLNAME}-worker-llama-405b"}
     qwen = scaled[f"{FULLNAME}-worker-qwen2-5-7b-instruct"]
     assert qwen["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1", "kind": "Deployment", "name": f"{FULLNAME}-worker-qwen2-5-7b-instruct"
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": f"{FULLNAME}-worker-qwen2-5-7b-instruct",
     }
     assert one(all_on_docs, "Deployment", qwen["metadata"]["name"])["spec"].get("replicas") is None
     (trigger,) = qwen["spec"]["triggers"]
@@ -608,9 +653,12 @@ def test_a_model_behind_an_existing_router_gets_no_workers(all_on_docs: list[Doc
 
 def test_workers_accept_only_the_gateway_and_the_scrapers(default_docs: list[Doc]) -> None:
     policy = one(default_docs, "NetworkPolicy", f"{FULLNAME}-workers")
-    worker_labels = one(default_docs, "Deployment", f"{FULLNAME}-worker-smollm2-135m-instruct")["spec"]["template"][
-        "metadata"]["labels"]
-    gateway_labels = one(default_docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["metadata"]["labels"]
+    worker_labels = one(default_docs, "Deployment", f"{FULLNAME}-worker-smollm2-135m-instruct")["spec"][
+        "template"
+    ]["metadata"]["labels"]
+    gateway_labels = one(default_docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["metadata"][
+        "labels"
+    ]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= worker_labels.items()
     assert not policy["spec"]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -618,7 +666,9 @@ def test_workers_accept_only_the_gateway_and_the_scrapers(default_docs: list[Doc
     gateway_rule, metrics_rule, group_rule = rules
     assert gateway_rule["from"][0]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
     assert gateway_rule["ports"] == [{"port": "http", "protocol": "TCP"}]
-    assert metrics_rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert metrics_rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
     assert group_rule["from"][0]["podSelector"]["matchLabels"].items() <= worker_labels.items()
 
 
@@ -631,7 +681,9 @@ def previous_month() -> str:
 
 
 @pytest.mark.parametrize("step", ["run", "finalize"])
-def test_month_close_cronjobs_close_the_previous_month(all_on_docs: list[Doc], tmp_path: Path, step: str) -> None:
+def test_month_close_cronjobs_close_the_previous_month(
+    all_on_docs: list[Doc], tmp_path: Path, step: str
+) -> None:
     cron = one(all_on_docs, "CronJob", f"{FULLNAME}-invoices-{step}")
     assert cron["spec"]["schedule"] == {"run": "30 2 1 * *", "finalize": "0 6 3 * *"}[step]
     assert cron["spec"]["timeZone"] == "Etc/UTC"
@@ -645,8 +697,12 @@ def test_month_close_cronjobs_close_the_previous_month(all_on_docs: list[Doc], t
     (bin_dir / "python").symlink_to(sys.executable)
     (bin_dir / "tokenport").chmod(0o755)
     result = subprocess.run(
-        ["/bin/sh", "-ec", c["command"][2]], capture_output=True, text=True, timeout=30,
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=False,
+        ["/bin/sh", "-ec", c["command"][2]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"tokenport invoices {step} --period {previous_month()}"
@@ -674,7 +730,8 @@ def test_service_monitors_keep_the_job_names_of_the_alert_rules(default_docs: li
         assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
         selected = [
-            s for s in find(default_docs, "Service")
+            s
+            for s in find(default_docs, "Service")
             if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
         ]
         assert selected
@@ -706,7 +763,10 @@ def test_rules_and_dashboards_configmaps_are_the_repository_files(all_on_docs: l
 def test_chart_copies_equal_the_configs() -> None:
     """helm reads only files inside the chart: files/ holds copies (deploy/helm/sync-files.sh)."""
     pairs = {
-        CHART / "files" / "prometheus" / "rules": (REPO / "configs" / "prometheus" / "rules", ["alerts.yml", "recording.yml"]),
+        CHART / "files" / "prometheus" / "rules": (
+            REPO / "configs" / "prometheus" / "rules",
+            ["alerts.yml", "recording.yml"],
+        ),
         CHART / "files" / "grafana" / "dashboards": (
             REPO / "configs" / "grafana" / "dashboards",
             sorted(p.name for p in (REPO / "configs" / "grafana" / "dashboards").glob("*.json")),
@@ -723,7 +783,9 @@ def test_chart_copies_equal_the_configs() -> None:
 # ------------------------------------------------------------------ the README's example
 
 
-def test_the_readme_fleet_values_render_and_validate(helm: str, kubernetes_validate: Any, tmp_path: Path) -> None:
+def test_the_readme_fleet_values_render_and_validate(
+    helm: str, kubernetes_validate: Any, tmp_path: Path
+) -> None:
     readme = (CHART / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.DOTALL)
     assert len(blocks) == 1
@@ -733,4 +795,7 @@ def test_the_readme_fleet_values_render_and_validate(helm: str, kubernetes_valid
     for doc in docs:
         validate(doc, K8S_VERSIONS[0], kubernetes_validate)
     assert one(docs, "LeaderWorkerSet", f"{FULLNAME}-worker-llama-3-1-405b-instruct")
-    assert container(one(docs, "Deployment", f"{FULLNAME}-gateway"))["image"] == "registry.example.com/tokenport:0.1.0"
+    assert (
+        container(one(docs, "Deployment", f"{FULLNAME}-gateway"))["image"]
+        == "registry.example.com/tokenport:0.1.0"
+    )

@@ -31,7 +31,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -87,8 +89,14 @@ class Gateway:
     worker_url: str
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tokenport"), *args], env=self.env, capture_output=True, text=True,
-                              check=True, timeout=120)
+        return subprocess.run(
+            [str(BIN / "tokenport"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
 
     def cli_json(self, *args: str) -> object:
         return json.loads(self.cli(*args, "--json").stdout)
@@ -98,11 +106,19 @@ class Gateway:
 def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("gateway-data")
     port = free_port()
-    env = {**os.environ, "TOKENPORT_DATA_DIR": str(data), "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml")}
+    env = {
+        **os.environ,
+        "TOKENPORT_DATA_DIR": str(data),
+        "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
+    }
     log = data / "gateway.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen([str(BIN / "tokenport"), "gateway", "--port", str(port),
-                                 "--worker", f"{MODEL}={vllm_worker}"], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [str(BIN / "tokenport"), "gateway", "--port", str(port), "--worker", f"{MODEL}={vllm_worker}"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc, log)
         yield Gateway(url=f"http://127.0.0.1:{port}", data_dir=data, env=env, worker_url=vllm_worker)

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from metering.db import make_engine
@@ -26,8 +27,21 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tenant(gateway: Gateway) -> dict[str, Any]:
-    t = gateway.cli_json("tenants", "create", "--id", "kz-bank", "--name", "Almaty Bank JSC",
-                         "--billing-country", "KZ", "--business", "--tax-id", "123456789013", "--currency", "USD")
+    t = gateway.cli_json(
+        "tenants",
+        "create",
+        "--id",
+        "kz-bank",
+        "--name",
+        "Almaty Bank JSC",
+        "--billing-country",
+        "KZ",
+        "--business",
+        "--tax-id",
+        "123456789013",
+        "--currency",
+        "USD",
+    )
     key = gateway.cli_json("keys", "create", "--tenant", "kz-bank")
     assert isinstance(t, dict) and isinstance(key, dict)
     return {"tenant": t, "key": key}
@@ -35,8 +49,12 @@ def tenant(gateway: Gateway) -> dict[str, Any]:
 
 @pytest.fixture()
 def client(gateway: Gateway, tenant: dict[str, Any]) -> Iterator[openai.OpenAI]:
-    c = openai.OpenAI(base_url=gateway.url + "/v1", api_key=tenant["key"]["key"], max_retries=0,
-                      default_headers={"X-Client-Country": "UZ"})
+    c = openai.OpenAI(
+        base_url=gateway.url + "/v1",
+        api_key=tenant["key"]["key"],
+        max_retries=0,
+        default_headers={"X-Client-Country": "UZ"},
+    )
     yield c
     c.close()
 
@@ -64,8 +82,14 @@ def worker_counts(worker_url: str) -> tuple[float, float]:
 
 
 def gateway_tokens(gw: Gateway, token_type: str) -> float:
-    return total(gw.url, "tokenport_tokens_total", tenant="kz-bank", model=MODEL, token_type=token_type,
-                 origin_country="UZ")
+    return total(
+        gw.url,
+        "tokenport_tokens_total",
+        tenant="kz-bank",
+        model=MODEL,
+        token_type=token_type,
+        origin_country="UZ",
+    )
 
 
 def check_request(gw: Gateway, request_id: str, *, prompt: int, completion: int, stream: bool) -> None:
@@ -99,7 +123,9 @@ class Deltas:
         assert g == {"input": prompt - cached, "cached_input": cached, "output": completion}
 
 
-MESSAGES = [{"role": "user", "content": "Привет! Расскажи коротко о Ташкенте."}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Привет! Расскажи коротко о Ташкенте."}
+]
 
 
 def test_chat_non_stream(gateway: Gateway, client: openai.OpenAI) -> None:
@@ -108,7 +134,9 @@ def test_chat_non_stream(gateway: Gateway, client: openai.OpenAI) -> None:
     r = raw.parse()
     rid = raw.headers["x-request-id"]
     assert r.usage is not None and r.usage.completion_tokens > 0 and r.choices[0].message.content
-    check_request(gateway, rid, prompt=r.usage.prompt_tokens, completion=r.usage.completion_tokens, stream=False)
+    check_request(
+        gateway, rid, prompt=r.usage.prompt_tokens, completion=r.usage.completion_tokens, stream=False
+    )
     d.check(r.usage.prompt_tokens, r.usage.completion_tokens)
     assert ledger(gateway).get(rid).event.language == "ru"  # type: ignore[union-attr]
 
@@ -116,8 +144,8 @@ def test_chat_non_stream(gateway: Gateway, client: openai.OpenAI) -> None:
 def test_chat_stream_with_usage(gateway: Gateway, client: openai.OpenAI) -> None:
     d = Deltas(gateway)
     with client.chat.completions.with_streaming_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=10, stream=True,
-            stream_options={"include_usage": True}) as resp:
+        model=MODEL, messages=MESSAGES, max_tokens=10, stream=True, stream_options={"include_usage": True}
+    ) as resp:
         rid = resp.headers["x-request-id"]
         chunks = list(resp.parse())
     usage_chunks = [c for c in chunks if c.usage is not None]
@@ -133,31 +161,47 @@ def test_chat_stream_with_usage(gateway: Gateway, client: openai.OpenAI) -> None
 def test_chat_stream_without_usage_is_still_metered(gateway: Gateway, client: openai.OpenAI) -> None:
     d = Deltas(gateway)
     with client.chat.completions.with_streaming_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=9, stream=True) as resp:
+        model=MODEL, messages=MESSAGES, max_tokens=9, stream=True
+    ) as resp:
         rid = resp.headers["x-request-id"]
         chunks = list(resp.parse())
     assert all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
     stored = ledger(gateway).get(rid)
     assert stored is not None and stored.event.completion_tokens > 0
-    check_request(gateway, rid, prompt=stored.event.prompt_tokens, completion=stored.event.completion_tokens,
-                  stream=True)
+    check_request(
+        gateway,
+        rid,
+        prompt=stored.event.prompt_tokens,
+        completion=stored.event.completion_tokens,
+        stream=True,
+    )
     d.check(stored.event.prompt_tokens, stored.event.completion_tokens)
 
 
 def test_completions_non_stream_and_stream(gateway: Gateway, client: openai.OpenAI) -> None:
     d = Deltas(gateway)
-    raw = client.completions.with_raw_response.create(model=MODEL, prompt="The capital of Kazakhstan is",
-                                                      max_tokens=8)
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt="The capital of Kazakhstan is", max_tokens=8
+    )
     r = raw.parse()
     assert r.usage is not None
-    check_request(gateway, raw.headers["x-request-id"], prompt=r.usage.prompt_tokens,
-                  completion=r.usage.completion_tokens, stream=False)
+    check_request(
+        gateway,
+        raw.headers["x-request-id"],
+        prompt=r.usage.prompt_tokens,
+        completion=r.usage.completion_tokens,
+        stream=False,
+    )
     d.check(r.usage.prompt_tokens, r.usage.completion_tokens)
 
     d = Deltas(gateway)
     with client.completions.with_streaming_response.create(
-            model=MODEL, prompt="Once upon a time", max_tokens=7, stream=True,
-            stream_options={"include_usage": True}) as resp:
+        model=MODEL,
+        prompt="Once upon a time",
+        max_tokens=7,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as resp:
         rid = resp.headers["x-request-id"]
         chunks = list(resp.parse())
     u = chunks[-1].usage
@@ -171,8 +215,9 @@ def test_async_client_stream(gateway: Gateway, tenant: dict[str, Any]) -> None:
 
     async def go() -> tuple[str, int]:
         c = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=tenant["key"]["key"], max_retries=0)
-        stream = await c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, stream=True,
-                                                 stream_options={"include_usage": True})
+        stream = await c.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
         last = None
         async for chunk in stream:
             last = chunk
@@ -197,8 +242,11 @@ def test_errors_in_openai_shape(gateway: Gateway, client: openai.OpenAI, tenant:
         client.chat.completions.create(model=MODEL, messages=[], max_tokens=5)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, n=1000)
-    raw = httpx.post(gateway.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                     headers={"Authorization": f"Bearer {tenant['key']['key']}", "Content-Type": "application/json"})
+    raw = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"Authorization": f"Bearer {tenant['key']['key']}", "Content-Type": "application/json"},
+    )
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
     assert raw.headers["x-request-id"].startswith("req_")
     bad = openai.OpenAI(base_url=gateway.url + "/v1", api_key="tp_nope_nope", max_retries=0)
@@ -224,11 +272,29 @@ def test_revoked_key_is_refused_at_once(gateway: Gateway) -> None:
 
 
 def test_usage_export_and_summary(gateway: Gateway) -> None:
-    rows = [json.loads(line) for line in gateway.cli("usage", "export", "--tenant", "kz-bank").stdout.splitlines()]
+    rows = [
+        json.loads(line) for line in gateway.cli("usage", "export", "--tenant", "kz-bank").stdout.splitlines()
+    ]
     assert rows and list(rows[0]) == [  # every field of UsageEvent, in its order (metering/events.py)
-        "request_id", "tenant_id", "key_id", "model", "endpoint", "origin_country", "origin_source", "language",
-        "serving_region", "worker_id", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "stream",
-        "outcome", "estimated", "started_at", "finished_at"]
+        "request_id",
+        "tenant_id",
+        "key_id",
+        "model",
+        "endpoint",
+        "origin_country",
+        "origin_source",
+        "language",
+        "serving_region",
+        "worker_id",
+        "prompt_tokens",
+        "cached_prompt_tokens",
+        "completion_tokens",
+        "stream",
+        "outcome",
+        "estimated",
+        "started_at",
+        "finished_at",
+    ]
     csv_out = gateway.cli("usage", "export", "--tenant", "kz-bank", "--format", "csv").stdout.splitlines()
     assert len(csv_out) == len(rows) + 1
     summary = gateway.cli_json("usage", "summary", "--by", "tenant,origin_country,model")

@@ -59,8 +59,12 @@ class GatewayProc:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "TOKENPORT_DATA_DIR": str(self.data),
-                "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"), **self.env_extra}
+        return {
+            **os.environ,
+            "TOKENPORT_DATA_DIR": str(self.data),
+            "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
+            **self.env_extra,
+        }
 
     @property
     def url(self) -> str:
@@ -76,8 +80,12 @@ class GatewayProc:
     def start(self) -> GatewayProc:
         self.data.mkdir(parents=True, exist_ok=True)
         log = open(self.data / "gateway.log", "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen([str(BIN / "tokenport"), "gateway", "--port", str(self.port),
-                                      *self.worker_args()], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(
+            [str(BIN / "tokenport"), "gateway", "--port", str(self.port), *self.worker_args()],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
         log.close()
         wait_http(self.url + "/readyz", 60, self.proc, self.data / "gateway.log")
         return self
@@ -95,11 +103,19 @@ class GatewayProc:
             stop(self.proc)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "tokenport"), *args], env=self.env, capture_output=True, text=True,
-                              check=check, timeout=120)
+        return subprocess.run(
+            [str(BIN / "tokenport"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
 
     def reconcile(self, *args: str) -> tuple[int, dict[str, Any]]:
-        out = self.cli("reconcile", *self.worker_args(), "--max-drift-ratio", "0", "--json", *args, check=False)
+        out = self.cli(
+            "reconcile", *self.worker_args(), "--max-drift-ratio", "0", "--json", *args, check=False
+        )
         assert out.stdout, out.stderr
         return out.returncode, json.loads(out.stdout)
 
@@ -127,8 +143,11 @@ def gateways(tmp_path: Path) -> Iterator[list[GatewayProc]]:
 def counters(worker_url: str) -> tuple[tuple[int, int, int], float]:
     text = httpx.get(worker_url + "/metrics", timeout=10).text
     c, _ = parse_worker_metrics(text, MODEL)
-    running = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("vllm:num_requests_running{"))
+    running = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:num_requests_running{")
+    )
     return (c.prompt_tokens, c.cached_prompt_tokens, c.completion_tokens), running
 
 
@@ -157,7 +176,9 @@ def snapshot(gw: GatewayProc) -> str:
 def assert_reconciled(gw: GatewayProc, since: str, *, in_flight_tokens: int = 0) -> dict[str, Any]:
     """Zero drift since the snapshot, except what the cut-off policy explains."""
     quiet(gw.workers[0])
-    code, report = gw.reconcile("--since", since, "--no-snapshot", "--max-drift-tokens", str(in_flight_tokens))
+    code, report = gw.reconcile(
+        "--since", since, "--no-snapshot", "--max-drift-tokens", str(in_flight_tokens)
+    )
     rows = {r["token_type"]: r for r in report["rows"] if r["worker"] == "cli-0"}
     assert all("snapshot" in b["baseline"] for b in report["baselines"] if b["worker"] == "cli-0"), report
     assert code == 0, report
@@ -169,8 +190,11 @@ def assert_reconciled(gw: GatewayProc, since: str, *, in_flight_tokens: int = 0)
 
 def ledger_counts(store: UsageStore, request_ids: list[str]) -> dict[str, int]:
     with store._engine.connect() as conn:
-        rows = conn.execute(select(usage_events.c.request_id, func.count()).where(
-            usage_events.c.request_id.in_(request_ids)).group_by(usage_events.c.request_id)).all()
+        rows = conn.execute(
+            select(usage_events.c.request_id, func.count())
+            .where(usage_events.c.request_id.in_(request_ids))
+            .group_by(usage_events.c.request_id)
+        ).all()
     return {r: n for r, n in rows}
 
 
@@ -198,7 +222,12 @@ class Load:
 
 
 async def one_request(client: httpx.AsyncClient, kind: str, load: Load, max_tokens: int = 24) -> None:
-    body: dict[str, Any] = {"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "min_tokens": max_tokens}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+    }
     try:
         if kind == "json":
             r = await client.post("/v1/chat/completions", json=body)
@@ -228,12 +257,16 @@ async def one_request(client: httpx.AsyncClient, kind: str, load: Load, max_toke
         load.failed += 1
 
 
-async def run_load(gw: GatewayProc, key: str, seconds: float, concurrency: int = 4,
-                   during: Any = None) -> Load:
+async def run_load(
+    gw: GatewayProc, key: str, seconds: float, concurrency: int = 4, during: Any = None
+) -> Load:
     load = Load()
     kinds = ["stream", "json", "cut", "stream", "json"]
     deadline = time.monotonic() + seconds
-    async with httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+    async with httpx.AsyncClient(
+        base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as c:
+
         async def loop(i: int) -> None:
             k = i
             while time.monotonic() < deadline:
@@ -248,8 +281,9 @@ async def run_load(gw: GatewayProc, key: str, seconds: float, concurrency: int =
 
 
 # --- the fault tests ---------------------------------------------------------------------------------
-def test_clients_disconnecting_after_n_chunks(vllm_worker: str, tmp_path: Path,
-                                              gateways: list[GatewayProc]) -> None:
+def test_clients_disconnecting_after_n_chunks(
+    vllm_worker: str, tmp_path: Path, gateways: list[GatewayProc]
+) -> None:
     gw = GatewayProc(tmp_path / "gw", [vllm_worker]).start()
     gateways.append(gw)
     key = gw.new_key("cut-co")
@@ -258,9 +292,17 @@ def test_clients_disconnecting_after_n_chunks(vllm_worker: str, tmp_path: Path,
     complete: list[str] = []
     with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
         for n in (1, 2, 4, 8, 16):
-            with c.stream("POST", "/v1/chat/completions", json={
-                    "model": MODEL, "messages": PROMPT, "max_tokens": 400, "min_tokens": 400,
-                    "stream": True}) as resp:
+            with c.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": PROMPT,
+                    "max_tokens": 400,
+                    "min_tokens": 400,
+                    "stream": True,
+                },
+            ) as resp:
                 seen = 0
                 for line in resp.iter_lines():
                     if line.startswith("data: {"):
@@ -289,13 +331,17 @@ def test_clients_disconnecting_after_n_chunks(vllm_worker: str, tmp_path: Path,
     verify_chain(gw)
 
 
-def test_sigterm_drains_in_flight_streams(vllm_worker: str, tmp_path: Path, gateways: list[GatewayProc]) -> None:
+def test_sigterm_drains_in_flight_streams(
+    vllm_worker: str, tmp_path: Path, gateways: list[GatewayProc]
+) -> None:
     gw = GatewayProc(tmp_path / "gw", [vllm_worker]).start()
     gateways.append(gw)
     key = gw.new_key("drain-co")
     body = {"model": MODEL, "messages": PROMPT, "max_tokens": 120, "min_tokens": 120, "stream": True}
-    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c, \
-            c.stream("POST", "/v1/chat/completions", json=body) as resp:
+    with (
+        httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c,
+        c.stream("POST", "/v1/chat/completions", json=body) as resp,
+    ):
         rid = resp.headers["x-request-id"]
         lines = resp.iter_lines()
         for line in lines:
@@ -309,8 +355,9 @@ def test_sigterm_drains_in_flight_streams(vllm_worker: str, tmp_path: Path, gate
     assert stored is not None and stored.event.outcome is Outcome.OK and stored.event.completion_tokens == 120
 
 
-def test_gateway_sigkill_under_mixed_load_then_restart(vllm_worker: str, tmp_path: Path,
-                                                       gateways: list[GatewayProc]) -> None:
+def test_gateway_sigkill_under_mixed_load_then_restart(
+    vllm_worker: str, tmp_path: Path, gateways: list[GatewayProc]
+) -> None:
     gw = GatewayProc(tmp_path / "gw", [vllm_worker]).start()
     gateways.append(gw)
     key = gw.new_key("crash-co")
@@ -366,8 +413,11 @@ def test_database_stopped_and_started(vllm_worker: str, tmp_path: Path, gateways
         gw.close()
 
         # fail closed: while the database is down, clients get 503 and no worker runs anything
-        closed = GatewayProc(tmp_path / "gw-closed", [vllm_worker], {"TOKENPORT_DATABASE_URL": server.url,
-                                                                      "TOKENPORT_METERING__FAIL_CLOSED": "true"})
+        closed = GatewayProc(
+            tmp_path / "gw-closed",
+            [vllm_worker],
+            {"TOKENPORT_DATABASE_URL": server.url, "TOKENPORT_METERING__FAIL_CLOSED": "true"},
+        )
         closed.start()
         gateways.append(closed)
         with httpx.Client(base_url=closed.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
@@ -405,13 +455,20 @@ def victim_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victim]:
     settings = load_settings(REPO / "configs" / "tokenport.yaml", data_dir=REPO / "data")
     spec = settings.catalogue.get(MODEL)
     assert spec is not None
-    spec = spec.model_copy(update={"max_model_len": 1024, "worker_args": [*spec.worker_args, "--enforce-eager"]})
+    spec = spec.model_copy(
+        update={"max_model_len": 1024, "worker_args": [*spec.worker_args, "--enforce-eager"]}
+    )
     port = free_port()
     cmd = worker_command(settings, spec, spec.workers[0].model_copy(update={"port": port}))
     log = tmp_path_factory.mktemp("victim") / "victim.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **settings.workers.env},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **settings.workers.env},
+            start_new_session=True,
+        )
     try:
         yield Victim(f"http://127.0.0.1:{port}", proc, log)
     finally:
@@ -420,8 +477,9 @@ def victim_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victim]:
             proc.wait()
 
 
-def test_worker_killed_mid_stream(vllm_worker: str, victim_worker: Victim, tmp_path: Path,
-                                  gateways: list[GatewayProc]) -> None:
+def test_worker_killed_mid_stream(
+    vllm_worker: str, victim_worker: Victim, tmp_path: Path, gateways: list[GatewayProc]
+) -> None:
     wait_http(victim_worker.url + "/health", 600, victim_worker.proc, victim_worker.log)
     victim_url, victim = victim_worker.url, victim_worker.proc
     # cli-0 is the victim (picked first when idle), cli-1 the session's worker
@@ -431,9 +489,18 @@ def test_worker_killed_mid_stream(vllm_worker: str, victim_worker: Victim, tmp_p
     seen = 0
     events: list[dict[str, Any]] = []
     with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
-        with c.stream("POST", "/v1/chat/completions", json={
-                "model": MODEL, "messages": PROMPT, "max_tokens": 400, "min_tokens": 400, "stream": True,
-                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as resp:
+        with c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": PROMPT,
+                "max_tokens": 400,
+                "min_tokens": 400,
+                "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            },
+        ) as resp:
             rid = resp.headers["x-request-id"]
             for line in resp.iter_lines():
                 if line.startswith("data: {"):

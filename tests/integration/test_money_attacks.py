@@ -26,8 +26,19 @@ SPLIT = {"max_tokens": 1, "max_completion_tokens": 300, "ignore_eos": True}
 
 
 def new_tenant(gw: Gateway, tenant_id: str, *limits: str) -> str:
-    gw.cli_json("tenants", "create", "--id", tenant_id, "--name", tenant_id, "--billing-country", "KZ",
-                "--consumer", "--currency", "USD")
+    gw.cli_json(
+        "tenants",
+        "create",
+        "--id",
+        tenant_id,
+        "--name",
+        tenant_id,
+        "--billing-country",
+        "KZ",
+        "--consumer",
+        "--currency",
+        "USD",
+    )
     if limits:
         gw.cli("tenants", "set-limits", tenant_id, *limits)
     key = gw.cli_json("keys", "create", "--tenant", tenant_id)
@@ -49,13 +60,19 @@ def events(gw: Gateway, tenant_id: str) -> list[dict[str, Any]]:
 
 def body(stream: bool, **extra: Any) -> dict[str, Any]:
     usage = {"stream_options": {"include_usage": True}} if stream else {}
-    return {"model": MODEL, "messages": [{"role": "user", "content": "Count from one to a thousand."}],
-            "stream": stream, **usage, **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count from one to a thousand."}],
+        "stream": stream,
+        **usage,
+        **extra,
+    }
 
 
 async def fire(gw: Gateway, key: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=gw.url, timeout=120,
-                                 headers={"Authorization": f"Bearer {key}"}) as client:
+    async with httpx.AsyncClient(
+        base_url=gw.url, timeout=120, headers={"Authorization": f"Bearer {key}"}
+    ) as client:
         return list(await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies)))
 
 
@@ -87,8 +104,16 @@ def test_split_token_fields_never_pass_a_token_budget(gateway: Gateway) -> None:
 
 def test_split_token_fields_never_pass_the_per_request_cap(gateway: Gateway) -> None:
     key = new_tenant(gateway, "atk-cap", "--max-tokens", "20")
-    answers = asyncio.run(fire(gateway, key, [body(False, **SPLIT | {"max_tokens": 5}),
-                                              body(True, max_completion_tokens=300, ignore_eos=True)]))
+    answers = asyncio.run(
+        fire(
+            gateway,
+            key,
+            [
+                body(False, **SPLIT | {"max_tokens": 5}),
+                body(True, max_completion_tokens=300, ignore_eos=True),
+            ],
+        )
+    )
     for r in answers:
         assert r.status_code in (200, 400), r.text
         if r.status_code == 200:
@@ -106,9 +131,15 @@ def test_split_token_fields_never_pass_a_tpm_limit(gateway: Gateway) -> None:
 
 
 def test_a_request_cut_by_its_timeout_bills_the_prompt(gateway: Gateway) -> None:
-    key = new_tenant(gateway, "atk-timeout", "--timeout", "1", "--budget", "100000", "--budget-unit", "tokens")
-    r = httpx.post(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                   json=body(False, max_tokens=1500, ignore_eos=True))
+    key = new_tenant(
+        gateway, "atk-timeout", "--timeout", "1", "--budget", "100000", "--budget-unit", "tokens"
+    )
+    r = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        json=body(False, max_tokens=1500, ignore_eos=True),
+    )
     assert r.status_code in (502, 504), r.text
     assert r.json()["error"]["code"] == "upstream_timeout"
     request_id = r.headers["x-request-id"]

@@ -25,6 +25,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from billing.ledger_read import Period
 from metering.db import make_engine
@@ -39,10 +40,16 @@ TENANTS = {  # id: (billing country, tax id, business, currency, language, origi
     "mc-ru": ("RU", "7707083893", True, "CNY", "ru", ("RU", "BY")),
     "mc-ae": ("AE", None, False, "USD", "en", ("AE",)),
 }
-TREATMENT = {"mc-kz": ("reverse_charge", "0"), "mc-sa": ("reverse_charge", "0"),
-             "mc-ru": ("supplier_charges", "22"), "mc-ae": ("not_collecting", "0")}
-PRICES = {"USD": {"input": "2000", "cached_input": "1000", "output": "4000"},
-          "CNY": {"input": "14000", "cached_input": "7000", "output": "28000"}}
+TREATMENT = {
+    "mc-kz": ("reverse_charge", "0"),
+    "mc-sa": ("reverse_charge", "0"),
+    "mc-ru": ("supplier_charges", "22"),
+    "mc-ae": ("not_collecting", "0"),
+}
+PRICES = {
+    "USD": {"input": "2000", "cached_input": "1000", "output": "4000"},
+    "CNY": {"input": "14000", "cached_input": "7000", "output": "28000"},
+}
 SOURCE = "test:month-close"
 
 
@@ -53,16 +60,26 @@ def billing_env(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> d
     for name in ("tokenport.yaml", "models.yaml"):
         shutil.copy(REPO / "configs" / name, cfg / name)
     shutil.copytree(REPO / "configs" / "billing", cfg / "billing")
-    book = {"price_books": [{"version": "month-close-test", "effective_from": "2000-01-01", "currencies": {
-        ccy: {"models": {MODEL: prices}} for ccy, prices in PRICES.items()}}]}
+    book = {
+        "price_books": [
+            {
+                "version": "month-close-test",
+                "effective_from": "2000-01-01",
+                "currencies": {ccy: {"models": {MODEL: prices}} for ccy, prices in PRICES.items()},
+            }
+        ]
+    }
     (cfg / "billing" / "price_books.yaml").write_text(yaml.safe_dump(book), encoding="utf-8")
     (cfg / "billing" / "fx_rates.csv").write_text("date,base,quote,rate,source\n", encoding="utf-8")
     return {**gateway.env, "TOKENPORT_CONFIG": str(cfg / "tokenport.yaml")}
 
 
-def tokenport(env: dict[str, str], *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[bytes]:
-    res = subprocess.run([str(BIN / "tokenport"), *args], env=env, capture_output=True, timeout=120,
-                         check=False)
+def tokenport(
+    env: dict[str, str], *args: str, ok: tuple[int, ...] = (0,)
+) -> subprocess.CompletedProcess[bytes]:
+    res = subprocess.run(
+        [str(BIN / "tokenport"), *args], env=env, capture_output=True, timeout=120, check=False
+    )
     assert res.returncode in ok, (args, res.returncode, res.stderr.decode(errors="replace")[-2000:])
     return res
 
@@ -73,18 +90,39 @@ def as_json(res: subprocess.CompletedProcess[bytes]) -> Any:
 
 def send_traffic(gateway: Gateway) -> None:
     for tenant, (country, tax_id, business, currency, language, origins) in TENANTS.items():
-        args = ["tenants", "create", "--id", tenant, "--name", f"Month Close {country}", "--billing-country",
-                country, "--business" if business else "--consumer", "--currency", currency, "--language",
-                language]
+        args = [
+            "tenants",
+            "create",
+            "--id",
+            tenant,
+            "--name",
+            f"Month Close {country}",
+            "--billing-country",
+            country,
+            "--business" if business else "--consumer",
+            "--currency",
+            currency,
+            "--language",
+            language,
+        ]
         gateway.cli_json(*args, *(["--tax-id", tax_id] if tax_id else []))
         key = gateway.cli_json("keys", "create", "--tenant", tenant)
         assert isinstance(key, dict)
         for i, origin in enumerate(origins):
-            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key["key"], max_retries=0, timeout=120,
-                                   default_headers={"X-Client-Country": origin})
-            messages = [{"role": "user", "content": f"Name {i + 2} cities in {country}. Answer briefly."}]
+            client = openai.OpenAI(
+                base_url=gateway.url + "/v1",
+                api_key=key["key"],
+                max_retries=0,
+                timeout=120,
+                default_headers={"X-Client-Country": origin},
+            )
+            messages: list[ChatCompletionMessageParam] = [
+                {"role": "user", "content": f"Name {i + 2} cities in {country}. Answer briefly."}
+            ]
             if i % 2:
-                stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, stream=True)
+                stream = client.chat.completions.create(
+                    model=MODEL, messages=messages, max_tokens=24, stream=True
+                )
                 assert sum(1 for _ in stream) > 0
             else:
                 r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24)
@@ -93,7 +131,8 @@ def send_traffic(gateway: Gateway) -> None:
 
 
 def ledger(gateway: Gateway, tenant: str, period: Period) -> tuple[dict[tuple[str, str], int], list[str]]:
-    """(model, token type) -> tokens and the event hashes of a tenant's events in the period, from the ledger."""
+    """(model, token type) -> tokens and the event hashes of a tenant's events in the period, from the
+    ledger."""
     store = UsageStore(make_engine(f"sqlite:///{gateway.data_dir / 'tokenport.db'}"))
     tokens: dict[tuple[str, str], int] = {}
     hashes: list[str] = []
@@ -111,8 +150,11 @@ def test_month_close_with_real_usage(gateway: Gateway, billing_env: dict[str, st
     period = Period.of(datetime.now(UTC))
     p = str(period)
     rates = tmp_path / "rates.csv"
-    rates.write_text(f"date,base,quote,rate,source\n{period.start},USD,CNY,7.1234,{SOURCE}\n"
-                     f"{period.end},USD,SAR,3.7500,{SOURCE}\n", encoding="utf-8")
+    rates.write_text(
+        f"date,base,quote,rate,source\n{period.start},USD,CNY,7.1234,{SOURCE}\n"
+        f"{period.end},USD,SAR,3.7500,{SOURCE}\n",
+        encoding="utf-8",
+    )
     imported = as_json(tokenport(billing_env, "fx", "import", str(rates), "--json"))
     assert imported["imported"] + imported["already_stored"] == 2
 
@@ -128,7 +170,9 @@ def test_month_close_with_real_usage(gateway: Gateway, billing_env: dict[str, st
     assert fin["closed"] and not [r for r in fin["refused"] if r["tenant"] in TENANTS], fin["refused"]
     numbers = {d["tenant"]: d["number"] for d in fin["finalized"] if d["tenant"] in TENANTS}
     assert set(numbers) == set(TENANTS)
-    listed = {d["number"]: d for d in as_json(tokenport(billing_env, "invoices", "list", "--period", p, "--json"))}
+    listed = {
+        d["number"]: d for d in as_json(tokenport(billing_env, "invoices", "list", "--period", p, "--json"))
+    }
 
     for tenant, number in numbers.items():
         doc = as_json(tokenport(billing_env, "invoices", "show", number, "--format", "json"))
@@ -136,10 +180,13 @@ def test_month_close_with_real_usage(gateway: Gateway, billing_env: dict[str, st
         lines: dict[tuple[str, str], int] = {}
         for line in doc["lines"]:
             assert line["kind"] == "usage", line
-            lines[(line["model"], line["token_type"])] = lines.get((line["model"], line["token_type"]), 0) + \
-                line["quantity_tokens"]
+            lines[(line["model"], line["token_type"])] = (
+                lines.get((line["model"], line["token_type"]), 0) + line["quantity_tokens"]
+            )
         assert lines == tokens, tenant
-        assert doc["usage_digest"] == "sha256:" + hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+        assert (
+            doc["usage_digest"] == "sha256:" + hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+        )
         subtotal, tax, total = Decimal(doc["subtotal"]), Decimal(doc["tax_total"]), Decimal(doc["total"])
         assert subtotal == sum(Decimal(line["amount"]) for line in doc["lines"]) > 0
         assert subtotal + tax == total and listed[number]["total"] == doc["total"]
@@ -149,8 +196,10 @@ def test_month_close_with_real_usage(gateway: Gateway, billing_env: dict[str, st
         assert all(f["source"] == SOURCE for f in doc["fx"]), doc["fx"]
         if tenant == "mc-sa":
             assert doc["taxes"][0]["tax_currency"] == "SAR"
-            assert [(f["to"], f["date"]) for f in doc["fx"]] == [("SAR", period.end.isoformat()),
-                                                                 ("CNY", period.start.isoformat())]
+            assert [(f["to"], f["date"]) for f in doc["fx"]] == [
+                ("SAR", period.end.isoformat()),
+                ("CNY", period.start.isoformat()),
+            ]
         pdf = tmp_path / f"{number}.pdf"
         tokenport(billing_env, "invoices", "show", number, "--format", "pdf", "--out", str(pdf))
         text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
@@ -160,20 +209,28 @@ def test_month_close_with_real_usage(gateway: Gateway, billing_env: dict[str, st
     # The exports report adds up: per tenant to its invoice and the ledger, overall to all invoices.
     by_tenant = as_json(tokenport(billing_env, "reports", "exports", "--period", p, "--by", "tenant"))
     groups = {g["key"]: g for g in by_tenant["groups"]}
-    all_docs = [as_json(tokenport(billing_env, "invoices", "show", n, "--format", "json"))
-                for n, d in listed.items() if d["status"] == "finalized" and d["kind"] == "invoice"]
+    all_docs = [
+        as_json(tokenport(billing_env, "invoices", "show", n, "--format", "json"))
+        for n, d in listed.items()
+        if d["status"] == "finalized" and d["kind"] == "invoice"
+    ]
     for tenant, number in numbers.items():
         doc = next(d for d in all_docs if d["number"] == number)
         assert groups[tenant]["quantity_tokens"] == sum(ledger(gateway, tenant, period)[0].values())
         assert Decimal(groups[tenant]["revenue_cny"]) == Decimal(doc["ledger"]["net_amount"])
         assert groups[tenant]["revenue_by_currency"] == {doc["currency"]: doc["subtotal"]}
-    assert by_tenant["quantity_tokens"] == sum(line["quantity_tokens"] for d in all_docs for line in d["lines"])
+    assert by_tenant["quantity_tokens"] == sum(
+        line["quantity_tokens"] for d in all_docs for line in d["lines"]
+    )
     assert Decimal(by_tenant["revenue_cny"]) == sum(Decimal(d["ledger"]["net_amount"]) for d in all_docs)
     by_country = as_json(tokenport(billing_env, "reports", "exports", "--period", p, "--by", "country"))
-    assert (by_country["quantity_tokens"], by_country["revenue_cny"]) == (by_tenant["quantity_tokens"],
-                                                                          by_tenant["revenue_cny"])
+    assert (by_country["quantity_tokens"], by_country["revenue_cny"]) == (
+        by_tenant["quantity_tokens"],
+        by_tenant["revenue_cny"],
+    )
     countries = {g["key"] for g in by_country["groups"]}
     assert {o for t in TENANTS.values() for o in t[5]} <= countries
-    csv_text = tokenport(billing_env, "reports", "exports", "--period", p, "--by", "country", "--format",
-                         "csv").stdout.decode()
+    csv_text = tokenport(
+        billing_env, "reports", "exports", "--period", p, "--by", "country", "--format", "csv"
+    ).stdout.decode()
     assert csv_text.splitlines()[-1].startswith(f"total,{by_country['quantity_tokens']},")

@@ -91,7 +91,7 @@ def test_every_codec_covers_every_field() -> None:
     assert tuple(c.to_db(FIXED_A)) == NAMES
     assert len(c.sqlite_values(FIXED_A)) == len(NAMES)
     assert tuple(c.to_record(FIXED_A)) == NAMES
-    assert COLUMNS == (*NAMES, *CHAIN_COLUMNS)
+    assert (*NAMES, *CHAIN_COLUMNS) == COLUMNS
     assert tuple(_row(FIXED_A, datetime(2026, 1, 1), GENESIS, GENESIS, 1)) == (*NAMES, *CHAIN_COLUMNS)
     assert EXPORT_FIELDS == NAMES
     assert CANONICAL_FIELDS == NAMES

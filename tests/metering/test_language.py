@@ -27,14 +27,15 @@ SENTENCES: dict[str, list[str]] = {
     "ru": ["Здравствуйте! Помогите, пожалуйста, составить договор поставки оборудования из Китая в Россию.",
            "Привет! Как у тебя дела сегодня? Расскажи мне что-нибудь интересное.",
            "Объясни, чем отличается аккредитив от банковской гарантии, и приведи примеры."],
-    "uk": ["Добрий день! Допоможіть, будь ласка, написати лист нашому партнерові щодо умов постачання товарів.",
+    "uk": [("Добрий день! Допоможіть, будь ласка, написати лист нашому партнерові щодо умов постачання "
+           "товарів."),
            "Поясніть, будь ласка, як правильно оформити рахунок-фактуру для іноземного клієнта.",
            "Я хочу дізнатися більше про податкові пільги для малого бізнесу в Україні."],
     "kk": ["Сәлеметсіз бе! Маған Қытайдан келетін тауарлар туралы қысқа есеп жазуға көмектесіңізші.",
            "Қазақстан Республикасының астанасы Астана қаласы болып табылады.",
            "Бүгін ауа райы жақсы, сондықтан біз саябаққа серуендеуге барамыз."],
-    "uz": [("Assalomu alaykum! Iltimos, menga Xitoydan keladigan mahsulotlar haqida qisqacha hisobot yozishga "
-           "yordam bering."),
+    "uz": [("Assalomu alaykum! Iltimos, menga Xitoydan keladigan mahsulotlar haqida qisqacha hisobot "
+           "yozishga yordam bering."),
            "O'zbekiston Respublikasining poytaxti Toshkent shahri hisoblanadi.",
            "Bugun havo yaxshi, shuning uchun biz bog'da sayr qilishga boramiz."],
     "ky": ["Саламатсызбы! Мага Кытайдан келген товарлар жөнүндө кыскача отчет жазууга жардам бериңизчи.",
@@ -66,8 +67,8 @@ SENTENCES: dict[str, list[str]] = {
            "schreiben?"),
            "Bitte fasse den beigefügten Vertrag zusammen und liste die Zahlungsbedingungen auf.",
            "Das Wetter ist heute schön, deshalb gehen wir im Park spazieren."],
-    "fr": [("Bonjour, pouvez-vous m'aider à écrire un court courriel à mon responsable au sujet de l'échéance "
-           "du projet ?"),
+    "fr": [("Bonjour, pouvez-vous m'aider à écrire un court courriel à mon responsable au sujet de "
+           "l'échéance du projet ?"),
            "Veuillez résumer le contrat ci-joint et énumérer les conditions de paiement.",
            "Il fait beau aujourd'hui, alors nous allons nous promener dans le parc."],
     "es": ["Hola, ¿puedes ayudarme a escribir un correo breve a mi jefe sobre la fecha límite del proyecto?",
@@ -135,7 +136,8 @@ def test_the_script_shortcut_agrees_with_the_model(detector: LanguageDetector, l
 @pytest.mark.parametrize(
     "text",
     [
-        "Please explain what 你好 and 谢谢 mean when I greet a client in Shanghai.",  # English with a little Chinese
+        # English with a little Chinese
+        "Please explain what 你好 and 谢谢 mean when I greet a client in Shanghai.",
         "Please explain the meaning of こんにちは in a business email to a Japanese client.",
         "Can you translate 감사합니다 into English and tell me when to use it?",
     ],
@@ -221,7 +223,9 @@ def test_the_rebuilt_automaton_finds_exactly_py3langids_features() -> None:
     blocks = [(32, 126), (0x400, 0x4FF), (0x600, 0x6FF), (0x4E00, 0x9FFF), (0xA0, 0x24F), (0x10A0, 0x10FF),
               (0x1F600, 0x1F64F), (0x3040, 0x30FF), (0xAC00, 0xD7A3), (0x0E00, 0x0E7F)]  # fmt: skip
     texts = [text for _lang, text in CASES]
-    texts += ["".join(chr(rng.randint(*rng.choice(blocks))) for _ in range(rng.randint(1, 200))) for _ in range(200)]
+    texts += [
+        "".join(chr(rng.randint(*rng.choice(blocks))) for _ in range(rng.randint(1, 200))) for _ in range(200)
+    ]
     for text in texts:
         data = ident._encode(text)
         want = dict(visit_counts(ident.tk_nextmove, ident._rowbase, ident.tk_output, data) or {})
@@ -239,7 +243,11 @@ def test_a_smaller_set_of_languages() -> None:
     assert small.languages == {"en", "ru"}
     assert small.detect(SENTENCES["ru"][0]) == "ru"
     assert small.detect(SENTENCES["kk"][0]) in {"ru", UNDETERMINED}  # no Kazakh: the nearest
-    assert small.detect(SENTENCES["zh"][0]) in {"en", "ru", UNDETERMINED}  # no shortcut to a language not served
+    assert small.detect(SENTENCES["zh"][0]) in {
+        "en",
+        "ru",
+        UNDETERMINED,
+    }  # no shortcut to a language not served
     assert small.detect(SENTENCES["de"][0]) in {"en", "ru", UNDETERMINED}
     for text in SENTENCES["en"]:
         assert small.detect(text) == "en"

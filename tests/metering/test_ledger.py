@@ -119,7 +119,9 @@ async def test_database_outage_spools_and_replays_without_duplicates(
         assert spooled[0] == down_events[0]
 
         flaky.down = False
-        await asyncio.sleep(0.06)  # the next commit replays the spool first (one attempt per replay_interval_s)
+        await asyncio.sleep(
+            0.06
+        )  # the next commit replays the spool first (one attempt per replay_interval_s)
         up = event()
         await ledger.append(up)
         stored = [s.event for s in real.iter_events()]
@@ -225,8 +227,11 @@ async def test_one_writer_thread_commits_and_callbacks_run_on_the_loop(
     store = ThreadRecordingStore(UsageStore(engine))
     callback_threads: list[int] = []
     before = set(_writer_threads())
-    ledger = Ledger(store, Spool(tmp_path / "s.jsonl"),  # type: ignore[arg-type]
-                    on_commit=lambda _s, _n: callback_threads.append(threading.get_ident()))
+    ledger = Ledger(
+        store,  # type: ignore[arg-type]
+        Spool(tmp_path / "s.jsonl"),
+        on_commit=lambda _s, _n: callback_threads.append(threading.get_ident()),
+    )
     await ledger.start()
     mine = [t for t in _writer_threads() if t not in before]
     assert len(mine) == 1 and mine[0].daemon
@@ -271,9 +276,13 @@ async def test_a_batch_wakes_the_loop_once(
     assert store.batches == [50, 50, 50, 50] == commits.batches == resolves
 
 
-async def test_the_loop_runs_on_during_a_slow_commit(engine: Engine, tmp_path: Path, event: EventFactory) -> None:
-    ledger = Ledger(ThreadRecordingStore(UsageStore(engine), delay_s=0.3),  # type: ignore[arg-type]
-                    Spool(tmp_path / "s.jsonl"))
+async def test_the_loop_runs_on_during_a_slow_commit(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
+    ledger = Ledger(
+        ThreadRecordingStore(UsageStore(engine), delay_s=0.3),  # type: ignore[arg-type]
+        Spool(tmp_path / "s.jsonl"),
+    )
     await ledger.start()
     ticks = 0
 
@@ -367,7 +376,9 @@ async def test_periodic_replay_runs_on_the_writer_thread(
         await ledger.close()
 
 
-async def test_wal_checkpoints_at_full_stay_in_the_commit(engine: Engine, tmp_path: Path, event: EventFactory) -> None:
+async def test_wal_checkpoints_at_full_stay_in_the_commit(
+    engine: Engine, tmp_path: Path, event: EventFactory
+) -> None:
     """At synchronous=FULL (the default) SQLite checkpoints inside COMMITs as usual: no checkpointer."""
     ledger = Ledger(UsageStore(engine), Spool(tmp_path / "s.jsonl"), checkpoint_interval_s=0.02)
     await ledger.start()

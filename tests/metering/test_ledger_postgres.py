@@ -32,14 +32,35 @@ from tests import pg
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def event(request_id: str | None = None, *, tenant: str = "t-a", prompt: int = 10, completion: int = 5,
-          worker: str = "w-0", model: str = "m", outcome: Outcome = Outcome.OK, offset_s: float = 0) -> UsageEvent:
+def event(
+    request_id: str | None = None,
+    *,
+    tenant: str = "t-a",
+    prompt: int = 10,
+    completion: int = 5,
+    worker: str = "w-0",
+    model: str = "m",
+    outcome: Outcome = Outcome.OK,
+    offset_s: float = 0,
+) -> UsageEvent:
     started = T0 + timedelta(seconds=offset_s)
-    return UsageEvent(request_id=request_id or "req_" + uuid.uuid4().hex, tenant_id=tenant, key_id="key_1",
-                      model=model, origin_country="DE", prompt_tokens=prompt, cached_prompt_tokens=min(2, prompt),
-                      completion_tokens=completion, stream=True, outcome=outcome, started_at=started,
-                      finished_at=started + timedelta(seconds=1), language="en", serving_region="r1",
-                      worker_id=worker)
+    return UsageEvent(
+        request_id=request_id or "req_" + uuid.uuid4().hex,
+        tenant_id=tenant,
+        key_id="key_1",
+        model=model,
+        origin_country="DE",
+        prompt_tokens=prompt,
+        cached_prompt_tokens=min(2, prompt),
+        completion_tokens=completion,
+        stream=True,
+        outcome=outcome,
+        started_at=started,
+        finished_at=started + timedelta(seconds=1),
+        language="en",
+        serving_region="r1",
+        worker_id=worker,
+    )
 
 
 # --- backends ----------------------------------------------------------------------------------------
@@ -146,7 +167,7 @@ def test_several_processes_appending_the_same_ids_store_each_once(db_url: str) -
         s = UsageStore(e)
         try:
             for i in range(0, len(ids), 5):
-                chunk = ids[i:i + 5] if k % 2 == 0 else list(reversed(ids[i:i + 5]))
+                chunk = ids[i : i + 5] if k % 2 == 0 else list(reversed(ids[i : i + 5]))
                 s.append_batch([event(r) for r in chunk] + [event(f"req_own_{k}_{i}")])
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
@@ -168,28 +189,63 @@ def test_several_processes_appending_the_same_ids_store_each_once(db_url: str) -
 
 
 def test_queries_agree_on_both_backends(store: UsageStore) -> None:
-    store.append_batch([event(tenant="t-a", prompt=10, completion=5, offset_s=0),
-                        event(tenant="t-a", prompt=20, completion=7, offset_s=10, outcome=Outcome.CLIENT_CANCELLED),
-                        event(tenant="t-b", prompt=30, completion=9, offset_s=20, worker="w-1")])
+    store.append_batch(
+        [
+            event(tenant="t-a", prompt=10, completion=5, offset_s=0),
+            event(tenant="t-a", prompt=20, completion=7, offset_s=10, outcome=Outcome.CLIENT_CANCELLED),
+            event(tenant="t-b", prompt=30, completion=9, offset_s=20, worker="w-1"),
+        ]
+    )
     rows = store.summary(["tenant_id"])
-    assert rows == [{"tenant_id": "t-a", "requests": 2, "prompt_tokens": 30, "cached_prompt_tokens": 4,
-                     "completion_tokens": 12},
-                    {"tenant_id": "t-b", "requests": 1, "prompt_tokens": 30, "cached_prompt_tokens": 2,
-                     "completion_tokens": 9}]
+    assert rows == [
+        {
+            "tenant_id": "t-a",
+            "requests": 2,
+            "prompt_tokens": 30,
+            "cached_prompt_tokens": 4,
+            "completion_tokens": 12,
+        },
+        {
+            "tenant_id": "t-b",
+            "requests": 1,
+            "prompt_tokens": 30,
+            "cached_prompt_tokens": 2,
+            "completion_tokens": 9,
+        },
+    ]
     assert store.summary(["tenant_id"], limit=1, offset=1)[0]["tenant_id"] == "t-b"
     assert [e.event.prompt_tokens for e in store.iter_events(start=T0 + timedelta(seconds=5))] == [20, 30]
     w0 = store.worker_totals("w-0", "m", after_seq=0, upto_seq=store.max_seq(), started_from=T0)
     assert (w0.requests, w0.prompt_tokens, w0.completion_tokens, w0.cut_off) == (2, 30, 12, 1)
-    later = store.worker_totals("w-0", "m", after_seq=0, upto_seq=store.max_seq(),
-                                started_from=T0 + timedelta(seconds=5))
+    later = store.worker_totals(
+        "w-0", "m", after_seq=0, upto_seq=store.max_seq(), started_from=T0 + timedelta(seconds=5)
+    )
     assert later.requests == 1
 
 
 def test_snapshots_round_trip(store: UsageStore) -> None:
-    rows = [{"taken_at": T0, "worker_id": "w-0", "model": "m", "counters_epoch": 1000.5, "prompt_tokens": 10,
-             "cached_prompt_tokens": 1, "completion_tokens": 3, "ledger_seq": 4},
-            {"taken_at": T0 + timedelta(minutes=5), "worker_id": "w-0", "model": "m", "counters_epoch": 1000.5,
-             "prompt_tokens": 20, "cached_prompt_tokens": 2, "completion_tokens": 6, "ledger_seq": 9}]
+    rows = [
+        {
+            "taken_at": T0,
+            "worker_id": "w-0",
+            "model": "m",
+            "counters_epoch": 1000.5,
+            "prompt_tokens": 10,
+            "cached_prompt_tokens": 1,
+            "completion_tokens": 3,
+            "ledger_seq": 4,
+        },
+        {
+            "taken_at": T0 + timedelta(minutes=5),
+            "worker_id": "w-0",
+            "model": "m",
+            "counters_epoch": 1000.5,
+            "prompt_tokens": 20,
+            "cached_prompt_tokens": 2,
+            "completion_tokens": 6,
+            "ledger_seq": 9,
+        },
+    ]
     store.save_snapshots(rows)
     got = store.snapshot_before("w-0", "m", T0 + timedelta(minutes=1), 1000.5)
     assert got is not None and got.ledger_seq == 4 and got.taken_at == T0
@@ -323,7 +379,10 @@ def test_chain_detects_an_edited_event(store: UsageStore, engine: Engine) -> Non
     report = verify_chain(store.iter_events())
     assert report.first_break is not None
     assert (report.first_break.kind, report.first_break.seq, report.first_break.request_id) == (
-        "edited", seqs[2], "req_2")
+        "edited",
+        seqs[2],
+        "req_2",
+    )
     assert report.events == 2
 
 
@@ -372,7 +431,9 @@ def test_an_append_waits_for_a_held_chain_lock_at_most_append_wait_s(engine: Eng
         if db_url.startswith("postgresql"):
             conn.execute(text("SELECT pg_advisory_lock(7302118)"))
         else:
-            conn.exec_driver_sql("INSERT INTO registry_version (id, version) VALUES (99, 1)")  # BEGIN IMMEDIATE held
+            conn.exec_driver_sql(
+                "INSERT INTO registry_version (id, version) VALUES (99, 1)"
+            )  # BEGIN IMMEDIATE held
         t0 = time.monotonic()
         with pytest.raises(OperationalError):
             store.append_batch([event()])
@@ -388,4 +449,9 @@ def test_tenant_positions_on_both_backends(store: UsageStore) -> None:
     store.append_batch([event(tenant="a"), event(tenant="b"), event(tenant="a")])
     store.append_batch([event(tenant="b"), event(tenant="a")])
     assert [(s.event.tenant_id, s.tenant_seq) for s in store.iter_events()] == [
-        ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)]
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("b", 2),
+        ("a", 3),
+    ]

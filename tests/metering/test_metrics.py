@@ -38,7 +38,7 @@ def test_tenants_past_the_cap_share_other(event: EventFactory) -> None:
     assert metric(text, "tokenport_label_overflow_total", label="tenant") == 2
     assert metric(text, "tokenport_label_values", label="tenant") == 2
     assert metric(text, "tokenport_label_cap", label="tenant") == 2
-    tenants = {s.labels["tenant"] for s in m.registry.collect() for s in s.samples if "tenant" in s.labels}
+    tenants = {s.labels["tenant"] for f in m.registry.collect() for s in f.samples if "tenant" in s.labels}
     assert tenants == {"t1", "t2", OTHER}
 
 

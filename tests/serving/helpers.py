@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
 
 from tests.conftest import MODEL
 
+if TYPE_CHECKING:
+    import httpx2  # the openai SDK's fork of httpx: its errors carry an httpx2.Response
+
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
-def chat_body(text: str = "Say hello", **extra: Any) -> dict[str, Any]:
+def chat_body(text: str = "Say hello", /, **extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
 
 
@@ -21,19 +24,24 @@ def auth(api_key: str, **headers: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}", **headers}
 
 
-def request_ids(resp: httpx.Response) -> list[str]:
+def request_ids(resp: httpx.Response | httpx2.Response) -> list[str]:
     return resp.headers.get_list("x-request-id")
 
 
 def assert_openai_error(
-    resp: httpx.Response, status: int, *, type: str | None = None, code: object = ..., param: object = ...
+    resp: httpx.Response | httpx2.Response,
+    status: int,
+    *,
+    type: str | None = None,
+    code: object = ...,
+    param: object = ...,
 ) -> dict[str, Any]:
     """The body is exactly {"error": {"message", "type", "param", "code"}} and one X-Request-Id is set."""
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()
     assert set(body) == {"error"}, body
-    err = body["error"]
+    err: dict[str, Any] = body["error"]
     assert set(err) == ERROR_KEYS, err
     assert isinstance(err["message"], str) and err["message"]
     if type is not None:

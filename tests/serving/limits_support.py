@@ -21,8 +21,9 @@ PRICE_BOOK = str(REPO / "configs" / "billing" / "price_books.yaml")
 
 
 @asynccontextmanager
-async def guarded_gateway(directory: Path, workers: list[tuple[str, str, str]], *, env: dict[str, str] | None = None,
-                          **kw: Any) -> AsyncIterator[Gateway]:
+async def guarded_gateway(
+    directory: Path, workers: list[tuple[str, str, str]], *, env: dict[str, str] | None = None, **kw: Any
+) -> AsyncIterator[Gateway]:
     """run_gateway with extra settings given as TOKENPORT_* variables (read once, at load time)."""
     env = {"TOKENPORT_LIMITS__PRICE_BOOK": PRICE_BOOK, **(env or {})}
     saved = {k: os.environ.get(k) for k in env}
@@ -76,7 +77,7 @@ def ledger_tokens(gw: Gateway, tenant_id: str) -> int:
     return sum(e.event.prompt_tokens + e.event.completion_tokens for e in gw.events_for(tenant_id))
 
 
-def chat(text: str = "Say hello", **extra: Any) -> dict[str, Any]:
+def chat(text: str = "Say hello", /, **extra: Any) -> dict[str, Any]:
     from tests.conftest import MODEL
 
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
@@ -86,11 +87,13 @@ def bearer(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"}
 
 
-async def stream_all(http: httpx.AsyncClient, api_key: str, body: dict[str, Any], *,
-                     cut_after: int | None = None) -> tuple[int, httpx.Headers, bytes]:
+async def stream_all(
+    http: httpx.AsyncClient, api_key: str, body: dict[str, Any], *, cut_after: int | None = None
+) -> tuple[int, httpx.Headers, bytes]:
     """POST a streamed request; read it all (or drop the connection after `cut_after` bytes chunks)."""
-    async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
-                           headers=bearer(api_key)) as resp:
+    async with http.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True}, headers=bearer(api_key)
+    ) as resp:
         data = b""
         n = 0
         async for chunk in resp.aiter_bytes():

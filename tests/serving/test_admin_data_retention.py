@@ -32,8 +32,9 @@ def database_bytes(gw: Gateway) -> bytes:
     return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
 
 
-async def test_no_prompt_or_completion_is_stored_or_logged_by_default(gw: Gateway, worker: FakeWorker,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_prompt_or_completion_is_stored_or_logged_by_default(
+    gw: Gateway, worker: FakeWorker, caplog: pytest.LogCaptureFixture
+) -> None:
     _t, _k, api_key = gw.new_tenant()
     marker = "secret-prompt-" + uuid.uuid4().hex
     worker.behave(tokens=3)
@@ -42,7 +43,9 @@ async def test_no_prompt_or_completion_is_stored_or_logged_by_default(gw: Gatewa
     assert r.status_code == 200
     status, _h, _d = await stream_all(gw.http, api_key, chat(marker, max_tokens=3))
     assert status == 200
-    bad = await gw.http.post("/v1/chat/completions", json=chat(marker, max_tokens=3, bogus=1), headers=bearer(api_key))
+    bad = await gw.http.post(
+        "/v1/chat/completions", json=chat(marker, max_tokens=3, bogus=1), headers=bearer(api_key)
+    )
     assert bad.status_code == 400 and marker not in bad.text
     await asyncio.sleep(0.3)
     assert marker.encode() not in database_bytes(gw)
@@ -51,8 +54,9 @@ async def test_no_prompt_or_completion_is_stored_or_logged_by_default(gw: Gatewa
     assert ContentLogStore(gw.engine).for_tenant(_t.id) == []
 
 
-async def test_content_logging_stores_prompt_and_completion_until_retention_ends(gw: Gateway,
-                                                                                 worker: FakeWorker) -> None:
+async def test_content_logging_stores_prompt_and_completion_until_retention_ends(
+    gw: Gateway, worker: FakeWorker
+) -> None:
     t, key, api_key = gw.new_tenant()
     await set_limits(gw, t.id, content_logging=True, content_retention_days=7)
     marker = "logged-prompt-" + uuid.uuid4().hex
@@ -75,12 +79,17 @@ async def test_content_logging_stores_prompt_and_completion_until_retention_ends
 
     # Past retention, the purge (every gateway runs it every few minutes) deletes them.
     with gw.engine.begin() as conn:
-        conn.execute(update(content_log).where(content_log.c.request_id == plain["request_id"])
-                     .values(expires_at=to_naive(utcnow() - timedelta(seconds=1))))
+        conn.execute(
+            update(content_log)
+            .where(content_log.c.request_id == plain["request_id"])
+            .values(expires_at=to_naive(utcnow() - timedelta(seconds=1)))
+        )
     assert store.purge() == 1
     assert [row["request_id"] for row in store.for_tenant(t.id)] == [streamed["request_id"]]
 
     await set_limits(gw, t.id, content_logging=False)
-    r = await gw.http.post("/v1/chat/completions", json=chat(marker + "-off", max_tokens=3), headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions", json=chat(marker + "-off", max_tokens=3), headers=bearer(api_key)
+    )
     await asyncio.sleep(0.2)
     assert len(store.for_tenant(t.id)) == 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 import pytest
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from metering.events import Outcome
 from serving import errors
@@ -16,12 +16,12 @@ from tests.conftest import MODEL, Gateway, TenantKey, metric
 from tests.fakes import FakeWorker
 from tests.serving.helpers import assert_openai_error, auth, chat_body
 
-MESSAGES = [{"role": "user", "content": "Say hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
 
 
-def _status_error(exc: BaseException) -> httpx.Response:
+def _status_error(exc: BaseException) -> httpx2.Response:
     assert isinstance(exc, openai.APIStatusError)
-    return exc.response  # type: ignore[return-value]
+    return exc.response
 
 
 def _assert_nothing_forwarded_or_metered(gateway: Gateway, worker: FakeWorker, tenant: TenantKey) -> None:
@@ -69,7 +69,7 @@ async def test_missing_key_is_401(gateway: Gateway, worker: FakeWorker, tenant: 
     r = await gateway.http.get("/v1/models")
     assert_openai_error(r, 401, code="invalid_api_key")
     with pytest.raises(openai.AuthenticationError) as info:  # the SDK with its Authorization header removed
-        await gateway.client("unused").chat.completions.create(  # type: ignore[call-overload]
+        await gateway.client("unused").chat.completions.create(
             model=MODEL, messages=MESSAGES, extra_headers={"Authorization": openai.Omit()}
         )
     assert "authorization" not in info.value.request.headers
@@ -80,7 +80,7 @@ async def test_missing_key_is_401(gateway: Gateway, worker: FakeWorker, tenant: 
 async def test_wrong_key_is_401(gateway: Gateway, worker: FakeWorker, tenant: TenantKey) -> None:
     wrong = tenant.api_key[:-4] + ("aaaa" if not tenant.api_key.endswith("aaaa") else "bbbb")
     with pytest.raises(openai.AuthenticationError) as info:
-        await gateway.client(wrong).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        await gateway.client(wrong).chat.completions.create(model=MODEL, messages=MESSAGES)
     err = assert_openai_error(
         _status_error(info.value), 401, type="invalid_request_error", code="invalid_api_key"
     )
@@ -94,7 +94,7 @@ async def test_unknown_model_is_404(
     gateway: Gateway, client: openai.AsyncOpenAI, worker: FakeWorker, tenant: TenantKey
 ) -> None:
     with pytest.raises(openai.NotFoundError) as info:
-        await client.chat.completions.create(model="gpt-17-ultra", messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="gpt-17-ultra", messages=MESSAGES)
     assert_openai_error(
         _status_error(info.value), 404, type="invalid_request_error", code="model_not_found", param="model"
     )
@@ -104,10 +104,10 @@ async def test_unknown_model_is_404(
 async def test_model_not_allowed_for_tenant_is_404(gateway: Gateway, worker: FakeWorker) -> None:
     t, _key, plain = gateway.new_tenant(allowed_models=["tiny-other"])
     with pytest.raises(openai.NotFoundError) as info:
-        await gateway.client(plain).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        await gateway.client(plain).chat.completions.create(model=MODEL, messages=MESSAGES)
     assert_openai_error(_status_error(info.value), 404, code="model_not_found", param="model")
     # the same tenant may use the model it is allowed
-    done = await gateway.client(plain).chat.completions.create(model="tiny-other", messages=MESSAGES)  # type: ignore[arg-type]
+    done = await gateway.client(plain).chat.completions.create(model="tiny-other", messages=MESSAGES)
     assert done.usage is not None and done.usage.completion_tokens == 3
     assert [r.body["model"] for r in worker.completion_requests()] == ["tiny-other"]
     assert [e.event.model for e in gateway.events_for(t.id)] == ["tiny-other"]
@@ -169,7 +169,7 @@ async def test_n_1000_with_the_sdk_is_400(
     gateway: Gateway, client: openai.AsyncOpenAI, worker: FakeWorker, tenant: TenantKey
 ) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES, n=1000)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES, n=1000)
     assert_openai_error(_status_error(info.value), 400, param="n")
     _assert_nothing_forwarded_or_metered(gateway, worker, tenant)
 
@@ -224,7 +224,7 @@ async def test_malformed_origin_country_header_is_400(
     with pytest.raises(openai.BadRequestError) as info:
         await client.chat.completions.create(
             model=MODEL,
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             extra_headers={"X-Client-Country": value},
         )
     assert_openai_error(
@@ -250,7 +250,7 @@ async def test_worker_500_is_502_and_metered_as_upstream_error(
     )
     before = await gateway.metrics()
     with pytest.raises(openai.InternalServerError) as info:
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=stream)  # type: ignore[call-overload]
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=stream)
     resp = _status_error(info.value)
     assert_openai_error(resp, 502, type="api_error", code="upstream_error")
     assert len(worker.completion_requests()) == 1  # no retry after the worker answered
@@ -267,7 +267,7 @@ async def test_worker_500_is_502_and_metered_as_upstream_error(
     )
     # A worker that answers (even with 500) is not taken out of the pool.
     worker.behave(status=200)
-    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert done.choices[0].message.content
 
 
@@ -280,13 +280,15 @@ async def test_worker_400_keeps_its_status_in_our_words_and_is_metered_as_reject
         await client.chat.completions.create(
             model=MODEL,
             messages=MESSAGES,
-            stream=stream,  # type: ignore[call-overload]
+            stream=stream,
             max_tokens=100_000,
         )
     resp = _status_error(info.value)
     err = assert_openai_error(resp, 400, type="invalid_request_error", code="upstream_rejected")
-    assert err["message"] == ("The model refused this request (HTTP 400): a parameter is not supported or is "
-                              "out of range for this model.")
+    assert err["message"] == (
+        "The model refused this request (HTTP 400): a parameter is not supported or is "
+        "out of range for this model."
+    )
     assert "max_tokens too large" not in resp.text  # vLLM's own text never reaches the client
     [stored] = gateway.events_for(tenant.tenant.id)
     ev = stored.event
@@ -298,14 +300,22 @@ async def test_worker_400_keeps_its_status_in_our_words_and_is_metered_as_reject
 @pytest.mark.parametrize(
     ("status", "body", "code"),
     [
-        pytest.param(422, b'{"message": "old style", "type": "BadRequestError", "param": null, "code": 400}',
-                     "upstream_rejected", id="flat"),
+        pytest.param(
+            422,
+            b'{"message": "old style", "type": "BadRequestError", "param": null, "code": 400}',
+            "upstream_rejected",
+            id="flat",
+        ),
         pytest.param(422, b"plain text failure", "upstream_rejected", id="text"),
         pytest.param(400, b'{"error": {"message": "partial"}}', "upstream_rejected", id="partial"),
-        pytest.param(400, b'{"error": {"message": "This model\'s maximum context length is 2048 tokens. '
-                     b'However, you requested 3000 tokens", "type": "BadRequestError", "param": null, '
-                     b'"code": 400}}',
-                     "context_length_exceeded", id="context"),
+        pytest.param(
+            400,
+            b'{"error": {"message": "This model\'s maximum context length is 2048 tokens. '
+            b'However, you requested 3000 tokens", "type": "BadRequestError", "param": null, '
+            b'"code": 400}}',
+            "context_length_exceeded",
+            id="context",
+        ),
     ],
 )
 async def test_worker_4xx_bodies_are_told_in_openai_shape_and_our_words(

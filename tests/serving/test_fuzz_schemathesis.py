@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.core.result import Err, Ok
 
 from tests.conftest import MODEL, Gateway
 from tests.fakes import FakeWorker
@@ -94,8 +95,14 @@ def fuzz(op: Any, mode: GenerationMode, base_url: str, headers: dict[str, str], 
     """Up to FUZZ_EXAMPLES generated calls of one operation; 5xx answers are added to `failures`."""
     calls = 0
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=op.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
         nonlocal calls
@@ -104,8 +111,9 @@ def fuzz(op: Any, mode: GenerationMode, base_url: str, headers: dict[str, str], 
             case.body["model"] = MODEL  # most requests reach the worker
         resp = case.call(base_url=base_url, headers=headers, timeout=15)
         if resp.status_code >= 500:
-            failures.append(f"{case.method} {case.formatted_path} ({mode.value}) -> {resp.status_code}: "
-                            f"{resp.text[:300]}")
+            failures.append(
+                f"{case.method} {case.formatted_path} ({mode.value}) -> {resp.status_code}: {resp.text[:300]}"
+            )
 
     try:
         run()
@@ -114,19 +122,33 @@ def fuzz(op: Any, mode: GenerationMode, base_url: str, headers: dict[str, str], 
     return calls
 
 
+T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
+
+
+def _ok(result: Ok[T] | Err[E]) -> T:
+    """The value of a schemathesis `Result`, or its error raised."""
+    if isinstance(result, Err):
+        raise result.err()
+    return result.ok()
+
+
 def test_fuzz_the_openapi_schema(harness: Harness) -> None:
     gw, fake = harness.gw, harness.fake
     assert gw is not None and fake is not None
     tenant, _key, api_key = gw.new_tenant()
 
     async def setup() -> None:
-        r = await gw.http.patch(f"/admin/v1/tenants/{tenant.id}/limits", headers=ADMIN, json={
-            "rpm": 100_000, "tpm": 100_000_000, "budget": {"unit": "tokens", "amount": 100_000_000}})
+        r = await gw.http.patch(
+            f"/admin/v1/tenants/{tenant.id}/limits",
+            headers=ADMIN,
+            json={"rpm": 100_000, "tpm": 100_000_000, "budget": {"unit": "tokens", "amount": 100_000_000}},
+        )
         assert r.status_code == 200
 
     harness.call(setup())
     schema = schemathesis.openapi.from_dict(gw.app.openapi())
-    operations = [r.ok() for r in schema.get_all_operations()]
+    operations = [_ok(r) for r in schema.get_all_operations()]
     assert any(op.path == "/v1/chat/completions" for op in operations)
     started = time.monotonic()
     failures: list[str] = []
@@ -149,7 +171,10 @@ def test_fuzz_the_openapi_schema(harness: Harness) -> None:
 
     async def check() -> None:
         assert (await gw.http.get("/healthz")).status_code == 200  # still up
-        seen = {next(v for k, v in r.headers.items() if k.lower() == "x-request-id") for r in fake.completion_requests()}
+        seen = {
+            next(v for k, v in r.headers.items() if k.lower() == "x-request-id")
+            for r in fake.completion_requests()
+        }
         for _ in range(100):  # events of streams still closing
             events = gw.events_for(tenant.id)
             if {e.event.request_id for e in events} >= seen:

@@ -20,13 +20,18 @@ async def _events(gateway: Gateway, tenant: TenantKey) -> list[str]:
     return [s.event.request_id for s in gateway.events_for(tenant.tenant.id)]
 
 
-async def test_retry_gets_the_first_answer_and_is_billed_once(gateway: Gateway, tenant: TenantKey,
-                                                              worker: FakeWorker) -> None:
+async def test_retry_gets_the_first_answer_and_is_billed_once(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
     k = key()
     body = chat_body("Name a colour", max_tokens=5)
-    first = await gateway.http.post("/v1/chat/completions", json=body, headers=auth(tenant.api_key, **{"Idempotency-Key": k}))
+    first = await gateway.http.post(
+        "/v1/chat/completions", json=body, headers=auth(tenant.api_key, **{"Idempotency-Key": k})
+    )
     await asyncio.sleep(0.1)  # the answer is stored just after it is sent
-    again = await gateway.http.post("/v1/chat/completions", json=body, headers=auth(tenant.api_key, **{"Idempotency-Key": k}))
+    again = await gateway.http.post(
+        "/v1/chat/completions", json=body, headers=auth(tenant.api_key, **{"Idempotency-Key": k})
+    )
     assert first.status_code == again.status_code == 200
     assert again.content == first.content
     assert again.headers["x-request-id"] == first.headers["x-request-id"]
@@ -35,15 +40,17 @@ async def test_retry_gets_the_first_answer_and_is_billed_once(gateway: Gateway, 
     assert await _events(gateway, tenant) == [first.headers["x-request-id"]]
 
 
-async def test_concurrent_retries_run_the_request_once(gateway: Gateway, tenant: TenantKey,
-                                                       worker: FakeWorker) -> None:
+async def test_concurrent_retries_run_the_request_once(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
     worker.behave(delay_s=0.05, tokens=4)
     k = key()
     body = chat_body("Tell me", stream=True)
 
     async def one() -> tuple[int, str]:
-        async with gateway.http.stream("POST", "/v1/chat/completions", json=body,
-                                       headers=auth(tenant.api_key, **{"Idempotency-Key": k})) as r:
+        async with gateway.http.stream(
+            "POST", "/v1/chat/completions", json=body, headers=auth(tenant.api_key, **{"Idempotency-Key": k})
+        ) as r:
             await r.aread()
             return r.status_code, r.headers["x-request-id"]
 
@@ -54,43 +61,56 @@ async def test_concurrent_retries_run_the_request_once(gateway: Gateway, tenant:
     await asyncio.sleep(0.1)
     replay = await stream_raw(gateway.http, tenant.api_key, body, **{"Idempotency-Key": k})
     assert replay.status == 200 and replay.done and replay.request_id == ok[0]
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in replay.events if e["choices"]) == \
-        " w0 w1 w2 w3"
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in replay.events if e["choices"])
+        == " w0 w1 w2 w3"
+    )
     assert len(worker.completion_requests()) == 1
     assert await _events(gateway, tenant) == ok
 
 
-async def test_same_key_with_another_body_is_400(gateway: Gateway, tenant: TenantKey, worker: FakeWorker) -> None:
+async def test_same_key_with_another_body_is_400(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
     k = key()
     h = auth(tenant.api_key, **{"Idempotency-Key": k})
-    assert (await gateway.http.post("/v1/chat/completions", json=chat_body("a"), headers=h)).status_code == 200
+    assert (
+        await gateway.http.post("/v1/chat/completions", json=chat_body("a"), headers=h)
+    ).status_code == 200
     r = await gateway.http.post("/v1/chat/completions", json=chat_body("b"), headers=h)
     assert r.status_code == 400 and r.json()["error"]["code"] == "idempotency_key_reused"
     # keys are per tenant: another tenant may use the same string
     _t, _k, other = gateway.new_tenant()
-    r = await gateway.http.post("/v1/chat/completions", json=chat_body("b"), headers=auth(other, **{"Idempotency-Key": k}))
+    r = await gateway.http.post(
+        "/v1/chat/completions", json=chat_body("b"), headers=auth(other, **{"Idempotency-Key": k})
+    )
     assert r.status_code == 200
 
 
-async def test_a_cut_off_billed_stream_consumes_the_key(gateway: Gateway, tenant: TenantKey,
-                                                        worker: FakeWorker) -> None:
+async def test_a_cut_off_billed_stream_consumes_the_key(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
     worker.behave(tokens=50, delay_s=0.02)
     k = key()
     body = chat_body("Long story", stream=True)
-    async with gateway.http.stream("POST", "/v1/chat/completions", json=body,
-                                   headers=auth(tenant.api_key, **{"Idempotency-Key": k})) as resp:
+    async with gateway.http.stream(
+        "POST", "/v1/chat/completions", json=body, headers=auth(tenant.api_key, **{"Idempotency-Key": k})
+    ) as resp:
         first = await read_sse(resp, stop_after=3)
     ev = (await gateway.wait_event(first.request_id)).event
     assert ev.outcome is Outcome.CLIENT_CANCELLED and ev.completion_tokens > 0
     await asyncio.sleep(0.1)
-    r = await gateway.http.post("/v1/chat/completions", json=body, headers=auth(tenant.api_key, **{"Idempotency-Key": k}))
+    r = await gateway.http.post(
+        "/v1/chat/completions", json=body, headers=auth(tenant.api_key, **{"Idempotency-Key": k})
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_consumed"
     assert first.request_id in r.json()["error"]["message"]
     assert len(worker.completion_requests()) == 1
 
 
-async def test_a_failure_billed_nothing_releases_the_key(gateway: Gateway, tenant: TenantKey,
-                                                         worker: FakeWorker) -> None:
+async def test_a_failure_billed_nothing_releases_the_key(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
     k = key()
     h = auth(tenant.api_key, **{"Idempotency-Key": k})
     worker.behave(status=500, error_body={"error": {"message": "boom"}})
@@ -102,8 +122,9 @@ async def test_a_failure_billed_nothing_releases_the_key(gateway: Gateway, tenan
     assert len(worker.completion_requests()) == 2
 
 
-async def test_a_request_refused_before_any_worker_releases_the_key(gateway_factory: GatewayFactory,
-                                                                    fake_factory: object) -> None:
+async def test_a_request_refused_before_any_worker_releases_the_key(
+    gateway_factory: GatewayFactory, fake_factory: object
+) -> None:
     w: FakeWorker = await fake_factory()  # type: ignore[operator]
     gw = await gateway_factory([(MODEL, "solo", w.url)])
     _t, _k, api_key = gw.new_tenant()
@@ -122,8 +143,11 @@ async def test_a_request_refused_before_any_worker_releases_the_key(gateway_fact
 
 
 async def test_invalid_key_is_400(gateway: Gateway, tenant: TenantKey) -> None:
-    r = await gateway.http.post("/v1/chat/completions", json=chat_body(),
-                                headers=auth(tenant.api_key, **{"Idempotency-Key": "x" * 300}))
+    r = await gateway.http.post(
+        "/v1/chat/completions",
+        json=chat_body(),
+        headers=auth(tenant.api_key, **{"Idempotency-Key": "x" * 300}),
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_idempotency_key"
 
 

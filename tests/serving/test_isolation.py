@@ -53,9 +53,14 @@ async def make_side(gw: Gateway, label: str) -> Side:
     gw.tenants.create_tenant(id=tid, name=name, billing_country="DE", currency="USD", tax_id="DE811907980")
     k1, p1 = gw.tenants.create_key(tid, name="one")
     k2, _p2 = gw.tenants.create_key(tid, name="two")
-    side = Side(tid, name, p1, [k1.id, k2.id], [k1.prefix, k2.prefix], marker=f"{label}-prompt-{uuid.uuid4().hex}")
-    r = await gw.http.patch(f"/admin/v1/tenants/{tid}/limits", headers=ADMIN, json={
-        "rpm": 500, "budget": {"unit": "tokens", "amount": 100000}, "content_logging": True})
+    side = Side(
+        tid, name, p1, [k1.id, k2.id], [k1.prefix, k2.prefix], marker=f"{label}-prompt-{uuid.uuid4().hex}"
+    )
+    r = await gw.http.patch(
+        f"/admin/v1/tenants/{tid}/limits",
+        headers=ADMIN,
+        json={"rpm": 500, "budget": {"unit": "tokens", "amount": 100000}, "content_logging": True},
+    )
     assert r.status_code == 200
     for body in (chat(side.marker, max_tokens=4), chat(side.marker, max_tokens=4, stream=True)):
         resp = await gw.http.post("/v1/chat/completions", json=body, headers=bearer(p1))
@@ -76,7 +81,7 @@ def secrets_of(b: Side, sent: set[str]) -> set[str]:
 
 
 def tenant_routes(gw: Gateway) -> list[tuple[str, APIRoute]]:
-    out = []
+    out: list[tuple[str, APIRoute]] = []
     for route in gw.app.routes:
         if isinstance(route, APIRoute) and not route.path.startswith(OPS):
             out.extend((m, route) for m in sorted(route.methods))
@@ -112,7 +117,11 @@ async def test_tenant_a_can_never_read_or_change_tenant_b(gw: Gateway, worker: F
     b_limits = (await gw.http.get(f"/admin/v1/tenants/{b.tenant_id}", headers=ADMIN)).json()
     routes = tenant_routes(gw)
     assert {r.path for _m, r in routes} >= {"/v1/chat/completions", "/v1/completions", "/v1/models"}
-    aim_headers = {"OpenAI-Organization": b.tenant_id, "OpenAI-Project": b.tenant_id, "X-Tenant-Id": b.tenant_id}
+    aim_headers = {
+        "OpenAI-Organization": b.tenant_id,
+        "OpenAI-Project": b.tenant_id,
+        "X-Tenant-Id": b.tenant_id,
+    }
     problems: list[str] = []
     walked = 0
     for method, route in routes:
@@ -131,11 +140,14 @@ async def test_tenant_a_can_never_read_or_change_tenant_b(gw: Gateway, worker: F
                 elif "key" in q.name.lower():
                     query[q.name] = b.key_ids[0]
             body = request_body(route, b)
-            r = await gw.http.request(method, path, params=query, json=body,
-                                      headers={**bearer(a.api_key), **aim_headers})
+            r = await gw.http.request(
+                method, path, params=query, json=body, headers={**bearer(a.api_key), **aim_headers}
+            )
             walked += 1
             sent = set(values.values()) | {b.tenant_id, b.key_ids[0]}
-            leaked = [s for s in secrets_of(b, sent) if s in r.text or any(s in v for v in r.headers.values())]
+            leaked = [
+                s for s in secrets_of(b, sent) if s in r.text or any(s in v for v in r.headers.values())
+            ]
             where = f"{method} {path} -> {r.status_code}"
             if r.status_code >= 500:
                 problems.append(f"{where}: server error {r.text[:200]}")
@@ -158,14 +170,18 @@ async def test_tenant_a_can_never_read_or_change_tenant_b(gw: Gateway, worker: F
     assert ok.status_code == 200
 
 
-async def test_the_same_idempotency_key_from_two_tenants_never_crosses(gw: Gateway, worker: FakeWorker) -> None:
+async def test_the_same_idempotency_key_from_two_tenants_never_crosses(
+    gw: Gateway, worker: FakeWorker
+) -> None:
     a = await make_side(gw, "alpha")
     b = await make_side(gw, "bravo")
     shared = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
-    rb = await gw.http.post("/v1/chat/completions", json=chat(b.marker, max_tokens=4),
-                            headers={**bearer(b.api_key), **shared})
-    ra = await gw.http.post("/v1/chat/completions", json=chat(b.marker, max_tokens=4),
-                            headers={**bearer(a.api_key), **shared})
+    rb = await gw.http.post(
+        "/v1/chat/completions", json=chat(b.marker, max_tokens=4), headers={**bearer(b.api_key), **shared}
+    )
+    ra = await gw.http.post(
+        "/v1/chat/completions", json=chat(b.marker, max_tokens=4), headers={**bearer(a.api_key), **shared}
+    )
     assert rb.status_code == 200 and ra.status_code in (200, 409, 422)
     assert ra.headers["x-request-id"] != rb.headers["x-request-id"]
     ev = await gw.wait_event(ra.headers["x-request-id"]) if ra.status_code == 200 else None
@@ -177,8 +193,9 @@ async def test_one_tenants_limits_never_throttle_another(gw: Gateway, worker: Fa
     b = await make_side(gw, "bravo")
     await gw.http.patch(f"/admin/v1/tenants/{b.tenant_id}/limits", headers=ADMIN, json={"rpm": 1})
     await gw.http.post("/v1/chat/completions", json=chat(max_tokens=2), headers=bearer(b.api_key))
-    assert (await gw.http.post("/v1/chat/completions", json=chat(max_tokens=2),
-                               headers=bearer(b.api_key))).status_code == 429
+    assert (
+        await gw.http.post("/v1/chat/completions", json=chat(max_tokens=2), headers=bearer(b.api_key))
+    ).status_code == 429
     for _ in range(5):
         r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=2), headers=bearer(a.api_key))
         assert r.status_code == 200 and r.headers["x-ratelimit-limit-requests"] == "500"

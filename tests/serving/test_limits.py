@@ -127,7 +127,9 @@ async def test_a_hold_never_settled_expires(backend: Any) -> None:
 
 async def test_concurrent_admissions_never_exceed_the_budget(backend: Any) -> None:
     k = ns()
-    results = await asyncio.gather(*(backend.admit(f"r{i}", T0, [], [hold(k, 1000, 70)], "e") for i in range(200)))
+    results = await asyncio.gather(
+        *(backend.admit(f"r{i}", T0, [], [hold(k, 1000, 70)], "e") for i in range(200))
+    )
     assert sum(r.status == "ok" for r in results) == 1000 // 70
 
 
@@ -136,8 +138,12 @@ async def test_two_redis_clients_share_one_budget(redis_server: RedisServer) -> 
     a, b = RedisBackend(redis_server.url), RedisBackend(redis_server.url)
     k = ns()
     try:
-        results = await asyncio.gather(*(
-            (a if i % 2 else b).admit(f"r{i}", T0, [rpm(k, 1000)], [hold(k, 500, 9)], "e") for i in range(300)))
+        results = await asyncio.gather(
+            *(
+                (a if i % 2 else b).admit(f"r{i}", T0, [rpm(k, 1000)], [hold(k, 500, 9)], "e")
+                for i in range(300)
+            )
+        )
         assert sum(r.status == "ok" for r in results) == 500 // 9
         st = await a.status(k + ":bg", T0)
         assert st.reserved == 9 * (500 // 9) and st.holds == 500 // 9
@@ -146,13 +152,16 @@ async def test_two_redis_clients_share_one_budget(redis_server: RedisServer) -> 
         await b.close()
 
 
-async def test_after_a_redis_state_loss_settles_of_old_holds_do_not_double_count(redis_server: RedisServer) -> None:
+async def test_after_a_redis_state_loss_settles_of_old_holds_do_not_double_count(
+    redis_server: RedisServer,
+) -> None:
     b = RedisBackend(redis_server.url)
     k = ns()
     try:
         ok = await b.admit("r1", T0, [], [hold(k, 100, 10, seed=0)], "old")
         await b.client.delete(k + ":bg", k + ":bg:r", k + ":bg:x")  # Redis lost the window
-        # Re-seeded from the ledger, which already holds r1's usage (5): the late settle must not add it again.
+        # Re-seeded from the ledger, which already holds r1's usage (5): the late settle must not add it
+        # again.
         assert (await b.admit("r2", T0, [], [hold(k, 100, 10, seed=5)], "new")).status == "ok"
         await b.settle("r1", T0, [HoldSettle(k + ":bg", 5, ok.epochs[0])], [])
         st = await b.status(k + ":bg", T0)
@@ -163,26 +172,43 @@ async def test_after_a_redis_state_loss_settles_of_old_holds_do_not_double_count
 
 # --- the parts around the algorithm ----------------------------------------------------------
 def test_reset_durations_use_openai_format() -> None:
-    assert [duration(x) for x in (0, 17, 1000, 1500, 59_180, 60_000, 360_000)] == \
-        ["0ms", "17ms", "1s", "1.5s", "59.2s", "1m0s", "6m0s"]
+    assert [duration(x) for x in (0, 17, 1000, 1500, 59_180, 60_000, 360_000)] == [
+        "0ms",
+        "17ms",
+        "1s",
+        "1.5s",
+        "59.2s",
+        "1m0s",
+        "6m0s",
+    ]
 
 
 def test_headers_report_the_tightest_bucket_of_each_kind() -> None:
     from serving.limits.backend import BucketView
 
-    views = [BucketView(100, 90, 6000, "requests", "tenant"), BucketView(10, 2, 48_000, "requests", "key"),
-             BucketView(5000, 4000, 12_000, "tokens", "tenant")]
+    views = [
+        BucketView(100, 90, 6000, "requests", "tenant"),
+        BucketView(10, 2, 48_000, "requests", "key"),
+        BucketView(5000, 4000, 12_000, "tokens", "tenant"),
+    ]
     assert rate_headers(views) == {
-        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "2",
-        "x-ratelimit-reset-requests": "48s", "x-ratelimit-limit-tokens": "5000",
-        "x-ratelimit-remaining-tokens": "4000", "x-ratelimit-reset-tokens": "12s"}
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "48s",
+        "x-ratelimit-limit-tokens": "5000",
+        "x-ratelimit-remaining-tokens": "4000",
+        "x-ratelimit-reset-tokens": "12s",
+    }
 
 
 def test_policies_combine_tenant_key_and_defaults() -> None:
     d = Defaults(rpm=600, tpm=None, max_tokens=4096, max_prompt_tokens=None, request_timeout_s=600)
     budget = Budget("tokens", Decimal(1000), "month")
-    eff = combine(LimitPolicy(tpm=50_000, budget=budget, max_tokens=8192, request_timeout_s=30),
-                  LimitPolicy(rpm=5, max_tokens=256), d)
+    eff = combine(
+        LimitPolicy(tpm=50_000, budget=budget, max_tokens=8192, request_timeout_s=30),
+        LimitPolicy(rpm=5, max_tokens=256),
+        d,
+    )
     assert (eff.tenant_rpm, eff.tenant_tpm, eff.key_rpm, eff.key_tpm) == (600, 50_000, 5, None)
     assert (eff.max_tokens, eff.timeout_s, eff.tenant_budget, eff.key_budget) == (256, 30.0, budget, None)
     assert combine(None, None, Defaults()).unlimited
@@ -198,8 +224,12 @@ def test_budget_windows() -> None:
 
 def test_prompt_counter_without_tokenizer_counts_bytes_as_an_upper_bound(tmp_path: Path) -> None:
     c = PromptCounter(tmp_path)
-    body = {"messages": [{"role": "user", "content": "héllo"}, {"role": "user", "content": [
-        {"type": "text", "text": "abc"}]}]}
+    body = {
+        "messages": [
+            {"role": "user", "content": "héllo"},
+            {"role": "user", "content": [{"type": "text", "text": "abc"}]},
+        ]
+    }
     count = c.count_chat("m", body)
     assert not count.exact and count.tokens == 6 + 3 + 2 * 8 + 16
     assert c.count_completion("m", {"prompt": ["ab", "cde"]}).tokens == 5 + 2 * 2
@@ -214,8 +244,9 @@ def test_prompt_counter_with_the_models_tokenizer_is_exact_and_above_the_real_co
 
     tok = Tokenizer.from_file(str(models / "smollm2-135m-instruct" / "tokenizer.json"))
     text = "The quick brown fox jumps over the lazy dog. " * 20
-    count = PromptCounter(models).count_chat("smollm2-135m-instruct", {"messages": [{"role": "user",
-                                                                                      "content": text}]})
+    count = PromptCounter(models).count_chat(
+        "smollm2-135m-instruct", {"messages": [{"role": "user", "content": text}]}
+    )
     assert count.exact
     real = len(tok.encode(text).ids)
     assert real < count.tokens <= real + 8 + 16 < len(text.encode())
@@ -223,7 +254,10 @@ def test_prompt_counter_with_the_models_tokenizer_is_exact_and_above_the_real_co
 
 def test_static_and_price_book_pricers() -> None:
     p = StaticPricer("USD", {("m", TokenType.INPUT): Decimal(2), ("m", TokenType.OUTPUT): Decimal(6)})
-    assert cost_units(p, "m", "USD", "t", input_tokens=1_000_000, cached_tokens=0, output_tokens=500_000) == 5_000_000
+    assert (
+        cost_units(p, "m", "USD", "t", input_tokens=1_000_000, cached_tokens=0, output_tokens=500_000)
+        == 5_000_000
+    )
     with pytest.raises(PriceUnavailable):
         p.price("m", TokenType.INPUT, 1, "EUR")
     assert to_micro(Decimal("0.0000001")) == 1  # rounded up: a charge is never under-counted
@@ -315,8 +349,16 @@ async def test_a_request_whose_event_the_ledger_refused_drops_its_hold() -> None
     await limiter.admit(tenant, "key_1", "r1", "m", prompt_tokens=100, completion_tokens=800)
     key = next(iter(backend._holds))
     assert (await backend.status(key, limiter._now_ms())).reserved == 900
-    meter = RequestMeter(request_id="r1", tenant_id="t", key_id="key_1", model="m", endpoint="chat.completions",
-                         origin_country="DE", origin_source="tenant", stream=False)
+    meter = RequestMeter(
+        request_id="r1",
+        tenant_id="t",
+        key_id="key_1",
+        model="m",
+        endpoint="chat.completions",
+        origin_country="DE",
+        origin_source="tenant",
+        stream=False,
+    )
     limiter.on_lost(meter.event(Outcome.OK))
     await limiter.drain()
     st = await backend.status(key, limiter._now_ms())

@@ -24,8 +24,6 @@ from tests import redis_fixture
 from tests.conftest import MODEL, OTHER_MODEL, Gateway, metric
 from tests.fakes import FakeWorker
 from tests.redis_fixture import RedisServer
-
-redis_server = redis_fixture.redis_server  # the fixture, for this module
 from tests.serving.limits_support import (
     ADMIN,
     PRICE_BOOK,
@@ -40,6 +38,7 @@ from tests.serving.limits_support import (
     stream_all,
 )
 
+redis_server = redis_fixture.redis_server  # the fixture, for this module
 DEAD = "dead-model"
 
 
@@ -68,8 +67,14 @@ async def test_rate_limit_headers_on_every_response_and_openai_429(gw: Gateway, 
     assert remaining == [2, 1, 0]
     r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=8), headers=bearer(api_key))
     assert r.status_code == 429
-    assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "rate_limit_error",
-                                  "param": None, "code": "rate_limit_exceeded"}}
+    assert r.json() == {
+        "error": {
+            "message": r.json()["error"]["message"],
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
     assert "Limit 3" in r.json()["error"]["message"]
     assert r.headers["x-ratelimit-remaining-requests"] == "0"
     assert 1 <= int(r.headers["retry-after"]) <= 20 and int(r.headers["retry-after-ms"]) > 0
@@ -80,7 +85,9 @@ async def test_rate_limit_headers_on_every_response_and_openai_429(gw: Gateway, 
     assert metric(await gw.metrics(), "tokenport_limit_rejections_total", reason="requests") >= 2
 
 
-async def test_tokens_per_minute_hold_the_worst_case_and_give_back_the_rest(gw: Gateway, worker: FakeWorker) -> None:
+async def test_tokens_per_minute_hold_the_worst_case_and_give_back_the_rest(
+    gw: Gateway, worker: FakeWorker
+) -> None:
     t, _key, api_key = gw.new_tenant()
     await set_limits(gw, t.id, tpm=300)
     worker.behave(tokens=3, prompt_tokens=20)
@@ -104,7 +111,9 @@ async def test_a_keys_own_limits_apply_to_that_key_only(gw: Gateway, worker: Fak
     t, key1, api1 = gw.new_tenant()
     _key2, api2 = gw.tenants.create_key(t.id, name="second")
     await set_key_limits(gw, key1.id, rpm=1)
-    assert (await gw.http.post("/v1/chat/completions", json=chat(max_tokens=4), headers=bearer(api1))).status_code == 200
+    assert (
+        await gw.http.post("/v1/chat/completions", json=chat(max_tokens=4), headers=bearer(api1))
+    ).status_code == 200
     refused = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=4), headers=bearer(api1))
     assert refused.status_code == 429 and "API key" in refused.json()["error"]["message"]
     for _ in range(3):
@@ -119,15 +128,22 @@ async def test_max_tokens_cap_is_enforced_and_injected(gw: Gateway, worker: Fake
     r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=65), headers=bearer(api_key))
     assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_exceeded"
     assert r.json()["error"]["param"] == "max_tokens"
-    r = await gw.http.post("/v1/chat/completions", json=chat(max_completion_tokens=500), headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions", json=chat(max_completion_tokens=500), headers=bearer(api_key)
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
     r = await gw.http.post("/v1/chat/completions", json=chat(), headers=bearer(api_key))
     assert r.status_code == 200
     assert worker.completion_requests()[-1].body["max_tokens"] == 64  # the worker can never exceed the hold
-    r = await gw.http.post("/v1/chat/completions", json=chat("x" * 300, max_tokens=8), headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions", json=chat("x" * 300, max_tokens=8), headers=bearer(api_key)
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    r = await gw.http.post("/v1/completions", json={"model": MODEL, "prompt": ["y" * 100, "z" * 100],
-                                                    "max_tokens": 8}, headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": ["y" * 100, "z" * 100], "max_tokens": 8},
+        headers=bearer(api_key),
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
@@ -137,15 +153,17 @@ async def test_allowed_models_per_tenant(gw: Gateway, worker: FakeWorker) -> Non
     await asyncio.sleep(0.4)  # the key cache reloads the tenant within key_cache_refresh_s
     r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=4), headers=bearer(api_key))
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    ok = await gw.http.post("/v1/chat/completions", json={**chat(max_tokens=4), "model": OTHER_MODEL},
-                            headers=bearer(api_key))
+    ok = await gw.http.post(
+        "/v1/chat/completions", json={**chat(max_tokens=4), "model": OTHER_MODEL}, headers=bearer(api_key)
+    )
     assert ok.status_code == 200
     models = (await gw.http.get("/v1/models", headers=bearer(api_key))).json()["data"]
     assert [m["id"] for m in models] == [OTHER_MODEL]
 
 
-async def test_per_tenant_request_timeout_cuts_the_stream_and_meters_what_was_made(gw: Gateway,
-                                                                                   worker: FakeWorker) -> None:
+async def test_per_tenant_request_timeout_cuts_the_stream_and_meters_what_was_made(
+    gw: Gateway, worker: FakeWorker
+) -> None:
     t, _key, api_key = gw.new_tenant()
     await set_limits(gw, t.id, request_timeout_s=1, budget={"unit": "tokens", "amount": 100_000})
     worker.behave(tokens=20, delay_s=0.2)
@@ -162,8 +180,9 @@ async def test_per_tenant_request_timeout_cuts_the_stream_and_meters_what_was_ma
 async def test_a_hold_is_released_when_no_worker_is_reached(gw: Gateway, worker: FakeWorker) -> None:
     t, _key, api_key = gw.new_tenant()
     await set_limits(gw, t.id, budget={"unit": "tokens", "amount": 1000})
-    r = await gw.http.post("/v1/chat/completions", json={**chat(max_tokens=900), "model": DEAD},
-                           headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions", json={**chat(max_tokens=900), "model": DEAD}, headers=bearer(api_key)
+    )
     assert r.status_code in (502, 503)
     b = await settled_budget(gw, t.id)
     assert b["used"] == "0" and b["remaining"] == "1000"
@@ -173,17 +192,20 @@ async def test_a_hold_is_released_when_no_worker_is_reached(gw: Gateway, worker:
 
 async def _storm(gws: list[Gateway], api_key: str, n: int, *, max_tokens: int) -> list[int]:
     """n concurrent streams spread over the gateways; every 5th client goes away after two chunks."""
+
     async def one(i: int) -> int:
         g = gws[i % len(gws)]
-        status, _h, _d = await stream_all(g.http, api_key, chat(max_tokens=max_tokens),
-                                          cut_after=2 if i % 5 == 0 else None)
+        status, _h, _d = await stream_all(
+            g.http, api_key, chat(max_tokens=max_tokens), cut_after=2 if i % 5 == 0 else None
+        )
         return status
 
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
-async def test_64_concurrent_streams_never_take_a_tenant_above_its_token_budget(gw: Gateway,
-                                                                                 worker: FakeWorker) -> None:
+async def test_64_concurrent_streams_never_take_a_tenant_above_its_token_budget(
+    gw: Gateway, worker: FakeWorker
+) -> None:
     t, _key, api_key = gw.new_tenant()
     limit = 1000
     await set_limits(gw, t.id, budget={"unit": "tokens", "amount": limit})
@@ -203,20 +225,32 @@ async def test_money_budget_priced_from_the_price_book(gw: Gateway, worker: Fake
     t, _key, api_key = gw.new_tenant()  # USD
     await set_limits(gw, t.id, budget={"unit": "money", "amount": "0.00005"})
     worker.behave(tokens=200, prompt_tokens=30)
-    results = await asyncio.gather(*(gw.http.post("/v1/chat/completions", json=chat(max_tokens=200),
-                                                  headers=bearer(api_key)) for _ in range(20)))
+    results = await asyncio.gather(
+        *(
+            gw.http.post("/v1/chat/completions", json=chat(max_tokens=200), headers=bearer(api_key))
+            for _ in range(20)
+        )
+    )
     codes = [r.status_code for r in results]
     assert 1 <= codes.count(200) <= 6 and set(codes) <= {200, 429}
     quota = next(r for r in results if r.status_code == 429).json()["error"]
-    assert quota["code"] == "insufficient_quota" and quota["type"] == "insufficient_quota" and "USD" in quota["message"]
+    assert (
+        quota["code"] == "insufficient_quota"
+        and quota["type"] == "insufficient_quota"
+        and "USD" in quota["message"]
+    )
     b = await settled_budget(gw, t.id)
     pricer = PriceBookPricer.from_file(Path(PRICE_BOOK))
     assert pricer is not None
-    spent = sum(pricer.price(MODEL, TokenType.INPUT, e.event.input_tokens, "USD")
-                + pricer.price(MODEL, TokenType.OUTPUT, e.event.completion_tokens, "USD") for e in gw.events_for(t.id))
+    spent = sum(
+        pricer.price(MODEL, TokenType.INPUT, e.event.input_tokens, "USD")
+        + pricer.price(MODEL, TokenType.OUTPUT, e.event.completion_tokens, "USD")
+        for e in gw.events_for(t.id)
+    )
     assert spent <= Decimal("0.00005") and Decimal(b["used"]) >= spent
-    r = await gw.http.post("/v1/chat/completions", json={**chat(max_tokens=4), "model": OTHER_MODEL},
-                           headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions", json={**chat(max_tokens=4), "model": OTHER_MODEL}, headers=bearer(api_key)
+    )
     assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_priced"  # never a silent zero
 
 
@@ -224,33 +258,47 @@ async def test_prepaid_balance_and_top_up(gw: Gateway, worker: FakeWorker) -> No
     t, _key, api_key = gw.new_tenant()
     worker.behave(tokens=10, prompt_tokens=30)
     await set_limits(gw, t.id, budget={"unit": "tokens", "amount": 100, "period": "prepaid"})
-    assert (await gw.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))).status_code == 200
+    assert (
+        await gw.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))
+    ).status_code == 200
     await settled_budget(gw, t.id)
-    assert (await gw.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))).status_code == 200
+    assert (
+        await gw.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))
+    ).status_code == 200
     await settled_budget(gw, t.id)
     r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))
     assert r.status_code == 429 and "prepaid balance" in r.json()["error"]["message"]
     top = await gw.http.post(f"/admin/v1/tenants/{t.id}/budget/top-up", json={"amount": 100}, headers=ADMIN)
     assert top.status_code == 200 and top.json()["budget"]["amount"] == "200"
-    assert (await gw.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))).status_code == 200
+    assert (
+        await gw.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))
+    ).status_code == 200
     b = await settled_budget(gw, t.id)
     assert int(b["used"]) == ledger_tokens(gw, t.id) == 3 * 40
 
 
 # --- Redis: several gateway processes ---------------------------------------------------------
 @pytest.fixture
-async def redis_pair(fake: FakeWorker, redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[list[Gateway]]:
-    env = {"TOKENPORT_LIMITS__BACKEND": "redis", "TOKENPORT_LIMITS__REDIS_URL": redis_server.url,
-           "TOKENPORT_LIMITS__REDIS_TIMEOUT_S": "3",  # a shared 2-core test machine can be slow
-           "TOKENPORT_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}"}
+async def redis_pair(
+    fake: FakeWorker, redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[list[Gateway]]:
+    env = {
+        "TOKENPORT_LIMITS__BACKEND": "redis",
+        "TOKENPORT_LIMITS__REDIS_URL": redis_server.url,
+        "TOKENPORT_LIMITS__REDIS_TIMEOUT_S": "3",  # a shared 2-core test machine can be slow
+        "TOKENPORT_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}",
+    }
     workers = [(MODEL, "f0", fake.url)]
-    async with guarded_gateway(tmp_path / "a", workers, env=env) as a, \
-            guarded_gateway(tmp_path / "b", workers, env=env) as b:
+    async with (
+        guarded_gateway(tmp_path / "a", workers, env=env) as a,
+        guarded_gateway(tmp_path / "b", workers, env=env) as b,
+    ):
         yield [a, b]
 
 
-async def test_two_gateways_on_redis_hold_one_budget_under_64_streams(redis_pair: list[Gateway],
-                                                                      worker: FakeWorker) -> None:
+async def test_two_gateways_on_redis_hold_one_budget_under_64_streams(
+    redis_pair: list[Gateway], worker: FakeWorker
+) -> None:
     a, b = redis_pair
     t, _key, api_key = a.new_tenant()
     limit = 1200
@@ -265,22 +313,30 @@ async def test_two_gateways_on_redis_hold_one_budget_under_64_streams(redis_pair
     assert (await budget(b, t.id))["used"] == settled["used"]  # both gateways see one budget
 
 
-async def test_two_gateways_on_redis_share_one_request_limit(redis_pair: list[Gateway], worker: FakeWorker) -> None:
+async def test_two_gateways_on_redis_share_one_request_limit(
+    redis_pair: list[Gateway], worker: FakeWorker
+) -> None:
     a, b = redis_pair
     t, _key, api_key = a.new_tenant()
     await set_limits(a, t.id, rpm=4)
     await asyncio.sleep(0.4)
     codes = []
     for i in range(6):
-        r = await (a, b)[i % 2].http.post("/v1/chat/completions", json=chat(max_tokens=1), headers=bearer(api_key))
+        r = await (a, b)[i % 2].http.post(
+            "/v1/chat/completions", json=chat(max_tokens=1), headers=bearer(api_key)
+        )
         codes.append(r.status_code)
     assert codes == [200, 200, 200, 200, 429, 429]
 
 
-async def test_redis_down_fails_closed_for_budgets_and_open_for_rate_limits(fake: FakeWorker, worker: FakeWorker,
-                                                                            tmp_path: Path) -> None:
-    env = {"TOKENPORT_LIMITS__BACKEND": "redis", "TOKENPORT_LIMITS__REDIS_URL": "redis://127.0.0.1:9/0",
-           "TOKENPORT_LIMITS__REDIS_TIMEOUT_S": "0.2"}
+async def test_redis_down_fails_closed_for_budgets_and_open_for_rate_limits(
+    fake: FakeWorker, worker: FakeWorker, tmp_path: Path
+) -> None:
+    env = {
+        "TOKENPORT_LIMITS__BACKEND": "redis",
+        "TOKENPORT_LIMITS__REDIS_URL": "redis://127.0.0.1:9/0",
+        "TOKENPORT_LIMITS__REDIS_TIMEOUT_S": "0.2",
+    }
     async with guarded_gateway(tmp_path / "down", [(MODEL, "f0", fake.url)], env=env) as g:
         tb, _k, key_b = g.new_tenant()
         tr, _k2, key_r = g.new_tenant()
@@ -299,8 +355,9 @@ async def test_redis_down_fails_closed_for_budgets_and_open_for_rate_limits(fake
         assert r.status_code == 503
 
 
-async def test_a_redis_restart_reseeds_budgets_from_the_ledger(fake: FakeWorker, worker: FakeWorker,
-                                                               tmp_path: Path) -> None:
+async def test_a_redis_restart_reseeds_budgets_from_the_ledger(
+    fake: FakeWorker, worker: FakeWorker, tmp_path: Path
+) -> None:
     from tests.redis_fixture import _free_port
 
     server = RedisServer(_free_port(), tmp_path).start()
@@ -311,29 +368,37 @@ async def test_a_redis_restart_reseeds_budgets_from_the_ledger(fake: FakeWorker,
             await set_limits(g, t.id, budget={"unit": "tokens", "amount": 500})
             worker.behave(tokens=10, prompt_tokens=30)
             for _ in range(3):
-                assert (await g.http.post("/v1/chat/completions", json=chat(max_tokens=10),
-                                          headers=bearer(api_key))).status_code == 200
+                assert (
+                    await g.http.post(
+                        "/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key)
+                    )
+                ).status_code == 200
             await settled_budget(g, t.id)
             server.stop()
             r = await g.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))
             assert r.status_code == 503  # fail closed while Redis is away
             server.start()  # empty: every counter is gone
-            assert (await g.http.post("/v1/chat/completions", json=chat(max_tokens=10),
-                                      headers=bearer(api_key))).status_code == 200
+            assert (
+                await g.http.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(api_key))
+            ).status_code == 200
             b = await settled_budget(g, t.id)
             assert int(b["used"]) == ledger_tokens(g, t.id) == 4 * 40
     finally:
         server.stop()
 
 
-async def test_a_tenant_without_limits_gets_the_default_ceiling_headers(gw: Gateway, worker: FakeWorker) -> None:
+async def test_a_tenant_without_limits_gets_the_default_ceiling_headers(
+    gw: Gateway, worker: FakeWorker
+) -> None:
     _t, _k, api_key = gw.new_tenant()
     r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=4), headers=bearer(api_key))
     assert r.status_code == 200
     assert r.headers["x-ratelimit-limit-requests"] == "1000000"
     assert r.headers["x-ratelimit-limit-tokens"] == "1000000000"
     assert int(r.headers["x-ratelimit-remaining-requests"]) == 999_999
-    assert {"x-ratelimit-reset-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"} <= set(r.headers)
+    assert {"x-ratelimit-reset-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"} <= set(
+        r.headers
+    )
     _ = httpx  # (typing helper import kept for readers of these tests)
 
 
@@ -342,20 +407,23 @@ async def test_split_token_fields_are_held_capped_and_sent_as_one(gw: Gateway, w
     limit that was held (the smaller), so 1 held token cannot become 1,500 generated ones."""
     t, _key, api_key = gw.new_tenant()
     await set_limits(gw, t.id, tpm=100_000, max_tokens=50)
-    r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=1, max_completion_tokens=1500),
-                           headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions", json=chat(max_tokens=1, max_completion_tokens=1500), headers=bearer(api_key)
+    )
     assert r.status_code == 200, r.text
     held = int(r.headers["x-ratelimit-limit-tokens"]) - int(r.headers["x-ratelimit-remaining-tokens"])
     assert held == 9 + 8 + 16 + 1  # prompt upper bound + the one limit
     sent = worker.completion_requests()[-1].body
     assert sent["max_tokens"] == 1 and "max_completion_tokens" not in sent
-    r = await gw.http.post("/v1/chat/completions", json=chat(max_tokens=1500, max_completion_tokens=2),
-                           headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions", json=chat(max_tokens=1500, max_completion_tokens=2), headers=bearer(api_key)
+    )
     assert r.status_code == 200, r.text
     sent = worker.completion_requests()[-1].body
     assert sent["max_tokens"] == 2 and "max_completion_tokens" not in sent
-    r = await gw.http.post("/v1/chat/completions", json=chat(max_completion_tokens=60),
-                           headers=bearer(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions", json=chat(max_completion_tokens=60), headers=bearer(api_key)
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
     _t2, _key2, api2 = gw.new_tenant()  # no caps of its own: still one field upstream
     r = await gw.http.post("/v1/chat/completions", json=chat(max_completion_tokens=7), headers=bearer(api2))
@@ -364,8 +432,9 @@ async def test_split_token_fields_are_held_capped_and_sent_as_one(gw: Gateway, w
     assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
 
 
-async def test_timeout_before_the_first_byte_bills_the_prompt_and_settles_the_hold(gw: Gateway,
-                                                                                  worker: FakeWorker) -> None:
+async def test_timeout_before_the_first_byte_bills_the_prompt_and_settles_the_hold(
+    gw: Gateway, worker: FakeWorker
+) -> None:
     """The worker prefilled the prompt before the tenant's timeout cut the request: the prompt is billed
     (estimated) and the hold is settled by that event, so the request cannot be repeated for free."""
     t, _key, api_key = gw.new_tenant()

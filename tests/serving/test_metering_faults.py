@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 PREPARED = REPO / "data" / "models" / MODEL
 
 
-async def test_worker_dying_before_the_first_event_is_retried_elsewhere(gateway_factory: GatewayFactory,
-                                                                        fake_factory: Any) -> None:
+async def test_worker_dying_before_the_first_event_is_retried_elsewhere(
+    gateway_factory: GatewayFactory, fake_factory: Any
+) -> None:
     dying: FakeWorker = await fake_factory()
     good: FakeWorker = await fake_factory()
     gw = await gateway_factory([(MODEL, "a-dying", dying.url), (MODEL, "b-good", good.url)])
@@ -40,7 +41,9 @@ async def test_worker_dying_before_the_first_event_is_retried_elsewhere(gateway_
     assert len(gw.events_for(ev.tenant_id)) == 1
 
 
-async def test_fail_closed_ledger_refuses_with_503(gateway_factory: GatewayFactory, fake_factory: Any) -> None:
+async def test_fail_closed_ledger_refuses_with_503(
+    gateway_factory: GatewayFactory, fake_factory: Any
+) -> None:
     w: FakeWorker = await fake_factory()
     gw = await gateway_factory([(MODEL, "w", w.url)])
     _t, _k, api_key = gw.new_tenant()
@@ -53,11 +56,12 @@ async def test_fail_closed_ledger_refuses_with_503(gateway_factory: GatewayFacto
     def flaky(events: Any) -> Any:
         if down["on"]:
             from sqlalchemy.exc import OperationalError
+
             raise OperationalError("INSERT", {}, Exception("connection refused"))
         return real(events)
 
-    store.append_batch = flaky  # type: ignore[method-assign]
-    store.ping = lambda: flaky([])  # type: ignore[method-assign]
+    store.append_batch = flaky
+    store.ping = lambda: flaky([])
     # the commit fails: a non-streamed answer is withheld (503), a stream ends without [DONE]
     r = await gw.http.post("/v1/chat/completions", json=chat_body(), headers=auth(api_key))
     assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable"
@@ -73,8 +77,9 @@ async def test_fail_closed_ledger_refuses_with_503(gateway_factory: GatewayFacto
     assert (await gw.wait_event(s.request_id)).event.outcome is Outcome.OK
 
 
-async def test_stream_whose_commit_fails_gets_an_error_event_not_done(gateway_factory: GatewayFactory,
-                                                                      fake_factory: Any) -> None:
+async def test_stream_whose_commit_fails_gets_an_error_event_not_done(
+    gateway_factory: GatewayFactory, fake_factory: Any
+) -> None:
     w: FakeWorker = await fake_factory()
     gw = await gateway_factory([(MODEL, "w", w.url)])
     _t, _k, api_key = gw.new_tenant()
@@ -83,17 +88,19 @@ async def test_stream_whose_commit_fails_gets_an_error_event_not_done(gateway_fa
 
     def broken(events: Any) -> Any:
         from sqlalchemy.exc import OperationalError
+
         raise OperationalError("INSERT", {}, Exception("gone"))
 
-    ledger.store.append_batch = broken  # type: ignore[method-assign]
+    ledger.store.append_batch = broken
     s = await stream_raw(gw.http, api_key, chat_body(stream=True))
     assert s.status == 200 and not s.done
     assert s.events[-1]["error"]["code"] == "ledger_unavailable"
 
 
 @pytest.mark.skipif(not (PREPARED / "tokenizer.json").is_file(), reason="the default model is not prepared")
-async def test_missing_usage_is_counted_with_the_models_tokenizer(gateway_factory: GatewayFactory,
-                                                                  fake_factory: Any, tmp_path: Path) -> None:
+async def test_missing_usage_is_counted_with_the_models_tokenizer(
+    gateway_factory: GatewayFactory, fake_factory: Any, tmp_path: Path
+) -> None:
     w: FakeWorker = await fake_factory()
     gw = await gateway_factory([(MODEL, "w", w.url)])
     models = gw.settings.models_dir / MODEL
@@ -112,7 +119,10 @@ async def test_missing_usage_is_counted_with_the_models_tokenizer(gateway_factor
     assert ev.completion_tokens == counter.tokenizer(MODEL).count(" w0 w1 w2 w3") + 1  # type: ignore[union-attr]
     r = await gw.http.post("/v1/chat/completions", json=body, headers=auth(api_key))
     ev2 = (await gw.wait_event(r.headers["x-request-id"])).event
-    assert ev2.estimated and (ev2.prompt_tokens, ev2.completion_tokens) == (ev.prompt_tokens, ev.completion_tokens)
+    assert ev2.estimated and (ev2.prompt_tokens, ev2.completion_tokens) == (
+        ev.prompt_tokens,
+        ev.completion_tokens,
+    )
 
 
 def _forwarder(app: Any) -> Any:

@@ -13,20 +13,32 @@ from serving.proxy.relay import StreamRelay
 
 def _relay(*, want_usage: bool, want_continuous: bool) -> StreamRelay:
     resp: Any = SimpleNamespace(read_some=None)
-    return StreamRelay(meter=None, resp=resp, recorder=None, metrics=None,  # type: ignore[arg-type]
-                       want_usage=want_usage, want_continuous=want_continuous, t0=0.0)
+    return StreamRelay(
+        meter=None,  # type: ignore[arg-type]
+        resp=resp,
+        recorder=None,  # type: ignore[arg-type]
+        metrics=None,  # type: ignore[arg-type]
+        want_usage=want_usage,
+        want_continuous=want_continuous,
+        t0=0.0,
+    )
 
 
-TRICKY = (b'{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":'
-          b'"say ,\\"usage\\":{} and }"},"finish_reason":null}],"usage":{"prompt_tokens":5,'
-          b'"total_tokens":7,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":0}}}')
+TRICKY = (
+    b'{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":'
+    b'"say ,\\"usage\\":{} and }"},"finish_reason":null}],"usage":{"prompt_tokens":5,'
+    b'"total_tokens":7,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":0}}}'
+)
 
 
-@pytest.mark.parametrize("payload", [
-    TRICKY,
-    # not vLLM's layout (usage first, spaces): re-encoded instead of cut
-    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "choices": [{"index": 0, "text": "x"}]}',
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        TRICKY,
+        # not vLLM's layout (usage first, spaces): re-encoded instead of cut
+        b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "choices": [{"index": 0, "text": "x"}]}',
+    ],
+)
 def test_usage_is_removed_from_content_chunks(payload: bytes) -> None:
     relay = _relay(want_usage=True, want_continuous=False)
     out = relay._transform(orjson.loads(payload), payload)

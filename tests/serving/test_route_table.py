@@ -34,7 +34,8 @@ def test_fastapi_has_no_other_openai_post_route_and_the_pipeline_is_outermost(ga
         and "openai" in r.tags
     }
     assert posts == set(ROUTES)
-    assert gateway.app.user_middleware[0].cls is Pipeline  # add_middleware: the last added runs first
+    outermost: object = gateway.app.user_middleware[0].cls  # add_middleware: the last added runs first
+    assert outermost is Pipeline
 
 
 def test_fastapi_documents_each_route_with_its_schema(gateway: Gateway) -> None:

@@ -39,6 +39,7 @@ async def test_refused_connection_is_retried_on_another_worker(
     tenant, _key, plain = gw.new_tenant()
     await first.stop()  # its port now refuses connections
 
+    rid: str | None
     if stream:
         out = await stream_raw(gw.http, plain, chat_body(stream=True))
         assert out.status == 200 and out.done
@@ -69,7 +70,7 @@ async def test_every_worker_refusing_is_502_metered_once(
     await b.stop()
     with pytest.raises(openai.InternalServerError) as info:
         await gw.client(plain).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
-    assert_openai_error(info.value.response, 502, code="upstream_error")  # type: ignore[arg-type]
+    assert_openai_error(info.value.response, 502, code="upstream_error")
     [stored] = gw.events_for(tenant.id)
     assert stored.event.outcome is Outcome.UPSTREAM_ERROR
     assert stored.event.request_id == info.value.request_id
@@ -99,7 +100,7 @@ async def test_no_healthy_worker_is_503_and_readyz_follows_health(
     assert_openai_error(
         info.value.response,
         503,
-        type="service_unavailable",  # type: ignore[arg-type]
+        type="service_unavailable",
         code="no_healthy_worker",
     )
     assert gw.events_for(tenant.id) == []  # nothing was generated, nothing is metered

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def _write(tmp_path: Path, config: dict[str, object], models: dict[str, object] | None = None) -> Path:
+def _write(tmp_path: Path, config: dict[str, object], models: Mapping[str, object] | None = None) -> Path:
     path = tmp_path / "tokenport.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     if models is not None:
@@ -108,7 +109,7 @@ def test_bad_models_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
         load_settings(config_file=path)
     assert str(tmp_path / "models.yaml") in str(info.value)
     (tmp_path / "models.yaml").write_text("models: [unclosed", encoding="utf-8")
-    with pytest.raises(ConfigError, match="models.yaml"):
+    with pytest.raises(ConfigError, match=r"models.yaml"):
         load_settings(config_file=path)
 
 

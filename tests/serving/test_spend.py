@@ -1,4 +1,5 @@
-"""SpendEstimator: prices looked up once per (tenant, month, model), the same estimate as pricing every event."""
+"""SpendEstimator: prices looked up once per (tenant, month, model), the same estimate as pricing every
+event."""
 
 from __future__ import annotations
 
@@ -25,26 +26,56 @@ SPEND = "tokenport_estimated_spend_total"
 
 
 def tenant(id: str, currency: str) -> Tenant:
-    return Tenant(id=id, name=id, billing_country="DE", business=True, tax_id=None, currency=currency,
-                  language=None, allowed_models=None, created_at=datetime(2025, 1, 1, tzinfo=UTC))
+    return Tenant(
+        id=id,
+        name=id,
+        billing_country="DE",
+        business=True,
+        tax_id=None,
+        currency=currency,
+        language=None,
+        allowed_models=None,
+        created_at=datetime(2025, 1, 1, tzinfo=UTC),
+    )
 
 
-TENANTS = {t.id: t for t in (tenant("acme", "USD"), tenant("han", "CNY"), tenant("t-sample-enterprise", "USD"),
-                             tenant("euro", "EUR"))}  # fmt: skip
+TENANTS = {t.id: t for t in (tenant("acme", "USD"), tenant("han", "CNY"),
+                             tenant("t-sample-enterprise", "USD"), tenant("euro", "EUR"))}  # fmt: skip
 
 
-def event(i: int, tenant_id: str, model: str, started_at: datetime, prompt: int, cached: int, completion: int,
-          country: str = "KZ") -> UsageEvent:
-    return UsageEvent(request_id=f"req_{i}", tenant_id=tenant_id, key_id="k", model=model, origin_country=country,
-                      prompt_tokens=prompt, cached_prompt_tokens=cached, completion_tokens=completion,
-                      stream=False, outcome=Outcome.OK, started_at=started_at, finished_at=started_at)
+def event(
+    i: int,
+    tenant_id: str,
+    model: str,
+    started_at: datetime,
+    prompt: int,
+    cached: int,
+    completion: int,
+    country: str = "KZ",
+) -> UsageEvent:
+    return UsageEvent(
+        request_id=f"req_{i}",
+        tenant_id=tenant_id,
+        key_id="k",
+        model=model,
+        origin_country=country,
+        prompt_tokens=prompt,
+        cached_prompt_tokens=cached,
+        completion_tokens=completion,
+        stream=False,
+        outcome=Outcome.OK,
+        started_at=started_at,
+        finished_at=started_at,
+    )
 
 
 def reference_amount(book: PriceBook, t: Tenant, e: UsageEvent) -> Decimal | None:
     """Every event priced from scratch: the estimate the cache must reproduce."""
     month = Period.of(e.started_at)
     try:
-        prices = book.select(currency=t.currency, period_start=month.start, period_end=month.end, tenant_id=t.id)
+        prices = book.select(
+            currency=t.currency, period_start=month.start, period_end=month.end, tenant_id=t.id
+        )
     except BillingError:
         return None
     amount = Decimal(0)
@@ -77,9 +108,16 @@ def test_the_same_estimate_as_pricing_every_event(book: PriceBook) -> None:
     start = datetime(2025, 6, 20, tzinfo=UTC)  # June 2025: no price book yet; then 2025.2, then 2026.1
     for i in range(3000):
         tenant_id = rng.choice([*TENANTS, "unknown-tenant"])
-        e = event(i, tenant_id, rng.choice(MODELS), start + timedelta(hours=rng.randint(0, 24 * 250)),
-                  prompt=(p := rng.choice([0, 1, 17, 1000, 123_457])), cached=rng.choice([0, p // 3, p]),
-                  completion=rng.choice([0, 5, 999]), country=rng.choice(["KZ", "UZ", "AE"]))
+        e = event(
+            i,
+            tenant_id,
+            rng.choice(MODELS),
+            start + timedelta(hours=rng.randint(0, 24 * 250)),
+            prompt=(p := rng.choice([0, 1, 17, 1000, 123_457])),
+            cached=rng.choice([0, p // 3, p]),
+            completion=rng.choice([0, 5, 999]),
+            country=rng.choice(["KZ", "UZ", "AE"]),
+        )
         estimator.observe(e)
         t = TENANTS.get(tenant_id)
         amount = reference_amount(book, t, e) if t else None
@@ -109,8 +147,10 @@ def test_prices_are_looked_up_once_per_tenant_month_and_model(book: PriceBook) -
 
 
 def test_a_month_runs_to_its_last_day() -> None:
-    assert (Period.of(date(2024, 2, 10)).start, Period.of(date(2024, 2, 10)).end) == (date(2024, 2, 1),
-                                                                                     date(2024, 2, 29))
+    assert (Period.of(date(2024, 2, 10)).start, Period.of(date(2024, 2, 10)).end) == (
+        date(2024, 2, 1),
+        date(2024, 2, 29),
+    )
     assert Period.of(date(2026, 12, 31)).end == date(2026, 12, 31)
 
 
@@ -124,7 +164,9 @@ def test_the_estimate_follows_the_shared_source_when_it_is_refreshed(tmp_path: P
     day = datetime(2026, 3, 5, 12, tzinfo=UTC)
     estimator.observe(event(1, "acme", MODELS[0], day, 1_000_000, 0, 0))
     assert spend(metrics, "acme", "USD", "KZ") == pytest.approx(0.020)  # smollm2 2026.1 USD input 0.020
-    path.write_text(path.read_text(encoding="utf-8").replace('input: "0.020"', 'input: "0.500"'), encoding="utf-8")
+    path.write_text(
+        path.read_text(encoding="utf-8").replace('input: "0.020"', 'input: "0.500"'), encoding="utf-8"
+    )
     estimator.observe(event(2, "acme", MODELS[0], day, 1_000_000, 0, 0))
     assert spend(metrics, "acme", "USD", "KZ") == pytest.approx(0.040)  # not refreshed yet: same book
     source.refresh()
@@ -139,7 +181,8 @@ def test_an_unusable_source_gives_no_estimate(tmp_path: Path) -> None:
     source = load_price_source(broken)
     assert not source.available and "not valid YAML" in str(source.error)
     SpendEstimator(source, metrics, TENANTS.get).observe(
-        event(1, "acme", MODELS[0], datetime(2026, 1, 10, tzinfo=UTC), 10, 0, 10))
+        event(1, "acme", MODELS[0], datetime(2026, 1, 10, tzinfo=UTC), 10, 0, 10)
+    )
     assert spend(metrics, "acme", "USD", "KZ") == 0.0
 
 

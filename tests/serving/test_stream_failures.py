@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from metering.events import Outcome, UsageEvent
 from metering.store_sql import UsageStore
@@ -15,8 +16,14 @@ from tests.conftest import MODEL, Gateway, GatewayFactory, TenantKey, metric
 from tests.fakes import FakeWorker
 from tests.serving.helpers import assert_openai_error, auth, chat_body, read_sse, stream_raw
 
-MESSAGES = [{"role": "user", "content": "Tell me a long story"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a long story"}]
 FakeFactory = Callable[[], Awaitable[FakeWorker]]
+
+
+def _stream(parsed: object) -> openai.AsyncStream[ChatCompletionChunk]:
+    """A raw response's parsed stream (the raw API's type is a union of a stream and a whole answer)."""
+    assert isinstance(parsed, openai.AsyncStream)
+    return parsed
 
 
 async def _wait(predicate: object, timeout: float = 5.0) -> None:
@@ -97,12 +104,12 @@ async def test_worker_dying_mid_stream_is_an_sse_error_and_upstream_error(
     received: list[str] = []
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
     )
     rid = raw.headers["x-request-id"]
     with pytest.raises(openai.APIError) as info:
-        async for chunk in raw.parse():
+        async for chunk in _stream(raw.parse()):
             for ch in chunk.choices:
                 received.append(ch.delta.content or "")
     assert not isinstance(info.value, openai.APIStatusError)
@@ -127,7 +134,7 @@ async def test_worker_dying_mid_stream_is_an_sse_error_and_upstream_error(
     while (await gateway.http.get("/readyz")).status_code != 200:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert done.usage is not None and done.usage.completion_tokens == 10
     assert [e.event.outcome for e in gateway.events_for(tenant.tenant.id)] == [
         Outcome.UPSTREAM_ERROR,
@@ -185,15 +192,15 @@ async def test_no_usage_from_the_worker_is_marked_estimated(
     before = await gateway.metrics()
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[call-overload]
+        messages=MESSAGES,
         stream=stream,
     )
     parsed = raw.parse()
     if stream:
-        chunks = [c async for c in parsed]
+        chunks = [c async for c in _stream(parsed)]
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == " w0 w1 w2 w3"
     else:
-        assert parsed.usage is None
+        assert isinstance(parsed, ChatCompletion) and parsed.usage is None
     ev = (await gateway.wait_event(raw.headers["x-request-id"])).event
     assert ev.estimated is True
     assert ev.outcome is Outcome.OK
@@ -211,10 +218,10 @@ async def test_streamed_estimate_counts_generated_tokens(
     worker.behave(omit_usage=True, tokens=4)
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
     )
-    _ = [c async for c in raw.parse()]
+    _ = [c async for c in _stream(raw.parse())]
     ev = (await gateway.wait_event(raw.headers["x-request-id"])).event
     assert ev.estimated is True
     assert ev.completion_tokens == 4
@@ -224,7 +231,7 @@ async def test_non_stream_estimate_is_not_zero(
     gateway: Gateway, tenant: TenantKey, client: openai.AsyncOpenAI, worker: FakeWorker
 ) -> None:
     worker.behave(omit_usage=True, tokens=4)
-    raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
     ev = (await gateway.wait_event(raw.headers["x-request-id"])).event
     assert ev.estimated is True
     assert ev.prompt_tokens > 0 and ev.completion_tokens > 0
@@ -236,15 +243,19 @@ async def test_in_stream_error_event_is_translated_and_metered(
     worker.behave(tokens=8, prompt_tokens=9, error_event_after=3)  # role chunk + 2 tokens, then vLLM's error
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
     )
     got: list[str] = []
     with pytest.raises(openai.APIError) as info:
-        async for chunk in raw.parse():
+        async for chunk in _stream(raw.parse()):
             got += [c.delta.content or "" for c in chunk.choices]
-    assert info.value.body == {"message": "The worker failed while generating this answer.",  # not vLLM's words
-                               "type": "api_error", "param": None, "code": "upstream_error"}
+    assert info.value.body == {
+        "message": "The worker failed while generating this answer.",  # not vLLM's words
+        "type": "api_error",
+        "param": None,
+        "code": "upstream_error",
+    }
     assert "".join(got) == " w0 w1"
     ev = (await gateway.wait_event(raw.headers["x-request-id"])).event
     assert ev.outcome is Outcome.UPSTREAM_ERROR
@@ -257,7 +268,7 @@ async def test_non_json_200_from_the_worker_is_502(
 ) -> None:
     worker.behave(body_override=b"<html>proxy error</html>")
     with pytest.raises(openai.InternalServerError) as info:
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert info.value.status_code == 502
     [stored] = gateway.events_for(tenant.tenant.id)
     assert stored.event.outcome is Outcome.UPSTREAM_ERROR

@@ -42,9 +42,15 @@ async def worker() -> AsyncIterator[AioWorker]:
     async def echo(request: web.Request) -> web.Response:
         w.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
         body = await request.read()
-        return web.json_response({"len": len(body), "body": orjson.loads(body) if body else None,
-                                  "headers": {k.lower(): v for k, v in request.headers.items()}, "path": request.path_qs,
-                                  "method": request.method})
+        return web.json_response(
+            {
+                "len": len(body),
+                "body": orjson.loads(body) if body else None,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "path": request.path_qs,
+                "method": request.method,
+            }
+        )
 
     async def stream(request: web.Request) -> web.StreamResponse:
         w.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
@@ -70,8 +76,14 @@ async def worker() -> AsyncIterator[AioWorker]:
         return resp
 
     app = web.Application()
-    app.add_routes([web.post("/v1/echo", echo), web.get("/v1/echo", echo), web.post("/v1/stream", stream),
-                    web.post("/v1/endless", endless)])
+    app.add_routes(
+        [
+            web.post("/v1/echo", echo),
+            web.get("/v1/echo", echo),
+            web.post("/v1/stream", stream),
+            web.post("/v1/endless", endless),
+        ]
+    )
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -138,7 +150,11 @@ async def read_request(reader: asyncio.StreamReader, raw: Raw) -> bool:
 
 def answer(body: bytes = b'{"ok": true}', extra: bytes = b"", version: bytes = b"1.1") -> bytes:
     return b"HTTP/%s 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
-        version, len(body), extra, body)
+        version,
+        len(body),
+        extra,
+        body,
+    )
 
 
 async def serve_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int) -> None:
@@ -213,7 +229,8 @@ async def test_keep_alive_reuses_one_connection(worker: AioWorker, client: Upstr
 
 
 async def test_concurrent_requests_use_separate_connections_and_pool_them(
-        worker: AioWorker, client: UpstreamClient) -> None:
+    worker: AioWorker, client: UpstreamClient
+) -> None:
     async def one(i: int) -> Any:
         resp = await client.post(worker.url, "/v1/echo", b'{"i": %d}' % i)
         return orjson.loads(await resp.read())["body"]["i"]
@@ -226,7 +243,9 @@ async def test_concurrent_requests_use_separate_connections_and_pool_them(
 
 # --- keep-alive edge cases -----------------------------------------------------------------------
 async def test_idle_connection_closed_by_worker_is_not_reused() -> None:
-    async def close_when_idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int) -> None:
+    async def close_when_idle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int
+    ) -> None:
         await read_request(reader, raw)
         writer.write(answer())
         await writer.drain()
@@ -243,7 +262,9 @@ async def test_idle_connection_closed_by_worker_is_not_reused() -> None:
 
 
 async def test_stale_reused_connection_is_retried_once_on_a_fresh_one() -> None:
-    async def drop_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int) -> None:
+    async def drop_second(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int
+    ) -> None:
         await read_request(reader, raw)
         writer.write(answer())
         if await read_request(reader, raw) and n == 1:
@@ -259,12 +280,16 @@ async def test_stale_reused_connection_is_retried_once_on_a_fresh_one() -> None:
         await client.close()
 
 
-async def test_reused_connection_failing_during_the_work_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_reused_connection_failing_during_the_work_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A reset that comes long after the write (a load balancer cutting a slow generation) is not the
     idle-close race: re-sending would run the generation twice unseen, so the caller gets the error."""
     monkeypatch.setattr(upstream, "STALE_RETRY_S", 0.05)
 
-    async def slow_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int) -> None:
+    async def slow_then_reset(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, n: int
+    ) -> None:
         await read_request(reader, raw)
         writer.write(answer())
         if await read_request(reader, raw):
@@ -282,8 +307,24 @@ async def test_reused_connection_failing_during_the_work_is_not_retried(monkeypa
 
 async def test_https_worker_with_a_private_ca(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)]
+    argv = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+    ]
     subprocess.run(argv, check=True, capture_output=True)  # noqa: ASYNC221 - a one-off test certificate
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
@@ -291,7 +332,7 @@ async def test_https_worker_with_a_private_ca(tmp_path: Path) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await reader.readuntil(b"\r\n\r\n"):
             await reader.readexactly(2)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"tls\": 1}\n")
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"tls": 1}\n')
             await writer.drain()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
@@ -360,8 +401,11 @@ async def test_connection_close_and_http10_are_honoured(extra: bytes, version: b
 
 
 async def test_http10_keep_alive_is_reused() -> None:
-    async with raw_server(lambda r, w, raw, n: _serve_with(r, w, raw, answer(extra=b"Connection: keep-alive\r\n",
-                                                                             version=b"1.0"))) as raw:
+    async with raw_server(
+        lambda r, w, raw, n: _serve_with(
+            r, w, raw, answer(extra=b"Connection: keep-alive\r\n", version=b"1.0")
+        )
+    ) as raw:
         client = UpstreamClient()
         for _ in range(2):
             await (await client.post(raw.url, "/a", b"{}")).read()
@@ -369,7 +413,9 @@ async def test_http10_keep_alive_is_reused() -> None:
         await client.close()
 
 
-async def _serve_with(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, data: bytes) -> None:
+async def _serve_with(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: Raw, data: bytes
+) -> None:
     while await read_request(reader, raw):
         writer.write(data)
 
@@ -555,8 +601,9 @@ async def test_close_drops_a_stream(worker: AioWorker, client: UpstreamClient) -
     assert client.idle_count(worker.url) == 0
 
 
-async def test_release_before_the_end_closes_and_after_the_end_pools(worker: AioWorker,
-                                                                      client: UpstreamClient) -> None:
+async def test_release_before_the_end_closes_and_after_the_end_pools(
+    worker: AioWorker, client: UpstreamClient
+) -> None:
     resp = await client.post(worker.url, "/v1/endless", b"{}")
     await resp.read_some()
     resp.release()
@@ -603,7 +650,9 @@ async def test_backpressure_pauses_reading() -> None:
 async def test_client_close_closes_pooled_connections() -> None:
     async with raw_server(serve_forever) as raw:
         client = UpstreamClient()
-        resps: list[UpstreamResponse] = await asyncio.gather(*(client.post(raw.url, "/a", b"{}") for _ in range(3)))
+        resps: list[UpstreamResponse] = await asyncio.gather(
+            *(client.post(raw.url, "/a", b"{}") for _ in range(3))
+        )
         for r in resps:
             await r.read()
         assert client.idle_count(raw.url) == 3
@@ -657,12 +706,21 @@ async def test_finish_pools_the_connection_when_the_terminator_arrives_later() -
         connections += 1
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
+            length = int(
+                next(
+                    line.split(b":")[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+            )
             await reader.readexactly(length)
             event = b"data: [DONE]\n\n"
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         + b"%x\r\n" % len(event) + event + b"\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"%x\r\n" % len(event)
+                + event
+                + b"\r\n"
+            )
             await writer.drain()
             await proceed.wait()
             proceed.clear()
