@@ -124,3 +124,46 @@ def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield Gateway(url=f"http://127.0.0.1:{port}", data_dir=data, env=env, worker_url=vllm_worker)
     finally:
         stop(proc)
+
+
+# --- reliability figures -----------------------------------------------------------------------------
+# Each fault scenario (tests/integration/test_faults.py, test_money_attacks.py) reports what it sent,
+# which faults it injected and what it found in the ledger; the run prints one table at the end
+# (the README's Reliability section quotes it). Counted, never assumed: a scenario asserts the
+# zeros after it has reported them.
+RELIABILITY: list[dict[str, object]] = []
+
+
+def reliability(
+    scenario: str,
+    *,
+    requests: int,
+    faults: int,
+    lost: int = 0,
+    doubled: int = 0,
+    overspend: int = 0,
+    server_errors: int = 0,
+) -> None:
+    RELIABILITY.append(
+        {
+            "scenario": scenario,
+            "requests": requests,
+            "faults": faults,
+            "lost": lost,
+            "doubled": doubled,
+            "overspend": overspend,
+            "5xx": server_errors,
+        }
+    )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not RELIABILITY:
+        return
+    cols = ("scenario", "requests", "faults", "lost", "doubled", "overspend", "5xx")
+    terminalreporter.section("reliability figures (fault suite)")
+    terminalreporter.line(" | ".join(cols))
+    for row in RELIABILITY:
+        terminalreporter.line(" | ".join(str(row[c]) for c in cols))
+    total = {c: sum(int(str(r[c])) for r in RELIABILITY) for c in cols[1:]}
+    terminalreporter.line(" | ".join(["total", *(str(total[c]) for c in cols[1:])]))

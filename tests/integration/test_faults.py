@@ -40,7 +40,7 @@ from metering.tenants import TenantStore
 from serving.settings import DEFAULT_SECRET, load_settings
 from serving.workers.supervisor import worker_command
 from tests import pg
-from tests.integration.conftest import BIN, MODEL, REPO, free_port, stop, wait_http
+from tests.integration.conftest import BIN, MODEL, REPO, free_port, reliability, stop, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 PROMPT = [{"role": "user", "content": "Count slowly from one to two hundred, one number per line."}]
@@ -198,6 +198,14 @@ def ledger_counts(store: UsageStore, request_ids: list[str]) -> dict[str, int]:
     return {r: n for r, n in rows}
 
 
+def ledger_faults(store: UsageStore, request_ids: list[str]) -> tuple[int, int]:
+    """(lost, doubled): fully received responses missing from the ledger, and request ids stored twice."""
+    counts = ledger_counts(store, request_ids)
+    lost = sum(1 for r in request_ids if r not in counts)
+    all_ids = [s.event.request_id for s in store.iter_events()]
+    return lost, len(all_ids) - len(set(all_ids))
+
+
 def assert_each_once(store: UsageStore, request_ids: list[str]) -> None:
     counts = ledger_counts(store, request_ids)
     missing = [r for r in request_ids if r not in counts]
@@ -219,6 +227,7 @@ class Load:
     complete: list[str] = field(default_factory=list)
     cut: list[str] = field(default_factory=list)
     failed: int = 0
+    server_errors: int = 0  # 5xx answers (not connections the killed gateway dropped)
 
 
 async def one_request(client: httpx.AsyncClient, kind: str, load: Load, max_tokens: int = 24) -> None:
@@ -231,6 +240,8 @@ async def one_request(client: httpx.AsyncClient, kind: str, load: Load, max_toke
     try:
         if kind == "json":
             r = await client.post("/v1/chat/completions", json=body)
+            if r.status_code >= 500:
+                load.server_errors += 1
             if r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0:
                 load.complete.append(r.headers["x-request-id"])
             else:
@@ -239,6 +250,8 @@ async def one_request(client: httpx.AsyncClient, kind: str, load: Load, max_toke
         body["stream"] = True
         async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
             rid = resp.headers.get("x-request-id", "")
+            if resp.status_code >= 500:
+                load.server_errors += 1
             n = 0
             async for line in resp.aiter_lines():
                 if line == "data: [DONE]":
@@ -325,6 +338,14 @@ def test_clients_disconnecting_after_n_chunks(
         assert e.outcome is Outcome.CLIENT_CANCELLED and not e.estimated and e.prompt_tokens > 0
         # at least the tokens the client saw (the first chat chunk carries only the role), far from 400
         assert n - 1 <= e.completion_tokens < n + 40, (n, e.completion_tokens)
+    lost, doubled = ledger_faults(store, complete + list(cut))
+    reliability(
+        "clients gone after 1-16 chunks",
+        requests=len(cut) + len(complete),
+        faults=len(cut),
+        lost=lost,
+        doubled=doubled,
+    )
     assert_each_once(store, complete + list(cut))
     rows = assert_reconciled(gw, since)
     assert rows["output"]["cut_off_events"] == len(cut)
@@ -352,6 +373,7 @@ def test_sigterm_drains_in_flight_streams(
     assert "data: [DONE]" in rest, rest[-3:]
     assert gw.wait(30) == 0
     stored = gw.store().get(rid)
+    reliability("SIGTERM with a stream in flight", requests=1, faults=1, lost=int(stored is None))
     assert stored is not None and stored.event.outcome is Outcome.OK and stored.event.completion_tokens == 120
 
 
@@ -375,6 +397,16 @@ def test_gateway_sigkill_under_mixed_load_then_restart(
     after = asyncio.run(run_load(gw, key, seconds=1.5, concurrency=2))
     assert after.complete and not after.failed
     store = gw.store()
+    lost, doubled = ledger_faults(store, load.complete + after.complete)
+    sent = sum(len(x.complete) + len(x.cut) + x.failed for x in (load, after))
+    reliability(
+        "gateway SIGKILL under mixed load, restart",
+        requests=sent,
+        faults=1,
+        lost=lost,
+        doubled=doubled,
+        server_errors=load.server_errors + after.server_errors,
+    )
     assert_each_once(store, load.complete + after.complete)
     verify_chain(gw)
     # Requests in flight at the kill were never metered (no client received them in full): the worker
@@ -407,6 +439,15 @@ def test_database_stopped_and_started(vllm_worker: str, tmp_path: Path, gateways
             assert time.monotonic() < deadline, "the spool was not replayed"
             time.sleep(0.2)
         store = gw.store()
+        lost, doubled = ledger_faults(store, load.complete)
+        reliability(
+            "PostgreSQL stopped 2 s under load (spool, replay)",
+            faults=1,
+            lost=lost,
+            doubled=doubled,
+            requests=len(load.complete) + len(load.cut) + load.failed,
+            server_errors=load.server_errors,
+        )
         assert_each_once(store, load.complete)
         verify_chain(gw)
         assert_reconciled(gw, since)
@@ -523,4 +564,10 @@ def test_worker_killed_mid_stream(
         assert gw.store().get(r.headers["x-request-id"]).event.worker_id == "cli-1"  # type: ignore[union-attr]
     code, report = gw.reconcile("--no-snapshot")
     assert code != 0 and "cli-0" in report["unreachable"]  # a dead worker's counters died with it
+    reliability(
+        "worker killed mid-stream (SIGKILL)",
+        requests=2,
+        faults=1,
+        lost=sum(1 for r in (rid, r.headers["x-request-id"]) if gw.store().get(r) is None),
+    )
     verify_chain(gw)

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import MODEL, Gateway
+from tests.integration.conftest import MODEL, Gateway, reliability
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +97,13 @@ def test_split_token_fields_never_pass_a_token_budget(gateway: Gateway) -> None:
     ok = [r for r in answers if r.status_code == 200]
     assert all(completion_tokens(r) <= 1 for r in ok), [completion_tokens(r) for r in ok]
     used, limit = budget_used(gateway, "atk-budget")
+    reliability(
+        "24 concurrent split-field requests on a 400-token budget",
+        requests=len(answers),
+        faults=24,
+        overspend=max(0, int(used - limit)),
+        server_errors=sum(r.status_code >= 500 for r in answers),
+    )
     assert used <= limit == 400
     billed = sum(e["prompt_tokens"] + e["completion_tokens"] for e in events(gateway, "atk-budget"))
     assert billed == used
@@ -127,6 +134,13 @@ def test_split_token_fields_never_pass_a_tpm_limit(gateway: Gateway) -> None:
     answers = asyncio.run(fire(gateway, key, [body(i % 2 == 1, **SPLIT) for i in range(16)]))
     assert all(r.status_code in (200, 400, 429) for r in answers), [r.status_code for r in answers]
     billed = sum(e["prompt_tokens"] + e["completion_tokens"] for e in events(gateway, "atk-tpm"))
+    reliability(
+        "16 concurrent split-field requests on a 600 TPM limit",
+        requests=len(answers),
+        faults=16,
+        overspend=max(0, billed - 600),
+        server_errors=sum(r.status_code >= 500 for r in answers),
+    )
     assert billed <= 600
 
 
