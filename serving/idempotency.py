@@ -16,8 +16,10 @@ request's result instead of a new generation:
 - when it was cut off (the client went away, or the worker failed) after tokens were billed, a
   retry gets 409 `idempotency_key_consumed` naming the first request: send a new key to run again;
 - the same key with a different body (or endpoint) is 400 `idempotency_key_reused`;
-- a claim older than `stale_after_s` (the request timeout plus a minute) whose request never reached
-  the ledger was lost with a gateway that died: the next retry takes it over.
+- a claim older than `stale_after_s` (the request timeout plus a minute) was lost with a gateway
+  that died: when its request never reached the ledger, the next retry takes it over; when it did
+  (the gateway died between the commit and the response head), it was billed and the retry gets 409
+  `idempotency_key_consumed` naming it — never a second bill.
 
 The stored answer is capped (`max_response_bytes`); a larger one is treated as consumed. The
 database being unreachable makes requests *with* a key fail with 503 (the guarantee cannot be
@@ -212,12 +214,17 @@ class Idempotency:
         stream = bool(body.get("stream"))
         try:
             existing = await asyncio.to_thread(self.store.claim, tenant_id, key, fp, request_id, stream, self.ttl_s)
-            if existing is not None and existing.state == "in_flight" and existing.fingerprint == fp \
-                    and (utcnow() - existing.created_at).total_seconds() > self.stale_after_s \
-                    and await asyncio.to_thread(self.usage.get, existing.request_id) is None \
-                    and await asyncio.to_thread(self.store.take_over, existing, request_id, self.ttl_s):
-                log.warning("idempotency key of %s taken over from lost request %s", tenant_id, existing.request_id)
-                existing = None
+            lost = (existing is not None and existing.state == "in_flight" and existing.fingerprint == fp
+                    and (utcnow() - existing.created_at).total_seconds() > self.stale_after_s)
+            if lost and existing is not None:  # its gateway died: billed (crash after the commit) or not
+                if await asyncio.to_thread(self.usage.get, existing.request_id) is not None:
+                    raise Conflict(f"The request with this Idempotency-Key ({existing.request_id}) was billed, but "
+                                   "its gateway stopped before answering; send a new Idempotency-Key to run it "
+                                   "again.", code="idempotency_key_consumed")
+                if await asyncio.to_thread(self.store.take_over, existing, request_id, self.ttl_s):
+                    log.warning("idempotency key of %s taken over from lost request %s", tenant_id,
+                                existing.request_id)
+                    existing = None
         except SQLAlchemyError as exc:
             raise ServiceUnavailable("Requests with an Idempotency-Key cannot be accepted right now (the ledger "
                                      "database is unavailable); retry shortly.", code="idempotency_unavailable") from exc
