@@ -301,3 +301,11 @@ def _aware(value: datetime) -> datetime:
     out = to_aware(value)
     assert out is not None
     return out
+
+
+def last_issue_date(conn: Connection, series: str) -> date | None:
+    """The latest issue date numbered in the series (numbers must not go back in time)."""
+    found: date | None = conn.execute(
+        select(func.max(documents.c.issue_date)).where(documents.c.series == series)
+    ).scalar()
+    return found

@@ -77,6 +77,7 @@ class FinalizeReport:
     finalized: list[StoredDocument] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
     closed: bool = False
+    forced: bool = False  # finalized before the period ended (+ grace): the caller audits it
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +90,8 @@ class Verification:
 
 class BillingService:
     def __init__(self, *, store: BillingStore, usage: UsageStore, tenants: TenantStore, config_dir: Path,
-                 prices: PriceSource | None = None, clock: Clock = utcnow) -> None:
+                 prices: PriceSource | None = None, clock: Clock = utcnow,
+                 finalize_grace: timedelta = timedelta(0)) -> None:
         self.store = store
         self._usage = usage
         self._tenants = tenants
@@ -98,6 +100,8 @@ class BillingService:
         # not pass it yet: the same file, <config>/billing/price_books.yaml, read through the same type.
         self.prices = prices if prices is not None else load_price_source(config_dir / "price_books.yaml")
         self._clock = clock
+        # A period may be finalized from its end + this grace (late events arriving); earlier only with force.
+        self.finalize_grace = finalize_grace
 
     # --- configuration ---------------------------------------------------------------------
     def config(self) -> BillingConfig:
@@ -129,11 +133,16 @@ class BillingService:
 
     # --- month close -----------------------------------------------------------------------
     def run(self, period: Period, *, tenant_id: str | None = None, issue_date: date | None = None) -> RunReport:
-        cfg = self.config()
-        issue = issue_date or period.end + timedelta(days=1)
-        if not period.start <= issue <= period.end + timedelta(days=366):
-            raise InvalidUsage(f"the issue date {issue} must fall between the start of {period} and a year"
+        """Build or refresh the drafts. Their issue date is provisional (``issue_date``, by default the day
+        after the period): finalizing dates every invoice the day it is finalized."""
+        if issue_date is not None and not period.start <= issue_date <= period.end + timedelta(days=366):
+            raise InvalidUsage(f"the issue date {issue_date} must fall between the start of {period} and a year"
                                " after its end")
+        issue = issue_date or period.end + timedelta(days=1)
+        return self._run(period, tenant_id, issue)
+
+    def _run(self, period: Period, tenant_id: str | None, issue: date) -> RunReport:
+        cfg = self.config()
         report = RunReport(str(period), issue)
         tenants = {t.id: t for t in self._tenants.list_tenants()}
         if tenant_id is not None and tenant_id not in tenants:
@@ -257,12 +266,23 @@ class BillingService:
         report.drafts.append(row)
         return True
 
-    def finalize(self, period: Period, *, tenant_id: str | None = None) -> FinalizeReport:
-        """Number every draft of the period (or one tenant's); refuse error rows with their reason."""
+    def finalize(self, period: Period, *, tenant_id: str | None = None, force: bool = False) -> FinalizeReport:
+        """Number every draft of the period (or one tenant's), dated today; refuse error rows with their reason.
+
+        A period is finalized once it has ended, from its end + ``finalize_grace``; ``force=True`` closes a
+        running period early (the report says so: the caller audits it). Every invoice is issued the day it is
+        finalized: a draft dated another day is rebuilt for today first (tax point, FX and due date follow).
+        """
         p = str(period)
-        report = FinalizeReport(p)
-        if period.start > self._clock().date():
+        report = FinalizeReport(p, forced=force)
+        now = self._clock()
+        today = now.date()
+        if period.start > today:
             raise DocumentStateError(f"{p} has not started yet: nothing can be finalized for it")
+        opens = period.end_at + self.finalize_grace
+        if now < opens and not force:
+            raise DocumentStateError(f"{p} is still open: it can be finalized from {opens:%Y-%m-%d %H:%M} UTC"
+                                     " (force it to close early)")
         if tenant_id is None and p not in self.store.closed_periods() and not self.store.was_run(p):
             raise DocumentStateError(f"{p} has not been run for all tenants: run `tokenport invoices run"
                                      f" --period {p}` first")
@@ -272,6 +292,12 @@ class BillingService:
             raise DocumentStateError(f"{tenant_id} has no draft for {p}: run `tokenport invoices run"
                                      f" --period {p} --tenant {tenant_id}` first")
         for row in pending:
+            if row.status == "draft" and row.issue_date != today:
+                redated = self._redate(period, row, today)
+                if redated is None:
+                    report.refused.append((row.tenant_id, f"nothing left to bill for {p}"))
+                    continue
+                row = redated
             if row.status == "error":
                 report.refused.append((row.tenant_id, f"cannot finalize: {row.error}"))
                 continue
@@ -284,6 +310,12 @@ class BillingService:
                 period_store.close(tx, p, self._clock())
             report.closed = True
         return report
+
+    def _redate(self, period: Period, row: StoredDocument, today: date) -> StoredDocument | None:
+        """The tenant's draft rebuilt with today's issue date (the ledger read again); None: nothing left."""
+        self._run(period, row.tenant_id, today)
+        found = self.store.find(period=row.period, tenant_id=row.tenant_id, kinds=["invoice"], statuses=PENDING)
+        return found[0] if found else None
 
     def finalize_document(self, document_id: int, series: NumberSeries | None = None) -> StoredDocument:
         """Number one draft (see billing/issuing.py)."""
