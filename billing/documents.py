@@ -44,6 +44,7 @@ class InvoiceLine:
     amount_unrounded: Decimal  # quantity x price / 1e6, exact
     tier: int | None = None  # 1-based tier index for tiered prices
     tier_mode: str | None = None  # flat | graduated | volume
+    period: str | None = None  # YYYY-MM of a late supply (its own prices, tiers and tax); None: this invoice's
 
     @property
     def adjustment(self) -> bool:
@@ -61,7 +62,7 @@ class InvoiceLine:
             "adjustment": self.adjustment,
             "tier": self.tier,
             "tier_mode": self.tier_mode,
-        }
+        } | ({"period": self.period} if self.period else {})
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, Any]) -> InvoiceLine:
@@ -75,6 +76,7 @@ class InvoiceLine:
             amount_unrounded=Decimal(d["amount_unrounded"]),
             tier=d.get("tier"),
             tier_mode=d.get("tier_mode"),
+            period=d.get("period"),
         )
 
 
@@ -92,6 +94,7 @@ class AppliedTax:
     tax_currency: str | None = None  # e.g. SAR: the tax also stated in the local currency
     tax_currency_taxable_amount: Decimal | None = None
     tax_currency_amount: Decimal | None = None
+    periods: tuple[str, ...] = ()  # late supplies (YYYY-MM) taxed here; () : only this invoice's period
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -107,7 +110,7 @@ class AppliedTax:
             "tax_currency": self.tax_currency,
             "tax_currency_taxable_amount": _s(self.tax_currency_taxable_amount),
             "tax_currency_amount": _s(self.tax_currency_amount),
-        }
+        } | ({"periods": list(self.periods)} if self.periods else {})
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, Any]) -> AppliedTax:
@@ -124,6 +127,7 @@ class AppliedTax:
             tax_currency=d.get("tax_currency"),
             tax_currency_taxable_amount=_d(d.get("tax_currency_taxable_amount")),
             tax_currency_amount=_d(d.get("tax_currency_amount")),
+            periods=tuple(d.get("periods", ())),
         )
 
 

@@ -8,13 +8,14 @@ of the usage rows does not matter). Steps of ``build_invoice``:
 3. prices: the price book version covering the period in the buyer's currency + tenant contract;
 4. usage lines: quantities summed per (model, token type), priced through the tiers, one line per
    tier used; amount = quantity x price / 1e6 rounded once (ROUND_HALF_UP, ISO minor units);
-5. adjustment lines: late usage of earlier periods (may be negative), each (model, token type)
-   priced through the tiers on its own quantity, flagged ``adjustment``;
+5. adjustment lines: ``adjustments`` (corrections, may be negative) priced with this period's prices;
+   ``late`` supplies (late usage of earlier periods) priced with *their* period's prices, tiers and
+   tax rule (billing/supplies.py), each line naming its period;
 6. minimum commitment top-up when the usage lines sum below the minimum (adjustments excluded);
-7. subtotal = sum(lines); tax = round(subtotal x charged rate / 100); total = subtotal + tax
-   (EN 16931 BR-CO-10/13/15/17); tax restated in the tax currency where the rule wants it
-   (SA: SAR) with the FX rate of the rule's date, recorded as an FxUse;
-8. the seller's ledger view (CN) with the net amount in CNY at the ledger FX rate (recorded).
+7. subtotal = sum(lines); one tax entry per (treatment, rate) of the supplies: tax = round(taxable x
+   charged rate / 100); total = subtotal + taxes (EN 16931 BR-CO-10/13/15/17); tax restated in the
+   tax currency where the rule wants it (SA: SAR) with the FX rate of each supply's date (FxUse);
+8. the seller's ledger view (CN) with the net amount in CNY at each supply's ledger FX rate.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from billing.documents import (
     SellerSnapshot,
 )
 from billing.errors import DocumentStateError, InvalidUsage
-from billing.fx import FxTable, fx_date
+from billing.fx import FxRate, FxTable, fx_date
 from billing.money import check_currency, div, fmt, mul, round_money
 from billing.parties import Buyer, Seller
 from billing.price_book import PER, PriceBook, ResolvedPrices, rate
+from billing.supplies import LateSupply, late_lines
 from billing.tax import TaxRules, TaxTreatment
 from billing.taxid import validate as validate_tax_id
 from metering.events import TOKEN_TYPES, TokenType
@@ -130,82 +132,104 @@ def _minimum_line(usage_lines: list[InvoiceLine], prices: ResolvedPrices) -> lis
     ]
 
 
-def _tax(
-    subtotal: Decimal, currency: str, treatment: TaxTreatment, fx: FxTable, tax_point: date, issue_date: date
-) -> tuple[AppliedTax, list[FxUse]]:
-    charged = treatment.charged_rate
-    exact = div(mul(subtotal, charged), HUNDRED)
-    tax = AppliedTax(
-        treatment=treatment.treatment.value,
-        rate=charged,
-        statutory_rate=treatment.rate,
-        taxable_amount=subtotal,
-        amount=round_money(exact, currency),
-        amount_unrounded=exact,
-        currency=currency,
-        note=treatment.text("en"),
-        wording=treatment.wording,
+@dataclass(frozen=True, slots=True)
+class _Supply:
+    """One taxable supply of the invoice: this period's lines, or one late period's."""
+
+    period: str
+    tax_point: date
+    treatment: TaxTreatment
+    lines: list[InvoiceLine]
+
+    @property
+    def amount(self) -> Decimal:
+        return sum((line.amount for line in self.lines), Decimal(0))
+
+
+def _fx_use(currency: str, used: FxRate, to: str, purpose: str) -> FxUse:
+    return FxUse(
+        from_currency=currency, to_currency=to, rate=used.rate, source=used.source, date=used.date, purpose=purpose
     )
-    if treatment.tax_currency is None or treatment.tax_currency == currency:
-        return tax, []
-    used = fx.rate(
-        currency,
-        treatment.tax_currency,
-        fx_date(treatment.fx_date_rule, tax_point=tax_point, issue_date=issue_date),
-    )
-    taxable_local = mul(subtotal, used.rate)
-    tax = replace(
-        tax,
-        tax_currency=treatment.tax_currency,
-        tax_currency_taxable_amount=round_money(taxable_local, treatment.tax_currency),
-        tax_currency_amount=round_money(div(mul(taxable_local, charged), HUNDRED), treatment.tax_currency),
-    )
-    return tax, [
-        FxUse(
-            from_currency=currency,
-            to_currency=used.quote,
-            rate=used.rate,
-            source=used.source,
-            date=used.date,
-            purpose="tax_currency",
+
+
+def _taxes(
+    supplies: Sequence[_Supply], currency: str, fx: FxTable, issue_date: date
+) -> tuple[tuple[AppliedTax, ...], list[FxUse]]:
+    """One tax entry per (treatment, rates, tax currency): the first supply always has one, late ones when
+    they carry lines. Each supply's tax-currency base uses the FX rate of its own date."""
+    groups: dict[tuple[str, Decimal, Decimal | None, str | None], list[_Supply]] = {}
+    for i, supply in enumerate(supplies):
+        if i and not supply.lines:
+            continue
+        t = supply.treatment
+        groups.setdefault((t.treatment.value, t.charged_rate, t.rate, t.tax_currency), []).append(supply)
+    taxes: list[AppliedTax] = []
+    uses: list[FxUse] = []
+    for group in groups.values():
+        treatment = group[0].treatment
+        taxable = sum((s.amount for s in group), Decimal(0))
+        exact = div(mul(taxable, treatment.charged_rate), HUNDRED)
+        periods = tuple(s.period for s in group) if len(supplies) > 1 else ()
+        tax = AppliedTax(
+            treatment=treatment.treatment.value,
+            rate=treatment.charged_rate,
+            statutory_rate=treatment.rate,
+            taxable_amount=taxable,
+            amount=round_money(exact, currency),
+            amount_unrounded=exact,
+            currency=currency,
+            note=treatment.text("en"),
+            wording=treatment.wording,
+            periods=periods,
         )
-    ]
+        if treatment.tax_currency is not None and treatment.tax_currency != currency:
+            local = Decimal(0)
+            for s in group:
+                day = fx_date(s.treatment.fx_date_rule, tax_point=s.tax_point, issue_date=issue_date)
+                used = fx.rate(currency, treatment.tax_currency, day)
+                local += mul(s.amount, used.rate)
+                if (use := _fx_use(currency, used, used.quote, "tax_currency")) not in uses:
+                    uses.append(use)
+            tax = replace(
+                tax,
+                tax_currency=treatment.tax_currency,
+                tax_currency_taxable_amount=round_money(local, treatment.tax_currency),
+                tax_currency_amount=round_money(
+                    div(mul(local, treatment.charged_rate), HUNDRED), treatment.tax_currency
+                ),
+            )
+        taxes.append(tax)
+    return tuple(taxes), uses
 
 
 def _ledger(
-    subtotal: Decimal,
+    supplies: Sequence[_Supply],
     currency: str,
-    treatment: TaxTreatment,
+    treatments: Sequence[TaxTreatment],
     ledger_currency: str,
     fx: FxTable,
-    tax_point: date,
     issue_date: date,
 ) -> tuple[LedgerView, list[FxUse]]:
+    """The seller's books: the net amount in the ledger currency, each supply at the rate of its own date."""
     uses: list[FxUse] = []
-    net = subtotal
+    net = sum((s.amount for s in supplies), Decimal(0))
     if currency != ledger_currency:
-        used = fx.rate(
-            currency,
-            ledger_currency,
-            fx_date(treatment.fx_date_rule, tax_point=tax_point, issue_date=issue_date),
-        )
-        net = round_money(mul(subtotal, used.rate), ledger_currency)
-        uses.append(
-            FxUse(
-                from_currency=currency,
-                to_currency=ledger_currency,
-                rate=used.rate,
-                source=used.source,
-                date=used.date,
-                purpose="ledger",
-            )
-        )
+        net = Decimal(0)
+        for i, (supply, treatment) in enumerate(zip(supplies, treatments, strict=True)):
+            if i and not supply.lines:
+                continue
+            day = fx_date(treatment.fx_date_rule, tax_point=supply.tax_point, issue_date=issue_date)
+            used = fx.rate(currency, ledger_currency, day)
+            net += round_money(mul(supply.amount, used.rate), ledger_currency)
+            if (use := _fx_use(currency, used, ledger_currency, "ledger")) not in uses:
+                uses.append(use)
+    first = treatments[0]
     view = LedgerView(
-        treatment=treatment.treatment.value,
-        rule_id=treatment.rule_id,
+        treatment=first.treatment.value,
+        rule_id=first.rule_id,
         currency=ledger_currency,
         net_amount=net,
-        note=treatment.text("en"),
+        note=first.text("en"),
     )
     return view, uses
 
@@ -222,6 +246,7 @@ def build_invoice(
     period_end: date,
     issue_date: date,
     adjustments: Sequence[UsageQuantity] = (),
+    late: Sequence[LateSupply] = (),
     usage_digest: str,
 ) -> Invoice:
     """A draft invoice (no number) for one buyer and billing period."""
@@ -242,18 +267,27 @@ def build_invoice(
     usage_lines = _priced_lines(usage, prices, LineKind.USAGE)
     lines = usage_lines + _priced_lines(adjustments, prices, LineKind.ADJUSTMENT)
     lines += _minimum_line(usage_lines, prices)
+    supplies = [_Supply(period_start.strftime("%Y-%m"), tax_point, treatment, lines)]
+    for supply in sorted(late, key=lambda s: s.period_start):
+        point = tax_rules.tax_point(country, period_end=supply.period_end, issue_date=issue_date)
+        then = price_book.select(
+            currency=currency, period_start=supply.period_start, period_end=supply.period_end, tenant_id=buyer.id
+        )
+        supplies.append(
+            _Supply(supply.label, point, tax_rules.determine(buyer, seller, point), late_lines(supply, then))
+        )
+    lines = [line for s in supplies for line in s.lines]
     subtotal = sum((line.amount for line in lines), Decimal(0))
     if subtotal < 0:
         raise InvalidUsage(f"negative subtotal {fmt(subtotal)} {currency}: issue a credit note instead")
 
-    tax, tax_fx = _tax(subtotal, currency, treatment, fx, tax_point, issue_date)
+    taxes, tax_fx = _taxes(supplies, currency, fx, issue_date)
     ledger, ledger_fx = _ledger(
-        subtotal,
+        supplies,
         currency,
-        tax_rules.seller_ledger(buyer, seller, tax_point),
+        [tax_rules.seller_ledger(buyer, seller, s.tax_point) for s in supplies],
         tax_rules.ledger_currency,
         fx,
-        tax_point,
         issue_date,
     )
     return Invoice(
@@ -293,8 +327,8 @@ def build_invoice(
         ),
         lines=tuple(lines),
         subtotal=subtotal,
-        taxes=(tax,),
-        total=subtotal + tax.amount,
+        taxes=taxes,
+        total=subtotal + sum((t.amount for t in taxes), Decimal(0)),
         fx=tuple(tax_fx + ledger_fx),
         usage_digest=usage_digest,
         price_book_version=prices.version,

@@ -41,7 +41,16 @@ from billing.document_store import Draft, NotFound, StoredDocument
 from billing.documents import CreditNote, Document, Invoice, document_from_json
 from billing.errors import BillingError, DocumentStateError, FxImportError, InvalidUsage
 from billing.fx import FxTable, import_csv
-from billing.ledger_read import SeqRange, Slice, event_digest, events_in, events_in_ranges, rows_from, rows_of
+from billing.ledger_read import (
+    SeqRange,
+    Slice,
+    billed_quantities,
+    event_digest,
+    events_in,
+    events_in_ranges,
+    rows_from,
+    rows_of,
+)
 from billing.lifecycle import ISSUED, PENDING, Op
 from billing.parties import Buyer, NumberSeries, Seller, load_seller
 from billing.prices import PriceSource, load_price_source
@@ -49,6 +58,7 @@ from billing.render import render
 from billing.render.jsondoc import to_json
 from billing.reports import ExportReport, GroupBy, RatedRow, aggregate_exports, credit_rows, rated_rows
 from billing.store import BillingStore
+from billing.supplies import LateSupply
 from metering.clock import Clock, Period, utcnow
 from metering.store_sql import UsageStore
 from metering.tenants import Tenant, TenantStore
@@ -173,7 +183,7 @@ class BillingService:
                 why = f"{p} is closed: no new invoices (late usage is billed next period as an adjustment)"
                 report.skipped.append((t, why))
                 continue
-            all_rows &= self._draft(cfg, report, period, issue, t, tenants.get(t), own.get(t), late.get(t))
+            all_rows &= self._draft(cfg, report, period, issue, t, tenants.get(t), own.get(t), late.get(t), billed)
         if tenant_id is None and all_rows:
             with self.store.unit() as tx:
                 period_store.record_run(tx, p, mark, self._clock())
@@ -231,7 +241,8 @@ class BillingService:
         return prices.minimum_commitment is not None and prices.minimum_commitment > 0
 
     def _draft(self, cfg: BillingConfig, report: RunReport, period: Period, issue: date, t: str,
-               tenant: Tenant | None, own: Slice | None, late: Slice | None) -> bool:
+               tenant: Tenant | None, own: Slice | None, late: Slice | None,
+               billed: dict[tuple[str, str], int]) -> bool:
         p, now = str(period), self._clock()
         own, late = own or Slice(), late or Slice()
         if tenant is None:
@@ -240,8 +251,12 @@ class BillingService:
             report.errors.append((t, message))
             return True
         try:
+            supplies = [
+                LateSupply(q.start, q.end, tokens, billed_quantities(self._usage, t, q, billed.get((t, str(q)), 0)))
+                for q, tokens in sorted((Period.parse(k), v) for k, v in late.by_period.items())
+            ]
             invoice = engine.build_invoice(
-                usage=own.rows(), adjustments=late.rows(), buyer=buyer_of(tenant), seller=cfg.seller,
+                usage=own.rows(), late=supplies, buyer=buyer_of(tenant), seller=cfg.seller,
                 price_book=cfg.price_book, tax_rules=cfg.tax_rules, fx=cfg.fx, period_start=period.start,
                 period_end=period.end, issue_date=issue, usage_digest=event_digest(own.hashes + late.hashes))
         except BillingError as exc:
