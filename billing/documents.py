@@ -45,6 +45,7 @@ class InvoiceLine:
     tier: int | None = None  # 1-based tier index for tiered prices
     tier_mode: str | None = None  # flat | graduated | volume
     period: str | None = None  # YYYY-MM of a late supply (its own prices, tiers and tax); None: this invoice's
+    price_book_version: str | None = None  # set when the price changed inside the period (lines per version)
 
     @property
     def adjustment(self) -> bool:
@@ -62,7 +63,9 @@ class InvoiceLine:
             "adjustment": self.adjustment,
             "tier": self.tier,
             "tier_mode": self.tier_mode,
-        } | ({"period": self.period} if self.period else {})
+        } | ({"period": self.period} if self.period else {}) | (
+            {"price_book_version": self.price_book_version} if self.price_book_version else {}
+        )
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, Any]) -> InvoiceLine:
@@ -77,6 +80,7 @@ class InvoiceLine:
             tier=d.get("tier"),
             tier_mode=d.get("tier_mode"),
             period=d.get("period"),
+            price_book_version=d.get("price_book_version"),
         )
 
 

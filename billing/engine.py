@@ -21,7 +21,7 @@ of the usage rows does not matter). Steps of ``build_invoice``:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from decimal import Decimal
@@ -44,7 +44,7 @@ from billing.fx import FxRate, FxTable, fx_date
 from billing.money import check_currency, div, fmt, mul, round_money
 from billing.parties import Buyer, Seller
 from billing.price_book import PER, PriceBook, ResolvedPrices, rate
-from billing.supplies import LateSupply, late_lines
+from billing.supplies import LateSupply, late_lines, spanned_lines
 from billing.tax import TaxRules, TaxTreatment
 from billing.taxid import validate as validate_tax_id
 from metering.events import TOKEN_TYPES, TokenType
@@ -247,9 +247,14 @@ def build_invoice(
     issue_date: date,
     adjustments: Sequence[UsageQuantity] = (),
     late: Sequence[LateSupply] = (),
+    usage_by_day: Mapping[date, Mapping[tuple[str, TokenType], int]] | None = None,
     usage_digest: str,
 ) -> Invoice:
-    """A draft invoice (no number) for one buyer and billing period."""
+    """A draft invoice (no number) for one buyer and billing period.
+
+    ``usage_by_day`` (the same tokens as ``usage``, per UTC day of the events) lets a period whose price
+    changes inside it be prorated: lines per price book version (billing/supplies.py).
+    """
     if period_end < period_start:
         raise InvalidUsage(f"period ends ({period_end}) before it starts ({period_start})")
     if issue_date < period_start:
@@ -260,22 +265,32 @@ def build_invoice(
     buyer = replace(buyer, billing_country=country, tax_id=tax_id, currency=currency)
     tax_point = tax_rules.tax_point(country, period_end=period_end, issue_date=issue_date)
     treatment = tax_rules.determine(buyer, seller, tax_point)
-    prices = price_book.select(
-        currency=currency, period_start=period_start, period_end=period_end, tenant_id=buyer.id
-    )
+    def select(start: date, end: date) -> ResolvedPrices:
+        return price_book.select(currency=currency, period_start=start, period_end=end, tenant_id=buyer.id)
 
-    usage_lines = _priced_lines(usage, prices, LineKind.USAGE)
+    spans = price_book.spans(currency=currency, period_start=period_start, period_end=period_end)
+    if len(spans) > 1 and usage_by_day is not None:
+        usage_lines, used = spanned_lines(
+            usage_by_day, spans, select, kind=LineKind.USAGE, period=None, billed_before={}
+        )
+        prices = replace(used[-1], version=", ".join(dict.fromkeys(p.version for p in used)))
+    else:
+        prices = select(period_start, period_end)
+        usage_lines = _priced_lines(usage, prices, LineKind.USAGE)
     lines = usage_lines + _priced_lines(adjustments, prices, LineKind.ADJUSTMENT)
     lines += _minimum_line(usage_lines, prices)
     supplies = [_Supply(period_start.strftime("%Y-%m"), tax_point, treatment, lines)]
     for supply in sorted(late, key=lambda s: s.period_start):
         point = tax_rules.tax_point(country, period_end=supply.period_end, issue_date=issue_date)
-        then = price_book.select(
-            currency=currency, period_start=supply.period_start, period_end=supply.period_end, tenant_id=buyer.id
-        )
-        supplies.append(
-            _Supply(supply.label, point, tax_rules.determine(buyer, seller, point), late_lines(supply, then))
-        )
+        parts = price_book.spans(currency=currency, period_start=supply.period_start, period_end=supply.period_end)
+        if len(parts) > 1 and supply.by_day:
+            late_part, _ = spanned_lines(
+                supply.by_day, parts, select, kind=LineKind.ADJUSTMENT, period=supply.label,
+                billed_before=supply.billed_before,
+            )
+        else:
+            late_part = late_lines(supply, select(supply.period_start, supply.period_end))
+        supplies.append(_Supply(supply.label, point, tax_rules.determine(buyer, seller, point), late_part))
     lines = [line for s in supplies for line in s.lines]
     subtotal = sum((line.amount for line in lines), Decimal(0))
     if subtotal < 0:

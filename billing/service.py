@@ -234,8 +234,10 @@ class BillingService:
 
     def _has_minimum(self, cfg: BillingConfig, tenant: Tenant, period: Period) -> bool:
         try:
-            prices = cfg.price_book.select(currency=tenant.currency, period_start=period.start,
-                                           period_end=period.end, tenant_id=tenant.id)
+            start, end = cfg.price_book.spans(currency=tenant.currency, period_start=period.start,
+                                              period_end=period.end)[-1]
+            prices = cfg.price_book.select(currency=tenant.currency, period_start=start, period_end=end,
+                                           tenant_id=tenant.id)
         except BillingError:
             return False
         return prices.minimum_commitment is not None and prices.minimum_commitment > 0
@@ -252,11 +254,12 @@ class BillingService:
             return True
         try:
             supplies = [
-                LateSupply(q.start, q.end, tokens, billed_quantities(self._usage, t, q, billed.get((t, str(q)), 0)))
+                LateSupply(q.start, q.end, tokens, billed_quantities(self._usage, t, q, billed.get((t, str(q)), 0)),
+                           {d: n for d, n in late.by_day.items() if q.start <= d <= q.end})
                 for q, tokens in sorted((Period.parse(k), v) for k, v in late.by_period.items())
             ]
             invoice = engine.build_invoice(
-                usage=own.rows(), late=supplies, buyer=buyer_of(tenant), seller=cfg.seller,
+                usage=own.rows(), late=supplies, usage_by_day=own.by_day, buyer=buyer_of(tenant), seller=cfg.seller,
                 price_book=cfg.price_book, tax_rules=cfg.tax_rules, fx=cfg.fx, period_start=period.start,
                 period_end=period.end, issue_date=issue, usage_digest=event_digest(own.hashes + late.hashes))
         except BillingError as exc:

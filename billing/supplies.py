@@ -13,7 +13,7 @@ invoice as adjustment lines that name Q, priced with:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
@@ -33,6 +33,7 @@ class LateSupply:
     period_end: date
     quantities: Mapping[tuple[str, TokenType], int]
     billed_before: Mapping[tuple[str, TokenType], int] = field(default_factory=dict)
+    by_day: Mapping[date, Mapping[tuple[str, TokenType], int]] = field(default_factory=dict)  # for proration
 
     @property
     def label(self) -> str:
@@ -55,19 +56,62 @@ def continued_segments(spec: PriceSpec, before: int, quantity: int) -> list[Segm
     return out
 
 
+Quantities = Mapping[tuple[str, TokenType], int]
+Select = Callable[[date, date], ResolvedPrices]
+
+
 def late_lines(supply: LateSupply, prices: ResolvedPrices) -> list[InvoiceLine]:
-    """Adjustment lines of one late supply, naming its period."""
+    """Adjustment lines of one late supply priced by one version, naming its period."""
+    return _lines(supply.quantities, prices, dict(supply.billed_before), LineKind.ADJUSTMENT, supply.label, None)
+
+
+def spanned_lines(
+    by_day: Mapping[date, Quantities],
+    spans: Sequence[tuple[date, date]],
+    select: Select,
+    *,
+    kind: LineKind,
+    period: str | None,
+    billed_before: Quantities,
+) -> tuple[list[InvoiceLine], list[ResolvedPrices]]:
+    """Usage of a period whose price changes inside it, prorated by event day: lines per price book version.
+
+    The tiers run on through the period: each part continues from the tokens of the parts before it.
+    """
+    before = dict(billed_before)
+    lines: list[InvoiceLine] = []
+    used: list[ResolvedPrices] = []
+    for start, end in spans:
+        prices = select(start, end)
+        used.append(prices)
+        part: dict[tuple[str, TokenType], int] = {}
+        for day, tokens in by_day.items():
+            if start <= day <= end:
+                for key, n in tokens.items():
+                    part[key] = part.get(key, 0) + n
+        lines += _lines(part, prices, before, kind, period, prices.version)
+    return lines, used
+
+
+def _lines(
+    quantities: Quantities,
+    prices: ResolvedPrices,
+    before: dict[tuple[str, TokenType], int],
+    kind: LineKind,
+    period: str | None,
+    version: str | None,
+) -> list[InvoiceLine]:
     order = {t: i for i, t in enumerate(TOKEN_TYPES)}
     lines: list[InvoiceLine] = []
-    for (model, token_type), quantity in sorted(supply.quantities.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+    for (model, token_type), quantity in sorted(quantities.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         if quantity < 0:
-            raise InvalidUsage(f"negative late usage {quantity} for {model}/{token_type.value} of {supply.label}")
+            raise InvalidUsage(f"negative usage {quantity} for {model}/{token_type.value}")
         spec = prices.price(model, token_type)
-        for segment in continued_segments(spec, supply.billed_before.get((model, token_type), 0), quantity):
+        for segment in continued_segments(spec, before.get((model, token_type), 0), quantity):
             unrounded = div(mul(Decimal(segment.quantity), segment.unit_price), Decimal(PER))
             lines.append(
                 InvoiceLine(
-                    kind=LineKind.ADJUSTMENT,
+                    kind=kind,
                     model=model,
                     token_type=token_type,
                     quantity_tokens=segment.quantity,
@@ -76,9 +120,11 @@ def late_lines(supply: LateSupply, prices: ResolvedPrices) -> list[InvoiceLine]:
                     amount_unrounded=unrounded,
                     tier=segment.tier,
                     tier_mode=spec.mode.value,
-                    period=supply.label,
+                    period=period,
+                    price_book_version=version,
                 )
             )
+        before[(model, token_type)] = before.get((model, token_type), 0) + quantity
     return lines
 
 
