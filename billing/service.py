@@ -51,7 +51,7 @@ from billing.ledger_read import (
     rows_from,
     rows_of,
 )
-from billing.lifecycle import ISSUED, PENDING, Op
+from billing.lifecycle import ISSUED, PENDING, Op, Status
 from billing.parties import Buyer, NumberSeries, Seller, load_seller
 from billing.prices import PriceSource, load_price_source
 from billing.render import render
@@ -176,7 +176,7 @@ class BillingService:
         all_rows = True
         for t in sorted(targets):
             status = states.get((t, p), set())
-            if status & set(ISSUED):
+            if Status.FINALIZED in status:
                 report.skipped.append((t, f"{p} is already invoiced; later usage goes to the next invoice"))
                 continue
             if p in closed and not status & set(PENDING) and tenant_id is None:
@@ -210,7 +210,10 @@ class BillingService:
 
         def closed_for(t: str, q: str) -> bool:
             status = states.get((t, q), set())
-            return bool(status & set(ISSUED)) or (q in closed and not status & set(PENDING))
+            if Status.FINALIZED in status:
+                return True
+            # A voided invoice's usage waits for its re-issue (never pulled into a later invoice).
+            return Status.VOID not in status and q in closed and not status & set(PENDING)
 
         slices: dict[str, Slice] = {}
         for q in earlier:
@@ -222,7 +225,8 @@ class BillingService:
             else:
                 # The lowest W of the tenants closed there; a tenant without rows in a closed
                 # period has no event below the close mark (the last full run saw them all).
-                bounds = [billed.get((t, qq), 0) for (t, qq), s in states.items() if qq == q and s & set(ISSUED)]
+                bounds = [billed.get((t, qq), 0) for (t, qq), s in states.items()
+                          if qq == q and Status.FINALIZED in s]
                 bounds += [closed[q]] if q in closed else []
                 after = min(bounds, default=0)
             for stored in events_in(self._usage, Period.parse(q), tenant_id=tenant_id, after_seq=after):
@@ -350,6 +354,24 @@ class BillingService:
         credit = engine.build_credit_note(invoice, reason=reason, issue_date=issue)
         return issuing.void_invoice(self.store, row.id, credit, reason=reason,
                                     series=self.config().seller.numbering, now=self._clock())
+
+    def reissue(self, number: str) -> StoredDocument:
+        """Bill a voided invoice's usage again: a new invoice for its tenant and period, with today's tenant
+        data, prices of that period, today's date and the next number. Returns the new finalized invoice."""
+        row = self.store.get(number)
+        lifecycle.transition(row.kind, row.status, Op.REISSUE, what=number)
+        period = Period.parse(row.period)
+        live = self.store.find(tenant_id=row.tenant_id, period=row.period, kinds=["invoice"], statuses=["finalized"])
+        if live:
+            raise DocumentStateError(f"{number}: {row.tenant_id} {row.period} is already invoiced ({live[0].number})")
+        report = self._run(period, row.tenant_id, self._clock().date())
+        if not report.drafts:
+            why = "; ".join(r for _, r in report.errors + report.skipped) or "nothing to bill"
+            raise DocumentStateError(f"{number}: cannot re-issue {row.tenant_id} {row.period}: {why}")
+        done = self.finalize(period, tenant_id=row.tenant_id, force=True)  # the period has ended: it was invoiced
+        if not done.finalized:
+            raise DocumentStateError(f"{number}: cannot re-issue: {'; '.join(r for _, r in done.refused)}")
+        return done.finalized[0]
 
     # --- documents -------------------------------------------------------------------------
     def document(self, row: StoredDocument) -> Document:
