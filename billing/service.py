@@ -21,42 +21,24 @@ with the same reason until a new run succeeds.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
 
-from billing import (
-    engine,
-    fx_store,
-    issuing,
-    lifecycle,
-    period_store,
-    price_book,
-    tax,
-)
+from billing import documents_view, engine, fx_store, issuing, lifecycle, period_store, price_book, tax
 from billing.document_store import Draft, NotFound, StoredDocument
-from billing.documents import CreditNote, Document, Invoice, document_from_json
+from billing.documents import Document, Invoice
+from billing.documents_view import Verification as Verification  # noqa: PLC0414 - part of the service API
+from billing.documents_view import document_summary as document_summary  # noqa: PLC0414
+from billing.documents_view import documents_summary as documents_summary  # noqa: PLC0414
 from billing.errors import BillingError, DocumentStateError, FxImportError, InvalidUsage
 from billing.fx import FxTable, import_csv
-from billing.ledger_read import (
-    SeqRange,
-    Slice,
-    billed_quantities,
-    event_digest,
-    events_in,
-    events_in_ranges,
-    rows_from,
-    rows_of,
-)
-from billing.lifecycle import ISSUED, PENDING, Op, Status
+from billing.ledger_read import SeqRange, Slice, billed_quantities, event_digest, events_in, rows_of
+from billing.lifecycle import PENDING, Op, Status
 from billing.parties import Buyer, NumberSeries, Seller, load_seller
 from billing.prices import PriceSource, load_price_source
-from billing.render import render
 from billing.render.jsondoc import to_json
-from billing.reports import ExportReport, GroupBy, RatedRow, aggregate_exports, credit_rows, rated_rows
+from billing.reports import ExportReport, GroupBy
 from billing.store import BillingStore
 from billing.supplies import LateSupply
 from metering.clock import Clock, Period, utcnow
@@ -88,14 +70,6 @@ class FinalizeReport:
     refused: list[tuple[str, str]] = field(default_factory=list)
     closed: bool = False
     forced: bool = False  # finalized before the period ended (+ grace): the caller audits it
-
-
-@dataclass(frozen=True, slots=True)
-class Verification:
-    number: str
-    ok: bool
-    problems: tuple[str, ...]
-    events: int
 
 
 class BillingService:
@@ -373,84 +347,23 @@ class BillingService:
             raise DocumentStateError(f"{number}: cannot re-issue: {'; '.join(r for _, r in done.refused)}")
         return done.finalized[0]
 
-    # --- documents -------------------------------------------------------------------------
+    # --- documents and reports (billing/documents_view.py) -------------------------------------
     def document(self, row: StoredDocument) -> Document:
-        if row.document is None:
-            raise DocumentStateError(f"{row.ref}: no document: {row.error}")
-        doc = document_from_json(row.document)
-        if row.status != "void":
-            return doc
-        if isinstance(doc, Invoice):
-            return engine.void(doc)
-        return engine.void(doc)
+        return documents_view.document(row)
 
     def render(self, ref: str, fmt: str, *, tenant_id: str | None = None) -> bytes:
         """The document in json | csv | html | pdf | ubl. A finalized document's JSON is the stored bytes."""
-        row = self.store.get(ref)
-        if tenant_id is not None and (row.tenant_id != tenant_id or row.status in PENDING):
-            raise NotFound(f"no invoice or credit note {ref!r}")
-        if fmt == "json" and row.status == "finalized" and row.document_bytes is not None:
-            return row.document_bytes
-        return render(self.document(row), fmt)
+        return documents_view.render_document(self.store, ref, fmt, tenant_id=tenant_id)
 
     def verify(self, number: str) -> Verification:
         """Recompute an invoice's usage digest and quantities from the ledger events it recorded."""
-        row = self.store.get(number)
-        problems: list[str] = []
-        content = row.document_bytes
-        if content is not None and hashlib.sha256(content).hexdigest() != row.document_sha256:
-            problems.append("stored document does not match its sha256")
-        target = row
-        if row.kind == "credit_note" and row.original_number:
-            target = self.store.get(row.original_number)
-        own, late = Slice(), Slice()
-        for stored in events_in_ranges(self._usage, target.tenant_id, self.store.ranges(target.id)):
-            (own if stored.event.started_at.strftime("%Y-%m") == target.period else late).add(stored, "", 0)
-        digest = event_digest(own.hashes + late.hashes)
-        if digest != target.usage_digest:
-            problems.append(f"usage digest {digest} != recorded {target.usage_digest}")
-        if rows_of(own.rows()) != target.usage_rows or rows_of(late.rows()) != target.adjustment_rows:
-            problems.append("usage quantities recomputed from the ledger differ from the recorded ones")
-        return Verification(row.ref, not problems, tuple(problems), own.events + late.events)
+        return documents_view.verify(self.store, self._usage, number)
 
-    # --- reports ---------------------------------------------------------------------------
     def exports(self, period: Period, *, by: GroupBy | str = GroupBy.COUNTRY) -> ExportReport:
         """Token export volume and revenue (CNY at the recorded rates) of the period's issued documents."""
-        p = str(period)
-        rows: list[RatedRow] = []
-        by_invoice: dict[str, list[RatedRow]] = {}
-        docs = self.store.find(period=p, statuses=ISSUED)
-        for row in docs:
-            if row.kind == "invoice" and row.document is not None:
-                invoice = Invoice.from_json_dict(row.document)
-                rated = rated_rows(invoice, rows_from(row.usage_rows), rows_from(row.adjustment_rows))
-                by_invoice[row.ref] = rated
-                rows += rated
-        for row in docs:
-            if row.kind == "credit_note" and row.document is not None:
-                note = CreditNote.from_json_dict(row.document)
-                rows += credit_rows(note, by_invoice.get(note.original_number, []))
-        return aggregate_exports(rows, period=p, by=by)
+        return documents_view.exports(self.store, period, by=by)
 
 
 def buyer_of(tenant: Tenant) -> Buyer:
     return Buyer(id=tenant.id, name=tenant.name, billing_country=tenant.billing_country, tax_id=tenant.tax_id,
                  business=tenant.business, currency=tenant.currency, language=tenant.language or "en")
-
-
-def document_summary(row: StoredDocument) -> dict[str, Any]:
-    """The list view of a document (CLI ``--json``, admin and tenant APIs)."""
-    return {
-        "number": row.number, "ref": row.ref, "kind": row.kind, "status": row.status, "tenant": row.tenant_id,
-        "period": row.period, "currency": row.currency,
-        "subtotal": None if row.subtotal is None else format(row.subtotal, "f"),
-        "tax_total": None if row.tax_total is None else format(row.tax_total, "f"),
-        "total": None if row.total is None else format(row.total, "f"),
-        "issue_date": row.issue_date.isoformat() if row.issue_date else None,
-        "original_number": row.original_number, "credit_note_number": row.credit_note_number,
-        "events": row.event_count, "usage_digest": row.usage_digest, "error": row.error,
-    }
-
-
-def documents_summary(rows: Iterable[StoredDocument]) -> list[dict[str, Any]]:
-    return [document_summary(r) for r in rows]
