@@ -28,28 +28,23 @@ from decimal import Decimal
 from typing import TypeVar
 
 from billing.documents import (
-    AppliedTax,
     BuyerSnapshot,
     CreditNote,
     DocumentStatus,
-    FxUse,
     Invoice,
     InvoiceLine,
-    LedgerView,
     LineKind,
     SellerSnapshot,
 )
 from billing.errors import DocumentStateError, InvalidUsage
-from billing.fx import FxRate, FxTable, fx_date
+from billing.fx import FxTable
 from billing.money import check_currency, div, fmt, mul, round_money
 from billing.parties import Buyer, Seller
 from billing.price_book import PER, PriceBook, ResolvedPrices, rate
-from billing.supplies import LateSupply, late_lines, spanned_lines
-from billing.tax import TaxRules, TaxTreatment
+from billing.supplies import LateSupply, Supply, late_lines, ledger_of, spanned_lines, taxes_of
+from billing.tax import TaxRules
 from billing.taxid import validate as validate_tax_id
 from metering.events import TOKEN_TYPES, TokenType
-
-HUNDRED = Decimal(100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,108 +127,6 @@ def _minimum_line(usage_lines: list[InvoiceLine], prices: ResolvedPrices) -> lis
     ]
 
 
-@dataclass(frozen=True, slots=True)
-class _Supply:
-    """One taxable supply of the invoice: this period's lines, or one late period's."""
-
-    period: str
-    tax_point: date
-    treatment: TaxTreatment
-    lines: list[InvoiceLine]
-
-    @property
-    def amount(self) -> Decimal:
-        return sum((line.amount for line in self.lines), Decimal(0))
-
-
-def _fx_use(currency: str, used: FxRate, to: str, purpose: str) -> FxUse:
-    return FxUse(
-        from_currency=currency, to_currency=to, rate=used.rate, source=used.source, date=used.date, purpose=purpose
-    )
-
-
-def _taxes(
-    supplies: Sequence[_Supply], currency: str, fx: FxTable, issue_date: date
-) -> tuple[tuple[AppliedTax, ...], list[FxUse]]:
-    """One tax entry per (treatment, rates, tax currency): the first supply always has one, late ones when
-    they carry lines. Each supply's tax-currency base uses the FX rate of its own date."""
-    groups: dict[tuple[str, Decimal, Decimal | None, str | None], list[_Supply]] = {}
-    for i, supply in enumerate(supplies):
-        if i and not supply.lines:
-            continue
-        t = supply.treatment
-        groups.setdefault((t.treatment.value, t.charged_rate, t.rate, t.tax_currency), []).append(supply)
-    taxes: list[AppliedTax] = []
-    uses: list[FxUse] = []
-    for group in groups.values():
-        treatment = group[0].treatment
-        taxable = sum((s.amount for s in group), Decimal(0))
-        exact = div(mul(taxable, treatment.charged_rate), HUNDRED)
-        periods = tuple(s.period for s in group) if len(supplies) > 1 else ()
-        tax = AppliedTax(
-            treatment=treatment.treatment.value,
-            rate=treatment.charged_rate,
-            statutory_rate=treatment.rate,
-            taxable_amount=taxable,
-            amount=round_money(exact, currency),
-            amount_unrounded=exact,
-            currency=currency,
-            note=treatment.text("en"),
-            wording=treatment.wording,
-            periods=periods,
-        )
-        if treatment.tax_currency is not None and treatment.tax_currency != currency:
-            local = Decimal(0)
-            for s in group:
-                day = fx_date(s.treatment.fx_date_rule, tax_point=s.tax_point, issue_date=issue_date)
-                used = fx.rate(currency, treatment.tax_currency, day)
-                local += mul(s.amount, used.rate)
-                if (use := _fx_use(currency, used, used.quote, "tax_currency")) not in uses:
-                    uses.append(use)
-            tax = replace(
-                tax,
-                tax_currency=treatment.tax_currency,
-                tax_currency_taxable_amount=round_money(local, treatment.tax_currency),
-                tax_currency_amount=round_money(
-                    div(mul(local, treatment.charged_rate), HUNDRED), treatment.tax_currency
-                ),
-            )
-        taxes.append(tax)
-    return tuple(taxes), uses
-
-
-def _ledger(
-    supplies: Sequence[_Supply],
-    currency: str,
-    treatments: Sequence[TaxTreatment],
-    ledger_currency: str,
-    fx: FxTable,
-    issue_date: date,
-) -> tuple[LedgerView, list[FxUse]]:
-    """The seller's books: the net amount in the ledger currency, each supply at the rate of its own date."""
-    uses: list[FxUse] = []
-    net = sum((s.amount for s in supplies), Decimal(0))
-    if currency != ledger_currency:
-        net = Decimal(0)
-        for i, (supply, treatment) in enumerate(zip(supplies, treatments, strict=True)):
-            if i and not supply.lines:
-                continue
-            day = fx_date(treatment.fx_date_rule, tax_point=supply.tax_point, issue_date=issue_date)
-            used = fx.rate(currency, ledger_currency, day)
-            net += round_money(mul(supply.amount, used.rate), ledger_currency)
-            if (use := _fx_use(currency, used, ledger_currency, "ledger")) not in uses:
-                uses.append(use)
-    first = treatments[0]
-    view = LedgerView(
-        treatment=first.treatment.value,
-        rule_id=first.rule_id,
-        currency=ledger_currency,
-        net_amount=net,
-        note=first.text("en"),
-    )
-    return view, uses
-
-
 def build_invoice(
     *,
     usage: Sequence[UsageQuantity],
@@ -279,7 +172,7 @@ def build_invoice(
         usage_lines = _priced_lines(usage, prices, LineKind.USAGE)
     lines = usage_lines + _priced_lines(adjustments, prices, LineKind.ADJUSTMENT)
     lines += _minimum_line(usage_lines, prices)
-    supplies = [_Supply(period_start.strftime("%Y-%m"), tax_point, treatment, lines)]
+    supplies = [Supply(period_start.strftime("%Y-%m"), tax_point, treatment, lines)]
     for supply in sorted(late, key=lambda s: s.period_start):
         point = tax_rules.tax_point(country, period_end=supply.period_end, issue_date=issue_date)
         parts = price_book.spans(currency=currency, period_start=supply.period_start, period_end=supply.period_end)
@@ -290,14 +183,14 @@ def build_invoice(
             )
         else:
             late_part = late_lines(supply, select(supply.period_start, supply.period_end))
-        supplies.append(_Supply(supply.label, point, tax_rules.determine(buyer, seller, point), late_part))
+        supplies.append(Supply(supply.label, point, tax_rules.determine(buyer, seller, point), late_part))
     lines = [line for s in supplies for line in s.lines]
     subtotal = sum((line.amount for line in lines), Decimal(0))
     if subtotal < 0:
         raise InvalidUsage(f"negative subtotal {fmt(subtotal)} {currency}: issue a credit note instead")
 
-    taxes, tax_fx = _taxes(supplies, currency, fx, issue_date)
-    ledger, ledger_fx = _ledger(
+    taxes, tax_fx = taxes_of(supplies, currency, fx, issue_date)
+    ledger, ledger_fx = ledger_of(
         supplies,
         currency,
         [tax_rules.seller_ledger(buyer, seller, s.tax_point) for s in supplies],

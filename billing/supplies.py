@@ -14,15 +14,19 @@ invoice as adjustment lines that name Q, priced with:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import Decimal
 
-from billing.documents import InvoiceLine, LineKind
+from billing.documents import AppliedTax, FxUse, InvoiceLine, LedgerView, LineKind
 from billing.errors import InvalidUsage
+from billing.fx import FxRate, FxTable, fx_date
 from billing.money import div, mul, round_money
 from billing.price_book import PER, PriceSpec, ResolvedPrices, Segment, TierMode, rate
+from billing.tax import TaxTreatment
 from metering.events import TOKEN_TYPES, TokenType
+
+HUNDRED = Decimal(100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,3 +137,106 @@ def summed(rows: Sequence[tuple[str, TokenType, int]]) -> dict[tuple[str, TokenT
     for model, token_type, n in rows:
         out[(model, token_type)] = out.get((model, token_type), 0) + n
     return out
+
+
+# --- taxes and the seller's ledger, per supply ---------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Supply:
+    """One taxable supply of the invoice: this period's lines, or one late period's."""
+
+    period: str
+    tax_point: date
+    treatment: TaxTreatment
+    lines: list[InvoiceLine]
+
+    @property
+    def amount(self) -> Decimal:
+        return sum((line.amount for line in self.lines), Decimal(0))
+
+
+def _fx_use(currency: str, used: FxRate, to: str, purpose: str) -> FxUse:
+    return FxUse(
+        from_currency=currency, to_currency=to, rate=used.rate, source=used.source, date=used.date, purpose=purpose
+    )
+
+
+def taxes_of(
+    supplies: Sequence[Supply], currency: str, fx: FxTable, issue_date: date
+) -> tuple[tuple[AppliedTax, ...], list[FxUse]]:
+    """One tax entry per (treatment, rates, tax currency): the first supply always has one, late ones when
+    they carry lines. Each supply's tax-currency base uses the FX rate of its own date."""
+    groups: dict[tuple[str, Decimal, Decimal | None, str | None], list[Supply]] = {}
+    for i, supply in enumerate(supplies):
+        if i and not supply.lines:
+            continue
+        t = supply.treatment
+        groups.setdefault((t.treatment.value, t.charged_rate, t.rate, t.tax_currency), []).append(supply)
+    taxes: list[AppliedTax] = []
+    uses: list[FxUse] = []
+    for group in groups.values():
+        treatment = group[0].treatment
+        taxable = sum((s.amount for s in group), Decimal(0))
+        exact = div(mul(taxable, treatment.charged_rate), HUNDRED)
+        periods = tuple(s.period for s in group) if len(supplies) > 1 else ()
+        tax = AppliedTax(
+            treatment=treatment.treatment.value,
+            rate=treatment.charged_rate,
+            statutory_rate=treatment.rate,
+            taxable_amount=taxable,
+            amount=round_money(exact, currency),
+            amount_unrounded=exact,
+            currency=currency,
+            note=treatment.text("en"),
+            wording=treatment.wording,
+            periods=periods,
+        )
+        if treatment.tax_currency is not None and treatment.tax_currency != currency:
+            local = Decimal(0)
+            for s in group:
+                day = fx_date(s.treatment.fx_date_rule, tax_point=s.tax_point, issue_date=issue_date)
+                used = fx.rate(currency, treatment.tax_currency, day)
+                local += mul(s.amount, used.rate)
+                if (use := _fx_use(currency, used, used.quote, "tax_currency")) not in uses:
+                    uses.append(use)
+            tax = replace(
+                tax,
+                tax_currency=treatment.tax_currency,
+                tax_currency_taxable_amount=round_money(local, treatment.tax_currency),
+                tax_currency_amount=round_money(
+                    div(mul(local, treatment.charged_rate), HUNDRED), treatment.tax_currency
+                ),
+            )
+        taxes.append(tax)
+    return tuple(taxes), uses
+
+
+def ledger_of(
+    supplies: Sequence[Supply],
+    currency: str,
+    treatments: Sequence[TaxTreatment],
+    ledger_currency: str,
+    fx: FxTable,
+    issue_date: date,
+) -> tuple[LedgerView, list[FxUse]]:
+    """The seller's books: the net amount in the ledger currency, each supply at the rate of its own date."""
+    uses: list[FxUse] = []
+    net = sum((s.amount for s in supplies), Decimal(0))
+    if currency != ledger_currency:
+        net = Decimal(0)
+        for i, (supply, treatment) in enumerate(zip(supplies, treatments, strict=True)):
+            if i and not supply.lines:
+                continue
+            day = fx_date(treatment.fx_date_rule, tax_point=supply.tax_point, issue_date=issue_date)
+            used = fx.rate(currency, ledger_currency, day)
+            net += round_money(mul(supply.amount, used.rate), ledger_currency)
+            if (use := _fx_use(currency, used, ledger_currency, "ledger")) not in uses:
+                uses.append(use)
+    first = treatments[0]
+    view = LedgerView(
+        treatment=first.treatment.value,
+        rule_id=first.rule_id,
+        currency=ledger_currency,
+        net_amount=net,
+        note=first.text("en"),
+    )
+    return view, uses
