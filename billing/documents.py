@@ -344,6 +344,13 @@ class CreditNote:
 Document = Invoice | CreditNote
 
 
+def tax_of(doc: Document, line: InvoiceLine) -> AppliedTax:
+    """The tax entry that taxes a line: the one listing the line's supply period (a late supply's, or the
+    document's own), or the only/first one when the document has a single supply."""
+    supply = line.period or doc.period_start.strftime("%Y-%m")
+    return next((t for t in doc.taxes if supply in t.periods), doc.taxes[0])
+
+
 def document_from_json(d: Mapping[str, Any]) -> Document:
     return CreditNote.from_json_dict(d) if d.get("kind") == "credit_note" else Invoice.from_json_dict(d)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from month_world import JAN, Q, World, invoice_of, make_world
 
+from billing.documents import tax_of
 from billing.price_book import PriceSpec, Segment, Tier, TierMode
 from billing.supplies import continued_segments
 from metering.clock import Period
@@ -40,6 +41,8 @@ def test_december_usage_billed_in_january_keeps_december_prices_and_rate(world: 
                      (Decimal(20), Decimal("0.90"), Decimal("0.18"), ("2025-12",))}
     assert inv.total == Decimal("1.95") + Decimal("0.41")
     assert inv.to_json_dict()["lines"][1]["period"] == "2025-12"
+    # Each line is taxed by the entry of its supply (renderers classify lines with tax_of).
+    assert [tax_of(inv, line).rate for line in inv.lines] == [Decimal(22), Decimal(20)]
 
 
 def test_late_tokens_continue_the_tiers_of_their_month(world: World) -> None:
