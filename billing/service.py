@@ -125,8 +125,8 @@ class BillingService:
         issue = issue_date or period.end + timedelta(days=1)
         return self._run(period, tenant_id, issue)
 
-    def _run(self, period: Period, tenant_id: str | None, issue: date) -> RunReport:
-        cfg = self.config()
+    def _run(self, period: Period, tenant_id: str | None, issue: date, cfg: BillingConfig | None = None) -> RunReport:
+        cfg = cfg or self.config()
         report = RunReport(str(period), issue)
         tenants = {t.id: t for t in self._tenants.list_tenants()}
         if tenant_id is not None and tenant_id not in tenants:
@@ -282,14 +282,15 @@ class BillingService:
         if tenant_id is None and p not in self.store.closed_periods() and not self.store.was_run(p):
             raise DocumentStateError(f"{p} has not been run for all tenants: run `tokenport invoices run"
                                      f" --period {p}` first")
-        series = self.config().seller.numbering
+        cfg = self.config()
+        series = cfg.seller.numbering
         pending = self.store.find(period=p, tenant_id=tenant_id, kinds=["invoice"], statuses=PENDING)
         if tenant_id is not None and not pending:
             raise DocumentStateError(f"{tenant_id} has no draft for {p}: run `tokenport invoices run"
                                      f" --period {p} --tenant {tenant_id}` first")
         for row in pending:
             if row.status == "draft" and row.issue_date != today:
-                redated = self._redate(period, row, today)
+                redated = self._redate(period, row, today, cfg)
                 if redated is None:
                     report.refused.append((row.tenant_id, f"nothing left to bill for {p}"))
                     continue
@@ -307,9 +308,11 @@ class BillingService:
             report.closed = True
         return report
 
-    def _redate(self, period: Period, row: StoredDocument, today: date) -> StoredDocument | None:
-        """The tenant's draft rebuilt with today's issue date (the ledger read again); None: nothing left."""
-        self._run(period, row.tenant_id, today)
+    def _redate(self, period: Period, row: StoredDocument, today: date, cfg: BillingConfig) -> StoredDocument | None:
+        """The tenant's draft rebuilt with today's issue date (the ledger read again); None: nothing left.
+
+        Only tenants with a draft are rebuilt: finalize numbers what a run drafted, never a tenant no run saw."""
+        self._run(period, row.tenant_id, today, cfg)
         found = self.store.find(period=row.period, tenant_id=row.tenant_id, kinds=["invoice"], statuses=PENDING)
         return found[0] if found else None
 
