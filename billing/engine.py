@@ -6,6 +6,7 @@ of the usage rows does not matter). Steps of ``build_invoice``:
 1. validate the period and the buyer's tax id (``billing.taxid``);
 2. tax point = period end or issue date (the buyer country's policy); tax treatment on that date;
 3. prices: the price book version covering the period in the buyer's currency + tenant contract;
+   a period whose price changes inside it is prorated by event day (``usage_by_day``): lines per version;
 4. usage lines: quantities summed per (model, token type), priced through the tiers, one line per
    tier used; amount = quantity x price / 1e6 rounded once (ROUND_HALF_UP, ISO minor units);
 5. adjustment lines: ``adjustments`` (corrections, may be negative) priced with this period's prices;

@@ -8,7 +8,11 @@ invoice as adjustment lines that name Q, priced with:
   so 45M late output tokens of a tenant who had 50M in Q are priced where 50M left off. Graduated
   tiers price each part by the tier it falls in; a volume price is the tier of Q's new total (the
   tokens already invoiced are not re-priced);
-* Q's tax rule at Q's tax point, and the FX rates of that date (billing/engine.py groups the taxes).
+* Q's tax rule at Q's tax point, and the FX rates of that date (`taxes_of` groups the taxes, one entry
+  per treatment and rate, listing the periods it covers; `ledger_of` converts each supply at its own date).
+
+A period whose price changes inside it is prorated the same way (`spanned_lines`): the usage of each
+part of the period is priced by the version in force then, the tiers running on through the period.
 """
 
 from __future__ import annotations
