@@ -4,7 +4,7 @@ Every function takes the connection of the caller's unit of work (billing/store.
 may become which is billing/lifecycle.py's, and the composition of a finalization or a void is the
 service's.
 
-Coverage: ``W(tenant, period)`` = the highest ``seq_to`` of the tenant's issued (finalized or void)
+Coverage: ``W(tenant, period)`` = the highest ``seq_to`` of the tenant's finalized (not voided)
 invoices for that period: every event of (tenant, period) with ``seq <= W`` is billed. A draft
 records the ranges it would bill; finalizing refuses a draft whose ranges no longer start at the
 current ``W`` (another invoice billed some of those events since: the draft is stale).
@@ -168,11 +168,14 @@ def find(
 
 
 def billed_through(conn: Connection, tenant_ids: Iterable[str] | None = None) -> dict[tuple[str, str], int]:
-    """W(tenant, period): the highest ledger seq billed by issued invoices, per tenant and period."""
+    """W(tenant, period): the highest ledger seq billed by finalized invoices, per tenant and period.
+
+    A voided invoice bills nothing any more: its events are billable again (re-issue).
+    """
     q = (
         select(coverage.c.tenant_id, coverage.c.period, func.max(coverage.c.seq_to))
         .select_from(coverage.join(documents, documents.c.id == coverage.c.document_id))
-        .where(documents.c.status.in_(_ISSUED))
+        .where(documents.c.status == Status.FINALIZED.value)
         .group_by(coverage.c.tenant_id, coverage.c.period)
     )
     if tenant_ids is not None:
@@ -254,7 +257,7 @@ def stale_ranges(conn: Connection, document_id: int, tenant_id: str) -> list[tup
             .where(
                 coverage.c.tenant_id == tenant_id,
                 coverage.c.period.in_({r.period for r in mine}),
-                documents.c.status.in_(_ISSUED),
+                documents.c.status == Status.FINALIZED.value,
             )
             .group_by(coverage.c.period)
         ).all()
@@ -301,3 +304,11 @@ def _aware(value: datetime) -> datetime:
     out = to_aware(value)
     assert out is not None
     return out
+
+
+def last_issue_date(conn: Connection, series: str) -> date | None:
+    """The latest issue date numbered in the series (numbers must not go back in time)."""
+    found: date | None = conn.execute(
+        select(func.max(documents.c.issue_date)).where(documents.c.series == series)
+    ).scalar()
+    return found

@@ -44,6 +44,8 @@ class InvoiceLine:
     amount_unrounded: Decimal  # quantity x price / 1e6, exact
     tier: int | None = None  # 1-based tier index for tiered prices
     tier_mode: str | None = None  # flat | graduated | volume
+    period: str | None = None  # YYYY-MM of a late supply (its own prices, tiers and tax); None: this invoice's
+    price_book_version: str | None = None  # set when the price changed inside the period (lines per version)
 
     @property
     def adjustment(self) -> bool:
@@ -61,7 +63,9 @@ class InvoiceLine:
             "adjustment": self.adjustment,
             "tier": self.tier,
             "tier_mode": self.tier_mode,
-        }
+        } | ({"period": self.period} if self.period else {}) | (
+            {"price_book_version": self.price_book_version} if self.price_book_version else {}
+        )
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, Any]) -> InvoiceLine:
@@ -75,6 +79,8 @@ class InvoiceLine:
             amount_unrounded=Decimal(d["amount_unrounded"]),
             tier=d.get("tier"),
             tier_mode=d.get("tier_mode"),
+            period=d.get("period"),
+            price_book_version=d.get("price_book_version"),
         )
 
 
@@ -92,6 +98,7 @@ class AppliedTax:
     tax_currency: str | None = None  # e.g. SAR: the tax also stated in the local currency
     tax_currency_taxable_amount: Decimal | None = None
     tax_currency_amount: Decimal | None = None
+    periods: tuple[str, ...] = ()  # late supplies (YYYY-MM) taxed here; () : only this invoice's period
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -107,7 +114,7 @@ class AppliedTax:
             "tax_currency": self.tax_currency,
             "tax_currency_taxable_amount": _s(self.tax_currency_taxable_amount),
             "tax_currency_amount": _s(self.tax_currency_amount),
-        }
+        } | ({"periods": list(self.periods)} if self.periods else {})
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, Any]) -> AppliedTax:
@@ -124,6 +131,7 @@ class AppliedTax:
             tax_currency=d.get("tax_currency"),
             tax_currency_taxable_amount=_d(d.get("tax_currency_taxable_amount")),
             tax_currency_amount=_d(d.get("tax_currency_amount")),
+            periods=tuple(d.get("periods", ())),
         )
 
 
@@ -334,6 +342,13 @@ class CreditNote:
 
 
 Document = Invoice | CreditNote
+
+
+def tax_of(doc: Document, line: InvoiceLine) -> AppliedTax:
+    """The tax entry that taxes a line: the one listing the line's supply period (a late supply's, or the
+    document's own), or the only/first one when the document has a single supply."""
+    supply = line.period or doc.period_start.strftime("%Y-%m")
+    return next((t for t in doc.taxes if supply in t.periods), doc.taxes[0])
 
 
 def document_from_json(d: Mapping[str, Any]) -> Document:

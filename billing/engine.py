@@ -6,48 +6,46 @@ of the usage rows does not matter). Steps of ``build_invoice``:
 1. validate the period and the buyer's tax id (``billing.taxid``);
 2. tax point = period end or issue date (the buyer country's policy); tax treatment on that date;
 3. prices: the price book version covering the period in the buyer's currency + tenant contract;
+   a period whose price changes inside it is prorated by event day (``usage_by_day``): lines per version;
 4. usage lines: quantities summed per (model, token type), priced through the tiers, one line per
    tier used; amount = quantity x price / 1e6 rounded once (ROUND_HALF_UP, ISO minor units);
-5. adjustment lines: late usage of earlier periods (may be negative), each (model, token type)
-   priced through the tiers on its own quantity, flagged ``adjustment``;
+5. adjustment lines: ``adjustments`` (corrections, may be negative) priced with this period's prices;
+   ``late`` supplies (late usage of earlier periods) priced with *their* period's prices, tiers and
+   tax rule (billing/supplies.py), each line naming its period;
 6. minimum commitment top-up when the usage lines sum below the minimum (adjustments excluded);
-7. subtotal = sum(lines); tax = round(subtotal x charged rate / 100); total = subtotal + tax
-   (EN 16931 BR-CO-10/13/15/17); tax restated in the tax currency where the rule wants it
-   (SA: SAR) with the FX rate of the rule's date, recorded as an FxUse;
-8. the seller's ledger view (CN) with the net amount in CNY at the ledger FX rate (recorded).
+7. subtotal = sum(lines); one tax entry per (treatment, rate) of the supplies: tax = round(taxable x
+   charged rate / 100); total = subtotal + taxes (EN 16931 BR-CO-10/13/15/17); tax restated in the
+   tax currency where the rule wants it (SA: SAR) with the FX rate of each supply's date (FxUse);
+8. the seller's ledger view (CN) with the net amount in CNY at each supply's ledger FX rate.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from decimal import Decimal
 from typing import TypeVar
 
 from billing.documents import (
-    AppliedTax,
     BuyerSnapshot,
     CreditNote,
     DocumentStatus,
-    FxUse,
     Invoice,
     InvoiceLine,
-    LedgerView,
     LineKind,
     SellerSnapshot,
 )
 from billing.errors import DocumentStateError, InvalidUsage
-from billing.fx import FxTable, fx_date
+from billing.fx import FxTable
 from billing.money import check_currency, div, fmt, mul, round_money
 from billing.parties import Buyer, Seller
 from billing.price_book import PER, PriceBook, ResolvedPrices, rate
-from billing.tax import TaxRules, TaxTreatment
+from billing.supplies import LateSupply, Supply, late_lines, ledger_of, spanned_lines, taxes_of
+from billing.tax import TaxRules
 from billing.taxid import validate as validate_tax_id
 from metering.events import TOKEN_TYPES, TokenType
-
-HUNDRED = Decimal(100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,86 +128,6 @@ def _minimum_line(usage_lines: list[InvoiceLine], prices: ResolvedPrices) -> lis
     ]
 
 
-def _tax(
-    subtotal: Decimal, currency: str, treatment: TaxTreatment, fx: FxTable, tax_point: date, issue_date: date
-) -> tuple[AppliedTax, list[FxUse]]:
-    charged = treatment.charged_rate
-    exact = div(mul(subtotal, charged), HUNDRED)
-    tax = AppliedTax(
-        treatment=treatment.treatment.value,
-        rate=charged,
-        statutory_rate=treatment.rate,
-        taxable_amount=subtotal,
-        amount=round_money(exact, currency),
-        amount_unrounded=exact,
-        currency=currency,
-        note=treatment.text("en"),
-        wording=treatment.wording,
-    )
-    if treatment.tax_currency is None or treatment.tax_currency == currency:
-        return tax, []
-    used = fx.rate(
-        currency,
-        treatment.tax_currency,
-        fx_date(treatment.fx_date_rule, tax_point=tax_point, issue_date=issue_date),
-    )
-    taxable_local = mul(subtotal, used.rate)
-    tax = replace(
-        tax,
-        tax_currency=treatment.tax_currency,
-        tax_currency_taxable_amount=round_money(taxable_local, treatment.tax_currency),
-        tax_currency_amount=round_money(div(mul(taxable_local, charged), HUNDRED), treatment.tax_currency),
-    )
-    return tax, [
-        FxUse(
-            from_currency=currency,
-            to_currency=used.quote,
-            rate=used.rate,
-            source=used.source,
-            date=used.date,
-            purpose="tax_currency",
-        )
-    ]
-
-
-def _ledger(
-    subtotal: Decimal,
-    currency: str,
-    treatment: TaxTreatment,
-    ledger_currency: str,
-    fx: FxTable,
-    tax_point: date,
-    issue_date: date,
-) -> tuple[LedgerView, list[FxUse]]:
-    uses: list[FxUse] = []
-    net = subtotal
-    if currency != ledger_currency:
-        used = fx.rate(
-            currency,
-            ledger_currency,
-            fx_date(treatment.fx_date_rule, tax_point=tax_point, issue_date=issue_date),
-        )
-        net = round_money(mul(subtotal, used.rate), ledger_currency)
-        uses.append(
-            FxUse(
-                from_currency=currency,
-                to_currency=ledger_currency,
-                rate=used.rate,
-                source=used.source,
-                date=used.date,
-                purpose="ledger",
-            )
-        )
-    view = LedgerView(
-        treatment=treatment.treatment.value,
-        rule_id=treatment.rule_id,
-        currency=ledger_currency,
-        net_amount=net,
-        note=treatment.text("en"),
-    )
-    return view, uses
-
-
 def build_invoice(
     *,
     usage: Sequence[UsageQuantity],
@@ -222,9 +140,15 @@ def build_invoice(
     period_end: date,
     issue_date: date,
     adjustments: Sequence[UsageQuantity] = (),
+    late: Sequence[LateSupply] = (),
+    usage_by_day: Mapping[date, Mapping[tuple[str, TokenType], int]] | None = None,
     usage_digest: str,
 ) -> Invoice:
-    """A draft invoice (no number) for one buyer and billing period."""
+    """A draft invoice (no number) for one buyer and billing period.
+
+    ``usage_by_day`` (the same tokens as ``usage``, per UTC day of the events) lets a period whose price
+    changes inside it be prorated: lines per price book version (billing/supplies.py).
+    """
     if period_end < period_start:
         raise InvalidUsage(f"period ends ({period_end}) before it starts ({period_start})")
     if issue_date < period_start:
@@ -235,25 +159,44 @@ def build_invoice(
     buyer = replace(buyer, billing_country=country, tax_id=tax_id, currency=currency)
     tax_point = tax_rules.tax_point(country, period_end=period_end, issue_date=issue_date)
     treatment = tax_rules.determine(buyer, seller, tax_point)
-    prices = price_book.select(
-        currency=currency, period_start=period_start, period_end=period_end, tenant_id=buyer.id
-    )
+    def select(start: date, end: date) -> ResolvedPrices:
+        return price_book.select(currency=currency, period_start=start, period_end=end, tenant_id=buyer.id)
 
-    usage_lines = _priced_lines(usage, prices, LineKind.USAGE)
+    spans = price_book.spans(currency=currency, period_start=period_start, period_end=period_end)
+    if len(spans) > 1 and usage_by_day is not None:
+        usage_lines, used = spanned_lines(
+            usage_by_day, spans, select, kind=LineKind.USAGE, period=None, billed_before={}
+        )
+        prices = replace(used[-1], version=", ".join(dict.fromkeys(p.version for p in used)))
+    else:
+        prices = select(period_start, period_end)
+        usage_lines = _priced_lines(usage, prices, LineKind.USAGE)
     lines = usage_lines + _priced_lines(adjustments, prices, LineKind.ADJUSTMENT)
     lines += _minimum_line(usage_lines, prices)
+    supplies = [Supply(period_start.strftime("%Y-%m"), tax_point, treatment, lines)]
+    for supply in sorted(late, key=lambda s: s.period_start):
+        point = tax_rules.tax_point(country, period_end=supply.period_end, issue_date=issue_date)
+        parts = price_book.spans(currency=currency, period_start=supply.period_start, period_end=supply.period_end)
+        if len(parts) > 1 and supply.by_day:
+            late_part, _ = spanned_lines(
+                supply.by_day, parts, select, kind=LineKind.ADJUSTMENT, period=supply.label,
+                billed_before=supply.billed_before,
+            )
+        else:
+            late_part = late_lines(supply, select(supply.period_start, supply.period_end))
+        supplies.append(Supply(supply.label, point, tax_rules.determine(buyer, seller, point), late_part))
+    lines = [line for s in supplies for line in s.lines]
     subtotal = sum((line.amount for line in lines), Decimal(0))
     if subtotal < 0:
         raise InvalidUsage(f"negative subtotal {fmt(subtotal)} {currency}: issue a credit note instead")
 
-    tax, tax_fx = _tax(subtotal, currency, treatment, fx, tax_point, issue_date)
-    ledger, ledger_fx = _ledger(
-        subtotal,
+    taxes, tax_fx = taxes_of(supplies, currency, fx, issue_date)
+    ledger, ledger_fx = ledger_of(
+        supplies,
         currency,
-        tax_rules.seller_ledger(buyer, seller, tax_point),
+        [tax_rules.seller_ledger(buyer, seller, s.tax_point) for s in supplies],
         tax_rules.ledger_currency,
         fx,
-        tax_point,
         issue_date,
     )
     return Invoice(
@@ -293,8 +236,8 @@ def build_invoice(
         ),
         lines=tuple(lines),
         subtotal=subtotal,
-        taxes=(tax,),
-        total=subtotal + tax.amount,
+        taxes=taxes,
+        total=subtotal + sum((t.amount for t in taxes), Decimal(0)),
         fx=tuple(tax_fx + ledger_fx),
         usage_digest=usage_digest,
         price_book_version=prices.version,

@@ -10,9 +10,10 @@ used). The persistence modules never call back into billing.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from billing import document_store, document_writes, engine, lifecycle, numbering
@@ -87,6 +88,7 @@ def finalize_draft(
         assert row.issue_date is not None and row.document is not None
         issue_date = row.issue_date
         name = f"{series.invoice_prefix}{issue_date.year}"
+        _check_in_order(tx, name, issue_date)
         sequence = numbering.next_number(tx, name)
         number = series.format("invoice", issue_date.year, sequence)
         content = finalized_json(row.document, number)
@@ -124,6 +126,7 @@ def void_invoice(
         lifecycle.transition(row.kind, row.status, Op.VOID, what=number)
         lifecycle.transition(Kind.CREDIT_NOTE, None, Op.ISSUE, what=number)
         name = f"{series.credit_note_prefix}{issue.year}"
+        _check_in_order(tx, name, issue)
         sequence = numbering.next_number(tx, name)
         credit_number = series.format("credit_note", issue.year, sequence)
         content = finalized_json(credit.to_json_dict(), credit_number)
@@ -140,6 +143,16 @@ def void_invoice(
             now=now,
         )
         return document_store.by_id(tx, row.id), document_store.by_id(tx, credit_id)
+
+
+def _check_in_order(tx: Connection, series: str, issue_date: date) -> None:
+    """Numbers grow with issue dates within a series: refuse a document dated before the last one numbered."""
+    last = document_store.last_issue_date(tx, series)
+    if last is not None and issue_date < last:
+        raise DocumentStateError(
+            f"{series}: a document dated {issue_date} cannot be numbered after one dated {last}"
+            " (numbers follow issue dates)"
+        )
 
 
 def finalized_json(draft: dict[str, Any], number: str) -> bytes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, date
 
 from billing.engine import UsageQuantity
 from billing.errors import InvalidUsage
@@ -50,13 +51,19 @@ class Slice:
     quantities: dict[tuple[str, TokenType, str, str | None], int] = field(default_factory=dict)
     hashes: list[str] = field(default_factory=list)
     ranges: dict[str, SeqRange] = field(default_factory=dict)
+    by_period: dict[str, dict[tuple[str, TokenType], int]] = field(default_factory=dict)  # period -> tokens
+    by_day: dict[date, dict[tuple[str, TokenType], int]] = field(default_factory=dict)  # UTC day -> tokens
 
     def add(self, stored: StoredEvent, period: str, lo: int) -> None:
         e = stored.event
+        mine = self.by_period.setdefault(period, {})
+        day = self.by_day.setdefault(e.started_at.astimezone(UTC).date(), {})
         for token_type, n in e.tokens_by_type().items():
             if n:
                 key = (e.model, token_type, e.origin_country, e.language)
                 self.quantities[key] = self.quantities.get(key, 0) + n
+                mine[(e.model, token_type)] = mine.get((e.model, token_type), 0) + n
+                day[(e.model, token_type)] = day.get((e.model, token_type), 0) + n
         self.hashes.append(stored.hash)
         seen = self.ranges.get(period)
         self.ranges[period] = SeqRange(period, lo if seen is None else seen.lo, stored.seq)
@@ -93,6 +100,21 @@ def events_in_ranges(usage: UsageStore, tenant_id: str, ranges: Iterable[SeqRang
             if stored.seq > r.hi:
                 break
             yield stored
+
+
+def billed_quantities(usage: UsageStore, tenant_id: str, period: Period, upto: int) -> dict[tuple[str, TokenType], int]:
+    """Tokens per (model, token type) of the tenant's events of `period` with ``seq <= upto`` (already invoiced)."""
+    out: dict[tuple[str, TokenType], int] = {}
+    if upto <= 0:
+        return out
+    for stored in events_in(usage, period, tenant_id=tenant_id):
+        if stored.seq > upto:
+            break
+        for token_type, n in stored.event.tokens_by_type().items():
+            if n:
+                key = (stored.event.model, token_type)
+                out[key] = out.get(key, 0) + n
+    return out
 
 
 def rows_of(quantities: Iterable[UsageQuantity]) -> list[dict[str, object]]:

@@ -4,7 +4,7 @@
 
     invoice:      (none) --save_draft--> draft <--save_draft/record_error--> error
                   draft | error --discard--> (none)
-                  draft --finalize--> finalized --void--> void
+                  draft --finalize--> finalized --void--> void --reissue--> void (+ a new draft, finalized)
     credit note:  (none) --issue--> finalized          (born numbered; never changes)
 
 The store only persists; the service asks `transition` before every write, inside the unit of work
@@ -38,6 +38,7 @@ class Op(enum.StrEnum):
     FINALIZE = "finalize"
     VOID = "void"
     ISSUE = "issue"
+    REISSUE = "reissue"  # bill a voided invoice's usage again on a new invoice (the void one stays void)
 
 
 PENDING: frozenset[Status] = frozenset({Status.DRAFT, Status.ERROR})  # may still change or go away
@@ -55,6 +56,7 @@ TRANSITIONS: Mapping[tuple[Kind, Status | None, Op], Status | None] = {
     (Kind.INVOICE, Status.ERROR, Op.DISCARD): None,
     (Kind.INVOICE, Status.DRAFT, Op.FINALIZE): Status.FINALIZED,
     (Kind.INVOICE, Status.FINALIZED, Op.VOID): Status.VOID,
+    (Kind.INVOICE, Status.VOID, Op.REISSUE): Status.VOID,
     (Kind.CREDIT_NOTE, None, Op.ISSUE): Status.FINALIZED,
 }
 
@@ -66,6 +68,7 @@ RULES: Mapping[Op, str] = {
     Op.FINALIZE: "only a draft can be finalized",
     Op.VOID: "only a finalized invoice can be voided",
     Op.ISSUE: "only a new credit note can be issued",
+    Op.REISSUE: "only a voided invoice can be re-issued",
 }
 
 

@@ -34,9 +34,10 @@ the tier that the total falls in.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
@@ -165,6 +166,21 @@ class PriceBook:
 
     versions: tuple[PriceBookVersion, ...]
     contracts: tuple[Contract, ...] = ()
+
+    def spans(self, *, currency: str, period_start: date, period_end: date) -> list[tuple[date, date]]:
+        """The parts of the period each priced by one version (one part unless the price changes inside it)."""
+        ccy = check_currency(currency)
+        out: list[tuple[date, date]] = []
+        day = period_start
+        for v in sorted((v for v in self.versions if ccy in v.currencies), key=lambda v: v.effective_from):
+            if v.effective_from <= day and (v.effective_to is None or day <= v.effective_to):
+                last = period_end if v.effective_to is None else min(period_end, v.effective_to)
+                out.append((day, last))
+                day = last + timedelta(days=1)
+                if day > period_end:
+                    return out
+        raise PriceBookNotFound(f"no price book version in {ccy} covers {period_start}..{period_end}"
+                                + (f" (nothing from {day})" if out else ""))
 
     def select(
         self, *, currency: str, period_start: date, period_end: date, tenant_id: str
@@ -303,6 +319,20 @@ def _overlap(a_from: date, a_to: date | None, b_from: date, b_to: date | None) -
     return (a_to is None or b_from <= a_to) and (b_to is None or a_from <= b_to)
 
 
+def _refuse_gaps(versions: tuple[PriceBookVersion, ...], file: str) -> None:
+    """Per currency, versions follow each other day after day: a day without prices is a mistake."""
+    for ccy in sorted({c for v in versions for c in v.currencies}):
+        chain = sorted((v for v in versions if ccy in v.currencies), key=lambda v: v.effective_from)
+        for a, b in itertools.pairwise(chain):
+            if a.effective_to is not None and a.effective_to + timedelta(days=1) < b.effective_from:
+                raise ConfigError(
+                    file,
+                    "price_books",
+                    f"{ccy} has no prices from {a.effective_to + timedelta(days=1)} to"
+                    f" {b.effective_from - timedelta(days=1)} (between versions {a.version!r} and {b.version!r})",
+                )
+
+
 def parse(data: Any, *, file: str = "<price book>") -> PriceBook:
     cfg = validate(_File, data, file)
     versions = tuple(
@@ -329,6 +359,7 @@ def parse(data: Any, *, file: str = "<price book>") -> PriceBook:
                     f"price_books.{i}",
                     f"versions {a.version!r} and {b.version!r} overlap in {sorted(shared)}",
                 )
+    _refuse_gaps(versions, file)
     contracts: list[Contract] = []
     for i, c in enumerate(cfg.contracts):
         try:

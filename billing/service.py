@@ -21,34 +21,26 @@ with the same reason until a new run succeeds.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
 
-from billing import (
-    engine,
-    fx_store,
-    issuing,
-    lifecycle,
-    period_store,
-    price_book,
-    tax,
-)
+from billing import documents_view, engine, fx_store, issuing, lifecycle, period_store, price_book, tax
 from billing.document_store import Draft, NotFound, StoredDocument
-from billing.documents import CreditNote, Document, Invoice, document_from_json
+from billing.documents import Document, Invoice
+from billing.documents_view import Verification as Verification  # noqa: PLC0414 - part of the service API
+from billing.documents_view import document_summary as document_summary  # noqa: PLC0414
+from billing.documents_view import documents_summary as documents_summary  # noqa: PLC0414
 from billing.errors import BillingError, DocumentStateError, FxImportError, InvalidUsage
 from billing.fx import FxTable, import_csv
-from billing.ledger_read import SeqRange, Slice, event_digest, events_in, events_in_ranges, rows_from, rows_of
-from billing.lifecycle import ISSUED, PENDING, Op
+from billing.ledger_read import SeqRange, Slice, billed_quantities, event_digest, events_in, rows_of
+from billing.lifecycle import PENDING, Op, Status
 from billing.parties import Buyer, NumberSeries, Seller, load_seller
 from billing.prices import PriceSource, load_price_source
-from billing.render import render
 from billing.render.jsondoc import to_json
-from billing.reports import ExportReport, GroupBy, RatedRow, aggregate_exports, credit_rows, rated_rows
+from billing.reports import ExportReport, GroupBy
 from billing.store import BillingStore
+from billing.supplies import LateSupply
 from metering.clock import Clock, Period, utcnow
 from metering.store_sql import UsageStore
 from metering.tenants import Tenant, TenantStore
@@ -77,19 +69,13 @@ class FinalizeReport:
     finalized: list[StoredDocument] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
     closed: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Verification:
-    number: str
-    ok: bool
-    problems: tuple[str, ...]
-    events: int
+    forced: bool = False  # finalized before the period ended (+ grace): the caller audits it
 
 
 class BillingService:
     def __init__(self, *, store: BillingStore, usage: UsageStore, tenants: TenantStore, config_dir: Path,
-                 prices: PriceSource | None = None, clock: Clock = utcnow) -> None:
+                 prices: PriceSource | None = None, clock: Clock = utcnow,
+                 finalize_grace: timedelta = timedelta(0)) -> None:
         self.store = store
         self._usage = usage
         self._tenants = tenants
@@ -98,6 +84,8 @@ class BillingService:
         # not pass it yet: the same file, <config>/billing/price_books.yaml, read through the same type.
         self.prices = prices if prices is not None else load_price_source(config_dir / "price_books.yaml")
         self._clock = clock
+        # A period may be finalized from its end + this grace (late events arriving); earlier only with force.
+        self.finalize_grace = finalize_grace
 
     # --- configuration ---------------------------------------------------------------------
     def config(self) -> BillingConfig:
@@ -129,11 +117,16 @@ class BillingService:
 
     # --- month close -----------------------------------------------------------------------
     def run(self, period: Period, *, tenant_id: str | None = None, issue_date: date | None = None) -> RunReport:
-        cfg = self.config()
-        issue = issue_date or period.end + timedelta(days=1)
-        if not period.start <= issue <= period.end + timedelta(days=366):
-            raise InvalidUsage(f"the issue date {issue} must fall between the start of {period} and a year"
+        """Build or refresh the drafts. Their issue date is provisional (``issue_date``, by default the day
+        after the period): finalizing dates every invoice the day it is finalized."""
+        if issue_date is not None and not period.start <= issue_date <= period.end + timedelta(days=366):
+            raise InvalidUsage(f"the issue date {issue_date} must fall between the start of {period} and a year"
                                " after its end")
+        issue = issue_date or period.end + timedelta(days=1)
+        return self._run(period, tenant_id, issue)
+
+    def _run(self, period: Period, tenant_id: str | None, issue: date, cfg: BillingConfig | None = None) -> RunReport:
+        cfg = cfg or self.config()
         report = RunReport(str(period), issue)
         tenants = {t.id: t for t in self._tenants.list_tenants()}
         if tenant_id is not None and tenant_id not in tenants:
@@ -157,14 +150,14 @@ class BillingService:
         all_rows = True
         for t in sorted(targets):
             status = states.get((t, p), set())
-            if status & set(ISSUED):
+            if Status.FINALIZED in status:
                 report.skipped.append((t, f"{p} is already invoiced; later usage goes to the next invoice"))
                 continue
             if p in closed and not status & set(PENDING) and tenant_id is None:
                 why = f"{p} is closed: no new invoices (late usage is billed next period as an adjustment)"
                 report.skipped.append((t, why))
                 continue
-            all_rows &= self._draft(cfg, report, period, issue, t, tenants.get(t), own.get(t), late.get(t))
+            all_rows &= self._draft(cfg, report, period, issue, t, tenants.get(t), own.get(t), late.get(t), billed)
         if tenant_id is None and all_rows:
             with self.store.unit() as tx:
                 period_store.record_run(tx, p, mark, self._clock())
@@ -191,7 +184,10 @@ class BillingService:
 
         def closed_for(t: str, q: str) -> bool:
             status = states.get((t, q), set())
-            return bool(status & set(ISSUED)) or (q in closed and not status & set(PENDING))
+            if Status.FINALIZED in status:
+                return True
+            # A voided invoice's usage waits for its re-issue (never pulled into a later invoice).
+            return Status.VOID not in status and q in closed and not status & set(PENDING)
 
         slices: dict[str, Slice] = {}
         for q in earlier:
@@ -203,7 +199,8 @@ class BillingService:
             else:
                 # The lowest W of the tenants closed there; a tenant without rows in a closed
                 # period has no event below the close mark (the last full run saw them all).
-                bounds = [billed.get((t, qq), 0) for (t, qq), s in states.items() if qq == q and s & set(ISSUED)]
+                bounds = [billed.get((t, qq), 0) for (t, qq), s in states.items()
+                          if qq == q and Status.FINALIZED in s]
                 bounds += [closed[q]] if q in closed else []
                 after = min(bounds, default=0)
             for stored in events_in(self._usage, Period.parse(q), tenant_id=tenant_id, after_seq=after):
@@ -215,14 +212,17 @@ class BillingService:
 
     def _has_minimum(self, cfg: BillingConfig, tenant: Tenant, period: Period) -> bool:
         try:
-            prices = cfg.price_book.select(currency=tenant.currency, period_start=period.start,
-                                           period_end=period.end, tenant_id=tenant.id)
+            start, end = cfg.price_book.spans(currency=tenant.currency, period_start=period.start,
+                                              period_end=period.end)[-1]
+            prices = cfg.price_book.select(currency=tenant.currency, period_start=start, period_end=end,
+                                           tenant_id=tenant.id)
         except BillingError:
             return False
         return prices.minimum_commitment is not None and prices.minimum_commitment > 0
 
     def _draft(self, cfg: BillingConfig, report: RunReport, period: Period, issue: date, t: str,
-               tenant: Tenant | None, own: Slice | None, late: Slice | None) -> bool:
+               tenant: Tenant | None, own: Slice | None, late: Slice | None,
+               billed: dict[tuple[str, str], int]) -> bool:
         p, now = str(period), self._clock()
         own, late = own or Slice(), late or Slice()
         if tenant is None:
@@ -231,8 +231,13 @@ class BillingService:
             report.errors.append((t, message))
             return True
         try:
+            supplies = [
+                LateSupply(q.start, q.end, tokens, billed_quantities(self._usage, t, q, billed.get((t, str(q)), 0)),
+                           {d: n for d, n in late.by_day.items() if q.start <= d <= q.end})
+                for q, tokens in sorted((Period.parse(k), v) for k, v in late.by_period.items())
+            ]
             invoice = engine.build_invoice(
-                usage=own.rows(), adjustments=late.rows(), buyer=buyer_of(tenant), seller=cfg.seller,
+                usage=own.rows(), late=supplies, usage_by_day=own.by_day, buyer=buyer_of(tenant), seller=cfg.seller,
                 price_book=cfg.price_book, tax_rules=cfg.tax_rules, fx=cfg.fx, period_start=period.start,
                 period_end=period.end, issue_date=issue, usage_digest=event_digest(own.hashes + late.hashes))
         except BillingError as exc:
@@ -257,21 +262,39 @@ class BillingService:
         report.drafts.append(row)
         return True
 
-    def finalize(self, period: Period, *, tenant_id: str | None = None) -> FinalizeReport:
-        """Number every draft of the period (or one tenant's); refuse error rows with their reason."""
+    def finalize(self, period: Period, *, tenant_id: str | None = None, force: bool = False) -> FinalizeReport:
+        """Number every draft of the period (or one tenant's), dated today; refuse error rows with their reason.
+
+        A period is finalized once it has ended, from its end + ``finalize_grace``; ``force=True`` closes a
+        running period early (the report says so: the caller audits it). Every invoice is issued the day it is
+        finalized: a draft dated another day is rebuilt for today first (tax point, FX and due date follow).
+        """
         p = str(period)
-        report = FinalizeReport(p)
-        if period.start > self._clock().date():
+        report = FinalizeReport(p, forced=force)
+        now = self._clock()
+        today = now.date()
+        if period.start > today:
             raise DocumentStateError(f"{p} has not started yet: nothing can be finalized for it")
+        opens = period.end_at + self.finalize_grace
+        if now < opens and not force:
+            raise DocumentStateError(f"{p} is still open: it can be finalized from {opens:%Y-%m-%d %H:%M} UTC"
+                                     " (force it to close early)")
         if tenant_id is None and p not in self.store.closed_periods() and not self.store.was_run(p):
             raise DocumentStateError(f"{p} has not been run for all tenants: run `tokenport invoices run"
                                      f" --period {p}` first")
-        series = self.config().seller.numbering
+        cfg = self.config()
+        series = cfg.seller.numbering
         pending = self.store.find(period=p, tenant_id=tenant_id, kinds=["invoice"], statuses=PENDING)
         if tenant_id is not None and not pending:
             raise DocumentStateError(f"{tenant_id} has no draft for {p}: run `tokenport invoices run"
                                      f" --period {p} --tenant {tenant_id}` first")
         for row in pending:
+            if row.status == "draft" and row.issue_date != today:
+                redated = self._redate(period, row, today, cfg)
+                if redated is None:
+                    report.refused.append((row.tenant_id, f"nothing left to bill for {p}"))
+                    continue
+                row = redated
             if row.status == "error":
                 report.refused.append((row.tenant_id, f"cannot finalize: {row.error}"))
                 continue
@@ -284,6 +307,14 @@ class BillingService:
                 period_store.close(tx, p, self._clock())
             report.closed = True
         return report
+
+    def _redate(self, period: Period, row: StoredDocument, today: date, cfg: BillingConfig) -> StoredDocument | None:
+        """The tenant's draft rebuilt with today's issue date (the ledger read again); None: nothing left.
+
+        Only tenants with a draft are rebuilt: finalize numbers what a run drafted, never a tenant no run saw."""
+        self._run(period, row.tenant_id, today, cfg)
+        found = self.store.find(period=row.period, tenant_id=row.tenant_id, kinds=["invoice"], statuses=PENDING)
+        return found[0] if found else None
 
     def finalize_document(self, document_id: int, series: NumberSeries | None = None) -> StoredDocument:
         """Number one draft (see billing/issuing.py)."""
@@ -301,84 +332,41 @@ class BillingService:
         return issuing.void_invoice(self.store, row.id, credit, reason=reason,
                                     series=self.config().seller.numbering, now=self._clock())
 
-    # --- documents -------------------------------------------------------------------------
+    def reissue(self, number: str) -> StoredDocument:
+        """Bill a voided invoice's usage again: a new invoice for its tenant and period, with today's tenant
+        data, prices of that period, today's date and the next number. Returns the new finalized invoice."""
+        row = self.store.get(number)
+        lifecycle.transition(row.kind, row.status, Op.REISSUE, what=number)
+        period = Period.parse(row.period)
+        live = self.store.find(tenant_id=row.tenant_id, period=row.period, kinds=["invoice"], statuses=["finalized"])
+        if live:
+            raise DocumentStateError(f"{number}: {row.tenant_id} {row.period} is already invoiced ({live[0].number})")
+        report = self._run(period, row.tenant_id, self._clock().date())
+        if not report.drafts:
+            why = "; ".join(r for _, r in report.errors + report.skipped) or "nothing to bill"
+            raise DocumentStateError(f"{number}: cannot re-issue {row.tenant_id} {row.period}: {why}")
+        done = self.finalize(period, tenant_id=row.tenant_id, force=True)  # the period has ended: it was invoiced
+        if not done.finalized:
+            raise DocumentStateError(f"{number}: cannot re-issue: {'; '.join(r for _, r in done.refused)}")
+        return done.finalized[0]
+
+    # --- documents and reports (billing/documents_view.py) -------------------------------------
     def document(self, row: StoredDocument) -> Document:
-        if row.document is None:
-            raise DocumentStateError(f"{row.ref}: no document: {row.error}")
-        doc = document_from_json(row.document)
-        if row.status != "void":
-            return doc
-        if isinstance(doc, Invoice):
-            return engine.void(doc)
-        return engine.void(doc)
+        return documents_view.document(row)
 
     def render(self, ref: str, fmt: str, *, tenant_id: str | None = None) -> bytes:
         """The document in json | csv | html | pdf | ubl. A finalized document's JSON is the stored bytes."""
-        row = self.store.get(ref)
-        if tenant_id is not None and (row.tenant_id != tenant_id or row.status in PENDING):
-            raise NotFound(f"no invoice or credit note {ref!r}")
-        if fmt == "json" and row.status == "finalized" and row.document_bytes is not None:
-            return row.document_bytes
-        return render(self.document(row), fmt)
+        return documents_view.render_document(self.store, ref, fmt, tenant_id=tenant_id)
 
     def verify(self, number: str) -> Verification:
         """Recompute an invoice's usage digest and quantities from the ledger events it recorded."""
-        row = self.store.get(number)
-        problems: list[str] = []
-        content = row.document_bytes
-        if content is not None and hashlib.sha256(content).hexdigest() != row.document_sha256:
-            problems.append("stored document does not match its sha256")
-        target = row
-        if row.kind == "credit_note" and row.original_number:
-            target = self.store.get(row.original_number)
-        own, late = Slice(), Slice()
-        for stored in events_in_ranges(self._usage, target.tenant_id, self.store.ranges(target.id)):
-            (own if stored.event.started_at.strftime("%Y-%m") == target.period else late).add(stored, "", 0)
-        digest = event_digest(own.hashes + late.hashes)
-        if digest != target.usage_digest:
-            problems.append(f"usage digest {digest} != recorded {target.usage_digest}")
-        if rows_of(own.rows()) != target.usage_rows or rows_of(late.rows()) != target.adjustment_rows:
-            problems.append("usage quantities recomputed from the ledger differ from the recorded ones")
-        return Verification(row.ref, not problems, tuple(problems), own.events + late.events)
+        return documents_view.verify(self.store, self._usage, number)
 
-    # --- reports ---------------------------------------------------------------------------
     def exports(self, period: Period, *, by: GroupBy | str = GroupBy.COUNTRY) -> ExportReport:
         """Token export volume and revenue (CNY at the recorded rates) of the period's issued documents."""
-        p = str(period)
-        rows: list[RatedRow] = []
-        by_invoice: dict[str, list[RatedRow]] = {}
-        docs = self.store.find(period=p, statuses=ISSUED)
-        for row in docs:
-            if row.kind == "invoice" and row.document is not None:
-                invoice = Invoice.from_json_dict(row.document)
-                rated = rated_rows(invoice, rows_from(row.usage_rows), rows_from(row.adjustment_rows))
-                by_invoice[row.ref] = rated
-                rows += rated
-        for row in docs:
-            if row.kind == "credit_note" and row.document is not None:
-                note = CreditNote.from_json_dict(row.document)
-                rows += credit_rows(note, by_invoice.get(note.original_number, []))
-        return aggregate_exports(rows, period=p, by=by)
+        return documents_view.exports(self.store, period, by=by)
 
 
 def buyer_of(tenant: Tenant) -> Buyer:
     return Buyer(id=tenant.id, name=tenant.name, billing_country=tenant.billing_country, tax_id=tenant.tax_id,
                  business=tenant.business, currency=tenant.currency, language=tenant.language or "en")
-
-
-def document_summary(row: StoredDocument) -> dict[str, Any]:
-    """The list view of a document (CLI ``--json``, admin and tenant APIs)."""
-    return {
-        "number": row.number, "ref": row.ref, "kind": row.kind, "status": row.status, "tenant": row.tenant_id,
-        "period": row.period, "currency": row.currency,
-        "subtotal": None if row.subtotal is None else format(row.subtotal, "f"),
-        "tax_total": None if row.tax_total is None else format(row.tax_total, "f"),
-        "total": None if row.total is None else format(row.total, "f"),
-        "issue_date": row.issue_date.isoformat() if row.issue_date else None,
-        "original_number": row.original_number, "credit_note_number": row.credit_note_number,
-        "events": row.event_count, "usage_digest": row.usage_digest, "error": row.error,
-    }
-
-
-def documents_summary(rows: Iterable[StoredDocument]) -> list[dict[str, Any]]:
-    return [document_summary(r) for r in rows]

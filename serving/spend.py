@@ -6,14 +6,16 @@ the invoice knows). Amounts stay exact Decimals; the float is made at the counte
 (`billing.money.metric_value`). The counter is labelled an estimate; invoices
 always come from the ledger through billing, never from Prometheus.
 
-Prices are looked up once per (tenant, currency, month, model): an event costs a dict lookup, three
-Decimal products and a counter increment.
+Prices are looked up once per (tenant, currency, month, model) -- per part of the month when a price
+changes inside it, each event priced by the version in force that day: an event costs two dict
+lookups, three Decimal products and a counter increment.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
@@ -38,11 +40,14 @@ class SpendEstimator:
         self._book: PriceBook | None = None  # the book the caches were filled from
         self._metrics = metrics
         self._tenant = tenant
-        # (tenant, currency, year, month) -> the month's prices; None: no price book covers it.
-        self._resolved: dict[tuple[str, str, int, int], ResolvedPrices | None] = {}
-        # (tenant, currency, year, month, model) -> first-tier price per PRICED type (None: not priced),
-        # or None when the month has no prices.
-        self._units: dict[tuple[str, str, int, int, str], tuple[Decimal | None, ...] | None] = {}
+        # (currency, year, month) -> the parts of the month each priced by one version (one, unless the
+        # price changes inside the month); () when no version covers the whole month.
+        self._spans: dict[tuple[str, int, int], tuple[tuple[date, date], ...]] = {}
+        # (tenant, currency, first day of the part) -> its prices; None: no price book covers it.
+        self._resolved: dict[tuple[str, str, date], ResolvedPrices | None] = {}
+        # (tenant, currency, first day of the part, model) -> first-tier price per PRICED type (None: not
+        # priced), or None when the part has no prices.
+        self._units: dict[tuple[str, str, date, str], tuple[Decimal | None, ...] | None] = {}
 
     @classmethod
     def from_file(cls, path: Path, metrics: Metrics, tenant: Callable[[str], Tenant | None]) -> SpendEstimator:
@@ -62,25 +67,39 @@ class SpendEstimator:
             return None
         if book is not self._book:
             self._book = book
+            self._spans.clear()
             self._resolved.clear()
             self._units.clear()
         return book
 
-    def _month_prices(self, book: PriceBook, tenant: Tenant, year: int, month: int) -> ResolvedPrices | None:
-        key = (tenant.id, tenant.currency, year, month)
-        if key not in self._resolved:
-            period = Period(year, month)
+    def _span(self, book: PriceBook, currency: str, day: date) -> tuple[date, date] | None:
+        """The part of the day's month priced by the version in force that day."""
+        key = (currency, day.year, day.month)
+        spans = self._spans.get(key)
+        if spans is None:
+            month = Period(day.year, day.month)
             try:
-                self._resolved[key] = book.select(currency=tenant.currency, period_start=period.start,
-                                                  period_end=period.end, tenant_id=tenant.id)
+                spans = tuple(book.spans(currency=currency, period_start=month.start, period_end=month.end))
+            except BillingError as exc:
+                log.warning("no estimated spend in %s for %s: %s", currency, month, exc)
+                spans = ()
+            self._spans[key] = spans
+        return next(((a, b) for a, b in spans if a <= day <= b), None)
+
+    def _part_prices(self, book: PriceBook, tenant: Tenant, span: tuple[date, date]) -> ResolvedPrices | None:
+        key = (tenant.id, tenant.currency, span[0])
+        if key not in self._resolved:
+            try:
+                self._resolved[key] = book.select(currency=tenant.currency, period_start=span[0],
+                                                  period_end=span[1], tenant_id=tenant.id)
             except BillingError as exc:
                 log.warning("no estimated spend for tenant %s: %s", tenant.id, exc)
                 self._resolved[key] = None
         return self._resolved[key]
 
-    def _unit_prices(self, book: PriceBook, tenant: Tenant, year: int, month: int,
+    def _unit_prices(self, book: PriceBook, tenant: Tenant, span: tuple[date, date],
                      model: str) -> tuple[Decimal | None, ...] | None:
-        prices = self._month_prices(book, tenant, year, month)
+        prices = self._part_prices(book, tenant, span)
         if prices is None:
             return None
         units: list[Decimal | None] = []
@@ -98,14 +117,16 @@ class SpendEstimator:
         tenant = self._tenant(event.tenant_id)
         if tenant is None:
             return
-        started = event.started_at
-        key = (tenant.id, tenant.currency, started.year, started.month, event.model)
+        span = self._span(book, tenant.currency, event.started_at.date())
+        if span is None:
+            return
+        key = (tenant.id, tenant.currency, span[0], event.model)
         try:
             units = self._units[key]
         except KeyError:
             if len(self._units) >= MAX_CACHED_PRICES:
                 self._units.clear()
-            units = self._units[key] = self._unit_prices(book, tenant, started.year, started.month, event.model)
+            units = self._units[key] = self._unit_prices(book, tenant, span, event.model)
         if units is None:
             return
         amount = Decimal(0)

@@ -1,7 +1,7 @@
 """Prices for money budgets: a small `Pricer` protocol and the billing price book behind it.
 
 Budgets hold and settle with the highest unit price of each (model, token type) in the tenant's
-price book version for the current month (or its contract): tiers depend on the month's total,
+price book version in force that day (or its contract): tiers depend on the month's total,
 which only the invoice knows, so the budget never counts less than the invoice will charge. A model
 with no price in the tenant's currency cannot be used under a money budget (403 model_not_priced),
 never silently at zero.
@@ -20,10 +20,11 @@ from billing.money import to_micro as to_micro  # noqa: PLC0414 - the conversion
 from billing.money import token_cost
 from billing.price_book import PriceBook, ResolvedPrices
 from billing.prices import PriceSource, load_price_source
-from metering.clock import Period, utcnow
+from metering.clock import utcnow
 from metering.events import TokenType
 
 log = logging.getLogger("tokenport.limits")
+MAX_CACHED = 10_000  # (tenant, currency, day) price lookups remembered; forgotten all at once when full
 
 
 class PriceUnavailable(Exception):
@@ -71,15 +72,15 @@ class PriceBookPricer:
 
     def price(self, model: str, token_type: TokenType, tokens: int, currency: str, *,
               tenant_id: str | None = None, on: date | None = None) -> Decimal:
-        period = Period.of(on or utcnow().date())
-        key = (tenant_id or "", currency, period.start)
+        day = on or utcnow().date()
+        key = (tenant_id or "", currency, day)
         try:
             book = self._source.book()
-            if book is not self._book:  # the source was refreshed: prices may have changed
+            if book is not self._book or len(self._cache) > MAX_CACHED:  # refreshed source: prices may change
                 self._book, self._cache = book, {}
-            if key not in self._cache:
-                self._cache[key] = book.select(currency=currency, period_start=period.start,
-                                               period_end=period.end, tenant_id=tenant_id or "")
+            if key not in self._cache:  # the version in force that day (a price may change inside a month)
+                self._cache[key] = book.select(currency=currency, period_start=day, period_end=day,
+                                               tenant_id=tenant_id or "")
             spec = self._cache[key].price(model, token_type)
         except BillingError as exc:
             raise PriceUnavailable(str(exc)) from exc

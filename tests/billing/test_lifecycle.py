@@ -24,6 +24,7 @@ EXPECTED: dict[tuple[Kind, Status | None, Op], Status | None] = {
     (I, E, Op.DISCARD): None,
     (I, D, Op.FINALIZE): F,
     (I, F, Op.VOID): V,
+    (I, V, Op.REISSUE): V,
     (C, None, Op.ISSUE): F,
 }
 
@@ -44,8 +45,10 @@ def test_every_transition(kind: Kind, status: Status | None, op: Op) -> None:
 def test_table_is_exactly_the_expected_one_and_statuses_partition() -> None:
     assert dict(TRANSITIONS) == EXPECTED
     assert set(Status) == PENDING | ISSUED and not PENDING & ISSUED
-    # Nothing leaves an issued status except void, and nothing comes back from void.
-    assert {k for k in TRANSITIONS if k[1] in ISSUED} == {(I, F, Op.VOID)}
+    # Nothing leaves an issued status except void, and nothing comes back from void
+    # (a re-issue is a new invoice).
+    assert {k for k in TRANSITIONS if k[1] in ISSUED} == {(I, F, Op.VOID), (I, V, Op.REISSUE)}
+    assert all(TRANSITIONS[k] is V for k in TRANSITIONS if k[1] is V)
 
 
 def test_strings_from_the_database_are_accepted() -> None:

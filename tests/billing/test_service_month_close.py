@@ -9,154 +9,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from month_world import FEB, JAN, S, World, invoice_of, january, line_tokens, make_world
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
 
-from billing.documents import Invoice
 from billing.errors import DocumentStateError, InvalidUsage
 from billing.ledger_read import parse_period
-from billing.service import BillingService
-from billing.store import BillingStore, NotFound
+from billing.store import NotFound
 from metering.clock import Period
-from metering.db import make_engine
-from metering.events import Outcome, UsageEvent
-from metering.store_sql import UsageStore
-from metering.tenants import TenantStore
-from serving import db_schema
-
-ROOT = Path(__file__).resolve().parents[2]
-S, Q = "smollm2-135m-instruct", "qwen2.5-7b-instruct"
-JAN, FEB = Period(2026, 1), Period(2026, 2)
-NOW = datetime(2026, 2, 2, 8, 0, tzinfo=UTC)
-
-
-@dataclass
-class World:
-    engine: Engine
-    usage: UsageStore
-    tenants: TenantStore
-    svc: BillingService
-    config_dir: Path
-
-    def use(
-        self,
-        tenant: str,
-        day: date,
-        *,
-        model: str = S,
-        prompt: int = 0,
-        cached: int = 0,
-        completion: int = 0,
-        origin: str = "KZ",
-        language: str | None = "ru",
-    ) -> UsageEvent:
-        when = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
-        e = UsageEvent(
-            request_id="req_" + uuid.uuid4().hex,
-            tenant_id=tenant,
-            key_id="key_t",
-            model=model,
-            origin_country=origin,
-            prompt_tokens=prompt,
-            cached_prompt_tokens=cached,
-            completion_tokens=completion,
-            stream=False,
-            outcome=Outcome.OK,
-            started_at=when,
-            finished_at=when,
-            language=language,
-        )
-        assert self.usage.append_batch([e]) == [e.request_id]
-        return e
-
-    def ledger_tokens(self, tenant: str, period: Period) -> dict[tuple[str, str], int]:
-        """(model, token type) -> tokens, straight from the ledger's summary API."""
-        out: dict[tuple[str, str], int] = {}
-        for r in self.usage.summary(["model"], tenant_id=tenant, start=period.start_at, end=period.end_at):
-            m = str(r["model"])
-            for token_type, n in (
-                ("input", int(r["prompt_tokens"]) - int(r["cached_prompt_tokens"])),  # type: ignore[call-overload]
-                ("cached_input", r["cached_prompt_tokens"]),
-                ("output", r["completion_tokens"]),
-            ):
-                if n:
-                    out[(m, token_type)] = int(n)  # type: ignore[arg-type]
-        return out
 
 
 @pytest.fixture()
 def world(tmp_path: Path) -> Iterator[World]:
-    config_dir = tmp_path / "billing"
-    shutil.copytree(ROOT / "configs" / "billing", config_dir)
-    engine = make_engine(f"sqlite:///{tmp_path / 'tokenport.db'}")
-    db_schema.upgrade(engine)
-    usage, tenants = UsageStore(engine), TenantStore(engine, "s" * 32)
-    svc = BillingService(
-        store=BillingStore(engine), usage=usage, tenants=tenants, config_dir=config_dir, clock=lambda: NOW
-    )
-    tenants.create_tenant(
-        id="kz-bank", name="Almaty Bank JSC", billing_country="KZ", tax_id="123456789013", language="ru"
-    )
-    tenants.create_tenant(
-        id="sa-retail",
-        name="Riyadh Retail LLC",
-        billing_country="SA",
-        tax_id="300000000000003",
-        language="ar",
-    )
-    tenants.create_tenant(
-        id="ru-soft",
-        name="OOO Soft",
-        billing_country="RU",
-        tax_id="7707083893",
-        currency="CNY",
-        language="ru",
-    )
-    tenants.create_tenant(id="ae-person", name="A. Person", billing_country="AE", business=False)
-    yield World(engine, usage, tenants, svc, config_dir)
-    engine.dispose()
-
-
-def january(w: World) -> None:
-    w.use(
-        "kz-bank", date(2026, 1, 3), prompt=40_000_000, cached=10_000_000, completion=20_000_000, origin="KZ"
-    )
-    w.use("kz-bank", date(2026, 1, 20), model=Q, prompt=120_000_000, completion=60_000_000, origin="UZ")
-    w.use("sa-retail", date(2026, 1, 9), prompt=30_000_000, completion=5_000_000, origin="SA", language="ar")
-    w.use("ru-soft", date(2026, 1, 15), prompt=70_000_000, completion=10_000_000, origin="RU")
-    w.use("ru-soft", date(2026, 1, 31), prompt=1_000_000, completion=1_000_000, origin="BY")
-    w.use("ae-person", date(2026, 1, 25), prompt=5_000_000, completion=2_000_000, origin="AE", language="en")
-    w.use("kz-bank", date(2026, 2, 1), prompt=99_000_000, origin="KZ")  # February: not in January's invoice
-
-
-def invoice_of(w: World, ref: str) -> Invoice:
-    row = w.svc.store.get(ref)
-    assert row.document is not None
-    return Invoice.from_json_dict(row.document)
-
-
-def line_tokens(inv: Invoice, kind: str = "usage") -> dict[tuple[str, str], int]:
-    out: dict[tuple[str, str], int] = {}
-    for line in inv.lines:
-        if line.kind.value == kind and line.model and line.token_type:
-            key = (line.model, line.token_type.value)
-            out[key] = out.get(key, 0) + line.quantity_tokens
-    return out
+    yield from make_world(tmp_path)
 
 
 def test_run_bills_exactly_the_ledger_and_is_idempotent(world: World) -> None:
     january(world)
     first = world.svc.run(JAN)
-    assert not first.errors and first.issue_date == date(2026, 2, 1)
+    assert not first.errors and first.issue_date == date(2026, 2, 1)  # provisional: finalize dates it
     assert sorted(r.tenant_id for r in first.drafts) == ["ae-person", "kz-bank", "ru-soft", "sa-retail"]
     again = world.svc.run(JAN)
     assert [(r.id, r.document_bytes) for r in again.drafts] == [
@@ -232,6 +108,7 @@ def test_late_usage_goes_on_the_next_invoice_as_adjustment(world: World) -> None
         (S, "output"): new_tenant_late.completion_tokens
     }
     assert {r.tenant_id for r in report.drafts} == {"kz-bank", "ae-person"}
+    world.clock.now = datetime(2026, 3, 2, 8, tzinfo=UTC)  # February has ended
     world.svc.finalize(FEB)
     assert (
         world.svc.render(world.svc.store.find(tenant_id="kz-bank", period="2026-01")[0].ref, "json")

@@ -1,0 +1,106 @@
+"""Reading issued billing documents: the document as stored, its rendering, its verification against the
+ledger, the export report, and the list view shared by the CLI and the APIs."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from billing import engine
+from billing.document_store import NotFound, StoredDocument
+from billing.documents import CreditNote, Document, Invoice, document_from_json
+from billing.errors import DocumentStateError
+from billing.ledger_read import Slice, event_digest, events_in_ranges, rows_from, rows_of
+from billing.lifecycle import ISSUED, PENDING
+from billing.render import render
+from billing.reports import ExportReport, GroupBy, RatedRow, aggregate_exports, credit_rows, rated_rows
+from billing.store import BillingStore
+from metering.clock import Period
+from metering.store_sql import UsageStore
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    number: str
+    ok: bool
+    problems: tuple[str, ...]
+    events: int
+
+
+def document(row: StoredDocument) -> Document:
+    """The stored document; a voided one marked void."""
+    if row.document is None:
+        raise DocumentStateError(f"{row.ref}: no document: {row.error}")
+    doc = document_from_json(row.document)
+    if row.status != "void":
+        return doc
+    if isinstance(doc, Invoice):
+        return engine.void(doc)
+    return engine.void(doc)
+
+def render_document(store: BillingStore, ref: str, fmt: str, *, tenant_id: str | None = None) -> bytes:
+    """The document in json | csv | html | pdf | ubl. A finalized document's JSON is the stored bytes."""
+    row = store.get(ref)
+    if tenant_id is not None and (row.tenant_id != tenant_id or row.status in PENDING):
+        raise NotFound(f"no invoice or credit note {ref!r}")
+    if fmt == "json" and row.status == "finalized" and row.document_bytes is not None:
+        return row.document_bytes
+    return render(document(row), fmt)
+
+def verify(store: BillingStore, usage: UsageStore, number: str) -> Verification:
+    """Recompute an invoice's usage digest and quantities from the ledger events it recorded."""
+    row = store.get(number)
+    problems: list[str] = []
+    content = row.document_bytes
+    if content is not None and hashlib.sha256(content).hexdigest() != row.document_sha256:
+        problems.append("stored document does not match its sha256")
+    target = row
+    if row.kind == "credit_note" and row.original_number:
+        target = store.get(row.original_number)
+    own, late = Slice(), Slice()
+    for stored in events_in_ranges(usage, target.tenant_id, store.ranges(target.id)):
+        (own if stored.event.started_at.strftime("%Y-%m") == target.period else late).add(stored, "", 0)
+    digest = event_digest(own.hashes + late.hashes)
+    if digest != target.usage_digest:
+        problems.append(f"usage digest {digest} != recorded {target.usage_digest}")
+    if rows_of(own.rows()) != target.usage_rows or rows_of(late.rows()) != target.adjustment_rows:
+        problems.append("usage quantities recomputed from the ledger differ from the recorded ones")
+    return Verification(row.ref, not problems, tuple(problems), own.events + late.events)
+
+def exports(store: BillingStore, period: Period, *, by: GroupBy | str = GroupBy.COUNTRY) -> ExportReport:
+    """Token export volume and revenue (CNY at the recorded rates) of the period's issued documents."""
+    p = str(period)
+    rows: list[RatedRow] = []
+    by_invoice: dict[str, list[RatedRow]] = {}
+    docs = store.find(period=p, statuses=ISSUED)
+    for row in docs:
+        if row.kind == "invoice" and row.document is not None:
+            invoice = Invoice.from_json_dict(row.document)
+            rated = rated_rows(invoice, rows_from(row.usage_rows), rows_from(row.adjustment_rows))
+            by_invoice[row.ref] = rated
+            rows += rated
+    for row in docs:
+        if row.kind == "credit_note" and row.document is not None:
+            note = CreditNote.from_json_dict(row.document)
+            rows += credit_rows(note, by_invoice.get(note.original_number, []))
+    return aggregate_exports(rows, period=p, by=by)
+
+
+def document_summary(row: StoredDocument) -> dict[str, Any]:
+    """The list view of a document (CLI ``--json``, admin and tenant APIs)."""
+    return {
+        "number": row.number, "ref": row.ref, "kind": row.kind, "status": row.status, "tenant": row.tenant_id,
+        "period": row.period, "currency": row.currency,
+        "subtotal": None if row.subtotal is None else format(row.subtotal, "f"),
+        "tax_total": None if row.tax_total is None else format(row.tax_total, "f"),
+        "total": None if row.total is None else format(row.total, "f"),
+        "issue_date": row.issue_date.isoformat() if row.issue_date else None,
+        "original_number": row.original_number, "credit_note_number": row.credit_note_number,
+        "events": row.event_count, "usage_digest": row.usage_digest, "error": row.error,
+    }
+
+
+def documents_summary(rows: Iterable[StoredDocument]) -> list[dict[str, Any]]:
+    return [document_summary(r) for r in rows]
