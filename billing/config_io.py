@@ -39,5 +39,5 @@ def validate(model: type[M], data: Any, file: str) -> M:
 def decimal_text(value: Any) -> Any:
     """Refuse YAML floats for money/rates: they are written as quoted strings or integers."""
     if isinstance(value, float):
-        raise ValueError(f"write {value!r} as a quoted string (exact decimal), not a YAML float")  # noqa: TRY004 - pydantic wants ValueError
+        raise ValueError(f"write {value!r} as a quoted string (exact decimal), not a YAML float")
     return value

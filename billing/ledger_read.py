@@ -22,7 +22,7 @@ from datetime import UTC, date
 from billing.engine import UsageQuantity
 from billing.errors import InvalidUsage
 from metering.clock import InvalidPeriod
-from metering.clock import Period as Period  # noqa: PLC0414 - transitional re-export for serving's CLI/admin until the wiring merge
+from metering.clock import Period as Period
 from metering.events import TOKEN_TYPES, TokenType
 from metering.store_sql import StoredEvent, UsageStore
 

@@ -31,7 +31,7 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
 import pycountry
 
-from billing.errors import CurrencyError as CurrencyError  # noqa: PLC0414 - re-exported
+from billing.errors import CurrencyError as CurrencyError
 
 ROUNDING = ROUND_HALF_UP
 _CTX = decimal.Context(prec=50, rounding=ROUND_HALF_UP)

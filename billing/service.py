@@ -28,15 +28,15 @@ from pathlib import Path
 from billing import documents_view, engine, fx_store, issuing, lifecycle, period_store, price_book, tax
 from billing.document_store import Draft, NotFound, StoredDocument
 from billing.documents import Document, Invoice
-from billing.documents_view import Verification as Verification  # noqa: PLC0414 - part of the service API
-from billing.documents_view import document_summary as document_summary  # noqa: PLC0414
-from billing.documents_view import documents_summary as documents_summary  # noqa: PLC0414
+from billing.documents_view import Verification as Verification
+from billing.documents_view import document_summary as document_summary
+from billing.documents_view import documents_summary as documents_summary
 from billing.errors import BillingError, DocumentStateError, FxImportError, InvalidUsage
 from billing.fx import FxTable, import_csv
 from billing.ledger_read import SeqRange, Slice, billed_quantities, event_digest, events_in, rows_of
 from billing.lifecycle import PENDING, Op, Status
 from billing.parties import Buyer, NumberSeries, Seller, load_seller
-from billing.prices import PriceSource, load_price_source
+from billing.prices import PriceSource
 from billing.render.jsondoc import to_json
 from billing.reports import ExportReport, GroupBy
 from billing.store import BillingStore
@@ -74,15 +74,13 @@ class FinalizeReport:
 
 class BillingService:
     def __init__(self, *, store: BillingStore, usage: UsageStore, tenants: TenantStore, config_dir: Path,
-                 prices: PriceSource | None = None, clock: Clock = utcnow,
+                 prices: PriceSource, clock: Clock = utcnow,
                  finalize_grace: timedelta = timedelta(0)) -> None:
         self.store = store
         self._usage = usage
         self._tenants = tenants
         self._dir = config_dir
-        # The application's one price source (CONTRACTS 4). Transitional default for callers that do
-        # not pass it yet: the same file, <config>/billing/price_books.yaml, read through the same type.
-        self.prices = prices if prices is not None else load_price_source(config_dir / "price_books.yaml")
+        self.prices = prices  # the one price source (billing/prices.py), shared with budgets and spend
         self._clock = clock
         # A period may be finalized from its end + this grace (late events arriving); earlier only with force.
         self.finalize_grace = finalize_grace

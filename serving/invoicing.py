@@ -15,7 +15,7 @@ from billing.service import (
 )
 from billing.store import StoredDocument
 
-__all__ = ["BillingService", "document_summary", "documents_summary", "finalize_json", "run_json", "tenant_document",
+__all__ = ["BillingService", "document_summary", "documents_summary", "finalize_json", "reissue_json", "run_json", "tenant_document",
            "verify_json", "void_json"]
 
 # What a tenant sees of its own documents (GET /v1/invoices): no drafts, no internal fields.
@@ -33,11 +33,15 @@ def run_json(report: RunReport) -> dict[str, Any]:
 def finalize_json(report: FinalizeReport) -> dict[str, Any]:
     return {"object": "invoice_finalization", "period": report.period, "closed": report.closed,
             "finalized": documents_summary(report.finalized),
-            "refused": [{"tenant": t, "error": e} for t, e in report.refused]}
+            "refused": [{"tenant": t, "error": e} for t, e in report.refused], "forced": report.forced}
 
 
 def void_json(invoice: StoredDocument, credit: StoredDocument) -> dict[str, Any]:
     return {"invoice": document_summary(invoice), "credit_note": document_summary(credit)}
+
+
+def reissue_json(voided: str, invoice: StoredDocument) -> dict[str, Any]:
+    return {"object": "invoice_reissue", "voided": voided, "invoice": document_summary(invoice)}
 
 
 def verify_json(result: Verification) -> dict[str, Any]:

@@ -7,6 +7,7 @@ same services over the same database: accounts (tenants, keys, limits), the audi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cached_property
 
 from sqlalchemy.engine import Engine
@@ -46,7 +47,8 @@ class Stores:
     @cached_property
     def billing(self) -> BillingService:
         return BillingService(store=BillingStore(self.engine), usage=self.usage, tenants=self.tenants,
-                              config_dir=self.settings.config_dir / "billing", prices=self.prices)
+                              config_dir=self.settings.config_dir / "billing", prices=self.prices,
+                              finalize_grace=timedelta(days=self.settings.billing.finalize_grace_days))
 
 
 def open_stores(settings: Settings, *, migrate: bool = True) -> Stores:

@@ -138,7 +138,7 @@ class LimitsSettings(BaseModel):
     default_max_tokens: int | None = Field(default=None, ge=1)
     default_max_prompt_tokens: int | None = Field(default=None, ge=1)
     unknown_model_context: int = Field(default=32_768, ge=1)
-    price_book: Path = Path("billing/price_books.yaml")  # relative to the config folder
+    price_book: Path | None = None  # deprecated alias of billing.price_book
     content_retention_days: int = Field(default=30, ge=1)
 
 
@@ -177,6 +177,15 @@ class WorkerSettings(BaseModel):
     restart_backoff_max_s: float = Field(default=60.0, gt=0)
 
 
+class BillingSettings(BaseModel):
+    """The month close (README: Billing)."""
+
+    # The one price book: invoices, money budgets and the spend metric all price from it.
+    price_book: Path = Path("billing/price_books.yaml")  # relative to the config folder
+    # Days after a period's end before it may be finalized without --force (late usage still arrives).
+    finalize_grace_days: int = Field(default=0, ge=0, le=31)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENPORT_", env_nested_delimiter="__", extra="forbid")
     _yaml_file: ClassVar[Path | None] = None
@@ -190,6 +199,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     workers: WorkerSettings = WorkerSettings()
     limits: LimitsSettings = LimitsSettings()
+    billing: BillingSettings = BillingSettings()
     metering: MeteringSettings = MeteringSettings()
     # Filled in by load(): the validated model catalogue and extra workers given on the command line.
     catalogue: Catalogue = Catalogue()
@@ -229,8 +239,10 @@ class Settings(BaseSettings):
 
     @property
     def price_book_path(self) -> Path:
-        """The one price book (`limits.price_book`, relative to the config folder): invoices, budgets, spend."""
-        book = self.limits.price_book
+        """The one price book (`billing.price_book`; `limits.price_book` is its deprecated alias), relative
+        to the config folder: invoices, money budgets and the spend metric."""
+        alias = self.limits.price_book
+        book = alias if alias is not None and "price_book" not in self.billing.model_fields_set else self.billing.price_book
         return book if book.is_absolute() else self.config_dir / book
 
     @property

@@ -17,12 +17,11 @@ import logging
 from collections.abc import Callable
 from datetime import date
 from decimal import Decimal
-from pathlib import Path
 
 from billing.errors import BillingError
 from billing.money import metric_value, token_cost
 from billing.price_book import PriceBook, ResolvedPrices
-from billing.prices import PriceSource, load_price_source
+from billing.prices import PriceSource
 from metering.clock import Period
 from metering.events import TokenType, UsageEvent
 from metering.metrics import Metrics
@@ -48,14 +47,6 @@ class SpendEstimator:
         # (tenant, currency, first day of the part, model) -> first-tier price per PRICED type (None: not
         # priced), or None when the part has no prices.
         self._units: dict[tuple[str, str, date, str], tuple[Decimal | None, ...] | None] = {}
-
-    @classmethod
-    def from_file(cls, path: Path, metrics: Metrics, tenant: Callable[[str], Tenant | None]) -> SpendEstimator:
-        """Transitional, until the wiring hands over the application's PriceSource."""
-        source = load_price_source(path) if path.is_file() else None
-        if source is not None and not source.available:
-            log.error("estimated spend disabled: %s", source.error)
-        return cls(source, metrics, tenant)
 
     def _current_book(self) -> PriceBook | None:
         """The source's book; the caches are dropped when the source was refreshed to a new one."""

@@ -16,7 +16,7 @@ from decimal import Decimal
 
 from lxml import etree
 
-from billing.documents import AppliedTax, CreditNote, DocumentStatus, FxUse, Invoice, InvoiceLine, LineKind
+from billing.documents import AppliedTax, CreditNote, DocumentStatus, FxUse, Invoice, InvoiceLine, LineKind, tax_of
 from billing.errors import DocumentStateError
 from billing.money import fmt
 from billing.price_book import PER
@@ -157,7 +157,7 @@ def _line(
             "ID",
             f"{line.model}:{line.token_type.value if line.token_type else ''}",
         )
-    _tax_category(item, "ClassifiedTaxCategory", doc.taxes[0], with_reason=False)
+    _tax_category(item, "ClassifiedTaxCategory", tax_of(doc, line), with_reason=False)
     price_node = _cac(node, "Price")
     _amount(price_node, "PriceAmount", price, doc.currency)
     if base is not None:

@@ -2,9 +2,10 @@
 
     GET  /admin/v1/invoices                     list (?period=YYYY-MM&tenant=ID&status=...)
     POST /admin/v1/invoices/run                 {"period", "tenant"?, "issue_date"?}: create or refresh drafts
-    POST /admin/v1/invoices/finalize            {"period", "tenant"?}: number drafts (gapless), close the period
+    POST /admin/v1/invoices/finalize            {"period", "tenant"?, "force"?}: number drafts (gapless), close the period
     GET  /admin/v1/invoices/{number}            the document (?format=json|csv|html|pdf|ubl, default json)
     POST /admin/v1/invoices/{number}/void       {"reason", "issue_date"?}: void it with a credit note
+    POST /admin/v1/invoices/{number}/reissue    bill a voided invoice's usage again (new number, today)
     GET  /admin/v1/invoices/{number}/verify     recompute its usage digest from the ledger
 
 Run and finalize answer 200 with per-tenant ``errors`` / ``refused`` lists (the others are done);
@@ -25,7 +26,7 @@ from starlette.responses import Response
 from metering.clock import Period
 from serving.deps import AdminDep, AuditDep, BillingDep
 from serving.documents_http import PERIOD, Format, Number, document_response, json_response
-from serving.invoicing import documents_summary, finalize_json, run_json, verify_json, void_json
+from serving.invoicing import documents_summary, finalize_json, reissue_json, run_json, verify_json, void_json
 
 router = APIRouter(prefix="/admin/v1/invoices", tags=["admin", "billing"])
 
@@ -43,6 +44,7 @@ class RunIn(_In):
 class FinalizeIn(_In):
     period: str = Field(pattern=PERIOD)
     tenant: str | None = Field(default=None, min_length=1, max_length=64)
+    force: bool = False  # before the period ended (+ billing.finalize_grace_days); audited
 
 
 class VoidIn(_In):
@@ -77,12 +79,13 @@ async def run(body: RunIn, admin: AdminDep, svc: BillingDep, audit: AuditDep) ->
 @router.post("/finalize")
 async def finalize(body: FinalizeIn, admin: AdminDep, svc: BillingDep, audit: AuditDep) -> Response:
     def work() -> dict[str, Any]:
-        return finalize_json(svc.finalize(Period.parse(body.period), tenant_id=body.tenant))
+        return finalize_json(svc.finalize(Period.parse(body.period), tenant_id=body.tenant, force=body.force))
 
     out = await asyncio.to_thread(lambda: audit.run(
         admin.who(), "invoices.finalize", work, target=body.period, tenant_id=body.tenant,
         detail=body.model_dump(mode="json"),
-        describe=lambda o: {"numbers": [d["number"] for d in o["finalized"]], "refused": o["refused"]}))
+        describe=lambda o: {"numbers": [d["number"] for d in o["finalized"]], "refused": o["refused"],
+                            "forced": o["forced"]}))
     return json_response(out)
 
 
@@ -99,6 +102,14 @@ async def void(number: Number, body: VoidIn, admin: AdminDep, svc: BillingDep, a
         target=number, detail=body.model_dump(mode="json"),
         describe=lambda res: {"tenant": res[0].tenant_id, "credit_note": res[1].number}))
     return json_response(void_json(invoice, credit))
+
+
+@router.post("/{number}/reissue")
+async def reissue(number: Number, admin: AdminDep, svc: BillingDep, audit: AuditDep) -> Response:
+    row = await asyncio.to_thread(lambda: audit.run(
+        admin.who(), "invoices.reissue", lambda: svc.reissue(number), target=number,
+        describe=lambda r: {"tenant": r.tenant_id, "invoice": r.number}))
+    return json_response(reissue_json(number, row))
 
 
 @router.get("/{number}/verify")

@@ -22,7 +22,7 @@ from billing.service import BillingService
 from serving.audit import Auditor, Who
 from serving.cli.common import JsonOpt, arg, emit, fail, period, stores
 from serving.dates import parse_day
-from serving.invoicing import documents_summary, finalize_json, run_json, verify_json, void_json
+from serving.invoicing import documents_summary, finalize_json, reissue_json, run_json, verify_json, void_json
 
 invoices_app = typer.Typer(help="Invoices and credit notes: run, finalize, void, list, show.", no_args_is_help=True)
 fx_app = typer.Typer(help="FX rates used by billing (configs/billing/fx_rates.csv + imported).",
@@ -83,14 +83,18 @@ def invoices_run(
 
 @invoices_app.command("finalize")
 def invoices_finalize(ctx: typer.Context, period_: PeriodOpt, tenant: TenantOpt = None,
+                      force: Annotated[bool, typer.Option("--force", help="Finalize before the period has ended "
+                                                          "(+ billing.finalize_grace_days); audited.")] = False,
                       as_json: JsonOpt = False) -> None:
-    """Number the drafts (gapless) and store them immutably; without --tenant also closes the period."""
+    """Number the drafts (gapless) and store them immutably; without --tenant also closes the period.
+    Refused until the period has ended (plus `billing.finalize_grace_days`) unless --force."""
     svc, audit = _both(ctx)
     p = period(period_)
     try:
-        report = audit.run(Who.cli(), "invoices.finalize", lambda: svc.finalize(p, tenant_id=tenant), target=str(p),
-                           tenant_id=tenant, describe=lambda r: {"numbers": [d.number for d in r.finalized],
-                                                                 "refused": r.refused})
+        report = audit.run(Who.cli(), "invoices.finalize", lambda: svc.finalize(p, tenant_id=tenant, force=force),
+                           target=str(p), tenant_id=tenant, detail={"force": force},
+                           describe=lambda r: {"numbers": [d.number for d in r.finalized], "refused": r.refused,
+                                               "forced": r.forced})
     except BillingError as exc:
         _fail(str(exc))
         return
@@ -130,6 +134,26 @@ def invoices_void(
     else:
         console.print(f"voided {invoice.number}; credit note {credit.number} ({credit.total} {credit.currency})",
                       highlight=False)
+
+
+@invoices_app.command("reissue")
+def invoices_reissue(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="A voided invoice's number.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Bill a voided invoice's usage again with the tenant's current data: a new invoice, dated today."""
+    svc, audit = _both(ctx)
+    try:
+        row = audit.run(Who.cli(), "invoices.reissue", lambda: svc.reissue(number), target=number,
+                        describe=lambda r: {"tenant": r.tenant_id, "invoice": r.number})
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        emit(reissue_json(number, row))
+    else:
+        console.print(f"re-issued {number} as {row.number} ({row.total} {row.currency})", highlight=False)
 
 
 @invoices_app.command("list")

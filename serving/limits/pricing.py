@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 from datetime import date
 from decimal import Decimal
-from pathlib import Path
 from typing import Protocol
 
 from billing.errors import BillingError
-from billing.money import to_micro as to_micro  # noqa: PLC0414 - the conversion lives in billing.money
+from billing.money import to_micro as to_micro
 from billing.money import token_cost
 from billing.price_book import PriceBook, ResolvedPrices
-from billing.prices import PriceSource, load_price_source
+from billing.prices import PriceSource
 from metering.clock import utcnow
 from metering.events import TokenType
 
@@ -60,15 +59,6 @@ class PriceBookPricer:
         self._source = source
         self._book: PriceBook | None = None  # the book the cache was filled from
         self._cache: dict[tuple[str, str, date], ResolvedPrices] = {}
-
-    @classmethod
-    def from_file(cls, path: Path) -> PriceBookPricer | None:
-        """Transitional, until the wiring hands over the application's PriceSource: None when unusable."""
-        source = load_price_source(path)
-        if not source.available:
-            log.error("price book %s unusable for money budgets: %s", path, source.error)
-            return None
-        return cls(source)
 
     def price(self, model: str, token_type: TokenType, tokens: int, currency: str, *,
               tenant_id: str | None = None, on: date | None = None) -> Decimal:

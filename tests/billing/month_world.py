@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from billing.documents import Invoice
+from billing.prices import load_price_source
 from billing.service import BillingService
 from billing.store import BillingStore
 from metering.clock import Period
@@ -108,6 +109,7 @@ def make_world(tmp_path: Path, *, finalize_grace: timedelta = timedelta(0)) -> I
         usage=usage,
         tenants=tenants,
         config_dir=config_dir,
+        prices=load_price_source(config_dir / "price_books.yaml"),
         clock=clock,
         finalize_grace=finalize_grace,
     )

@@ -195,3 +195,44 @@ def test_fx_import_and_errors(cli: Cli, tmp_path: Path) -> None:
         "invoices", "run", "--period", "2026-01", "--tenant", "kz-bank", "--issue-date", "2026-02-10"
     )
     assert isinstance(custom, dict) and custom["drafts"][0]["issue_date"] == "2026-02-10"
+
+
+def test_a_running_month_needs_force_and_a_voided_invoice_can_be_reissued(cli: Cli, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    running = f"{now.year:04d}-{now.month:02d}"
+    engine = make_engine(f"sqlite:///{tmp_path / 'tokenport.db'}")
+    UsageStore(engine).append_batch(
+        [
+            UsageEvent(
+                request_id="req_" + uuid.uuid4().hex,
+                tenant_id="sa-co",
+                key_id="key_cli",
+                model=MODEL,
+                origin_country="SA",
+                prompt_tokens=1_000_000,
+                cached_prompt_tokens=0,
+                completion_tokens=1_000_000,
+                stream=False,
+                outcome=Outcome.OK,
+                started_at=now,
+                finished_at=now,
+                language="ar",
+            )
+        ]
+    )
+    engine.dispose()
+    cli("invoices", "run", "--period", running, "--tenant", "sa-co")
+    refused = cli("invoices", "finalize", "--period", running, "--tenant", "sa-co", code=1)
+    assert "is still open" in refused.stderr
+    fin = cli.json("invoices", "finalize", "--period", running, "--tenant", "sa-co", "--force")
+    assert isinstance(fin, dict) and fin["forced"] is True and len(fin["finalized"]) == 1
+    number = fin["finalized"][0]["number"]
+    audit = cli.json("admin", "audit", "--action", "invoices.finalize")
+    assert isinstance(audit, list) and any(a["detail"].get("force") is True for a in audit)
+
+    cli("invoices", "void", number, "--reason", "wrong legal name")
+    again = cli.json("invoices", "reissue", number)
+    assert isinstance(again, dict) and again["voided"] == number
+    assert again["invoice"]["number"] != number and again["invoice"]["status"] == "finalized"
+    assert again["invoice"]["total"] == fin["finalized"][0]["total"]  # the same usage, billed once again
+    cli("invoices", "reissue", number, code=1)  # a voided invoice is re-issued once

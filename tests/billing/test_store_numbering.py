@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 import billing.issuing
 from billing.errors import DocumentStateError
+from billing.prices import load_price_source
 from billing.service import BillingService
 from billing.store import BillingStore, StaleDraft
 from metering.clock import Period
@@ -77,6 +78,7 @@ def service(engine: Engine) -> BillingService:
         usage=UsageStore(engine),
         tenants=TenantStore(engine, "s" * 32),
         config_dir=CONFIGS,
+        prices=load_price_source(CONFIGS / "price_books.yaml"),
         clock=lambda: NOW,
     )
 
@@ -156,6 +158,7 @@ import json, random, sys, time
 from pathlib import Path
 from metering.db import make_engine
 from billing.errors import DocumentStateError
+from billing.prices import load_price_source
 from billing.service import BillingService
 from billing.store import BillingStore
 from metering.store_sql import UsageStore
@@ -164,7 +167,8 @@ url, start, seed, root = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(
 engine = make_engine(url)
 store = BillingStore(engine)
 svc = BillingService(store=store, usage=UsageStore(engine), tenants=TenantStore(engine, "s" * 32),
-                     config_dir=root / "configs" / "billing")
+                     config_dir=root / "configs" / "billing",
+                     prices=load_price_source(root / "configs" / "billing" / "price_books.yaml"))
 numbering = svc.config().seller.numbering
 ids = [r.id for r in store.find(kinds=["invoice"], statuses=["draft"])]
 random.Random(seed).shuffle(ids)

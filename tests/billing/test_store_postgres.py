@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 import billing.issuing
 from billing.errors import DocumentStateError
 from billing.issuing import finalized_json
+from billing.prices import load_price_source
 from billing.service import BillingService
 from billing.store import BillingStore, StaleDraft
 from metering.clock import Period
@@ -127,6 +128,7 @@ def service(engine: Engine) -> BillingService:
         usage=UsageStore(engine),
         tenants=TenantStore(engine, "s" * 32),
         config_dir=CONFIGS,
+        prices=load_price_source(CONFIGS / "price_books.yaml"),
         clock=lambda: NOW,
     )
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from billing.prices import load_price_source
 from metering.events import TokenType
 from serving.limits.backend import BucketRefund, BucketSpec, HoldSettle, HoldSpec, MemoryBackend
 from serving.limits.limiter import duration, rate_headers
@@ -261,7 +262,7 @@ def test_static_and_price_book_pricers() -> None:
     with pytest.raises(PriceUnavailable):
         p.price("m", TokenType.INPUT, 1, "EUR")
     assert to_micro(Decimal("0.0000001")) == 1  # rounded up: a charge is never under-counted
-    book = PriceBookPricer.from_file(REPO / "configs" / "billing" / "price_books.yaml")
+    book = PriceBookPricer(load_price_source(REPO / "configs" / "billing" / "price_books.yaml"))
     assert book is not None
     on = datetime(2026, 3, 1).date()
     # qwen output is volume-tiered 0.90 / 0.80 / 0.70 per 1M: budgets count the highest.

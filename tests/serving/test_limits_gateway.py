@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from billing.prices import load_price_source
 from metering.events import TokenType
 from serving.limits.pricing import PriceBookPricer
 from tests import redis_fixture
@@ -240,7 +241,7 @@ async def test_money_budget_priced_from_the_price_book(gw: Gateway, worker: Fake
         and "USD" in quota["message"]
     )
     b = await settled_budget(gw, t.id)
-    pricer = PriceBookPricer.from_file(Path(PRICE_BOOK))
+    pricer = PriceBookPricer(load_price_source(Path(PRICE_BOOK)))
     assert pricer is not None
     spent = sum(
         pricer.price(MODEL, TokenType.INPUT, e.event.input_tokens, "USD")
