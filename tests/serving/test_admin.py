@@ -205,3 +205,15 @@ def test_cli_changes_are_audited_with_the_os_user_and_host(tmp_path: Path) -> No
     assert key["key"] not in json.dumps(rows)
     bad = runner.invoke(cli_app, ["tenants", "set-limits", "cli-t", "--budget", "1", "--budget-unit", "gold"], env=env)
     assert bad.exit_code == 2
+
+
+def test_the_cli_does_not_import_the_http_packages() -> None:
+    """The CLI shares the application services (serving/services.py, accounts.py, audit.py), not the routers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, serving.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette') or m.startswith(('serving.admin', 'serving.tenant', 'serving.deps', "
+            "'serving.app'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
