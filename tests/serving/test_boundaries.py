@@ -6,9 +6,8 @@ The app runs in-process (starlette's TestClient runs its lifespan); no worker is
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from unittest import mock
 
@@ -37,7 +36,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestC
                                                  health_interval_s=60))
     with mock.patch.object(serving.app, "LanguageDetector", return_value=_shared_detector()):
         app = create_app(cfg)
-    with TestClient(app, raise_server_exceptions=False) as client, contextlib.ExitStack():
+    with TestClient(app, raise_server_exceptions=False) as client:
         t = client.post("/admin/v1/tenants", headers=ADMIN, json={"id": "bounds", "name": "Bounds",
                                                                   "billing_country": "DE"})
         assert t.status_code == 201, t.text
