@@ -108,7 +108,8 @@ def test_usage_and_admin_queries_with_extreme_values_never_5xx(app_client: tuple
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.sampled_from(HUGE_INTS), st.integers(),
-                        st.floats(allow_nan=False), st.sampled_from(EXTREME_TIMES), st.text(max_size=30))
+                        st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(EXTREME_TIMES),
+                        st.text(max_size=30))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
