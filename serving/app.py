@@ -28,6 +28,7 @@ from serving.front import Front
 from serving.idempotency import Idempotency, IdempotencyMiddleware, IdempotencyStore
 from serving.limits.http_timeouts import BodyGuardMiddleware
 from serving.limits.wiring import build_guardrails
+from serving.metrics_listener import MetricsListener
 from serving.openai import chat, completions, models
 from serving.openai.protocol import hoist_defs
 from serving.openai.service import OpenAIService, new_request_id
@@ -115,6 +116,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         metrics.drift_tokens.labels(row.worker, row.model, row.token_type).set(row.drift)
         metrics.drift_ratio.labels(row.worker, row.model, row.token_type).set(row.ratio)
 
+    gw = settings.gateway
+    listener = MetricsListener(metrics, gw.metrics_host, gw.metrics_port) if gw.metrics_port is not None else None
     reconciler = PeriodicReconciler(usage, lambda: [Target(w.id, w.model, w.url) for w in pool.workers], set_drift,
                                     settings.metering.reconcile_interval_s, lambda: forwarder.session)
 
@@ -129,6 +132,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         await pool.start(session)
         await idempotency.start()
         reconciler.start()
+        if listener is not None:
+            await listener.start()
         # Everything loaded so far (FastAPI, pydantic, SQLAlchemy, tokenizers: ~1M objects) lives as
         # long as the process: out of the cyclic GC's sight, so a full collection does not walk it
         # again on the request path (the pause was a ~ms tail on requests).
@@ -138,6 +143,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         try:
             yield
         finally:
+            if listener is not None:
+                await listener.close()
             await reconciler.close()
             await pool.close()
             await keyring.close()
@@ -151,7 +158,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     app = FastAPI(title="Tokenport", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway with exact per-tenant, per-country token metering.")
     install(app, AppServices(stores=stores, keyring=keyring, admin=AdminAuth(settings.admin_token),
-                             policies=guardrails.policies, limiter=guardrails.limiter, pool=pool, metrics=metrics))
+                             policies=guardrails.policies, limiter=guardrails.limiter, pool=pool, metrics=metrics,
+                             metrics_token=gw.metrics_token, metrics_listener=listener))
     app.include_router(chat.router(service))  # OpenAI API (the completion routes run in Front)
     app.include_router(completions.router(service))
     app.include_router(models.router(service, created=int(time.time())))

@@ -109,6 +109,12 @@ class GatewaySettings(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     key_cache_refresh_s: float = Field(default=0.25, gt=0)
     max_tenant_labels: int = Field(default=200, ge=1)
+    # Prometheus metrics carry tenant ids, volumes and spend: never on the public port without a credential.
+    # A separate listener (loopback by default; None = off, 0 = any free port) serves GET /metrics, and/or
+    # the public port serves it to `Authorization: Bearer <metrics_token>` only (404 when no token is set).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=9464, ge=0, le=65535)
+    metrics_token: str | None = Field(default=None, min_length=16)
     # Origin country (metering/geo.py): the header counts only from these peers; then GeoIP, then the tenant.
     trusted_proxies: list[str] = ["127.0.0.1/32", "::1/128"]
     geoip_db: Path | None = None  # a MaxMind-format .mmdb (GeoLite2/GeoIP2 Country or City)

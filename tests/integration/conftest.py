@@ -85,6 +85,7 @@ class Gateway:
     data_dir: Path
     env: dict[str, str]
     worker_url: str
+    metrics_url: str = ""  # the gateway's metrics listener (GET /metrics is not on the public port)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "tokenport"), *args], env=self.env, capture_output=True, text=True,
@@ -97,14 +98,16 @@ class Gateway:
 @pytest.fixture(scope="session")
 def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("gateway-data")
-    port = free_port()
-    env = {**os.environ, "TOKENPORT_DATA_DIR": str(data), "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml")}
+    port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "TOKENPORT_DATA_DIR": str(data), "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
+           "TOKENPORT_GATEWAY__METRICS_PORT": str(metrics_port)}
     log = data / "gateway.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(BIN / "tokenport"), "gateway", "--port", str(port),
                                  "--worker", f"{MODEL}={vllm_worker}"], stdout=f, stderr=subprocess.STDOUT, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc, log)
-        yield Gateway(url=f"http://127.0.0.1:{port}", data_dir=data, env=env, worker_url=vllm_worker)
+        yield Gateway(url=f"http://127.0.0.1:{port}", data_dir=data, env=env, worker_url=vllm_worker,
+                      metrics_url=f"http://127.0.0.1:{metrics_port}")
     finally:
         stop(proc)

@@ -45,7 +45,8 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         subprocess.run([str(BIN / "tokenport"), "tenants", "set-limits", tid, "--budget", "1000000",
                         "--budget-unit", "tokens", "--budget-period", "month"], env=env, check=True,
                        capture_output=True)
-    gw_port, prom_port, dead_port = free_port(), free_port(), free_port()
+    gw_port, prom_port, dead_port, metrics_port = free_port(), free_port(), free_port(), free_port()
+    env["TOKENPORT_GATEWAY__METRICS_PORT"] = str(metrics_port)  # Prometheus scrapes the metrics listener
     gw_log = tmp / "gateway.log"
     with open(gw_log, "wb") as f:
         gw = subprocess.Popen([str(BIN / "tokenport"), "gateway", "--port", str(gw_port),
@@ -57,7 +58,7 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES / "recording.yml"), str(RULES / "alerts.yml")],
         "scrape_configs": [
-            {"job_name": "tokenport-gateway", "static_configs": [{"targets": [f"127.0.0.1:{gw_port}"]}]},
+            {"job_name": "tokenport-gateway", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
             {"job_name": "vllm-workers", "static_configs": [{"targets": [worker_target]}]},
         ],
     }

@@ -60,7 +60,8 @@ class GatewayProc:
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "TOKENPORT_DATA_DIR": str(self.data),
-                "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"), **self.env_extra}
+                "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
+                "TOKENPORT_GATEWAY__METRICS_PORT": "0", **self.env_extra}  # several gateways on one host
 
     @property
     def url(self) -> str:
