@@ -6,6 +6,7 @@ Outside local mode the default secrets are refused.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -116,7 +117,8 @@ class GatewaySettings(BaseModel):
     metrics_port: int | None = Field(default=9464, ge=0, le=65535)
     metrics_token: str | None = Field(default=None, min_length=16)
     # Origin country (metering/geo.py): the header counts only from these peers; then GeoIP, then the tenant.
-    trusted_proxies: list[str] = ["127.0.0.1/32", "::1/128"]
+    # Empty by default: no client sets its own origin country unless a proxy is trusted explicitly.
+    trusted_proxies: list[str] = []
     geoip_db: Path | None = None  # a MaxMind-format .mmdb (GeoLite2/GeoIP2 Country or City)
     # Hostile clients (serving/limits/http_timeouts.py, serving/limits/guard.py)
     header_timeout_s: float = Field(default=10.0, gt=0)
@@ -227,6 +229,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def production_ready(self) -> bool:
+        """The secrets production mode requires are set (not the defaults, long enough)."""
+        return (self.secret_key != DEFAULT_SECRET and len(self.secret_key) >= 32
+                and self.admin_token != DEFAULT_ADMIN_TOKEN and len(self.admin_token) >= 24)
+
+    @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tokenport.db'}"
 
@@ -277,3 +285,33 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         settings.catalogue = _load_catalogue(models_path)
     settings.config_dir = config_dir
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (0.0.0.0 and :: are every interface, not loopback)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings, host: str) -> list[str]:
+    """Whether the gateway may listen on `host` (and its metrics listener on gateway.metrics_host).
+
+    Local mode with the default secrets binds loopback only: a non-loopback address is refused
+    (ConfigError) unless the production secrets are set, so the default admin token never faces a
+    network. On loopback the default admin token works, with a warning (returned)."""
+    hosts = [host] + ([settings.gateway.metrics_host] if settings.gateway.metrics_port is not None else [])
+    exposed = [h for h in hosts if not is_loopback(h)]
+    if exposed and not settings.production_ready:
+        raise ConfigError(
+            f"refusing to listen on {', '.join(exposed)}: local mode with the default secrets binds loopback only "
+            "(127.0.0.1, ::1). To listen on a network, set TOKENPORT_SECRET_KEY (32+ characters) and "
+            "TOKENPORT_ADMIN_TOKEN (24+ characters), or run mode: production.")
+    if settings.admin_token == DEFAULT_ADMIN_TOKEN:
+        warning = (f"the admin API accepts the default token {DEFAULT_ADMIN_TOKEN!r}: anyone on this machine can "
+                   "administer the gateway (set TOKENPORT_ADMIN_TOKEN)")
+        return [warning]
+    return []

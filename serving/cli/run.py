@@ -49,6 +49,20 @@ def _with_cli_workers(settings: Settings, extra: list[object]) -> Settings:
     return settings.model_copy(update={"catalogue": catalogue})
 
 
+def _check_bind(settings: Settings, host: str) -> None:
+    """Local mode binds loopback only; the default admin token is refused elsewhere, warned about here."""
+    from serving.settings import ConfigError, check_bind
+
+    try:
+        warnings = check_bind(settings, host)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
+    for w in warnings:
+        logging.getLogger("tokenport.gateway").warning("%s", w)
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+
+
 async def _serve(settings: Settings, extra: list[object], host: str, port: int) -> None:
     import uvicorn
 
@@ -123,6 +137,7 @@ def gateway(
     extra = _parse_workers(worker or [])
     if extra:
         settings = _with_cli_workers(settings, extra)
+    _check_bind(settings, host or settings.gateway.host)
     _run(_serve(settings, extra, host or settings.gateway.host, port or settings.gateway.port))
 
 
@@ -224,6 +239,7 @@ def up(ctx: typer.Context,
     settings = _settings(ctx)
     if port is not None:
         settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={"port": port})})
+    _check_bind(settings, settings.gateway.host)  # before the workers start
     _run(_supervise(settings, None, with_gateway=True))
 
 

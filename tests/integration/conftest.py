@@ -79,6 +79,10 @@ def vllm_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop(proc)
 
 
+# The tests send X-Client-Country from loopback: trusting it is explicit (the default trusts no proxy).
+TRUSTED_LOOPBACK = '["127.0.0.1/32", "::1/128"]'
+
+
 @dataclass
 class Gateway:
     url: str
@@ -100,7 +104,8 @@ def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     data = tmp_path_factory.mktemp("gateway-data")
     port, metrics_port = free_port(), free_port()
     env = {**os.environ, "TOKENPORT_DATA_DIR": str(data), "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
-           "TOKENPORT_GATEWAY__METRICS_PORT": str(metrics_port)}
+           "TOKENPORT_GATEWAY__METRICS_PORT": str(metrics_port),
+           "TOKENPORT_GATEWAY__TRUSTED_PROXIES": TRUSTED_LOOPBACK}
     log = data / "gateway.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(BIN / "tokenport"), "gateway", "--port", str(port),

@@ -47,6 +47,7 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                        capture_output=True)
     gw_port, prom_port, dead_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     env["TOKENPORT_GATEWAY__METRICS_PORT"] = str(metrics_port)  # Prometheus scrapes the metrics listener
+    env["TOKENPORT_GATEWAY__TRUSTED_PROXIES"] = '["127.0.0.1/32", "::1/128"]'  # the traffic sets its country
     gw_log = tmp / "gateway.log"
     with open(gw_log, "wb") as f:
         gw = subprocess.Popen([str(BIN / "tokenport"), "gateway", "--port", str(gw_port),
