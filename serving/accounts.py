@@ -84,8 +84,10 @@ class Accounts:
         policies, _ = self.limits.all()
         return [tenant_json(t, policies.get(t.id)) for t in self.tenants.list_tenants()]
 
-    def keys_json(self, tenant_id: str | None) -> list[dict[str, Any]]:
-        if tenant_id is not None:
+    def keys_json(self, tenant_id: str | None, *, must_exist: bool = True) -> list[dict[str, Any]]:
+        """The keys (of one tenant, or all), with their limits; TenantNotFound for an unknown tenant
+        unless `must_exist` is False (then an empty list)."""
+        if tenant_id is not None and must_exist:
             self.tenant(tenant_id)
         _, policies = self.limits.all()
         return [key_json(k, policies.get(k.id)) for k in self.tenants.list_keys(tenant_id)]

@@ -113,10 +113,7 @@ def keys_list(ctx: typer.Context, tenant: Annotated[str | None, typer.Option(hel
     """List keys (ids and prefixes only)."""
     s = stores(ctx)
     if as_json:
-        try:
-            print(json.dumps(s.accounts.keys_json(tenant)))
-        except RegistryError as exc:
-            fail(str(exc))
+        print(json.dumps(s.accounts.keys_json(tenant, must_exist=False)))
         return
     table = Table("id", "tenant", "prefix", "created", "state")
     for k in s.tenants.list_keys(tenant):
