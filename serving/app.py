@@ -93,7 +93,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     ledger = Ledger(usage, Spool(settings.data_dir / "spool" / "usage.jsonl"), on_commit=metrics.observe_commit,
                     fail_closed=settings.metering.fail_closed)
     keyring = KeyRing(stores.tenants, settings.secret_key, settings.gateway.key_cache_refresh_s)
-    spend = SpendEstimator.from_file(settings.config_dir / "billing" / "price_books.yaml", metrics, keyring.tenant)
+    # one price book for budgets, the spend metric and billing (CONTRACTS 4: settings.price_book_path)
+    spend = SpendEstimator.from_file(settings.price_book_path, metrics, keyring.tenant)
     tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
     guardrails = build_guardrails(settings, stores, metrics, tokens)
 

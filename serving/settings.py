@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 DEFAULT_SECRET = "local-dev-secret-change-me"
 DEFAULT_ADMIN_TOKEN = "local-admin-token"
+DEFAULT_PRICE_BOOK = Path("billing/price_books.yaml")
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -131,6 +132,11 @@ class GatewaySettings(BaseModel):
     max_json_keys: int = Field(default=1024, ge=8)
 
 
+class BillingSettings(BaseModel):
+    # The one price book (billing, budgets, the spend metric), relative to the config folder.
+    price_book: Path | None = None  # default billing/price_books.yaml
+
+
 class LimitsSettings(BaseModel):
     """Rate limits, budgets and per-tenant caps (serving/limits). Per-tenant values override these."""
 
@@ -146,7 +152,7 @@ class LimitsSettings(BaseModel):
     default_max_tokens: int | None = Field(default=None, ge=1)
     default_max_prompt_tokens: int | None = Field(default=None, ge=1)
     unknown_model_context: int = Field(default=32_768, ge=1)
-    price_book: Path = Path("billing/price_books.yaml")  # relative to the config folder
+    price_book: Path | None = None  # deprecated alias of billing.price_book (still accepted)
     content_retention_days: int = Field(default=30, ge=1)
 
 
@@ -196,6 +202,7 @@ class Settings(BaseSettings):
     workers: WorkerSettings = WorkerSettings()
     limits: LimitsSettings = LimitsSettings()
     metering: MeteringSettings = MeteringSettings()
+    billing: BillingSettings = BillingSettings()
     # Filled in by load(): the validated model catalogue and extra workers given on the command line.
     catalogue: Catalogue = Catalogue()
     config_dir: Path = PACKAGE_CONFIG_DIR
@@ -227,6 +234,13 @@ class Settings(BaseSettings):
             if self.admin_token == DEFAULT_ADMIN_TOKEN or len(self.admin_token) < 24:
                 raise ValueError("production mode needs TOKENPORT_ADMIN_TOKEN (24+ characters, not the default)")
         return self
+
+    @property
+    def price_book_path(self) -> Path:
+        """The one price book: billing.price_book, else the deprecated limits.price_book, else
+        billing/price_books.yaml; relative paths from the config folder."""
+        path = self.billing.price_book or self.limits.price_book or DEFAULT_PRICE_BOOK
+        return path if path.is_absolute() else self.config_dir / path
 
     @property
     def production_ready(self) -> bool:

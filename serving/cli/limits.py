@@ -134,9 +134,7 @@ def tenants_limits(ctx: typer.Context, tenant: Annotated[str, typer.Argument(hel
         _window, start = b.window(utcnow())
         rows = s.usage.summary(["model"], tenant_id=tenant, start=start)
         used = 0
-        cfg = settings(ctx)
-        path = cfg.limits.price_book  # the lead's merge: load_price_source(cfg.price_book_path) (CONTRACTS 4)
-        pricer = PriceBookPricer.from_file(path if path.is_absolute() else cfg.config_dir / path)
+        pricer = PriceBookPricer.from_file(settings(ctx).price_book_path)
         for r in rows:
             p, c, o = (int(str(r["prompt_tokens"])), int(str(r["cached_prompt_tokens"])),
                        int(str(r["completion_tokens"])))

@@ -50,11 +50,11 @@ def build_guardrails(settings: Settings, stores: Stores, metrics: Metrics,
         backend = MemoryBackend()
     store = stores.limits
     policies = PolicyCache(store, stores.tenants.version, settings.gateway.key_cache_refresh_s)
-    book = lim.price_book if lim.price_book.is_absolute() else settings.config_dir / lim.price_book
     defaults = Defaults(rpm=lim.default_rpm, tpm=lim.default_tpm, max_tokens=lim.default_max_tokens,
                         max_prompt_tokens=lim.default_max_prompt_tokens,
                         request_timeout_s=settings.gateway.request_timeout_s)
-    limiter = Limiter(backend, policies, stores.usage, metrics, defaults=defaults, pricer=PriceBookPricer.from_file(book),
+    limiter = Limiter(backend, policies, stores.usage, metrics, defaults=defaults,
+                      pricer=PriceBookPricer.from_file(settings.price_book_path),
                       on_error_budget=lim.on_backend_error_budget, on_error_rate=lim.on_backend_error_rate)
 
     def context_length(model: str) -> int:

@@ -244,3 +244,13 @@ def test_no_proxy_is_trusted_by_default(tmp_path: Path) -> None:
     assert origin.resolve({"x-client-country": "US"}, "KZ", peer="127.0.0.1") == ("KZ", "tenant")
     trusting = OriginResolver(s.gateway.origin_country_header, ["127.0.0.1/32"], None)
     assert trusting.resolve({"x-client-country": "US"}, "KZ", peer="127.0.0.1") == ("US", "header")
+
+
+def test_one_price_book_setting_with_the_deprecated_alias(tmp_path: Path) -> None:
+    default = load_settings(_write(tmp_path, {"data_dir": str(tmp_path)}))
+    assert default.price_book_path == tmp_path / "billing" / "price_books.yaml"  # next to the config file
+    alias = load_settings(_write(tmp_path, {"data_dir": str(tmp_path), "limits": {"price_book": "old.yaml"}}))
+    assert alias.price_book_path == tmp_path / "old.yaml"
+    both = load_settings(_write(tmp_path, {"data_dir": str(tmp_path), "limits": {"price_book": "old.yaml"},
+                                           "billing": {"price_book": "/etc/tokenport/prices.yaml"}}))
+    assert both.price_book_path == Path("/etc/tokenport/prices.yaml")
