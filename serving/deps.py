@@ -64,7 +64,9 @@ async def principal(request: Request, s: ServicesDep) -> Principal:
 
 def admin(request: Request, s: ServicesDep) -> Admin:
     """The admin credential (401 otherwise)."""
-    return s.admin.check(request.headers.get("authorization"), request.client.host if request.client else None)
+    return s.admin.check(
+        request.headers.get("authorization"), request.client.host if request.client else None
+    )
 
 
 def accounts(s: ServicesDep) -> Accounts:

@@ -36,8 +36,13 @@ class MetricsApp:
             status, body, media = 200, self.metrics.render(), CONTENT_TYPE
         else:
             status, body, media = 404, b"not found: the metrics listener serves GET /metrics\n", b"text/plain"
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", media), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", media), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
 
 
@@ -49,8 +54,16 @@ class _Server(uvicorn.Server):
 
 class MetricsListener:
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        config = uvicorn.Config(MetricsApp(metrics), host=host, port=port, lifespan="off", log_config=None,
-                                access_log=False, proxy_headers=False, loop="none")
+        config = uvicorn.Config(
+            MetricsApp(metrics),
+            host=host,
+            port=port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            loop="none",
+        )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket

@@ -38,7 +38,10 @@ async def prometheus_metrics(request: Request, s: ServicesDep) -> Response:
     if s.metrics_token is None:
         raise NotFound("Unknown route.", code="unknown_route")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), s.metrics_token.encode()):
-        raise AuthenticationFailed("GET /metrics needs 'Authorization: Bearer <metrics token>'.",
-                                   code="invalid_metrics_token")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), s.metrics_token.encode()
+    ):
+        raise AuthenticationFailed(
+            "GET /metrics needs 'Authorization: Bearer <metrics token>'.", code="invalid_metrics_token"
+        )
     return Response(s.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

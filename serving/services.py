@@ -39,8 +39,12 @@ class Stores:
 
     @cached_property
     def billing(self) -> BillingService:
-        return BillingService(store=BillingStore(self.engine), usage=self.usage, tenants=self.tenants,
-                              config_dir=self.settings.config_dir / "billing")
+        return BillingService(
+            store=BillingStore(self.engine),
+            usage=self.usage,
+            tenants=self.tenants,
+            config_dir=self.settings.config_dir / "billing",
+        )
 
 
 def open_stores(settings: Settings, *, migrate: bool = True) -> Stores:
@@ -48,5 +52,11 @@ def open_stores(settings: Settings, *, migrate: bool = True) -> Stores:
     engine = make_engine(settings.db_url, sqlite_synchronous=settings.metering.sqlite_synchronous)
     if migrate:
         db_schema.upgrade(engine)
-    return Stores(settings=settings, engine=engine, tenants=TenantStore(engine, settings.secret_key),
-                  usage=UsageStore(engine), limits=LimitsStore(engine), audit=Auditor(AuditStore(engine)))
+    return Stores(
+        settings=settings,
+        engine=engine,
+        tenants=TenantStore(engine, settings.secret_key),
+        usage=UsageStore(engine),
+        limits=LimitsStore(engine),
+        audit=Auditor(AuditStore(engine)),
+    )

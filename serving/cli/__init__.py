@@ -30,14 +30,19 @@ from serving.settings import ConfigError, Settings, load_settings
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(help="Tokenport: sell LLM tokens across borders.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Tokenport: sell LLM tokens across borders.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 
 
 @app.callback()
-def root(ctx: typer.Context,
-         config: Annotated[Path | None, typer.Option(help="Settings file (default: configs/tokenport.yaml).",
-                                                     envvar="TOKENPORT_CONFIG")] = None) -> None:
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Settings file (default: configs/tokenport.yaml).", envvar="TOKENPORT_CONFIG"),
+    ] = None,
+) -> None:
     @cache
     def settings() -> Settings:
         try:
@@ -49,9 +54,17 @@ def root(ctx: typer.Context,
     ctx.obj = {"settings": settings}
 
 
-for _typer, _name in ((models_app, "models"), (tenants_app, "tenants"), (keys_app, "keys"), (usage_app, "usage"),
-                      (db_app, "db"), (admin_app, "admin"), (invoices_app, "invoices"), (fx_app, "fx"),
-                      (reports_app, "reports")):
+for _typer, _name in (
+    (models_app, "models"),
+    (tenants_app, "tenants"),
+    (keys_app, "keys"),
+    (usage_app, "usage"),
+    (db_app, "db"),
+    (admin_app, "admin"),
+    (invoices_app, "invoices"),
+    (fx_app, "fx"),
+    (reports_app, "reports"),
+):
     app.add_typer(_typer, name=_name)
 app.command()(run.gateway)
 app.command()(run.reconcile)

@@ -21,12 +21,14 @@ def test_defaults_keep_metrics_off_the_public_port() -> None:
     assert gw.metrics_token is None and gw.metrics_host == "127.0.0.1" and gw.metrics_port == 9464
 
 
-async def test_public_port_without_a_metrics_token_has_no_metrics_route(gateway_factory: GatewayFactory,
-                                                                        worker: FakeWorker) -> None:
+async def test_public_port_without_a_metrics_token_has_no_metrics_route(
+    gateway_factory: GatewayFactory, worker: FakeWorker
+) -> None:
     gw = await gateway_factory([(MODEL, "f0", worker.url)])
     t, _, api_key = gw.new_tenant()
-    assert (await gw.http.post("/v1/chat/completions", json=chat_body(max_tokens=2),
-                               headers=auth(api_key))).status_code == 200
+    assert (
+        await gw.http.post("/v1/chat/completions", json=chat_body(max_tokens=2), headers=auth(api_key))
+    ).status_code == 200
     for headers in ({}, auth(api_key), {"Authorization": "Bearer local-admin-token"}):
         r = await gw.http.get("/metrics", headers=headers)
         assert_openai_error(r, 404, code="unknown_route")
@@ -39,13 +41,21 @@ async def test_public_port_without_a_metrics_token_has_no_metrics_route(gateway_
     assert other.status_code == 404  # the listener serves nothing else
 
 
-async def test_public_port_serves_metrics_to_the_metrics_token_only(gateway_factory: GatewayFactory,
-                                                                    worker: FakeWorker, tmp_path: Path) -> None:
-    gw = await gateway_factory([(MODEL, "f0", worker.url)], gateway={"metrics_token": TOKEN, "metrics_port": None})
+async def test_public_port_serves_metrics_to_the_metrics_token_only(
+    gateway_factory: GatewayFactory, worker: FakeWorker, tmp_path: Path
+) -> None:
+    gw = await gateway_factory(
+        [(MODEL, "f0", worker.url)], gateway={"metrics_token": TOKEN, "metrics_port": None}
+    )
     t, _, api_key = gw.new_tenant()
     await gw.http.post("/v1/chat/completions", json=chat_body(max_tokens=2), headers=auth(api_key))
-    for headers in ({}, auth(api_key), {"Authorization": "Bearer local-admin-token"},
-                    {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):
+    for headers in (
+        {},
+        auth(api_key),
+        {"Authorization": "Bearer local-admin-token"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ):
         r = await gw.http.get("/metrics", headers=headers)
         assert_openai_error(r, 401, code="invalid_metrics_token")
         assert t.id not in r.text
@@ -53,8 +63,9 @@ async def test_public_port_serves_metrics_to_the_metrics_token_only(gateway_fact
     assert ok.status_code == 200 and f'tenant="{t.id}"' in ok.text
 
 
-async def test_tenant_key_holders_cannot_read_other_tenants_from_the_public_port(gateway: object,
-                                                                                 tenant: TenantKey) -> None:
+async def test_tenant_key_holders_cannot_read_other_tenants_from_the_public_port(
+    gateway: object, tenant: TenantKey
+) -> None:
     from tests.conftest import Gateway
 
     assert isinstance(gateway, Gateway)
