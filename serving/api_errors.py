@@ -105,7 +105,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # Starlette runs this handler outside RequestIdMiddleware: add the id and count it here.
-        log.exception("unexpected error", exc_info=exc)
+        log.error("unexpected error", exc_info=exc)
         err = TokenportError("The gateway had an internal error.")
         request_id = str(request.scope.get("tokenport.request_id") or new_request_id())
         err.headers = {"X-Request-Id": request_id}

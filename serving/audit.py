@@ -53,7 +53,7 @@ class Auditor:
         detail: dict[str, Any] | None = None,
         describe: Callable[[T], dict[str, Any]] | None = None,
     ) -> T:
-        """Do `fn` and record it (ok with `describe(result)` merged into detail, or error with its message)."""
+        """Do `fn` and record it: ok with `describe(result)` merged into detail, or error with its message."""
         try:
             result = fn()
         except Exception as exc:

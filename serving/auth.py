@@ -1,4 +1,4 @@
-"""Credentials: an API key -> Principal(tenant, key id) (`KeyRing`), and the admin token -> Admin (`AdminAuth`).
+"""Credentials: an API key -> Principal(tenant, key id) (`KeyRing`); the admin token -> Admin (`AdminAuth`).
 
 Every gateway process keeps the active keys (by HMAC) in memory and reloads them when the registry
 version in the database moves (checked every `key_cache_refresh_s`, 0.25 s by default), so a key

@@ -321,11 +321,12 @@ def check_bind(settings: Settings, host: str) -> list[str]:
     exposed = [h for h in hosts if not is_loopback(h)]
     if exposed and not settings.production_ready:
         raise ConfigError(
-            f"refusing to listen on {', '.join(exposed)}: local mode with the default secrets binds loopback only "
+            f"refusing to listen on {', '.join(exposed)}: local mode with the default secrets binds "
+            "loopback only "
             "(127.0.0.1, ::1). To listen on a network, set TOKENPORT_SECRET_KEY (32+ characters) and "
             "TOKENPORT_ADMIN_TOKEN (24+ characters), or run mode: production.")
     if settings.admin_token == DEFAULT_ADMIN_TOKEN:
-        warning = (f"the admin API accepts the default token {DEFAULT_ADMIN_TOKEN!r}: anyone on this machine can "
-                   "administer the gateway (set TOKENPORT_ADMIN_TOKEN)")
+        warning = (f"the admin API accepts the default token {DEFAULT_ADMIN_TOKEN!r}: anyone on this "
+                   "machine can administer the gateway (set TOKENPORT_ADMIN_TOKEN)")
         return [warning]
     return []

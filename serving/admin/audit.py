@@ -1,4 +1,7 @@
-"""The audit log API (GET /admin/v1/audit): who changed what, when, from where (serving/audit.py writes it)."""
+"""The audit log API (GET /admin/v1/audit): who changed what, when, from where.
+
+serving/audit.py writes it (admin API and CLI).
+"""
 
 from __future__ import annotations
 

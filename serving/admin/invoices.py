@@ -2,7 +2,8 @@
 
     GET  /admin/v1/invoices                     list (?period=YYYY-MM&tenant=ID&status=...)
     POST /admin/v1/invoices/run                 {"period", "tenant"?, "issue_date"?}: create or refresh drafts
-    POST /admin/v1/invoices/finalize            {"period", "tenant"?}: number drafts (gapless), close the period
+    POST /admin/v1/invoices/finalize            {"period", "tenant"?}: number drafts (gapless),
+                                                close the period
     GET  /admin/v1/invoices/{number}            the document (?format=json|csv|html|pdf|ubl, default json)
     POST /admin/v1/invoices/{number}/void       {"reason", "issue_date"?}: void it with a credit note
     GET  /admin/v1/invoices/{number}/verify     recompute its usage digest from the ledger

@@ -1,4 +1,4 @@
-"""`tokenport up | gateway | worker | demo | reconcile`: run the platform (registered in serving/cli/__init__.py)."""
+"""`tokenport up | gateway | worker | demo | reconcile`: run the platform (see serving/cli/__init__.py)."""
 
 from __future__ import annotations
 

@@ -207,7 +207,8 @@ def test_local_mode_binds_loopback_only_with_the_default_secrets(tmp_path: Path)
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         (warning,) = check_bind(s, host)  # allowed, with a warning about the default admin token
         assert DEFAULT_ADMIN_TOKEN in warning
-    exposed_metrics = s.model_copy(update={"gateway": s.gateway.model_copy(update={"metrics_host": "0.0.0.0"})})
+    exposed = s.gateway.model_copy(update={"metrics_host": "0.0.0.0"})
+    exposed_metrics = s.model_copy(update={"gateway": exposed})
     with pytest.raises(ConfigError, match=r"0\.0\.0\.0"):
         check_bind(exposed_metrics, "127.0.0.1")
 
@@ -229,7 +230,8 @@ def test_the_gateway_command_refuses_a_network_host_in_default_local_mode(tmp_pa
 
     from serving.cli import app
 
-    env = {"TOKENPORT_DATA_DIR": str(tmp_path), "TOKENPORT_CONFIG": str(Path("configs/tokenport.yaml").resolve())}
+    config = str(Path("configs/tokenport.yaml").resolve())
+    env = {"TOKENPORT_DATA_DIR": str(tmp_path), "TOKENPORT_CONFIG": config}
     res = CliRunner().invoke(app, ["gateway", "--host", "0.0.0.0", "--port", "1"], env=env)
     assert res.exit_code == 2 and "binds loopback only" in res.output
 
