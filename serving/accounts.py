@@ -16,7 +16,7 @@ from typing import Any
 from metering.clock import utcnow
 from metering.tenants import ApiKey, InvalidTenantField, KeyNotFound, Tenant, TenantNotFound, TenantStore
 from serving.audit import Auditor, Who
-from serving.dates import checked
+from serving.dates import InvalidTime, checked
 from serving.limits.policy import Budget, LimitPolicy
 from serving.limits.store import LimitsStore, Scope
 
@@ -71,7 +71,10 @@ def key_expiry(expires_at: datetime | None, expires_in_days: int | None) -> date
             raise InvalidTenantField("expires_at must be in the future")
         return expires
     if expires_in_days is not None:
-        return utcnow() + timedelta(days=expires_in_days)
+        try:
+            return checked(utcnow() + timedelta(days=expires_in_days), "expires_in_days")
+        except (OverflowError, InvalidTime) as exc:  # the CLI's --expires-in-days has no upper bound
+            raise InvalidTenantField(f"expires_in_days {expires_in_days} is out of range") from exc
     return None
 
 
