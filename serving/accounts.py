@@ -16,7 +16,7 @@ from typing import Any
 from metering.clock import utcnow
 from metering.tenants import ApiKey, InvalidTenantField, KeyNotFound, Tenant, TenantNotFound, TenantStore
 from serving.audit import Auditor, Who
-from serving.dates import checked
+from serving.dates import InvalidTime, checked
 from serving.limits.policy import Budget, LimitPolicy
 from serving.limits.store import LimitsStore, Scope
 
@@ -24,24 +24,41 @@ UNSET: Any = object()
 
 
 def tenant_json(t: Tenant, limits: LimitPolicy | None = None) -> dict[str, Any]:
-    return {"object": "tenant", "id": t.id, "name": t.name, "billing_country": t.billing_country,
-            "business": t.business, "tax_id": t.tax_id, "currency": t.currency, "language": t.language,
-            "allowed_models": list(t.allowed_models) if t.allowed_models is not None else None,
-            "created_at": t.created_at.isoformat(), "limits": (limits or LimitPolicy()).as_dict()}
+    return {
+        "object": "tenant",
+        "id": t.id,
+        "name": t.name,
+        "billing_country": t.billing_country,
+        "business": t.business,
+        "tax_id": t.tax_id,
+        "currency": t.currency,
+        "language": t.language,
+        "allowed_models": list(t.allowed_models) if t.allowed_models is not None else None,
+        "created_at": t.created_at.isoformat(),
+        "limits": (limits or LimitPolicy()).as_dict(),
+    }
 
 
 def key_json(k: ApiKey, limits: LimitPolicy | None = None) -> dict[str, Any]:
-    return {"object": "api_key", "id": k.id, "tenant_id": k.tenant_id, "prefix": k.prefix, "name": k.name,
-            "created_at": k.created_at.isoformat(),
-            "expires_at": k.expires_at.isoformat() if k.expires_at else None,
-            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
-            "limits": (limits or LimitPolicy()).as_dict()}
+    return {
+        "object": "api_key",
+        "id": k.id,
+        "tenant_id": k.tenant_id,
+        "prefix": k.prefix,
+        "name": k.name,
+        "created_at": k.created_at.isoformat(),
+        "expires_at": k.expires_at.isoformat() if k.expires_at else None,
+        "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+        "limits": (limits or LimitPolicy()).as_dict(),
+    }
 
 
 def _detail(changes: dict[str, Any]) -> dict[str, Any]:
     """Limit changes as audit detail (a budget as unit, amount, period)."""
-    return {k: ({"unit": v.unit, "amount": f"{v.amount:f}", "period": v.period} if isinstance(v, Budget) else v)
-            for k, v in changes.items()}
+    return {
+        k: ({"unit": v.unit, "amount": f"{v.amount:f}", "period": v.period} if isinstance(v, Budget) else v)
+        for k, v in changes.items()
+    }
 
 
 def key_expiry(expires_at: datetime | None, expires_in_days: int | None) -> datetime | None:
@@ -54,7 +71,10 @@ def key_expiry(expires_at: datetime | None, expires_in_days: int | None) -> date
             raise InvalidTenantField("expires_at must be in the future")
         return expires
     if expires_in_days is not None:
-        return utcnow() + timedelta(days=expires_in_days)
+        try:
+            return checked(utcnow() + timedelta(days=expires_in_days), "expires_in_days")
+        except (OverflowError, InvalidTime) as exc:  # the CLI's --expires-in-days has no upper bound
+            raise InvalidTenantField(f"expires_in_days {expires_in_days} is out of range") from exc
     return None
 
 
@@ -84,37 +104,81 @@ class Accounts:
         policies, _ = self.limits.all()
         return [tenant_json(t, policies.get(t.id)) for t in self.tenants.list_tenants()]
 
-    def keys_json(self, tenant_id: str | None) -> list[dict[str, Any]]:
-        if tenant_id is not None:
+    def keys_json(self, tenant_id: str | None, *, must_exist: bool = True) -> list[dict[str, Any]]:
+        """The keys (of one tenant, or all), with their limits; TenantNotFound for an unknown tenant
+        unless `must_exist` is False (then an empty list)."""
+        if tenant_id is not None and must_exist:
             self.tenant(tenant_id)
         _, policies = self.limits.all()
         return [key_json(k, policies.get(k.id)) for k in self.tenants.list_keys(tenant_id)]
 
     # --- changes (audited) -------------------------------------------------------------------
-    def create_tenant(self, who: Who, *, id: str, name: str, billing_country: str, business: bool = True,
-                      tax_id: str | None = None, currency: str = "USD", language: str | None = None,
-                      allowed_models: list[str] | None = None) -> Tenant:
-        fields: dict[str, Any] = {"id": id, "name": name, "billing_country": billing_country, "business": business,
-                                  "tax_id": tax_id, "currency": currency, "language": language,
-                                  "allowed_models": allowed_models}
-        return self.audit.run(who, "tenant.create", lambda: self.tenants.create_tenant(**fields), target=id,
-                              tenant_id=id, detail=fields)
-
-    def create_key(self, who: Who, tenant_id: str, *, name: str | None,
-                   expires_at: datetime | None) -> tuple[ApiKey, str]:
+    def create_tenant(
+        self,
+        who: Who,
+        *,
+        id: str,
+        name: str,
+        billing_country: str,
+        business: bool = True,
+        tax_id: str | None = None,
+        currency: str = "USD",
+        language: str | None = None,
+        allowed_models: list[str] | None = None,
+    ) -> Tenant:
+        fields: dict[str, Any] = {
+            "id": id,
+            "name": name,
+            "billing_country": billing_country,
+            "business": business,
+            "tax_id": tax_id,
+            "currency": currency,
+            "language": language,
+            "allowed_models": allowed_models,
+        }
         return self.audit.run(
-            who, "key.create", lambda: self.tenants.create_key(tenant_id, name=name, expires_at=expires_at),
-            tenant_id=tenant_id, detail={"name": name, "expires_at": expires_at.isoformat() if expires_at else None},
-            describe=lambda res: {"target": res[0].id, "prefix": res[0].prefix})
+            who,
+            "tenant.create",
+            lambda: self.tenants.create_tenant(**fields),
+            target=id,
+            tenant_id=id,
+            detail=fields,
+        )
+
+    def create_key(
+        self, who: Who, tenant_id: str, *, name: str | None, expires_at: datetime | None
+    ) -> tuple[ApiKey, str]:
+        return self.audit.run(
+            who,
+            "key.create",
+            lambda: self.tenants.create_key(tenant_id, name=name, expires_at=expires_at),
+            tenant_id=tenant_id,
+            detail={"name": name, "expires_at": expires_at.isoformat() if expires_at else None},
+            describe=lambda res: {"target": res[0].id, "prefix": res[0].prefix},
+        )
 
     def revoke_key(self, who: Who, key_id: str) -> ApiKey:
         found = self.tenants.get_key(key_id)
-        return self.audit.run(who, "key.revoke", lambda: self.tenants.revoke_key(key_id), target=key_id,
-                              tenant_id=found.tenant_id if found else None,
-                              detail={"prefix": found.prefix} if found else None)
+        return self.audit.run(
+            who,
+            "key.revoke",
+            lambda: self.tenants.revoke_key(key_id),
+            target=key_id,
+            tenant_id=found.tenant_id if found else None,
+            detail={"prefix": found.prefix} if found else None,
+        )
 
-    def set_limits(self, who: Who, scope: Scope, scope_id: str, changes: dict[str, Any], *, clear: bool = False,
-                   allowed_models: list[str] | None = UNSET, action: str | None = None) -> LimitPolicy:
+    def set_limits(
+        self,
+        who: Who,
+        scope: Scope,
+        scope_id: str,
+        changes: dict[str, Any],
+        *,
+        clear: bool = False,
+        allowed_models: list[str] | None = UNSET,
+        action: str | None = None,
+    ) -> LimitPolicy:
         """Change a tenant's or key's limits (`changes` as LimitsStore.update takes them; `clear` first
         drops every limit; `allowed_models` also sets a tenant's models, None = every model)."""
         tenant_id = self.tenant(scope_id).id if scope == "tenant" else self.key(scope_id).tenant_id
@@ -133,14 +197,28 @@ class Accounts:
             detail["clear"] = True
         if allowed_models is not UNSET:
             detail["allowed_models"] = allowed_models
-        return self.audit.run(who, action or f"{scope}.limits", change, target=scope_id, tenant_id=tenant_id, detail=detail)
+        return self.audit.run(
+            who, action or f"{scope}.limits", change, target=scope_id, tenant_id=tenant_id, detail=detail
+        )
 
     def top_up(self, who: Who, tenant_id: str, amount: str | Decimal | int) -> LimitPolicy:
         self.tenant(tenant_id)
-        return self.audit.run(who, "tenant.budget.top_up", lambda: self.limits.top_up("tenant", tenant_id, amount),
-                              target=tenant_id, tenant_id=tenant_id, detail={"amount": str(amount)})
+        return self.audit.run(
+            who,
+            "tenant.budget.top_up",
+            lambda: self.limits.top_up("tenant", tenant_id, amount),
+            target=tenant_id,
+            tenant_id=tenant_id,
+            detail={"amount": str(amount)},
+        )
 
     def set_models(self, who: Who, tenant_id: str, allowed_models: list[str] | None) -> Tenant:
         """Restrict a tenant to these models (None: every model)."""
-        return self.audit.run(who, "tenant.models", lambda: self.tenants.set_allowed_models(tenant_id, allowed_models),
-                              target=tenant_id, tenant_id=tenant_id, detail={"allowed_models": allowed_models})
+        return self.audit.run(
+            who,
+            "tenant.models",
+            lambda: self.tenants.set_allowed_models(tenant_id, allowed_models),
+            target=tenant_id,
+            tenant_id=tenant_id,
+            detail={"allowed_models": allowed_models},
+        )

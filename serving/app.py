@@ -25,6 +25,7 @@ from serving.deps import AppServices, install
 from serving.idempotency import Idempotency, IdempotencyStore
 from serving.limits.http_timeouts import BodyGuardMiddleware
 from serving.limits.wiring import build_guardrails
+from serving.metrics_listener import MetricsListener
 from serving.openai import models, routes
 from serving.openai.protocol import hoist_defs
 from serving.pipeline import Pipeline
@@ -82,6 +83,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         metrics.drift_tokens.labels(row.worker, row.model, row.token_type).set(row.drift)
         metrics.drift_ratio.labels(row.worker, row.model, row.token_type).set(row.ratio)
 
+    gw = settings.gateway
+    listener = MetricsListener(metrics, gw.metrics_host, gw.metrics_port) if gw.metrics_port is not None else None
     reconciler = PeriodicReconciler(usage, lambda: [Target(w.id, w.model, w.url) for w in pool.workers], set_drift,
                                     settings.metering.reconcile_interval_s, lambda: forwarder.session)
 
@@ -96,6 +99,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         await pool.start(session)
         await idempotency.start()
         reconciler.start()
+        if listener is not None:
+            await listener.start()
         # Everything loaded so far (FastAPI, pydantic, SQLAlchemy, tokenizers: ~1M objects) lives as
         # long as the process: out of the cyclic GC's sight, so a full collection does not walk it
         # again on the request path (the pause was a ~ms tail on requests).
@@ -105,6 +110,8 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         try:
             yield
         finally:
+            if listener is not None:
+                await listener.close()
             await reconciler.close()
             await pool.close()
             await keyring.close()

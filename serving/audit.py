@@ -42,18 +42,41 @@ class Auditor:
     def __init__(self, store: AuditStore) -> None:
         self.store = store
 
-    def run(self, who: Who, action: str, fn: Callable[[], T], *, target: str | None = None,
-            tenant_id: str | None = None, detail: dict[str, Any] | None = None,
-            describe: Callable[[T], dict[str, Any]] | None = None) -> T:
-        """Do `fn` and record it (ok with `describe(result)` merged into detail, or error with its message)."""
+    def run(
+        self,
+        who: Who,
+        action: str,
+        fn: Callable[[], T],
+        *,
+        target: str | None = None,
+        tenant_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+        describe: Callable[[T], dict[str, Any]] | None = None,
+    ) -> T:
+        """Do `fn` and record it: ok with `describe(result)` merged into detail, or error with its message."""
         try:
             result = fn()
         except Exception as exc:
-            self.store.record(actor=who.actor, source=who.source, client=who.client, action=action, target=target,
-                              tenant_id=tenant_id, outcome="error", detail={**(detail or {}), "error": str(exc)})
+            self.store.record(
+                actor=who.actor,
+                source=who.source,
+                client=who.client,
+                action=action,
+                target=target,
+                tenant_id=tenant_id,
+                outcome="error",
+                detail={**(detail or {}), "error": str(exc)},
+            )
             raise
         extra = describe(result) if describe is not None else {}
-        self.store.record(actor=who.actor, source=who.source, client=who.client, action=action,
-                          target=extra.pop("target", target), tenant_id=tenant_id, outcome="ok",
-                          detail={**(detail or {}), **extra})
+        self.store.record(
+            actor=who.actor,
+            source=who.source,
+            client=who.client,
+            action=action,
+            target=extra.pop("target", target),
+            tenant_id=tenant_id,
+            outcome="ok",
+            detail={**(detail or {}), **extra},
+        )
         return result

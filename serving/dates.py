@@ -61,8 +61,9 @@ def checked(value: datetime, name: str) -> datetime:
     return utc
 
 
-def parse_window(start: str | None, end: str | None, names: tuple[str, str] = ("start", "end"),
-                 *, unix: bool = True) -> tuple[datetime | None, datetime | None]:
+def parse_window(
+    start: str | None, end: str | None, names: tuple[str, str] = ("start", "end"), *, unix: bool = True
+) -> tuple[datetime | None, datetime | None]:
     """A [start, end) window; InvalidTime if either is invalid or end is not after start."""
     s, e = parse_instant(start, names[0], unix=unix), parse_instant(end, names[1], unix=unix)
     if s is not None and e is not None and e <= s:

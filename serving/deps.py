@@ -21,6 +21,7 @@ from serving.audit import Auditor
 from serving.auth import Admin, AdminAuth, KeyRing, Principal
 from serving.limits.cache import PolicyCache
 from serving.limits.limiter import Limiter
+from serving.metrics_listener import MetricsListener
 from serving.proxy.pool import WorkerPool
 from serving.services import Stores
 
@@ -36,15 +37,21 @@ class AppServices:
     limiter: Limiter
     pool: WorkerPool
     metrics: Metrics
+    metrics_token: str | None = None  # GET /metrics on the public port needs it (404 without one)
+    metrics_listener: MetricsListener | None = None  # the operator's own metrics address
 
 
 def install(app: FastAPI, services: AppServices) -> None:
     app.state.tokenport = services
 
 
-def services(request: Request) -> AppServices:
+def of_app(app: FastAPI) -> AppServices:
     """The one typed read of the app's services."""
-    return cast(AppServices, request.app.state.tokenport)
+    return cast(AppServices, app.state.tokenport)
+
+
+def services(request: Request) -> AppServices:
+    return of_app(cast(FastAPI, request.app))
 
 
 ServicesDep = Annotated[AppServices, Depends(services)]
@@ -57,7 +64,9 @@ async def principal(request: Request, s: ServicesDep) -> Principal:
 
 def admin(request: Request, s: ServicesDep) -> Admin:
     """The admin credential (401 otherwise)."""
-    return s.admin.check(request.headers.get("authorization"), request.client.host if request.client else None)
+    return s.admin.check(
+        request.headers.get("authorization"), request.client.host if request.client else None
+    )
 
 
 def accounts(s: ServicesDep) -> Accounts:

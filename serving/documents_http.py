@@ -11,8 +11,13 @@ from starlette.responses import Response
 PERIOD = r"^\d{4}-\d{2}$"
 Number = Annotated[str, Path(min_length=1, max_length=96)]
 Format = Literal["json", "csv", "html", "pdf", "ubl"]
-MEDIA = {"json": "application/json", "csv": "text/csv; charset=utf-8", "html": "text/html; charset=utf-8",
-         "pdf": "application/pdf", "ubl": "application/xml"}
+MEDIA = {
+    "json": "application/json",
+    "csv": "text/csv; charset=utf-8",
+    "html": "text/html; charset=utf-8",
+    "pdf": "application/pdf",
+    "ubl": "application/xml",
+}
 EXTENSION = {"json": "json", "csv": "csv", "html": "html", "pdf": "pdf", "ubl": "xml"}
 
 

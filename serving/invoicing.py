@@ -19,15 +19,31 @@ __all__ = ["BillingService", "document_summary", "documents_summary", "finalize_
            "verify_json", "void_json"]
 
 # What a tenant sees of its own documents (GET /v1/invoices): no drafts, no internal fields.
-TENANT_FIELDS = ("number", "kind", "status", "period", "currency", "subtotal", "tax_total", "total",
-                 "issue_date", "original_number", "credit_note_number", "usage_digest")
+TENANT_FIELDS = (
+    "number",
+    "kind",
+    "status",
+    "period",
+    "currency",
+    "subtotal",
+    "tax_total",
+    "total",
+    "issue_date",
+    "original_number",
+    "credit_note_number",
+    "usage_digest",
+)
 
 
 def run_json(report: RunReport) -> dict[str, Any]:
-    return {"object": "invoice_run", "period": report.period, "issue_date": report.issue_date.isoformat(),
-            "drafts": documents_summary(report.drafts),
-            "errors": [{"tenant": t, "error": e} for t, e in report.errors],
-            "skipped": [{"tenant": t, "reason": why} for t, why in report.skipped]}
+    return {
+        "object": "invoice_run",
+        "period": report.period,
+        "issue_date": report.issue_date.isoformat(),
+        "drafts": documents_summary(report.drafts),
+        "errors": [{"tenant": t, "error": e} for t, e in report.errors],
+        "skipped": [{"tenant": t, "reason": why} for t, why in report.skipped],
+    }
 
 
 def finalize_json(report: FinalizeReport) -> dict[str, Any]:
@@ -45,11 +61,14 @@ def reissue_json(voided: str, invoice: StoredDocument) -> dict[str, Any]:
 
 
 def verify_json(result: Verification) -> dict[str, Any]:
-    return {"number": result.number, "ok": result.ok, "events": result.events, "problems": list(result.problems)}
+    return {
+        "number": result.number,
+        "ok": result.ok,
+        "events": result.events,
+        "problems": list(result.problems),
+    }
 
 
 def tenant_document(row: StoredDocument) -> dict[str, Any]:
     summary = document_summary(row)
     return {"object": row.kind, **{k: summary[k] for k in TENANT_FIELDS}}
-
-

@@ -6,6 +6,7 @@ Outside local mode the default secrets are refused.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic_settings import (
 
 DEFAULT_SECRET = "local-dev-secret-change-me"
 DEFAULT_ADMIN_TOKEN = "local-admin-token"
+DEFAULT_PRICE_BOOK = Path("billing/price_books.yaml")
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -109,8 +111,15 @@ class GatewaySettings(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     key_cache_refresh_s: float = Field(default=0.25, gt=0)
     max_tenant_labels: int = Field(default=200, ge=1)
+    # Prometheus metrics carry tenant ids, volumes and spend: never on the public port without a credential.
+    # A separate listener (loopback by default; None = off, 0 = any free port) serves GET /metrics, and/or
+    # the public port serves it to `Authorization: Bearer <metrics_token>` only (404 when no token is set).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=9464, ge=0, le=65535)
+    metrics_token: str | None = Field(default=None, min_length=16)
     # Origin country (metering/geo.py): the header counts only from these peers; then GeoIP, then the tenant.
-    trusted_proxies: list[str] = ["127.0.0.1/32", "::1/128"]
+    # Empty by default: no client sets its own origin country unless a proxy is trusted explicitly.
+    trusted_proxies: list[str] = []
     geoip_db: Path | None = None  # a MaxMind-format .mmdb (GeoLite2/GeoIP2 Country or City)
     # Hostile clients (serving/limits/http_timeouts.py, serving/limits/guard.py)
     header_timeout_s: float = Field(default=10.0, gt=0)
@@ -121,6 +130,15 @@ class GatewaySettings(BaseModel):
     max_json_depth: int = Field(default=32, ge=2)
     max_json_values: int = Field(default=100_000, ge=10)
     max_json_keys: int = Field(default=1024, ge=8)
+
+
+class BillingSettings(BaseModel):
+    """The month close (README: Billing)."""
+
+    # The one price book (billing, budgets, the spend metric), relative to the config folder.
+    price_book: Path | None = None  # default billing/price_books.yaml
+    # Days after a period's end before it may be finalized without --force (late usage still arrives).
+    finalize_grace_days: int = Field(default=0, ge=0, le=31)
 
 
 class LimitsSettings(BaseModel):
@@ -177,15 +195,6 @@ class WorkerSettings(BaseModel):
     restart_backoff_max_s: float = Field(default=60.0, gt=0)
 
 
-class BillingSettings(BaseModel):
-    """The month close (README: Billing)."""
-
-    # The one price book: invoices, money budgets and the spend metric all price from it.
-    price_book: Path = Path("billing/price_books.yaml")  # relative to the config folder
-    # Days after a period's end before it may be finalized without --force (late usage still arrives).
-    finalize_grace_days: int = Field(default=0, ge=0, le=31)
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENPORT_", env_nested_delimiter="__", extra="forbid")
     _yaml_file: ClassVar[Path | None] = None
@@ -234,16 +243,21 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'tokenport.db'}"
+    def price_book_path(self) -> Path:
+        """The one price book: billing.price_book, else the deprecated limits.price_book, else
+        billing/price_books.yaml; relative paths from the config folder."""
+        path = self.billing.price_book or self.limits.price_book or DEFAULT_PRICE_BOOK
+        return path if path.is_absolute() else self.config_dir / path
 
     @property
-    def price_book_path(self) -> Path:
-        """The one price book (`billing.price_book`; `limits.price_book` is its deprecated alias), relative
-        to the config folder: invoices, money budgets and the spend metric."""
-        alias = self.limits.price_book
-        book = alias if alias is not None and "price_book" not in self.billing.model_fields_set else self.billing.price_book
-        return book if book.is_absolute() else self.config_dir / book
+    def production_ready(self) -> bool:
+        """The secrets production mode requires are set (not the defaults, long enough)."""
+        return (self.secret_key != DEFAULT_SECRET and len(self.secret_key) >= 32
+                and self.admin_token != DEFAULT_ADMIN_TOKEN and len(self.admin_token) >= 24)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tokenport.db'}"
 
     @property
     def models_dir(self) -> Path:
@@ -292,3 +306,34 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         settings.catalogue = _load_catalogue(models_path)
     settings.config_dir = config_dir
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (0.0.0.0 and :: are every interface, not loopback)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings, host: str) -> list[str]:
+    """Whether the gateway may listen on `host` (and its metrics listener on gateway.metrics_host).
+
+    Local mode with the default secrets binds loopback only: a non-loopback address is refused
+    (ConfigError) unless the production secrets are set, so the default admin token never faces a
+    network. On loopback the default admin token works, with a warning (returned)."""
+    hosts = [host] + ([settings.gateway.metrics_host] if settings.gateway.metrics_port is not None else [])
+    exposed = [h for h in hosts if not is_loopback(h)]
+    if exposed and not settings.production_ready:
+        raise ConfigError(
+            f"refusing to listen on {', '.join(exposed)}: local mode with the default secrets binds "
+            "loopback only "
+            "(127.0.0.1, ::1). To listen on a network, set TOKENPORT_SECRET_KEY (32+ characters) and "
+            "TOKENPORT_ADMIN_TOKEN (24+ characters), or run mode: production.")
+    if settings.admin_token == DEFAULT_ADMIN_TOKEN:
+        warning = (f"the admin API accepts the default token {DEFAULT_ADMIN_TOKEN!r}: anyone on this "
+                   "machine can administer the gateway (set TOKENPORT_ADMIN_TOKEN)")
+        return [warning]
+    return []

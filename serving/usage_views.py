@@ -15,20 +15,33 @@ from metering.store_sql import StoredEvent
 from metering.verify import CANONICAL_FIELDS, event_row
 from serving.errors import InvalidRequest
 
-TENANT_GROUPS = ("model", "origin_country", "origin_source", "language", "outcome", "key_id", "serving_region",
-                 "endpoint")
+TENANT_GROUPS = (
+    "model",
+    "origin_country",
+    "origin_source",
+    "language",
+    "outcome",
+    "key_id",
+    "serving_region",
+    "endpoint",
+)
 ADMIN_GROUPS = ("tenant_id", *TENANT_GROUPS, "worker_id")
 ADMIN_ALIASES = {"tenant": "tenant_id", "worker": "worker_id"}
 CHAIN = {
     "algorithm": "sha256",
     "hash": "hex(sha256(utf8(prev_hash) + canonical))",
-    "canonical": "compact JSON array (no spaces) of these fields in this order: " + ", ".join(CANONICAL_FIELDS),
+    "canonical": "compact JSON array (no spaces) of these fields in this order: "
+    + ", ".join(CANONICAL_FIELDS),
     "genesis_prev_hash": "0" * 64,
 }
 
 
-def parse_groups(group_by: str | None, allowed: tuple[str, ...], aliases: dict[str, str] | None = None,
-                 default: tuple[str, ...] = ()) -> list[str]:
+def parse_groups(
+    group_by: str | None,
+    allowed: tuple[str, ...],
+    aliases: dict[str, str] | None = None,
+    default: tuple[str, ...] = (),
+) -> list[str]:
     if group_by is None:
         return list(default)
     out: list[str] = []
@@ -38,15 +51,25 @@ def parse_groups(group_by: str | None, allowed: tuple[str, ...], aliases: dict[s
             continue
         g = (aliases or {}).get(g, g)
         if g not in allowed:
-            raise InvalidRequest(f"group_by accepts {', '.join(allowed)}; got {raw.strip()!r}.", param="group_by")
+            raise InvalidRequest(
+                f"group_by accepts {', '.join(allowed)}; got {raw.strip()!r}.", param="group_by"
+            )
         if g not in out:
             out.append(g)
     return out
 
 
 def usage_row(r: dict[str, Any]) -> dict[str, Any]:
-    prompt, cached, completion = int(r["prompt_tokens"]), int(r["cached_prompt_tokens"]), int(r["completion_tokens"])
-    return {**{str(k): v for k, v in r.items()}, "input_tokens": prompt - cached, "total_tokens": prompt + completion}
+    prompt, cached, completion = (
+        int(r["prompt_tokens"]),
+        int(r["cached_prompt_tokens"]),
+        int(r["completion_tokens"]),
+    )
+    return {
+        **{str(k): v for k, v in r.items()},
+        "input_tokens": prompt - cached,
+        "total_tokens": prompt + completion,
+    }
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -37,6 +37,7 @@ from metering.store_sql import StoredEvent, UsageStore
 from metering.tenants import ApiKey, Tenant, TenantStore
 from serving import db_schema
 from serving.app import create_app
+from serving.deps import of_app
 from serving.limits.http_timeouts import uvicorn_options
 from serving.settings import Settings, load_settings
 from tests.fakes import FakeWorker
@@ -87,8 +88,16 @@ class Gateway:
         key, plaintext = self.tenants.create_key(tid, name="test")
         return tenant, key, plaintext
 
+    @property
+    def metrics_url(self) -> str:
+        """The operator's metrics listener (gateway.metrics_port 0 in tests: a free loopback port)."""
+        listener = of_app(self.app).metrics_listener
+        assert listener is not None
+        return f"http://{listener.host}:{listener.port}/metrics"
+
     async def metrics(self) -> str:
-        r = await self.http.get("/metrics")
+        async with httpx.AsyncClient(timeout=15) as h:
+            r = await h.get(self.metrics_url)
         assert r.status_code == 200
         return r.text
 
@@ -137,7 +146,9 @@ def write_config(
         "mode": "local",
         "data_dir": str(directory / "data"),
         "models_file": "models.yaml",
-        "gateway": {"host": "127.0.0.1", "max_tenant_labels": 1000, **(gateway or {})},
+        # loopback trusted explicitly (the default trusts no proxy): tests set X-Client-Country themselves
+        "gateway": {"host": "127.0.0.1", "max_tenant_labels": 1000, "metrics_port": 0,
+                    "trusted_proxies": ["127.0.0.1/32", "::1/128"], **(gateway or {})},
         "workers": {"health_interval_s": health_interval_s},
     }
     path = directory / "tokenport.yaml"

@@ -97,8 +97,8 @@ def test_promtool_alert_unit_tests_catch_a_broken_rule(promtool: str, tmp_path: 
 @pytest.mark.parametrize(
     "config, gateway, worker",
     [
-        ("prometheus.yml", "127.0.0.1:8000", "127.0.0.1:8100"),
-        ("prometheus.compose.yml", "gateway:8000", "vllm:8000"),
+        ("prometheus.yml", "127.0.0.1:9464", "127.0.0.1:8100"),  # the gateway's metrics listener
+        ("prometheus.compose.yml", "gateway:9464", "vllm:8000"),
     ],
 )
 def test_prometheus_config_jobs(config: str, gateway: str, worker: str) -> None:
@@ -214,6 +214,9 @@ def test_compose_gateway(services: dict[str, Any]) -> None:
     assert env["TOKENPORT_ADMIN_TOKEN"] == "${TOKENPORT_ADMIN_TOKEN:?set it}"
     assert gateway["command"] == ["--worker", "smollm2-135m-instruct=http://vllm:8000"]
     assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # tenant metrics: on the listener Prometheus reaches in the compose network, never published
+    assert env["TOKENPORT_GATEWAY__METRICS_HOST"] == "0.0.0.0"
+    assert gateway["ports"] == ["8000:8000"] and gateway["expose"] == ["9464"]
 
 
 @pytest.mark.parametrize("name", ["vllm", "vllm-cpu"])

@@ -1,4 +1,7 @@
-"""The admin API (/admin/v1), behind the admin credential: tenants and keys, usage, invoices, reports, audit."""
+"""The admin API (/admin/v1), behind the admin credential.
+
+Tenants and keys, usage, invoices, reports, the audit log.
+"""
 
 from __future__ import annotations
 

@@ -60,8 +60,9 @@ async def list_invoices(
     tenant: str | None = Query(default=None, max_length=64),
     status: Literal["draft", "error", "finalized", "void"] | None = None,
 ) -> Response:
-    rows = await asyncio.to_thread(svc.store.find, period=period, tenant_id=tenant,
-                                   statuses=[status] if status else None)
+    rows = await asyncio.to_thread(
+        svc.store.find, period=period, tenant_id=tenant, statuses=[status] if status else None
+    )
     return json_response({"object": "list", "data": documents_summary(rows)})
 
 
@@ -70,9 +71,17 @@ async def run(body: RunIn, admin: AdminDep, svc: BillingDep, audit: AuditDep) ->
     def work() -> dict[str, Any]:
         return run_json(svc.run(Period.parse(body.period), tenant_id=body.tenant, issue_date=body.issue_date))
 
-    out = await asyncio.to_thread(lambda: audit.run(
-        admin.who(), "invoices.run", work, target=body.period, tenant_id=body.tenant,
-        detail=body.model_dump(mode="json"), describe=lambda o: {"drafts": len(o["drafts"]), "errors": o["errors"]}))
+    out = await asyncio.to_thread(
+        lambda: audit.run(
+            admin.who(),
+            "invoices.run",
+            work,
+            target=body.period,
+            tenant_id=body.tenant,
+            detail=body.model_dump(mode="json"),
+            describe=lambda o: {"drafts": len(o["drafts"]), "errors": o["errors"]},
+        )
+    )
     return json_response(out)
 
 
@@ -97,10 +106,16 @@ async def show(number: Number, _admin: AdminDep, svc: BillingDep, format: Format
 
 @router.post("/{number}/void")
 async def void(number: Number, body: VoidIn, admin: AdminDep, svc: BillingDep, audit: AuditDep) -> Response:
-    invoice, credit = await asyncio.to_thread(lambda: audit.run(
-        admin.who(), "invoices.void", lambda: svc.void(number, reason=body.reason, issue_date=body.issue_date),
-        target=number, detail=body.model_dump(mode="json"),
-        describe=lambda res: {"tenant": res[0].tenant_id, "credit_note": res[1].number}))
+    invoice, credit = await asyncio.to_thread(
+        lambda: audit.run(
+            admin.who(),
+            "invoices.void",
+            lambda: svc.void(number, reason=body.reason, issue_date=body.issue_date),
+            target=number,
+            detail=body.model_dump(mode="json"),
+            describe=lambda res: {"tenant": res[0].tenant_id, "credit_note": res[1].number},
+        )
+    )
     return json_response(void_json(invoice, credit))
 
 

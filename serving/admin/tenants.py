@@ -38,7 +38,9 @@ from serving.limits.store import make_budget
 router = APIRouter(prefix="/admin/v1", tags=["admin"])
 TenantId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 KeyId = Annotated[str, Path(min_length=1, max_length=32, pattern=r"^key_[0-9a-f]{1,28}$")]
-Amount = Annotated[str, Field(pattern=r"^[0-9]{1,15}(\.[0-9]{1,6})?$")] | Annotated[int, Field(ge=0, le=10**15)]
+Amount = (
+    Annotated[str, Field(pattern=r"^[0-9]{1,15}(\.[0-9]{1,6})?$")] | Annotated[int, Field(ge=0, le=10**15)]
+)
 ModelName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
@@ -95,9 +97,19 @@ def _json(obj: Any, status: int = 200) -> Response:
 def _limit_changes(body: KeyLimitsIn) -> dict[str, Any]:
     """The fields the client sent (null clears one), ready for LimitsStore.update."""
     sent = body.model_fields_set
-    changes: dict[str, Any] = {f: getattr(body, f) for f in ("rpm", "tpm", "max_tokens", "max_prompt_tokens",
-                                                             "request_timeout_s", "content_logging",
-                                                             "content_retention_days") if f in sent}
+    changes: dict[str, Any] = {
+        f: getattr(body, f)
+        for f in (
+            "rpm",
+            "tpm",
+            "max_tokens",
+            "max_prompt_tokens",
+            "request_timeout_s",
+            "content_logging",
+            "content_retention_days",
+        )
+        if f in sent
+    }
     if "budget" in sent:
         b = body.budget
         changes["budget"] = None if b is None else make_budget(b.unit, b.amount, b.period)
@@ -124,8 +136,9 @@ async def get_tenant(tenant_id: TenantId, _admin: AdminDep, accounts: TenantsDep
 
 
 @router.patch("/tenants/{tenant_id}/limits")
-async def set_tenant_limits(tenant_id: TenantId, body: TenantLimitsIn, admin: AdminDep, accounts: TenantsDep,
-                            policies: PoliciesDep) -> Response:
+async def set_tenant_limits(
+    tenant_id: TenantId, body: TenantLimitsIn, admin: AdminDep, accounts: TenantsDep, policies: PoliciesDep
+) -> Response:
     models = body.allowed_models if "allowed_models" in body.model_fields_set else UNSET
 
     def change() -> tuple[Tenant, LimitPolicy | None]:
@@ -138,8 +151,9 @@ async def set_tenant_limits(tenant_id: TenantId, body: TenantLimitsIn, admin: Ad
 
 
 @router.delete("/tenants/{tenant_id}/limits")
-async def clear_tenant_limits(tenant_id: TenantId, admin: AdminDep, accounts: TenantsDep,
-                              policies: PoliciesDep) -> Response:
+async def clear_tenant_limits(
+    tenant_id: TenantId, admin: AdminDep, accounts: TenantsDep, policies: PoliciesDep
+) -> Response:
     def change() -> Tenant:
         accounts.set_limits(admin.who(), "tenant", tenant_id, {}, clear=True, action="tenant.limits.clear")
         return accounts.tenant(tenant_id)
@@ -150,14 +164,17 @@ async def clear_tenant_limits(tenant_id: TenantId, admin: AdminDep, accounts: Te
 
 
 @router.get("/tenants/{tenant_id}/budget")
-async def budget(tenant_id: TenantId, _admin: AdminDep, accounts: TenantsDep, limiter: LimiterDep) -> Response:
+async def budget(
+    tenant_id: TenantId, _admin: AdminDep, accounts: TenantsDep, limiter: LimiterDep
+) -> Response:
     t = await asyncio.to_thread(accounts.tenant, tenant_id)
     return _json({"object": "budget", "tenant_id": tenant_id, "budget": await limiter.budget_status(t)})
 
 
 @router.post("/tenants/{tenant_id}/budget/top-up")
-async def top_up(tenant_id: TenantId, body: TopUpIn, admin: AdminDep, accounts: TenantsDep,
-                 policies: PoliciesDep) -> Response:
+async def top_up(
+    tenant_id: TenantId, body: TopUpIn, admin: AdminDep, accounts: TenantsDep, policies: PoliciesDep
+) -> Response:
     pol = await asyncio.to_thread(accounts.top_up, admin.who(), tenant_id, body.amount)
     await policies.refresh(force=True)
     return _json({"object": "limits", "tenant_id": tenant_id, **pol.as_dict()})
@@ -171,8 +188,9 @@ async def list_keys(tenant_id: TenantId, _admin: AdminDep, accounts: TenantsDep)
 @router.post("/tenants/{tenant_id}/keys", status_code=201)
 async def create_key(tenant_id: TenantId, body: KeyIn, admin: AdminDep, accounts: TenantsDep) -> Response:
     expires = key_expiry(body.expires_at, body.expires_in_days)
-    key, plaintext = await asyncio.to_thread(lambda: accounts.create_key(admin.who(), tenant_id, name=body.name,
-                                                                         expires_at=expires))
+    key, plaintext = await asyncio.to_thread(
+        lambda: accounts.create_key(admin.who(), tenant_id, name=body.name, expires_at=expires)
+    )
     return _json({**key_json(key), "key": plaintext}, 201)
 
 
@@ -183,8 +201,9 @@ async def get_key(key_id: KeyId, _admin: AdminDep, accounts: TenantsDep) -> Resp
 
 
 @router.patch("/keys/{key_id}/limits")
-async def set_key_limits(key_id: KeyId, body: KeyLimitsIn, admin: AdminDep, accounts: TenantsDep,
-                         policies: PoliciesDep) -> Response:
+async def set_key_limits(
+    key_id: KeyId, body: KeyLimitsIn, admin: AdminDep, accounts: TenantsDep, policies: PoliciesDep
+) -> Response:
     k = await asyncio.to_thread(accounts.key, key_id)
     pol = await asyncio.to_thread(accounts.set_limits, admin.who(), "key", key_id, _limit_changes(body))
     await policies.refresh(force=True)

@@ -28,29 +28,51 @@ router = APIRouter(prefix="/admin/v1", tags=["admin"])
 
 
 @router.get("/usage")
-async def all_usage(_admin: AdminDep, usage: UsageDep, start: str | None = Query(default=None, max_length=40),
-                    end: str | None = Query(default=None, max_length=40),
-                    group_by: str | None = Query(default=None, max_length=200),
-                    tenant: str | None = Query(default=None, max_length=64),
-                    limit: int = Query(default=100, ge=1, le=1000),
-                    offset: int = Query(default=0, ge=0, le=10**9)) -> Response:
+async def all_usage(
+    _admin: AdminDep,
+    usage: UsageDep,
+    start: str | None = Query(default=None, max_length=40),
+    end: str | None = Query(default=None, max_length=40),
+    group_by: str | None = Query(default=None, max_length=200),
+    tenant: str | None = Query(default=None, max_length=64),
+    limit: int = Query(default=100, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0, le=10**9),
+) -> Response:
     s, e = parse_window(start, end)
     groups = parse_groups(group_by, ADMIN_GROUPS, ADMIN_ALIASES, default=("tenant_id",))
-    rows = await asyncio.to_thread(usage.summary, groups, tenant_id=tenant, start=s, end=e, limit=limit + 1,
-                                   offset=offset)
+    rows = await asyncio.to_thread(
+        usage.summary, groups, tenant_id=tenant, start=s, end=e, limit=limit + 1, offset=offset
+    )
     more = len(rows) > limit
     data = [usage_row(row) for row in rows[:limit]]
-    return Response(orjson.dumps({"object": "list", "start": iso(s), "end": iso(e), "group_by": groups,
-                                  "tenant": tenant, "data": data, "page_totals": totals(data), "has_more": more,
-                                  "next_offset": offset + limit if more else None}), media_type="application/json")
+    return Response(
+        orjson.dumps(
+            {
+                "object": "list",
+                "start": iso(s),
+                "end": iso(e),
+                "group_by": groups,
+                "tenant": tenant,
+                "data": data,
+                "page_totals": totals(data),
+                "has_more": more,
+                "next_offset": offset + limit if more else None,
+            }
+        ),
+        media_type="application/json",
+    )
 
 
 @router.get("/usage/events")
-async def all_events(_admin: AdminDep, usage: UsageDep, tenant: str | None = Query(default=None, max_length=64),
-                     start: str | None = Query(default=None, max_length=40),
-                     end: str | None = Query(default=None, max_length=40),
-                     after: int = Query(default=0, ge=0, le=2**62),
-                     limit: int = Query(default=100, ge=1, le=1000)) -> Response:
+async def all_events(
+    _admin: AdminDep,
+    usage: UsageDep,
+    tenant: str | None = Query(default=None, max_length=64),
+    start: str | None = Query(default=None, max_length=40),
+    end: str | None = Query(default=None, max_length=40),
+    after: int = Query(default=0, ge=0, le=2**62),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> Response:
     s, e = parse_window(start, end)
 
     def load() -> tuple[list[StoredEvent], tuple[int, str] | None]:

@@ -32,14 +32,19 @@ from serving.settings import ConfigError, Settings, load_settings
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(help="Tokenport: sell LLM tokens across borders.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Tokenport: sell LLM tokens across borders.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 
 
 @app.callback()
-def root(ctx: typer.Context,
-         config: Annotated[Path | None, typer.Option(help="Settings file (default: configs/tokenport.yaml).",
-                                                     envvar="TOKENPORT_CONFIG")] = None) -> None:
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Settings file (default: configs/tokenport.yaml).", envvar="TOKENPORT_CONFIG"),
+    ] = None,
+) -> None:
     @cache
     def settings() -> Settings:
         try:

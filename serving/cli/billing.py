@@ -24,9 +24,12 @@ from serving.cli.common import JsonOpt, arg, emit, fail, period, stores
 from serving.dates import parse_day
 from serving.invoicing import documents_summary, finalize_json, reissue_json, run_json, verify_json, void_json
 
-invoices_app = typer.Typer(help="Invoices and credit notes: run, finalize, void, list, show.", no_args_is_help=True)
-fx_app = typer.Typer(help="FX rates used by billing (configs/billing/fx_rates.csv + imported).",
-                     no_args_is_help=True)
+invoices_app = typer.Typer(
+    help="Invoices and credit notes: run, finalize, void, list, show.", no_args_is_help=True
+)
+fx_app = typer.Typer(
+    help="FX rates used by billing (configs/billing/fx_rates.csv + imported).", no_args_is_help=True
+)
 reports_app = typer.Typer(help="Token export reports from issued invoices.", no_args_is_help=True)
 console = Console(stderr=True)
 PeriodOpt = Annotated[str, typer.Option("--period", help="Billing period: a calendar month in UTC, YYYY-MM.")]
@@ -52,17 +55,24 @@ def invoices_run(
     ctx: typer.Context,
     period_: PeriodOpt,
     tenant: TenantOpt = None,
-    issue_date: Annotated[str | None, typer.Option(
-        help="Issue date YYYY-MM-DD (default: the first day after the period).")] = None,
+    issue_date: Annotated[
+        str | None, typer.Option(help="Issue date YYYY-MM-DD (default: the first day after the period).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create or refresh the draft invoices of a period (idempotent); per-tenant errors are listed."""
     svc, audit = _both(ctx)
     p, day = period(period_), arg(lambda: parse_day(issue_date, "--issue-date"))
     try:
-        report = audit.run(Who.cli(), "invoices.run", lambda: svc.run(p, tenant_id=tenant, issue_date=day),
-                           target=str(p), tenant_id=tenant, detail={"issue_date": issue_date},
-                           describe=lambda r: {"drafts": len(r.drafts), "errors": r.errors})
+        report = audit.run(
+            Who.cli(),
+            "invoices.run",
+            lambda: svc.run(p, tenant_id=tenant, issue_date=day),
+            target=str(p),
+            tenant_id=tenant,
+            detail={"issue_date": issue_date},
+            describe=lambda r: {"drafts": len(r.drafts), "errors": r.errors},
+        )
     except BillingError as exc:
         _fail(str(exc))
         return
@@ -70,13 +80,18 @@ def invoices_run(
         emit(run_json(report))
     else:
         for row in report.drafts:
-            console.print(f"draft {row.ref}: {row.total} {row.currency} ({row.event_count} events)", highlight=False)
+            console.print(
+                f"draft {row.ref}: {row.total} {row.currency} ({row.event_count} events)", highlight=False
+            )
         for t, reason in report.skipped:
             console.print(f"skipped {t}: {reason}", highlight=False)
         for t, error in report.errors:
             console.print(f"[red]error[/red] {t}: {error}", highlight=False, soft_wrap=True)
-        console.print(f"{report.period}: {len(report.drafts)} draft(s), {len(report.errors)} error(s), "
-                      f"issue date {report.issue_date}", highlight=False)
+        console.print(
+            f"{report.period}: {len(report.drafts)} draft(s), {len(report.errors)} error(s), "
+            f"issue date {report.issue_date}",
+            highlight=False,
+        )
     if report.errors:
         raise typer.Exit(1)
 
@@ -102,7 +117,9 @@ def invoices_finalize(ctx: typer.Context, period_: PeriodOpt, tenant: TenantOpt 
         emit(finalize_json(report))
     else:
         for row in report.finalized:
-            console.print(f"finalized {row.number} for {row.tenant_id}: {row.total} {row.currency}", highlight=False)
+            console.print(
+                f"finalized {row.number} for {row.tenant_id}: {row.total} {row.currency}", highlight=False
+            )
         for t, error in report.refused:
             console.print(f"[red]refused[/red] {t}: {error}", highlight=False, soft_wrap=True)
         if report.closed:
@@ -123,17 +140,24 @@ def invoices_void(
     svc, audit = _both(ctx)
     day = arg(lambda: parse_day(issue_date, "--issue-date"))
     try:
-        invoice, credit = audit.run(Who.cli(), "invoices.void", lambda: svc.void(number, reason=reason, issue_date=day),
-                                    target=number, detail={"reason": reason, "issue_date": issue_date},
-                                    describe=lambda res: {"tenant": res[0].tenant_id, "credit_note": res[1].number})
+        invoice, credit = audit.run(
+            Who.cli(),
+            "invoices.void",
+            lambda: svc.void(number, reason=reason, issue_date=day),
+            target=number,
+            detail={"reason": reason, "issue_date": issue_date},
+            describe=lambda res: {"tenant": res[0].tenant_id, "credit_note": res[1].number},
+        )
     except BillingError as exc:
         _fail(str(exc))
         return
     if as_json:
         emit(void_json(invoice, credit))
     else:
-        console.print(f"voided {invoice.number}; credit note {credit.number} ({credit.total} {credit.currency})",
-                      highlight=False)
+        console.print(
+            f"voided {invoice.number}; credit note {credit.number} ({credit.total} {credit.currency})",
+            highlight=False,
+        )
 
 
 @invoices_app.command("reissue")
@@ -166,8 +190,11 @@ def invoices_list(
 ) -> None:
     """List invoices and credit notes (drafts are shown as DRAFT-<period>-<tenant>)."""
     svc = _service(ctx)
-    rows = svc.store.find(period=str(period(period_)) if period_ else None, tenant_id=tenant,
-                          statuses=[status] if status else None)
+    rows = svc.store.find(
+        period=str(period(period_)) if period_ else None,
+        tenant_id=tenant,
+        statuses=[status] if status else None,
+    )
     if as_json:
         emit(documents_summary(rows))
         return
@@ -176,7 +203,9 @@ def invoices_list(
         table.add_column(name, no_wrap=name != "status", justify="right" if name == "total" else "left")
     for r in rows:
         total = f"{r.total} {r.currency}" if r.total is not None else "-"
-        table.add_row(r.ref, r.tenant_id, r.period, r.status, total, r.issue_date.isoformat() if r.issue_date else "")
+        table.add_row(
+            r.ref, r.tenant_id, r.period, r.status, total, r.issue_date.isoformat() if r.issue_date else ""
+        )
     out = Console()
     out.print(table)
     for r in rows:
@@ -209,8 +238,11 @@ def invoices_show(
 
 
 @invoices_app.command("verify")
-def invoices_verify(ctx: typer.Context, number: Annotated[str, typer.Argument(help="Invoice number.")],
-                    as_json: JsonOpt = False) -> None:
+def invoices_verify(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="Invoice number.")],
+    as_json: JsonOpt = False,
+) -> None:
     """Recompute an invoice's usage digest and quantities from the ledger events it recorded."""
     svc = _service(ctx)
     try:
@@ -229,8 +261,11 @@ def invoices_verify(ctx: typer.Context, number: Annotated[str, typer.Argument(he
 
 
 @fx_app.command("import")
-def fx_import(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="CSV: date,base,quote,rate,source.")],
-              as_json: JsonOpt = False) -> None:
+def fx_import(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="CSV: date,base,quote,rate,source.")],
+    as_json: JsonOpt = False,
+) -> None:
     """Import FX rates (with source and date) into the database; contradicting rates are refused."""
     svc, audit = _both(ctx)
     try:
@@ -239,8 +274,13 @@ def fx_import(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="CSV
         _fail(f"{file}: cannot read: {exc.strerror or exc}", 2)
         return
     try:
-        added, known = audit.run(Who.cli(), "fx.import", lambda: svc.import_fx(text, origin=str(file)),
-                                 target=str(file), describe=lambda res: {"imported": res[0], "already_stored": res[1]})
+        added, known = audit.run(
+            Who.cli(),
+            "fx.import",
+            lambda: svc.import_fx(text, origin=str(file)),
+            target=str(file),
+            describe=lambda res: {"imported": res[0], "already_stored": res[1]},
+        )
     except BillingError as exc:
         _fail(str(exc))
         return
@@ -251,8 +291,11 @@ def fx_import(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="CSV
 
 
 @fx_app.command("list")
-def fx_list(ctx: typer.Context, on: Annotated[str | None, typer.Option("--date", help="Only this date.")] = None,
-            as_json: JsonOpt = False) -> None:
+def fx_list(
+    ctx: typer.Context,
+    on: Annotated[str | None, typer.Option("--date", help="Only this date.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """The rates billing uses: the shipped file and the imported ones."""
     svc = _service(ctx)
     day = arg(lambda: parse_day(on, "--date"))
@@ -262,8 +305,18 @@ def fx_list(ctx: typer.Context, on: Annotated[str | None, typer.Option("--date",
         _fail(str(exc))
         return
     if as_json:
-        emit([{"date": r.date.isoformat(), "base": r.base, "quote": r.quote, "rate": format(r.rate, "f"),
-                "source": r.source} for r in rates])
+        emit(
+            [
+                {
+                    "date": r.date.isoformat(),
+                    "base": r.base,
+                    "quote": r.quote,
+                    "rate": format(r.rate, "f"),
+                    "source": r.source,
+                }
+                for r in rates
+            ]
+        )
         return
     table = Table("date", "base", "quote", "rate", "source")
     for r in rates:
@@ -275,7 +328,9 @@ def fx_list(ctx: typer.Context, on: Annotated[str | None, typer.Option("--date",
 def reports_exports(
     ctx: typer.Context,
     period_: PeriodOpt,
-    by: Annotated[str, typer.Option(help="country (origin of the usage), tenant, model or language.")] = "country",
+    by: Annotated[
+        str, typer.Option(help="country (origin of the usage), tenant, model or language.")
+    ] = "country",
     format: Annotated[str, typer.Option("--format", help="json, csv or html.")] = "json",
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
 ) -> None:

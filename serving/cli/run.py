@@ -1,4 +1,4 @@
-"""`tokenport up | gateway | worker | demo | reconcile`: run the platform (registered in serving/cli/__init__.py)."""
+"""`tokenport up | gateway | worker | demo | reconcile`: run the platform (see serving/cli/__init__.py)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,24 @@ def _with_cli_workers(settings: Settings, extra: list[object]) -> Settings:
     models = [m for m in settings.catalogue.models if m.name not in named]
     models += [ModelSpec(name=n) for n in sorted(named) if settings.catalogue.get(n) is None]
     kept = [m.model_copy(update={"workers": []}) if m.name in named else m for m in settings.catalogue.models]
-    catalogue = Catalogue(default_model=None, models=kept + [m for m in models if m not in settings.catalogue.models])
+    catalogue = Catalogue(
+        default_model=None, models=kept + [m for m in models if m not in settings.catalogue.models]
+    )
     return settings.model_copy(update={"catalogue": catalogue})
+
+
+def _check_bind(settings: Settings, host: str) -> None:
+    """Local mode binds loopback only; the default admin token is refused elsewhere, warned about here."""
+    from serving.settings import ConfigError, check_bind
+
+    try:
+        warnings = check_bind(settings, host)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
+    for w in warnings:
+        logging.getLogger("tokenport.gateway").warning("%s", w)
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 
 async def _serve(settings: Settings, extra: list[object], host: str, port: int) -> None:
@@ -59,16 +75,26 @@ async def _serve(settings: Settings, extra: list[object], host: str, port: int) 
 
     gw = settings.gateway  # header/body deadlines, header size cap, keep-alive (slowloris)
     # proxy_headers=False: X-Forwarded-For is judged by metering/geo.py against gateway.trusted_proxies
-    config = uvicorn.Config(app_, host=host, port=port, loop="none", lifespan="on", log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=30, proxy_headers=False,
-                            **uvicorn_options(gw.header_timeout_s, gw.max_header_bytes, gw.keep_alive_s,
-                                              gw.max_connections))
+    config = uvicorn.Config(
+        app_,
+        host=host,
+        port=port,
+        loop="none",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        proxy_headers=False,
+        **uvicorn_options(gw.header_timeout_s, gw.max_header_bytes, gw.keep_alive_s, gw.max_connections),
+    )
     server = _Server(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.request_exit)
-    console.print(f"gateway listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)",
-                  soft_wrap=True)
+    console.print(
+        f"gateway listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)",
+        soft_wrap=True,
+    )
     try:
         await server.serve()
     finally:
@@ -112,10 +138,14 @@ def _run(coro: object) -> None:
 
 def gateway(
     ctx: typer.Context,
-    host: Annotated[str | None, typer.Option(help="Listen address (default from settings: 127.0.0.1).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Listen address (default from settings: 127.0.0.1).")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (default from settings: 8000).")] = None,
-    worker: Annotated[list[str] | None, typer.Option(
-        help="MODEL=BASE_URL of a running OpenAI-compatible worker (repeatable).")] = None,
+    worker: Annotated[
+        list[str] | None,
+        typer.Option(help="MODEL=BASE_URL of a running OpenAI-compatible worker (repeatable)."),
+    ] = None,
 ) -> None:
     """Start only the gateway, in front of catalogued workers and/or --worker URLs."""
     _logging()
@@ -123,23 +153,44 @@ def gateway(
     extra = _parse_workers(worker or [])
     if extra:
         settings = _with_cli_workers(settings, extra)
+    _check_bind(settings, host or settings.gateway.host)
     _run(_serve(settings, extra, host or settings.gateway.host, port or settings.gateway.port))
 
 
 def reconcile(
     ctx: typer.Context,
-    since: Annotated[str | None, typer.Option(help="Only usage since T (YYYY-MM-DD or ISO time): the baseline is "
-                                                   "each worker's last snapshot at or before T.")] = None,
-    worker: Annotated[list[str] | None, typer.Option(
-        help="MODEL=BASE_URL, as given to `tokenport gateway --worker` (same worker ids). Repeatable.")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only usage since T (YYYY-MM-DD or ISO time): the baseline is "
+            "each worker's last snapshot at or before T."
+        ),
+    ] = None,
+    worker: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="MODEL=BASE_URL, as given to `tokenport gateway --worker` (same worker ids). Repeatable."
+        ),
+    ] = None,
     max_drift_ratio: Annotated[float, typer.Option(help="Allowed |drift| / worker tokens.")] = 0.001,
-    max_drift_tokens: Annotated[int, typer.Option(help="Allowed |drift| in tokens (the larger allowance wins).")] = 0,
-    cutoff_slack: Annotated[int, typer.Option(help="Output tokens a cut-off request may have generated "
-                                                   "after its last metered chunk (README: Metering).")] = 16,
-    snapshot: Annotated[bool, typer.Option("--snapshot/--no-snapshot",
-                                           help="Store this run's counters as a baseline for --since.")] = True,
-    metrics_file: Annotated[Path | None, typer.Option(
-        help="Also write the drift gauges to this file (Prometheus textfile format).")] = None,
+    max_drift_tokens: Annotated[
+        int, typer.Option(help="Allowed |drift| in tokens (the larger allowance wins).")
+    ] = 0,
+    cutoff_slack: Annotated[
+        int,
+        typer.Option(
+            help="Output tokens a cut-off request may have generated "
+            "after its last metered chunk (README: Metering)."
+        ),
+    ] = 16,
+    snapshot: Annotated[
+        bool,
+        typer.Option("--snapshot/--no-snapshot", help="Store this run's counters as a baseline for --since."),
+    ] = True,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(help="Also write the drift gauges to this file (Prometheus textfile format)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Compare ledger totals with the workers' own token counters; exit 1 past the threshold
@@ -155,29 +206,52 @@ def reconcile(
     extra = _parse_workers(worker or [])
     if extra:
         settings = _with_cli_workers(settings, extra)
-    targets = [Target(w.id, w.model, w.url) for w in
-               build_workers(settings, [e for e in extra if isinstance(e, ExtraWorker)])]
+    targets = [
+        Target(w.id, w.model, w.url)
+        for w in build_workers(settings, [e for e in extra if isinstance(e, ExtraWorker)])
+    ]
     if not targets:
         console.print("[red]error:[/red] no workers to reconcile (catalogue or --worker)")
         raise typer.Exit(2)
     since_at = arg(lambda: parse_instant(since, "--since", unix=False))
     usage = stores(ctx).usage
     tolerance = Tolerance(tokens=max_drift_tokens, ratio=max_drift_ratio, cutoff_slack=cutoff_slack)
-    report = asyncio.run(run(usage, targets, since=since_at, tolerance=tolerance,
-                             save_snapshot=snapshot))
+    report = asyncio.run(run(usage, targets, since=since_at, tolerance=tolerance, save_snapshot=snapshot))
     if metrics_file is not None:
         _write_drift_metrics(metrics_file, report.rows)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:
-        table = Table("worker", "model", "token type", "ledger", "worker counters", "drift", "ratio", "cut-off",
-                      "allowed", "")
+        table = Table(
+            "worker",
+            "model",
+            "token type",
+            "ledger",
+            "worker counters",
+            "drift",
+            "ratio",
+            "cut-off",
+            "allowed",
+            "",
+        )
         for r in report.rows:
-            table.add_row(r.worker, r.model, r.token_type, str(r.ledger), str(r.worker_tokens), f"{r.drift:+d}",
-                          f"{r.ratio:+.4%}", str(r.cut_off), f"{r.allowed:g}", "ok" if r.ok else "[red]DRIFT[/red]")
+            table.add_row(
+                r.worker,
+                r.model,
+                r.token_type,
+                str(r.ledger),
+                str(r.worker_tokens),
+                f"{r.drift:+d}",
+                f"{r.ratio:+.4%}",
+                str(r.cut_off),
+                f"{r.allowed:g}",
+                "ok" if r.ok else "[red]DRIFT[/red]",
+            )
         Console(width=max(console.width, 150)).print(table)
         for (w, m), baseline in report.baselines.items():
-            console.print(f"{w} ({m}): since {baseline}; ledger up to seq {report.ledger_seq}", highlight=False)
+            console.print(
+                f"{w} ({m}): since {baseline}; ledger up to seq {report.ledger_seq}", highlight=False
+            )
         for w, err in report.unreachable.items():
             console.print(f"[red]unreachable[/red] {w}: {err}", highlight=False)
     if not report.ok:
@@ -192,10 +266,18 @@ def _write_drift_metrics(path: Path, rows: Sequence[object]) -> None:
     from metering.reconcile import DriftRow
 
     reg = CollectorRegistry()
-    tokens = Gauge("tokenport_metering_drift_tokens", "Ledger vs worker counter drift (tokens).",
-                   ["worker", "model", "token_type"], registry=reg)
-    ratio = Gauge("tokenport_metering_drift_ratio", "Ledger vs worker counter drift (ratio).",
-                  ["worker", "model", "token_type"], registry=reg)
+    tokens = Gauge(
+        "tokenport_metering_drift_tokens",
+        "Ledger vs worker counter drift (tokens).",
+        ["worker", "model", "token_type"],
+        registry=reg,
+    )
+    ratio = Gauge(
+        "tokenport_metering_drift_ratio",
+        "Ledger vs worker counter drift (ratio).",
+        ["worker", "model", "token_type"],
+        registry=reg,
+    )
     for r in rows:
         assert isinstance(r, DriftRow)
         tokens.labels(r.worker, r.model, r.token_type).set(r.drift)
@@ -217,13 +299,15 @@ def worker_cmd(
     _run(_supervise(settings, name, with_gateway=False))
 
 
-def up(ctx: typer.Context,
-       port: Annotated[int | None, typer.Option(help="Gateway port (default 8000).")] = None) -> None:
+def up(
+    ctx: typer.Context, port: Annotated[int | None, typer.Option(help="Gateway port (default 8000).")] = None
+) -> None:
     """Start every launched worker, wait until healthy, then the gateway. Ctrl-C stops everything."""
     _logging()
     settings = _settings(ctx)
     if port is not None:
         settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={"port": port})})
+    _check_bind(settings, settings.gateway.host)  # before the workers start
     _run(_supervise(settings, None, with_gateway=True))
 
 
@@ -246,8 +330,9 @@ async def _supervise(settings: Settings, only_model: str | None, *, with_gateway
     try:
         await sup.start()
         with console.status("waiting for workers (the first start compiles kernels: a minute or two)…") as st:
-            await sup.wait_healthy(progress=lambda w, s: st.update(
-                f"waiting for worker {w.spec.id} ({w.model.name}): {s:.0f}s"))
+            await sup.wait_healthy(
+                progress=lambda w, s: st.update(f"waiting for worker {w.spec.id} ({w.model.name}): {s:.0f}s")
+            )
         console.print("[green]all workers healthy[/green]")
         if with_gateway:
             _print_demo(settings)
@@ -270,14 +355,23 @@ def _demo_key_path(settings: Settings) -> Path:
     return settings.data_dir / "demo.key"
 
 
-def demo(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Only set up, print nothing.")] = False) -> None:
+def demo(
+    ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Only set up, print nothing.")] = False
+) -> None:
     """Create the demo tenant and a key (once; the key is kept in data/demo.key for local use)."""
     settings = _settings(ctx)
     tenants = stores(ctx).tenants
     path = _demo_key_path(settings)
     if tenants.get_tenant(DEMO_TENANT) is None:
-        tenants.create_tenant(id=DEMO_TENANT, name="Demo Almaty Trading LLP", billing_country="KZ",
-                              business=True, tax_id="123456789013", currency="USD", language="ru")
+        tenants.create_tenant(
+            id=DEMO_TENANT,
+            name="Demo Almaty Trading LLP",
+            billing_country="KZ",
+            business=True,
+            tax_id="123456789013",
+            currency="USD",
+            language="ru",
+        )
     if not path.is_file():
         _key, plaintext = tenants.create_key(DEMO_TENANT, name="demo")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +388,8 @@ def _print_demo(settings: Settings) -> None:
     key = path.read_text(encoding="utf-8").strip()
     base = f"http://{settings.gateway.host}:{settings.gateway.port}/v1"
     model = settings.catalogue.default_model or "MODEL"
-    console.print(f"""
+    console.print(
+        f"""
 [bold]Demo tenant 'demo' (KZ, business), key in {path}[/bold]
 
 curl {base}/chat/completions \\
@@ -309,9 +404,15 @@ print(r.choices[0].message.content, r.usage)
 EOF
 
 Usage so far: .venv/bin/tokenport usage summary   |   export: .venv/bin/tokenport usage export --tenant demo
-""", highlight=False, soft_wrap=True)
+""",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _logging() -> None:
-    logging.basicConfig(level=os.environ.get("TOKENPORT_LOG_LEVEL", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("TOKENPORT_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -23,15 +23,19 @@ console = Console()
 
 
 def window(from_: str | None, to: str | None) -> tuple[datetime | None, datetime | None]:
-    return (arg(lambda: parse_instant(from_, "--from", unix=False)),
-            arg(lambda: parse_instant(to, "--to", unix=False)))
+    return (
+        arg(lambda: parse_instant(from_, "--from", unix=False)),
+        arg(lambda: parse_instant(to, "--to", unix=False)),
+    )
 
 
 @usage_app.command("export")
 def usage_export(
     ctx: typer.Context,
     tenant: Annotated[str | None, typer.Option(help="Tenant id (all tenants if left out).")] = None,
-    from_: Annotated[str | None, typer.Option("--from", help="Start (inclusive): YYYY-MM-DD or ISO time.")] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Start (inclusive): YYYY-MM-DD or ISO time.")
+    ] = None,
     to: Annotated[str | None, typer.Option(help="End (exclusive): YYYY-MM-DD or ISO time.")] = None,
     format: Annotated[str, typer.Option(help="jsonl or csv.")] = "jsonl",
 ) -> None:
@@ -54,8 +58,9 @@ def usage_export(
 @usage_app.command("summary")
 def usage_summary(
     ctx: typer.Context,
-    by: Annotated[str, typer.Option(help="Comma-separated: tenant,origin_country,model,language,outcome,...")]
-    = "tenant,origin_country,model",
+    by: Annotated[
+        str, typer.Option(help="Comma-separated: tenant,origin_country,model,language,outcome,...")
+    ] = "tenant,origin_country,model",
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
     from_: Annotated[str | None, typer.Option("--from", help="Start (inclusive).")] = None,
     to: Annotated[str | None, typer.Option(help="End (exclusive).")] = None,
@@ -71,21 +76,35 @@ def usage_summary(
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table(*[f.replace("tenant_id", "tenant") for f in fields], "requests", "prompt", "cached", "completion")
+    table = Table(
+        *[f.replace("tenant_id", "tenant") for f in fields], "requests", "prompt", "cached", "completion"
+    )
     for r in rows:
-        table.add_row(*[str(r[f]) for f in fields], str(r["requests"]), str(r["prompt_tokens"]),
-                      str(r["cached_prompt_tokens"]), str(r["completion_tokens"]))
+        table.add_row(
+            *[str(r[f]) for f in fields],
+            str(r["requests"]),
+            str(r["prompt_tokens"]),
+            str(r["cached_prompt_tokens"]),
+            str(r["completion_tokens"]),
+        )
     console.print(table)
 
 
 @usage_app.command("verify")
 def usage_verify(
     ctx: typer.Context,
-    file: Annotated[Path | None, typer.Option("--file", help="Check a download of /v1/usage/events (JSON pages or "
-                                               "JSONL rows) instead of the ledger: each event's hash and the totals.")]
-    = None,
-    anchor: Annotated[list[str] | None, typer.Option(help="SEQ:HASH that must still be in the chain (a head "
-                                                          "recorded earlier). Repeatable.")] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Check a download of /v1/usage/events (JSON pages or "
+            "JSONL rows) instead of the ledger: each event's hash and the totals.",
+        ),
+    ] = None,
+    anchor: Annotated[
+        list[str] | None,
+        typer.Option(help="SEQ:HASH that must still be in the chain (a head recorded earlier). Repeatable."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check the ledger's hash chain and name the first broken link (exit 1 if there is one)."""
@@ -102,13 +121,23 @@ def usage_verify(
     if as_json:
         print(json.dumps(report.as_dict()))
     elif report.first_break is None:
-        console.print(f"[green]ok[/green]: {report.events} events, chain head seq {report.head_seq} "
-                      f"hash {report.head_hash}", highlight=False, soft_wrap=True)
-        console.print(f"tokens: prompt {report.prompt_tokens} (cached {report.cached_prompt_tokens}), "
-                      f"completion {report.completion_tokens}", highlight=False)
+        console.print(
+            f"[green]ok[/green]: {report.events} events, chain head seq {report.head_seq} "
+            f"hash {report.head_hash}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            f"tokens: prompt {report.prompt_tokens} (cached {report.cached_prompt_tokens}), "
+            f"completion {report.completion_tokens}",
+            highlight=False,
+        )
     else:
-        console.print(f"[red]broken[/red] after {report.events} good events: {report.first_break.describe()}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]broken[/red] after {report.events} good events: {report.first_break.describe()}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if report.first_break is not None:
         raise typer.Exit(1)
 

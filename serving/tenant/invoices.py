@@ -22,8 +22,9 @@ router = APIRouter(prefix="/v1/invoices", tags=["billing"])
 
 
 @router.get("")
-async def list_invoices(who: PrincipalDep, svc: BillingDep,
-                        period: str | None = Query(default=None, pattern=PERIOD)) -> Response:
+async def list_invoices(
+    who: PrincipalDep, svc: BillingDep, period: str | None = Query(default=None, pattern=PERIOD)
+) -> Response:
     rows = await asyncio.to_thread(svc.store.find, tenant_id=who.tenant.id, period=period, statuses=ISSUED)
     return json_response({"object": "list", "data": [tenant_document(x) for x in rows]})
 

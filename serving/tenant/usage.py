@@ -32,22 +32,42 @@ JSON = "application/json"
 
 
 @router.get("/usage")
-async def tenant_usage(who: PrincipalDep, usage: UsageDep, start: str | None = Query(default=None, max_length=40),
-                       end: str | None = Query(default=None, max_length=40),
-                       group_by: str | None = Query(default=None, max_length=200)) -> Response:
+async def tenant_usage(
+    who: PrincipalDep,
+    usage: UsageDep,
+    start: str | None = Query(default=None, max_length=40),
+    end: str | None = Query(default=None, max_length=40),
+    group_by: str | None = Query(default=None, max_length=200),
+) -> Response:
     s, e = parse_window(start, end)
     groups = parse_groups(group_by, TENANT_GROUPS)
     rows = await asyncio.to_thread(usage.summary, groups, tenant_id=who.tenant.id, start=s, end=e)
     data = [usage_row(row) for row in rows]
-    return Response(orjson.dumps({"object": "usage", "tenant_id": who.tenant.id, "start": iso(s), "end": iso(e),
-                                  "group_by": groups, "data": data, "totals": totals(data)}), media_type=JSON)
+    return Response(
+        orjson.dumps(
+            {
+                "object": "usage",
+                "tenant_id": who.tenant.id,
+                "start": iso(s),
+                "end": iso(e),
+                "group_by": groups,
+                "data": data,
+                "totals": totals(data),
+            }
+        ),
+        media_type=JSON,
+    )
 
 
 @router.get("/usage/events")
-async def tenant_events(who: PrincipalDep, usage: UsageDep, start: str | None = Query(default=None, max_length=40),
-                        end: str | None = Query(default=None, max_length=40),
-                        after: int = Query(default=0, ge=0, le=2**62),
-                        limit: int = Query(default=100, ge=1, le=1000)) -> Response:
+async def tenant_events(
+    who: PrincipalDep,
+    usage: UsageDep,
+    start: str | None = Query(default=None, max_length=40),
+    end: str | None = Query(default=None, max_length=40),
+    after: int = Query(default=0, ge=0, le=2**62),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> Response:
     s, e = parse_window(start, end)
 
     def load() -> list[StoredEvent]:

@@ -81,12 +81,17 @@ def vllm_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop(proc)
 
 
+# The tests send X-Client-Country from loopback: trusting it is explicit (the default trusts no proxy).
+TRUSTED_LOOPBACK = '["127.0.0.1/32", "::1/128"]'
+
+
 @dataclass
 class Gateway:
     url: str
     data_dir: Path
     env: dict[str, str]
     worker_url: str
+    metrics_url: str = ""  # the gateway's metrics listener (GET /metrics is not on the public port)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -105,12 +110,10 @@ class Gateway:
 @pytest.fixture(scope="session")
 def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("gateway-data")
-    port = free_port()
-    env = {
-        **os.environ,
-        "TOKENPORT_DATA_DIR": str(data),
-        "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
-    }
+    port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "TOKENPORT_DATA_DIR": str(data), "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
+           "TOKENPORT_GATEWAY__METRICS_PORT": str(metrics_port),
+           "TOKENPORT_GATEWAY__TRUSTED_PROXIES": TRUSTED_LOOPBACK}
     log = data / "gateway.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
@@ -121,7 +124,8 @@ def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc, log)
-        yield Gateway(url=f"http://127.0.0.1:{port}", data_dir=data, env=env, worker_url=vllm_worker)
+        yield Gateway(url=f"http://127.0.0.1:{port}", data_dir=data, env=env, worker_url=vllm_worker,
+                      metrics_url=f"http://127.0.0.1:{metrics_port}")
     finally:
         stop(proc)
 

@@ -67,24 +67,12 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         )
         keys[tid] = yaml.safe_load(out.stdout)["key"]
         # A monthly token budget, so the budget panel and TenantNearBudget have a series.
-        subprocess.run(
-            [
-                str(BIN / "tokenport"),
-                "tenants",
-                "set-limits",
-                tid,
-                "--budget",
-                "1000000",
-                "--budget-unit",
-                "tokens",
-                "--budget-period",
-                "month",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-    gw_port, prom_port, dead_port = free_port(), free_port(), free_port()
+        subprocess.run([str(BIN / "tokenport"), "tenants", "set-limits", tid, "--budget", "1000000",
+                        "--budget-unit", "tokens", "--budget-period", "month"], env=env, check=True,
+                       capture_output=True)
+    gw_port, prom_port, dead_port, metrics_port = free_port(), free_port(), free_port(), free_port()
+    env["TOKENPORT_GATEWAY__METRICS_PORT"] = str(metrics_port)  # Prometheus scrapes the metrics listener
+    env["TOKENPORT_GATEWAY__TRUSTED_PROXIES"] = '["127.0.0.1/32", "::1/128"]'  # the traffic sets its country
     gw_log = tmp / "gateway.log"
     with open(gw_log, "wb") as f:
         gw = subprocess.Popen(
@@ -107,7 +95,7 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES / "recording.yml"), str(RULES / "alerts.yml")],
         "scrape_configs": [
-            {"job_name": "tokenport-gateway", "static_configs": [{"targets": [f"127.0.0.1:{gw_port}"]}]},
+            {"job_name": "tokenport-gateway", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
             {"job_name": "vllm-workers", "static_configs": [{"targets": [worker_target]}]},
         ],
     }

@@ -269,3 +269,25 @@ def test_cli_changes_are_audited_with_the_os_user_and_host(tmp_path: Path) -> No
         cli_app, ["tenants", "set-limits", "cli-t", "--budget", "1", "--budget-unit", "gold"], env=env
     )
     assert bad.exit_code == 2
+
+
+def test_the_cli_does_not_import_the_http_packages() -> None:
+    """The CLI shares the application services (serving/services.py, accounts.py, audit.py), not the routers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, serving.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette') or m.startswith(('serving.admin', 'serving.tenant', 'serving.deps', "
+            "'serving.app'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_key_expiry_out_of_range_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    runner = CliRunner()
+    env = {"TOKENPORT_DATA_DIR": str(tmp_path), "TOKENPORT_CONFIG": str(Path("configs/tokenport.yaml").resolve())}
+    ok = runner.invoke(cli_app, ["tenants", "create", "--id", "exp-t", "--name", "E", "--billing-country", "KZ"],
+                       env=env)
+    assert ok.exit_code == 0, ok.output
+    res = runner.invoke(cli_app, ["keys", "create", "--tenant", "exp-t", "--expires-in-days", str(10**9)], env=env)
+    assert res.exit_code == 2 and "out of range" in res.output

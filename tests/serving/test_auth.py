@@ -172,3 +172,90 @@ async def test_remembered_digests_are_capped(
         for key, plain in keys:
             assert (await keyring.authenticate(f"Bearer {plain}")).key_id == key.id
             assert 1 <= len(keyring._digests) <= 3
+
+
+class CountingStore:
+    """A registry with no keys that counts database reads and how many run at once."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+        self.running = 0
+        self.most_at_once = 0
+        self.registry_version = 1
+
+    def lookup(self, _digest: str) -> None:
+        self.lookups += 1
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.005)
+        self.running -= 1
+
+    def version(self) -> int:
+        return self.registry_version
+
+    def active_keys(self) -> dict[str, object]:
+        return {}
+
+    def list_tenants(self) -> list[object]:
+        return []
+
+
+def _unknown_key(i: int) -> str:
+    return f"tp_{i:012x}_" + "a" * 43
+
+
+async def test_an_unknown_key_costs_one_database_read_until_the_registry_changes() -> None:
+    store = CountingStore()
+    ring = KeyRing(store, SECRET, refresh_s=60)  # type: ignore[arg-type]
+    await ring.refresh()
+    for _ in range(50):
+        with pytest.raises(AuthenticationFailed, match="Incorrect API key"):
+            await ring.authenticate("Bearer " + _unknown_key(1))
+    assert store.lookups == 1
+    store.registry_version += 1  # a key was created or revoked somewhere: ask again
+    await ring.refresh()
+    with pytest.raises(AuthenticationFailed):
+        await ring.authenticate("Bearer " + _unknown_key(1))
+    assert store.lookups == 2
+
+
+async def test_a_flood_of_distinct_unknown_keys_reads_the_database_one_at_a_time() -> None:
+    store = CountingStore()
+    ring = KeyRing(store, SECRET, refresh_s=60)  # type: ignore[arg-type]
+    await ring.refresh()
+    results = await asyncio.gather(*(ring.authenticate("Bearer " + _unknown_key(i)) for i in range(40)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, AuthenticationFailed) for r in results)
+    assert store.most_at_once == 1 and store.lookups == 40
+
+
+async def test_the_negative_cache_is_bounded() -> None:
+    store = CountingStore()
+    ring = KeyRing(store, SECRET, refresh_s=60)  # type: ignore[arg-type]
+    with mock.patch("serving.auth.NEGATIVE_CACHE_SIZE", 5):
+        for i in range(20):
+            with pytest.raises(AuthenticationFailed):
+                await ring.authenticate("Bearer " + _unknown_key(i))
+        assert len(ring._misses) == 5  # the bound itself is what is tested
+        with pytest.raises(AuthenticationFailed):
+            await ring.authenticate("Bearer " + _unknown_key(19))  # still remembered
+    assert store.lookups == 20
+
+
+async def test_a_key_created_after_a_negative_answer_works_within_the_refresh_interval(
+        store: TenantStore, keyring: KeyRing) -> None:
+    store.create_tenant(id="acme", name="Acme", billing_country="DE")
+    plain = "tp_0123456789ab_" + "b" * 43
+    with pytest.raises(AuthenticationFailed, match="Incorrect API key"):
+        await keyring.authenticate(f"Bearer {plain}")  # now remembered as unknown
+    with mock.patch("metering.tenants.secrets.token_hex", return_value="0123456789ab"), \
+            mock.patch("metering.tenants.secrets.token_urlsafe", return_value="b" * 43):
+        key, created = store.create_key("acme")
+    assert created == plain
+    await asyncio.sleep(0.05 * 3)  # key_cache_refresh_s is 0.05 here
+    assert (await keyring.authenticate(f"Bearer {plain}")).key_id == key.id
+    store.revoke_key(key.id)
+    await asyncio.sleep(0.05 * 3)
+    for _ in range(3):  # a revoked key keeps its own message, from the negative cache
+        with pytest.raises(AuthenticationFailed, match="revoked"):
+            await keyring.authenticate(f"Bearer {plain}")

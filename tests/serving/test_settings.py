@@ -194,3 +194,66 @@ def test_duplicate_models_in_the_models_file_is_a_config_error(tmp_path: Path) -
 def test_model_names_are_restricted(name: str) -> None:
     with pytest.raises(ValidationError):
         ModelSpec(name=name)
+
+
+# --- safe defaults (issue 12) -------------------------------------------------------------
+def test_local_mode_binds_loopback_only_with_the_default_secrets(tmp_path: Path) -> None:
+    from serving.settings import check_bind
+
+    s = load_settings(_write(tmp_path, {"data_dir": str(tmp_path)}))
+    assert s.mode == "local" and not s.production_ready
+    for host in ("0.0.0.0", "::", "192.168.1.10", "gateway.example"):
+        with pytest.raises(ConfigError, match="binds loopback only"):
+            check_bind(s, host)
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        (warning,) = check_bind(s, host)  # allowed, with a warning about the default admin token
+        assert DEFAULT_ADMIN_TOKEN in warning
+    exposed = s.gateway.model_copy(update={"metrics_host": "0.0.0.0"})
+    exposed_metrics = s.model_copy(update={"gateway": exposed})
+    with pytest.raises(ConfigError, match=r"0\.0\.0\.0"):
+        check_bind(exposed_metrics, "127.0.0.1")
+
+
+def test_a_network_bind_needs_the_production_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.settings import check_bind
+
+    monkeypatch.setenv("TOKENPORT_SECRET_KEY", STRONG_SECRET)
+    only_secret = load_settings(_write(tmp_path, {"data_dir": str(tmp_path)}))
+    with pytest.raises(ConfigError):  # the default admin token is refused outside loopback
+        check_bind(only_secret, "0.0.0.0")
+    monkeypatch.setenv("TOKENPORT_ADMIN_TOKEN", STRONG_ADMIN)
+    complete = load_settings(_write(tmp_path, {"data_dir": str(tmp_path)}))
+    assert complete.production_ready and check_bind(complete, "0.0.0.0") == []
+
+
+def test_the_gateway_command_refuses_a_network_host_in_default_local_mode(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    config = str(Path("configs/tokenport.yaml").resolve())
+    env = {"TOKENPORT_DATA_DIR": str(tmp_path), "TOKENPORT_CONFIG": config}
+    res = CliRunner().invoke(app, ["gateway", "--host", "0.0.0.0", "--port", "1"], env=env)
+    assert res.exit_code == 2 and "binds loopback only" in res.output
+
+
+def test_no_proxy_is_trusted_by_default(tmp_path: Path) -> None:
+    from metering.geo import OriginResolver
+
+    s = load_settings(_write(tmp_path, {"data_dir": str(tmp_path)}))
+    assert s.gateway.trusted_proxies == []
+    origin = OriginResolver(s.gateway.origin_country_header, s.gateway.trusted_proxies, s.gateway.geoip_db)
+    # a local client cannot set its own origin country (export statistics follow it)
+    assert origin.resolve({"x-client-country": "US"}, "KZ", peer="127.0.0.1") == ("KZ", "tenant")
+    trusting = OriginResolver(s.gateway.origin_country_header, ["127.0.0.1/32"], None)
+    assert trusting.resolve({"x-client-country": "US"}, "KZ", peer="127.0.0.1") == ("US", "header")
+
+
+def test_one_price_book_setting_with_the_deprecated_alias(tmp_path: Path) -> None:
+    default = load_settings(_write(tmp_path, {"data_dir": str(tmp_path)}))
+    assert default.price_book_path == tmp_path / "billing" / "price_books.yaml"  # next to the config file
+    alias = load_settings(_write(tmp_path, {"data_dir": str(tmp_path), "limits": {"price_book": "old.yaml"}}))
+    assert alias.price_book_path == tmp_path / "old.yaml"
+    both = load_settings(_write(tmp_path, {"data_dir": str(tmp_path), "limits": {"price_book": "old.yaml"},
+                                           "billing": {"price_book": "/etc/tokenport/prices.yaml"}}))
+    assert both.price_book_path == Path("/etc/tokenport/prices.yaml")

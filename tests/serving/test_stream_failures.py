@@ -286,7 +286,7 @@ class _SlowUsageStore(UsageStore):
 async def test_disconnect_during_the_commit_still_moves_the_metrics(
     gateway_factory: GatewayFactory, worker: FakeWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("serving.services.UsageStore", _SlowUsageStore)
+    monkeypatch.setattr("serving.services.UsageStore", _SlowUsageStore)  # the gateway opens its stores there
     gw = await gateway_factory([(MODEL, "w0", worker.url)])
     tenant, _key, plain = gw.new_tenant()
     body = chat_body(stream=True, stream_options={"include_usage": True})
