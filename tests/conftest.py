@@ -147,8 +147,13 @@ def write_config(
         "data_dir": str(directory / "data"),
         "models_file": "models.yaml",
         # loopback trusted explicitly (the default trusts no proxy): tests set X-Client-Country themselves
-        "gateway": {"host": "127.0.0.1", "max_tenant_labels": 1000, "metrics_port": 0,
-                    "trusted_proxies": ["127.0.0.1/32", "::1/128"], **(gateway or {})},
+        "gateway": {
+            "host": "127.0.0.1",
+            "max_tenant_labels": 1000,
+            "metrics_port": 0,
+            "trusted_proxies": ["127.0.0.1/32", "::1/128"],
+            **(gateway or {}),
+        },
         "workers": {"health_interval_s": health_interval_s},
     }
     path = directory / "tokenport.yaml"

@@ -58,12 +58,30 @@ def openai_error(r: httpx.Response, status: int, code: str | None = None) -> dic
 @pytest.fixture()
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     shutil.copytree(ROOT / "configs" / "billing", tmp_path / "billing")
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"default_model": MODEL, "models": [
-        {"name": MODEL, "workers": [{"id": "w0", "base_url": "http://127.0.0.1:9", "region": "nowhere"}]}]}))
+    (tmp_path / "models.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "default_model": MODEL,
+                "models": [
+                    {
+                        "name": MODEL,
+                        "workers": [{"id": "w0", "base_url": "http://127.0.0.1:9", "region": "nowhere"}],
+                    }
+                ],
+            }
+        )
+    )
     # no metrics listener: port 9464 may be taken on a shared test machine
-    (tmp_path / "tokenport.yaml").write_text(yaml.safe_dump({"mode": "local", "data_dir": str(tmp_path / "data"),
-                                                             "models_file": "models.yaml",
-                                                             "gateway": {"metrics_port": None}}))
+    (tmp_path / "tokenport.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "mode": "local",
+                "data_dir": str(tmp_path / "data"),
+                "models_file": "models.yaml",
+                "gateway": {"metrics_port": None},
+            }
+        )
+    )
     settings = load_settings(config_file=tmp_path / "tokenport.yaml")
     engine = make_engine(settings.db_url)
     db_schema.upgrade(engine)

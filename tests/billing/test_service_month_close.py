@@ -229,8 +229,7 @@ def test_exports_report_adds_up_to_the_invoices_and_the_ledger(world: World) -> 
     invoices = [invoice_of(world, r.number or "") for r in fin.finalized]
     ledger = world.usage.summary(["origin_country"], start=JAN.start_at, end=JAN.end_at)
     by_country = {
-        str(r["origin_country"]): int(r["prompt_tokens"]) + int(r["completion_tokens"])
-        for r in ledger
+        str(r["origin_country"]): int(r["prompt_tokens"]) + int(r["completion_tokens"]) for r in ledger
     }
     report = world.svc.exports(JAN, by="country")
     assert {g.key: g.quantity_tokens for g in report.groups} == by_country

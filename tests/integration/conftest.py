@@ -111,9 +111,13 @@ class Gateway:
 def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("gateway-data")
     port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "TOKENPORT_DATA_DIR": str(data), "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
-           "TOKENPORT_GATEWAY__METRICS_PORT": str(metrics_port),
-           "TOKENPORT_GATEWAY__TRUSTED_PROXIES": TRUSTED_LOOPBACK}
+    env = {
+        **os.environ,
+        "TOKENPORT_DATA_DIR": str(data),
+        "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
+        "TOKENPORT_GATEWAY__METRICS_PORT": str(metrics_port),
+        "TOKENPORT_GATEWAY__TRUSTED_PROXIES": TRUSTED_LOOPBACK,
+    }
     log = data / "gateway.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
@@ -124,8 +128,13 @@ def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc, log)
-        yield Gateway(url=f"http://127.0.0.1:{port}", data_dir=data, env=env, worker_url=vllm_worker,
-                      metrics_url=f"http://127.0.0.1:{metrics_port}")
+        yield Gateway(
+            url=f"http://127.0.0.1:{port}",
+            data_dir=data,
+            env=env,
+            worker_url=vllm_worker,
+            metrics_url=f"http://127.0.0.1:{metrics_port}",
+        )
     finally:
         stop(proc)
 

@@ -67,9 +67,23 @@ def stack(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         )
         keys[tid] = yaml.safe_load(out.stdout)["key"]
         # A monthly token budget, so the budget panel and TenantNearBudget have a series.
-        subprocess.run([str(BIN / "tokenport"), "tenants", "set-limits", tid, "--budget", "1000000",
-                        "--budget-unit", "tokens", "--budget-period", "month"], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                str(BIN / "tokenport"),
+                "tenants",
+                "set-limits",
+                tid,
+                "--budget",
+                "1000000",
+                "--budget-unit",
+                "tokens",
+                "--budget-period",
+                "month",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     gw_port, prom_port, dead_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     env["TOKENPORT_GATEWAY__METRICS_PORT"] = str(metrics_port)  # Prometheus scrapes the metrics listener
     env["TOKENPORT_GATEWAY__TRUSTED_PROXIES"] = '["127.0.0.1/32", "::1/128"]'  # the traffic sets its country

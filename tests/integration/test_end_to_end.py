@@ -82,8 +82,14 @@ def worker_counts(worker_url: str) -> tuple[float, float]:
 
 
 def gateway_tokens(gw: Gateway, token_type: str) -> float:
-    return total(gw.metrics_url, "tokenport_tokens_total", tenant="kz-bank", model=MODEL, token_type=token_type,
-                 origin_country="UZ")
+    return total(
+        gw.metrics_url,
+        "tokenport_tokens_total",
+        tenant="kz-bank",
+        model=MODEL,
+        token_type=token_type,
+        origin_country="UZ",
+    )
 
 
 def check_request(gw: Gateway, request_id: str, *, prompt: int, completion: int, stream: bool) -> None:

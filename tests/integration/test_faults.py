@@ -59,10 +59,14 @@ class GatewayProc:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "TOKENPORT_DATA_DIR": str(self.data),
-                "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
-                "TOKENPORT_GATEWAY__METRICS_PORT": "0",  # several gateways on one host
-                "TOKENPORT_GATEWAY__TRUSTED_PROXIES": '["127.0.0.1/32", "::1/128"]', **self.env_extra}
+        return {
+            **os.environ,
+            "TOKENPORT_DATA_DIR": str(self.data),
+            "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
+            "TOKENPORT_GATEWAY__METRICS_PORT": "0",  # several gateways on one host
+            "TOKENPORT_GATEWAY__TRUSTED_PROXIES": '["127.0.0.1/32", "::1/128"]',
+            **self.env_extra,
+        }
 
     @property
     def url(self) -> str:

@@ -166,7 +166,9 @@ def test_month_close_with_real_usage(gateway: Gateway, billing_env: dict[str, st
     again = as_json(tokenport(billing_env, "invoices", "run", "--period", p, "--json", ok=(0, 1)))
     assert {d["ref"]: d["total"] for d in again["drafts"]} == {d["ref"]: d["total"] for d in run["drafts"]}
 
-    fin = as_json(tokenport(billing_env, "invoices", "finalize", "--period", p, "--force", "--json", ok=(0, 1)))
+    fin = as_json(
+        tokenport(billing_env, "invoices", "finalize", "--period", p, "--force", "--json", ok=(0, 1))
+    )
     assert fin["closed"] and not [r for r in fin["refused"] if r["tenant"] in TENANTS], fin["refused"]
     numbers = {d["tenant"]: d["number"] for d in fin["finalized"] if d["tenant"] in TENANTS}
     assert set(numbers) == set(TENANTS)

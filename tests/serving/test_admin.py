@@ -276,18 +276,26 @@ def test_the_cli_does_not_import_the_http_packages() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, serving.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('fastapi', 'starlette') or m.startswith(('serving.admin', 'serving.tenant', 'serving.deps', "
-            "'serving.app'))))")
+    code = (
+        "import sys, serving.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('fastapi', 'starlette') or m.startswith(('serving.admin', 'serving.tenant', 'serving.deps', "
+        "'serving.app'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_cli_key_expiry_out_of_range_is_an_error_not_a_crash(tmp_path: Path) -> None:
     runner = CliRunner()
-    env = {"TOKENPORT_DATA_DIR": str(tmp_path), "TOKENPORT_CONFIG": str(Path("configs/tokenport.yaml").resolve())}
-    ok = runner.invoke(cli_app, ["tenants", "create", "--id", "exp-t", "--name", "E", "--billing-country", "KZ"],
-                       env=env)
+    env = {
+        "TOKENPORT_DATA_DIR": str(tmp_path),
+        "TOKENPORT_CONFIG": str(Path("configs/tokenport.yaml").resolve()),
+    }
+    ok = runner.invoke(
+        cli_app, ["tenants", "create", "--id", "exp-t", "--name", "E", "--billing-country", "KZ"], env=env
+    )
     assert ok.exit_code == 0, ok.output
-    res = runner.invoke(cli_app, ["keys", "create", "--tenant", "exp-t", "--expires-in-days", str(10**9)], env=env)
+    res = runner.invoke(
+        cli_app, ["keys", "create", "--tenant", "exp-t", "--expires-in-days", str(10**9)], env=env
+    )
     assert res.exit_code == 2 and "out of range" in res.output

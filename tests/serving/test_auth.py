@@ -223,8 +223,9 @@ async def test_a_flood_of_distinct_unknown_keys_reads_the_database_one_at_a_time
     store = CountingStore()
     ring = KeyRing(store, SECRET, refresh_s=60)  # type: ignore[arg-type]
     await ring.refresh()
-    results = await asyncio.gather(*(ring.authenticate("Bearer " + _unknown_key(i)) for i in range(40)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(ring.authenticate("Bearer " + _unknown_key(i)) for i in range(40)), return_exceptions=True
+    )
     assert all(isinstance(r, AuthenticationFailed) for r in results)
     assert store.most_at_once == 1 and store.lookups == 40
 
@@ -243,13 +244,16 @@ async def test_the_negative_cache_is_bounded() -> None:
 
 
 async def test_a_key_created_after_a_negative_answer_works_within_the_refresh_interval(
-        store: TenantStore, keyring: KeyRing) -> None:
+    store: TenantStore, keyring: KeyRing
+) -> None:
     store.create_tenant(id="acme", name="Acme", billing_country="DE")
     plain = "tp_0123456789ab_" + "b" * 43
     with pytest.raises(AuthenticationFailed, match="Incorrect API key"):
         await keyring.authenticate(f"Bearer {plain}")  # now remembered as unknown
-    with mock.patch("metering.tenants.secrets.token_hex", return_value="0123456789ab"), \
-            mock.patch("metering.tenants.secrets.token_urlsafe", return_value="b" * 43):
+    with (
+        mock.patch("metering.tenants.secrets.token_hex", return_value="0123456789ab"),
+        mock.patch("metering.tenants.secrets.token_urlsafe", return_value="b" * 43),
+    ):
         key, created = store.create_key("acme")
     assert created == plain
     await asyncio.sleep(0.05 * 3)  # key_cache_refresh_s is 0.05 here

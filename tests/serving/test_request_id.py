@@ -37,7 +37,19 @@ async def test_every_response_has_exactly_one_request_id(
         await h.get("/metrics"),
     ]
     statuses = [r.status_code for r in responses]
-    assert statuses == [200, 200, 401, 404, 400, 413, 404, 200, 200, 200, 404]  # /metrics: not on the public port
+    assert statuses == [
+        200,
+        200,
+        401,
+        404,
+        400,
+        413,
+        404,
+        200,
+        200,
+        200,
+        404,
+    ]  # /metrics: not on the public port
     ids = [_one_id(r.headers) for r in responses]
     assert len(set(ids)) == len(ids)
     # The two completions are in the ledger under the ids the client saw.

@@ -254,6 +254,14 @@ def test_one_price_book_setting_with_the_deprecated_alias(tmp_path: Path) -> Non
     assert default.price_book_path == tmp_path / "billing" / "price_books.yaml"  # next to the config file
     alias = load_settings(_write(tmp_path, {"data_dir": str(tmp_path), "limits": {"price_book": "old.yaml"}}))
     assert alias.price_book_path == tmp_path / "old.yaml"
-    both = load_settings(_write(tmp_path, {"data_dir": str(tmp_path), "limits": {"price_book": "old.yaml"},
-                                           "billing": {"price_book": "/etc/tokenport/prices.yaml"}}))
+    both = load_settings(
+        _write(
+            tmp_path,
+            {
+                "data_dir": str(tmp_path),
+                "limits": {"price_book": "old.yaml"},
+                "billing": {"price_book": "/etc/tokenport/prices.yaml"},
+            },
+        )
+    )
     assert both.price_book_path == Path("/etc/tokenport/prices.yaml")
