@@ -427,8 +427,10 @@ def test_the_gateway_settings_loader_accepts_the_rendered_environment(
 def test_gateway_probes_and_rollout(default_docs: list[Doc]) -> None:
     deployment = one(default_docs, "Deployment", f"{FULLNAME}-gateway")
     c = container(deployment)
-    (port,) = c["ports"]
-    assert port == {"name": "http", "containerPort": 8000, "protocol": "TCP"}
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+    ]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -721,13 +723,21 @@ def prometheus_job_names() -> set[str]:
     return {job["job_name"] for job in config["scrape_configs"]}
 
 
+def test_the_public_gateway_service_has_no_metrics_port(default_docs: list[Doc]) -> None:
+    public = one(default_docs, "Service", f"{FULLNAME}-gateway")
+    assert [p["name"] for p in public["spec"]["ports"]] == ["http"]
+    metrics = one(default_docs, "Service", f"{FULLNAME}-gateway-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP" and metrics["spec"]["ports"][0]["port"] == 9464
+
+
 def test_service_monitors_keep_the_job_names_of_the_alert_rules(default_docs: list[Doc]) -> None:
     monitors = find(default_docs, "ServiceMonitor")
     assert len(monitors) == 2
     jobs = set()
     for monitor in monitors:
         assert monitor["spec"]["jobLabel"] == "tokenport.io/job"
-        assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+        port = "metrics" if monitor["metadata"]["name"].endswith("-gateway") else "http"
+        assert monitor["spec"]["endpoints"] == [{"port": port, "path": "/metrics", "interval": "15s"}]
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
         selected = [
             s
@@ -735,6 +745,8 @@ def test_service_monitors_keep_the_job_names_of_the_alert_rules(default_docs: li
             if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
         ]
         assert selected
+        # the monitored port exists on a selected Service; the public gateway Service has no metrics port
+        assert any(p["name"] == port for s in selected for p in s["spec"]["ports"])
         jobs |= {s["metadata"]["labels"]["tokenport.io/job"] for s in selected}
     assert jobs == prometheus_job_names() == {"tokenport-gateway", "vllm-workers"}
 
