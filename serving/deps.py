@@ -19,6 +19,7 @@ from metering.store_sql import UsageStore
 from serving.accounts import Accounts
 from serving.audit import Auditor
 from serving.auth import Admin, AdminAuth, KeyRing, Principal
+from serving.batches.service import BatchService
 from serving.limits.cache import PolicyCache
 from serving.limits.limiter import Limiter
 from serving.proxy.pool import WorkerPool
@@ -36,6 +37,7 @@ class AppServices:
     limiter: Limiter
     pool: WorkerPool
     metrics: Metrics
+    batches: BatchService
 
 
 def install(app: FastAPI, services: AppServices) -> None:
