@@ -5,8 +5,12 @@ priority below live traffic, and a batch that survives a gateway restart."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
+from datetime import date
+from decimal import Decimal
 from pathlib import Path
 
 import openai
@@ -15,7 +19,7 @@ import pytest
 from tests.conftest import MODEL, Gateway, run_gateway
 from tests.fakes import FakeWorker
 from tests.serving.batch_support import chat_line, jsonl, lines_of, submit, wait_for
-from tests.serving.limits_support import guarded_gateway, set_limits
+from tests.serving.limits_support import ADMIN, REPO, guarded_gateway, set_limits
 
 FAST = {"TOKENPORT_BATCHES__POLL_S": "0.05", "TOKENPORT_BATCHES__RETRY_S": "0.2"}
 
@@ -266,3 +270,32 @@ async def test_a_batch_survives_a_gateway_restart(fake: FakeWorker, worker: Fake
         assert sorted(sent) == sorted(rids)  # each line reached the worker exactly once
 
 
+
+
+async def test_batch_usage_is_invoiced_at_the_discount_on_its_own_lines(
+        fake: FakeWorker, worker: FakeWorker, tmp_path: Path) -> None:
+    shutil.copytree(REPO / "configs" / "billing", tmp_path / "billing")  # the shipped book: batch_discount 0.5
+    async with guarded_gateway(tmp_path, [(MODEL, "f0", fake.url)], env=FAST) as g:
+        tid = f"t-batch-{uuid.uuid4().hex[:8]}"
+        g.tenants.create_tenant(id=tid, name="Batch Buyer", billing_country="DE", currency="USD",
+                                tax_id="DE811907980")
+        _key, api_key = g.tenants.create_key(tid, name="k")
+        client = g.client(api_key)
+        live = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert live.usage is not None
+        done = await wait_for(client, (await submit(client, jsonl(chat_line("a"), chat_line("b")))).id)
+        assert done.status == "completed"
+        period = {"period": date.today().strftime("%Y-%m"), "tenant": tid}
+        run = await g.http.post("/admin/v1/invoices/run", headers=ADMIN, json=period)
+        assert run.status_code == 200, run.text
+        final = await g.http.post("/admin/v1/invoices/finalize", headers=ADMIN, json=period)
+        assert final.status_code == 200, final.text
+        [doc] = final.json()["finalized"]
+        shown = await g.http.get(f"/admin/v1/invoices/{doc['number']}", headers=ADMIN)
+        lines = {(ln["kind"], ln["token_type"]): ln for ln in shown.json()["lines"]}
+        for token_type in ("input", "output"):
+            usage, batch = lines[("usage", token_type)], lines[("batch_usage", token_type)]
+            assert Decimal(batch["unit_price_per_million"]) * 2 == Decimal(usage["unit_price_per_million"])
+        # the fake answers 31 prompt and 3 completion tokens per request: 1 live, 2 batch
+        assert (lines[("usage", "output")]["quantity_tokens"], lines[("batch_usage", "output")]["quantity_tokens"]) \
+            == (3, 6)
