@@ -82,3 +82,22 @@ async def test_a_cut_finalize_is_done_again_with_the_same_files(store: BatchStor
     assert done is not None and done.status == "completed" and done.output_file_id
     assert done.output_file_id == "file-" + hashlib.sha256(f"{b.id}:output".encode()).hexdigest()[:24]
     assert store.get_file("t-1", done.output_file_id) is not None and store.get_file("t-2", done.output_file_id) is None
+
+
+async def test_past_the_window_unrun_lines_expire_and_the_batch_ends_expired(store: BatchStore,
+                                                                             tmp_path: Path) -> None:
+    b = batch(store, 3)
+    [first] = store.claim(200, 1)
+    store.finish(first, ok=True, result=shapes.response_line(first.custom_id, first.request_id, 200, {}))
+    row = store.get_batch(b.id)
+    assert row is not None
+    r = runner(store, tmp_path, ran=set())
+    await r._advance(row, row.expires_at - 1)  # inside the window: nothing happens
+    assert store.open_lines(b.id) == 2
+    await r._advance(row, row.expires_at)
+    done = store.get_batch(b.id)
+    assert done is not None and done.status == "expired" and done.expired_at == row.expires_at
+    assert (done.total, done.completed, done.failed) == (3, 1, 2)
+    assert done.output_file_id and done.error_file_id
+    errors = DiskFileStore(tmp_path / "files").get(done.error_file_id).decode().splitlines()
+    assert [orjson.loads(e)["error"]["code"] for e in errors] == ["batch_expired", "batch_expired"]
