@@ -31,6 +31,7 @@ class LineKind(enum.StrEnum):
     USAGE = "usage"
     ADJUSTMENT = "adjustment"  # late usage of an earlier period (may be negative)
     MINIMUM_COMMITMENT = "minimum_commitment"  # top-up to the contract's monthly minimum
+    BATCH_USAGE = "batch_usage"  # Batch API usage, at the price book's batch discount
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

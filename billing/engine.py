@@ -57,12 +57,14 @@ class UsageQuantity:
     quantity_tokens: int
     origin_country: str | None = None
     language: str | None = None
+    batch: bool = False  # Batch API usage: priced at the batch discount, on its own lines
 
 
 def usage_digest(usage: Iterable[UsageQuantity]) -> str:
     """A stable sha256 of usage rows (order-independent), for ``build_invoice(usage_digest=...)``."""
     rows = sorted(
         f"{u.model}|{u.token_type.value}|{u.quantity_tokens}|{u.origin_country or ''}|{u.language or ''}"
+        + ("|batch" if u.batch else "")  # live rows keep the digest they always had
         for u in usage
     )
     return "sha256:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
@@ -73,31 +75,36 @@ def _line_amount(quantity: int, price: Decimal) -> Decimal:
 
 
 def _priced_lines(rows: Sequence[UsageQuantity], prices: ResolvedPrices, kind: LineKind) -> list[InvoiceLine]:
-    totals: dict[tuple[str, TokenType], int] = {}
+    totals: dict[tuple[str, bool, TokenType], int] = {}
     for row in rows:
         if kind is LineKind.USAGE and row.quantity_tokens < 0:
             raise InvalidUsage(
                 f"negative usage {row.quantity_tokens} for {row.model}/{row.token_type.value};"
                 " corrections go in adjustments"
             )
-        key = (row.model, row.token_type)
+        key = (row.model, row.batch, row.token_type)
         totals[key] = totals.get(key, 0) + row.quantity_tokens
     order = {t: i for i, t in enumerate(TOKEN_TYPES)}
     lines: list[InvoiceLine] = []
-    for (model, token_type), quantity in sorted(totals.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+    for (model, batch, token_type), quantity in sorted(
+        totals.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])
+    ):
         if quantity == 0:
             continue
         spec = prices.price(model, token_type)
         sign = -1 if quantity < 0 else 1
+        # Batch API usage: through the tiers on its own quantity, at the discounted price, own lines
+        line_kind = LineKind.BATCH_USAGE if batch and kind is LineKind.USAGE else kind
         for segment in rate(spec, abs(quantity)):
-            unrounded = _line_amount(sign * segment.quantity, segment.unit_price)
+            unit_price = prices.batch_price(segment.unit_price) if batch else segment.unit_price
+            unrounded = _line_amount(sign * segment.quantity, unit_price)
             lines.append(
                 InvoiceLine(
-                    kind=kind,
+                    kind=line_kind,
                     model=model,
                     token_type=token_type,
                     quantity_tokens=sign * segment.quantity,
-                    unit_price_per_million=segment.unit_price,
+                    unit_price_per_million=unit_price,
                     amount=round_money(unrounded, prices.currency),
                     amount_unrounded=unrounded,
                     tier=segment.tier,

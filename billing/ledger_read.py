@@ -7,7 +7,7 @@ committed later have a larger ``seq``. That is what lets an invoice record "I bi
 (tenant, period) with ``seq`` in (lo, hi]" and late usage be found as the events above ``hi``.
 
 A slice aggregates events into ``UsageQuantity`` rows per (model, token type, origin country,
-language) and keeps the ledger hash of every event, for the invoice's usage digest::
+language, batch: a Batch API line, endpoint ``batch.*``) and keeps the ledger hash of every event, for the invoice's usage digest::
 
     usage_digest = "sha256:" + sha256("\\n".join(sorted(event hashes))).hexdigest()
 """
@@ -23,7 +23,7 @@ from billing.engine import UsageQuantity
 from billing.errors import InvalidUsage
 from metering.clock import InvalidPeriod
 from metering.clock import Period as Period
-from metering.events import TOKEN_TYPES, TokenType
+from metering.events import TOKEN_TYPES, TokenType, is_batch
 from metering.store_sql import StoredEvent, UsageStore
 
 
@@ -48,7 +48,7 @@ class SeqRange:
 class Slice:
     """Events of one tenant read for one invoice, aggregated."""
 
-    quantities: dict[tuple[str, TokenType, str, str | None], int] = field(default_factory=dict)
+    quantities: dict[tuple[str, TokenType, str, str | None, bool], int] = field(default_factory=dict)
     hashes: list[str] = field(default_factory=list)
     ranges: dict[str, SeqRange] = field(default_factory=dict)
     by_period: dict[str, dict[tuple[str, TokenType], int]] = field(default_factory=dict)  # period -> tokens
@@ -58,9 +58,10 @@ class Slice:
         e = stored.event
         mine = self.by_period.setdefault(period, {})
         day = self.by_day.setdefault(e.started_at.astimezone(UTC).date(), {})
+        batch = is_batch(e.endpoint)
         for token_type, n in e.tokens_by_type().items():
             if n:
-                key = (e.model, token_type, e.origin_country, e.language)
+                key = (e.model, token_type, e.origin_country, e.language, batch)
                 self.quantities[key] = self.quantities.get(key, 0) + n
                 mine[(e.model, token_type)] = mine.get((e.model, token_type), 0) + n
                 day[(e.model, token_type)] = day.get((e.model, token_type), 0) + n
@@ -75,9 +76,10 @@ class Slice:
     def rows(self) -> list[UsageQuantity]:
         order = {t: i for i, t in enumerate(TOKEN_TYPES)}
         return [
-            UsageQuantity(model, token_type, n, origin, language)
-            for (model, token_type, origin, language), n in sorted(
-                self.quantities.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2], kv[0][3] or "")
+            UsageQuantity(model, token_type, n, origin, language, batch)
+            for (model, token_type, origin, language, batch), n in sorted(
+                self.quantities.items(),
+                key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2], kv[0][3] or "", kv[0][4]),
             )
         ]
 
@@ -121,7 +123,7 @@ def rows_of(quantities: Iterable[UsageQuantity]) -> list[dict[str, object]]:
     """UsageQuantity rows as JSON-ready dicts (stored with each invoice for reports)."""
     return [
         {"model": q.model, "token_type": q.token_type.value, "quantity_tokens": q.quantity_tokens,
-         "origin_country": q.origin_country, "language": q.language}
+         "origin_country": q.origin_country, "language": q.language, **({"batch": True} if q.batch else {})}
         for q in quantities
     ]
 
@@ -130,6 +132,6 @@ def rows_from(data: Iterable[dict[str, object]]) -> list[UsageQuantity]:
     return [
         UsageQuantity(str(d["model"]), TokenType(str(d["token_type"])), int(str(d["quantity_tokens"])),
                       None if d.get("origin_country") is None else str(d["origin_country"]),
-                      None if d.get("language") is None else str(d["language"]))
+                      None if d.get("language") is None else str(d["language"]), d.get("batch") is True)
         for d in data
     ]

@@ -9,6 +9,7 @@ File format (``configs/billing/price_books.yaml``)::
         currencies:
           USD:
             minimum_commitment: null       # or "100.00": monthly minimum (top-up line)
+            batch_discount: "0.5"          # optional: Batch API usage at 50% off (its own invoice lines)
             models:
               smollm2-135m-instruct:
                 input: "0.020"             # flat price per 1M tokens, up to 12 decimals, quoted
@@ -25,6 +26,10 @@ File format (``configs/billing/price_books.yaml``)::
         effective_to: null
         minimum_commitment: "500.00"
         models: {qwen2.5-7b-instruct: {output: "0.80"}}
+
+Batch discount: usage metered as a Batch API line (endpoint ``batch.*``, metering/events.py) is
+priced at ``price x (1 - batch_discount)``, through the tiers on its own quantity; a contract's
+``batch_discount`` replaces the book's. Without one, batch usage costs what live usage costs.
 
 Tiers: a tier covers (previous up_to, up_to]. **Graduated**: each part of the quantity is priced by
 the tier it falls in (one invoice line per tier used). **Volume**: the whole quantity is priced by
@@ -111,6 +116,7 @@ Prices = Mapping[tuple[str, TokenType], PriceSpec]
 class CurrencyPrices:
     prices: Prices
     minimum_commitment: Decimal | None
+    batch_discount: Decimal = Decimal(0)  # fraction off for Batch API usage, 0 <= d < 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,7 @@ class Contract:
     effective_to: date | None
     prices: Prices
     minimum_commitment: Decimal | None
+    batch_discount: Decimal | None = None  # None: the book's
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +154,11 @@ class ResolvedPrices:
     currency: str
     prices: Prices
     minimum_commitment: Decimal | None
+    batch_discount: Decimal = Decimal(0)
+
+    def batch_price(self, unit_price: Decimal) -> Decimal:
+        """A unit price for Batch API usage: the price less the batch discount (exact)."""
+        return unit_price * (1 - self.batch_discount)
 
     def price(self, model: str, token_type: TokenType) -> PriceSpec:
         spec = self.prices.get((model, token_type))
@@ -198,6 +210,7 @@ class PriceBook:
         base = book.currencies[ccy]
         prices = dict(base.prices)
         minimum = base.minimum_commitment
+        discount = base.batch_discount
         contract = next(
             (
                 c
@@ -213,8 +226,10 @@ class PriceBook:
             prices.update(contract.prices)
             if contract.minimum_commitment is not None:
                 minimum = contract.minimum_commitment
+            if contract.batch_discount is not None:
+                discount = contract.batch_discount
         return ResolvedPrices(
-            book.version, contract.id if contract else None, ccy, MappingProxyType(prices), minimum
+            book.version, contract.id if contract else None, ccy, MappingProxyType(prices), minimum, discount
         )
 
 
@@ -276,11 +291,22 @@ class _Models(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: dict[str, dict[TokenType, _Tiered]] = Field(default_factory=dict)
     minimum_commitment: Decimal | None = None
+    batch_discount: Decimal | None = None
 
     @field_validator("minimum_commitment", mode="before")
     @classmethod
     def _minimum(cls, value: Any) -> Any:
         return None if value is None else _price(value)
+
+    @field_validator("batch_discount", mode="before")
+    @classmethod
+    def _discount(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        amount = to_decimal(decimal_text(value))
+        if not 0 <= amount < 1:
+            raise ValueError("batch_discount is a fraction off: at least 0 and below 1 (0.5 = half price)")
+        return amount
 
     def prices(self) -> Prices:
         return MappingProxyType(
@@ -341,7 +367,8 @@ def parse(data: Any, *, file: str = "<price book>") -> PriceBook:
             v.effective_from,
             v.effective_to,
             MappingProxyType(
-                {c: CurrencyPrices(m.prices(), m.minimum_commitment) for c, m in v.currencies.items()}
+                {c: CurrencyPrices(m.prices(), m.minimum_commitment, m.batch_discount or Decimal(0))
+                 for c, m in v.currencies.items()}
             ),
         )
         for v in cfg.price_books
@@ -367,7 +394,8 @@ def parse(data: Any, *, file: str = "<price book>") -> PriceBook:
         except Exception as exc:
             raise ConfigError(file, f"contracts.{i}.currency", str(exc)) from exc
         contract = Contract(
-            c.id, c.tenant, currency, c.effective_from, c.effective_to, c.prices(), c.minimum_commitment
+            c.id, c.tenant, currency, c.effective_from, c.effective_to, c.prices(), c.minimum_commitment,
+            c.batch_discount,
         )
         for other in contracts:
             if (other.tenant, other.currency) == (contract.tenant, contract.currency) and _overlap(

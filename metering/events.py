@@ -35,6 +35,19 @@ class TokenType(str, enum.Enum):
 
 TOKEN_TYPES: tuple[TokenType, ...] = (TokenType.INPUT, TokenType.CACHED_INPUT, TokenType.OUTPUT)
 
+# A line of a Batch API batch (serving/batches/) is metered under its route's endpoint with this
+# prefix ("batch.chat.completions"), so billing prices it at the book's batch discount.
+BATCH_PREFIX = "batch."
+
+
+def is_batch(endpoint: str) -> bool:
+    return endpoint.startswith(BATCH_PREFIX)
+
+
+def base_endpoint(endpoint: str) -> str:
+    """The route's endpoint of an event's `endpoint` ("batch.chat.completions" -> "chat.completions")."""
+    return endpoint.removeprefix(BATCH_PREFIX)
+
 
 def width(max_length: int) -> dict[str, Any]:
     """Field metadata of a text field: at most `max_length` characters (its database column's width)."""

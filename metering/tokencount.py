@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from metering.events import base_endpoint
+
 log = logging.getLogger("tokenport.tokencount")
 
 
@@ -158,6 +160,7 @@ class TokenCounter:
 
     def prompt_tokens(self, model: str, endpoint: str, body: Mapping[str, Any]) -> int:
         """The prompt's tokens: exact with the tokenizer, else a byte-length estimate."""
+        endpoint = base_endpoint(endpoint)  # a batch line counts as its route
         tok = self.tokenizer(model)
         exact = None if tok is None else tok.prompt_tokens(endpoint, body)
         return exact if exact is not None else rough_count(prompt_text(endpoint, body))

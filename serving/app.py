@@ -21,6 +21,12 @@ from metering.tokencount import TokenCounter
 from serving import admin, db_schema, ops, tenant
 from serving.api_errors import install_error_handlers
 from serving.auth import AdminAuth, KeyRing
+from serving.batches import routes as batch_routes
+from serving.batches.execute import LineExecutor
+from serving.batches.files import DiskFileStore
+from serving.batches.runner import BatchRunner
+from serving.batches.service import BatchService
+from serving.batches.store import BatchStore
 from serving.deps import AppServices, install
 from serving.idempotency import Idempotency, IdempotencyStore
 from serving.limits.http_timeouts import BodyGuardMiddleware
@@ -79,6 +85,15 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     idempotency = Idempotency(
         IdempotencyStore(engine), usage, ttl_s=settings.metering.idempotency_ttl_s,
         stale_after_s=settings.gateway.request_timeout_s + 60)
+    language = LanguageDetector(settings.metering.languages)
+    batch_store, batch_files = BatchStore(engine), DiskFileStore(settings.data_dir / "files")
+    runner = BatchRunner(batch_store, batch_files, LineExecutor(keyring, guardrails.guard, forwarder, language),
+                         settings.batches, lease_s=settings.gateway.request_timeout_s + 60,
+                         ledger_has=lambda rid: usage.get(rid) is not None,
+                         live_inflight=lambda: sum(w.inflight for w in pool.workers))
+    batches = BatchService(batch_store, batch_files, settings.batches, endpoints=routes.ROUTES.keys,
+                           wake=runner.wake)
+
     def set_drift(row: DriftRow) -> None:
         metrics.drift_tokens.labels(row.worker, row.model, row.token_type).set(row.drift)
         metrics.drift_ratio.labels(row.worker, row.model, row.token_type).set(row.ratio)
@@ -101,6 +116,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         reconciler.start()
         if listener is not None:
             await listener.start()
+        runner.start()  # batches in progress before a restart carry on
         # Everything loaded so far (FastAPI, pydantic, SQLAlchemy, tokenizers: ~1M objects) lives as
         # long as the process: out of the cyclic GC's sight, so a full collection does not walk it
         # again on the request path (the pause was a ~ms tail on requests).
@@ -110,6 +126,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         try:
             yield
         finally:
+            await runner.close()  # running batch lines end (or are settled) while the ledger still runs
             if listener is not None:
                 await listener.close()
             await reconciler.close()
@@ -125,17 +142,20 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     app = FastAPI(title="Tokenport", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway with exact per-tenant, per-country token metering.")
     install(app, AppServices(stores=stores, keyring=keyring, admin=AdminAuth(settings.admin_token),
-                             policies=guardrails.policies, limiter=guardrails.limiter, pool=pool, metrics=metrics))
+                             policies=guardrails.policies, limiter=guardrails.limiter, pool=pool, metrics=metrics,
+                             batches=batches, metrics_token=gw.metrics_token, metrics_listener=listener))
     app.include_router(routes.router())  # documents the completion routes; the Pipeline serves them
     app.include_router(models.router(keyring, pool, created=int(time.time())))
+    app.include_router(batch_routes.router)
     for router in (*tenant.ROUTERS, *admin.ROUTERS, ops.router):
         app.include_router(router)
     install_error_handlers(app, metrics)
 
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.gateway.max_body_bytes,
-                       timeout_s=settings.gateway.body_timeout_s)
+                       timeout_s=settings.gateway.body_timeout_s,
+                       path_max_bytes={"/v1/files": settings.batches.max_file_bytes})
     # outermost: the completion pipeline (serving/pipeline.py); the rest goes on to FastAPI
-    app.add_middleware(Pipeline, keyring=keyring, origin=origin, language=LanguageDetector(settings.metering.languages),
+    app.add_middleware(Pipeline, keyring=keyring, origin=origin, language=language,
                        idempotency=idempotency, guard=guardrails.guard, forwarder=forwarder, metrics=metrics,
                        max_body_bytes=settings.gateway.max_body_bytes, body_timeout_s=settings.gateway.body_timeout_s)
     app.openapi_schema = hoist_defs(app.openapi())  # inline request schemas' $defs -> components

@@ -18,6 +18,7 @@ from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from metering.schema import metadata as metering_metadata
+from serving.batches.tables import metadata as batches_metadata
 from serving.tables import metadata as serving_metadata
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -28,7 +29,7 @@ FORMER_BRANCHES = ("0002_guardrails", "0002_metering", "0002_billing")
 
 def _combined() -> MetaData:
     combined = MetaData()
-    for md in (metering_metadata, serving_metadata):
+    for md in (metering_metadata, serving_metadata, batches_metadata):
         for table in md.tables.values():
             table.to_metadata(combined)
     try:  # billing's tables, once billing has a store

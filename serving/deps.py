@@ -19,6 +19,7 @@ from metering.store_sql import UsageStore
 from serving.accounts import Accounts
 from serving.audit import Auditor
 from serving.auth import Admin, AdminAuth, KeyRing, Principal
+from serving.batches.service import BatchService
 from serving.limits.cache import PolicyCache
 from serving.limits.limiter import Limiter
 from serving.metrics_listener import MetricsListener
@@ -37,6 +38,7 @@ class AppServices:
     limiter: Limiter
     pool: WorkerPool
     metrics: Metrics
+    batches: BatchService
     metrics_token: str | None = None  # GET /metrics on the public port needs it (404 without one)
     metrics_listener: MetricsListener | None = None  # the operator's own metrics address
 

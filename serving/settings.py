@@ -187,6 +187,17 @@ class MeteringSettings(BaseModel):
         return value
 
 
+class BatchSettings(BaseModel):
+    """The Batch API (serving/batches/): uploads, and how batch lines yield to live traffic."""
+
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)  # one uploaded file
+    max_lines: int = Field(default=50_000, ge=1)  # lines per batch input file (OpenAI's limit)
+    concurrency: int = Field(default=1, ge=1, le=64)  # batch lines in flight per gateway process
+    live_inflight_max: int = Field(default=0, ge=0)  # a line waits while more live requests run on its model
+    poll_s: float = Field(default=1.0, gt=0)  # how often the runner looks for work
+    retry_s: float = Field(default=2.0, gt=0)  # a line put back (rate limited, no worker) waits this long
+
+
 class WorkerSettings(BaseModel):
     command: list[str] = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     env: dict[str, str] = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -210,6 +221,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     billing: BillingSettings = BillingSettings()
     metering: MeteringSettings = MeteringSettings()
+    batches: BatchSettings = BatchSettings()
     # Filled in by load(): the validated model catalogue and extra workers given on the command line.
     catalogue: Catalogue = Catalogue()
     config_dir: Path = PACKAGE_CONFIG_DIR

@@ -41,6 +41,7 @@ class Behaviour:
     prompt_tokens: int = 31
     cached_tokens: int = 0
     delay_s: float = 0.0  # between streamed events
+    answer_delay_s: float = 0.0  # before a non-streamed answer
     status: int = 200  # anything else is returned with `error_body` instead of a completion
     error_body: Any = field(default_factory=lambda: dict(BAD_REQUEST_BODY))
     die_after: int | None = None  # streamed events sent before the connection is cut (no [DONE])
@@ -161,6 +162,8 @@ class FakeWorker:
             return _bad_request("Stream options can only be defined when `stream=True`.")
         model = str(body.get("model"))
         if not stream:
+            if b.answer_delay_s:
+                await asyncio.sleep(b.answer_delay_s)
             rec.finished = True
             payload = (
                 b.body_override if b.body_override is not None else orjson.dumps(self._whole(model, chat))

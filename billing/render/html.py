@@ -46,6 +46,8 @@ def line_label(line: InvoiceLine, loc: Localizer) -> str:
         parts.append(f"{loc.t('tier')} {line.tier} ({loc.t(line.tier_mode or '')})")
     if line.adjustment:
         parts.append(loc.t("adjustment"))
+    if line.kind is LineKind.BATCH_USAGE:
+        parts.append(loc.t("batch"))
     return "; ".join(parts)
 
 

@@ -145,7 +145,8 @@ def _line(
         name = f"{line.model} {line.token_type.value.replace('_', ' ')} tokens"
         tier = f"; tier {line.tier} ({line.tier_mode})" if line.tier else ""
         late = "; late usage of an earlier period" if line.adjustment else ""
-        description = f"Price per 1,000,000 tokens{tier}{late}"
+        batch = "; Batch API usage at the batch discount" if line.kind is LineKind.BATCH_USAGE else ""
+        description = f"Price per 1,000,000 tokens{tier}{late}{batch}"
     _cbc(node, "CreditedQuantity" if credit else "InvoicedQuantity", quantity, unitCode="C62")
     _amount(node, "LineExtensionAmount", line.amount, doc.currency)
     item = _cac(node, "Item")

@@ -181,18 +181,21 @@ async def read_body(receive: Receive, headers: Mapping[str, str], *, max_bytes: 
 class BodyGuardMiddleware:
     """A total deadline and a size cap for request bodies, on every route."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float,
+                 path_max_bytes: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_max_bytes = dict(path_max_bytes or {})  # e.g. the Batch API's file uploads
         self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.path_max_bytes.get(scope["path"], self.max_bytes)
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                status, headers, body = render(too_large(self.max_bytes))
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+                status, headers, body = render(too_large(max_bytes))
                 await send({"type": "http.response.start", "status": status,
                             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
                 await send({"type": "http.response.body", "body": body})
@@ -216,10 +219,10 @@ class BodyGuardMiddleware:
                 raise too_slow(self.timeout_s) from exc
             if message["type"] == "http.request":
                 size += len(message.get("body", b""))
-                if size > self.max_bytes:
+                if size > max_bytes:
                     done = True
                     await drain(receive, message)
-                    raise too_large(self.max_bytes)
+                    raise too_large(max_bytes)
                 if not message.get("more_body", False):
                     done = True
             else:

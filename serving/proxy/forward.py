@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response
 
-from metering.events import Outcome
+from metering.events import Outcome, base_endpoint
 from metering.metrics import Metrics
 from metering.recorder import Recorder, RequestMeter
 from metering.tokencount import TokenCounter
@@ -123,7 +123,7 @@ class Forwarder:
             want_continuous = bool(opts.get("continuous_usage_stats"))
             body["stream_options"] = {**opts, "include_usage": True, "continuous_usage_stats": True}
         raw = orjson.dumps(body)
-        path = BY_ENDPOINT[meter.endpoint].path
+        path = BY_ENDPOINT[base_endpoint(meter.endpoint)].path
         model_label = self.metrics.model_label(meter.model)
         inflight = self.metrics.child(self.metrics.inflight, model_label)
         inflight.inc()

@@ -9,7 +9,7 @@ import pytest
 
 from billing import fx, price_book
 from billing.documents import DocumentStatus, Invoice, LineKind
-from billing.engine import UsageQuantity, build_credit_note, finalize, void
+from billing.engine import UsageQuantity, build_credit_note, finalize, usage_digest, void
 from billing.errors import DocumentStateError, FxRateMissing, InvalidUsage, PriceMissing, TaxIdInvalid
 from billing.parties import Buyer, Seller
 from metering.events import TokenType
@@ -240,3 +240,22 @@ def test_tax_keeps_its_unrounded_value(january: Build, make_buyer: Callable[...,
         Decimal("0.01"),
         Decimal("0.0110"),
     )
+
+
+def test_batch_usage_is_discounted_on_its_own_lines(january: Build, make_buyer: Callable[..., Buyer]) -> None:
+    kz = make_buyer("KZ", "940140000385")
+    live = UsageQuantity(S, TokenType.OUTPUT, 10_000_000)
+    batch = UsageQuantity(S, TokenType.OUTPUT, 10_000_000, batch=True)
+    inv = january([live, batch, UsageQuantity(S, TokenType.INPUT, 5_000_000, batch=True)], kz)
+    # the shipped book: smollm2 output 0.040, input 0.020 per 1M; batch_discount 0.5
+    assert [
+        (ln.kind, ln.token_type, ln.quantity_tokens, ln.unit_price_per_million, ln.amount) for ln in inv.lines
+    ] == [
+        (LineKind.USAGE, TokenType.OUTPUT, 10_000_000, Decimal("0.040"), Decimal("0.40")),
+        (LineKind.BATCH_USAGE, TokenType.INPUT, 5_000_000, Decimal("0.0100"), Decimal("0.05")),
+        (LineKind.BATCH_USAGE, TokenType.OUTPUT, 10_000_000, Decimal("0.0200"), Decimal("0.20")),
+    ]
+    assert inv.subtotal == Decimal("0.65")
+    # live rows keep the digest they always had; a batch row is told apart
+    assert usage_digest([live]) != usage_digest([batch])
+    assert usage_digest([live]) == usage_digest([UsageQuantity(S, TokenType.OUTPUT, 10_000_000)])

@@ -256,3 +256,31 @@ def test_volume_uses_one_tier_for_everything(bounds: list[int], quantity: int) -
     assert tier.up_to is None or quantity <= tier.up_to
     if segment.tier and segment.tier > 1:
         assert quantity > spec.tiers[segment.tier - 2].up_to  # type: ignore[operator]
+
+
+def test_batch_discount_per_book_and_contract(shipped_prices: PriceBook) -> None:
+    data = book(m={"input": "0.30"})
+    data["price_books"][0]["currencies"]["USD"]["batch_discount"] = "0.5"
+    data["contracts"] = [
+        {
+            "id": "c",
+            "tenant": "t-c",
+            "currency": "USD",
+            "effective_from": "2026-01-01",
+            "batch_discount": "0.25",
+            "models": {},
+        }
+    ]
+    parsed = parse(data)
+    assert parsed.select(currency="USD", tenant_id="t-x", **JAN).batch_price(Decimal("0.30")) == Decimal(
+        "0.15"
+    )
+    assert parsed.select(currency="USD", tenant_id="t-c", **JAN).batch_price(Decimal("0.30")) == Decimal(
+        "0.225"
+    )
+    assert parse(book(m={"input": "0.30"})).select(currency="USD", tenant_id="t", **JAN).batch_discount == 0
+    assert shipped_prices.select(currency="USD", tenant_id="t", **JAN).batch_discount == Decimal("0.5")
+    for bad in ("1", "-0.1", "1.5"):
+        data["price_books"][0]["currencies"]["USD"]["batch_discount"] = bad
+        with pytest.raises(ConfigError, match="batch_discount"):
+            parse(data)

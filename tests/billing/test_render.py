@@ -157,6 +157,16 @@ def test_line_descriptions(january: Callable[..., Invoice], make_buyer: Callable
     assert "qwen2.5-7b-instruct — output tokens; late usage of an earlier period" in visible(
         to_html(inv, language="en")
     )
+    batch = january(
+        [UsageQuantity("smollm2-135m-instruct", TokenType.OUTPUT, 1_000_000, batch=True)],
+        make_buyer("KZ", "940140000385"),
+    )
+    assert [line_description(line, ru) for line in batch.lines] == [
+        "smollm2-135m-instruct — выходные токены; Batch API (со скидкой)"
+    ]
+    assert "smollm2-135m-instruct — output tokens; Batch API (discounted)" in visible(
+        to_html(batch, language="en")
+    )
 
 
 def test_credit_note_and_draft_html(
