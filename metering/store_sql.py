@@ -121,8 +121,8 @@ class UsageStore:
             positions = TenantPositions()
             tenants = positions.begin(prev, (e.tenant_id for e in fresh))
             for i in range(0, len(tenants), IN_CHUNK):
-                last = conn.execute(_SELECT_TENANT_HEADS, {"tenants": tenants[i:i + IN_CHUNK]}).tuples().all()
-                positions.found(tenants[i:i + IN_CHUNK], dict(last))
+                last = conn.execute(_SELECT_TENANT_HEADS, {"tenants": tenants[i:i + IN_CHUNK]}).all()
+                positions.found(tenants[i:i + IN_CHUNK], {str(t): int(n) for t, n in last})
             now = to_naive(utcnow())
             rows = []
             for e in fresh:
