@@ -68,6 +68,7 @@ TARGET_RSS_MB = 300
 LITELLM_CPU_JSON_US = 8920
 LITELLM_CPU_SSE_US = 24700
 
+METRICS_TOKEN = "bench-metrics-token-0123456789"  # gateway.metrics_token of the gateways the bench starts
 ANALYSIS_MARK = "<!-- analysis: written by hand, kept when the tables above are regenerated -->"
 PACKAGES = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "aiohttp", "pydantic", "pydantic_core",
             "orjson", "SQLAlchemy", "prometheus_client", "py3langid", "py-spy")
@@ -235,7 +236,9 @@ GATEWAY_HISTOGRAMS = {
 def scrape(port: int) -> dict[str, float]:
     """Sums of the _sum and _count series of the gateway's histograms (empty if /metrics fails)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                     headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
         return {}
@@ -315,7 +318,11 @@ class Bench:
 
     def env(self, **extra: str) -> dict[str, str]:
         e = dict(os.environ)
-        e.update({"TOKENPORT_DATA_DIR": str(self.data_dir), "TOKENPORT_LOG_LEVEL": "WARNING"})
+        e.update({"TOKENPORT_DATA_DIR": str(self.data_dir), "TOKENPORT_LOG_LEVEL": "WARNING",
+                  # /metrics on the public port with a token (each gateway's own listener on a free port),
+                  # and wrk's X-Client-Country believed from loopback, as before these became settings
+                  "TOKENPORT_GATEWAY__METRICS_TOKEN": METRICS_TOKEN, "TOKENPORT_GATEWAY__METRICS_PORT": "0",
+                  "TOKENPORT_GATEWAY__TRUSTED_PROXIES": '["127.0.0.1/32", "::1/128"]'})
         if self.code != ROOT:  # product code from another checkout; bench/ (variants) from this one
             e["PYTHONPATH"] = f"{self.code}{os.pathsep}{ROOT}"
         e.update(extra)
