@@ -132,3 +132,15 @@ def test_report_formats(january: Callable[..., Invoice], make_buyer: Callable[..
         render_report(report, "xlsx")
     with pytest.raises(ValueError):
         aggregate_exports([], period="2026-01", by="planet")
+
+
+def test_batch_usage_is_reported_from_its_own_lines(
+    january: Callable[..., Invoice], make_buyer: Callable[..., Buyer]
+) -> None:
+    batch = [UsageQuantity(S, TokenType.OUTPUT, 2_000_000, "KZ", "ru", batch=True)]
+    inv = finalize(january(USAGE + batch, make_buyer("KZ", "940140000385")), "TP-INV-2026-000001")
+    assert {line.kind.value for line in inv.lines} == {"usage", "batch_usage"}
+    rows = rated_rows(inv, USAGE + batch)
+    assert sum(r.quantity_tokens for r in rows) == 12_000_000
+    assert sum(r.revenue for r in rows) == inv.subtotal
+    aggregate_exports(rows, period="2026-01", by="country")

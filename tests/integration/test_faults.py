@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
 
 from metering.db import make_engine
 from metering.events import Outcome
@@ -56,6 +57,9 @@ class GatewayProc:
     env_extra: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    engines: list[Engine] = field(
+        default_factory=list
+    )  # the test's own reads of the ledger, disposed on close
 
     @property
     def env(self) -> dict[str, str]:
@@ -103,6 +107,9 @@ class GatewayProc:
     def close(self) -> None:
         if self.proc is not None:
             stop(self.proc)
+        for engine in self.engines:
+            engine.dispose()
+        self.engines.clear()
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -122,7 +129,9 @@ class GatewayProc:
         return out.returncode, json.loads(out.stdout)
 
     def store(self) -> UsageStore:
-        return UsageStore(make_engine(self.db_url))
+        engine = make_engine(self.db_url)
+        self.engines.append(engine)
+        return UsageStore(engine)
 
     def new_key(self, tenant_id: str) -> str:
         engine = make_engine(self.db_url)
