@@ -33,6 +33,7 @@ from metering.geo import InvalidCountry, OriginResolver
 from metering.language import LanguageDetector, prompt_sample
 from metering.metrics import Metrics
 from metering.recorder import RequestMeter
+from metering.tokencount import prompt_text
 from serving.auth import KeyRing
 from serving.errors import InvalidOriginCountry, InvalidRequest, ModelNotFound, TokenportError, render
 from serving.idempotency import HEADER as IDEMPOTENCY_KEY
@@ -152,6 +153,7 @@ class Pipeline:
                 stream=bool(body.get("stream")),
                 language=language,
             )
+            meter.measure_prompt(prompt_text(route.endpoint, body))  # its size, never its text
             # 8. forward or relay; 9. record (by the forwarder, or by the relay when the stream ends)
             try:
                 resp = await self.forwarder.forward(
