@@ -108,3 +108,17 @@ async def test_auto_in_russian_and_in_english_through_the_gateway(
                                                                                          "content": ENGLISH}]},
                            headers=auth(limited))
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_gateway_workers_from_the_command_line_keep_the_routes() -> None:
+    from pathlib import Path
+
+    from serving.app import ExtraWorker
+    from serving.cli.run import _with_cli_workers
+    from serving.settings import load_settings
+
+    settings = load_settings(Path(__file__).resolve().parents[2] / "configs" / "tokenport.yaml")
+    assert [r.name for r in settings.catalogue.routes] == ["auto"]
+    changed = _with_cli_workers(settings, [ExtraWorker(RU, "http://127.0.0.1:9"), ExtraWorker(EN, "http://x:9")])
+    assert [r.name for r in changed.catalogue.routes] == ["auto"]
+    assert {RU, EN} <= {m.name for m in changed.catalogue.models}
