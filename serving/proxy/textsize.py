@@ -24,5 +24,8 @@ def count_choices(meter: RequestMeter, choices: Any) -> None:
         if part is None:
             part = c.get("message")
         text = part.get("content") if isinstance(part, dict) else c.get("text")
-        if isinstance(text, str) and text:
-            meter.add_completion(text)
+        if text and isinstance(text, str):  # inlined RequestMeter.add_completion: once per streamed chunk
+            n = len(text)
+            meter.completion_chars = (meter.completion_chars or 0) + n
+            meter.completion_bytes = (meter.completion_bytes or 0) + (
+                n if text.isascii() else len(text.encode("utf-8", "surrogatepass")))
