@@ -76,6 +76,11 @@ class UsageEvent:
     estimated: bool = False
     started_at: datetime
     finished_at: datetime
+    # Text size of what the tokens were counted from, never the text (None: recorded before they existed).
+    prompt_chars: int | None = None  # characters of the prompt's text (messages' text content, or prompt)
+    prompt_bytes: int | None = None  # its UTF-8 bytes
+    completion_chars: int | None = None  # characters of the text generated (a cut stream: what was relayed)
+    completion_bytes: int | None = None
 
     @property
     def input_tokens(self) -> int:

@@ -54,6 +54,9 @@ class Metrics:
         self.tokens = Counter("tokenport_tokens", "Tokens metered, by tenant, origin country, model, "
                               "token type (input excludes cached) and language.",
                               ["tenant", "origin_country", "model", "token_type", "language"], registry=r)
+        self.characters = Counter("tokenport_characters", "Characters of text metered (prompt, completion), by model "
+                                  "and language (metering.languages + und): with tokenport_tokens_total, the "
+                                  "token premium by language.", ["model", "language", "part"], registry=r)
         self.requests = Counter("tokenport_requests", "Requests metered, by outcome.",
                                 ["tenant", "model", "outcome"], registry=r)
         self.responses = Counter("tokenport_http_responses", "HTTP responses by route template and status.",
@@ -117,6 +120,10 @@ class Metrics:
             if n:
                 self.child(self.tokens, tenant, event.origin_country, model, token_type.value, lang).inc(n)
         self.child(self.requests, tenant, model, event.outcome.value).inc()
+        if event.prompt_chars:
+            self.child(self.characters, model, lang, "prompt").inc(event.prompt_chars)
+        if event.completion_chars:
+            self.child(self.characters, model, lang, "completion").inc(event.completion_chars)
         if event.estimated:
             self.usage_estimated.labels(model).inc()
 

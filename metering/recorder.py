@@ -43,6 +43,21 @@ class RequestMeter:
     has_usage: bool = False
     estimated: bool = False
     recorded: bool = False
+    prompt_chars: int | None = None
+    prompt_bytes: int | None = None
+    completion_chars: int | None = None
+    completion_bytes: int | None = None
+
+    def measure_prompt(self, text: str) -> None:
+        """The prompt's size (characters, UTF-8 bytes); the completion's starts at zero."""
+        self.prompt_chars, self.prompt_bytes = text_size(text)
+        self.completion_chars = self.completion_bytes = 0
+
+    def add_completion(self, text: str) -> None:
+        """Count generated text (a whole answer's, or one relayed delta)."""
+        chars, size = text_size(text)
+        self.completion_chars = (self.completion_chars or 0) + chars
+        self.completion_bytes = (self.completion_bytes or 0) + size
 
     def take_usage(self, usage: dict[str, Any]) -> None:
         """Adopt the worker's usage object (cumulative on every streamed chunk)."""
@@ -58,6 +73,12 @@ class RequestMeter:
         values = {name: getattr(self, name) for name in _carried()}
         values["cached_prompt_tokens"] = min(self.cached_prompt_tokens, self.prompt_tokens)
         return UsageEvent(**values, outcome=outcome, finished_at=utcnow())
+
+
+def text_size(text: str) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of `text`: no encoding for ASCII (CPython knows it without a scan)."""
+    n = len(text)
+    return (n, n) if text.isascii() else (n, len(text.encode("utf-8", "surrogatepass")))
 
 
 @functools.cache

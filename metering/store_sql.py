@@ -199,6 +199,34 @@ class UsageStore:
                                          "completion_tokens"} else v) for k, v in r.items()}
                     for r in conn.execute(q).mappings().all()]
 
+    def language_totals(self, *, start: datetime, end: datetime, tenant_id: str | None = None,
+                        model: str | None = None) -> list[dict[str, Any]]:
+        """Per (language, model) in [start, end): requests and tokens of every event, and the tokens and
+        text sizes of the `ok` events that carry sizes (the token-tax report, metering/language_report.py)."""
+        e = usage_events.c
+        sized = and_(e.outcome == Outcome.OK.value, e.prompt_chars.is_not(None))
+
+        def total(col: Any, where: Any = None) -> Any:
+            value = col if where is None else case((where, col), else_=0)
+            return func.coalesce(func.sum(value), 0)
+
+        q = select(e.language, e.model, func.count().label("requests"),
+                   total(e.prompt_tokens).label("prompt_tokens"), total(e.completion_tokens).label("completion_tokens"),
+                   total(case((sized, 1), else_=0)).label("sized_requests"),
+                   total(e.prompt_tokens, sized).label("sized_prompt_tokens"),
+                   total(e.completion_tokens, sized).label("sized_completion_tokens"),
+                   *(total(e[c], sized).label(c) for c in ("prompt_chars", "prompt_bytes", "completion_chars",
+                                                            "completion_bytes")),
+                   ).where(e.started_at >= to_naive(start), e.started_at < to_naive(end))
+        if tenant_id is not None:
+            q = q.where(e.tenant_id == tenant_id)
+        if model is not None:
+            q = q.where(e.model == model)
+        q = q.group_by(e.language, e.model).order_by(e.model, e.language)
+        with self._engine.connect() as conn:
+            return [{k: (v if k in ("language", "model") else int(v)) for k, v in r.items()}
+                    for r in conn.execute(q).mappings().all()]
+
     def count(self) -> int:
         with self._engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(usage_events)).scalar() or 0)

@@ -36,6 +36,7 @@ from serving.openai import models, routes
 from serving.openai.protocol import hoist_defs
 from serving.pipeline import Pipeline
 from serving.proxy.forward import Forwarder
+from serving.proxy.language_routing import LanguageRouter
 from serving.proxy.pool import Worker, WorkerPool
 from serving.services import open_stores
 from serving.settings import Settings
@@ -157,6 +158,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     # outermost: the completion pipeline (serving/pipeline.py); the rest goes on to FastAPI
     app.add_middleware(Pipeline, keyring=keyring, origin=origin, language=language,
                        idempotency=idempotency, guard=guardrails.guard, forwarder=forwarder, metrics=metrics,
-                       max_body_bytes=settings.gateway.max_body_bytes, body_timeout_s=settings.gateway.body_timeout_s)
+                       max_body_bytes=settings.gateway.max_body_bytes, body_timeout_s=settings.gateway.body_timeout_s,
+                       routing=LanguageRouter.from_catalogue(settings.catalogue, pool))
     app.openapi_schema = hoist_defs(app.openapi())  # inline request schemas' $defs -> components
     return app

@@ -7,7 +7,9 @@ goes through the gateway:
  2. auth            the API key, before the body (an unknown caller never makes the gateway hold one)
  3. body            read under `gateway.max_body_bytes` (413) and `gateway.body_timeout_s` (408)
  4. parse/validate  JSON object, shape limits, the route's schema, a model the tenant may use
- 5. attribute       origin country (metering/geo.py) and prompt language (metering/language.py)
+ 5. attribute       origin country (metering/geo.py) and prompt language (metering/language.py); a
+                    routed model name (`auto`) becomes the best model for that language
+                    (serving/proxy/language_routing.py)
  6. idempotency     an `Idempotency-Key` claims its key, or replays the stored answer (serving/idempotency.py)
  7. admission       caps, rate limits and the budget hold (serving/limits/guard.py); 429 when over
  8. forward/relay   to a healthy worker (serving/proxy/forward.py; a stream goes through the relay)
@@ -33,6 +35,7 @@ from metering.geo import InvalidCountry, OriginResolver
 from metering.language import LanguageDetector, prompt_sample
 from metering.metrics import Metrics
 from metering.recorder import RequestMeter
+from metering.tokencount import prompt_text
 from serving.auth import KeyRing
 from serving.errors import InvalidOriginCountry, InvalidRequest, ModelNotFound, TokenportError, render
 from serving.idempotency import HEADER as IDEMPOTENCY_KEY
@@ -42,6 +45,8 @@ from serving.limits.http_timeouts import ClientGone, read_body
 from serving.openai.protocol import first_error, parse_json_object
 from serving.openai.routes import ROUTES, Route
 from serving.proxy.forward import Forwarder
+from serving.proxy.language_routing import HEADER as ROUTED_MODEL
+from serving.proxy.language_routing import LanguageRouter
 
 REQUEST_ID = "tokenport.request_id"  # scope key: the request's id, for the FastAPI routes too
 
@@ -66,6 +71,7 @@ class Pipeline:
         metrics: Metrics,
         max_body_bytes: int,
         body_timeout_s: float,
+        routing: LanguageRouter | None = None,
     ) -> None:
         self.app = app
         self.keyring = keyring
@@ -77,6 +83,7 @@ class Pipeline:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.routing = routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,7 +122,8 @@ class Pipeline:
                 raise InvalidRequest(message, param=param or None) from exc
             model: str = body["model"]
             tenant = principal.tenant
-            if not tenant.may_use(model) or not self.forwarder.pool.serves(model):
+            routed = self.routing is not None and self.routing.routes(model)  # e.g. `auto`: resolved below
+            if not routed and (not tenant.may_use(model) or not self.forwarder.pool.serves(model)):
                 raise ModelNotFound(
                     f"The model '{model}' does not exist or you do not have access to it.", param="model"
                 )
@@ -128,6 +136,9 @@ class Pipeline:
             except InvalidCountry as exc:
                 raise InvalidOriginCountry(str(exc), param=self.origin.header) from exc
             language = self.language.detect(prompt_sample(body)) if self.language is not None else None
+            reply_headers: dict[str, str] = {}
+            if routed and self.routing is not None:  # the best served model for the language
+                model = reply_headers[ROUTED_MODEL] = self.routing.resolve(body, language, tenant.may_use)
             # 6. idempotency
             key = headers.get(IDEMPOTENCY_KEY)
             if key is not None:
@@ -152,10 +163,11 @@ class Pipeline:
                 stream=bool(body.get("stream")),
                 language=language,
             )
+            meter.measure_prompt(prompt_text(route.endpoint, body))  # its size, never its text
             # 8. forward or relay; 9. record (by the forwarder, or by the relay when the stream ends)
             try:
                 resp = await self.forwarder.forward(
-                    meter, body, dict(admission.headers), t0, timeout_s=self.guard.timeout_s(admission)
+                    meter, body, {**admission.headers, **reply_headers}, t0, timeout_s=self.guard.timeout_s(admission)
                 )
             except BaseException as exc:
                 if not meter.recorded:  # no usage event will come to settle the hold

@@ -78,11 +78,32 @@ class ModelSpec(BaseModel):
     max_model_len: int = 2048
     worker_args: list[str] = []
     workers: list[WorkerSpec] = []
+    # The languages this model serves well, each with a rank (1 = the first choice for that language):
+    # a routed model name (`routes`) sends a request in one of them here (serving/proxy/language_routing.py).
+    languages: dict[str, int] = {}
+
+    @field_validator("languages")
+    @classmethod
+    def _ranks(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, v in value.items() if not (len(k) == 2 and k.isascii() and k.isalpha() and k.islower())
+               or isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"languages maps ISO 639-1 codes to a rank >= 1 (1 = first choice), got {bad}")
+        return value
+
+
+class RouteSpec(BaseModel):
+    """A routed model name (e.g. `auto`): each request goes to the best-ranked served model for its language."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    models: list[str] | None = None  # the candidates (default: every model that states its languages)
+    fallback: str | None = None  # when no candidate serves the language (default: default_model)
 
 
 class Catalogue(BaseModel):
     default_model: str | None = None
     models: list[ModelSpec] = []
+    routes: list[RouteSpec] = []
 
     @model_validator(mode="after")
     def unique(self) -> Catalogue:
@@ -94,6 +115,13 @@ class Catalogue(BaseModel):
             raise ValueError("worker ids must be unique across models")
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not in models")
+        routes = [r.name for r in self.routes]
+        if len(routes) != len(set(routes)) or set(routes) & set(names):
+            raise ValueError("route names must be unique and differ from every model name")
+        for r in self.routes:
+            unknown = [m for m in [*(r.models or []), *([r.fallback] if r.fallback else [])] if m not in names]
+            if unknown:
+                raise ValueError(f"route {r.name!r} names models not in models: {unknown}")
         return self
 
     def get(self, name: str) -> ModelSpec | None:

@@ -46,6 +46,7 @@ _GATEWAY_HISTOGRAMS = [
 ]
 _GATEWAY_OTHERS = [
     "tokenport_tokens_total",
+    "tokenport_characters_total",
     "tokenport_requests_total",
     "tokenport_http_responses_total",
     "tokenport_inflight_requests",

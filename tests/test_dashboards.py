@@ -212,6 +212,16 @@ def test_token_exports_has_a_country_geomap_and_table() -> None:
     assert DASHBOARDS["token-exports"]["time"]["from"] == "now/M"
 
 
+def test_token_exports_shows_the_token_premium_by_language() -> None:
+    (panel,) = [p for p in iter_panels(DASHBOARDS["token-exports"]) if p["title"] == "Token premium by language"]
+    (expr,) = [t["expr"] for t in panel["targets"]]
+    compact = expr.replace(" ", "").replace("\n", "")
+    # tokens per character of each language, over English's on the same model
+    assert "sumby(model,language)(increase(tokenport_tokens_total" in compact
+    assert "sumby(model,language)(increase(tokenport_characters_total" in compact
+    assert "/on(model)group_left" in compact and 'language="en"' in compact
+
+
 def test_workers_dashboard_covers_the_vllm_metrics() -> None:
     text = "\n".join(exprs("workers"))
     for metric in (
@@ -402,6 +412,10 @@ def gateway_metrics(n: int) -> str:
                 f'tokenport_tokens_total{{tenant="{tenant}",origin_country="{country}",model="{MODEL}",'
                 f'token_type="{token_type}",language="{language}"}} {n * per_scrape}'
             )
+    for language, chars in (("de", 300), ("fr", 280), ("en", 400)):  # per scrape, prompt and completion
+        for part in ("prompt", "completion"):
+            lines.append(f'tokenport_characters_total{{model="{MODEL}",language="{language}",part="{part}"}} '
+                         f"{n * chars}")
     for tenant in ("acme", "globex"):
         for outcome in ("ok", "client_cancelled", "upstream_error", "rejected"):
             lines.append(

@@ -6,7 +6,7 @@
     limits.py     tenants set-limits | top-up | limits, keys set-limits, admin audit | purge-content
     usage.py      usage export | summary | verify
     billing.py    invoices, fx, reports
-    languages.py  languages measure
+    languages.py  languages measure, reports languages
 
 Commands use the same application services and JSON shapes as the admin API (serving/services.py,
 serving/accounts.py, serving/invoicing.py) and never import the HTTP packages.
@@ -24,7 +24,7 @@ from rich.console import Console
 from serving.cli import run
 from serving.cli.accounts import keys_app, tenants_app
 from serving.cli.billing import fx_app, invoices_app, reports_app
-from serving.cli.languages import languages_app
+from serving.cli.languages import languages_app, reports_languages
 from serving.cli.limits import admin_app
 from serving.cli.models import db_app, models_app
 from serving.cli.usage import usage_app
@@ -60,6 +60,7 @@ for _typer, _name in ((models_app, "models"), (tenants_app, "tenants"), (keys_ap
                       (db_app, "db"), (admin_app, "admin"), (invoices_app, "invoices"), (fx_app, "fx"),
                       (reports_app, "reports"), (languages_app, "languages")):
     app.add_typer(_typer, name=_name)
+reports_app.command("languages")(reports_languages)
 app.command()(run.gateway)
 app.command()(run.reconcile)
 app.command("worker")(run.worker_cmd)

@@ -1,4 +1,5 @@
-"""`tokenport languages measure`: the token tax per language, measured on the parallel corpus."""
+"""`tokenport languages measure`: the token tax per language, measured on the parallel corpus; and
+`tokenport reports languages` (registered on the `reports` group): the token tax seen in real traffic."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from serving.cli.common import fail, settings
+from serving.cli.common import fail, period, settings, stores
 
 languages_app = typer.Typer(help="Multilingual token economics: the token tax per language.", no_args_is_help=True)
 
@@ -38,3 +39,23 @@ def languages_measure(
     except (TokenizerUnavailable, ValueError) as exc:
         fail(str(exc))
     typer.echo(text, nl=False)
+
+
+def reports_languages(
+    ctx: typer.Context,
+    period_: Annotated[str, typer.Option("--period", help="A calendar month in UTC, YYYY-MM.")],
+    model: Annotated[str | None, typer.Option("--model", help="Only this model.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json, csv or html.")] = "json",
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Per language and model: requests, tokens, characters, tokens per 1,000 characters and the premium
+    against English on the same model, from the ledger (the same report as GET /admin/v1/reports/languages)."""
+    from metering.language_report import FORMATS, language_report, render
+
+    if fmt not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)}")
+    text = render(language_report(stores(ctx).usage, period(period_), model=model), fmt)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")

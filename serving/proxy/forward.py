@@ -28,6 +28,7 @@ from serving.openai.routes import BY_ENDPOINT
 from serving.proxy.flight import Flight
 from serving.proxy.pool import Worker, WorkerPool
 from serving.proxy.relay import RelayResponse, StreamRelay
+from serving.proxy.textsize import count_choices
 from serving.proxy.upstream import UpstreamClient, UpstreamResponse
 from serving.proxy.upstream import UpstreamError as UpstreamConnectionError
 
@@ -156,6 +157,7 @@ class Forwarder:
             if not isinstance(obj, dict):
                 await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
                 raise UpstreamError("The worker sent a response that is not JSON.")
+            count_choices(meter, obj.get("choices"))
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 meter.take_usage(usage)

@@ -28,6 +28,7 @@ from metering.recorder import Recorder, RequestMeter
 from metering.tokencount import TokenCounter
 from serving.errors import ServiceUnavailable, UpstreamError
 from serving.proxy.flight import Flight
+from serving.proxy.textsize import count_choices
 from serving.proxy.upstream import UpstreamError as UpstreamReadError
 from serving.proxy.upstream import UpstreamResponse
 
@@ -126,6 +127,7 @@ class StreamRelay:
             relayed = self._transform(obj, payload)
             if relayed is not None:
                 out.append(b"data: " + relayed + b"\n\n")
+                count_choices(meter, obj.get("choices"))  # the text relayed, from the chunk parsed above
         return None
 
     async def body(self) -> AsyncIterator[bytes]:

@@ -8,6 +8,9 @@
         tenant's own events: the global `seq` would count other tenants' requests), `prev_hash`
         and `hash`: every field the hash covers, in canonical form, so the tenant can recompute
         each hash and add up the tokens without trusting us (`tokenport usage verify --file`)
+    GET /v1/usage/languages?period=YYYY-MM[&model=M]
+        the tenant's own token-tax report: per language and model, tokens per 1,000 characters and
+        the premium against English (the admin report's schema, metering/language_report.py)
 
 `start` (inclusive) and `end` (exclusive) filter on when a request started: `YYYY-MM-DD` (00:00 UTC),
 an ISO 8601 timestamp, or Unix seconds (serving/dates.py; out of range: 400). Token totals follow
@@ -22,9 +25,12 @@ import orjson
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
+from metering.clock import Period
+from metering.language_report import as_dict, language_report
 from metering.store_sql import StoredEvent
 from serving.dates import parse_window
 from serving.deps import PrincipalDep, UsageDep
+from serving.documents_http import PERIOD
 from serving.usage_views import TENANT_GROUPS, events_page, iso, parse_groups, totals, usage_row
 
 router = APIRouter(prefix="/v1", tags=["usage"])
@@ -76,3 +82,11 @@ async def tenant_events(
 
     events = await asyncio.to_thread(load)
     return Response(orjson.dumps({**events_page(events, limit, tenant_view=True), "tenant_id": who.tenant.id}), media_type=JSON)
+
+
+@router.get("/usage/languages")
+async def tenant_languages(who: PrincipalDep, usage: UsageDep, period: str = Query(pattern=PERIOD),
+                           model: str | None = Query(default=None, max_length=128)) -> Response:
+    report = await asyncio.to_thread(language_report, usage, Period.parse(period), model=model,
+                                     tenant_id=who.tenant.id)
+    return Response(orjson.dumps(as_dict(report)), media_type=JSON)

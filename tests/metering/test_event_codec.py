@@ -4,7 +4,7 @@ paths, the spool's JSON, the export, the tenant's download and the usage_events 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta, timezone
 
 from sqlalchemy.engine import Engine
@@ -87,7 +87,8 @@ def test_every_codec_covers_every_field() -> None:
     c = codec()
     assert c.names == NAMES
     assert tuple(c.canonical_fields(FIXED_A)) == NAMES
-    assert len(c.canonical(FIXED_A)) == len(NAMES)
+    sized = replace(FIXED_A, prompt_chars=1, prompt_bytes=2, completion_chars=3, completion_bytes=4)
+    assert len(c.canonical(sized)) == len(NAMES)
     assert tuple(c.to_db(FIXED_A)) == NAMES
     assert len(c.sqlite_values(FIXED_A)) == len(NAMES)
     assert tuple(c.to_record(FIXED_A)) == NAMES
@@ -141,7 +142,7 @@ def test_a_field_added_later_reaches_every_form_and_keeps_the_old_hashes() -> No
     plain = Extended(**{n: getattr(FIXED_A, n) for n in NAMES})
     marked = Extended(**{n: getattr(FIXED_A, n) for n in NAMES}, priority="high")
     assert c.canonical(plain) == codec().canonical(FIXED_A)  # the events stored before keep their hashes
-    assert c.canonical(marked) == [*codec().canonical(FIXED_A), "high"]
+    assert c.canonical(marked) == [*codec().canonical(FIXED_A), None, None, None, None, "high"]
     for form in (c.to_db(marked), c.to_record(marked), c.canonical_fields(marked)):
         assert form["priority"] == "high"
     assert c.sqlite_values(marked)[-1] == "high"
