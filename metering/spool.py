@@ -120,22 +120,28 @@ class Spool:
 
     def _replay_locked(self, store: AppendStore) -> int:
         """The replay, under the folder's flock."""
-        stored = sum(self._replay_file(p, store) for p in self.sealed())
-        try:
-            f = open(self.path, "rb")  # noqa: SIM115 - held open for its lock
-        except FileNotFoundError:
-            return stored
-        with f:
-            head = _read_events(
-                b"".join(line for line in (f.readline() for _ in range(self.chunk)) if line.endswith(b"\n"))
-            )
-            if head:  # try the database first: a failed attempt (it raises) renames nothing
-                stored += len(store.append_batch(head))
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # once no writer is appending to it
-            if _same_file(f.fileno(), self.path):
-                self._seal_locked()
-        # sealed now, by us or by a writer (size): replay it and whatever was sealed after it
-        return stored + sum(self._replay_file(p, store) for p in self.sealed())
+        stored = 0
+        while True:
+            stored += sum(self._replay_file(p, store) for p in self.sealed())
+            try:
+                f = open(self.path, "rb")  # noqa: SIM115 - held open for its lock
+            except FileNotFoundError:
+                return stored
+            with f:
+                if self.sealed():
+                    # a writer sealed the open file after the listing above: that file is older than
+                    # the one just opened, so it goes first (its events, then this file's)
+                    continue
+                head = _read_events(
+                    b"".join(line for line in (f.readline() for _ in range(self.chunk)) if line.endswith(b"\n"))
+                )
+                if head:  # try the database first: a failed attempt (it raises) renames nothing
+                    stored += len(store.append_batch(head))
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # once no writer is appending to it
+                if _same_file(f.fileno(), self.path):
+                    self._seal_locked()
+            # sealed now, by us or by a writer (size): replay it and whatever was sealed after it
+            return stored + sum(self._replay_file(p, store) for p in self.sealed())
 
     def _replay_file(self, path: Path, store: AppendStore) -> int:
         """Store a sealed file's events (no writer touches a sealed file) in chunks, then delete it."""

@@ -18,9 +18,26 @@ from metering.verify import verify_chain
 from serving import db_schema
 from tests.metering.test_event_codec import FIXED_A, FIXED_B, HASH_A, HASH_B
 
-OLD_COLUMNS = ("request_id", "tenant_id", "key_id", "model", "endpoint", "origin_country", "origin_source",
-               "language", "serving_region", "worker_id", "prompt_tokens", "cached_prompt_tokens",
-               "completion_tokens", "stream", "outcome", "estimated", "started_at", "finished_at")
+OLD_COLUMNS = (
+    "request_id",
+    "tenant_id",
+    "key_id",
+    "model",
+    "endpoint",
+    "origin_country",
+    "origin_source",
+    "language",
+    "serving_region",
+    "worker_id",
+    "prompt_tokens",
+    "cached_prompt_tokens",
+    "completion_tokens",
+    "stream",
+    "outcome",
+    "estimated",
+    "started_at",
+    "finished_at",
+)
 
 
 def test_text_size_counts_characters_and_utf8_bytes() -> None:
@@ -32,8 +49,16 @@ def test_text_size_counts_characters_and_utf8_bytes() -> None:
 
 
 def test_the_meter_carries_the_sizes_onto_the_event() -> None:
-    m = RequestMeter(request_id="r", tenant_id="t", key_id="k", model="m", endpoint="chat.completions",
-                     origin_country="DE", origin_source="tenant", stream=True)
+    m = RequestMeter(
+        request_id="r",
+        tenant_id="t",
+        key_id="k",
+        model="m",
+        endpoint="chat.completions",
+        origin_country="DE",
+        origin_source="tenant",
+        stream=True,
+    )
     assert m.event(FIXED_A.outcome).prompt_chars is None  # nothing measured: nothing claimed
     m.measure_prompt("Привет")
     m.add_completion("ab")
@@ -45,7 +70,7 @@ def test_the_meter_carries_the_sizes_onto_the_event() -> None:
 def test_the_hash_covers_the_sizes_of_new_events_only() -> None:
     assert chain_hash(GENESIS, FIXED_A) == HASH_A  # an old event: unchanged
     sized = replace(FIXED_A, prompt_chars=10, prompt_bytes=20, completion_chars=3, completion_bytes=3)
-    assert canonical(sized).endswith(b',10,20,3,3]')
+    assert canonical(sized).endswith(b",10,20,3,3]")
     other = replace(sized, completion_bytes=4)
     assert len({chain_hash(GENESIS, sized), chain_hash(GENESIS, other), HASH_A}) == 3
     assert codec().from_json(codec().to_json(sized)) == sized
@@ -66,13 +91,23 @@ def test_a_ledger_written_before_the_change_upgrades_and_still_verifies(tmp_path
             values = dict(zip(codec().names, codec().sqlite_values(event), strict=True))
             row = {k: v for k, v in values.items() if k in OLD_COLUMNS}
             names = [*row, "recorded_at", "prev_hash", "hash"]
-            conn.execute(text(f"INSERT INTO usage_events ({', '.join(names)}) VALUES "
-                              f"({', '.join(':' + n for n in names)})"),
-                         {**row, "recorded_at": "2026-03-01 12:00:02.000000", "prev_hash": prev, "hash": h})
+            conn.execute(
+                text(
+                    f"INSERT INTO usage_events ({', '.join(names)}) VALUES "
+                    f"({', '.join(':' + n for n in names)})"
+                ),
+                {**row, "recorded_at": "2026-03-01 12:00:02.000000", "prev_hash": prev, "hash": h},
+            )
     db_schema.upgrade(engine)
     store = UsageStore(engine)
-    new = replace(FIXED_B, request_id="req_new", prompt_chars=12, prompt_bytes=24, completion_chars=0,
-                  completion_bytes=0)
+    new = replace(
+        FIXED_B,
+        request_id="req_new",
+        prompt_chars=12,
+        prompt_bytes=24,
+        completion_chars=0,
+        completion_bytes=0,
+    )
     store.append_batch([new])
     events = list(store.iter_events())
     assert [s.event.request_id for s in events] == ["req_fixed_1", "req_fixed_2", "req_new"]
