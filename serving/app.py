@@ -26,6 +26,7 @@ from serving.idempotency import Idempotency, IdempotencyStore
 from serving.limits.http_timeouts import BodyGuardMiddleware
 from serving.limits.wiring import build_guardrails
 from serving.openai import models, routes
+from serving.openai.capabilities import Capabilities
 from serving.openai.protocol import hoist_defs
 from serving.pipeline import Pipeline
 from serving.proxy.forward import Forwarder
@@ -120,7 +121,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     install(app, AppServices(stores=stores, keyring=keyring, admin=AdminAuth(settings.admin_token),
                              policies=guardrails.policies, limiter=guardrails.limiter, pool=pool, metrics=metrics))
     app.include_router(routes.router())  # documents the completion routes; the Pipeline serves them
-    app.include_router(models.router(keyring, pool, created=int(time.time())))
+    app.include_router(models.router(created=int(time.time())))
     for router in (*tenant.ROUTERS, *admin.ROUTERS, ops.router):
         app.include_router(router)
     install_error_handlers(app, metrics)
@@ -130,6 +131,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     # outermost: the completion pipeline (serving/pipeline.py); the rest goes on to FastAPI
     app.add_middleware(Pipeline, keyring=keyring, origin=origin, language=LanguageDetector(settings.metering.languages),
                        idempotency=idempotency, guard=guardrails.guard, forwarder=forwarder, metrics=metrics,
-                       max_body_bytes=settings.gateway.max_body_bytes, body_timeout_s=settings.gateway.body_timeout_s)
+                       max_body_bytes=settings.gateway.max_body_bytes, body_timeout_s=settings.gateway.body_timeout_s,
+                       capabilities=Capabilities(settings.catalogue))
     app.openapi_schema = hoist_defs(app.openapi())  # inline request schemas' $defs -> components
     return app

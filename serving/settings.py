@@ -76,6 +76,12 @@ class ModelSpec(BaseModel):
     max_model_len: int = 2048
     worker_args: list[str] = []
     workers: list[WorkerSpec] = []
+    # `generate` (chat, completions, responses) or `embedding` (vLLM's pooling runner: /v1/embeddings)
+    kind: Literal["generate", "embedding"] = "generate"
+    # Serve the weights prepared for another catalogue model (e.g. an embedding variant of a chat model).
+    weights_from: str | None = None
+    languages: list[str] | None = None  # ISO 639-1 codes the model is offered for (GET /v1/models)
+    enabled: bool = True  # false: listed here but not served (an opt-in worker, see configs/models.yaml)
 
 
 class Catalogue(BaseModel):
@@ -92,6 +98,14 @@ class Catalogue(BaseModel):
             raise ValueError("worker ids must be unique across models")
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not in models")
+        for m in self.models:
+            if m.weights_from is not None:
+                base = self.get(m.weights_from)
+                if base is None or base.weights_from is not None or base is m:
+                    raise ValueError(f"model {m.name!r}: weights_from {m.weights_from!r} must name another "
+                                     "catalogue model that has weights of its own")
+                if m.source is None:
+                    m.source = base.source
         return self
 
     def get(self, name: str) -> ModelSpec | None:
@@ -274,6 +288,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     config_dir = path.parent.resolve() if path is not None else PACKAGE_CONFIG_DIR
     models_path = settings.models_file if settings.models_file.is_absolute() else config_dir / settings.models_file
     if "catalogue" not in overrides:
-        settings.catalogue = _load_catalogue(models_path)
+        catalogue = _load_catalogue(models_path)
+        catalogue.models = [m for m in catalogue.models if m.enabled]  # disabled models are not served
+        settings.catalogue = catalogue
     settings.config_dir = config_dir
     return settings

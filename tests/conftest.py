@@ -122,15 +122,17 @@ def write_config(
     *,
     health_interval_s: float,
     gateway: dict[str, Any] | None = None,
+    model_specs: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """tokenport.yaml + models.yaml; `workers` is [(model, worker id, base_url)]."""
+    """tokenport.yaml + models.yaml; `workers` is [(model, worker id, base_url)]; `model_specs`: more
+    catalogue fields per model (e.g. {"embed": {"kind": "embedding"}})."""
     directory.mkdir(parents=True, exist_ok=True)
     models: dict[str, list[dict[str, str]]] = {}
     for model, wid, url in workers:
         models.setdefault(model, []).append({"id": wid, "base_url": url, "region": f"region-{wid}"})
     catalogue = {
         "default_model": next(iter(models)),
-        "models": [{"name": m, "workers": ws} for m, ws in models.items()],
+        "models": [{"name": m, "workers": ws, **(model_specs or {}).get(m, {})} for m, ws in models.items()],
     }
     (directory / "models.yaml").write_text(yaml.safe_dump(catalogue), encoding="utf-8")
     cfg = {
@@ -157,10 +159,12 @@ async def run_gateway(
     *,
     health_interval_s: float = 0.1,
     gateway: dict[str, Any] | None = None,
+    model_specs: dict[str, dict[str, Any]] | None = None,
 ) -> AsyncIterator[Gateway]:
     """A gateway on a free loopback port over `workers` ([(model, worker id, base_url)])."""
     settings = load_settings(
-        config_file=write_config(directory, workers, health_interval_s=health_interval_s, gateway=gateway)
+        config_file=write_config(directory, workers, health_interval_s=health_interval_s, gateway=gateway,
+                                 model_specs=model_specs)
     )
     engine = make_engine(settings.db_url)
     db_schema.upgrade(engine)
