@@ -61,7 +61,7 @@ def _usage(fake: FakeWorker, output: int) -> dict[str, Any]:
 
 
 def _response(fake: FakeWorker, model: str, status: str, text: str, usage: dict[str, Any] | None) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]
+    content: list[dict[str, Any]] = [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]
     return {"id": "resp_fake", "object": "response", "created_at": 1, "model": model, "status": status,
             "output": [{"type": "message", "id": "msg_fake", "role": "assistant", "status": status,
                         "content": content if status == "completed" else []}],

@@ -29,7 +29,7 @@ async def gw(fake: FakeWorker, tmp_path_factory: pytest.TempPathFactory) -> Asyn
 
 
 async def test_the_official_client_gets_embeddings_float_and_base64(gw: Gateway, worker: FakeWorker) -> None:
-    t, _k, api_key = gw.new_tenant()
+    _t, _k, api_key = gw.new_tenant()
     worker.behave(prompt_tokens=7)
     client = gw.client(api_key)
     got = await client.embeddings.create(model=EMBED, input=["hello", "world"])
