@@ -102,6 +102,10 @@ async def test_a_worker_dying_mid_stream_is_an_sse_error_and_keeps_what_it_made(
     assert b"response.completed" not in got
     ev = (await gw.wait_event(rid)).event
     assert ev.outcome is Outcome.UPSTREAM_ERROR and ev.completion_tokens == 4  # 2 head events + 4 deltas
+    for _ in range(100):  # the broken worker left the pool: back at its next health check
+        if (await gw.http.get("/readyz")).status_code == 200:
+            break
+        await asyncio.sleep(0.05)
 
 
 async def test_idempotency_replays_a_whole_stream_and_consumes_a_cut_one(gw: Gateway, worker: FakeWorker) -> None:
