@@ -9,7 +9,8 @@ codec carries every field.
 
 Token counts follow OpenAI's usage object: ``prompt_tokens`` *includes* ``cached_prompt_tokens``.
 Billing and metrics split them into three token types that add up to the total:
-``input`` (prompt minus cached), ``cached_input`` and ``output``.
+``input`` (prompt minus cached), ``cached_input`` and ``output``; an embeddings request
+(``endpoint == "embeddings"``) has only ``embedding_input`` (all its prompt tokens), priced apart.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ class TokenType(str, enum.Enum):
     INPUT = "input"
     CACHED_INPUT = "cached_input"
     OUTPUT = "output"
+    EMBEDDING_INPUT = "embedding_input"
 
 
-TOKEN_TYPES: tuple[TokenType, ...] = (TokenType.INPUT, TokenType.CACHED_INPUT, TokenType.OUTPUT)
+TOKEN_TYPES: tuple[TokenType, ...] = (TokenType.INPUT, TokenType.CACHED_INPUT, TokenType.OUTPUT,
+                                      TokenType.EMBEDDING_INPUT)
+EMBEDDINGS = "embeddings"  # the `endpoint` of an embeddings request
 
 # A line of a Batch API batch (serving/batches/) is metered under its route's endpoint with this
 # prefix ("batch.chat.completions"), so billing prices it at the book's batch discount.
@@ -88,6 +92,8 @@ class UsageEvent:
         return self.prompt_tokens - self.cached_prompt_tokens
 
     def tokens_by_type(self) -> dict[TokenType, int]:
+        if self.endpoint == EMBEDDINGS:
+            return {TokenType.EMBEDDING_INPUT: self.prompt_tokens}
         return {
             TokenType.INPUT: self.input_tokens,
             TokenType.CACHED_INPUT: self.cached_prompt_tokens,

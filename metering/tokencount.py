@@ -160,7 +160,7 @@ class TokenCounter:
 
     def prompt_tokens(self, model: str, endpoint: str, body: Mapping[str, Any]) -> int:
         """The prompt's tokens: exact with the tokenizer, else a byte-length estimate."""
-        endpoint = base_endpoint(endpoint)  # a batch line counts as its route
+        endpoint, body = counted_as(base_endpoint(endpoint), body)  # a batch line counts as its route
         tok = self.tokenizer(model)
         exact = None if tok is None else tok.prompt_tokens(endpoint, body)
         return exact if exact is not None else rough_count(prompt_text(endpoint, body))
@@ -186,3 +186,32 @@ def prompt_text(endpoint: str, body: Mapping[str, Any]) -> str:
     if isinstance(prompt, list):
         return "\n".join(p for p in prompt if isinstance(p, str))
     return ""
+
+
+def counted_as(endpoint: str, body: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """An embeddings input is counted as a completion prompt (same shapes), a Responses request as the
+    chat messages it becomes; the two original endpoints as they are."""
+    if endpoint == "embeddings":
+        return "completions", {"prompt": body.get("input")}
+    if endpoint == "responses":
+        return "chat.completions", {"messages": responses_messages(body), "tools": body.get("tools")}
+    return endpoint, body
+
+
+def responses_messages(body: Mapping[str, Any]) -> list[Any]:
+    """The chat messages a Responses request's `instructions` and `input` amount to (for counting only):
+    message items keep their role and content (text parts are text), other items (tool calls and their
+    outputs) are counted as JSON."""
+    messages: list[Any] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list):
+        for item in items:
+            if isinstance(item, dict) and "content" in item:
+                messages.append({"role": str(item.get("role") or "user"), "content": item["content"]})
+            else:
+                messages.append({"role": "tool", "content": None, "item": item})
+    return messages

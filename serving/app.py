@@ -33,6 +33,7 @@ from serving.limits.http_timeouts import BodyGuardMiddleware
 from serving.limits.wiring import build_guardrails
 from serving.metrics_listener import MetricsListener
 from serving.openai import models, routes
+from serving.openai.capabilities import Capabilities
 from serving.openai.protocol import hoist_defs
 from serving.pipeline import Pipeline
 from serving.proxy.forward import Forwarder
@@ -146,7 +147,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
                              policies=guardrails.policies, limiter=guardrails.limiter, pool=pool, metrics=metrics,
                              batches=batches, metrics_token=gw.metrics_token, metrics_listener=listener))
     app.include_router(routes.router())  # documents the completion routes; the Pipeline serves them
-    app.include_router(models.router(keyring, pool, created=int(time.time())))
+    app.include_router(models.router(created=int(time.time())))
     app.include_router(batch_routes.router)
     for router in (*tenant.ROUTERS, *admin.ROUTERS, ops.router):
         app.include_router(router)
@@ -159,6 +160,7 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
     app.add_middleware(Pipeline, keyring=keyring, origin=origin, language=language,
                        idempotency=idempotency, guard=guardrails.guard, forwarder=forwarder, metrics=metrics,
                        max_body_bytes=settings.gateway.max_body_bytes, body_timeout_s=settings.gateway.body_timeout_s,
-                       routing=LanguageRouter.from_catalogue(settings.catalogue, pool))
+                       routing=LanguageRouter.from_catalogue(settings.catalogue, pool),
+                       capabilities=Capabilities(settings.catalogue))
     app.openapi_schema = hoist_defs(app.openapi())  # inline request schemas' $defs -> components
     return app

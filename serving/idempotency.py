@@ -9,7 +9,7 @@ request's result instead of a new generation:
   happens after the request is authenticated and validated, before rate limits and the worker;
 - while it runs, a retry gets 409 `idempotency_request_in_progress`;
 - when it has finished with an answer (a non-streamed response of any status the worker gave, or a
-  stream that reached `data: [DONE]`), the answer's bytes are stored and a retry gets them again,
+  stream that reached `data: [DONE]`, or a Responses stream its `response.completed`), the answer's bytes are stored and a retry gets them again,
   with the first request's `X-Request-Id` and `Idempotent-Replayed: true`. Nothing is metered;
 - when it was refused before any worker ran it, or failed having been billed nothing, the key is
   released and a retry runs normally;
@@ -50,6 +50,12 @@ from serving.tables import idempotency_keys
 log = logging.getLogger("tokenport.idempotency")
 HEADER = "idempotency-key"
 DONE_EVENT = b"data: [DONE]\n\n"
+RESPONSES_ENDS = (b"event: response.completed\n", b"event: response.incomplete\n")  # a whole Responses stream
+
+
+def _responses_ended(body: bytes) -> bool:
+    """A Responses API stream (no [DONE]) is whole when its last event is a successful terminal one."""
+    return body.endswith(b"\n\n") and body[:-2].rsplit(b"\n\n", 1)[-1].startswith(RESPONSES_ENDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +254,7 @@ class Idempotency:
         status = claim.status if claim.ended else None
         body = b"".join(claim.chunks) if claim.ended and claim.size <= claim.cap else None
         complete = status is not None and body is not None and (
-            not claim.stream or status != 200 or body.endswith(DONE_EVENT))
+            not claim.stream or status != 200 or body.endswith(DONE_EVENT) or _responses_ended(body))
         billed = meter is not None and meter.recorded and (meter.prompt_tokens + meter.completion_tokens) > 0
         worker_answered = meter is not None and meter.recorded
         if status == 503:  # refused by the gateway (no worker, ledger unavailable): nothing was billed

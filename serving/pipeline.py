@@ -1,4 +1,4 @@
-"""The completion pipeline: every `POST /v1/chat/completions` and `POST /v1/completions`, in one place.
+"""The completion pipeline: every metered OpenAI route (chat, completions, embeddings, responses), in one place.
 
 A plain ASGI app, the outermost middleware. `_complete` reads top to bottom in the order a request
 goes through the gateway:
@@ -6,7 +6,8 @@ goes through the gateway:
  1. request id      `req_<32 hex>`, the ledger's id and the `X-Request-Id` of the answer
  2. auth            the API key, before the body (an unknown caller never makes the gateway hold one)
  3. body            read under `gateway.max_body_bytes` (413) and `gateway.body_timeout_s` (408)
- 4. parse/validate  JSON object, shape limits, the route's schema, a model the tenant may use
+ 4. parse/validate  JSON object, shape limits, the route's schema, a model the tenant may use that
+                    serves the route (a chat model no embeddings, an embedding model no chat)
  5. attribute       origin country (metering/geo.py) and prompt language (metering/language.py); a
                     routed model name (`auto`) becomes the best model for that language
                     (serving/proxy/language_routing.py)
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -56,7 +58,7 @@ def new_request_id() -> str:
 
 
 class Pipeline:
-    """The outermost ASGI app: the completion routes here, everything else to `app` (FastAPI)."""
+    """The outermost ASGI app: the metered routes (serving/openai/routes.py) here, everything else to `app`."""
 
     def __init__(
         self,
@@ -72,6 +74,7 @@ class Pipeline:
         max_body_bytes: int,
         body_timeout_s: float,
         routing: LanguageRouter | None = None,
+        capabilities: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
         self.app = app
         self.keyring = keyring
@@ -84,6 +87,7 @@ class Pipeline:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.routing = routing
+        self.capabilities = capabilities  # model -> what it serves (serving/openai/capabilities.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,6 +131,9 @@ class Pipeline:
                 raise ModelNotFound(
                     f"The model '{model}' does not exist or you do not have access to it.", param="model"
                 )
+            if self.capabilities is not None and route.capability not in self.capabilities(model):
+                raise InvalidRequest(f"The model '{model}' does not support {route.path}.", param="model",
+                                     code="model_not_supported")
             # 5. attribute
             client = scope.get("client")
             try:

@@ -78,9 +78,22 @@ class ModelSpec(BaseModel):
     max_model_len: int = 2048
     worker_args: list[str] = []
     workers: list[WorkerSpec] = []
+    # `generate` (chat, completions, responses) or `embedding` (vLLM's pooling runner: /v1/embeddings)
+    kind: Literal["generate", "embedding"] = "generate"
+    # Serve the weights prepared for another catalogue model (e.g. an embedding variant of a chat model).
+    weights_from: str | None = None
+    enabled: bool = True  # false: listed here but not served (an opt-in worker, see configs/models.yaml)
+
     # The languages this model serves well, each with a rank (1 = the first choice for that language):
-    # a routed model name (`routes`) sends a request in one of them here (serving/proxy/language_routing.py).
+    # a routed model name (`routes`) sends a request in one of them here (serving/proxy/language_routing.py);
+    # GET /v1/models lists them.
     languages: dict[str, int] = {}
+
+    @field_validator("languages", mode="before")
+    @classmethod
+    def _as_ranks(cls, value: object) -> object:
+        """A plain list of codes (`languages: [ru, kk]`) ranks each of them 1."""
+        return dict.fromkeys(value, 1) if isinstance(value, list) else value
 
     @field_validator("languages")
     @classmethod
@@ -122,6 +135,14 @@ class Catalogue(BaseModel):
             unknown = [m for m in [*(r.models or []), *([r.fallback] if r.fallback else [])] if m not in names]
             if unknown:
                 raise ValueError(f"route {r.name!r} names models not in models: {unknown}")
+        for m in self.models:
+            if m.weights_from is not None:
+                base = self.get(m.weights_from)
+                if base is None or base.weights_from is not None or base is m:
+                    raise ValueError(f"model {m.name!r}: weights_from {m.weights_from!r} must name another "
+                                     "catalogue model that has weights of its own")
+                if m.source is None:
+                    m.source = base.source
         return self
 
     def get(self, name: str) -> ModelSpec | None:
@@ -343,7 +364,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     config_dir = path.parent.resolve() if path is not None else PACKAGE_CONFIG_DIR
     models_path = settings.models_file if settings.models_file.is_absolute() else config_dir / settings.models_file
     if "catalogue" not in overrides:
-        settings.catalogue = _load_catalogue(models_path)
+        catalogue = _load_catalogue(models_path)
+        catalogue.models = [m for m in catalogue.models if m.enabled]  # disabled models are not served
+        settings.catalogue = catalogue
     settings.config_dir = config_dir
     return settings
 

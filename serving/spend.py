@@ -23,12 +23,12 @@ from billing.money import metric_value, token_cost
 from billing.price_book import PriceBook, ResolvedPrices
 from billing.prices import PriceSource
 from metering.clock import Period
-from metering.events import TokenType, UsageEvent
+from metering.events import TOKEN_TYPES, UsageEvent
 from metering.metrics import Metrics
 from metering.tenants import Tenant
 
 log = logging.getLogger("tokenport.spend")
-PRICED = (TokenType.INPUT, TokenType.CACHED_INPUT, TokenType.OUTPUT)  # the order of the counts in observe
+PRICED = TOKEN_TYPES  # the order of the unit prices cached per model
 MAX_CACHED_PRICES = 10_000  # (tenant, month, model) price lookups remembered; forgotten all at once when full
 
 
@@ -121,8 +121,9 @@ class SpendEstimator:
         if units is None:
             return
         amount = Decimal(0)
-        for unit, n in zip(units, (event.input_tokens, event.cached_prompt_tokens, event.completion_tokens),
-                           strict=True):
+        counts = event.tokens_by_type()
+        for unit, token_type in zip(units, PRICED, strict=True):
+            n = counts.get(token_type, 0)
             if n:
                 if unit is None:  # a model without a price for this token type: no estimate
                     return

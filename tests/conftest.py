@@ -132,9 +132,11 @@ def write_config(
     health_interval_s: float,
     gateway: dict[str, Any] | None = None,
     catalogue_extra: dict[str, Any] | None = None,
+    model_specs: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """tokenport.yaml + models.yaml; `workers` is [(model, worker id, base_url)]; `catalogue_extra`:
-    more catalogue keys (e.g. `routes`), and under `models` more fields per model name (e.g. `languages`)."""
+    more catalogue keys (e.g. `routes`), and under `models` more fields per model name (e.g. `languages`);
+    `model_specs`: more catalogue fields per model (e.g. {"embed": {"kind": "embedding"}})."""
     directory.mkdir(parents=True, exist_ok=True)
     models: dict[str, list[dict[str, str]]] = {}
     for model, wid, url in workers:
@@ -143,7 +145,10 @@ def write_config(
     per_model = extra.pop("models", {})
     catalogue = {
         "default_model": next(iter(models)),
-        "models": [{"name": m, "workers": ws, **per_model.get(m, {})} for m, ws in models.items()],
+        "models": [
+            {"name": m, "workers": ws, **per_model.get(m, {}), **(model_specs or {}).get(m, {})}
+            for m, ws in models.items()
+        ],
         **extra,
     }
     (directory / "models.yaml").write_text(yaml.safe_dump(catalogue), encoding="utf-8")
@@ -179,11 +184,18 @@ async def run_gateway(
     health_interval_s: float = 0.1,
     gateway: dict[str, Any] | None = None,
     catalogue_extra: dict[str, Any] | None = None,
+    model_specs: dict[str, dict[str, Any]] | None = None,
 ) -> AsyncIterator[Gateway]:
     """A gateway on a free loopback port over `workers` ([(model, worker id, base_url)])."""
     settings = load_settings(
-        config_file=write_config(directory, workers, health_interval_s=health_interval_s, gateway=gateway,
-                                 catalogue_extra=catalogue_extra)
+        config_file=write_config(
+            directory,
+            workers,
+            health_interval_s=health_interval_s,
+            gateway=gateway,
+            catalogue_extra=catalogue_extra,
+            model_specs=model_specs,
+        )
     )
     engine = make_engine(settings.db_url)
     db_schema.upgrade(engine)

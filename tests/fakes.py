@@ -22,6 +22,7 @@ the stream finished (`aborted`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from tests import fake_surface
 
 BAD_REQUEST_BODY: dict[str, Any] = {
     "error": {"message": "max_tokens too large", "type": "BadRequestError", "param": None, "code": 400}
@@ -104,6 +107,8 @@ class FakeWorker:
         app.router.add_get("/health", self._health)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", functools.partial(fake_surface.embeddings, self))
+        app.router.add_post("/v1/responses", functools.partial(fake_surface.responses, self))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port if port is not None else 0, reuse_address=True)

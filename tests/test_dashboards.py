@@ -213,7 +213,9 @@ def test_token_exports_has_a_country_geomap_and_table() -> None:
 
 
 def test_token_exports_shows_the_token_premium_by_language() -> None:
-    (panel,) = [p for p in iter_panels(DASHBOARDS["token-exports"]) if p["title"] == "Token premium by language"]
+    (panel,) = [
+        p for p in iter_panels(DASHBOARDS["token-exports"]) if p["title"] == "Token premium by language"
+    ]
     (expr,) = [t["expr"] for t in panel["targets"]]
     compact = expr.replace(" ", "").replace("\n", "")
     # tokens per character of each language, over English's on the same model
@@ -414,8 +416,10 @@ def gateway_metrics(n: int) -> str:
             )
     for language, chars in (("de", 300), ("fr", 280), ("en", 400)):  # per scrape, prompt and completion
         for part in ("prompt", "completion"):
-            lines.append(f'tokenport_characters_total{{model="{MODEL}",language="{language}",part="{part}"}} '
-                         f"{n * chars}")
+            lines.append(
+                f'tokenport_characters_total{{model="{MODEL}",language="{language}",part="{part}"}} '
+                f"{n * chars}"
+            )
     for tenant in ("acme", "globex"):
         for outcome in ("ok", "client_cancelled", "upstream_error", "rejected"):
             lines.append(

@@ -24,6 +24,9 @@ from serving.limits.errors import ContextLengthExceeded, MaxTokensExceeded, Requ
 from serving.limits.limiter import Admission, Limiter
 from serving.limits.tokens import PromptCounter
 
+LIMIT_FIELD = {"responses": "max_output_tokens"}  # an endpoint's completion-token limit, if not max_tokens
+PROMPT_FIELD = {"chat.completions": "messages", "completions": "prompt", "embeddings": "input", "responses": "input"}
+
 
 class Guard:
     def __init__(self, limiter: Limiter, counter: PromptCounter, context_length: Callable[[str], int],
@@ -65,7 +68,15 @@ class Guard:
                     size: int) -> Admission:
         model: str = body["model"]
         eff = self.limiter.effective(tenant.id, key_id)
-        field, requested = one_token_limit(body)
+        if endpoint == "responses":  # no stored content unless the tenant logs content (vLLM's `store`)
+            body["store"] = bool(body.get("store")) and self.logs_content(tenant.id)
+        limit_field = LIMIT_FIELD.get(endpoint, "max_tokens")
+        if endpoint == "embeddings":
+            field, requested = "max_tokens", None
+        elif limit_field != "max_tokens":
+            field, requested = limit_field, body.get(limit_field)
+        else:
+            field, requested = one_token_limit(body)
         if eff.max_tokens is not None and requested is not None and requested > eff.max_tokens:
             raise MaxTokensExceeded(f"{field} is {requested}, above this organization's maximum of "
                                     f"{eff.max_tokens} tokens per request.", param=field)
@@ -76,14 +87,17 @@ class Guard:
         if eff.max_prompt_tokens is not None and count.tokens > eff.max_prompt_tokens:
             how = "tokens" if count.exact else "tokens (counted as bytes: no tokenizer for this model)"
             raise ContextLengthExceeded(f"The prompt is up to {count.tokens} {how}, above this organization's "
-                                        f"maximum of {eff.max_prompt_tokens}.", param="messages"
-                                        if endpoint == "chat.completions" else "prompt")
+                                        f"maximum of {eff.max_prompt_tokens}.",
+                                        param=PROMPT_FIELD.get(endpoint, "prompt"))
+        if endpoint == "embeddings":  # nothing is generated: the prompt is the whole cost
+            return await self.limiter.admit(tenant, key_id, request_id, model, prompt_tokens=count.tokens,
+                                            completion_tokens=0, effective=eff)
         context = self.context_length(model)
         cap = min(v for v in (requested, eff.max_tokens, context) if v is not None)
         if requested is None and eff.max_tokens is not None and eff.max_tokens < context:
             room = context - count.tokens if count.exact else eff.max_tokens
             cap = max(1, min(eff.max_tokens, room))
-            body["max_tokens"] = cap  # the worker may then never produce more than was held
+            body[limit_field] = cap  # the worker may then never produce more than was held
         choices = max(_int(body.get("n")), _int(body.get("best_of")))
         return await self.limiter.admit(tenant, key_id, request_id, model, prompt_tokens=count.tokens,
                                         completion_tokens=count.prompts * choices * cap, effective=eff)
@@ -91,6 +105,10 @@ class Guard:
     def timeout_s(self, adm: Admission) -> float | None:
         """The tenant's own request timeout, when shorter than the gateway's (else None)."""
         return adm.timeout_s if adm.timeout_s < self.limiter.defaults.request_timeout_s else None
+
+    def logs_content(self, tenant_id: str) -> bool:
+        """Whether the tenant turned content logging on (then, and only then, content may be stored)."""
+        return self.content is not None and self.content.policy(tenant_id)[0]
 
     def release(self, adm: Admission) -> None:
         """The request ended before any usage event (none will come to settle the hold): drop it."""

@@ -84,5 +84,12 @@ def cost_units(pricer: Pricer, model: str, currency: str, tenant_id: str, *, inp
     for token_type, n in ((TokenType.INPUT, input_tokens), (TokenType.CACHED_INPUT, cached_tokens),
                           (TokenType.OUTPUT, output_tokens)):
         if n:
-            total += pricer.price(model, token_type, n, currency, tenant_id=tenant_id, on=on)
+            try:
+                total += pricer.price(model, token_type, n, currency, tenant_id=tenant_id, on=on)
+            except PriceUnavailable:
+                if token_type is not TokenType.INPUT:
+                    raise
+                # An embedding model is priced per `embedding_input` token only (its requests have no
+                # other kind): its prompt tokens are priced so.
+                total += pricer.price(model, TokenType.EMBEDDING_INPUT, n, currency, tenant_id=tenant_id, on=on)
     return to_micro(total)

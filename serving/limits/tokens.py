@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from metering.tokencount import TokenCounter
+from metering.tokencount import TokenCounter, responses_messages
 
 log = logging.getLogger("tokenport.limits")
 
@@ -122,8 +122,18 @@ class PromptCounter:
         tokens = sum(lengths) + sum(ids) + sum(extra) + PER_PROMPT * max(1, len(prompts))
         return PromptCount(tokens=tokens, prompts=max(1, len(prompts)), exact=exact)
 
+    def count_embedding(self, model: str, body: dict[str, Any]) -> PromptCount:
+        """An embeddings input has the shapes of a completion prompt (text, texts, token ids)."""
+        return self.count_completion(model, {"prompt": body.get("input")})
+
+    def count_responses(self, model: str, body: dict[str, Any]) -> PromptCount:
+        """A Responses input (text or items) and its instructions, counted as the chat messages they become."""
+        return self.count_chat(model, {"messages": responses_messages(body), "tools": body.get("tools")})
+
     async def count(self, model: str, endpoint: str, body: dict[str, Any], size_hint: int) -> PromptCount:
-        fn = self.count_chat if endpoint == "chat.completions" else self.count_completion
+        fn = {"chat.completions": self.count_chat, "embeddings": self.count_embedding,
+              "responses": self.count_responses}.get(endpoint, self.count_completion)
         if size_hint > BIG:
             return await asyncio.to_thread(fn, model, body)
         return fn(model, body)
+

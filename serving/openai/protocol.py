@@ -10,7 +10,7 @@ the JSON depth and size checks in serving/limits/guard.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -100,6 +100,59 @@ class CompletionRequest(_Common):
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     echo: bool | None = None
     suffix: str | None = Field(default=None, max_length=65_536)
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the texts of one embeddings request
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: OpenAI's fields (served by a `kind: embedding` model)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1, le=65_536)
+    user: str | None = Str256
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses: OpenAI's fields that vLLM's Responses API takes, plus its sampling extras.
+    `background` is refused (an answer produced after the request ended could not be relayed or
+    metered here); `store` is forced off unless the tenant logs content (serving/limits/guard.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[dict[str, Any]] = Field(min_length=1)
+    instructions: str | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_tool_calls: int | None = Field(default=None, ge=0, le=1024)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = Field(default=None, max_length=16)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    previous_response_id: str | None = Field(default=None, max_length=256)
+    truncation: Literal["auto", "disabled"] | None = None
+    store: bool | None = None
+    background: Literal[False] | None = None
+    service_tier: str | None = Field(default=None, max_length=32)
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    user: str | None = Str256
+    # vLLM sampling extras
+    top_k: int | None = Field(default=None, ge=-1, le=100_000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
 
 
 def first_error(exc: ValidationError) -> tuple[str, str]:

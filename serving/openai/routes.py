@@ -1,4 +1,4 @@
-"""The completion routes, listed once: path -> request schema and endpoint name.
+"""The metered OpenAI routes, listed once: path -> request schema, endpoint name and model capability.
 
 Served by the completion pipeline (serving/pipeline.py), forwarded to the worker under the same path
 (serving/proxy/forward.py), and documented by FastAPI (`router()`: the OpenAPI document keeps both
@@ -15,7 +15,12 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from serving.errors import TokenportError
-from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
+from serving.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +28,7 @@ class Route:
     path: str
     schema: type[BaseModel]
     endpoint: str  # the ledger's `endpoint` field
+    capability: str  # what the model must offer (serving/openai/capabilities.py)
 
     @property
     def name(self) -> str:  # the OpenAPI operation (chat_completions_v1_chat_completions_post, ...)
@@ -32,8 +38,10 @@ class Route:
 ROUTES: dict[str, Route] = {
     r.path: r
     for r in (
-        Route("/v1/chat/completions", ChatCompletionRequest, "chat.completions"),
-        Route("/v1/completions", CompletionRequest, "completions"),
+        Route("/v1/chat/completions", ChatCompletionRequest, "chat.completions", "chat"),
+        Route("/v1/completions", CompletionRequest, "completions", "completions"),
+        Route("/v1/embeddings", EmbeddingRequest, "embeddings", "embeddings"),
+        Route("/v1/responses", ResponsesRequest, "responses", "responses"),
     )
 }
 BY_ENDPOINT: dict[str, Route] = {r.endpoint: r for r in ROUTES.values()}

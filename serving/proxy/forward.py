@@ -29,6 +29,7 @@ from serving.proxy.flight import Flight
 from serving.proxy.pool import Worker, WorkerPool
 from serving.proxy.relay import RelayResponse, StreamRelay
 from serving.proxy.textsize import count_choices
+from serving.proxy.responses_relay import ResponsesRelay, output_texts, usage_of
 from serving.proxy.upstream import UpstreamClient, UpstreamResponse
 from serving.proxy.upstream import UpstreamError as UpstreamConnectionError
 
@@ -118,7 +119,7 @@ class Forwarder:
         tenant's own request timeout (else `gateway.request_timeout_s`)."""
         await self.recorder.ledger.admit()  # metering.fail_closed: 503 before any worker runs anything
         want_usage = want_continuous = False
-        if meter.stream:
+        if meter.stream and meter.endpoint != "responses":  # a Responses stream always ends with its usage
             opts = body.get("stream_options") or {}
             want_usage = bool(opts.get("include_usage"))
             want_continuous = bool(opts.get("continuous_usage_stats"))
@@ -142,7 +143,8 @@ class Forwarder:
                 return await self._finish_json(meter, resp.status, got, headers, body)
             finally:
                 flight.answered()
-        relay = StreamRelay(meter, resp, self.recorder, self.metrics, want_usage=want_usage,
+        relay_class = ResponsesRelay if meter.endpoint == "responses" else StreamRelay
+        relay = relay_class(meter, resp, self.recorder, self.metrics, want_usage=want_usage,
                             want_continuous=want_continuous, t0=t0, flight=flight, head=got,
                             tokens=self.tokens, body=body, deadline=deadline)
         return RelayResponse(relay, headers)
@@ -158,8 +160,8 @@ class Forwarder:
                 await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
                 raise UpstreamError("The worker sent a response that is not JSON.")
             count_choices(meter, obj.get("choices"))
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
+            usage = usage_of(meter.endpoint, obj.get("usage"))
+            if usage is not None:
                 meter.take_usage(usage)
             else:
                 self._estimate(meter, obj, body)
@@ -191,6 +193,8 @@ class Forwarder:
                 text = msg.get("content") if isinstance(msg, dict) else c.get("text")
                 texts[i] = text if isinstance(text, str) else ""
                 finish[i] = c.get("finish_reason")
+        if meter.endpoint == "responses":
+            texts = output_texts(obj)
         tokens = self.tokens or TokenCounter({})
         meter.completion_tokens = tokens.completion_tokens(meter.model, texts, finish)
         meter.prompt_tokens = tokens.prompt_tokens(meter.model, meter.endpoint, body or {})
@@ -215,6 +219,12 @@ def rejected(status: int, payload: bytes) -> UpstreamRejected:
     engine details) never reaches the client; only the kind of refusal is kept (context length, or
     the HTTP status)."""
     text = payload[:4096].decode("utf-8", "replace").lower()
+    if "matryoshka" in text:  # vLLM: this embedding model has one fixed size
+        refused = UpstreamRejected("This model does not support the 'dimensions' parameter: its embeddings "
+                                   "have one fixed size. Send the request without 'dimensions'.", status,
+                                   code="dimensions_not_supported")
+        refused.param = "dimensions"
+        return refused
     if "context length" in text or "context_length" in text:
         return UpstreamRejected("The prompt and the requested completion (max_tokens) are longer than this "
                                 "model's context: shorten the prompt or lower max_tokens.", status,

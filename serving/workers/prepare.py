@@ -23,7 +23,7 @@ class PrepareError(Exception):
 
 
 def model_dir(models_dir: Path, spec: ModelSpec) -> Path:
-    return models_dir / spec.name.replace("/", "--")
+    return models_dir / (spec.weights_from or spec.name).replace("/", "--")
 
 
 def model_location(models_dir: Path, spec: ModelSpec) -> str:

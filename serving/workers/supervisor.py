@@ -24,6 +24,7 @@ from serving.workers.prepare import model_location
 
 log = logging.getLogger("tokenport.workers")
 METERING_FLAGS = ("--enable-force-include-usage", "--enable-prompt-tokens-details")
+EMBEDDING_FLAGS = ("--runner", "pooling", "--convert", "embed")  # vLLM's pooling runner: /v1/embeddings
 
 
 def worker_command(settings: Settings, model: ModelSpec, worker: WorkerSpec) -> list[str]:
@@ -37,6 +38,7 @@ def worker_command(settings: Settings, model: ModelSpec, worker: WorkerSpec) -> 
         "--dtype", model.dtype,
         "--max-model-len", str(model.max_model_len),
         *METERING_FLAGS,
+        *(EMBEDDING_FLAGS if model.kind == "embedding" else ()),
         *model.worker_args,
     ]
 

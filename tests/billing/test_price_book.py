@@ -27,7 +27,9 @@ def test_shipped_price_book_loads_and_has_the_default_model(shipped_prices: Pric
     assert resolved.version == "2026.1"
     for model in ("smollm2-135m-instruct", "qwen2.5-7b-instruct"):
         for token_type in TokenType:
-            assert resolved.price(model, token_type).tiers[0].price > 0
+            if token_type is not TokenType.EMBEDDING_INPUT:
+                assert resolved.price(model, token_type).tiers[0].price > 0
+    assert resolved.price("smollm2-135m-embed", TokenType.EMBEDDING_INPUT).tiers[0].price == Decimal("0.005")
     cny = shipped_prices.select(currency="CNY", tenant_id="anyone", **JAN)
     assert cny.price("smollm2-135m-instruct", TokenType.OUTPUT).tiers[0].price == Decimal("0.30")
     old = shipped_prices.select(

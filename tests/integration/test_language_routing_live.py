@@ -38,8 +38,13 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cmd[at:at] = [RU, EN]
     log = tmp_path_factory.mktemp("worker-names") / "worker.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **settings.workers.env},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **settings.workers.env},
+            start_new_session=True,
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 900, proc, log)
         yield f"http://127.0.0.1:{port}"
@@ -48,17 +53,33 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_auto_routes_russian_and_english(worker: str, tmp_path: Path) -> None:
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump({
-        "default_model": MODEL, "routes": [{"name": "auto"}],
-        "models": [{"name": MODEL}, {"name": RU, "languages": {"ru": 1, "kk": 1}}, {"name": EN, "languages": {"en": 1}}],
-    }))
-    (tmp_path / "tokenport.yaml").write_text(yaml.safe_dump({"mode": "local", "data_dir": str(tmp_path / "data"),
-                                                             "models_file": "models.yaml"}))
+    (tmp_path / "models.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "default_model": MODEL,
+                "routes": [{"name": "auto"}],
+                "models": [
+                    {"name": MODEL},
+                    {"name": RU, "languages": {"ru": 1, "kk": 1}},
+                    {"name": EN, "languages": {"en": 1}},
+                ],
+            }
+        )
+    )
+    (tmp_path / "tokenport.yaml").write_text(
+        yaml.safe_dump({"mode": "local", "data_dir": str(tmp_path / "data"), "models_file": "models.yaml"})
+    )
     env = {**os.environ, "TOKENPORT_CONFIG": str(tmp_path / "tokenport.yaml")}
 
     def cli(*args: str) -> dict[str, str]:
-        out = subprocess.run([str(BIN / "tokenport"), *args, "--json"], env=env, capture_output=True, text=True,
-                             check=True, timeout=120)
+        out = subprocess.run(
+            [str(BIN / "tokenport"), *args, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
         return dict(json.loads(out.stdout))
 
     cli("tenants", "create", "--id", "kz-route", "--name", "Route LLP", "--billing-country", "KZ")
@@ -66,23 +87,44 @@ def test_auto_routes_russian_and_english(worker: str, tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "gateway.log"
     with open(log, "wb") as f:
-        gw = subprocess.Popen([str(BIN / "tokenport"), "gateway", "--port", str(port), "--worker", f"{MODEL}={worker}",
-                               "--worker", f"{RU}={worker}", "--worker", f"{EN}={worker}"],
-                              stdout=f, stderr=subprocess.STDOUT, env=env)
+        gw = subprocess.Popen(
+            [
+                str(BIN / "tokenport"),
+                "gateway",
+                "--port",
+                str(port),
+                "--worker",
+                f"{MODEL}={worker}",
+                "--worker",
+                f"{RU}={worker}",
+                "--worker",
+                f"{EN}={worker}",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/readyz", 60, gw, log)
-        for text, model in (("Привет! Расскажи коротко о Ташкенте, пожалуйста.", RU),
-                            ("Hello! Tell me briefly about Tashkent, please.", EN)):
-            r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
-                           json={"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": text}]})
+        for text, model in (
+            ("Привет! Расскажи коротко о Ташкенте, пожалуйста.", RU),
+            ("Hello! Tell me briefly about Tashkent, please.", EN),
+        ):
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=120,
+                json={"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": text}]},
+            )
             assert r.status_code == 200, r.text
             assert r.headers[HEADER] == model
             # vLLM names its answers by its first served name whatever alias was asked for: with one worker
             # under three names the body says MODEL; two real workers of different names say their own.
             assert r.json()["model"] == MODEL
             stored = UsageStore(make_engine(f"sqlite:///{tmp_path / 'data' / 'tokenport.db'}")).get(
-                r.headers["x-request-id"])
+                r.headers["x-request-id"]
+            )
             assert stored is not None
             e = stored.event
             assert e.model == model and e.outcome.value == "ok" and not e.estimated

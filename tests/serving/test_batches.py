@@ -333,7 +333,9 @@ async def test_batch_usage_is_invoiced_at_the_discount_on_its_own_lines(
         period = {"period": date.today().strftime("%Y-%m"), "tenant": tid}
         run = await g.http.post("/admin/v1/invoices/run", headers=ADMIN, json=period)
         assert run.status_code == 200, run.text
-        final = await g.http.post("/admin/v1/invoices/finalize", headers=ADMIN, json={**period, "force": True})
+        final = await g.http.post(
+            "/admin/v1/invoices/finalize", headers=ADMIN, json={**period, "force": True}
+        )
         assert final.status_code == 200, final.text
         [doc] = final.json()["finalized"]
         shown = await g.http.get(f"/admin/v1/invoices/{doc['number']}", headers=ADMIN)

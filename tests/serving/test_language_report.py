@@ -18,11 +18,15 @@ PROMPTS = {
 }
 
 
-async def test_languages_report_from_real_traffic(gateway: Gateway, tenant: TenantKey, worker: FakeWorker) -> None:
+async def test_languages_report_from_real_traffic(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
     worker.behave(tokens=3, prompt_tokens=31)  # every answer: " w0 w1 w2" (9 characters), 31 + 3 tokens
     for language, text in PROMPTS.items():
         for _ in range(2 if language == "en" else 1):
-            r = await gateway.http.post("/v1/chat/completions", json=chat_body(text), headers=auth(tenant.api_key))
+            r = await gateway.http.post(
+                "/v1/chat/completions", json=chat_body(text), headers=auth(tenant.api_key)
+            )
             assert r.status_code == 200
             ev = await gateway.wait_event(r.headers["x-request-id"])
             assert ev.event.language == language
@@ -41,15 +45,21 @@ async def test_languages_report_from_real_traffic(gateway: Gateway, tenant: Tena
         assert abs(Decimal(str(row["tokens_per_1k_chars"])) - per_1k[lang]) < Decimal("0.01")
         assert abs(Decimal(str(row["premium_vs_en"])) - per_1k[lang] / per_1k["en"]) < Decimal("0.001")
     # the admin report: every tenant (other tests' traffic too), the same schema
-    admin = await gateway.http.get(f"/admin/v1/reports/languages?period={period}&model={MODEL}", headers=ADMIN)
+    admin = await gateway.http.get(
+        f"/admin/v1/reports/languages?period={period}&model={MODEL}", headers=ADMIN
+    )
     assert admin.status_code == 200 and admin.json()["object"] == "language_report"
     assert {row["language"] for row in admin.json()["data"]} >= set(PROMPTS)
     html = await gateway.http.get(f"/admin/v1/reports/languages?period={period}&format=html", headers=ADMIN)
     assert html.headers["content-type"].startswith("text/html") and "<td>kk</td>" in html.text
-    assert (await gateway.http.get(f"/admin/v1/reports/languages?period={period}",
-                                   headers=auth(tenant.api_key))).status_code == 401
-    assert (await gateway.http.get("/v1/usage/languages?period=2026-13",
-                                   headers=auth(tenant.api_key))).status_code == 400
+    assert (
+        await gateway.http.get(f"/admin/v1/reports/languages?period={period}", headers=auth(tenant.api_key))
+    ).status_code == 401
+    assert (
+        await gateway.http.get("/v1/usage/languages?period=2026-13", headers=auth(tenant.api_key))
+    ).status_code == 400
     text = await gateway.metrics()
-    assert metric(text, "tokenport_characters_total", model=MODEL, language="kk", part="prompt") >= len(PROMPTS["kk"])
+    assert metric(text, "tokenport_characters_total", model=MODEL, language="kk", part="prompt") >= len(
+        PROMPTS["kk"]
+    )
     assert metric(text, "tokenport_characters_total", model=MODEL, language="kk", part="completion") >= 9

@@ -30,14 +30,20 @@ CATALOGUE: dict[str, Any] = {
 
 
 def _router(healthy: set[str], extra: dict[str, Any] | None = None) -> LanguageRouter:
-    cat = Catalogue.model_validate({
-        "default_model": BASE,
-        "models": [{"name": BASE}, {"name": RU, "languages": {"ru": 1, "kk": 2}},
-                   {"name": EN, "languages": {"en": 1, "kk": 1}}],
-        "routes": [{"name": "auto", **(extra or {})}],
-    })
-    workers = [Worker(id=f"w-{m}", model=m, url="http://x", region="r", healthy=m in healthy)
-               for m in (BASE, RU, EN)]
+    cat = Catalogue.model_validate(
+        {
+            "default_model": BASE,
+            "models": [
+                {"name": BASE},
+                {"name": RU, "languages": {"ru": 1, "kk": 2}},
+                {"name": EN, "languages": {"en": 1, "kk": 1}},
+            ],
+            "routes": [{"name": "auto", **(extra or {})}],
+        }
+    )
+    workers = [
+        Worker(id=f"w-{m}", model=m, url="http://x", region="r", healthy=m in healthy) for m in (BASE, RU, EN)
+    ]
     return LanguageRouter.from_catalogue(cat, WorkerPool(workers))
 
 
@@ -80,8 +86,9 @@ async def test_auto_in_russian_and_in_english_through_the_gateway(
 ) -> None:
     """Two differently named workers (here fakes) of the default model, and the default model itself."""
     ru, en, base = await fake_factory(), await fake_factory(), await fake_factory()
-    gw: Gateway = await gateway_factory([(BASE, "w-base", base.url), (RU, "w-ru", ru.url), (EN, "w-en", en.url)],
-                                        catalogue_extra=CATALOGUE)
+    gw: Gateway = await gateway_factory(
+        [(BASE, "w-base", base.url), (RU, "w-ru", ru.url), (EN, "w-en", en.url)], catalogue_extra=CATALOGUE
+    )
     _tenant, _key, api_key = gw.new_tenant()
     served: dict[str, tuple[str, FakeWorker]] = {RUSSIAN: (RU, ru), ENGLISH: (EN, en), CHINESE: (BASE, base)}
     for text, (model, fake) in served.items():
@@ -92,21 +99,28 @@ async def test_auto_in_russian_and_in_english_through_the_gateway(
         assert fake.completion_requests()[-1].body["model"] == model  # the worker was asked for its own name
         ev = (await gw.wait_event(r.headers["x-request-id"])).event
         assert (ev.model, ev.outcome) == (model, Outcome.OK)  # metered as the model that served
-    out = await stream_raw(gw.http, api_key, {"model": "auto", "stream": True,
-                                              "messages": [{"role": "user", "content": RUSSIAN}]})
+    out = await stream_raw(
+        gw.http,
+        api_key,
+        {"model": "auto", "stream": True, "messages": [{"role": "user", "content": RUSSIAN}]},
+    )
     assert out.done and out.headers[HEADER] == RU
     assert {e["model"] for e in out.events} == {RU}
     assert len(ru.completion_requests()) == 2 and len(en.completion_requests()) == 1
     # a model name that is not routed is served as it is, without the header
-    r = await gw.http.post("/v1/chat/completions", json={"model": EN, "messages": [{"role": "user",
-                                                                                     "content": RUSSIAN}]},
-                           headers=auth(api_key))
+    r = await gw.http.post(
+        "/v1/chat/completions",
+        json={"model": EN, "messages": [{"role": "user", "content": RUSSIAN}]},
+        headers=auth(api_key),
+    )
     assert r.status_code == 200 and r.json()["model"] == EN and HEADER not in r.headers
     # a tenant that may use none of them gets 404 for `auto` as for any model it may not use
     _t, _k, limited = gw.new_tenant(allowed_models=["nothing-here"])
-    r = await gw.http.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user",
-                                                                                         "content": ENGLISH}]},
-                           headers=auth(limited))
+    r = await gw.http.post(
+        "/v1/chat/completions",
+        json={"model": "auto", "messages": [{"role": "user", "content": ENGLISH}]},
+        headers=auth(limited),
+    )
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
@@ -119,6 +133,8 @@ def test_gateway_workers_from_the_command_line_keep_the_routes() -> None:
 
     settings = load_settings(Path(__file__).resolve().parents[2] / "configs" / "tokenport.yaml")
     assert [r.name for r in settings.catalogue.routes] == ["auto"]
-    changed = _with_cli_workers(settings, [ExtraWorker(RU, "http://127.0.0.1:9"), ExtraWorker(EN, "http://x:9")])
+    changed = _with_cli_workers(
+        settings, [ExtraWorker(RU, "http://127.0.0.1:9"), ExtraWorker(EN, "http://x:9")]
+    )
     assert [r.name for r in changed.catalogue.routes] == ["auto"]
     assert {RU, EN} <= {m.name for m in changed.catalogue.models}

@@ -1,11 +1,16 @@
-"""The completion routes are listed once (serving/openai/routes.py): exactly those are served by the
+"""The metered routes are listed once (serving/openai/routes.py): exactly those are served by the
 pipeline (serving/pipeline.py), forwarded to the worker under the same path, and documented by FastAPI."""
 
 from __future__ import annotations
 
 from fastapi.routing import APIRoute
 
-from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
+from serving.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+)
 from serving.openai.routes import BY_ENDPOINT, ROUTES
 from serving.pipeline import Pipeline
 from tests.conftest import Gateway, TenantKey
@@ -13,14 +18,18 @@ from tests.fakes import FakeWorker
 from tests.serving.helpers import auth
 
 
-def test_the_table_is_the_two_completion_routes() -> None:
-    assert {p: (r.schema, r.endpoint) for p, r in ROUTES.items()} == {
-        "/v1/chat/completions": (ChatCompletionRequest, "chat.completions"),
-        "/v1/completions": (CompletionRequest, "completions"),
+def test_the_table_is_the_four_metered_routes() -> None:
+    assert {p: (r.schema, r.endpoint, r.capability) for p, r in ROUTES.items()} == {
+        "/v1/chat/completions": (ChatCompletionRequest, "chat.completions", "chat"),
+        "/v1/completions": (CompletionRequest, "completions", "completions"),
+        "/v1/embeddings": (EmbeddingRequest, "embeddings", "embeddings"),
+        "/v1/responses": (ResponsesRequest, "responses", "responses"),
     }
     assert {e: r.path for e, r in BY_ENDPOINT.items()} == {
         "chat.completions": "/v1/chat/completions",
         "completions": "/v1/completions",
+        "embeddings": "/v1/embeddings",
+        "responses": "/v1/responses",
     }
 
 
@@ -57,8 +66,10 @@ async def test_every_route_is_served_by_the_pipeline_and_forwarded_under_its_pat
             "messages": [{"role": "user", "content": "hi"}],
         },
         "/v1/completions": {"model": "smollm2-135m-instruct", "prompt": "hi"},
+        "/v1/responses": {"model": "smollm2-135m-instruct", "input": "hi"},
     }
-    assert set(bodies) == set(ROUTES)
+    # embeddings need a `kind: embedding` model: tests/serving/test_surface_embeddings.py
+    assert set(bodies) | {"/v1/embeddings"} == set(ROUTES)
     for path, body in bodies.items():
         r = await gateway.http.post(path, json=body, headers=auth(tenant.api_key))
         assert r.status_code == 200, r.text  # FastAPI's own endpoint for these paths answers 500

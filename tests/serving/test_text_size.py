@@ -21,8 +21,9 @@ def _sizes(gateway: Gateway, rid: str) -> tuple[int | None, ...]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_chat_prompt_and_completion_sizes(gateway: Gateway, tenant: TenantKey, worker: FakeWorker,
-                                                stream: bool) -> None:
+async def test_chat_prompt_and_completion_sizes(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker, stream: bool
+) -> None:
     worker.behave(tokens=3)  # generates " w0 w1 w2": 9 characters
     body = chat_body(KAZAKH, stream=stream)
     body["messages"].insert(0, {"role": "system", "content": [{"type": "text", "text": "Be brief."}]})
@@ -41,15 +42,18 @@ async def test_chat_prompt_and_completion_sizes(gateway: Gateway, tenant: Tenant
 
 async def test_completions_prompt_size(gateway: Gateway, tenant: TenantKey, worker: FakeWorker) -> None:
     worker.behave(tokens=2)
-    r = await gateway.http.post("/v1/completions", json={"model": MODEL, "prompt": "你好，世界"},
-                                headers=auth(tenant.api_key))
+    r = await gateway.http.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "你好，世界"}, headers=auth(tenant.api_key)
+    )
     assert r.status_code == 200
     rid = r.headers["x-request-id"]
     await gateway.wait_event(rid)
     assert _sizes(gateway, rid) == (5, 15, 6, 6)
 
 
-async def test_a_cut_stream_counts_what_was_relayed(gateway: Gateway, tenant: TenantKey, worker: FakeWorker) -> None:
+async def test_a_cut_stream_counts_what_was_relayed(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
+) -> None:
     worker.behave(tokens=10, die_after=4)  # the role chunk and three tokens, then the worker is gone
     out = await stream_raw(gateway.http, tenant.api_key, chat_body("Count to ten please", stream=True))
     relayed = "".join(e["choices"][0]["delta"].get("content") or "" for e in out.events if e.get("choices"))
