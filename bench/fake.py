@@ -14,8 +14,28 @@ MODEL = "smollm2-135m-instruct"
 CREATED = 1763900000
 PROMPT_TOKENS = 31
 # 20 content chunks, one token each (what a 20-chunk stream means in issue 7).
-WORDS = (" The", " capital", " of", " Kazakhstan", " is", " Astana", ",", " a", " modern", " city",
-         " on", " the", " Ishim", " River", " in", " the", " north", ".", " Hope", " that helps")
+WORDS = (
+    " The",
+    " capital",
+    " of",
+    " Kazakhstan",
+    " is",
+    " Astana",
+    ",",
+    " a",
+    " modern",
+    " city",
+    " on",
+    " the",
+    " Ishim",
+    " River",
+    " in",
+    " the",
+    " north",
+    ".",
+    " Hope",
+    " that helps",
+)
 CONTENT_CHUNKS = len(WORDS)
 
 
@@ -24,36 +44,83 @@ def _dumps(obj: object) -> str:
 
 
 def _usage(completion: int) -> dict[str, int]:
-    return {"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS + completion,
-            "completion_tokens": completion}
+    return {
+        "prompt_tokens": PROMPT_TOKENS,
+        "total_tokens": PROMPT_TOKENS + completion,
+        "completion_tokens": completion,
+    }
 
 
 def chat_json(request_id: str = "chatcmpl-bench0000000000000000000000") -> str:
     """A non-streaming vLLM chat completion with usage."""
-    return _dumps({
-        "id": request_id, "object": "chat.completion", "created": CREATED, "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "reasoning_content": None,
-                                             "content": "".join(WORDS).strip(), "tool_calls": []},
-                     "logprobs": None, "finish_reason": "stop", "stop_reason": None}],
-        "usage": {**_usage(CONTENT_CHUNKS), "prompt_tokens_details": None},
-        "prompt_logprobs": None, "kv_transfer_params": None,
-    })
+    return _dumps(
+        {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "reasoning_content": None,
+                        "content": "".join(WORDS).strip(),
+                        "tool_calls": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                    "stop_reason": None,
+                }
+            ],
+            "usage": {**_usage(CONTENT_CHUNKS), "prompt_tokens_details": None},
+            "prompt_logprobs": None,
+            "kv_transfer_params": None,
+        }
+    )
 
 
 def _chunk(request_id: str, choices: list[dict[str, object]], completion: int) -> str:
-    return "data: " + _dumps({"id": request_id, "object": "chat.completion.chunk", "created": CREATED,
-                              "model": MODEL, "choices": choices, "usage": _usage(completion)}) + "\n\n"
+    return (
+        "data: "
+        + _dumps(
+            {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": MODEL,
+                "choices": choices,
+                "usage": _usage(completion),
+            }
+        )
+        + "\n\n"
+    )
 
 
 def sse_role_chunk(request_id: str = "chatcmpl-bench0000000000000000000000") -> str:
-    return _chunk(request_id, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None}], 0)
+    return _chunk(
+        request_id,
+        [
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ],
+        0,
+    )
 
 
-def sse_content_chunk(i: int, *, last: bool, request_id: str = "chatcmpl-bench0000000000000000000000",
-                      word: str | None = None) -> str:
-    choice: dict[str, object] = {"index": 0, "delta": {"content": word if word is not None else WORDS[i % len(WORDS)]},
-                                 "logprobs": None, "finish_reason": "stop" if last else None}
+def sse_content_chunk(
+    i: int, *, last: bool, request_id: str = "chatcmpl-bench0000000000000000000000", word: str | None = None
+) -> str:
+    choice: dict[str, object] = {
+        "index": 0,
+        "delta": {"content": word if word is not None else WORDS[i % len(WORDS)]},
+        "logprobs": None,
+        "finish_reason": "stop" if last else None,
+    }
     if last:
         choice["stop_reason"] = None
     return _chunk(request_id, [choice], i + 1)
@@ -86,6 +153,6 @@ def nginx_return(body: str, var: str) -> str:
     `set` parts of it into variables and return their concatenation."""
     if len(body) <= NGINX_TOKEN_MAX:
         return f"return 200 {nginx_literal(body)};"
-    parts = [body[i:i + NGINX_TOKEN_MAX] for i in range(0, len(body), NGINX_TOKEN_MAX)]
+    parts = [body[i : i + NGINX_TOKEN_MAX] for i in range(0, len(body), NGINX_TOKEN_MAX)]
     sets = " ".join(f"set ${var}{i} {nginx_literal(part)};" for i, part in enumerate(parts))
     return sets + ' return 200 "' + "".join(f"${var}{i}" for i in range(len(parts))) + '";'

@@ -54,10 +54,23 @@ class Result:
 
 def _event() -> UsageEvent:
     now = datetime.now(UTC)
-    return UsageEvent(request_id="req_" + uuid.uuid4().hex, tenant_id="bench", key_id="key_bench",
-                      model="smollm2-135m-instruct", origin_country="KZ", prompt_tokens=57, cached_prompt_tokens=0,
-                      completion_tokens=24, stream=True, outcome=Outcome.OK, started_at=now, finished_at=now,
-                      language="ru", serving_region="cn-tianjin-1", worker_id="local-0")
+    return UsageEvent(
+        request_id="req_" + uuid.uuid4().hex,
+        tenant_id="bench",
+        key_id="key_bench",
+        model="smollm2-135m-instruct",
+        origin_country="KZ",
+        prompt_tokens=57,
+        cached_prompt_tokens=0,
+        completion_tokens=24,
+        stream=True,
+        outcome=Outcome.OK,
+        started_at=now,
+        finished_at=now,
+        language="ru",
+        serving_region="cn-tianjin-1",
+        worker_id="local-0",
+    )
 
 
 async def _run(url: str, backend: str, concurrency: int, seconds: float, max_batch: int) -> Result:
@@ -66,8 +79,12 @@ async def _run(url: str, backend: str, concurrency: int, seconds: float, max_bat
     store = UsageStore(engine)
     batches: list[int] = []
     with tempfile.TemporaryDirectory() as spool_dir:
-        ledger = Ledger(store, Spool(Path(spool_dir) / "spool.jsonl"), max_batch=max_batch,
-                        on_commit=lambda _s, n: batches.append(n))
+        ledger = Ledger(
+            store,
+            Spool(Path(spool_dir) / "spool.jsonl"),
+            max_batch=max_batch,
+            on_commit=lambda _s, n: batches.append(n),
+        )
         await ledger.start()
         latencies: list[float] = []
         await ledger.append(_event())  # warm the connection pool
@@ -87,9 +104,18 @@ async def _run(url: str, backend: str, concurrency: int, seconds: float, max_bat
         await ledger.close()
     engine.dispose()
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
-    return Result(backend, concurrency, max_batch, len(latencies), round(elapsed, 2),
-                  round(len(latencies) / elapsed, 1), round(q[49] * 1000, 2), round(q[89] * 1000, 2),
-                  round(q[98] * 1000, 2), round(statistics.fmean(batches), 1) if batches else 0.0)
+    return Result(
+        backend,
+        concurrency,
+        max_batch,
+        len(latencies),
+        round(elapsed, 2),
+        round(len(latencies) / elapsed, 1),
+        round(q[49] * 1000, 2),
+        round(q[89] * 1000, 2),
+        round(q[98] * 1000, 2),
+        round(statistics.fmean(batches), 1) if batches else 0.0,
+    )
 
 
 def _sqlite_url(tmp: Path) -> str:
@@ -113,7 +139,9 @@ async def bench(seconds: float, postgres: bool) -> list[Result]:
 
                     assert server is not None
                     name = f"bench_{next(counter)}"
-                    admin = create_engine(server.url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+                    admin = create_engine(
+                        server.url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT"
+                    )
                     with admin.connect() as conn:
                         conn.execute(text(f'CREATE DATABASE "{name}"'))
                     admin.dispose()
@@ -137,21 +165,31 @@ async def bench(seconds: float, postgres: bool) -> list[Result]:
 
 def _row(r: Result) -> str:
     mode = "group commit" if r.max_batch > 1 else "one commit per event"
-    return (f"| {r.backend} | {r.concurrency} | {mode} | {r.events_per_s:,.0f} | {r.p50_ms} | {r.p90_ms} | "
-            f"{r.p99_ms} | {r.mean_batch} |")
+    return (
+        f"| {r.backend} | {r.concurrency} | {mode} | {r.events_per_s:,.0f} | {r.p50_ms} | {r.p90_ms} | "
+        f"{r.p99_ms} | {r.mean_batch} |"
+    )
 
 
 def write(results: list[Result], out: Path, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    meta = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "loadavg": [round(x, 2) for x in load], "seconds_per_run": seconds}
-    (out / "ledger.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    meta = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in load],
+        "seconds_per_run": seconds,
+    }
+    (out / "ledger.json").write_text(
+        json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
+    )
     lines = [
         "# Ledger append throughput and commit-before-complete latency",
         "",
-        (f"{meta['when']}, {meta['cpus']} CPUs, load average {meta['loadavg']} (shared machine), "
-         f"{seconds:g} s per run. `python -m bench.ledger_bench`."),
+        (
+            f"{meta['when']}, {meta['cpus']} CPUs, load average {meta['loadavg']} (shared machine), "
+            f"{seconds:g} s per run. `python -m bench.ledger_bench`."
+        ),
         "",
         "Latency = time `await ledger.append(event)` takes = what committing the usage event before the",
         "response completes adds to each request. SQLite: WAL, synchronous=FULL. PostgreSQL 15: fsync on.",
@@ -170,7 +208,9 @@ def main() -> None:
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
-    print("| backend | concurrent requests | mode | events/s | p50 ms | p90 ms | p99 ms | events per commit |")
+    print(
+        "| backend | concurrent requests | mode | events/s | p50 ms | p90 ms | p99 ms | events per commit |"
+    )
     results = asyncio.run(bench(args.seconds, not args.no_postgres))
     write(results, args.out, args.seconds)
     print(f"wrote {args.out / 'ledger.md'}")

@@ -28,12 +28,17 @@ for _layer, _pkgs in (
     ("uvicorn + httptools (HTTP server)", ("uvicorn", "httptools")),
     ("starlette + fastapi + anyio (routing, middleware, responses)", ("starlette", "fastapi", "anyio")),
     ("pydantic (validation)", ("pydantic", "pydantic_core")),
-    ("aiohttp + yarl + multidict (upstream client)", ("aiohttp", "yarl", "multidict", "propcache", "aiohappyeyeballs")),
+    (
+        "aiohttp + yarl + multidict (upstream client)",
+        ("aiohttp", "yarl", "multidict", "propcache", "aiohappyeyeballs"),
+    ),
     ("SQLAlchemy + sqlite3 (ledger commit, key refresh)", ("sqlalchemy", "sqlite3")),
     ("prometheus_client (metrics)", ("prometheus_client",)),
     ("py3langid + numpy (language detection)", ("py3langid", "numpy")),
-    ("asyncio + uvloop + threads (event loop, to_thread)", ("asyncio", "uvloop", "concurrent", "threading", "queue",
-                                                           "selectors", "_weakrefset", "weakref")),
+    (
+        "asyncio + uvloop + threads (event loop, to_thread)",
+        ("asyncio", "uvloop", "concurrent", "threading", "queue", "selectors", "_weakrefset", "weakref"),
+    ),
     ("orjson", ("orjson",)),
 ):
     for _p in _pkgs:
@@ -55,14 +60,16 @@ def layer_of(path: str) -> str:
 
 
 def is_ours(path: str) -> bool:
-    return path.startswith(("serving/", "metering/")) or ("/work/" in path and ("/serving/" in path or "/metering/" in path))
+    return path.startswith(("serving/", "metering/")) or (
+        "/work/" in path and ("/serving/" in path or "/metering/" in path)
+    )
 
 
 def short(path: str) -> str:
     for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):
         i = path.find(marker)
         if i >= 0:
-            return path[i + len(marker):]
+            return path[i + len(marker) :]
     return path
 
 
@@ -101,8 +108,11 @@ def parse(raw: str) -> Profile:
         prof.own[f"{func} ({short(path)})"] += count
         prof.layers[layer_of(path)] += count
         site = next((fr for fr in reversed(frames) if is_ours(fr[1])), None)
-        prof.call_sites["(no Tokenport frame: server, loop, ledger thread)" if site is None
-                        else f"{site[0]} ({short(site[1])}:{site[2]})"] += count
+        prof.call_sites[
+            "(no Tokenport frame: server, loop, ledger thread)"
+            if site is None
+            else f"{site[0]} ({short(site[1])}:{site[2]})"
+        ] += count
         seen = set()
         for func_, path_, _ in frames:
             if is_ours(path_):
@@ -127,18 +137,27 @@ def table(counter: Counter[str], total: int, us_per_req: float | None, top: int,
 
 
 def report(prof: Profile, *, us_per_req: float | None, title: str, top: int = 25) -> list[str]:
-    lines = [f"### {title}", "",
-             f"{prof.samples} samples with the GIL held"
-             + (f"; µs = share × {us_per_req:.0f} µs CPU per request (clean run)." if us_per_req else "."), ""]
+    lines = [
+        f"### {title}",
+        "",
+        f"{prof.samples} samples with the GIL held"
+        + (f"; µs = share × {us_per_req:.0f} µs CPU per request (clean run)." if us_per_req else "."),
+        "",
+    ]
     lines += ["By layer (own time of the innermost frame):", ""]
-    lines += table(prof.layers, prof.samples, us_per_req, 20, "layer") + [""]
-    lines += [("By Tokenport call site (each sample charged to the innermost serving/ or metering/ frame, "
-              "so library time is charged to the line of our code that called it):"), ""]
-    lines += table(prof.call_sites, prof.samples, us_per_req, top, "call site") + [""]
+    lines += [*table(prof.layers, prof.samples, us_per_req, 20, "layer"), ""]
+    lines += [
+        (
+            "By Tokenport call site (each sample charged to the innermost serving/ or metering/ frame, "
+            "so library time is charged to the line of our code that called it):"
+        ),
+        "",
+    ]
+    lines += [*table(prof.call_sites, prof.samples, us_per_req, top, "call site"), ""]
     lines += ["Tokenport functions, inclusive:", ""]
-    lines += table(prof.inclusive, prof.samples, us_per_req, 20, "function") + [""]
+    lines += [*table(prof.inclusive, prof.samples, us_per_req, 20, "function"), ""]
     lines += [f"Top {top} functions by own time:", ""]
-    lines += table(prof.own, prof.samples, us_per_req, top, "function") + [""]
+    lines += [*table(prof.own, prof.samples, us_per_req, top, "function"), ""]
     return lines
 
 

@@ -46,8 +46,15 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=0.5)
     p.add_argument("--chunks", type=int, default=240)
     a = p.parse_args()
-    web.run_app(make_app(a.interval, a.chunks), host="127.0.0.1", port=a.port, print=None,
-                backlog=4096, access_log=None, handle_signals=True)
+    web.run_app(
+        make_app(a.interval, a.chunks),
+        host="127.0.0.1",
+        port=a.port,
+        print=None,
+        backlog=4096,
+        access_log=None,
+        handle_signals=True,
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def patch(name: str) -> Any:
     def deco(fn: Any) -> Any:
         PATCHES[name] = fn
         return fn
+
     return deco
 
 

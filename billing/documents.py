@@ -45,7 +45,9 @@ class InvoiceLine:
     amount_unrounded: Decimal  # quantity x price / 1e6, exact
     tier: int | None = None  # 1-based tier index for tiered prices
     tier_mode: str | None = None  # flat | graduated | volume
-    period: str | None = None  # YYYY-MM of a late supply (its own prices, tiers and tax); None: this invoice's
+    period: str | None = (
+        None  # YYYY-MM of a late supply (its own prices, tiers and tax); None: this invoice's
+    )
     price_book_version: str | None = None  # set when the price changed inside the period (lines per version)
 
     @property
@@ -53,19 +55,21 @@ class InvoiceLine:
         return self.kind is LineKind.ADJUSTMENT
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind.value,
-            "model": self.model,
-            "token_type": self.token_type.value if self.token_type else None,
-            "quantity_tokens": self.quantity_tokens,
-            "unit_price_per_million": _s(self.unit_price_per_million),
-            "amount": fmt(self.amount),
-            "amount_unrounded": fmt(self.amount_unrounded),
-            "adjustment": self.adjustment,
-            "tier": self.tier,
-            "tier_mode": self.tier_mode,
-        } | ({"period": self.period} if self.period else {}) | (
-            {"price_book_version": self.price_book_version} if self.price_book_version else {}
+        return (
+            {
+                "kind": self.kind.value,
+                "model": self.model,
+                "token_type": self.token_type.value if self.token_type else None,
+                "quantity_tokens": self.quantity_tokens,
+                "unit_price_per_million": _s(self.unit_price_per_million),
+                "amount": fmt(self.amount),
+                "amount_unrounded": fmt(self.amount_unrounded),
+                "adjustment": self.adjustment,
+                "tier": self.tier,
+                "tier_mode": self.tier_mode,
+            }
+            | ({"period": self.period} if self.period else {})
+            | ({"price_book_version": self.price_book_version} if self.price_book_version else {})
         )
 
     @classmethod

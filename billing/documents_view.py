@@ -40,6 +40,7 @@ def document(row: StoredDocument) -> Document:
         return engine.void(doc)
     return engine.void(doc)
 
+
 def render_document(store: BillingStore, ref: str, fmt: str, *, tenant_id: str | None = None) -> bytes:
     """The document in json | csv | html | pdf | ubl. A finalized document's JSON is the stored bytes."""
     row = store.get(ref)
@@ -48,6 +49,7 @@ def render_document(store: BillingStore, ref: str, fmt: str, *, tenant_id: str |
     if fmt == "json" and row.status == "finalized" and row.document_bytes is not None:
         return row.document_bytes
     return render(document(row), fmt)
+
 
 def verify(store: BillingStore, usage: UsageStore, number: str) -> Verification:
     """Recompute an invoice's usage digest and quantities from the ledger events it recorded."""
@@ -68,6 +70,7 @@ def verify(store: BillingStore, usage: UsageStore, number: str) -> Verification:
     if rows_of(own.rows()) != target.usage_rows or rows_of(late.rows()) != target.adjustment_rows:
         problems.append("usage quantities recomputed from the ledger differ from the recorded ones")
     return Verification(row.ref, not problems, tuple(problems), own.events + late.events)
+
 
 def exports(store: BillingStore, period: Period, *, by: GroupBy | str = GroupBy.COUNTRY) -> ExportReport:
     """Token export volume and revenue (CNY at the recorded rates) of the period's issued documents."""
@@ -91,14 +94,22 @@ def exports(store: BillingStore, period: Period, *, by: GroupBy | str = GroupBy.
 def document_summary(row: StoredDocument) -> dict[str, Any]:
     """The list view of a document (CLI ``--json``, admin and tenant APIs)."""
     return {
-        "number": row.number, "ref": row.ref, "kind": row.kind, "status": row.status, "tenant": row.tenant_id,
-        "period": row.period, "currency": row.currency,
+        "number": row.number,
+        "ref": row.ref,
+        "kind": row.kind,
+        "status": row.status,
+        "tenant": row.tenant_id,
+        "period": row.period,
+        "currency": row.currency,
         "subtotal": None if row.subtotal is None else format(row.subtotal, "f"),
         "tax_total": None if row.tax_total is None else format(row.tax_total, "f"),
         "total": None if row.total is None else format(row.total, "f"),
         "issue_date": row.issue_date.isoformat() if row.issue_date else None,
-        "original_number": row.original_number, "credit_note_number": row.credit_note_number,
-        "events": row.event_count, "usage_digest": row.usage_digest, "error": row.error,
+        "original_number": row.original_number,
+        "credit_note_number": row.credit_note_number,
+        "events": row.event_count,
+        "usage_digest": row.usage_digest,
+        "error": row.error,
     }
 
 

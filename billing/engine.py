@@ -166,6 +166,7 @@ def build_invoice(
     buyer = replace(buyer, billing_country=country, tax_id=tax_id, currency=currency)
     tax_point = tax_rules.tax_point(country, period_end=period_end, issue_date=issue_date)
     treatment = tax_rules.determine(buyer, seller, tax_point)
+
     def select(start: date, end: date) -> ResolvedPrices:
         return price_book.select(currency=currency, period_start=start, period_end=end, tenant_id=buyer.id)
 
@@ -183,10 +184,16 @@ def build_invoice(
     supplies = [Supply(period_start.strftime("%Y-%m"), tax_point, treatment, lines)]
     for supply in sorted(late, key=lambda s: s.period_start):
         point = tax_rules.tax_point(country, period_end=supply.period_end, issue_date=issue_date)
-        parts = price_book.spans(currency=currency, period_start=supply.period_start, period_end=supply.period_end)
+        parts = price_book.spans(
+            currency=currency, period_start=supply.period_start, period_end=supply.period_end
+        )
         if len(parts) > 1 and supply.by_day:
             late_part, _ = spanned_lines(
-                supply.by_day, parts, select, kind=LineKind.ADJUSTMENT, period=supply.label,
+                supply.by_day,
+                parts,
+                select,
+                kind=LineKind.ADJUSTMENT,
+                period=supply.label,
                 billed_before=supply.billed_before,
             )
         else:

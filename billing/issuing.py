@@ -66,7 +66,8 @@ def discard_pending(store: BillingStore, t: str, p: str) -> None:
 def finalize_draft(
     store: BillingStore, document_id: int, series: NumberSeries, *, now: datetime
 ) -> StoredDocument:
-    """Number one draft and store its finalized JSON: one unit of work (the number is never lost or reused)."""
+    """Number one draft and store its finalized JSON: one unit of work (the number is never lost or
+    reused)."""
     with store.unit() as tx:
         tenant = document_store.tenant_of(tx, document_id=document_id)
         if tenant is None:

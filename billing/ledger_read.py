@@ -7,7 +7,8 @@ committed later have a larger ``seq``. That is what lets an invoice record "I bi
 (tenant, period) with ``seq`` in (lo, hi]" and late usage be found as the events above ``hi``.
 
 A slice aggregates events into ``UsageQuantity`` rows per (model, token type, origin country,
-language, batch: a Batch API line, endpoint ``batch.*``) and keeps the ledger hash of every event, for the invoice's usage digest::
+language, batch: a Batch API line, endpoint ``batch.*``) and keeps the ledger hash of every event, for the
+invoice's usage digest::
 
     usage_digest = "sha256:" + sha256("\\n".join(sorted(event hashes))).hexdigest()
 """
@@ -89,10 +90,13 @@ def event_digest(hashes: Iterable[str]) -> str:
     return "sha256:" + hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
 
 
-def events_in(usage: UsageStore, period: Period, *, tenant_id: str | None = None,
-              after_seq: int = 0) -> Iterator[StoredEvent]:
+def events_in(
+    usage: UsageStore, period: Period, *, tenant_id: str | None = None, after_seq: int = 0
+) -> Iterator[StoredEvent]:
     """Events that started in ``period`` (UTC), optionally of one tenant, with seq > after_seq."""
-    return usage.iter_events(tenant_id=tenant_id, start=period.start_at, end=period.end_at, after_seq=after_seq)
+    return usage.iter_events(
+        tenant_id=tenant_id, start=period.start_at, end=period.end_at, after_seq=after_seq
+    )
 
 
 def events_in_ranges(usage: UsageStore, tenant_id: str, ranges: Iterable[SeqRange]) -> Iterator[StoredEvent]:
@@ -104,8 +108,11 @@ def events_in_ranges(usage: UsageStore, tenant_id: str, ranges: Iterable[SeqRang
             yield stored
 
 
-def billed_quantities(usage: UsageStore, tenant_id: str, period: Period, upto: int) -> dict[tuple[str, TokenType], int]:
-    """Tokens per (model, token type) of the tenant's events of `period` with ``seq <= upto`` (already invoiced)."""
+def billed_quantities(
+    usage: UsageStore, tenant_id: str, period: Period, upto: int
+) -> dict[tuple[str, TokenType], int]:
+    """Tokens per (model, token type) of the tenant's events of `period` with ``seq <= upto`` (already
+    invoiced)."""
     out: dict[tuple[str, TokenType], int] = {}
     if upto <= 0:
         return out
@@ -122,16 +129,27 @@ def billed_quantities(usage: UsageStore, tenant_id: str, period: Period, upto: i
 def rows_of(quantities: Iterable[UsageQuantity]) -> list[dict[str, object]]:
     """UsageQuantity rows as JSON-ready dicts (stored with each invoice for reports)."""
     return [
-        {"model": q.model, "token_type": q.token_type.value, "quantity_tokens": q.quantity_tokens,
-         "origin_country": q.origin_country, "language": q.language, **({"batch": True} if q.batch else {})}
+        {
+            "model": q.model,
+            "token_type": q.token_type.value,
+            "quantity_tokens": q.quantity_tokens,
+            "origin_country": q.origin_country,
+            "language": q.language,
+            **({"batch": True} if q.batch else {}),
+        }
         for q in quantities
     ]
 
 
 def rows_from(data: Iterable[dict[str, object]]) -> list[UsageQuantity]:
     return [
-        UsageQuantity(str(d["model"]), TokenType(str(d["token_type"])), int(str(d["quantity_tokens"])),
-                      None if d.get("origin_country") is None else str(d["origin_country"]),
-                      None if d.get("language") is None else str(d["language"]), d.get("batch") is True)
+        UsageQuantity(
+            str(d["model"]),
+            TokenType(str(d["token_type"])),
+            int(str(d["quantity_tokens"])),
+            None if d.get("origin_country") is None else str(d["origin_country"]),
+            None if d.get("language") is None else str(d["language"]),
+            d.get("batch") is True,
+        )
         for d in data
     ]

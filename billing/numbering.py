@@ -1,4 +1,5 @@
-"""Gapless number series: one counter row per series (prefix + year), incremented in the caller's unit of work.
+"""Gapless number series: one counter row per series (prefix + year), incremented in the caller's unit of
+work.
 
 A number is taken in the same transaction that writes the numbered document; a failure rolls both
 back, so a number is either used by exactly one stored document or never issued. SQLite serializes

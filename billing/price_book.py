@@ -180,7 +180,8 @@ class PriceBook:
     contracts: tuple[Contract, ...] = ()
 
     def spans(self, *, currency: str, period_start: date, period_end: date) -> list[tuple[date, date]]:
-        """The parts of the period each priced by one version (one part unless the price changes inside it)."""
+        """The parts of the period each priced by one version (one part unless the price changes inside
+        it)."""
         ccy = check_currency(currency)
         out: list[tuple[date, date]] = []
         day = period_start
@@ -191,8 +192,10 @@ class PriceBook:
                 day = last + timedelta(days=1)
                 if day > period_end:
                     return out
-        raise PriceBookNotFound(f"no price book version in {ccy} covers {period_start}..{period_end}"
-                                + (f" (nothing from {day})" if out else ""))
+        raise PriceBookNotFound(
+            f"no price book version in {ccy} covers {period_start}..{period_end}"
+            + (f" (nothing from {day})" if out else "")
+        )
 
     def select(
         self, *, currency: str, period_start: date, period_end: date, tenant_id: str
@@ -355,7 +358,8 @@ def _refuse_gaps(versions: tuple[PriceBookVersion, ...], file: str) -> None:
                     file,
                     "price_books",
                     f"{ccy} has no prices from {a.effective_to + timedelta(days=1)} to"
-                    f" {b.effective_from - timedelta(days=1)} (between versions {a.version!r} and {b.version!r})",
+                    f" {b.effective_from - timedelta(days=1)}"
+                    f" (between versions {a.version!r} and {b.version!r})",
                 )
 
 
@@ -367,8 +371,10 @@ def parse(data: Any, *, file: str = "<price book>") -> PriceBook:
             v.effective_from,
             v.effective_to,
             MappingProxyType(
-                {c: CurrencyPrices(m.prices(), m.minimum_commitment, m.batch_discount or Decimal(0))
-                 for c, m in v.currencies.items()}
+                {
+                    c: CurrencyPrices(m.prices(), m.minimum_commitment, m.batch_discount or Decimal(0))
+                    for c, m in v.currencies.items()
+                }
             ),
         )
         for v in cfg.price_books
@@ -394,7 +400,13 @@ def parse(data: Any, *, file: str = "<price book>") -> PriceBook:
         except Exception as exc:
             raise ConfigError(file, f"contracts.{i}.currency", str(exc)) from exc
         contract = Contract(
-            c.id, c.tenant, currency, c.effective_from, c.effective_to, c.prices(), c.minimum_commitment,
+            c.id,
+            c.tenant,
+            currency,
+            c.effective_from,
+            c.effective_to,
+            c.prices(),
+            c.minimum_commitment,
             c.batch_discount,
         )
         for other in contracts:

@@ -118,7 +118,11 @@ def rated_rows(
     rows: list[RatedRow] = []
     live = [u for u in usage if not u.batch]
     batch = [u for u in usage if u.batch]  # Batch API usage has lines of its own (LineKind.BATCH_USAGE)
-    for kind, source in ((LineKind.USAGE, live), (LineKind.BATCH_USAGE, batch), (LineKind.ADJUSTMENT, adjustments)):
+    for kind, source in (
+        (LineKind.USAGE, live),
+        (LineKind.BATCH_USAGE, batch),
+        (LineKind.ADJUSTMENT, adjustments),
+    ):
         revenue: dict[tuple[str, TokenType], tuple[Decimal, int]] = {}
         for line in invoice.lines:
             if line.kind is kind and line.model is not None and line.token_type is not None:

@@ -73,9 +73,17 @@ class FinalizeReport:
 
 
 class BillingService:
-    def __init__(self, *, store: BillingStore, usage: UsageStore, tenants: TenantStore, config_dir: Path,
-                 prices: PriceSource, clock: Clock = utcnow,
-                 finalize_grace: timedelta = timedelta(0)) -> None:
+    def __init__(
+        self,
+        *,
+        store: BillingStore,
+        usage: UsageStore,
+        tenants: TenantStore,
+        config_dir: Path,
+        prices: PriceSource,
+        clock: Clock = utcnow,
+        finalize_grace: timedelta = timedelta(0),
+    ) -> None:
         self.store = store
         self._usage = usage
         self._tenants = tenants
@@ -91,7 +99,11 @@ class BillingService:
         configs/billing/fx_rates.csv + imported rates."""
         fx_file = self._dir / "fx_rates.csv"
         try:
-            shipped = import_csv(fx_file.read_text(encoding="utf-8"), origin=str(fx_file)) if fx_file.is_file() else []
+            shipped = (
+                import_csv(fx_file.read_text(encoding="utf-8"), origin=str(fx_file))
+                if fx_file.is_file()
+                else []
+            )
         except OSError as exc:
             raise FxImportError(f"{fx_file}: cannot read: {exc}") from exc
         return BillingConfig(
@@ -114,16 +126,22 @@ class BillingService:
         return self.prices.book()
 
     # --- month close -----------------------------------------------------------------------
-    def run(self, period: Period, *, tenant_id: str | None = None, issue_date: date | None = None) -> RunReport:
+    def run(
+        self, period: Period, *, tenant_id: str | None = None, issue_date: date | None = None
+    ) -> RunReport:
         """Build or refresh the drafts. Their issue date is provisional (``issue_date``, by default the day
         after the period): finalizing dates every invoice the day it is finalized."""
         if issue_date is not None and not period.start <= issue_date <= period.end + timedelta(days=366):
-            raise InvalidUsage(f"the issue date {issue_date} must fall between the start of {period} and a year"
-                               " after its end")
+            raise InvalidUsage(
+                f"the issue date {issue_date} must fall between the start of {period} and a year"
+                " after its end"
+            )
         issue = issue_date or period.end + timedelta(days=1)
         return self._run(period, tenant_id, issue)
 
-    def _run(self, period: Period, tenant_id: str | None, issue: date, cfg: BillingConfig | None = None) -> RunReport:
+    def _run(
+        self, period: Period, tenant_id: str | None, issue: date, cfg: BillingConfig | None = None
+    ) -> RunReport:
         cfg = cfg or self.config()
         report = RunReport(str(period), issue)
         tenants = {t.id: t for t in self._tenants.list_tenants()}
@@ -155,14 +173,17 @@ class BillingService:
                 why = f"{p} is closed: no new invoices (late usage is billed next period as an adjustment)"
                 report.skipped.append((t, why))
                 continue
-            all_rows &= self._draft(cfg, report, period, issue, t, tenants.get(t), own.get(t), late.get(t), billed)
+            all_rows &= self._draft(
+                cfg, report, period, issue, t, tenants.get(t), own.get(t), late.get(t), billed
+            )
         if tenant_id is None and all_rows:
             with self.store.unit() as tx:
                 period_store.record_run(tx, p, mark, self._clock())
         return report
 
-    def _read_own(self, period: Period, tenant_id: str | None,
-                  billed: dict[tuple[str, str], int]) -> tuple[dict[str, Slice], int]:
+    def _read_own(
+        self, period: Period, tenant_id: str | None, billed: dict[tuple[str, str], int]
+    ) -> tuple[dict[str, Slice], int]:
         """This period's unbilled events per tenant, and the highest seq the pass saw."""
         p = str(period)
         slices: dict[str, Slice] = {}
@@ -176,8 +197,14 @@ class BillingService:
                 slices.setdefault(t, Slice()).add(stored, p, lo)
         return slices, mark
 
-    def _read_late(self, earlier: list[str], tenant_id: str | None, closed: dict[str, int],
-                   states: dict[tuple[str, str], set[str]], billed: dict[tuple[str, str], int]) -> dict[str, Slice]:
+    def _read_late(
+        self,
+        earlier: list[str],
+        tenant_id: str | None,
+        closed: dict[str, int],
+        states: dict[tuple[str, str], set[str]],
+        billed: dict[tuple[str, str], int],
+    ) -> dict[str, Slice]:
         """Late usage: unbilled events of earlier periods that are closed for their tenant."""
 
         def closed_for(t: str, q: str) -> bool:
@@ -197,8 +224,11 @@ class BillingService:
             else:
                 # The lowest W of the tenants closed there; a tenant without rows in a closed
                 # period has no event below the close mark (the last full run saw them all).
-                bounds = [billed.get((t, qq), 0) for (t, qq), s in states.items()
-                          if qq == q and Status.FINALIZED in s]
+                bounds = [
+                    billed.get((t, qq), 0)
+                    for (t, qq), s in states.items()
+                    if qq == q and Status.FINALIZED in s
+                ]
                 bounds += [closed[q]] if q in closed else []
                 after = min(bounds, default=0)
             for stored in events_in(self._usage, Period.parse(q), tenant_id=tenant_id, after_seq=after):
@@ -210,17 +240,28 @@ class BillingService:
 
     def _has_minimum(self, cfg: BillingConfig, tenant: Tenant, period: Period) -> bool:
         try:
-            start, end = cfg.price_book.spans(currency=tenant.currency, period_start=period.start,
-                                              period_end=period.end)[-1]
-            prices = cfg.price_book.select(currency=tenant.currency, period_start=start, period_end=end,
-                                           tenant_id=tenant.id)
+            start, end = cfg.price_book.spans(
+                currency=tenant.currency, period_start=period.start, period_end=period.end
+            )[-1]
+            prices = cfg.price_book.select(
+                currency=tenant.currency, period_start=start, period_end=end, tenant_id=tenant.id
+            )
         except BillingError:
             return False
         return prices.minimum_commitment is not None and prices.minimum_commitment > 0
 
-    def _draft(self, cfg: BillingConfig, report: RunReport, period: Period, issue: date, t: str,
-               tenant: Tenant | None, own: Slice | None, late: Slice | None,
-               billed: dict[tuple[str, str], int]) -> bool:
+    def _draft(
+        self,
+        cfg: BillingConfig,
+        report: RunReport,
+        period: Period,
+        issue: date,
+        t: str,
+        tenant: Tenant | None,
+        own: Slice | None,
+        late: Slice | None,
+        billed: dict[tuple[str, str], int],
+    ) -> bool:
         p, now = str(period), self._clock()
         own, late = own or Slice(), late or Slice()
         if tenant is None:
@@ -230,14 +271,29 @@ class BillingService:
             return True
         try:
             supplies = [
-                LateSupply(q.start, q.end, tokens, billed_quantities(self._usage, t, q, billed.get((t, str(q)), 0)),
-                           {d: n for d, n in late.by_day.items() if q.start <= d <= q.end})
+                LateSupply(
+                    q.start,
+                    q.end,
+                    tokens,
+                    billed_quantities(self._usage, t, q, billed.get((t, str(q)), 0)),
+                    {d: n for d, n in late.by_day.items() if q.start <= d <= q.end},
+                )
                 for q, tokens in sorted((Period.parse(k), v) for k, v in late.by_period.items())
             ]
             invoice = engine.build_invoice(
-                usage=own.rows(), late=supplies, usage_by_day=own.by_day, buyer=buyer_of(tenant), seller=cfg.seller,
-                price_book=cfg.price_book, tax_rules=cfg.tax_rules, fx=cfg.fx, period_start=period.start,
-                period_end=period.end, issue_date=issue, usage_digest=event_digest(own.hashes + late.hashes))
+                usage=own.rows(),
+                late=supplies,
+                usage_by_day=own.by_day,
+                buyer=buyer_of(tenant),
+                seller=cfg.seller,
+                price_book=cfg.price_book,
+                tax_rules=cfg.tax_rules,
+                fx=cfg.fx,
+                period_start=period.start,
+                period_end=period.end,
+                issue_date=issue,
+                usage_digest=event_digest(own.hashes + late.hashes),
+            )
         except BillingError as exc:
             issuing.save_pending(self.store, t, p, str(exc), (), now)
             report.errors.append((t, str(exc)))
@@ -248,20 +304,39 @@ class BillingService:
             return True
         ranges: list[SeqRange] = [*own.ranges.values(), *late.ranges.values()]
         try:
-            row = issuing.save_pending(self.store, t, p, Draft(
-                tenant_id=t, period=p, document=to_json(invoice), currency=invoice.currency,
-                subtotal=invoice.subtotal, tax_total=invoice.tax_total, total=invoice.total, issue_date=issue,
-                usage_rows=rows_of(own.rows()), adjustment_rows=rows_of(late.rows()),
-                usage_digest=invoice.usage_digest, event_count=own.events + late.events, ranges=ranges),
-                ranges, now)
+            row = issuing.save_pending(
+                self.store,
+                t,
+                p,
+                Draft(
+                    tenant_id=t,
+                    period=p,
+                    document=to_json(invoice),
+                    currency=invoice.currency,
+                    subtotal=invoice.subtotal,
+                    tax_total=invoice.tax_total,
+                    total=invoice.total,
+                    issue_date=issue,
+                    usage_rows=rows_of(own.rows()),
+                    adjustment_rows=rows_of(late.rows()),
+                    usage_digest=invoice.usage_digest,
+                    event_count=own.events + late.events,
+                    ranges=ranges,
+                ),
+                ranges,
+                now,
+            )
         except DocumentStateError as exc:
             report.errors.append((t, str(exc)))
             return False
         report.drafts.append(row)
         return True
 
-    def finalize(self, period: Period, *, tenant_id: str | None = None, force: bool = False) -> FinalizeReport:
-        """Number every draft of the period (or one tenant's), dated today; refuse error rows with their reason.
+    def finalize(
+        self, period: Period, *, tenant_id: str | None = None, force: bool = False
+    ) -> FinalizeReport:
+        """Number every draft of the period (or one tenant's), dated today; refuse error rows with their
+        reason.
 
         A period is finalized once it has ended, from its end + ``finalize_grace``; ``force=True`` closes a
         running period early (the report says so: the caller audits it). Every invoice is issued the day it is
@@ -275,17 +350,22 @@ class BillingService:
             raise DocumentStateError(f"{p} has not started yet: nothing can be finalized for it")
         opens = period.end_at + self.finalize_grace
         if now < opens and not force:
-            raise DocumentStateError(f"{p} is still open: it can be finalized from {opens:%Y-%m-%d %H:%M} UTC"
-                                     " (force it to close early)")
+            raise DocumentStateError(
+                f"{p} is still open: it can be finalized from {opens:%Y-%m-%d %H:%M} UTC"
+                " (force it to close early)"
+            )
         if tenant_id is None and p not in self.store.closed_periods() and not self.store.was_run(p):
-            raise DocumentStateError(f"{p} has not been run for all tenants: run `tokenport invoices run"
-                                     f" --period {p}` first")
+            raise DocumentStateError(
+                f"{p} has not been run for all tenants: run `tokenport invoices run --period {p}` first"
+            )
         cfg = self.config()
         series = cfg.seller.numbering
         pending = self.store.find(period=p, tenant_id=tenant_id, kinds=["invoice"], statuses=PENDING)
         if tenant_id is not None and not pending:
-            raise DocumentStateError(f"{tenant_id} has no draft for {p}: run `tokenport invoices run"
-                                     f" --period {p} --tenant {tenant_id}` first")
+            raise DocumentStateError(
+                f"{tenant_id} has no draft for {p}: run `tokenport invoices run"
+                f" --period {p} --tenant {tenant_id}` first"
+            )
         for row in pending:
             if row.status == "draft" and row.issue_date != today:
                 redated = self._redate(period, row, today, cfg)
@@ -306,20 +386,28 @@ class BillingService:
             report.closed = True
         return report
 
-    def _redate(self, period: Period, row: StoredDocument, today: date, cfg: BillingConfig) -> StoredDocument | None:
+    def _redate(
+        self, period: Period, row: StoredDocument, today: date, cfg: BillingConfig
+    ) -> StoredDocument | None:
         """The tenant's draft rebuilt with today's issue date (the ledger read again); None: nothing left.
 
-        Only tenants with a draft are rebuilt: finalize numbers what a run drafted, never a tenant no run saw."""
+        Only tenants with a draft are rebuilt: finalize numbers what a run drafted, never a tenant no run
+        saw."""
         self._run(period, row.tenant_id, today, cfg)
-        found = self.store.find(period=row.period, tenant_id=row.tenant_id, kinds=["invoice"], statuses=PENDING)
+        found = self.store.find(
+            period=row.period, tenant_id=row.tenant_id, kinds=["invoice"], statuses=PENDING
+        )
         return found[0] if found else None
 
     def finalize_document(self, document_id: int, series: NumberSeries | None = None) -> StoredDocument:
         """Number one draft (see billing/issuing.py)."""
-        return issuing.finalize_draft(self.store, document_id, series or self.config().seller.numbering,
-                                      now=self._clock())
+        return issuing.finalize_draft(
+            self.store, document_id, series or self.config().seller.numbering, now=self._clock()
+        )
 
-    def void(self, number: str, *, reason: str, issue_date: date | None = None) -> tuple[StoredDocument, StoredDocument]:
+    def void(
+        self, number: str, *, reason: str, issue_date: date | None = None
+    ) -> tuple[StoredDocument, StoredDocument]:
         """Void a finalized invoice: a credit note reversing it exactly, numbered in its own series."""
         row = self.store.get(number)
         lifecycle.transition(row.kind, row.status, Op.VOID, what=number)
@@ -327,8 +415,14 @@ class BillingService:
         invoice = Invoice.from_json_dict(row.document)
         issue = issue_date or max(self._clock().date(), invoice.issue_date)
         credit = engine.build_credit_note(invoice, reason=reason, issue_date=issue)
-        return issuing.void_invoice(self.store, row.id, credit, reason=reason,
-                                    series=self.config().seller.numbering, now=self._clock())
+        return issuing.void_invoice(
+            self.store,
+            row.id,
+            credit,
+            reason=reason,
+            series=self.config().seller.numbering,
+            now=self._clock(),
+        )
 
     def reissue(self, number: str) -> StoredDocument:
         """Bill a voided invoice's usage again: a new invoice for its tenant and period, with today's tenant
@@ -336,14 +430,20 @@ class BillingService:
         row = self.store.get(number)
         lifecycle.transition(row.kind, row.status, Op.REISSUE, what=number)
         period = Period.parse(row.period)
-        live = self.store.find(tenant_id=row.tenant_id, period=row.period, kinds=["invoice"], statuses=["finalized"])
+        live = self.store.find(
+            tenant_id=row.tenant_id, period=row.period, kinds=["invoice"], statuses=["finalized"]
+        )
         if live:
-            raise DocumentStateError(f"{number}: {row.tenant_id} {row.period} is already invoiced ({live[0].number})")
+            raise DocumentStateError(
+                f"{number}: {row.tenant_id} {row.period} is already invoiced ({live[0].number})"
+            )
         report = self._run(period, row.tenant_id, self._clock().date())
         if not report.drafts:
             why = "; ".join(r for _, r in report.errors + report.skipped) or "nothing to bill"
             raise DocumentStateError(f"{number}: cannot re-issue {row.tenant_id} {row.period}: {why}")
-        done = self.finalize(period, tenant_id=row.tenant_id, force=True)  # the period has ended: it was invoiced
+        done = self.finalize(
+            period, tenant_id=row.tenant_id, force=True
+        )  # the period has ended: it was invoiced
         if not done.finalized:
             raise DocumentStateError(f"{number}: cannot re-issue: {'; '.join(r for _, r in done.refused)}")
         return done.finalized[0]
@@ -366,5 +466,12 @@ class BillingService:
 
 
 def buyer_of(tenant: Tenant) -> Buyer:
-    return Buyer(id=tenant.id, name=tenant.name, billing_country=tenant.billing_country, tax_id=tenant.tax_id,
-                 business=tenant.business, currency=tenant.currency, language=tenant.language or "en")
+    return Buyer(
+        id=tenant.id,
+        name=tenant.name,
+        billing_country=tenant.billing_country,
+        tax_id=tenant.tax_id,
+        business=tenant.business,
+        currency=tenant.currency,
+        language=tenant.language or "en",
+    )

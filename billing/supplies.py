@@ -70,7 +70,9 @@ Select = Callable[[date, date], ResolvedPrices]
 
 def late_lines(supply: LateSupply, prices: ResolvedPrices) -> list[InvoiceLine]:
     """Adjustment lines of one late supply priced by one version, naming its period."""
-    return _lines(supply.quantities, prices, dict(supply.billed_before), LineKind.ADJUSTMENT, supply.label, None)
+    return _lines(
+        supply.quantities, prices, dict(supply.billed_before), LineKind.ADJUSTMENT, supply.label, None
+    )
 
 
 def spanned_lines(
@@ -111,7 +113,9 @@ def _lines(
 ) -> list[InvoiceLine]:
     order = {t: i for i, t in enumerate(TOKEN_TYPES)}
     lines: list[InvoiceLine] = []
-    for (model, token_type), quantity in sorted(quantities.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+    for (model, token_type), quantity in sorted(
+        quantities.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])
+    ):
         if quantity < 0:
             raise InvalidUsage(f"negative usage {quantity} for {model}/{token_type.value}")
         spec = prices.price(model, token_type)
@@ -160,7 +164,12 @@ class Supply:
 
 def _fx_use(currency: str, used: FxRate, to: str, purpose: str) -> FxUse:
     return FxUse(
-        from_currency=currency, to_currency=to, rate=used.rate, source=used.source, date=used.date, purpose=purpose
+        from_currency=currency,
+        to_currency=to,
+        rate=used.rate,
+        source=used.source,
+        date=used.date,
+        purpose=purpose,
     )
 
 

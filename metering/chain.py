@@ -35,7 +35,6 @@ def unique_events(events: Sequence[UsageEvent]) -> dict[str, UsageEvent]:
     return unique
 
 
-
 class TenantPositions:
     """The next `tenant_seq` of each tenant, for one writer inside its serialized append transaction.
 

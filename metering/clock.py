@@ -47,7 +47,9 @@ class Period:
     def parse(cls, text: str) -> Period:
         m = _PERIOD.match(text.strip())
         if m is None or not 1 <= int(m.group(2)) <= 12 or not 1970 <= int(m.group(1)) <= 9998:
-            raise InvalidPeriod(f"a billing period is a month YYYY-MM from 1970-01 (e.g. 2026-01), got {text!r}")
+            raise InvalidPeriod(
+                f"a billing period is a month YYYY-MM from 1970-01 (e.g. 2026-01), got {text!r}"
+            )
         return cls(int(m.group(1)), int(m.group(2)))
 
     @classmethod

@@ -30,8 +30,10 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
     if parsed.get_backend_name() == "sqlite":
         synchronous = sqlite_synchronous.upper()
         if synchronous not in SQLITE_SYNCHRONOUS:
-            raise ValueError(f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, "
-                             f"not {sqlite_synchronous!r}")
+            raise ValueError(
+                f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, "
+                f"not {sqlite_synchronous!r}"
+            )
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -52,8 +54,13 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
 
         return engine
     # connect_timeout: an unreachable server fails fast, so the ledger spools instead of hanging
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
-                         connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {})
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
+    )
 
 
 def is_sqlite_file(engine: Engine) -> bool:

@@ -21,22 +21,27 @@ from datetime import datetime
 from typing import Any
 
 
-class Outcome(str, enum.Enum):
+# (str, Enum), not StrEnum: str() and format() of the members keep their long-standing form.
+class Outcome(str, enum.Enum):  # noqa: UP042
     OK = "ok"
     CLIENT_CANCELLED = "client_cancelled"
     UPSTREAM_ERROR = "upstream_error"
     REJECTED = "rejected"
 
 
-class TokenType(str, enum.Enum):
+class TokenType(str, enum.Enum):  # noqa: UP042  as Outcome
     INPUT = "input"
     CACHED_INPUT = "cached_input"
     OUTPUT = "output"
     EMBEDDING_INPUT = "embedding_input"
 
 
-TOKEN_TYPES: tuple[TokenType, ...] = (TokenType.INPUT, TokenType.CACHED_INPUT, TokenType.OUTPUT,
-                                      TokenType.EMBEDDING_INPUT)
+TOKEN_TYPES: tuple[TokenType, ...] = (
+    TokenType.INPUT,
+    TokenType.CACHED_INPUT,
+    TokenType.OUTPUT,
+    TokenType.EMBEDDING_INPUT,
+)
 EMBEDDINGS = "embeddings"  # the `endpoint` of an embeddings request
 
 # A line of a Batch API batch (serving/batches/) is metered under its route's endpoint with this

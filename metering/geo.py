@@ -38,7 +38,7 @@ def _address(value: str | None) -> IPAddress | None:
         return None
     value = value.strip()
     if value.startswith("[") and "]" in value:  # [v6]:port
-        value = value[1:value.index("]")]
+        value = value[1 : value.index("]")]
     elif value.count(":") == 1:  # v4:port
         value = value.split(":", 1)[0]
     try:
@@ -83,10 +83,16 @@ class GeoIP:
 class OriginResolver:
     """Decides a request's origin country: trusted header, then GeoIP, then the tenant's country."""
 
-    def __init__(self, header: str, trusted_proxies: Iterable[str] = DEFAULT_TRUSTED_PROXIES,
-                 geoip_db: Path | None = None) -> None:
+    def __init__(
+        self,
+        header: str,
+        trusted_proxies: Iterable[str] = DEFAULT_TRUSTED_PROXIES,
+        geoip_db: Path | None = None,
+    ) -> None:
         self.header = header.lower()
-        self.trusted: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
+        self.trusted: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(c, strict=False) for c in trusted_proxies
+        )
         self.geoip = GeoIP(geoip_db) if geoip_db is not None else None
 
     def is_trusted(self, addr: IPAddress | None) -> bool:
@@ -109,14 +115,17 @@ class OriginResolver:
             addr = hop_addr
         return addr
 
-    def resolve(self, headers: Mapping[str, str], billing_country: str, peer: str | None = None) -> tuple[str, str]:
+    def resolve(
+        self, headers: Mapping[str, str], billing_country: str, peer: str | None = None
+    ) -> tuple[str, str]:
         """(origin country, source): source is `header`, `geoip` or `tenant`."""
         raw = headers.get(self.header)
         if raw is not None and self.is_trusted(_address(peer)):
             code = raw.strip().upper()
             if len(code) != 2 or not valid_country(code):
                 raise InvalidCountry(
-                    f"{self.header} must be an ISO 3166-1 alpha-2 country code, got {raw[:16]!r}")
+                    f"{self.header} must be an ISO 3166-1 alpha-2 country code, got {raw[:16]!r}"
+                )
             return code, "header"
         if self.geoip is not None:
             addr = self.client_address(headers, peer)

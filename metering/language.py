@@ -23,6 +23,7 @@ in another language of a script the set uses gets the nearest language of the se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import unicodedata
 from array import array
@@ -136,8 +137,9 @@ class LanguageDetector:
         return self._labels[int(scores.argmax())]
 
 
-def _load(languages: tuple[str, ...]) -> tuple[bytes, array[int], list[int], IntArray, FloatArray, FloatArray,
-                                               list[str]]:
+def _load(
+    languages: tuple[str, ...],
+) -> tuple[bytes, array[int], list[int], IntArray, FloatArray, FloatArray, list[str]]:
     """py3langid's model restricted to `languages`: (byte -> class table, transitions, row offset per
     state, feature per state, weights per feature and class, prior per class, label per class)."""
     import numpy as np
@@ -166,10 +168,8 @@ def _return_free_memory() -> None:
     """Hand the loader's scratch memory (the full model, freed but kept by glibc's heap) back to the OS."""
     import ctypes
 
-    try:
+    with contextlib.suppress(AttributeError, OSError, TypeError):  # not glibc
         ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError, TypeError):  # not glibc
-        pass
 
 
 def _dtype(values: array[int]) -> Any:
@@ -184,11 +184,12 @@ def _levels(depth: IntArray) -> list[IntArray]:
 
     order = np.argsort(depth, kind="stable")
     bounds = np.searchsorted(depth[order], np.arange(int(depth.max()) + 2))
-    return [order[bounds[d]:bounds[d + 1]] for d in range(len(bounds) - 1)]
+    return [order[bounds[d] : bounds[d + 1]] for d in range(len(bounds) - 1)]
 
 
-def _prune(rows: npt.NDArray[Any], state_row: IntArray, out: IntArray,
-           keep: npt.NDArray[np.bool_]) -> tuple[bytes, array[int], list[int], IntArray]:
+def _prune(
+    rows: npt.NDArray[Any], state_row: IntArray, out: IntArray, keep: npt.NDArray[np.bool_]
+) -> tuple[bytes, array[int], list[int], IntArray]:
     """Rebuild py3langid's feature automaton (Aho-Corasick emitting the longest feature ending at each
     byte) over the features in `keep`. Returns (byte -> class table, transitions (row x class), row
     offset per state, index among the kept features per state, or their count where none ends)."""
@@ -206,7 +207,7 @@ def _prune(rows: npt.NDArray[Any], state_row: IntArray, out: IntArray,
         level += 1
         found = []
         for chunk in range(0, frontier.size, 4096):
-            sources = frontier[chunk:chunk + 4096]
+            sources = frontier[chunk : chunk + 4096]
             targets = rows[state_row[sources]]
             src, byte = np.nonzero(depth[targets] < 0)
             new = targets[src, byte].astype(np.int64)

@@ -62,8 +62,11 @@ class PremiumTable:
 
     def lookup(self, language: str, tokenizer: str, on: date | None = None) -> Premium | None:
         """The latest premium of (language, tokenizer) measured on or before `on` (default: any day)."""
-        found = [r for r in self.rows if r.language == language and r.tokenizer == tokenizer
-                 and (on is None or r.measured_on <= on)]
+        found = [
+            r
+            for r in self.rows
+            if r.language == language and r.tokenizer == tokenizer and (on is None or r.measured_on <= on)
+        ]
         return max(found, key=lambda r: r.measured_on) if found else None
 
     @property
@@ -73,8 +76,11 @@ class PremiumTable:
 
 def premiums_from(result: MeasureResult, measured_on: date, source: str) -> list[Premium]:
     """One row per (tokenizer, language) of a measurement that has a premium (English: 1.000)."""
-    return [Premium(m.language, m.tokenizer, m.premium, source, measured_on)
-            for m in result.rows if m.premium is not None]
+    return [
+        Premium(m.language, m.tokenizer, m.premium, source, measured_on)
+        for m in result.rows
+        if m.premium is not None
+    ]
 
 
 def render_premiums(rows: Iterable[Premium]) -> str:
@@ -115,8 +121,11 @@ def load_premiums(path: Path) -> PremiumTable:
 
 
 def parse_premiums(text: str, label: str = "<premiums>") -> PremiumTable:
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1)
-             if line.strip() and not line.lstrip().startswith("#")]
+    lines = [
+        (n, line)
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not lines:
         raise PremiumFileError(label, 0, "header", f"empty file (expected {','.join(COLUMNS)})")
     numbers = [n for n, _ in lines]
@@ -128,8 +137,12 @@ def parse_premiums(text: str, label: str = "<premiums>") -> PremiumTable:
     for number, record in zip(numbers[1:], records[1:], strict=True):
         row = _row(label, number, record)
         if row.key in seen:
-            raise PremiumFileError(label, number, "measured_on",
-                                   f"{row.language}/{row.tokenizer} already has a premium for {row.measured_on}")
+            raise PremiumFileError(
+                label,
+                number,
+                "measured_on",
+                f"{row.language}/{row.tokenizer} already has a premium for {row.measured_on}",
+            )
         seen.add(row.key)
         rows.append(row)
     return PremiumTable(tuple(rows))

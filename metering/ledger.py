@@ -24,6 +24,7 @@ an event (metrics, budget settlement, the spend estimate), without the ledger kn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -53,9 +54,17 @@ _Item = tuple[UsageEvent, "asyncio.Future[None]"]
 
 
 class Ledger:
-    def __init__(self, store: UsageStore, spool: Spool, *, fail_closed: bool = False, max_batch: int = 512,
-                 on_commit: Callable[[float, int], None] | None = None, replay_interval_s: float = 2.0,
-                 checkpoint_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: UsageStore,
+        spool: Spool,
+        *,
+        fail_closed: bool = False,
+        max_batch: int = 512,
+        on_commit: Callable[[float, int], None] | None = None,
+        replay_interval_s: float = 2.0,
+        checkpoint_interval_s: float = 1.0,
+    ) -> None:
         self.store = store
         self.spool = spool
         self.fail_closed = fail_closed
@@ -86,13 +95,18 @@ class Ledger:
             await self._replay()
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
-        self._thread = threading.Thread(target=self._writer, args=(loop, self._stopped), name="ledger-writer",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._writer, args=(loop, self._stopped), name="ledger-writer", daemon=True
+        )
         self._thread.start()
         if self.checkpoint_interval_s > 0 and self.store.checkpoint_in_background():
             self._checkpoints_stop = threading.Event()
-            self._checkpointer = threading.Thread(target=self._checkpoints, args=(self._checkpoints_stop,),
-                                                  name="ledger-checkpoints", daemon=True)
+            self._checkpointer = threading.Thread(
+                target=self._checkpoints,
+                args=(self._checkpoints_stop,),
+                name="ledger-checkpoints",
+                daemon=True,
+            )
             self._checkpointer.start()
 
     def _checkpoints(self, stop: threading.Event) -> None:
@@ -102,7 +116,11 @@ class Ledger:
             try:
                 self.store.checkpoint()
                 failing = False
-            except (sqlite3.Error, SQLAlchemyError, OSError) as exc:  # next round tries again; the WAL grows meanwhile
+            except (
+                sqlite3.Error,
+                SQLAlchemyError,
+                OSError,
+            ) as exc:  # next round tries again; the WAL grows meanwhile
                 if not failing:
                     log.warning("ledger WAL checkpoint failed: %s", exc)
                 failing = True
@@ -161,10 +179,8 @@ class Ledger:
         try:
             self._drain(loop)
         finally:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for us
                 loop.call_soon_threadsafe(_set_done, stopped)
-            except RuntimeError:  # the loop is closed: nobody waits for us
-                pass
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         inbox = self._inbox
@@ -200,7 +216,7 @@ class Ledger:
                     stopping = True
                 else:
                     queued.extend(got)  # type: ignore[arg-type]
-            items, queued = queued[:self.max_batch], queued[self.max_batch:]
+            items, queued = queued[: self.max_batch], queued[self.max_batch :]
             error, seconds = self._commit([e for e, _ in items])
             try:
                 loop.call_soon_threadsafe(self._resolve, items, error, seconds)
@@ -227,9 +243,16 @@ class Ledger:
         except SQLAlchemyError as exc:
             self.available = False
             self._last_replay = time.monotonic()
-            log.error("ledger database error (%s); %s", exc.__class__.__name__,
-                      "failing closed" if self.fail_closed else "spooling to " + str(self.spool.path))
-            error = LedgerUnavailable("the usage ledger is unavailable") if self.fail_closed else self._to_spool(events)
+            log.error(
+                "ledger database error (%s); %s",
+                exc.__class__.__name__,
+                "failing closed" if self.fail_closed else "spooling to " + str(self.spool.path),
+            )
+            error = (
+                LedgerUnavailable("the usage ledger is unavailable")
+                if self.fail_closed
+                else self._to_spool(events)
+            )
         except BaseException as exc:  # noqa: BLE001 - handed to the waiters
             error = exc
         return error, time.perf_counter() - t0

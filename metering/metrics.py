@@ -45,55 +45,122 @@ class BoundedLabel:
 
 
 class Metrics:
-    def __init__(self, models: Iterable[str], *, max_tenants: int = 200,
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, models: Iterable[str], *, max_tenants: int = 200, registry: CollectorRegistry | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.models = frozenset(models)
-        self.tokens = Counter("tokenport_tokens", "Tokens metered, by tenant, origin country, model, "
-                              "token type (input excludes cached) and language.",
-                              ["tenant", "origin_country", "model", "token_type", "language"], registry=r)
-        self.characters = Counter("tokenport_characters", "Characters of text metered (prompt, completion), by model "
-                                  "and language (metering.languages + und): with tokenport_tokens_total, the "
-                                  "token premium by language.", ["model", "language", "part"], registry=r)
-        self.requests = Counter("tokenport_requests", "Requests metered, by outcome.",
-                                ["tenant", "model", "outcome"], registry=r)
-        self.responses = Counter("tokenport_http_responses", "HTTP responses by route template and status.",
-                                 ["route", "status"], registry=r)
-        self.duration = Histogram("tokenport_request_duration_seconds", "Whole request duration.",
-                                  ["model", "stream"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("tokenport_time_to_first_token_seconds", "Time to the first streamed token.",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream = Histogram("tokenport_upstream_duration_seconds", "Time waiting on the worker.",
-                                  ["model", "worker"], buckets=LATENCY_BUCKETS, registry=r)
-        self.overhead = Histogram("tokenport_gateway_overhead_seconds",
-                                  "Time spent in the gateway itself, excluding upstream time.",
-                                  ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
-        self.commit = Histogram("tokenport_ledger_commit_seconds", "Ledger group-commit duration.",
-                                buckets=COMMIT_BUCKETS, registry=r)
-        self.commit_batch = Histogram("tokenport_ledger_commit_batch_events", "Events per ledger commit.",
-                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.tokens = Counter(
+            "tokenport_tokens",
+            "Tokens metered, by tenant, origin country, model, "
+            "token type (input excludes cached) and language.",
+            ["tenant", "origin_country", "model", "token_type", "language"],
+            registry=r,
+        )
+        self.characters = Counter(
+            "tokenport_characters",
+            "Characters of text metered (prompt, completion), by model "
+            "and language (metering.languages + und): with tokenport_tokens_total, the "
+            "token premium by language.",
+            ["model", "language", "part"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "tokenport_requests", "Requests metered, by outcome.", ["tenant", "model", "outcome"], registry=r
+        )
+        self.responses = Counter(
+            "tokenport_http_responses",
+            "HTTP responses by route template and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "tokenport_request_duration_seconds",
+            "Whole request duration.",
+            ["model", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "tokenport_time_to_first_token_seconds",
+            "Time to the first streamed token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream = Histogram(
+            "tokenport_upstream_duration_seconds",
+            "Time waiting on the worker.",
+            ["model", "worker"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "tokenport_gateway_overhead_seconds",
+            "Time spent in the gateway itself, excluding upstream time.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.commit = Histogram(
+            "tokenport_ledger_commit_seconds",
+            "Ledger group-commit duration.",
+            buckets=COMMIT_BUCKETS,
+            registry=r,
+        )
+        self.commit_batch = Histogram(
+            "tokenport_ledger_commit_batch_events",
+            "Events per ledger commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
         self.inflight = Gauge("tokenport_inflight_requests", "Requests in flight.", ["model"], registry=r)
-        self.worker_healthy = Gauge("tokenport_worker_healthy", "1 if the worker passed its last health check.",
-                                    ["worker", "model"], registry=r)
-        self.estimated_spend = Counter("tokenport_estimated_spend",
-                                       "ESTIMATED spend in major currency units, priced at request time. "
-                                       "Invoices come from the ledger, never from this.",
-                                       ["tenant", "currency", "origin_country"], registry=r)
-        self.usage_estimated = Counter("tokenport_usage_estimated", "Requests whose usage the worker did not "
-                                       "report, counted by the gateway's tokenizer.", ["model"], registry=r)
-        self.drift_ratio = Gauge("tokenport_metering_drift_ratio", "Ledger vs worker counter drift (ratio).",
-                                 ["worker", "model", "token_type"], registry=r)
-        self.drift_tokens = Gauge("tokenport_metering_drift_tokens", "Ledger vs worker counter drift (tokens).",
-                                  ["worker", "model", "token_type"], registry=r)
-        self.budget_used = Gauge("tokenport_budget_used_ratio", "Share of the tenant's budget used.",
-                                 ["tenant"], registry=r)
-        label_values = Gauge("tokenport_label_values", "Distinct values tracked for a capped label.",
-                             ["label"], registry=r)
+        self.worker_healthy = Gauge(
+            "tokenport_worker_healthy",
+            "1 if the worker passed its last health check.",
+            ["worker", "model"],
+            registry=r,
+        )
+        self.estimated_spend = Counter(
+            "tokenport_estimated_spend",
+            "ESTIMATED spend in major currency units, priced at request time. "
+            "Invoices come from the ledger, never from this.",
+            ["tenant", "currency", "origin_country"],
+            registry=r,
+        )
+        self.usage_estimated = Counter(
+            "tokenport_usage_estimated",
+            "Requests whose usage the worker did not report, counted by the gateway's tokenizer.",
+            ["model"],
+            registry=r,
+        )
+        self.drift_ratio = Gauge(
+            "tokenport_metering_drift_ratio",
+            "Ledger vs worker counter drift (ratio).",
+            ["worker", "model", "token_type"],
+            registry=r,
+        )
+        self.drift_tokens = Gauge(
+            "tokenport_metering_drift_tokens",
+            "Ledger vs worker counter drift (tokens).",
+            ["worker", "model", "token_type"],
+            registry=r,
+        )
+        self.budget_used = Gauge(
+            "tokenport_budget_used_ratio", "Share of the tenant's budget used.", ["tenant"], registry=r
+        )
+        label_values = Gauge(
+            "tokenport_label_values", "Distinct values tracked for a capped label.", ["label"], registry=r
+        )
         label_cap = Gauge("tokenport_label_cap", "Cap on distinct values of a label.", ["label"], registry=r)
-        overflow = Counter("tokenport_label_overflow", "Label values folded into __other__ past the cap.",
-                           ["label"], registry=r)
+        overflow = Counter(
+            "tokenport_label_overflow",
+            "Label values folded into __other__ past the cap.",
+            ["label"],
+            registry=r,
+        )
         self.tenant_label = BoundedLabel("tenant", max_tenants, overflow, label_values, label_cap)
         # Start counters at zero for every known model, so increase() sees the first event.
         for m in self.models:

@@ -29,6 +29,7 @@ may have generated a few more tokens before the abort reached it, so each cut-of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass, field
@@ -61,13 +62,18 @@ class Counters:
     completion_tokens: int = 0
 
     def minus(self, other: Counters) -> Counters:
-        return Counters(self.prompt_tokens - other.prompt_tokens,
-                        self.cached_prompt_tokens - other.cached_prompt_tokens,
-                        self.completion_tokens - other.completion_tokens)
+        return Counters(
+            self.prompt_tokens - other.prompt_tokens,
+            self.cached_prompt_tokens - other.cached_prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+        )
 
     def by_type(self) -> dict[str, int]:
-        return {"input": self.prompt_tokens - self.cached_prompt_tokens, "cached_input": self.cached_prompt_tokens,
-                "output": self.completion_tokens}
+        return {
+            "input": self.prompt_tokens - self.cached_prompt_tokens,
+            "cached_input": self.cached_prompt_tokens,
+            "output": self.completion_tokens,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,14 +113,17 @@ def parse_worker_metrics(text: str, model: str) -> tuple[Counters, float]:
         raise ScrapeError(f"no vllm:prompt_tokens / vllm:generation_tokens for model_name={model!r}")
     epoch = min(created) if created else process_start
     if epoch is None:
-        raise ScrapeError("the worker exposes neither vllm:prompt_tokens_created nor process_start_time_seconds")
+        raise ScrapeError(
+            "the worker exposes neither vllm:prompt_tokens_created nor process_start_time_seconds"
+        )
     return Counters(int(sums[PROMPT]), int(sums[CACHED]), int(sums[GENERATION])), float(epoch)
 
 
 async def scrape(session: aiohttp.ClientSession, target: Target, timeout_s: float = 5.0) -> Reading:
     try:
-        async with session.get(target.url.rstrip("/") + "/metrics",
-                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.get(
+            target.url.rstrip("/") + "/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
             if resp.status != 200:
                 raise ScrapeError(f"{target.url}/metrics answered HTTP {resp.status}")
             text = await resp.text()
@@ -124,8 +133,9 @@ async def scrape(session: aiohttp.ClientSession, target: Target, timeout_s: floa
     return Reading(target, datetime.now(UTC), epoch, counters)
 
 
-async def scrape_all(targets: Sequence[Target], session: aiohttp.ClientSession | None = None
-                     ) -> list[Reading | ScrapeError]:
+async def scrape_all(
+    targets: Sequence[Target], session: aiohttp.ClientSession | None = None
+) -> list[Reading | ScrapeError]:
     own = session is None
     s = session or aiohttp.ClientSession()
     try:
@@ -167,9 +177,18 @@ class DriftRow:
         return abs(self.drift) <= self.allowed
 
     def as_dict(self) -> dict[str, Any]:
-        return {"worker": self.worker, "model": self.model, "token_type": self.token_type, "ledger": self.ledger,
-                "worker_tokens": self.worker_tokens, "drift": self.drift, "ratio": self.ratio,
-                "cut_off_events": self.cut_off, "allowed": self.allowed, "ok": self.ok}
+        return {
+            "worker": self.worker,
+            "model": self.model,
+            "token_type": self.token_type,
+            "ledger": self.ledger,
+            "worker_tokens": self.worker_tokens,
+            "drift": self.drift,
+            "ratio": self.ratio,
+            "cut_off_events": self.cut_off,
+            "allowed": self.allowed,
+            "ok": self.ok,
+        }
 
 
 @dataclass
@@ -184,10 +203,13 @@ class Report:
         return all(r.ok for r in self.rows)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok and not self.unreachable, "ledger_seq": self.ledger_seq,
-                "rows": [r.as_dict() for r in self.rows],
-                "baselines": [{"worker": w, "model": m, "baseline": b} for (w, m), b in self.baselines.items()],
-                "unreachable": self.unreachable}
+        return {
+            "ok": self.ok and not self.unreachable,
+            "ledger_seq": self.ledger_seq,
+            "rows": [r.as_dict() for r in self.rows],
+            "baselines": [{"worker": w, "model": m, "baseline": b} for (w, m), b in self.baselines.items()],
+            "unreachable": self.unreachable,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,14 +228,25 @@ class Tolerance:
         return base
 
 
-def compare(reading: Reading, totals: WorkerTotals, baseline: Counters, tolerance: Tolerance) -> list[DriftRow]:
+def compare(
+    reading: Reading, totals: WorkerTotals, baseline: Counters, tolerance: Tolerance
+) -> list[DriftRow]:
     ledger = Counters(totals.prompt_tokens, totals.cached_prompt_tokens, totals.completion_tokens).by_type()
     worker = reading.counters.minus(baseline).by_type()
     rows = []
     for tt in TOKEN_TYPES:
         drift = ledger[tt] - worker[tt]
-        rows.append(DriftRow(reading.target.worker_id, reading.target.model, tt, ledger[tt], worker[tt],
-                             totals.cut_off, tolerance.allowed(tt, worker[tt], drift, totals.cut_off)))
+        rows.append(
+            DriftRow(
+                reading.target.worker_id,
+                reading.target.model,
+                tt,
+                ledger[tt],
+                worker[tt],
+                totals.cut_off,
+                tolerance.allowed(tt, worker[tt], drift, totals.cut_off),
+            )
+        )
     return rows
 
 
@@ -221,8 +254,14 @@ def epoch_time(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-def reconcile(store: UsageStore, readings: Iterable[Reading], *, upto_seq: int, since: datetime | None = None,
-              tolerance: Tolerance = Tolerance()) -> Report:
+def reconcile(
+    store: UsageStore,
+    readings: Iterable[Reading],
+    *,
+    upto_seq: int,
+    since: datetime | None = None,
+    tolerance: Tolerance = Tolerance(),
+) -> Report:
     """Compare each reading with the ledger (see the module docstring for the baselines)."""
     report = Report(ledger_seq=upto_seq)
     for r in readings:
@@ -237,29 +276,48 @@ def reconcile(store: UsageStore, readings: Iterable[Reading], *, upto_seq: int, 
                 after_seq = snap.ledger_seq
                 label = f"snapshot {snap.taken_at.isoformat(timespec='seconds')} (seq {after_seq})"
             else:
-                label += f" (no snapshot of this worker process at or before {since.isoformat(timespec='seconds')})"
-        totals = store.worker_totals(r.target.worker_id, r.target.model, after_seq=after_seq, upto_seq=upto_seq,
-                                     started_from=start)
+                at = since.isoformat(timespec="seconds")
+                label += f" (no snapshot of this worker process at or before {at})"
+        totals = store.worker_totals(
+            r.target.worker_id, r.target.model, after_seq=after_seq, upto_seq=upto_seq, started_from=start
+        )
         report.baselines[key] = label
         report.rows.extend(compare(r, totals, baseline, tolerance))
     return report
 
 
 def snapshot_rows(readings: Iterable[Reading], upto_seq: int) -> list[dict[str, object]]:
-    return [{"taken_at": r.taken_at, "worker_id": r.target.worker_id, "model": r.target.model,
-             "counters_epoch": r.epoch, "prompt_tokens": r.counters.prompt_tokens,
-             "cached_prompt_tokens": r.counters.cached_prompt_tokens,
-             "completion_tokens": r.counters.completion_tokens, "ledger_seq": upto_seq} for r in readings]
+    return [
+        {
+            "taken_at": r.taken_at,
+            "worker_id": r.target.worker_id,
+            "model": r.target.model,
+            "counters_epoch": r.epoch,
+            "prompt_tokens": r.counters.prompt_tokens,
+            "cached_prompt_tokens": r.counters.cached_prompt_tokens,
+            "completion_tokens": r.counters.completion_tokens,
+            "ledger_seq": upto_seq,
+        }
+        for r in readings
+    ]
 
 
-async def run(store: UsageStore, targets: Sequence[Target], *, since: datetime | None = None,
-              tolerance: Tolerance = Tolerance(), save_snapshot: bool = True,
-              session: aiohttp.ClientSession | None = None) -> Report:
+async def run(
+    store: UsageStore,
+    targets: Sequence[Target],
+    *,
+    since: datetime | None = None,
+    tolerance: Tolerance = Tolerance(),
+    save_snapshot: bool = True,
+    session: aiohttp.ClientSession | None = None,
+) -> Report:
     """One reconciliation: ledger position, then the workers' counters, then the comparison."""
     upto = await asyncio.to_thread(store.max_seq)
     results = await scrape_all(targets, session)
     readings = [r for r in results if isinstance(r, Reading)]
-    report = await asyncio.to_thread(reconcile, store, readings, upto_seq=upto, since=since, tolerance=tolerance)
+    report = await asyncio.to_thread(
+        reconcile, store, readings, upto_seq=upto, since=since, tolerance=tolerance
+    )
     for t, r in zip(targets, results, strict=True):
         if isinstance(r, ScrapeError):
             report.unreachable[t.worker_id] = str(r)
@@ -272,8 +330,14 @@ class PeriodicReconciler:
     """Runs inside the gateway: every `interval_s`, reconciles each worker since its start and sets
     `tokenport_metering_drift_tokens` / `tokenport_metering_drift_ratio` (what alerting watches)."""
 
-    def __init__(self, store: UsageStore, targets: Callable[[], Sequence[Target]], set_drift: Callable[[DriftRow], None],
-                 interval_s: float, session: Callable[[], aiohttp.ClientSession | None]) -> None:
+    def __init__(
+        self,
+        store: UsageStore,
+        targets: Callable[[], Sequence[Target]],
+        set_drift: Callable[[DriftRow], None],
+        interval_s: float,
+        session: Callable[[], aiohttp.ClientSession | None],
+    ) -> None:
         self.store = store
         self.targets = targets
         self.set_drift = set_drift
@@ -291,10 +355,8 @@ class PeriodicReconciler:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     async def once(self) -> Report:
@@ -311,8 +373,14 @@ class PeriodicReconciler:
             epoch, last_seq, acc = self._acc.get(key, (None, 0, WorkerTotals(0, 0, 0, 0, 0, 0)))
             if epoch != r.epoch:  # first round, or the worker restarted: start over from its epoch
                 last_seq, acc = 0, WorkerTotals(0, 0, 0, 0, 0, 0)
-            new = await asyncio.to_thread(self.store.worker_totals, t.worker_id, t.model, after_seq=last_seq,
-                                          upto_seq=upto, started_from=epoch_time(r.epoch))
+            new = await asyncio.to_thread(
+                self.store.worker_totals,
+                t.worker_id,
+                t.model,
+                after_seq=last_seq,
+                upto_seq=upto,
+                started_from=epoch_time(r.epoch),
+            )
             acc = WorkerTotals(*(a + b for a, b in zip(astuple(acc), astuple(new), strict=True)))
             self._acc[key] = (r.epoch, max(last_seq, upto), acc)
             report.baselines[key] = f"worker start {epoch_time(r.epoch).isoformat(timespec='seconds')}"

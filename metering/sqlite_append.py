@@ -7,6 +7,7 @@ rows are exactly those of the SQLAlchemy path (tests/metering/test_store_sqlite_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -28,9 +29,14 @@ from metering.events import UsageEvent
 # The same statements as constant SQL for the DBAPI path on SQLite. The columns are the event's fields
 # (metering/events.py) and the chain's; the values are what the SQLAlchemy path writes (`_row` and
 # `_sqlite_row`; tests compare the stored rows).
-COLUMNS: tuple[str, ...] = (*(f.name for f in fields(UsageEvent)), "recorded_at", "prev_hash", "hash", "tenant_seq")
-_SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(COLUMNS))})")
+COLUMNS: tuple[str, ...] = (
+    *(f.name for f in fields(UsageEvent)),
+    "recorded_at",
+    "prev_hash",
+    "hash",
+    "tenant_seq",
+)
+_SQLITE_INSERT = f"INSERT INTO usage_events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _SQLITE_HEAD = "SELECT hash FROM usage_events ORDER BY seq DESC LIMIT 1"
 SQLITE_FULL = 2  # PRAGMA synchronous
 
@@ -42,11 +48,15 @@ def _sqlite_existing(n: int) -> str:
 
 @functools.lru_cache(maxsize=IN_CHUNK)
 def _sqlite_tenant_heads(n: int) -> str:
-    return (f"SELECT tenant_id, MAX(tenant_seq) FROM usage_events WHERE tenant_id IN ({', '.join('?' * n)}) "
-            "GROUP BY tenant_id")
+    return (
+        f"SELECT tenant_id, MAX(tenant_seq) FROM usage_events WHERE tenant_id IN ({', '.join('?' * n)}) "
+        "GROUP BY tenant_id"
+    )
 
 
-def _sqlite_row(e: UsageEvent, recorded_at: str, prev_hash: str, h: str, tenant_seq: int) -> tuple[object, ...]:
+def _sqlite_row(
+    e: UsageEvent, recorded_at: str, prev_hash: str, h: str, tenant_seq: int
+) -> tuple[object, ...]:
     return (*codec().sqlite_values(e), recorded_at, prev_hash, h, tenant_seq)
 
 
@@ -94,10 +104,8 @@ class SqliteAppender:
         if self._pid != os.getpid():
             self._inherited.append(handle)
             return
-        try:
+        with contextlib.suppress(Exception):
             handle.close()
-        except Exception:  # noqa: BLE001,S110 - closing a broken connection may fail; it is dropped anyway
-            pass
 
     def _cursor(self) -> sqlite3.Cursor:
         if self._cur is None or self._pid != os.getpid():
@@ -138,7 +146,7 @@ class SqliteAppender:
                 ids = list(unique)
                 existing: set[str] = set()
                 for i in range(0, len(ids), IN_CHUNK):
-                    params = ids[i:i + IN_CHUNK]
+                    params = ids[i : i + IN_CHUNK]
                     stmt = _sqlite_existing(len(params))
                     existing.update(r[0] for r in cur.execute(stmt, params))
                 params = None
@@ -149,7 +157,7 @@ class SqliteAppender:
                     prev = (head[0] if head is not None else None) or GENESIS
                     tenants = self._positions.begin(prev, (e.tenant_id for e in fresh))
                     for i in range(0, len(tenants), IN_CHUNK):
-                        params = tenants[i:i + IN_CHUNK]
+                        params = tenants[i : i + IN_CHUNK]
                         stmt = _sqlite_tenant_heads(len(params))
                         self._positions.found(params, dict(cur.execute(stmt, params).fetchall()))
                     now = sqlite_time(utcnow())

@@ -34,8 +34,20 @@ _PG_CHAIN_LOCK = 7_302_118  # advisory lock id serializing chain appends on Post
 
 # `tokenport usage export`: every field of the event (rows from `codec().to_record`), in field order.
 EXPORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(UsageEvent))
-GROUP_FIELDS = frozenset({"tenant_id", "origin_country", "model", "language", "outcome", "key_id",
-                          "serving_region", "endpoint", "worker_id", "origin_source"})
+GROUP_FIELDS = frozenset(
+    {
+        "tenant_id",
+        "origin_country",
+        "model",
+        "language",
+        "outcome",
+        "key_id",
+        "serving_region",
+        "endpoint",
+        "worker_id",
+        "origin_source",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +62,15 @@ class StoredEvent:
 
 _PG_LOCK_CHAIN = text("SELECT pg_advisory_xact_lock(:k)")
 _SELECT_EXISTING = select(usage_events.c.request_id).where(
-    usage_events.c.request_id.in_(bindparam("ids", expanding=True)))
+    usage_events.c.request_id.in_(bindparam("ids", expanding=True))
+)
 _SELECT_HEAD = select(usage_events.c.hash).order_by(usage_events.c.seq.desc()).limit(1)
 _INSERT_EVENTS = insert(usage_events)
-_SELECT_TENANT_HEADS = (select(usage_events.c.tenant_id, func.max(usage_events.c.tenant_seq))
-                        .where(usage_events.c.tenant_id.in_(bindparam("tenants", expanding=True)))
-                        .group_by(usage_events.c.tenant_id))
+_SELECT_TENANT_HEADS = (
+    select(usage_events.c.tenant_id, func.max(usage_events.c.tenant_seq))
+    .where(usage_events.c.tenant_id.in_(bindparam("tenants", expanding=True)))
+    .group_by(usage_events.c.tenant_id)
+)
 
 
 class UsageStore:
@@ -108,12 +123,14 @@ class UsageStore:
         with self._engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 if self._append_wait_s is not None:
-                    conn.execute(text(f"SET LOCAL lock_timeout = {max(1, round(self._append_wait_s * 1000))}"))
+                    conn.execute(
+                        text(f"SET LOCAL lock_timeout = {max(1, round(self._append_wait_s * 1000))}")
+                    )
                 conn.execute(_PG_LOCK_CHAIN, {"k": _PG_CHAIN_LOCK})
             ids = list(unique)
             existing: set[str] = set()
             for i in range(0, len(ids), IN_CHUNK):
-                existing.update(conn.execute(_SELECT_EXISTING, {"ids": ids[i:i + IN_CHUNK]}).scalars())
+                existing.update(conn.execute(_SELECT_EXISTING, {"ids": ids[i : i + IN_CHUNK]}).scalars())
             fresh = [e for rid, e in unique.items() if rid not in existing]
             if not fresh:
                 return []
@@ -121,8 +138,8 @@ class UsageStore:
             positions = TenantPositions()
             tenants = positions.begin(prev, (e.tenant_id for e in fresh))
             for i in range(0, len(tenants), IN_CHUNK):
-                last = conn.execute(_SELECT_TENANT_HEADS, {"tenants": tenants[i:i + IN_CHUNK]}).all()
-                positions.found(tenants[i:i + IN_CHUNK], {str(t): int(n) for t, n in last})
+                last = conn.execute(_SELECT_TENANT_HEADS, {"tenants": tenants[i : i + IN_CHUNK]}).all()
+                positions.found(tenants[i : i + IN_CHUNK], {str(t): int(n) for t, n in last})
             now = to_naive(utcnow())
             rows = []
             for e in fresh:
@@ -134,12 +151,24 @@ class UsageStore:
 
     def get(self, request_id: str) -> StoredEvent | None:
         with self._engine.connect() as conn:
-            row = conn.execute(select(usage_events).where(usage_events.c.request_id == request_id)).mappings().first()
+            row = (
+                conn.execute(select(usage_events).where(usage_events.c.request_id == request_id))
+                .mappings()
+                .first()
+            )
         return None if row is None else _stored(row)
 
-    def iter_events(self, *, tenant_id: str | None = None, start: datetime | None = None,
-                    end: datetime | None = None, after_seq: int = 0, after_tenant_seq: int = 0,
-                    limit: int | None = None, batch: int = 5000) -> Iterator[StoredEvent]:
+    def iter_events(
+        self,
+        *,
+        tenant_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        after_seq: int = 0,
+        after_tenant_seq: int = 0,
+        limit: int | None = None,
+        batch: int = 5000,
+    ) -> Iterator[StoredEvent]:
         """Events in ledger order (seq), filtered by tenant and started_at in [start, end), after a
         ledger position or (with a tenant) after a position among the tenant's events."""
         conds = [usage_events.c.seq > after_seq]
@@ -157,8 +186,13 @@ class UsageStore:
             conds[0] = usage_events.c.seq > last
             n = batch if remaining is None else min(batch, remaining)
             with self._engine.connect() as conn:
-                rows = conn.execute(select(usage_events).where(and_(*conds))
-                                    .order_by(usage_events.c.seq).limit(n)).mappings().all()
+                rows = (
+                    conn.execute(
+                        select(usage_events).where(and_(*conds)).order_by(usage_events.c.seq).limit(n)
+                    )
+                    .mappings()
+                    .all()
+                )
             if not rows:
                 return
             for r in rows:
@@ -169,13 +203,22 @@ class UsageStore:
             if len(rows) < n:
                 return
 
-    def summary(self, group_by: Sequence[str], *, tenant_id: str | None = None,
-                start: datetime | None = None, end: datetime | None = None, limit: int | None = None,
-                offset: int = 0) -> list[dict[str, object]]:
+    def summary(
+        self,
+        group_by: Sequence[str],
+        *,
+        tenant_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, object]]:
         """Token totals and request counts grouped by the given fields (paged in group order)."""
         bad = [g for g in group_by if g not in GROUP_FIELDS]
         if bad:
-            raise ValueError(f"cannot group by {', '.join(bad)}; choose from {', '.join(sorted(GROUP_FIELDS))}")
+            raise ValueError(
+                f"cannot group by {', '.join(bad)}; choose from {', '.join(sorted(GROUP_FIELDS))}"
+            )
         cols = [usage_events.c[g] for g in group_by]
         q = select(
             *cols,
@@ -195,12 +238,21 @@ class UsageStore:
         if limit is not None:
             q = q.limit(limit).offset(offset)
         with self._engine.connect() as conn:
-            return [{k: (int(v) if k in {"requests", "prompt_tokens", "cached_prompt_tokens",
-                                         "completion_tokens"} else v) for k, v in r.items()}
-                    for r in conn.execute(q).mappings().all()]
+            return [
+                {
+                    k: (
+                        int(v)
+                        if k in {"requests", "prompt_tokens", "cached_prompt_tokens", "completion_tokens"}
+                        else v
+                    )
+                    for k, v in r.items()
+                }
+                for r in conn.execute(q).mappings().all()
+            ]
 
-    def language_totals(self, *, start: datetime, end: datetime, tenant_id: str | None = None,
-                        model: str | None = None) -> list[dict[str, Any]]:
+    def language_totals(
+        self, *, start: datetime, end: datetime, tenant_id: str | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
         """Per (language, model) in [start, end): requests and tokens of every event, and the tokens and
         text sizes of the `ok` events that carry sizes (the token-tax report, metering/language_report.py)."""
         e = usage_events.c
@@ -210,22 +262,30 @@ class UsageStore:
             value = col if where is None else case((where, col), else_=0)
             return func.coalesce(func.sum(value), 0)
 
-        q = select(e.language, e.model, func.count().label("requests"),
-                   total(e.prompt_tokens).label("prompt_tokens"), total(e.completion_tokens).label("completion_tokens"),
-                   total(case((sized, 1), else_=0)).label("sized_requests"),
-                   total(e.prompt_tokens, sized).label("sized_prompt_tokens"),
-                   total(e.completion_tokens, sized).label("sized_completion_tokens"),
-                   *(total(e[c], sized).label(c) for c in ("prompt_chars", "prompt_bytes", "completion_chars",
-                                                            "completion_bytes")),
-                   ).where(e.started_at >= to_naive(start), e.started_at < to_naive(end))
+        q = select(
+            e.language,
+            e.model,
+            func.count().label("requests"),
+            total(e.prompt_tokens).label("prompt_tokens"),
+            total(e.completion_tokens).label("completion_tokens"),
+            total(case((sized, 1), else_=0)).label("sized_requests"),
+            total(e.prompt_tokens, sized).label("sized_prompt_tokens"),
+            total(e.completion_tokens, sized).label("sized_completion_tokens"),
+            *(
+                total(e[c], sized).label(c)
+                for c in ("prompt_chars", "prompt_bytes", "completion_chars", "completion_bytes")
+            ),
+        ).where(e.started_at >= to_naive(start), e.started_at < to_naive(end))
         if tenant_id is not None:
             q = q.where(e.tenant_id == tenant_id)
         if model is not None:
             q = q.where(e.model == model)
         q = q.group_by(e.language, e.model).order_by(e.model, e.language)
         with self._engine.connect() as conn:
-            return [{k: (v if k in ("language", "model") else int(v)) for k, v in r.items()}
-                    for r in conn.execute(q).mappings().all()]
+            return [
+                {k: (v if k in ("language", "model") else int(v)) for k, v in r.items()}
+                for r in conn.execute(q).mappings().all()
+            ]
 
     def count(self) -> int:
         with self._engine.connect() as conn:
@@ -247,17 +307,21 @@ class UsageStore:
         with self._engine.connect() as conn:
             return int(conn.execute(select(func.max(usage_events.c.seq))).scalar() or 0)
 
-    def worker_totals(self, worker_id: str, model: str, *, after_seq: int, upto_seq: int,
-                      started_from: datetime | None) -> WorkerTotals:
+    def worker_totals(
+        self, worker_id: str, model: str, *, after_seq: int, upto_seq: int, started_from: datetime | None
+    ) -> WorkerTotals:
         """Token totals of one worker and model for events with seq in (after_seq, upto_seq] that
         started at or after `started_from` (the worker's counter epoch)."""
         c = usage_events.c
         cut_off = func.sum(case((c.outcome.in_(CUT_OFF_OUTCOMES), 1), else_=0))
-        q = select(func.count(), func.coalesce(func.sum(c.prompt_tokens), 0),
-                   func.coalesce(func.sum(c.cached_prompt_tokens), 0),
-                   func.coalesce(func.sum(c.completion_tokens), 0), func.coalesce(cut_off, 0),
-                   func.coalesce(func.sum(case((c.estimated.is_(True), 1), else_=0)), 0)).where(
-            c.worker_id == worker_id, c.model == model, c.seq > after_seq, c.seq <= upto_seq)
+        q = select(
+            func.count(),
+            func.coalesce(func.sum(c.prompt_tokens), 0),
+            func.coalesce(func.sum(c.cached_prompt_tokens), 0),
+            func.coalesce(func.sum(c.completion_tokens), 0),
+            func.coalesce(cut_off, 0),
+            func.coalesce(func.sum(case((c.estimated.is_(True), 1), else_=0)), 0),
+        ).where(c.worker_id == worker_id, c.model == model, c.seq > after_seq, c.seq <= upto_seq)
         if started_from is not None:
             q = q.where(c.started_at >= to_naive(started_from))
         with self._engine.connect() as conn:
@@ -267,26 +331,45 @@ class UsageStore:
     def save_snapshots(self, rows: Sequence[dict[str, object]]) -> None:
         if rows:
             with self._engine.begin() as conn:
-                conn.execute(insert(metering_snapshots), [{**r, "taken_at": to_naive(r["taken_at"])}  # type: ignore[arg-type]
-                                                          for r in rows])
+                conn.execute(
+                    insert(metering_snapshots),
+                    [
+                        {**r, "taken_at": to_naive(r["taken_at"])}  # type: ignore[arg-type]
+                        for r in rows
+                    ],
+                )
 
     def snapshot_before(self, worker_id: str, model: str, at: datetime, epoch: float) -> Snapshot | None:
         """The latest snapshot of this worker process (same counter epoch) taken at or before `at`."""
         s = metering_snapshots.c
-        q = (select(metering_snapshots).where(s.worker_id == worker_id, s.model == model,
-                                              s.taken_at <= to_naive(at), s.counters_epoch >= epoch - 0.001,
-                                              s.counters_epoch <= epoch + 0.001)
-             .order_by(s.taken_at.desc(), s.id.desc()).limit(1))
+        q = (
+            select(metering_snapshots)
+            .where(
+                s.worker_id == worker_id,
+                s.model == model,
+                s.taken_at <= to_naive(at),
+                s.counters_epoch >= epoch - 0.001,
+                s.counters_epoch <= epoch + 0.001,
+            )
+            .order_by(s.taken_at.desc(), s.id.desc())
+            .limit(1)
+        )
         with self._engine.connect() as conn:
             row = conn.execute(q).mappings().first()
         if row is None:
             return None
         taken = to_aware(row["taken_at"])
         assert taken is not None
-        return Snapshot(taken_at=taken, worker_id=row["worker_id"], model=row["model"],
-                        counters_epoch=float(row["counters_epoch"]), prompt_tokens=int(row["prompt_tokens"]),
-                        cached_prompt_tokens=int(row["cached_prompt_tokens"]),
-                        completion_tokens=int(row["completion_tokens"]), ledger_seq=int(row["ledger_seq"]))
+        return Snapshot(
+            taken_at=taken,
+            worker_id=row["worker_id"],
+            model=row["model"],
+            counters_epoch=float(row["counters_epoch"]),
+            prompt_tokens=int(row["prompt_tokens"]),
+            cached_prompt_tokens=int(row["cached_prompt_tokens"]),
+            completion_tokens=int(row["completion_tokens"]),
+            ledger_seq=int(row["ledger_seq"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,12 +400,23 @@ class WorkerTotals:
 
 
 def _row(e: UsageEvent, recorded_at: datetime, prev_hash: str, h: str, tenant_seq: int) -> dict[str, object]:
-    return {**codec().to_db(e), "recorded_at": recorded_at, "prev_hash": prev_hash, "hash": h,
-            "tenant_seq": tenant_seq}
+    return {
+        **codec().to_db(e),
+        "recorded_at": recorded_at,
+        "prev_hash": prev_hash,
+        "hash": h,
+        "tenant_seq": tenant_seq,
+    }
 
 
 def _stored(r: Mapping[Any, Any]) -> StoredEvent:
     recorded = to_aware(r["recorded_at"])
     assert recorded is not None
-    return StoredEvent(seq=r["seq"], event=codec().from_db(r), recorded_at=recorded, prev_hash=r["prev_hash"],
-                       hash=r["hash"], tenant_seq=r["tenant_seq"])
+    return StoredEvent(
+        seq=r["seq"],
+        event=codec().from_db(r),
+        recorded_at=recorded,
+        prev_hash=r["prev_hash"],
+        hash=r["hash"],
+        tenant_seq=r["tenant_seq"],
+    )

@@ -23,9 +23,23 @@ from metering.clock import to_aware, to_naive, utcnow
 from metering.schema import api_keys, registry_version, tenants
 
 # Re-exported for the callers that still import the clock from here (they move to metering.clock).
-__all__ = ["KEY_RE", "TENANT_ID_RE", "ApiKey", "InvalidTenantField", "KeyNotFound", "RegistryError", "Tenant",
-           "TenantExists", "TenantNotFound", "TenantStore", "hash_key", "to_aware", "to_naive", "utcnow",
-           "valid_country"]
+__all__ = [
+    "KEY_RE",
+    "TENANT_ID_RE",
+    "ApiKey",
+    "InvalidTenantField",
+    "KeyNotFound",
+    "RegistryError",
+    "Tenant",
+    "TenantExists",
+    "TenantNotFound",
+    "TenantStore",
+    "hash_key",
+    "to_aware",
+    "to_naive",
+    "utcnow",
+    "valid_country",
+]
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 KEY_RE = re.compile(r"^tp_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")  # what create_key makes: tp_<key id>_<secret>
@@ -104,9 +118,18 @@ class TenantStore:
         self._secret = secret_key
 
     # --- tenants -------------------------------------------------------------------------
-    def create_tenant(self, *, id: str, name: str, billing_country: str, business: bool = True,
-                      tax_id: str | None = None, currency: str = "USD", language: str | None = None,
-                      allowed_models: list[str] | None = None) -> Tenant:
+    def create_tenant(
+        self,
+        *,
+        id: str,
+        name: str,
+        billing_country: str,
+        business: bool = True,
+        tax_id: str | None = None,
+        currency: str = "USD",
+        language: str | None = None,
+        allowed_models: list[str] | None = None,
+    ) -> Tenant:
         country = billing_country.upper()
         cur = currency.upper()
         if not TENANT_ID_RE.match(id):
@@ -118,8 +141,13 @@ class TenantStore:
         if not name.strip():
             raise InvalidTenantField("tenant name must not be empty")
         row = {
-            "id": id, "name": name.strip(), "billing_country": country, "business": business,
-            "tax_id": tax_id, "currency": cur, "language": language,
+            "id": id,
+            "name": name.strip(),
+            "billing_country": country,
+            "business": business,
+            "tax_id": tax_id,
+            "currency": cur,
+            "language": language,
             "allowed_models": json.dumps(allowed_models) if allowed_models is not None else None,
             "created_at": to_naive(utcnow()),
         }
@@ -146,8 +174,11 @@ class TenantStore:
     def set_allowed_models(self, tenant_id: str, models: list[str] | None) -> Tenant:
         """Restrict the tenant to these models (None: every catalogued model)."""
         with self._engine.begin() as conn:
-            res = conn.execute(update(tenants).where(tenants.c.id == tenant_id).values(
-                allowed_models=json.dumps(sorted(set(models))) if models is not None else None))
+            res = conn.execute(
+                update(tenants)
+                .where(tenants.c.id == tenant_id)
+                .values(allowed_models=json.dumps(sorted(set(models))) if models is not None else None)
+            )
             if not res.rowcount:
                 raise TenantNotFound(tenant_id)
             self._bump(conn)
@@ -156,17 +187,23 @@ class TenantStore:
         return tenant
 
     # --- keys ----------------------------------------------------------------------------
-    def create_key(self, tenant_id: str, *, name: str | None = None,
-                   expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+    def create_key(
+        self, tenant_id: str, *, name: str | None = None, expires_at: datetime | None = None
+    ) -> tuple[ApiKey, str]:
         """Create a key; returns it with the plaintext, which is never stored and never shown again."""
         if self.get_tenant(tenant_id) is None:
             raise TenantNotFound(tenant_id)
         key_id = "key_" + secrets.token_hex(6)
         plaintext = f"tp_{key_id[4:]}_{secrets.token_urlsafe(32)}"
         row = {
-            "id": key_id, "tenant_id": tenant_id, "prefix": plaintext[:15], "name": name,
-            "hash": hash_key(self._secret, plaintext), "created_at": to_naive(utcnow()),
-            "expires_at": to_naive(expires_at) if expires_at else None, "revoked_at": None,
+            "id": key_id,
+            "tenant_id": tenant_id,
+            "prefix": plaintext[:15],
+            "name": name,
+            "hash": hash_key(self._secret, plaintext),
+            "created_at": to_naive(utcnow()),
+            "expires_at": to_naive(expires_at) if expires_at else None,
+            "revoked_at": None,
         }
         with self._engine.begin() as conn:
             conn.execute(insert(api_keys).values(**row))
@@ -189,8 +226,11 @@ class TenantStore:
 
     def revoke_key(self, key_id: str) -> ApiKey:
         with self._engine.begin() as conn:
-            res = conn.execute(update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                               .values(revoked_at=to_naive(utcnow())))
+            res = conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=to_naive(utcnow()))
+            )
             if res.rowcount:
                 self._bump(conn)
         key = self.get_key(key_id)
@@ -227,8 +267,11 @@ class TenantStore:
         from sqlalchemy.engine import Connection
 
         assert isinstance(conn, Connection)
-        res = conn.execute(update(registry_version).where(registry_version.c.id == 1)
-                           .values(version=registry_version.c.version + 1))
+        res = conn.execute(
+            update(registry_version)
+            .where(registry_version.c.id == 1)
+            .values(version=registry_version.c.version + 1)
+        )
         if not res.rowcount:
             conn.execute(insert(registry_version).values(id=1, version=1))
 
@@ -238,14 +281,29 @@ def _tenant(row: object) -> Tenant:
     allowed = json.loads(r["allowed_models"]) if r["allowed_models"] else None
     created = to_aware(r["created_at"])
     assert created is not None
-    return Tenant(id=r["id"], name=r["name"], billing_country=r["billing_country"], business=bool(r["business"]),
-                  tax_id=r["tax_id"], currency=r["currency"], language=r["language"],
-                  allowed_models=tuple(allowed) if allowed is not None else None, created_at=created)
+    return Tenant(
+        id=r["id"],
+        name=r["name"],
+        billing_country=r["billing_country"],
+        business=bool(r["business"]),
+        tax_id=r["tax_id"],
+        currency=r["currency"],
+        language=r["language"],
+        allowed_models=tuple(allowed) if allowed is not None else None,
+        created_at=created,
+    )
 
 
 def _key(row: object) -> ApiKey:
     r = dict(row)  # type: ignore[call-overload]
     created = to_aware(r["created_at"])
     assert created is not None
-    return ApiKey(id=r["id"], tenant_id=r["tenant_id"], prefix=r["prefix"], name=r["name"], created_at=created,
-                  expires_at=to_aware(r["expires_at"]), revoked_at=to_aware(r["revoked_at"]))
+    return ApiKey(
+        id=r["id"],
+        tenant_id=r["tenant_id"],
+        prefix=r["prefix"],
+        name=r["name"],
+        created_at=created,
+        expires_at=to_aware(r["expires_at"]),
+        revoked_at=to_aware(r["revoked_at"]),
+    )

@@ -67,9 +67,13 @@ class ModelTokenizer:
                 return None
             try:
                 rendered = self._template.render(
-                    messages=[_flatten(m) for m in messages], add_generation_prompt=True,
-                    bos_token=self.bos_token, eos_token=self.eos_token, tools=body.get("tools"),
-                    strftime_now=lambda fmt: datetime.now(UTC).strftime(fmt))
+                    messages=[_flatten(m) for m in messages],
+                    add_generation_prompt=True,
+                    bos_token=self.bos_token,
+                    eos_token=self.eos_token,
+                    tools=body.get("tools"),
+                    strftime_now=lambda fmt: datetime.now(UTC).strftime(fmt),
+                )
             except Exception as exc:  # noqa: BLE001 - a template error makes the count unknown, not fatal
                 log.warning("chat template of %s failed: %s", self.folder.name, exc)
                 return None
@@ -111,8 +115,9 @@ def _compile(template: str) -> Any:
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template)
 
@@ -148,15 +153,21 @@ class TokenCounter:
         for model in self._folders:
             self.tokenizer(model)
 
-    def completion_tokens(self, model: str, texts: Mapping[int, str], finish: Mapping[int, str | None],
-                          chunks: int | None = None) -> int:
+    def completion_tokens(
+        self,
+        model: str,
+        texts: Mapping[int, str],
+        finish: Mapping[int, str | None],
+        chunks: int | None = None,
+    ) -> int:
         """Tokens generated for these choices. Without a tokenizer: the relayed token chunks of a
         stream (vLLM sends one token per chunk), else a byte-length estimate."""
         tok = self.tokenizer(model)
         if tok is None:
             return chunks if chunks is not None else sum(rough_count(t) for t in texts.values())
         return sum(tok.count(t) + (1 if finish.get(i) == "stop" else 0) for i, t in texts.items()) + sum(
-            1 for i, r in finish.items() if r == "stop" and i not in texts)
+            1 for i, r in finish.items() if r == "stop" and i not in texts
+        )
 
     def prompt_tokens(self, model: str, endpoint: str, body: Mapping[str, Any]) -> int:
         """The prompt's tokens: exact with the tokenizer, else a byte-length estimate."""

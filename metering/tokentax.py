@@ -9,7 +9,8 @@ the sentences present in both count, so a corpus with a missing translation stay
 
 Everything here is pure: tokenizers come in as objects with ``count(text) -> int`` (a served model's
 `metering.tokencount.ModelTokenizer` fits; `metering.reftokenizers` loads the reference ones offline)
-and the renderers return text. metering/tokentax_command.py composes them into ``tokenport languages measure``.
+and the renderers return text. metering/tokentax_command.py composes them into ``tokenport languages
+measure``.
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ class MeasureResult:
         raise KeyError((tokenizer, language))
 
 
-def measure(tokenizers: Mapping[str, TextTokenizer], corpus: Corpus, baseline: str = BASELINE) -> MeasureResult:
+def measure(
+    tokenizers: Mapping[str, TextTokenizer], corpus: Corpus, baseline: str = BASELINE
+) -> MeasureResult:
     """Tokenize every sentence of `corpus` with every tokenizer; premiums against `baseline`."""
     languages = corpus.languages
     rows: list[Measurement] = []
@@ -170,42 +173,69 @@ def measure(tokenizers: Mapping[str, TextTokenizer], corpus: Corpus, baseline: s
         for lang in languages:
             present = [(s, c) for s, c in zip(corpus.sentences, counts, strict=True) if lang in s.texts]
             paired = [(s, c) for s, c in present if baseline in s.texts]
-            rows.append(Measurement(
-                tokenizer=name, language=lang, sentences=len(present),
-                tokens=sum(c[lang] for _, c in present),
-                characters=sum(len(s.texts[lang]) for s, _ in present),
-                utf8_bytes=sum(len(s.texts[lang].encode("utf-8")) for s, _ in present),
-                paired_sentences=len(paired), paired_tokens=sum(c[lang] for _, c in paired),
-                baseline_tokens=sum(c[baseline] for _, c in paired)))
+            rows.append(
+                Measurement(
+                    tokenizer=name,
+                    language=lang,
+                    sentences=len(present),
+                    tokens=sum(c[lang] for _, c in present),
+                    characters=sum(len(s.texts[lang]) for s, _ in present),
+                    utf8_bytes=sum(len(s.texts[lang].encode("utf-8")) for s, _ in present),
+                    paired_sentences=len(paired),
+                    paired_tokens=sum(c[lang] for _, c in paired),
+                    baseline_tokens=sum(c[baseline] for _, c in paired),
+                )
+            )
     return MeasureResult(corpus.name, baseline, tuple(tokenizers), languages, tuple(rows))
 
 
 # ---- renderers ---------------------------------------------------------------------------------------
 
-_COLUMNS = ("tokenizer", "language", "sentences", "tokens", "characters", "utf8_bytes",
-            "tokens_per_sentence", "tokens_per_1000_chars", "premium_vs_baseline")
+_COLUMNS = (
+    "tokenizer",
+    "language",
+    "sentences",
+    "tokens",
+    "characters",
+    "utf8_bytes",
+    "tokens_per_sentence",
+    "tokens_per_1000_chars",
+    "premium_vs_baseline",
+)
 
 
 def _cells(m: Measurement) -> list[str]:
     premium = m.premium
-    return [m.tokenizer, m.language, str(m.sentences), str(m.tokens), str(m.characters), str(m.utf8_bytes),
-            str(m.tokens_per_sentence), str(m.tokens_per_1k_chars), "" if premium is None else str(premium)]
+    return [
+        m.tokenizer,
+        m.language,
+        str(m.sentences),
+        str(m.tokens),
+        str(m.characters),
+        str(m.utf8_bytes),
+        str(m.tokens_per_sentence),
+        str(m.tokens_per_1k_chars),
+        "" if premium is None else str(premium),
+    ]
 
 
 def _grid(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in body)]
 
 
 def render_table(result: MeasureResult) -> str:
     """A premium matrix (language x tokenizer), then each tokenizer's detail."""
-    title = (f"Token premium vs {result.baseline} (tokens of the language / tokens of {result.baseline}, "
-             f"same sentences; corpus {result.corpus})")
+    title = (
+        f"Token premium vs {result.baseline} (tokens of the language / tokens of {result.baseline}, "
+        f"same sentences; corpus {result.corpus})"
+    )
     out = [title, ""]
     matrix = []
     for lang in result.languages:
@@ -218,8 +248,9 @@ def render_table(result: MeasureResult) -> str:
     for tok in result.tokenizers:
         out += ["", f"{tok}:"]
         body = [_cells(result.get(tok, lang))[1:] for lang in result.languages]
-        out += _grid(["language", "sentences", "tokens", "chars", "bytes", "tok/sent", "tok/1k chars",
-                      "premium"], body)
+        out += _grid(
+            ["language", "sentences", "tokens", "chars", "bytes", "tok/sent", "tok/1k chars", "premium"], body
+        )
     return "\n".join(out) + "\n"
 
 
@@ -228,17 +259,34 @@ def _number(value: Decimal | None) -> Any:
 
 
 def render_json(result: MeasureResult) -> str:
-    return json.dumps({
-        "corpus": result.corpus, "baseline": result.baseline, "tokenizers": list(result.tokenizers),
-        "languages": list(result.languages),
-        "measurements": [{
-            "tokenizer": m.tokenizer, "language": m.language, "sentences": m.sentences, "tokens": m.tokens,
-            "characters": m.characters, "utf8_bytes": m.utf8_bytes,
-            "tokens_per_sentence": _number(m.tokens_per_sentence),
-            "tokens_per_1000_chars": _number(m.tokens_per_1k_chars),
-            "premium": _number(m.premium), "paired_sentences": m.paired_sentences,
-        } for m in result.rows],
-    }, ensure_ascii=False, indent=2) + "\n"
+    return (
+        json.dumps(
+            {
+                "corpus": result.corpus,
+                "baseline": result.baseline,
+                "tokenizers": list(result.tokenizers),
+                "languages": list(result.languages),
+                "measurements": [
+                    {
+                        "tokenizer": m.tokenizer,
+                        "language": m.language,
+                        "sentences": m.sentences,
+                        "tokens": m.tokens,
+                        "characters": m.characters,
+                        "utf8_bytes": m.utf8_bytes,
+                        "tokens_per_sentence": _number(m.tokens_per_sentence),
+                        "tokens_per_1000_chars": _number(m.tokens_per_1k_chars),
+                        "premium": _number(m.premium),
+                        "paired_sentences": m.paired_sentences,
+                    }
+                    for m in result.rows
+                ],
+            },
+            ensure_ascii=False,
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def render_csv(result: MeasureResult) -> str:

@@ -14,9 +14,15 @@ from metering.language_premiums import write_premiums
 from metering.tokentax import FORMATS, TextTokenizer, load_corpus, measure, render
 
 
-def measure_command(models_dir: Path, models: Sequence[str], references: Sequence[str] | None = None,
-                    fmt: str = "table", corpus_path: Path | None = None,
-                    premiums_path: Path | None = None, measured_on: date | None = None) -> str:
+def measure_command(
+    models_dir: Path,
+    models: Sequence[str],
+    references: Sequence[str] | None = None,
+    fmt: str = "table",
+    corpus_path: Path | None = None,
+    premiums_path: Path | None = None,
+    measured_on: date | None = None,
+) -> str:
     """What ``tokenport languages measure`` prints.
 
     `models`: served model names whose prepared folder (``models_dir/<name>``) has a tokenizer.json.

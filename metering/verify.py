@@ -68,12 +68,24 @@ class ChainReport:
         return self.first_break is None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "events": self.events, "head_seq": self.head_seq, "head_hash": self.head_hash,
-                "prompt_tokens": self.prompt_tokens, "cached_prompt_tokens": self.cached_prompt_tokens,
-                "completion_tokens": self.completion_tokens, "anchors_checked": self.anchors_checked,
-                "first_break": None if self.first_break is None else {
-                    "seq": self.first_break.seq, "request_id": self.first_break.request_id,
-                    "kind": self.first_break.kind, "detail": self.first_break.detail}}
+        return {
+            "ok": self.ok,
+            "events": self.events,
+            "head_seq": self.head_seq,
+            "head_hash": self.head_hash,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "anchors_checked": self.anchors_checked,
+            "first_break": None
+            if self.first_break is None
+            else {
+                "seq": self.first_break.seq,
+                "request_id": self.first_break.request_id,
+                "kind": self.first_break.kind,
+                "detail": self.first_break.detail,
+            },
+        }
 
 
 def parse_anchor(text: str) -> tuple[int, str]:
@@ -94,23 +106,35 @@ def verify_chain(events: Iterable[StoredEvent], anchors: Mapping[int, str] | Non
         e = stored.event
         if stored.prev_hash != prev_hash:
             before = f"the event at seq {prev_seq}" if prev_seq is not None else "the start of the ledger"
-            report.first_break = Break(stored.seq, e.request_id, "broken_link",
-                                       f"prev_hash {stored.prev_hash[:16]}… is not the hash of {before} "
-                                       f"({prev_hash[:16]}…): an event was deleted, inserted or reordered here")
+            report.first_break = Break(
+                stored.seq,
+                e.request_id,
+                "broken_link",
+                f"prev_hash {stored.prev_hash[:16]}… is not the hash of {before} "
+                f"({prev_hash[:16]}…): an event was deleted, inserted or reordered here",
+            )
             return report
         expected = chain_hash(stored.prev_hash, e)
         if stored.hash != expected:
-            report.first_break = Break(stored.seq, e.request_id, "edited",
-                                       f"stored hash {stored.hash[:16]}… is not the hash of the event's content "
-                                       f"({expected[:16]}…): the row was changed after it was written")
+            report.first_break = Break(
+                stored.seq,
+                e.request_id,
+                "edited",
+                f"stored hash {stored.hash[:16]}… is not the hash of the event's content "
+                f"({expected[:16]}…): the row was changed after it was written",
+            )
             return report
         if stored.seq in pending:
             want = pending.pop(stored.seq)
             report.anchors_checked += 1
             if want != stored.hash:
-                report.first_break = Break(stored.seq, e.request_id, "anchor",
-                                           f"hash {stored.hash[:16]}… differs from the anchor {want[:16]}…: "
-                                           "the history up to here was rewritten")
+                report.first_break = Break(
+                    stored.seq,
+                    e.request_id,
+                    "anchor",
+                    f"hash {stored.hash[:16]}… differs from the anchor {want[:16]}…: "
+                    "the history up to here was rewritten",
+                )
                 return report
         report.events += 1
         report.prompt_tokens += e.prompt_tokens
@@ -119,8 +143,11 @@ def verify_chain(events: Iterable[StoredEvent], anchors: Mapping[int, str] | Non
         prev_hash, prev_seq = stored.hash, stored.seq
         report.head_seq, report.head_hash = stored.seq, stored.hash
     for seq, want in sorted(pending.items()):
-        kind_detail = ("no event with this seq: the ledger was cut off before it" if seq > report.head_seq
-                       else "no event with this seq: it was deleted")
+        kind_detail = (
+            "no event with this seq: the ledger was cut off before it"
+            if seq > report.head_seq
+            else "no event with this seq: it was deleted"
+        )
         report.first_break = Break(seq, None, "anchor", f"anchor {want[:16]}…: {kind_detail}")
         return report
     return report
@@ -143,18 +170,26 @@ def verify_event_rows(rows: Iterable[Mapping[str, Any]]) -> ChainReport:
         pos = "tenant_seq" if "tenant_seq" in row else "seq"
         missing = [f for f in (*CANONICAL_FIELDS, pos, "prev_hash", "hash") if f not in row]
         if missing:
-            report.first_break = Break(row.get(pos), row.get("request_id"), "edited",
-                                       f"the row lacks {', '.join(missing)}")
+            report.first_break = Break(
+                row.get(pos), row.get("request_id"), "edited", f"the row lacks {', '.join(missing)}"
+            )
             return report
         expected = event_row_hash(row)
         if expected != row["hash"]:
-            report.first_break = Break(row[pos], row["request_id"], "edited",
-                                       f"hash {str(row['hash'])[:16]}… is not the hash of the row's content "
-                                       f"({expected[:16]}…)")
+            report.first_break = Break(
+                row[pos],
+                row["request_id"],
+                "edited",
+                f"hash {str(row['hash'])[:16]}… is not the hash of the row's content ({expected[:16]}…)",
+            )
             return report
         if prev is not None and (pos not in prev or int(row[pos]) <= int(prev[pos])):
-            report.first_break = Break(row[pos], row["request_id"], "broken_link",
-                                       f"{pos} {row[pos]} does not follow {pos} {prev.get(pos)}")
+            report.first_break = Break(
+                row[pos],
+                row["request_id"],
+                "broken_link",
+                f"{pos} {row[pos]} does not follow {pos} {prev.get(pos)}",
+            )
             return report
         report.events += 1
         report.prompt_tokens += int(row["prompt_tokens"])
@@ -170,5 +205,10 @@ def event_row(stored: StoredEvent, *, tenant_view: bool = False) -> dict[str, An
     tenant's view carries the event's position among the tenant's events (`tenant_seq`) instead of
     its ledger position (`seq`), which would tell how many requests other tenants made."""
     position = {"tenant_seq": stored.tenant_seq} if tenant_view else {"seq": stored.seq}
-    return {**position, **codec().canonical_fields(stored.event),
-            "recorded_at": canonical_time(stored.recorded_at), "prev_hash": stored.prev_hash, "hash": stored.hash}
+    return {
+        **position,
+        **codec().canonical_fields(stored.event),
+        "recorded_at": canonical_time(stored.recorded_at),
+        "prev_hash": stored.prev_hash,
+        "hash": stored.hash,
+    }

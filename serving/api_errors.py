@@ -56,7 +56,8 @@ def time_error(exc: InvalidTime) -> TokenportError:
 
 
 def to_api_error(exc: BaseException) -> BaseException:
-    """A domain error (registry, billing, time, period) as the gateway error it answers; others as they are."""
+    """A domain error (registry, billing, time, period) as the gateway error it answers; others as they
+    are."""
     if isinstance(exc, RegistryError):
         return registry_error(exc)
     if isinstance(exc, BillingError):
@@ -76,8 +77,16 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         status, headers, body = render(to_api_error(exc))
         return Response(body, status, headers=headers)
 
-    for known in (TokenportError, RegistryError, BillingError, InvalidTime, InvalidPeriod, LedgerUnavailable,
-                  RequestValidationError, StarletteHTTPException):
+    for known in (
+        TokenportError,
+        RegistryError,
+        BillingError,
+        InvalidTime,
+        InvalidPeriod,
+        LedgerUnavailable,
+        RequestValidationError,
+        StarletteHTTPException,
+    ):
         app.add_exception_handler(known, on_error)
 
     @app.exception_handler(Exception)

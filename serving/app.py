@@ -56,54 +56,88 @@ class ExtraWorker:
 
 
 def build_workers(settings: Settings, extra: Iterable[ExtraWorker] = ()) -> list[Worker]:
-    workers = [Worker(id=w.id, model=m.name, url=w.url(), region=w.region)
-               for m in settings.catalogue.models for w in m.workers]
+    workers = [
+        Worker(id=w.id, model=m.name, url=w.url(), region=w.region)
+        for m in settings.catalogue.models
+        for w in m.workers
+    ]
     for i, e in enumerate(extra):
         workers.append(Worker(id=f"cli-{i}", model=e.model, url=e.base_url.rstrip("/"), region=e.region))
     return workers
 
 
-def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
-               migrate: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (), migrate: bool = True
+) -> FastAPI:
     stores = open_stores(settings, migrate=False)  # migrated in the lifespan
     engine, usage = stores.engine, stores.usage
     workers = build_workers(settings, extra_workers)
     metrics = Metrics({w.model for w in workers}, max_tenants=settings.gateway.max_tenant_labels)
-    ledger = Ledger(usage, Spool(settings.data_dir / "spool" / "usage.jsonl"), on_commit=metrics.observe_commit,
-                    fail_closed=settings.metering.fail_closed)
+    ledger = Ledger(
+        usage,
+        Spool(settings.data_dir / "spool" / "usage.jsonl"),
+        on_commit=metrics.observe_commit,
+        fail_closed=settings.metering.fail_closed,
+    )
     keyring = KeyRing(stores.tenants, settings.secret_key, settings.gateway.key_cache_refresh_s)
-    spend = SpendEstimator(stores.prices, metrics, keyring.tenant)  # the same price source as budgets and billing
+    spend = SpendEstimator(
+        stores.prices, metrics, keyring.tenant
+    )  # the same price source as budgets and billing
     tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
     guardrails = build_guardrails(settings, stores, metrics, tokens)
 
-    ledger.subscribe(guardrails.limiter.on_event, guardrails.limiter.on_lost)  # settle or release budget holds
+    ledger.subscribe(
+        guardrails.limiter.on_event, guardrails.limiter.on_lost
+    )  # settle or release budget holds
     ledger.subscribe(spend.observe)
     recorder = Recorder(ledger, metrics)  # subscribes the metrics
-    pool = WorkerPool(workers, interval_s=settings.workers.health_interval_s,
-                      on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0))
-    forwarder = Forwarder(pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens)
-    origin = OriginResolver(settings.gateway.origin_country_header, settings.gateway.trusted_proxies,
-                            settings.gateway.geoip_db)
+    pool = WorkerPool(
+        workers,
+        interval_s=settings.workers.health_interval_s,
+        on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0),
+    )
+    forwarder = Forwarder(
+        pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens
+    )
+    origin = OriginResolver(
+        settings.gateway.origin_country_header, settings.gateway.trusted_proxies, settings.gateway.geoip_db
+    )
     idempotency = Idempotency(
-        IdempotencyStore(engine), usage, ttl_s=settings.metering.idempotency_ttl_s,
-        stale_after_s=settings.gateway.request_timeout_s + 60)
+        IdempotencyStore(engine),
+        usage,
+        ttl_s=settings.metering.idempotency_ttl_s,
+        stale_after_s=settings.gateway.request_timeout_s + 60,
+    )
     language = LanguageDetector(settings.metering.languages)
     batch_store, batch_files = BatchStore(engine), DiskFileStore(settings.data_dir / "files")
-    runner = BatchRunner(batch_store, batch_files, LineExecutor(keyring, guardrails.guard, forwarder, language),
-                         settings.batches, lease_s=settings.gateway.request_timeout_s + 60,
-                         ledger_has=lambda rid: usage.get(rid) is not None,
-                         live_inflight=lambda: sum(w.inflight for w in pool.workers))
-    batches = BatchService(batch_store, batch_files, settings.batches, endpoints=routes.ROUTES.keys,
-                           wake=runner.wake)
+    runner = BatchRunner(
+        batch_store,
+        batch_files,
+        LineExecutor(keyring, guardrails.guard, forwarder, language),
+        settings.batches,
+        lease_s=settings.gateway.request_timeout_s + 60,
+        ledger_has=lambda rid: usage.get(rid) is not None,
+        live_inflight=lambda: sum(w.inflight for w in pool.workers),
+    )
+    batches = BatchService(
+        batch_store, batch_files, settings.batches, endpoints=routes.ROUTES.keys, wake=runner.wake
+    )
 
     def set_drift(row: DriftRow) -> None:
         metrics.drift_tokens.labels(row.worker, row.model, row.token_type).set(row.drift)
         metrics.drift_ratio.labels(row.worker, row.model, row.token_type).set(row.ratio)
 
     gw = settings.gateway
-    listener = MetricsListener(metrics, gw.metrics_host, gw.metrics_port) if gw.metrics_port is not None else None
-    reconciler = PeriodicReconciler(usage, lambda: [Target(w.id, w.model, w.url) for w in pool.workers], set_drift,
-                                    settings.metering.reconcile_interval_s, lambda: forwarder.session)
+    listener = (
+        MetricsListener(metrics, gw.metrics_host, gw.metrics_port) if gw.metrics_port is not None else None
+    )
+    reconciler = PeriodicReconciler(
+        usage,
+        lambda: [Target(w.id, w.model, w.url) for w in pool.workers],
+        set_drift,
+        settings.metering.reconcile_interval_s,
+        lambda: forwarder.session,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -141,11 +175,27 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
             await forwarder.close()
             engine.dispose()
 
-    app = FastAPI(title="Tokenport", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible gateway with exact per-tenant, per-country token metering.")
-    install(app, AppServices(stores=stores, keyring=keyring, admin=AdminAuth(settings.admin_token),
-                             policies=guardrails.policies, limiter=guardrails.limiter, pool=pool, metrics=metrics,
-                             batches=batches, metrics_token=gw.metrics_token, metrics_listener=listener))
+    app = FastAPI(
+        title="Tokenport",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible gateway with exact per-tenant, per-country token metering.",
+    )
+    install(
+        app,
+        AppServices(
+            stores=stores,
+            keyring=keyring,
+            admin=AdminAuth(settings.admin_token),
+            policies=guardrails.policies,
+            limiter=guardrails.limiter,
+            pool=pool,
+            metrics=metrics,
+            batches=batches,
+            metrics_token=gw.metrics_token,
+            metrics_listener=listener,
+        ),
+    )
     app.include_router(routes.router())  # documents the completion routes; the Pipeline serves them
     app.include_router(models.router(created=int(time.time())))
     app.include_router(batch_routes.router)
@@ -153,14 +203,26 @@ def create_app(settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (),
         app.include_router(router)
     install_error_handlers(app, metrics)
 
-    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.gateway.max_body_bytes,
-                       timeout_s=settings.gateway.body_timeout_s,
-                       path_max_bytes={"/v1/files": settings.batches.max_file_bytes})
+    app.add_middleware(
+        BodyGuardMiddleware,
+        max_bytes=settings.gateway.max_body_bytes,
+        timeout_s=settings.gateway.body_timeout_s,
+        path_max_bytes={"/v1/files": settings.batches.max_file_bytes},
+    )
     # outermost: the completion pipeline (serving/pipeline.py); the rest goes on to FastAPI
-    app.add_middleware(Pipeline, keyring=keyring, origin=origin, language=language,
-                       idempotency=idempotency, guard=guardrails.guard, forwarder=forwarder, metrics=metrics,
-                       max_body_bytes=settings.gateway.max_body_bytes, body_timeout_s=settings.gateway.body_timeout_s,
-                       routing=LanguageRouter.from_catalogue(settings.catalogue, pool),
-                       capabilities=Capabilities(settings.catalogue))
+    app.add_middleware(
+        Pipeline,
+        keyring=keyring,
+        origin=origin,
+        language=language,
+        idempotency=idempotency,
+        guard=guardrails.guard,
+        forwarder=forwarder,
+        metrics=metrics,
+        max_body_bytes=settings.gateway.max_body_bytes,
+        body_timeout_s=settings.gateway.body_timeout_s,
+        routing=LanguageRouter.from_catalogue(settings.catalogue, pool),
+        capabilities=Capabilities(settings.catalogue),
+    )
     app.openapi_schema = hoist_defs(app.openapi())  # inline request schemas' $defs -> components
     return app

@@ -32,25 +32,58 @@ class AuditEntry:
     detail: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "at": self.at.isoformat(), "actor": self.actor, "source": self.source,
-                "client": self.client, "action": self.action, "target": self.target, "tenant_id": self.tenant_id,
-                "outcome": self.outcome, "detail": self.detail}
+        return {
+            "id": self.id,
+            "at": self.at.isoformat(),
+            "actor": self.actor,
+            "source": self.source,
+            "client": self.client,
+            "action": self.action,
+            "target": self.target,
+            "tenant_id": self.tenant_id,
+            "outcome": self.outcome,
+            "detail": self.detail,
+        }
 
 
 class AuditStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def record(self, *, actor: str, source: str, client: str | None, action: str, target: str | None = None,
-               tenant_id: str | None = None, outcome: str = "ok", detail: dict[str, Any] | None = None) -> None:
-        row = {"at": to_naive(utcnow()), "actor": actor[:200], "source": source, "client": (client or "")[:200] or None,
-               "action": action, "target": target, "tenant_id": tenant_id, "outcome": outcome,
-               "detail": json.dumps(detail or {}, default=str, sort_keys=True)}
+    def record(
+        self,
+        *,
+        actor: str,
+        source: str,
+        client: str | None,
+        action: str,
+        target: str | None = None,
+        tenant_id: str | None = None,
+        outcome: str = "ok",
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        row = {
+            "at": to_naive(utcnow()),
+            "actor": actor[:200],
+            "source": source,
+            "client": (client or "")[:200] or None,
+            "action": action,
+            "target": target,
+            "tenant_id": tenant_id,
+            "outcome": outcome,
+            "detail": json.dumps(detail or {}, default=str, sort_keys=True),
+        }
         with self._engine.begin() as conn:
             conn.execute(insert(audit_log).values(**row))
 
-    def list(self, *, tenant_id: str | None = None, action: str | None = None, since: datetime | None = None,
-             limit: int = 100) -> list[AuditEntry]:
+    def list(
+        self,
+        *,
+        tenant_id: str | None = None,
+        action: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
         q = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
         if tenant_id is not None:
             q = q.where(audit_log.c.tenant_id == tenant_id)
@@ -64,7 +97,18 @@ class AuditStore:
         for r in rows:
             at = to_aware(r["at"])
             assert at is not None
-            out.append(AuditEntry(id=int(r["id"]), at=at, actor=r["actor"], source=r["source"], client=r["client"],
-                                  action=r["action"], target=r["target"], tenant_id=r["tenant_id"],
-                                  outcome=r["outcome"], detail=json.loads(r["detail"] or "{}")))
+            out.append(
+                AuditEntry(
+                    id=int(r["id"]),
+                    at=at,
+                    actor=r["actor"],
+                    source=r["source"],
+                    client=r["client"],
+                    action=r["action"],
+                    target=r["target"],
+                    tenant_id=r["tenant_id"],
+                    outcome=r["outcome"],
+                    detail=json.loads(r["detail"] or "{}"),
+                )
+            )
         return out

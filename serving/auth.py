@@ -77,7 +77,9 @@ class KeyRing:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
-            raise AuthenticationFailed("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.")
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
+            )
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
@@ -142,6 +144,7 @@ class AdminAuth:
     def check(self, authorization: str | None, client_ip: str | None) -> Admin:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
-            raise AuthenticationFailed("Admin routes need 'Authorization: Bearer <admin token>'.",
-                                       code="invalid_admin_token")
+            raise AuthenticationFailed(
+                "Admin routes need 'Authorization: Bearer <admin token>'.", code="invalid_admin_token"
+            )
         return Admin(actor="admin", client_ip=client_ip)

@@ -34,12 +34,28 @@ class ContentLogStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def add(self, *, request_id: str, tenant_id: str, key_id: str, model: str, request: bytes,
-            completion: str | None, retention_days: int) -> None:
+    def add(
+        self,
+        *,
+        request_id: str,
+        tenant_id: str,
+        key_id: str,
+        model: str,
+        request: bytes,
+        completion: str | None,
+        retention_days: int,
+    ) -> None:
         now = utcnow()
-        row = {"request_id": request_id, "tenant_id": tenant_id, "key_id": key_id, "model": model,
-               "created_at": to_naive(now), "expires_at": to_naive(now + timedelta(days=retention_days)),
-               "request": request.decode("utf-8", "replace"), "completion": completion}
+        row = {
+            "request_id": request_id,
+            "tenant_id": tenant_id,
+            "key_id": key_id,
+            "model": model,
+            "created_at": to_naive(now),
+            "expires_at": to_naive(now + timedelta(days=retention_days)),
+            "request": request.decode("utf-8", "replace"),
+            "completion": completion,
+        }
         try:
             with self._engine.begin() as conn:
                 conn.execute(insert(content_log).values(**row))
@@ -47,12 +63,18 @@ class ContentLogStore:
             pass  # already stored (idempotent by request id)
 
     def for_tenant(self, tenant_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        q = (select(content_log).where(content_log.c.tenant_id == tenant_id)
-             .order_by(content_log.c.created_at.desc()).limit(limit))
+        q = (
+            select(content_log)
+            .where(content_log.c.tenant_id == tenant_id)
+            .order_by(content_log.c.created_at.desc())
+            .limit(limit)
+        )
         with self._engine.connect() as conn:
             rows = conn.execute(q).mappings().all()
-        return [{**dict(r), "created_at": to_aware(r["created_at"]), "expires_at": to_aware(r["expires_at"])}
-                for r in rows]
+        return [
+            {**dict(r), "created_at": to_aware(r["created_at"]), "expires_at": to_aware(r["expires_at"])}
+            for r in rows
+        ]
 
     def purge(self) -> int:
         """Delete rows past their retention; returns how many."""
@@ -81,8 +103,9 @@ def _completion_text(payload: bytes) -> str | None:
 class ContentLogger:
     """Stores a request and its completion when the tenant's policy says so; otherwise does nothing."""
 
-    def __init__(self, store: ContentLogStore, policy: Callable[[str], tuple[bool, int]],
-                 purge_every_s: float = 300.0) -> None:
+    def __init__(
+        self, store: ContentLogStore, policy: Callable[[str], tuple[bool, int]], purge_every_s: float = 300.0
+    ) -> None:
         self.store = store
         self.policy = policy  # tenant id -> (enabled, retention days)
         self.purge_every_s = purge_every_s
@@ -109,8 +132,9 @@ class ContentLogger:
                 log.error("content log purge failed: %s", exc)
             await asyncio.sleep(self.purge_every_s)
 
-    def wrap(self, response: Response, *, request_id: str, tenant_id: str, key_id: str, model: str,
-             request: bytes) -> Response:
+    def wrap(
+        self, response: Response, *, request_id: str, tenant_id: str, key_id: str, model: str, request: bytes
+    ) -> Response:
         enabled, days = self.policy(tenant_id)
         if not enabled:
             return response
@@ -120,9 +144,18 @@ class ContentLogger:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # generator finalized outside the loop
                 return
-            task = loop.create_task(asyncio.to_thread(
-                self.store.add, request_id=request_id, tenant_id=tenant_id, key_id=key_id, model=model,
-                request=request, completion=completion, retention_days=days))
+            task = loop.create_task(
+                asyncio.to_thread(
+                    self.store.add,
+                    request_id=request_id,
+                    tenant_id=tenant_id,
+                    key_id=key_id,
+                    model=model,
+                    request=request,
+                    completion=completion,
+                    retention_days=days,
+                )
+            )
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
@@ -148,8 +181,11 @@ class ContentLogger:
                             continue
                         for ch in obj.get("choices") or [] if isinstance(obj, dict) else []:
                             delta = ch.get("delta") if isinstance(ch, dict) else None
-                            text = delta.get("content") if isinstance(delta, dict) else (
-                                ch.get("text") if isinstance(ch, dict) else None)
+                            text = (
+                                delta.get("content")
+                                if isinstance(delta, dict)
+                                else (ch.get("text") if isinstance(ch, dict) else None)
+                            )
                             if isinstance(text, str):
                                 parts.append(text)
                                 size += len(text)

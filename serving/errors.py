@@ -50,8 +50,14 @@ class TokenportError(Exception):
     error_type = "api_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -60,8 +66,14 @@ class TokenportError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def body_bytes(self) -> bytes:
         return orjson.dumps(self.body())
@@ -141,8 +153,10 @@ class NoHealthyWorker(ServiceUnavailable):
 
 
 def ledger_unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable("The usage ledger is unavailable, so requests are refused "
-                              "(metering.fail_closed); retry shortly.", code="ledger_unavailable")
+    return ServiceUnavailable(
+        "The usage ledger is unavailable, so requests are refused (metering.fail_closed); retry shortly.",
+        code="ledger_unavailable",
+    )
 
 
 def to_error(exc: BaseException) -> TokenportError:

@@ -15,8 +15,17 @@ from billing.service import (
 )
 from billing.store import StoredDocument
 
-__all__ = ["BillingService", "document_summary", "documents_summary", "finalize_json", "reissue_json", "run_json", "tenant_document",
-           "verify_json", "void_json"]
+__all__ = [
+    "BillingService",
+    "document_summary",
+    "documents_summary",
+    "finalize_json",
+    "reissue_json",
+    "run_json",
+    "tenant_document",
+    "verify_json",
+    "void_json",
+]
 
 # What a tenant sees of its own documents (GET /v1/invoices): no drafts, no internal fields.
 TENANT_FIELDS = (
@@ -47,9 +56,14 @@ def run_json(report: RunReport) -> dict[str, Any]:
 
 
 def finalize_json(report: FinalizeReport) -> dict[str, Any]:
-    return {"object": "invoice_finalization", "period": report.period, "closed": report.closed,
-            "finalized": documents_summary(report.finalized),
-            "refused": [{"tenant": t, "error": e} for t, e in report.refused], "forced": report.forced}
+    return {
+        "object": "invoice_finalization",
+        "period": report.period,
+        "closed": report.closed,
+        "finalized": documents_summary(report.finalized),
+        "refused": [{"tenant": t, "error": e} for t, e in report.refused],
+        "forced": report.forced,
+    }
 
 
 def void_json(invoice: StoredDocument, credit: StoredDocument) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The completion pipeline: every metered OpenAI route (chat, completions, embeddings, responses), in one place.
+"""The completion pipeline: every metered OpenAI route (chat, completions, embeddings, responses), in
+one place.
 
 A plain ASGI app, the outermost middleware. `_complete` reads top to bottom in the order a request
 goes through the gateway:
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -37,6 +39,7 @@ from metering.geo import InvalidCountry, OriginResolver
 from metering.language import LanguageDetector, prompt_sample
 from metering.metrics import Metrics
 from metering.recorder import RequestMeter
+from metering.tenants import Tenant
 from metering.tokencount import prompt_text
 from serving.auth import KeyRing
 from serving.errors import InvalidOriginCountry, InvalidRequest, ModelNotFound, TokenportError, render
@@ -58,7 +61,7 @@ def new_request_id() -> str:
 
 
 class Pipeline:
-    """The outermost ASGI app: the metered routes (serving/openai/routes.py) here, everything else to `app`."""
+    """The outermost ASGI app: the metered routes (serving/openai/routes.py) here, the rest to `app`."""
 
     def __init__(
         self,
@@ -117,23 +120,10 @@ class Pipeline:
                 receive, headers, max_bytes=self.max_body_bytes, timeout_s=self.body_timeout_s
             )
             # 4. parse/validate
-            body = parse_json_object(raw)
-            self.guard.check_shape(body)
-            try:
-                route.schema.model_validate(body)
-            except ValidationError as exc:
-                message, param = first_error(exc)
-                raise InvalidRequest(message, param=param or None) from exc
+            body = self._validated(route, raw)
             model: str = body["model"]
             tenant = principal.tenant
-            routed = self.routing is not None and self.routing.routes(model)  # e.g. `auto`: resolved below
-            if not routed and (not tenant.may_use(model) or not self.forwarder.pool.serves(model)):
-                raise ModelNotFound(
-                    f"The model '{model}' does not exist or you do not have access to it.", param="model"
-                )
-            if self.capabilities is not None and route.capability not in self.capabilities(model):
-                raise InvalidRequest(f"The model '{model}' does not support {route.path}.", param="model",
-                                     code="model_not_supported")
+            routed = self._check_model(route, tenant, model)
             # 5. attribute
             client = scope.get("client")
             try:
@@ -174,7 +164,11 @@ class Pipeline:
             # 8. forward or relay; 9. record (by the forwarder, or by the relay when the stream ends)
             try:
                 resp = await self.forwarder.forward(
-                    meter, body, {**admission.headers, **reply_headers}, t0, timeout_s=self.guard.timeout_s(admission)
+                    meter,
+                    body,
+                    {**admission.headers, **reply_headers},
+                    t0,
+                    timeout_s=self.guard.timeout_s(admission),
                 )
             except BaseException as exc:
                 if not meter.recorded:  # no usage event will come to settle the hold
@@ -203,6 +197,33 @@ class Pipeline:
         finally:
             if claim is not None:  # store the answer, consume the key, or release it
                 self.idempotency.finish(claim, meter)
+
+    def _validated(self, route: Route, raw: bytes) -> dict[str, Any]:
+        """Step 4: the body as a JSON object within the shape limits, valid for the route's schema."""
+        body = parse_json_object(raw)
+        self.guard.check_shape(body)
+        try:
+            route.schema.model_validate(body)
+        except ValidationError as exc:
+            message, param = first_error(exc)
+            raise InvalidRequest(message, param=param or None) from exc
+        return body
+
+    def _check_model(self, route: Route, tenant: Tenant, model: str) -> bool:
+        """Step 4: a model the tenant may use that serves the route; True for a routed name (`auto`),
+        resolved to a model after the language is known (step 5)."""
+        routed = self.routing is not None and self.routing.routes(model)
+        if not routed and (not tenant.may_use(model) or not self.forwarder.pool.serves(model)):
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or you do not have access to it.", param="model"
+            )
+        if self.capabilities is not None and route.capability not in self.capabilities(model):
+            raise InvalidRequest(
+                f"The model '{model}' does not support {route.path}.",
+                param="model",
+                code="model_not_supported",
+            )
+        return routed
 
     async def _replay(self, replay: Replay, route: Route, send: Send) -> None:
         # X-Request-Id: the id of the metered request it replays

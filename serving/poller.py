@@ -11,8 +11,9 @@ class Poller:
     """Calls `refresh` every `interval_s` seconds. While it fails the cache keeps serving what it
     has; the outage is logged once (with its traceback) and its end once, not on every tick."""
 
-    def __init__(self, name: str, interval_s: float, refresh: Callable[[], Awaitable[None]],
-                 log: logging.Logger) -> None:
+    def __init__(
+        self, name: str, interval_s: float, refresh: Callable[[], Awaitable[None]], log: logging.Logger
+    ) -> None:
         self.name = name
         self.interval_s = interval_s
         self._refresh = refresh

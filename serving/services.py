@@ -41,14 +41,20 @@ class Stores:
 
     @cached_property
     def prices(self) -> PriceSource:
-        """The one price source (settings.price_book_path), shared by billing, budgets and the spend metric."""
+        """The one price source (settings.price_book_path), shared by billing, budgets and the spend
+        metric."""
         return load_price_source(self.settings.price_book_path)
 
     @cached_property
     def billing(self) -> BillingService:
-        return BillingService(store=BillingStore(self.engine), usage=self.usage, tenants=self.tenants,
-                              config_dir=self.settings.config_dir / "billing", prices=self.prices,
-                              finalize_grace=timedelta(days=self.settings.billing.finalize_grace_days))
+        return BillingService(
+            store=BillingStore(self.engine),
+            usage=self.usage,
+            tenants=self.tenants,
+            config_dir=self.settings.config_dir / "billing",
+            prices=self.prices,
+            finalize_grace=timedelta(days=self.settings.billing.finalize_grace_days),
+        )
 
 
 def open_stores(settings: Settings, *, migrate: bool = True) -> Stores:
@@ -56,5 +62,11 @@ def open_stores(settings: Settings, *, migrate: bool = True) -> Stores:
     engine = make_engine(settings.db_url, sqlite_synchronous=settings.metering.sqlite_synchronous)
     if migrate:
         db_schema.upgrade(engine)
-    return Stores(settings=settings, engine=engine, tenants=TenantStore(engine, settings.secret_key),
-                  usage=UsageStore(engine, append_wait_s=settings.metering.spool_after_s), limits=LimitsStore(engine), audit=Auditor(AuditStore(engine)))
+    return Stores(
+        settings=settings,
+        engine=engine,
+        tenants=TenantStore(engine, settings.secret_key),
+        usage=UsageStore(engine, append_wait_s=settings.metering.spool_after_s),
+        limits=LimitsStore(engine),
+        audit=Auditor(AuditStore(engine)),
+    )

@@ -98,15 +98,21 @@ class ModelSpec(BaseModel):
     @field_validator("languages")
     @classmethod
     def _ranks(cls, value: dict[str, int]) -> dict[str, int]:
-        bad = [k for k, v in value.items() if not (len(k) == 2 and k.isascii() and k.isalpha() and k.islower())
-               or isinstance(v, bool) or v < 1]
+        bad = [
+            k
+            for k, v in value.items()
+            if not (len(k) == 2 and k.isascii() and k.isalpha() and k.islower())
+            or isinstance(v, bool)
+            or v < 1
+        ]
         if bad:
             raise ValueError(f"languages maps ISO 639-1 codes to a rank >= 1 (1 = first choice), got {bad}")
         return value
 
 
 class RouteSpec(BaseModel):
-    """A routed model name (e.g. `auto`): each request goes to the best-ranked served model for its language."""
+    """A routed model name (e.g. `auto`): each request goes to the best-ranked served model for its
+    language."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
     models: list[str] | None = None  # the candidates (default: every model that states its languages)
@@ -132,15 +138,19 @@ class Catalogue(BaseModel):
         if len(routes) != len(set(routes)) or set(routes) & set(names):
             raise ValueError("route names must be unique and differ from every model name")
         for r in self.routes:
-            unknown = [m for m in [*(r.models or []), *([r.fallback] if r.fallback else [])] if m not in names]
+            unknown = [
+                m for m in [*(r.models or []), *([r.fallback] if r.fallback else [])] if m not in names
+            ]
             if unknown:
                 raise ValueError(f"route {r.name!r} names models not in models: {unknown}")
         for m in self.models:
             if m.weights_from is not None:
                 base = self.get(m.weights_from)
                 if base is None or base.weights_from is not None or base is m:
-                    raise ValueError(f"model {m.name!r}: weights_from {m.weights_from!r} must name another "
-                                     "catalogue model that has weights of its own")
+                    raise ValueError(
+                        f"model {m.name!r}: weights_from {m.weights_from!r} must name another "
+                        "catalogue model that has weights of its own"
+                    )
                 if m.source is None:
                     m.source = base.source
         return self
@@ -232,7 +242,9 @@ class MeteringSettings(BaseModel):
         if value is not None:
             bad = [v for v in value if not (len(v) == 2 and v.isascii() and v.isalpha() and v.islower())]
             if bad or not value:
-                raise ValueError(f"metering.languages must be ISO 639-1 codes such as 'en', 'kk', got {bad or value}")
+                raise ValueError(
+                    f"metering.languages must be ISO 639-1 codes such as 'en', 'kk', got {bad or value}"
+                )
         return value
 
 
@@ -298,9 +310,13 @@ class Settings(BaseSettings):
     def refuse_default_secrets(self) -> Settings:
         if self.mode != "local":
             if self.secret_key == DEFAULT_SECRET or len(self.secret_key) < 32:
-                raise ValueError("production mode needs TOKENPORT_SECRET_KEY (32+ characters, not the default)")
+                raise ValueError(
+                    "production mode needs TOKENPORT_SECRET_KEY (32+ characters, not the default)"
+                )
             if self.admin_token == DEFAULT_ADMIN_TOKEN or len(self.admin_token) < 24:
-                raise ValueError("production mode needs TOKENPORT_ADMIN_TOKEN (24+ characters, not the default)")
+                raise ValueError(
+                    "production mode needs TOKENPORT_ADMIN_TOKEN (24+ characters, not the default)"
+                )
         return self
 
     @property
@@ -313,8 +329,12 @@ class Settings(BaseSettings):
     @property
     def production_ready(self) -> bool:
         """The secrets production mode requires are set (not the defaults, long enough)."""
-        return (self.secret_key != DEFAULT_SECRET and len(self.secret_key) >= 32
-                and self.admin_token != DEFAULT_ADMIN_TOKEN and len(self.admin_token) >= 24)
+        return (
+            self.secret_key != DEFAULT_SECRET
+            and len(self.secret_key) >= 32
+            and self.admin_token != DEFAULT_ADMIN_TOKEN
+            and len(self.admin_token) >= 24
+        )
 
     @property
     def db_url(self) -> str:
@@ -362,7 +382,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     finally:
         Settings._yaml_file = None
     config_dir = path.parent.resolve() if path is not None else PACKAGE_CONFIG_DIR
-    models_path = settings.models_file if settings.models_file.is_absolute() else config_dir / settings.models_file
+    models_path = (
+        settings.models_file if settings.models_file.is_absolute() else config_dir / settings.models_file
+    )
     if "catalogue" not in overrides:
         catalogue = _load_catalogue(models_path)
         catalogue.models = [m for m in catalogue.models if m.enabled]  # disabled models are not served
@@ -394,9 +416,12 @@ def check_bind(settings: Settings, host: str) -> list[str]:
             f"refusing to listen on {', '.join(exposed)}: local mode with the default secrets binds "
             "loopback only "
             "(127.0.0.1, ::1). To listen on a network, set TOKENPORT_SECRET_KEY (32+ characters) and "
-            "TOKENPORT_ADMIN_TOKEN (24+ characters), or run mode: production.")
+            "TOKENPORT_ADMIN_TOKEN (24+ characters), or run mode: production."
+        )
     if settings.admin_token == DEFAULT_ADMIN_TOKEN:
-        warning = (f"the admin API accepts the default token {DEFAULT_ADMIN_TOKEN!r}: anyone on this "
-                   "machine can administer the gateway (set TOKENPORT_ADMIN_TOKEN)")
+        warning = (
+            f"the admin API accepts the default token {DEFAULT_ADMIN_TOKEN!r}: anyone on this "
+            "machine can administer the gateway (set TOKENPORT_ADMIN_TOKEN)"
+        )
         return [warning]
     return []

@@ -33,8 +33,9 @@ MAX_CACHED_PRICES = 10_000  # (tenant, month, model) price lookups remembered; f
 
 
 class SpendEstimator:
-    def __init__(self, prices: PriceSource | None, metrics: Metrics,
-                 tenant: Callable[[str], Tenant | None]) -> None:
+    def __init__(
+        self, prices: PriceSource | None, metrics: Metrics, tenant: Callable[[str], Tenant | None]
+    ) -> None:
         self._prices = prices
         self._book: PriceBook | None = None  # the book the caches were filled from
         self._metrics = metrics
@@ -81,15 +82,17 @@ class SpendEstimator:
         key = (tenant.id, tenant.currency, span[0])
         if key not in self._resolved:
             try:
-                self._resolved[key] = book.select(currency=tenant.currency, period_start=span[0],
-                                                  period_end=span[1], tenant_id=tenant.id)
+                self._resolved[key] = book.select(
+                    currency=tenant.currency, period_start=span[0], period_end=span[1], tenant_id=tenant.id
+                )
             except BillingError as exc:
                 log.warning("no estimated spend for tenant %s: %s", tenant.id, exc)
                 self._resolved[key] = None
         return self._resolved[key]
 
-    def _unit_prices(self, book: PriceBook, tenant: Tenant, span: tuple[date, date],
-                     model: str) -> tuple[Decimal | None, ...] | None:
+    def _unit_prices(
+        self, book: PriceBook, tenant: Tenant, span: tuple[date, date], model: str
+    ) -> tuple[Decimal | None, ...] | None:
         prices = self._part_prices(book, tenant, span)
         if prices is None:
             return None
@@ -130,5 +133,9 @@ class SpendEstimator:
                 amount += token_cost(n, unit)
         if amount:
             metrics = self._metrics
-            metrics.child(metrics.estimated_spend, metrics.tenant_label(tenant.id), tenant.currency,
-                          event.origin_country).inc(metric_value(amount))
+            metrics.child(
+                metrics.estimated_spend,
+                metrics.tenant_label(tenant.id),
+                tenant.currency,
+                event.origin_country,
+            ).inc(metric_value(amount))

@@ -84,15 +84,21 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else canonical_time(value.astimezone(UTC))
 
 
-def events_page(events: list[StoredEvent], limit: int, head: tuple[int, str] | None = None, *,
-                tenant_view: bool = False) -> dict[str, Any]:
+def events_page(
+    events: list[StoredEvent], limit: int, head: tuple[int, str] | None = None, *, tenant_view: bool = False
+) -> dict[str, Any]:
     """A page of events; the tenant's view is positioned (and paged) by `tenant_seq`, not the global `seq`
     (which would count other tenants' requests)."""
     more = len(events) > limit
     page = events[:limit]
     last = (page[-1].tenant_seq if tenant_view else page[-1].seq) if more and page else None
-    out: dict[str, Any] = {"object": "list", "data": [event_row(s, tenant_view=tenant_view) for s in page],
-                           "has_more": more, "next_after": last, "chain": CHAIN}
+    out: dict[str, Any] = {
+        "object": "list",
+        "data": [event_row(s, tenant_view=tenant_view) for s in page],
+        "has_more": more,
+        "next_after": last,
+        "chain": CHAIN,
+    }
     if head is not None:
         out["chain_head"] = {"seq": head[0], "hash": head[1]}
     return out

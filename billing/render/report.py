@@ -33,12 +33,14 @@ th, td { padding: 2pt 6pt; border-bottom: 0.5pt solid #ccc; text-align: start; }
 <table><thead><tr><th>{{ by_label }}</th><th class="num">{{ t('quantity') }}</th>
 <th class="num">{{ t('revenue_cny') }}</th><th>{{ t('revenue_by_currency') }}</th>
 <th class="num">{{ t('documents') }}</th></tr></thead><tbody>
-{% for g in report.groups %}<tr><td>{{ key(g.key) }}</td><td class="num">{{ ltr(loc.number(g.quantity_tokens)) }}</td>
+{% for g in report.groups %}<tr><td>{{ key(g.key) }}</td>
+<td class="num">{{ ltr(loc.number(g.quantity_tokens)) }}</td>
 <td class="num">{{ ltr(loc.money(g.revenue_cny, 'CNY')) }}</td>
 <td>{% for c, v in g.revenue_by_currency %}{{ ltr(loc.money(v, c)) }}{% if not loop.last %}, {% endif %}
 {% endfor %}</td>
 <td class="num">{{ ltr(loc.number(g.documents)) }}</td></tr>
-{% endfor %}</tbody><tfoot><tr><th>{{ t('total') }}</th><th class="num">{{ ltr(loc.number(report.quantity_tokens)) }}</th>
+{% endfor %}</tbody><tfoot><tr><th>{{ t('total') }}</th>
+<th class="num">{{ ltr(loc.number(report.quantity_tokens)) }}</th>
 <th class="num">{{ ltr(loc.money(report.revenue_cny, 'CNY')) }}</th><th></th><th></th></tr></tfoot></table>
 </body></html>
 """,

@@ -16,7 +16,16 @@ from decimal import Decimal
 
 from lxml import etree
 
-from billing.documents import AppliedTax, CreditNote, DocumentStatus, FxUse, Invoice, InvoiceLine, LineKind, tax_of
+from billing.documents import (
+    AppliedTax,
+    CreditNote,
+    DocumentStatus,
+    FxUse,
+    Invoice,
+    InvoiceLine,
+    LineKind,
+    tax_of,
+)
 from billing.errors import DocumentStateError
 from billing.money import fmt
 from billing.price_book import PER

@@ -2,7 +2,8 @@
 
     GET  /admin/v1/invoices                     list (?period=YYYY-MM&tenant=ID&status=...)
     POST /admin/v1/invoices/run                 {"period", "tenant"?, "issue_date"?}: create or refresh drafts
-    POST /admin/v1/invoices/finalize            {"period", "tenant"?, "force"?}: number drafts (gapless), close the period
+    POST /admin/v1/invoices/finalize            {"period", "tenant"?, "force"?}: number drafts (gapless),
+    close the period
     GET  /admin/v1/invoices/{number}            the document (?format=json|csv|html|pdf|ubl, default json)
     POST /admin/v1/invoices/{number}/void       {"reason", "issue_date"?}: void it with a credit note
     POST /admin/v1/invoices/{number}/reissue    bill a voided invoice's usage again (new number, today)
@@ -90,11 +91,21 @@ async def finalize(body: FinalizeIn, admin: AdminDep, svc: BillingDep, audit: Au
     def work() -> dict[str, Any]:
         return finalize_json(svc.finalize(Period.parse(body.period), tenant_id=body.tenant, force=body.force))
 
-    out = await asyncio.to_thread(lambda: audit.run(
-        admin.who(), "invoices.finalize", work, target=body.period, tenant_id=body.tenant,
-        detail=body.model_dump(mode="json"),
-        describe=lambda o: {"numbers": [d["number"] for d in o["finalized"]], "refused": o["refused"],
-                            "forced": o["forced"]}))
+    out = await asyncio.to_thread(
+        lambda: audit.run(
+            admin.who(),
+            "invoices.finalize",
+            work,
+            target=body.period,
+            tenant_id=body.tenant,
+            detail=body.model_dump(mode="json"),
+            describe=lambda o: {
+                "numbers": [d["number"] for d in o["finalized"]],
+                "refused": o["refused"],
+                "forced": o["forced"],
+            },
+        )
+    )
     return json_response(out)
 
 
@@ -121,9 +132,15 @@ async def void(number: Number, body: VoidIn, admin: AdminDep, svc: BillingDep, a
 
 @router.post("/{number}/reissue")
 async def reissue(number: Number, admin: AdminDep, svc: BillingDep, audit: AuditDep) -> Response:
-    row = await asyncio.to_thread(lambda: audit.run(
-        admin.who(), "invoices.reissue", lambda: svc.reissue(number), target=number,
-        describe=lambda r: {"tenant": r.tenant_id, "invoice": r.number}))
+    row = await asyncio.to_thread(
+        lambda: audit.run(
+            admin.who(),
+            "invoices.reissue",
+            lambda: svc.reissue(number),
+            target=number,
+            describe=lambda r: {"tenant": r.tenant_id, "invoice": r.number},
+        )
+    )
     return json_response(reissue_json(number, row))
 
 

@@ -1,7 +1,8 @@
 """Admin API for billing reports (/admin/v1/reports), behind the admin credential.
 
     GET /admin/v1/reports/exports?period=YYYY-MM&by=country|tenant|model|language&format=json|csv|html
-    GET /admin/v1/reports/languages?period=YYYY-MM[&model=M]&format=json|csv|html   (metering/language_report.py)
+    GET /admin/v1/reports/languages?period=YYYY-MM[&model=M]&format=json|csv|html
+    (metering/language_report.py)
 
 Token export volume and revenue by destination (the usage's origin country), tenant, model or
 language, from the period's issued invoices and credit notes; revenue net of tax, converted to CNY

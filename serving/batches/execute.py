@@ -55,15 +55,17 @@ class Interrupted(Exception):
 
 
 class LineExecutor:
-    def __init__(self, keyring: KeyRing, guard: Guard, forwarder: Forwarder,
-                 language: LanguageDetector | None) -> None:
+    def __init__(
+        self, keyring: KeyRing, guard: Guard, forwarder: Forwarder, language: LanguageDetector | None
+    ) -> None:
         self.keyring = keyring
         self.guard = guard
         self.forwarder = forwarder
         self.language = language
 
-    async def run(self, tenant_id: str, key_id: str, endpoint_path: str, line: LineRow,
-                  retry_s: float) -> Done | PutBack:
+    async def run(
+        self, tenant_id: str, key_id: str, endpoint_path: str, line: LineRow, retry_s: float
+    ) -> Done | PutBack:
         t0 = time.perf_counter()
         rid = line.request_id
         admission = None
@@ -71,8 +73,15 @@ class LineExecutor:
         try:
             route = ROUTES.get(endpoint_path)
             if route is None or line.body is None:
-                return Done(False, shapes.error_line(line.custom_id, rid, "batch_unrunnable",
-                                                     "This line can no longer run (its endpoint is gone)."))
+                return Done(
+                    False,
+                    shapes.error_line(
+                        line.custom_id,
+                        rid,
+                        "batch_unrunnable",
+                        "This line can no longer run (its endpoint is gone).",
+                    ),
+                )
             tenant = self.keyring.tenant(tenant_id)
             if tenant is None:  # not in the key cache yet (a new tenant), or gone: try later, expire at worst
                 return PutBack(retry_s)
@@ -89,18 +98,31 @@ class LineExecutor:
                 raise InvalidRequest(message, param=param or None) from exc
             model: str = body["model"]
             if not tenant.may_use(model) or not self.forwarder.pool.serves(model):
-                raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
-                                    param="model")
+                raise ModelNotFound(
+                    f"The model '{model}' does not exist or you do not have access to it.", param="model"
+                )
             # 5. attribute: the tenant's country (no client address); the prompt's language
             language = self.language.detect(prompt_sample(body)) if self.language is not None else None
             # 7. admission: the tenant's caps, rate limits and budget, as for live traffic
             admission = await self.guard.admit(tenant, key_id, rid, route.endpoint, body, len(raw))
-            meter = RequestMeter(request_id=rid, tenant_id=tenant.id, key_id=key_id, model=model,
-                                 endpoint=BATCH_PREFIX + route.endpoint, origin_country=tenant.billing_country,
-                                 origin_source="tenant", stream=False, language=language)
+            meter = RequestMeter(
+                request_id=rid,
+                tenant_id=tenant.id,
+                key_id=key_id,
+                model=model,
+                endpoint=BATCH_PREFIX + route.endpoint,
+                origin_country=tenant.billing_country,
+                origin_source="tenant",
+                stream=False,
+                language=language,
+            )
             # 8. forward; 9. record (by the forwarder)
-            resp = await self.forwarder.forward(meter, body, {}, t0, timeout_s=self.guard.timeout_s(admission))
-            return Done(True, shapes.response_line(line.custom_id, rid, resp.status_code, orjson.loads(resp.body)))
+            resp = await self.forwarder.forward(
+                meter, body, {}, t0, timeout_s=self.guard.timeout_s(admission)
+            )
+            return Done(
+                True, shapes.response_line(line.custom_id, rid, resp.status_code, orjson.loads(resp.body))
+            )
         except BaseException as exc:
             if admission is not None and (meter is None or not meter.recorded):
                 self.guard.release(admission)  # no usage event will come to settle the hold

@@ -1,12 +1,12 @@
 """The Batch API's routes (OpenAI's paths and shapes), with an API key: thin, over BatchService.
 
-    POST /v1/files                     multipart: file, purpose=batch
-    GET  /v1/files/{file_id}           the File object
-    GET  /v1/files/{file_id}/content   the file's bytes (input, output or error JSONL)
-    POST /v1/batches                   {input_file_id, endpoint, completion_window: "24h", metadata}
-    GET  /v1/batches                   ?after=&limit= (newest first)
-    GET  /v1/batches/{batch_id}
-    POST /v1/batches/{batch_id}/cancel
+POST /v1/files                     multipart: file, purpose=batch
+GET  /v1/files/{file_id}           the File object
+GET  /v1/files/{file_id}/content   the file's bytes (input, output or error JSONL)
+POST /v1/batches                   {input_file_id, endpoint, completion_window: "24h", metadata}
+GET  /v1/batches                   ?after=&limit= (newest first)
+GET  /v1/batches/{batch_id}
+POST /v1/batches/{batch_id}/cancel
 """
 
 from __future__ import annotations
@@ -31,8 +31,12 @@ BatchesDep = Annotated[BatchService, Depends(batch_service)]
 
 
 @router.post("/files")
-async def upload_file(who: PrincipalDep, svc: BatchesDep, file: Annotated[UploadFile, File()],
-                      purpose: Annotated[str, Form(max_length=32)]) -> dict[str, Any]:
+async def upload_file(
+    who: PrincipalDep,
+    svc: BatchesDep,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form(max_length=32)],
+) -> dict[str, Any]:
     return await svc.upload(who.tenant.id, file.filename, purpose, await file.read())
 
 
@@ -52,9 +56,12 @@ async def create_batch(who: PrincipalDep, svc: BatchesDep, req: CreateBatch) -> 
 
 
 @router.get("/batches")
-async def list_batches(who: PrincipalDep, svc: BatchesDep,
-                       after: Annotated[str | None, Query(max_length=64)] = None,
-                       limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+async def list_batches(
+    who: PrincipalDep,
+    svc: BatchesDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
     return await svc.list(who.tenant.id, after, limit)
 
 

@@ -37,9 +37,18 @@ log = logging.getLogger("tokenport.batches")
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStore, files: FileStore, executor: LineExecutor, settings: BatchSettings, *,
-                 lease_s: float, ledger_has: Callable[[str], bool], live_inflight: Callable[[], int],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: BatchStore,
+        files: FileStore,
+        executor: LineExecutor,
+        settings: BatchSettings,
+        *,
+        lease_s: float,
+        ledger_has: Callable[[str], bool],
+        live_inflight: Callable[[], int],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.files = files
         self.executor = executor
@@ -109,10 +118,19 @@ class BatchRunner:
             text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             log.warning("batch %s: input file unreadable: %s", b.id, exc)
-            errors = orjson.dumps([{"code": "file_unreadable", "line": None, "param": "input_file_id",
-                                    "message": f"The input file {b.input_file_id} could not be read."}]).decode()
-            await asyncio.to_thread(self.store.transition, b.id, ["validating"], "failed", failed_at=now,
-                                    errors=errors)
+            errors = orjson.dumps(
+                [
+                    {
+                        "code": "file_unreadable",
+                        "line": None,
+                        "param": "input_file_id",
+                        "message": f"The input file {b.input_file_id} could not be read.",
+                    }
+                ]
+            ).decode()
+            await asyncio.to_thread(
+                self.store.transition, b.id, ["validating"], "failed", failed_at=now, errors=errors
+            )
             return
         lines = shapes.parse_input(text, b.endpoint)
         await asyncio.to_thread(self.store.start, b.id, lines, now)
@@ -122,24 +140,30 @@ class BatchRunner:
         if b.status == "in_progress" and now >= b.expires_at:
             if b.expired_at is None:
                 await asyncio.to_thread(self.store.set_values, b.id, expired_at=now)
-            await self._close_pending(b, "batch_expired", "This request could not be executed before the "
-                                      "completion window expired.")
+            await self._close_pending(
+                b, "batch_expired", "This request could not be executed before the completion window expired."
+            )
         elif b.status == "cancelling":
-            await self._close_pending(b, "batch_cancelled", "The batch was cancelled before this request ran.")
+            await self._close_pending(
+                b, "batch_cancelled", "The batch was cancelled before this request ran."
+            )
         if b.status != "finalizing":
             still_open: int = await asyncio.to_thread(self.store.open_lines, b.id)
             if still_open:
                 return
         if b.status == "in_progress" and not await asyncio.to_thread(
-                self.store.transition, b.id, ["in_progress"], "finalizing", finalizing_at=now):
+            self.store.transition, b.id, ["in_progress"], "finalizing", finalizing_at=now
+        ):
             return
         await self._finalize(b, now)
 
     async def _close_pending(self, b: BatchRow, code: str, message: str) -> None:
         pending = await asyncio.to_thread(self.store.pending, b.id)
         if pending:
-            results = {(ln.batch_id, ln.line_no): shapes.error_line(ln.custom_id, ln.request_id, code, message)
-                       for ln in pending}
+            results = {
+                (ln.batch_id, ln.line_no): shapes.error_line(ln.custom_id, ln.request_id, code, message)
+                for ln in pending
+            }
             await asyncio.to_thread(self.store.close_pending, results)
 
     async def _finalize(self, b: BatchRow, now: int) -> None:
@@ -155,17 +179,27 @@ class BatchRunner:
             data = ("\n".join(lines) + "\n").encode()
             fid = "file-" + hashlib.sha256(f"{b.id}:{kind}".encode()).hexdigest()[:24]
             await asyncio.to_thread(self.files.put, fid, data)
-            files.append(FileRow(fid, b.tenant_id, "batch_output", f"{b.id}_{kind}.jsonl", len(data), now, fid))
+            files.append(
+                FileRow(fid, b.tenant_id, "batch_output", f"{b.id}_{kind}.jsonl", len(data), now, fid)
+            )
             ids[kind] = fid
         if b.status == "cancelling":
             source, final, stamp = "cancelling", "cancelled", "cancelled_at"
         else:
             current = await asyncio.to_thread(self.store.get_batch, b.id)
             expired = current is not None and current.expired_at is not None
-            source, final, stamp = "finalizing", "expired" if expired else "completed", (
-                "expired_at" if expired else "completed_at")
-        values: dict[str, object] = {"output_file_id": ids["output"], "error_file_id": ids["error"],
-                                     "total": len(results), "completed": len(ok), "failed": len(bad)}
+            source, final, stamp = (
+                "finalizing",
+                "expired" if expired else "completed",
+                ("expired_at" if expired else "completed_at"),
+            )
+        values: dict[str, object] = {
+            "output_file_id": ids["output"],
+            "error_file_id": ids["error"],
+            "total": len(results),
+            "completed": len(ok),
+            "failed": len(bad),
+        }
         if stamp != "expired_at":
             values[stamp] = now
         if await asyncio.to_thread(self.store.finalize, b.id, [source], final, files, **values):
@@ -206,8 +240,15 @@ class BatchRunner:
             outcome = Done(False, _interrupted(line)) if exc.recorded else PutBack(0)
         except Exception:
             log.exception("batch %s line %d failed", b.id, line.line_no)
-            outcome = Done(False, shapes.error_line(line.custom_id, line.request_id, "internal_error",
-                                                    "The gateway failed to run this request."))
+            outcome = Done(
+                False,
+                shapes.error_line(
+                    line.custom_id,
+                    line.request_id,
+                    "internal_error",
+                    "The gateway failed to run this request.",
+                ),
+            )
         if isinstance(outcome, Done):
             await asyncio.to_thread(self.store.finish, line, ok=outcome.ok, result=outcome.line)
         else:
@@ -215,5 +256,9 @@ class BatchRunner:
 
 
 def _interrupted(line: LineRow) -> str:
-    return shapes.error_line(line.custom_id, line.request_id, "batch_line_interrupted",
-                             "The gateway stopped while this request ran; it was billed once, its answer is lost.")
+    return shapes.error_line(
+        line.custom_id,
+        line.request_id,
+        "batch_line_interrupted",
+        "The gateway stopped while this request ran; it was billed once, its answer is lost.",
+    )

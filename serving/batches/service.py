@@ -36,9 +36,15 @@ class CreateBatch(BaseModel):
 
 
 class BatchService:
-    def __init__(self, store: BatchStore, files: FileStore, settings: BatchSettings,
-                 endpoints: Callable[[], Collection[str]], wake: Callable[[], None],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: BatchStore,
+        files: FileStore,
+        settings: BatchSettings,
+        endpoints: Callable[[], Collection[str]],
+        wake: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.files = files
         self.settings = settings
@@ -55,13 +61,18 @@ class BatchService:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidRequest("The file is not UTF-8 text (JSONL).", param="file", code="invalid_file") from exc
+            raise InvalidRequest(
+                "The file is not UTF-8 text (JSONL).", param="file", code="invalid_file"
+            ) from exc
         lines = sum(1 for line in text.splitlines() if line.strip())
         if lines == 0:
             raise InvalidRequest("The file has no lines.", param="file", code="invalid_file")
         if lines > self.settings.max_lines:
-            raise InvalidRequest(f"The file has {lines} lines, more than {self.settings.max_lines}.",
-                                 param="file", code="invalid_file")
+            raise InvalidRequest(
+                f"The file has {lines} lines, more than {self.settings.max_lines}.",
+                param="file",
+                code="invalid_file",
+            )
         fid = shapes.new_id("file-")
         name = (filename or "upload.jsonl").replace("/", "_").replace("\\", "_")[-255:] or "upload.jsonl"
         row = FileRow(fid, tenant_id, purpose, name, len(data), int(self.clock()), fid)
@@ -83,29 +94,49 @@ class BatchService:
         try:
             return await asyncio.to_thread(self.files.get, row.storage_key)
         except OSError as exc:
-            raise NotFound(f"The content of {file_id} is gone.", param="file_id", code="file_not_found") from exc
+            raise NotFound(
+                f"The content of {file_id} is gone.", param="file_id", code="file_not_found"
+            ) from exc
 
     # --- batches -------------------------------------------------------------------------------
     async def create(self, tenant_id: str, key_id: str, req: CreateBatch) -> dict[str, Any]:
         allowed = sorted(self.endpoints())
         if req.endpoint not in allowed:
-            raise InvalidRequest(f"endpoint {req.endpoint!r} is not supported; use one of {allowed}.",
-                                 param="endpoint")
+            raise InvalidRequest(
+                f"endpoint {req.endpoint!r} is not supported; use one of {allowed}.", param="endpoint"
+            )
         if req.completion_window not in WINDOW_S:
             raise InvalidRequest("completion_window must be '24h'.", param="completion_window")
         meta = req.metadata
         if meta is not None and (len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items())):
-            raise InvalidRequest("metadata takes at most 16 pairs, keys up to 64 and values up to 512 characters.",
-                                 param="metadata")
+            raise InvalidRequest(
+                "metadata takes at most 16 pairs, keys up to 64 and values up to 512 characters.",
+                param="metadata",
+            )
         f = await self._file(tenant_id, req.input_file_id)
         if f.purpose != "batch":
-            raise InvalidRequest(f"The file {f.id} has purpose {f.purpose!r}, not 'batch'.", param="input_file_id")
+            raise InvalidRequest(
+                f"The file {f.id} has purpose {f.purpose!r}, not 'batch'.", param="input_file_id"
+            )
         now = int(self.clock())
-        row = BatchRow(id=shapes.sortable_id("batch_"), tenant_id=tenant_id, key_id=key_id, endpoint=req.endpoint,
-                       input_file_id=f.id, completion_window=req.completion_window, status="validating",
-                       metadata=None if meta is None else orjson.dumps(meta).decode(), errors=None,
-                       output_file_id=None, error_file_id=None, total=0, completed=0, failed=0,
-                       created_at=now, expires_at=now + WINDOW_S[req.completion_window])
+        row = BatchRow(
+            id=shapes.sortable_id("batch_"),
+            tenant_id=tenant_id,
+            key_id=key_id,
+            endpoint=req.endpoint,
+            input_file_id=f.id,
+            completion_window=req.completion_window,
+            status="validating",
+            metadata=None if meta is None else orjson.dumps(meta).decode(),
+            errors=None,
+            output_file_id=None,
+            error_file_id=None,
+            total=0,
+            completed=0,
+            failed=0,
+            created_at=now,
+            expires_at=now + WINDOW_S[req.completion_window],
+        )
         await asyncio.to_thread(self.store.insert_batch, row)
         self.wake()
         return shapes.batch_object(row, None)
@@ -127,17 +158,30 @@ class BatchService:
     async def list(self, tenant_id: str, after: str | None, limit: int) -> dict[str, Any]:
         rows = await asyncio.to_thread(self.store.list_batches, tenant_id, after=after, limit=limit + 1)
         data = await self._objects(rows[:limit])
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(rows) > limit,
+        }
 
     async def cancel(self, tenant_id: str, batch_id: str) -> dict[str, Any]:
         row = await self._batch(tenant_id, batch_id)
         if row.status in ("validating", "in_progress"):
-            moved = await asyncio.to_thread(self.store.transition, row.id, ["validating", "in_progress"],
-                                            "cancelling", cancelling_at=int(self.clock()))
+            moved = await asyncio.to_thread(
+                self.store.transition,
+                row.id,
+                ["validating", "in_progress"],
+                "cancelling",
+                cancelling_at=int(self.clock()),
+            )
             if moved:
                 self.wake()
         elif row.status not in ("cancelling", "cancelled"):
-            raise Conflict(f"Cannot cancel a batch with status {row.status!r}.", param="batch_id",
-                           code="batch_not_cancellable")
+            raise Conflict(
+                f"Cannot cancel a batch with status {row.status!r}.",
+                param="batch_id",
+                code="batch_not_cancellable",
+            )
         return await self.get(tenant_id, batch_id)

@@ -56,9 +56,18 @@ def root(
     ctx.obj = {"settings": settings}
 
 
-for _typer, _name in ((models_app, "models"), (tenants_app, "tenants"), (keys_app, "keys"), (usage_app, "usage"),
-                      (db_app, "db"), (admin_app, "admin"), (invoices_app, "invoices"), (fx_app, "fx"),
-                      (reports_app, "reports"), (languages_app, "languages")):
+for _typer, _name in (
+    (models_app, "models"),
+    (tenants_app, "tenants"),
+    (keys_app, "keys"),
+    (usage_app, "usage"),
+    (db_app, "db"),
+    (admin_app, "admin"),
+    (invoices_app, "invoices"),
+    (fx_app, "fx"),
+    (reports_app, "reports"),
+    (languages_app, "languages"),
+):
     app.add_typer(_typer, name=_name)
 reports_app.command("languages")(reports_languages)
 app.command()(run.gateway)

@@ -97,19 +97,36 @@ def invoices_run(
 
 
 @invoices_app.command("finalize")
-def invoices_finalize(ctx: typer.Context, period_: PeriodOpt, tenant: TenantOpt = None,
-                      force: Annotated[bool, typer.Option("--force", help="Finalize before the period has ended "
-                                                          "(+ billing.finalize_grace_days); audited.")] = False,
-                      as_json: JsonOpt = False) -> None:
+def invoices_finalize(
+    ctx: typer.Context,
+    period_: PeriodOpt,
+    tenant: TenantOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Finalize before the period has ended (+ billing.finalize_grace_days); audited."
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Number the drafts (gapless) and store them immutably; without --tenant also closes the period.
     Refused until the period has ended (plus `billing.finalize_grace_days`) unless --force."""
     svc, audit = _both(ctx)
     p = period(period_)
     try:
-        report = audit.run(Who.cli(), "invoices.finalize", lambda: svc.finalize(p, tenant_id=tenant, force=force),
-                           target=str(p), tenant_id=tenant, detail={"force": force},
-                           describe=lambda r: {"numbers": [d.number for d in r.finalized], "refused": r.refused,
-                                               "forced": r.forced})
+        report = audit.run(
+            Who.cli(),
+            "invoices.finalize",
+            lambda: svc.finalize(p, tenant_id=tenant, force=force),
+            target=str(p),
+            tenant_id=tenant,
+            detail={"force": force},
+            describe=lambda r: {
+                "numbers": [d.number for d in r.finalized],
+                "refused": r.refused,
+                "forced": r.forced,
+            },
+        )
     except BillingError as exc:
         _fail(str(exc))
         return
@@ -169,8 +186,13 @@ def invoices_reissue(
     """Bill a voided invoice's usage again with the tenant's current data: a new invoice, dated today."""
     svc, audit = _both(ctx)
     try:
-        row = audit.run(Who.cli(), "invoices.reissue", lambda: svc.reissue(number), target=number,
-                        describe=lambda r: {"tenant": r.tenant_id, "invoice": r.number})
+        row = audit.run(
+            Who.cli(),
+            "invoices.reissue",
+            lambda: svc.reissue(number),
+            target=number,
+            describe=lambda r: {"tenant": r.tenant_id, "invoice": r.number},
+        )
     except BillingError as exc:
         _fail(str(exc))
         return

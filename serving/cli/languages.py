@@ -10,30 +10,51 @@ import typer
 
 from serving.cli.common import fail, period, settings, stores
 
-languages_app = typer.Typer(help="Multilingual token economics: the token tax per language.", no_args_is_help=True)
+languages_app = typer.Typer(
+    help="Multilingual token economics: the token tax per language.", no_args_is_help=True
+)
 
 
 @languages_app.command("measure")
 def languages_measure(
     ctx: typer.Context,
-    model: Annotated[list[str] | None, typer.Option(
-        "--model", help="A served model whose tokenizer to measure (repeatable; default: every catalogued model "
-        "with a prepared folder).")] = None,
-    reference: Annotated[list[str] | None, typer.Option(
-        "--reference", help="A reference tokenizer: qwen2.5, qwen3.5, deepseek-v4, llama3, cl100k, o200k, or "
-        "NAME=PATH to a tokenizer.json (repeatable; default: every installed one).")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="A served model whose tokenizer to measure (repeatable; default: every catalogued model "
+            "with a prepared folder).",
+        ),
+    ] = None,
+    reference: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reference",
+            help="A reference tokenizer: qwen2.5, qwen3.5, deepseek-v4, llama3, cl100k, o200k, or "
+            "NAME=PATH to a tokenizer.json (repeatable; default: every installed one).",
+        ),
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
-    write_premiums: Annotated[Path | None, typer.Option(
-        "--write-premiums", help="Also merge the premiums, dated today, into this file "
-        "(configs/billing/language_premiums.csv).")] = None,
+    write_premiums: Annotated[
+        Path | None,
+        typer.Option(
+            "--write-premiums",
+            help="Also merge the premiums, dated today, into this file "
+            "(configs/billing/language_premiums.csv).",
+        ),
+    ] = None,
 ) -> None:
-    """Tokenize the parallel corpus with each tokenizer: tokens per sentence and the premium against English."""
+    """Tokenize the parallel corpus with each tokenizer: tokens per sentence and the premium against
+    English."""
     from metering.reftokenizers import TokenizerUnavailable
     from metering.tokentax_command import measure_command
 
     s = settings(ctx)
-    models = model or [m.name for m in s.catalogue.models
-                       if (s.models_dir / m.name.replace("/", "--") / "tokenizer.json").is_file()]
+    models = model or [
+        m.name
+        for m in s.catalogue.models
+        if (s.models_dir / m.name.replace("/", "--") / "tokenizer.json").is_file()
+    ]
     try:
         text = measure_command(s.models_dir, models, reference or None, fmt, premiums_path=write_premiums)
     except (TokenizerUnavailable, ValueError) as exc:
@@ -49,7 +70,8 @@ def reports_languages(
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
 ) -> None:
     """Per language and model: requests, tokens, characters, tokens per 1,000 characters and the premium
-    against English on the same model, from the ledger (the same report as GET /admin/v1/reports/languages)."""
+    against English on the same model, from the ledger (the same report as GET
+    /admin/v1/reports/languages)."""
     from metering.language_report import FORMATS, language_report, render
 
     if fmt not in FORMATS:

@@ -45,8 +45,11 @@ def _with_cli_workers(settings: Settings, extra: list[object]) -> Settings:
     models = [m for m in settings.catalogue.models if m.name not in named]
     models += [ModelSpec(name=n) for n in sorted(named) if settings.catalogue.get(n) is None]
     kept = [m.model_copy(update={"workers": []}) if m.name in named else m for m in settings.catalogue.models]
-    catalogue = Catalogue(default_model=None, models=kept + [m for m in models if m not in settings.catalogue.models],
-                          routes=settings.catalogue.routes)  # routed names (`auto`) keep routing
+    catalogue = Catalogue(
+        default_model=None,
+        models=kept + [m for m in models if m not in settings.catalogue.models],
+        routes=settings.catalogue.routes,
+    )  # routed names (`auto`) keep routing
     return settings.model_copy(update={"catalogue": catalogue})
 
 
@@ -398,7 +401,8 @@ curl {base}/chat/completions \\
 .venv/bin/python - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{base}", api_key="{key}")
-r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=32)
+r = client.chat.completions.create(model="{model}", max_tokens=32,
+                                   messages=[{{"role": "user", "content": "Hello!"}}])
 print(r.choices[0].message.content, r.usage)
 EOF
 

@@ -92,10 +92,13 @@ class HoldStatus:
 
 
 class Backend(Protocol):
-    async def admit(self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec],
-                    new_epoch: str) -> AdmitResult: ...
+    async def admit(
+        self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec], new_epoch: str
+    ) -> AdmitResult: ...
 
-    async def settle(self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]) -> None: ...
+    async def settle(
+        self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]
+    ) -> None: ...
 
     async def status(self, key: str, now_ms: int) -> HoldStatus: ...
 
@@ -138,8 +141,9 @@ class MemoryBackend:
         self._buckets: dict[str, tuple[float, int]] = {}
         self._holds: dict[str, _Hold] = {}
 
-    async def admit(self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec],
-                    new_epoch: str) -> AdmitResult:
+    async def admit(
+        self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec], new_epoch: str
+    ) -> AdmitResult:
         states: list[_Hold] = []
         for i, h in enumerate(holds):
             st = self._holds.get(h.key)
@@ -157,19 +161,27 @@ class MemoryBackend:
             levels.append(refill(level, ts, b.capacity, now_ms))
         for i, b in enumerate(buckets):
             if b.cost > levels[i]:
-                retry = (math.ceil((b.cost - levels[i]) * MINUTE_MS / b.capacity)
-                         if b.cost <= b.capacity else None)
-                return AdmitResult("rate", i, [view(s, lv) for s, lv in zip(buckets, levels)], retry_after_ms=retry)
+                retry = (
+                    math.ceil((b.cost - levels[i]) * MINUTE_MS / b.capacity) if b.cost <= b.capacity else None
+                )
+                return AdmitResult(
+                    "rate",
+                    i,
+                    [view(s, lv) for s, lv in zip(buckets, levels, strict=True)],
+                    retry_after_ms=retry,
+                )
         views = []
-        for b, level in zip(buckets, levels):
+        for b, level in zip(buckets, levels, strict=True):
             self._buckets[b.key] = (level - b.cost, now_ms)
             views.append(view(b, level - b.cost))
-        for h, st in zip(holds, states):
+        for h, st in zip(holds, states, strict=True):
             st.reserved += h.amount
             st.holds[rid] = (h.amount, now_ms + h.ttl_ms)
         return AdmitResult("ok", buckets=views, epochs=[st.epoch for st in states])
 
-    async def settle(self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]) -> None:
+    async def settle(
+        self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]
+    ) -> None:
         self.settle_now(rid, now_ms, holds, refunds)
 
     def settle_now(self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]) -> None:
@@ -187,8 +199,10 @@ class MemoryBackend:
         for r in refunds:
             if r.key in self._buckets and r.refund:
                 level, ts = self._buckets[r.key]
-                self._buckets[r.key] = (min(float(r.capacity), refill(level, ts, r.capacity, now_ms) + r.refund),
-                                        now_ms)
+                self._buckets[r.key] = (
+                    min(float(r.capacity), refill(level, ts, r.capacity, now_ms) + r.refund),
+                    now_ms,
+                )
 
     async def status(self, key: str, now_ms: int) -> HoldStatus:
         st = self._holds.get(key)

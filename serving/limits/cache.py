@@ -37,7 +37,6 @@ class PolicyCache:
             self._tenants, self._keys = await asyncio.to_thread(self._store.all)
             self._version = version
 
-
     def tenant(self, tenant_id: str) -> LimitPolicy | None:
         return self._tenants.get(tenant_id)
 

@@ -25,13 +25,26 @@ from serving.limits.limiter import Admission, Limiter
 from serving.limits.tokens import PromptCounter
 
 LIMIT_FIELD = {"responses": "max_output_tokens"}  # an endpoint's completion-token limit, if not max_tokens
-PROMPT_FIELD = {"chat.completions": "messages", "completions": "prompt", "embeddings": "input", "responses": "input"}
+PROMPT_FIELD = {
+    "chat.completions": "messages",
+    "completions": "prompt",
+    "embeddings": "input",
+    "responses": "input",
+}
 
 
 class Guard:
-    def __init__(self, limiter: Limiter, counter: PromptCounter, context_length: Callable[[str], int],
-                 content: ContentLogger | None = None, *, max_depth: int = 32, max_values: int = 100_000,
-                 max_keys: int = 1024) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        counter: PromptCounter,
+        context_length: Callable[[str], int],
+        content: ContentLogger | None = None,
+        *,
+        max_depth: int = 32,
+        max_values: int = 100_000,
+        max_keys: int = 1024,
+    ) -> None:
         self.limiter = limiter
         self.counter = counter
         self.context_length = context_length
@@ -47,13 +60,16 @@ class Guard:
         while stack:
             obj, depth, path = stack.pop()
             if depth > self.max_depth:
-                raise RequestShapeError(f"The request body is nested more than {self.max_depth} levels deep.",
-                                        param=path or None)
+                raise RequestShapeError(
+                    f"The request body is nested more than {self.max_depth} levels deep.", param=path or None
+                )
             items: Any
             if isinstance(obj, dict):
                 if len(obj) > self.max_keys:
-                    raise RequestShapeError(f"An object in the request body has more than {self.max_keys} fields.",
-                                            param=path or None)
+                    raise RequestShapeError(
+                        f"An object in the request body has more than {self.max_keys} fields.",
+                        param=path or None,
+                    )
                 items = obj.items()
             else:
                 items = enumerate(obj)
@@ -64,8 +80,9 @@ class Guard:
             if values > self.max_values:
                 raise RequestShapeError(f"The request body has more than {self.max_values} JSON values.")
 
-    async def admit(self, tenant: Tenant, key_id: str, request_id: str, endpoint: str, body: dict[str, Any],
-                    size: int) -> Admission:
+    async def admit(
+        self, tenant: Tenant, key_id: str, request_id: str, endpoint: str, body: dict[str, Any], size: int
+    ) -> Admission:
         model: str = body["model"]
         eff = self.limiter.effective(tenant.id, key_id)
         if endpoint == "responses":  # no stored content unless the tenant logs content (vLLM's `store`)
@@ -78,20 +95,33 @@ class Guard:
         else:
             field, requested = one_token_limit(body)
         if eff.max_tokens is not None and requested is not None and requested > eff.max_tokens:
-            raise MaxTokensExceeded(f"{field} is {requested}, above this organization's maximum of "
-                                    f"{eff.max_tokens} tokens per request.", param=field)
+            raise MaxTokensExceeded(
+                f"{field} is {requested}, above this organization's maximum of "
+                f"{eff.max_tokens} tokens per request.",
+                param=field,
+            )
         if eff.unlimited and eff.max_prompt_tokens is None and eff.max_tokens is None:
-            return Admission(request_id=request_id, tenant=tenant, key_id=key_id, model=model,
-                             timeout_s=eff.timeout_s)  # nothing to hold or cap: no tokenizer run
+            return Admission(
+                request_id=request_id, tenant=tenant, key_id=key_id, model=model, timeout_s=eff.timeout_s
+            )  # nothing to hold or cap: no tokenizer run
         count = await self.counter.count(model, endpoint, body, size)
         if eff.max_prompt_tokens is not None and count.tokens > eff.max_prompt_tokens:
             how = "tokens" if count.exact else "tokens (counted as bytes: no tokenizer for this model)"
-            raise ContextLengthExceeded(f"The prompt is up to {count.tokens} {how}, above this organization's "
-                                        f"maximum of {eff.max_prompt_tokens}.",
-                                        param=PROMPT_FIELD.get(endpoint, "prompt"))
+            raise ContextLengthExceeded(
+                f"The prompt is up to {count.tokens} {how}, above this organization's "
+                f"maximum of {eff.max_prompt_tokens}.",
+                param=PROMPT_FIELD.get(endpoint, "prompt"),
+            )
         if endpoint == "embeddings":  # nothing is generated: the prompt is the whole cost
-            return await self.limiter.admit(tenant, key_id, request_id, model, prompt_tokens=count.tokens,
-                                            completion_tokens=0, effective=eff)
+            return await self.limiter.admit(
+                tenant,
+                key_id,
+                request_id,
+                model,
+                prompt_tokens=count.tokens,
+                completion_tokens=0,
+                effective=eff,
+            )
         context = self.context_length(model)
         cap = min(v for v in (requested, eff.max_tokens, context) if v is not None)
         if requested is None and eff.max_tokens is not None and eff.max_tokens < context:
@@ -99,8 +129,15 @@ class Guard:
             cap = max(1, min(eff.max_tokens, room))
             body[limit_field] = cap  # the worker may then never produce more than was held
         choices = max(_int(body.get("n")), _int(body.get("best_of")))
-        return await self.limiter.admit(tenant, key_id, request_id, model, prompt_tokens=count.tokens,
-                                        completion_tokens=count.prompts * choices * cap, effective=eff)
+        return await self.limiter.admit(
+            tenant,
+            key_id,
+            request_id,
+            model,
+            prompt_tokens=count.tokens,
+            completion_tokens=count.prompts * choices * cap,
+            effective=eff,
+        )
 
     def timeout_s(self, adm: Admission) -> float | None:
         """The tenant's own request timeout, when shorter than the gateway's (else None)."""
@@ -118,8 +155,14 @@ class Guard:
         """The response, teed into the content log when the tenant turned it on."""
         if self.content is None:
             return resp
-        return self.content.wrap(resp, request_id=meter.request_id, tenant_id=meter.tenant_id,
-                                 key_id=meter.key_id, model=meter.model, request=raw)
+        return self.content.wrap(
+            resp,
+            request_id=meter.request_id,
+            tenant_id=meter.tenant_id,
+            key_id=meter.key_id,
+            model=meter.model,
+            request=raw,
+        )
 
 
 def one_token_limit(body: dict[str, Any]) -> tuple[str, int | None]:
@@ -130,8 +173,11 @@ def one_token_limit(body: dict[str, Any]) -> tuple[str, int | None]:
     for. The rule: the smaller of the two is the limit, and the worker gets it as `max_tokens` alone
     (the field both endpoints and every vLLM version take). Returns (the field the client used for
     it, the limit or None when the client set none)."""
-    asked = [(v, f) for f in ("max_tokens", "max_completion_tokens")
-             if isinstance(v := body.pop(f, None), int) and not isinstance(v, bool)]
+    asked = [
+        (v, f)
+        for f in ("max_tokens", "max_completion_tokens")
+        if isinstance(v := body.pop(f, None), int) and not isinstance(v, bool)
+    ]
     if not asked:
         return "max_tokens", None
     limit, field = min(asked, key=lambda a: a[0])  # a tie names max_tokens

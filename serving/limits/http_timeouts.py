@@ -7,7 +7,8 @@ its connection, and with enough of them the process runs out of descriptors. Gua
 (uvicorn's httptools protocol plus two checks) answers 408 and closes a connection whose request
 head is not complete within `gateway.header_timeout_s` of its first byte (or of the connection), and
 431 when the head is not complete within `gateway.max_header_bytes` received bytes (counted before
-the parser sees them, so a whole oversized head in one write is refused too). BodyGuardMiddleware gives the body
+the parser sees them, so a whole oversized head in one write is refused too). BodyGuardMiddleware gives the
+body
 `gateway.body_timeout_s` in total (408) and enforces `gateway.max_body_bytes` on every route (413),
 before FastAPI reads anything.
 """
@@ -30,8 +31,9 @@ def _raw_error(reason: str, exc: TokenportError) -> bytes:
     """A whole HTTP/1.1 response for `exc`, written straight to the transport (no ASGI app ran)."""
     status, headers, body = render(exc)
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return (f"HTTP/1.1 {status} {reason}\r\n{head}content-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status} {reason}\r\n{head}content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
 
 
 class GuardedHttpTools(HttpToolsProtocol):
@@ -50,8 +52,11 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     @classmethod
     def configured(cls, header_timeout_s: float, max_header_bytes: int) -> type[GuardedHttpTools]:
-        return type("GuardedHttpToolsConfigured", (cls,), {"header_timeout_s": header_timeout_s,
-                                                           "max_header_bytes": max_header_bytes})
+        return type(
+            "GuardedHttpToolsConfigured",
+            (cls,),
+            {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes},
+        )
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -92,8 +97,10 @@ class GuardedHttpTools(HttpToolsProtocol):
         if self._heads != heads:  # the head ended in time: the rest (body, next request) as usual
             self.data_received(data[room:])
         else:
-            self._reject("Request Header Fields Too Large", HeadersTooLarge(
-                f"The request head is larger than {self.max_header_bytes} bytes."))
+            self._reject(
+                "Request Header Fields Too Large",
+                HeadersTooLarge(f"The request head is larger than {self.max_header_bytes} bytes."),
+            )
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -122,8 +129,10 @@ class GuardedHttpTools(HttpToolsProtocol):
             if self._busy():  # a pipelined head while a response is still going: wait for it
                 self._arm()
                 return
-            self._reject("Request Timeout", RequestTimeout(
-                f"The request head was not received within {self.header_timeout_s:g} s."))
+            self._reject(
+                "Request Timeout",
+                RequestTimeout(f"The request head was not received within {self.header_timeout_s:g} s."),
+            )
 
     def _reject(self, reason: str, exc: TokenportError) -> None:
         self._disarm()
@@ -133,19 +142,24 @@ class GuardedHttpTools(HttpToolsProtocol):
 
 
 def too_large(max_bytes: int) -> BodyTooLarge:
-    return BodyTooLarge(f"Request body is larger than the limit of {max_bytes} bytes.", headers={"connection": "close"})
+    return BodyTooLarge(
+        f"Request body is larger than the limit of {max_bytes} bytes.", headers={"connection": "close"}
+    )
 
 
 def too_slow(timeout_s: float) -> RequestTimeout:
-    return RequestTimeout(f"The request body was not received within {timeout_s:g} s.",
-                          headers={"connection": "close"})
+    return RequestTimeout(
+        f"The request body was not received within {timeout_s:g} s.", headers={"connection": "close"}
+    )
 
 
 class ClientGone(Exception):
     """The client disconnected while its request body was being read."""
 
 
-async def read_body(receive: Receive, headers: Mapping[str, str], *, max_bytes: int, timeout_s: float) -> bytes:
+async def read_body(
+    receive: Receive, headers: Mapping[str, str], *, max_bytes: int, timeout_s: float
+) -> bytes:
     """The whole body, for an app that reads it itself (serving/pipeline.py), under the rules
     BodyGuardMiddleware applies to the other routes: within `timeout_s` (408) and `max_bytes` (413),
     both closing the connection; a refused body is drained for a moment first (outside the deadline)."""
@@ -181,8 +195,14 @@ async def read_body(receive: Receive, headers: Mapping[str, str], *, max_bytes: 
 class BodyGuardMiddleware:
     """A total deadline and a size cap for request bodies, on every route."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float,
-                 path_max_bytes: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        path_max_bytes: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.path_max_bytes = dict(path_max_bytes or {})  # e.g. the Batch API's file uploads
@@ -196,8 +216,13 @@ class BodyGuardMiddleware:
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
                 status, headers, body = render(too_large(max_bytes))
-                await send({"type": "http.response.start", "status": status,
-                            "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         done = False
@@ -246,8 +271,12 @@ async def drain(receive: Receive, message: Message, *, max_s: float = 1.0, max_b
         pass
 
 
-def uvicorn_options(header_timeout_s: float, max_header_bytes: int, keep_alive_s: float,
-                    max_connections: int | None) -> dict[str, Any]:
+def uvicorn_options(
+    header_timeout_s: float, max_header_bytes: int, keep_alive_s: float, max_connections: int | None
+) -> dict[str, Any]:
     """uvicorn.Config keyword arguments that apply these protections (used by `tokenport gateway`)."""
-    return {"http": GuardedHttpTools.configured(header_timeout_s, max_header_bytes),
-            "timeout_keep_alive": keep_alive_s, "limit_concurrency": max_connections}
+    return {
+        "http": GuardedHttpTools.configured(header_timeout_s, max_header_bytes),
+        "timeout_keep_alive": keep_alive_s,
+        "limit_concurrency": max_connections,
+    }

@@ -107,10 +107,19 @@ class Admission:
 
 
 class Limiter:
-    def __init__(self, backend: Backend, policies: PolicyCache, usage: UsageStore, metrics: Metrics, *,
-                 defaults: Defaults, pricer: Pricer | None = None, on_error_budget: FailMode = "closed",
-                 on_error_rate: FailMode = "open",
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        policies: PolicyCache,
+        usage: UsageStore,
+        metrics: Metrics,
+        *,
+        defaults: Defaults,
+        pricer: Pricer | None = None,
+        on_error_budget: FailMode = "closed",
+        on_error_rate: FailMode = "open",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.backend = backend
         self.policies = policies
         self.usage = usage
@@ -126,10 +135,15 @@ class Limiter:
         self._sweeper: asyncio.Task[None] | None = None
         self._gauged: dict[str, float] = {}
         r = metrics.registry
-        self.rejections = Counter("tokenport_limit_rejections", "Requests refused by limits, by reason.",
-                                  ["reason"], registry=r)
-        self.backend_errors = Counter("tokenport_limits_backend_errors", "Failed calls to the limits backend "
-                                      "(Redis), by operation.", ["op"], registry=r)
+        self.rejections = Counter(
+            "tokenport_limit_rejections", "Requests refused by limits, by reason.", ["reason"], registry=r
+        )
+        self.backend_errors = Counter(
+            "tokenport_limits_backend_errors",
+            "Failed calls to the limits backend (Redis), by operation.",
+            ["op"],
+            registry=r,
+        )
         for reason in ("requests", "tokens", "budget", "unavailable"):
             self.rejections.labels(reason)
         for op in ("admit", "settle"):
@@ -172,19 +186,31 @@ class Limiter:
         window, _start = budget.window(now)
         return f"tp:{{{tenant_id}}}:bg:{scope}:{window}:{budget.unit}"
 
-    def _amount(self, budget: Budget, tenant: Tenant, model: str, *, prompt: int, cached: int,
-                completion: int) -> int:
+    def _amount(
+        self, budget: Budget, tenant: Tenant, model: str, *, prompt: int, cached: int, completion: int
+    ) -> int:
         if budget.unit == "tokens":
             return prompt + completion
         if self.pricer is None:
-            raise ModelNotPriced("This tenant has a money budget but the gateway has no price book.",
-                                 param="model")
+            raise ModelNotPriced(
+                "This tenant has a money budget but the gateway has no price book.", param="model"
+            )
         try:
-            return cost_units(self.pricer, model, tenant.currency, tenant.id, input_tokens=prompt - cached,
-                              cached_tokens=cached, output_tokens=completion)
+            return cost_units(
+                self.pricer,
+                model,
+                tenant.currency,
+                tenant.id,
+                input_tokens=prompt - cached,
+                cached_tokens=cached,
+                output_tokens=completion,
+            )
         except PriceUnavailable as exc:
-            raise ModelNotPriced(f"The model '{model}' has no {tenant.currency} price, so your money budget "
-                                 f"cannot cover it ({exc}).", param="model") from exc
+            raise ModelNotPriced(
+                f"The model '{model}' has no {tenant.currency} price, so your money budget "
+                f"cannot cover it ({exc}).",
+                param="model",
+            ) from exc
 
     async def _seed(self, tenant: Tenant, scope: str, key_id: str, budget: Budget, hold_key: str) -> int:
         """Usage of the budget's window from the ledger (single flight per window in this process)."""
@@ -201,10 +227,14 @@ class Limiter:
             for r in rows:
                 if scope == "key" and r["key_id"] != key_id:
                     continue
-                prompt, cached, completion = (int(str(r["prompt_tokens"])), int(str(r["cached_prompt_tokens"])),
-                                              int(str(r["completion_tokens"])))
-                total += self._amount(budget, tenant, str(r["model"]), prompt=prompt, cached=cached,
-                                      completion=completion)
+                prompt, cached, completion = (
+                    int(str(r["prompt_tokens"])),
+                    int(str(r["cached_prompt_tokens"])),
+                    int(str(r["completion_tokens"])),
+                )
+                total += self._amount(
+                    budget, tenant, str(r["model"]), prompt=prompt, cached=cached, completion=completion
+                )
             fut.set_result(total)
             return total
         except BaseException as exc:
@@ -215,18 +245,35 @@ class Limiter:
             self._seeding.pop(hold_key, None)
 
     # --- admission -----------------------------------------------------------------------
-    async def admit(self, tenant: Tenant, key_id: str, request_id: str, model: str, *, prompt_tokens: int,
-                    completion_tokens: int, effective: Effective | None = None) -> Admission:
+    async def admit(
+        self,
+        tenant: Tenant,
+        key_id: str,
+        request_id: str,
+        model: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        effective: Effective | None = None,
+    ) -> Admission:
         eff = effective or self.effective(tenant.id, key_id)
-        adm = Admission(request_id=request_id, tenant=tenant, key_id=key_id, model=model, timeout_s=eff.timeout_s,
-                        worst_tokens=prompt_tokens + completion_tokens)
+        adm = Admission(
+            request_id=request_id,
+            tenant=tenant,
+            key_id=key_id,
+            model=model,
+            timeout_s=eff.timeout_s,
+            worst_tokens=prompt_tokens + completion_tokens,
+        )
         if eff.unlimited:
             return adm
         now_ms = self._now_ms()
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         t = f"tp:{{{tenant.id}}}:rl"
-        for scope, prefix, rpm, tpm in (("tenant", f"{t}:t", eff.tenant_rpm, eff.tenant_tpm),
-                                        ("key", f"{t}:k:{key_id}", eff.key_rpm, eff.key_tpm)):
+        for scope, prefix, rpm, tpm in (
+            ("tenant", f"{t}:t", eff.tenant_rpm, eff.tenant_tpm),
+            ("key", f"{t}:k:{key_id}", eff.key_rpm, eff.key_tpm),
+        ):
             if rpm is not None:
                 adm.buckets.append(BucketSpec(prefix + ":rpm", rpm, 1, "requests", scope))  # type: ignore[arg-type]
             if tpm is not None:
@@ -235,11 +282,20 @@ class Limiter:
         for scope, budget in (("tenant", eff.tenant_budget), ("key", eff.key_budget)):
             if budget is None:
                 continue
-            amount = self._amount(budget, tenant, model, prompt=prompt_tokens, cached=0, completion=completion_tokens)
+            amount = self._amount(
+                budget, tenant, model, prompt=prompt_tokens, cached=0, completion=completion_tokens
+            )
             key_ttl = (40 if budget.period == "month" else 400) * DAY_MS
             scope_key = "t" if scope == "tenant" else f"k:{key_id}"
-            spec = HoldSpec(self._hold_key(tenant.id, scope_key, budget, now), budget.limit_units(), amount, ttl_ms,
-                            None, key_ttl, scope)  # type: ignore[arg-type]
+            spec = HoldSpec(
+                self._hold_key(tenant.id, scope_key, budget, now),
+                budget.limit_units(),
+                amount,
+                ttl_ms,
+                None,
+                key_ttl,
+                scope,  # type: ignore[arg-type]
+            )
             adm.holds.append(HeldBudget(spec, budget, scope))  # type: ignore[arg-type]
         if not adm.tracked:
             return adm  # only caps apply (checked by the guard)
@@ -255,7 +311,9 @@ class Limiter:
         specs = [h.spec for h in adm.holds]
         for _attempt in range(4):
             try:
-                result = await self.backend.admit(adm.request_id, now_ms, adm.buckets, specs, secrets.token_hex(6))
+                result = await self.backend.admit(
+                    adm.request_id, now_ms, adm.buckets, specs, secrets.token_hex(6)
+                )
             except Exception as exc:  # noqa: BLE001 - Redis down or slow: the fail mode decides
                 self._backend_failed(adm, exc)
                 return None
@@ -284,9 +342,13 @@ class Limiter:
         log.error("limits backend failed at admission (%s: %s)", type(exc).__name__, exc)
         if adm.holds:  # a timeout may come after Redis ran the script: drop any hold it made
             self._spawn(self._forget(adm.request_id, [HoldSettle(h.spec.key, None, "") for h in adm.holds]))
-        if (adm.holds and self.on_error_budget == "closed") or (adm.buckets and self.on_error_rate == "closed"):
+        if (adm.holds and self.on_error_budget == "closed") or (
+            adm.buckets and self.on_error_rate == "closed"
+        ):
             self.rejections.labels("unavailable").inc()
-            raise LimitsUnavailable("Rate limits and budgets cannot be checked right now; retry shortly.") from exc
+            raise LimitsUnavailable(
+                "Rate limits and budgets cannot be checked right now; retry shortly."
+            ) from exc
         adm.degraded = True
         adm.buckets, adm.holds = [], []
 
@@ -306,13 +368,17 @@ class Limiter:
         if result.retry_after_ms is None:
             raise RateLimitExceeded(
                 f"Request too large: it may use up to {b.cost} tokens but the {who} limit is {b.capacity} "
-                f"tokens per min (TPM). Lower max_tokens or shorten the prompt.", headers=headers)
+                f"tokens per min (TPM). Lower max_tokens or shorten the prompt.",
+                headers=headers,
+            )
         wait = result.retry_after_ms
         headers["retry-after"] = str(max(1, math.ceil(wait / 1000)))
         headers["retry-after-ms"] = str(wait)
         raise RateLimitExceeded(
             f"Rate limit reached for {adm.model} in {who} on {b.kind} per min ({per}): Limit {b.capacity}, "
-            f"Requested {b.cost}. Please try again in {duration(wait)}.", headers=headers)
+            f"Requested {b.cost}. Please try again in {duration(wait)}.",
+            headers=headers,
+        )
 
     def _refuse_budget(self, adm: Admission, result: AdmitResult) -> None:
         held = adm.holds[result.index]
@@ -324,7 +390,9 @@ class Limiter:
         raise QuotaExceeded(
             f"You exceeded your current quota: {whose} budget ({period}) is {b.show(spec.limit)}{cur}, "
             f"{b.show(result.used)}{cur} used and {b.show(result.reserved)}{cur} held by requests in flight; "
-            f"this request may use up to {b.show(spec.amount)}{cur}. Lower max_tokens, or ask for a higher budget.")
+            f"this request may use up to {b.show(spec.amount)}{cur}. Lower max_tokens, or ask for a higher "
+            "budget."
+        )
 
     # --- the end of a request --------------------------------------------------------------
     def on_event(self, event: UsageEvent) -> None:
@@ -362,8 +430,11 @@ class Limiter:
     def _refunds(adm: Admission, event: UsageEvent | None) -> list[BucketRefund]:
         """Token buckets were charged the worst case: give back what the request did not use."""
         actual_tokens = 0 if event is None else event.prompt_tokens + event.completion_tokens
-        return [BucketRefund(b.key, b.capacity, b.cost - actual_tokens)
-                for b in adm.buckets if b.kind == "tokens" and b.cost != actual_tokens]
+        return [
+            BucketRefund(b.key, b.capacity, b.cost - actual_tokens)
+            for b in adm.buckets
+            if b.kind == "tokens" and b.cost != actual_tokens
+        ]
 
     async def _settle(self, adm: Admission, event: UsageEvent | None) -> None:
         holds: list[HoldSettle] = []
@@ -371,13 +442,25 @@ class Limiter:
             actual: int | None = None
             if event is not None:
                 try:
-                    actual = self._amount(h.budget, adm.tenant, adm.model, prompt=event.prompt_tokens,
-                                          cached=event.cached_prompt_tokens, completion=event.completion_tokens)
+                    actual = self._amount(
+                        h.budget,
+                        adm.tenant,
+                        adm.model,
+                        prompt=event.prompt_tokens,
+                        cached=event.cached_prompt_tokens,
+                        completion=event.completion_tokens,
+                    )
                 except ModelNotPriced:
                     actual = h.spec.amount  # priced at admission; keep the hold as the charge
             if actual is not None and actual > h.spec.amount:
-                log.warning("request %s used %d > its hold %d (%s budget of %s)", adm.request_id, actual,
-                            h.spec.amount, h.scope, adm.tenant.id)
+                log.warning(
+                    "request %s used %d > its hold %d (%s budget of %s)",
+                    adm.request_id,
+                    actual,
+                    h.spec.amount,
+                    h.scope,
+                    adm.tenant.id,
+                )
             epoch = adm.epochs[i] if i < len(adm.epochs) else ""
             holds.append(HoldSettle(h.spec.key, actual, epoch))
         refunds = self._refunds(adm, event)
@@ -427,9 +510,16 @@ class Limiter:
         _window, start = b.window(now)
         unit = b.unit if b.unit == "tokens" else tenant.currency
         limit = b.limit_units()
-        return {"unit": unit, "period": b.period, "since": start.isoformat(), "limit": b.number(limit),
-                "used": b.number(used), "held": b.number(st.reserved),
-                "remaining": b.number(max(0, limit - used - st.reserved)), "requests_in_flight": st.holds}
+        return {
+            "unit": unit,
+            "period": b.period,
+            "since": start.isoformat(),
+            "limit": b.number(limit),
+            "used": b.number(used),
+            "held": b.number(st.reserved),
+            "remaining": b.number(max(0, limit - used - st.reserved)),
+            "requests_in_flight": st.holds,
+        }
 
 
 def _fields(spec: HoldSpec) -> dict[str, Any]:

@@ -68,12 +68,23 @@ class LimitPolicy:
 
     def as_dict(self) -> dict[str, Any]:
         b = self.budget
-        return {"rpm": self.rpm, "tpm": self.tpm,
-                "budget": None if b is None else {"unit": b.unit, "amount": f"{b.amount:f}", "period": b.period,
-                                                  "since": b.start.isoformat() if b.start else None},
-                "max_tokens": self.max_tokens, "max_prompt_tokens": self.max_prompt_tokens,
-                "request_timeout_s": self.request_timeout_s, "content_logging": self.content_logging,
-                "content_retention_days": self.content_retention_days}
+        return {
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "budget": None
+            if b is None
+            else {
+                "unit": b.unit,
+                "amount": f"{b.amount:f}",
+                "period": b.period,
+                "since": b.start.isoformat() if b.start else None,
+            },
+            "max_tokens": self.max_tokens,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "request_timeout_s": self.request_timeout_s,
+            "content_logging": self.content_logging,
+            "content_retention_days": self.content_retention_days,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +112,14 @@ class Effective:
 
     @property
     def unlimited(self) -> bool:
-        return (self.tenant_rpm is None and self.tenant_tpm is None and self.key_rpm is None
-                and self.key_tpm is None and self.tenant_budget is None and self.key_budget is None)
+        return (
+            self.tenant_rpm is None
+            and self.tenant_tpm is None
+            and self.key_rpm is None
+            and self.key_tpm is None
+            and self.tenant_budget is None
+            and self.key_budget is None
+        )
 
 
 def _smallest(*values: float | None) -> int | float | None:
@@ -114,13 +131,18 @@ def combine(tenant: LimitPolicy | None, key: LimitPolicy | None, defaults: Defau
     t = tenant or LimitPolicy()
     k = key or LimitPolicy()
     max_tokens = _smallest(k.max_tokens, t.max_tokens if t.max_tokens is not None else defaults.max_tokens)
-    max_prompt = _smallest(k.max_prompt_tokens,
-                           t.max_prompt_tokens if t.max_prompt_tokens is not None else defaults.max_prompt_tokens)
+    max_prompt = _smallest(
+        k.max_prompt_tokens,
+        t.max_prompt_tokens if t.max_prompt_tokens is not None else defaults.max_prompt_tokens,
+    )
     timeout = _smallest(k.request_timeout_s, t.request_timeout_s, defaults.request_timeout_s)
     return Effective(
         tenant_rpm=t.rpm if t.rpm is not None else defaults.rpm,
         tenant_tpm=t.tpm if t.tpm is not None else defaults.tpm,
-        key_rpm=k.rpm, key_tpm=k.tpm, tenant_budget=t.budget, key_budget=k.budget,
+        key_rpm=k.rpm,
+        key_tpm=k.tpm,
+        tenant_budget=t.budget,
+        key_budget=k.budget,
         max_tokens=int(max_tokens) if max_tokens is not None else None,
         max_prompt_tokens=int(max_prompt) if max_prompt is not None else None,
         timeout_s=float(timeout if timeout is not None else defaults.request_timeout_s),

@@ -31,8 +31,16 @@ class PriceUnavailable(Exception):
 
 
 class Pricer(Protocol):
-    def price(self, model: str, token_type: TokenType, tokens: int, currency: str, *,
-              tenant_id: str | None = None, on: date | None = None) -> Decimal:
+    def price(
+        self,
+        model: str,
+        token_type: TokenType,
+        tokens: int,
+        currency: str,
+        *,
+        tenant_id: str | None = None,
+        on: date | None = None,
+    ) -> Decimal:
         """The price of `tokens` tokens in `currency` (major units, exact Decimal)."""
         ...
 
@@ -44,8 +52,16 @@ class StaticPricer:
         self.currency = currency
         self.per_million = per_million
 
-    def price(self, model: str, token_type: TokenType, tokens: int, currency: str, *,
-              tenant_id: str | None = None, on: date | None = None) -> Decimal:
+    def price(
+        self,
+        model: str,
+        token_type: TokenType,
+        tokens: int,
+        currency: str,
+        *,
+        tenant_id: str | None = None,
+        on: date | None = None,
+    ) -> Decimal:
         unit = self.per_million.get((model, token_type))
         if unit is None or currency != self.currency:
             raise PriceUnavailable(f"no {currency} price for {model} {token_type.value}")
@@ -60,8 +76,16 @@ class PriceBookPricer:
         self._book: PriceBook | None = None  # the book the cache was filled from
         self._cache: dict[tuple[str, str, date], ResolvedPrices] = {}
 
-    def price(self, model: str, token_type: TokenType, tokens: int, currency: str, *,
-              tenant_id: str | None = None, on: date | None = None) -> Decimal:
+    def price(
+        self,
+        model: str,
+        token_type: TokenType,
+        tokens: int,
+        currency: str,
+        *,
+        tenant_id: str | None = None,
+        on: date | None = None,
+    ) -> Decimal:
         day = on or utcnow().date()
         key = (tenant_id or "", currency, day)
         try:
@@ -69,20 +93,33 @@ class PriceBookPricer:
             if book is not self._book or len(self._cache) > MAX_CACHED:  # refreshed source: prices may change
                 self._book, self._cache = book, {}
             if key not in self._cache:  # the version in force that day (a price may change inside a month)
-                self._cache[key] = book.select(currency=currency, period_start=day, period_end=day,
-                                               tenant_id=tenant_id or "")
+                self._cache[key] = book.select(
+                    currency=currency, period_start=day, period_end=day, tenant_id=tenant_id or ""
+                )
             spec = self._cache[key].price(model, token_type)
         except BillingError as exc:
             raise PriceUnavailable(str(exc)) from exc
         return token_cost(tokens, max(t.price for t in spec.tiers))
 
 
-def cost_units(pricer: Pricer, model: str, currency: str, tenant_id: str, *, input_tokens: int,
-               cached_tokens: int, output_tokens: int, on: date | None = None) -> int:
+def cost_units(
+    pricer: Pricer,
+    model: str,
+    currency: str,
+    tenant_id: str,
+    *,
+    input_tokens: int,
+    cached_tokens: int,
+    output_tokens: int,
+    on: date | None = None,
+) -> int:
     """Millionths of the currency for these token counts (raises PriceUnavailable)."""
     total = Decimal(0)
-    for token_type, n in ((TokenType.INPUT, input_tokens), (TokenType.CACHED_INPUT, cached_tokens),
-                          (TokenType.OUTPUT, output_tokens)):
+    for token_type, n in (
+        (TokenType.INPUT, input_tokens),
+        (TokenType.CACHED_INPUT, cached_tokens),
+        (TokenType.OUTPUT, output_tokens),
+    ):
         if n:
             try:
                 total += pricer.price(model, token_type, n, currency, tenant_id=tenant_id, on=on)
@@ -91,5 +128,7 @@ def cost_units(pricer: Pricer, model: str, currency: str, tenant_id: str, *, inp
                     raise
                 # An embedding model is priced per `embedding_input` token only (its requests have no
                 # other kind): its prompt tokens are priced so.
-                total += pricer.price(model, TokenType.EMBEDDING_INPUT, n, currency, tenant_id=tenant_id, on=on)
+                total += pricer.price(
+                    model, TokenType.EMBEDDING_INPUT, n, currency, tenant_id=tenant_id, on=on
+                )
     return to_micro(total)

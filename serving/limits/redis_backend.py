@@ -45,7 +45,9 @@ local function purge(kst, kres, kexp, kgone, now, reserved)
 end
 """
 
-ADMIT = PURGE + r"""
+ADMIT = (
+    PURGE
+    + r"""
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local nb = tonumber(ARGV[3])
@@ -110,6 +112,7 @@ for i = 1, nh do
 end
 return out
 """
+)
 
 # Settle (actual >= 0) or release (actual = -1) one request's holds. Idempotent: usage is added only
 # when the request's hold is found in flight or among the recently expired, and the hold is consumed,
@@ -156,12 +159,15 @@ end
 return 1
 """
 
-STATUS = PURGE + r"""
+STATUS = (
+    PURGE
+    + r"""
 local st = redis.call('HMGET', KEYS[1], 'used', 'reserved', 'epoch')
 if not st[3] then return {0, 0, 0, 0} end
 local reserved = purge(KEYS[1], KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[1]), tonumber(st[2]))
 return {tonumber(st[1]), reserved, 1, redis.call('HLEN', KEYS[2])}
 """
+)
 
 
 def _hold_keys(key: str) -> list[str]:
@@ -177,16 +183,22 @@ class RedisBackend:
         import redis.asyncio as aioredis
 
         # A blocking pool: a burst of admissions waits briefly for a connection instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s * 4,
-                                                        socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s * 4,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
         self._pool = pool
         self.client = aioredis.Redis(connection_pool=pool)
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
         self._status = self.client.register_script(STATUS)
 
-    async def admit(self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec],
-                    new_epoch: str) -> AdmitResult:
+    async def admit(
+        self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec], new_epoch: str
+    ) -> AdmitResult:
         keys: list[str] = [b.key for b in buckets]
         argv: list[Any] = [now_ms, rid, len(buckets), len(holds), new_epoch]
         for b in buckets:
@@ -200,14 +212,16 @@ class RedisBackend:
             return AdmitResult("need_seed", index)
         if status == "budget":
             return AdmitResult("budget", index, used=int(raw[2]), reserved=int(raw[3]))
-        levels = [float(_s(v)) for v in raw[3:3 + len(buckets)]]
-        views = [_view(b, lv) for b, lv in zip(buckets, levels)]
+        levels = [float(_s(v)) for v in raw[3 : 3 + len(buckets)]]
+        views = [_view(b, lv) for b, lv in zip(buckets, levels, strict=True)]
         if status == "rate":
             retry = int(raw[2])
             return AdmitResult("rate", index, views, retry_after_ms=None if retry < 0 else retry)
-        return AdmitResult("ok", buckets=views, epochs=[_s(e) for e in raw[3 + len(buckets):]])
+        return AdmitResult("ok", buckets=views, epochs=[_s(e) for e in raw[3 + len(buckets) :]])
 
-    async def settle(self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]) -> None:
+    async def settle(
+        self, rid: str, now_ms: int, holds: list[HoldSettle], refunds: list[BucketRefund]
+    ) -> None:
         keys: list[str] = []
         argv: list[Any] = [now_ms, rid, len(holds), len(refunds)]
         for h in holds:

@@ -127,13 +127,16 @@ class PromptCounter:
         return self.count_completion(model, {"prompt": body.get("input")})
 
     def count_responses(self, model: str, body: dict[str, Any]) -> PromptCount:
-        """A Responses input (text or items) and its instructions, counted as the chat messages they become."""
+        """A Responses input (text or items) and its instructions, counted as the chat messages they
+        become."""
         return self.count_chat(model, {"messages": responses_messages(body), "tools": body.get("tools")})
 
     async def count(self, model: str, endpoint: str, body: dict[str, Any], size_hint: int) -> PromptCount:
-        fn = {"chat.completions": self.count_chat, "embeddings": self.count_embedding,
-              "responses": self.count_responses}.get(endpoint, self.count_completion)
+        fn = {
+            "chat.completions": self.count_chat,
+            "embeddings": self.count_embedding,
+            "responses": self.count_responses,
+        }.get(endpoint, self.count_completion)
         if size_hint > BIG:
             return await asyncio.to_thread(fn, model, body)
         return fn(model, body)
-

@@ -38,8 +38,9 @@ class Guardrails:
         await self.policies.close()
 
 
-def build_guardrails(settings: Settings, stores: Stores, metrics: Metrics,
-                     tokens: TokenCounter | None = None) -> Guardrails:
+def build_guardrails(
+    settings: Settings, stores: Stores, metrics: Metrics, tokens: TokenCounter | None = None
+) -> Guardrails:
     lim = settings.limits
     backend: Backend
     if lim.backend == "redis":
@@ -50,11 +51,23 @@ def build_guardrails(settings: Settings, stores: Stores, metrics: Metrics,
         backend = MemoryBackend()
     store = stores.limits
     policies = PolicyCache(store, stores.tenants.version, settings.gateway.key_cache_refresh_s)
-    defaults = Defaults(rpm=lim.default_rpm, tpm=lim.default_tpm, max_tokens=lim.default_max_tokens,
-                        max_prompt_tokens=lim.default_max_prompt_tokens,
-                        request_timeout_s=settings.gateway.request_timeout_s)
-    limiter = Limiter(backend, policies, stores.usage, metrics, defaults=defaults, pricer=PriceBookPricer(stores.prices),
-                      on_error_budget=lim.on_backend_error_budget, on_error_rate=lim.on_backend_error_rate)
+    defaults = Defaults(
+        rpm=lim.default_rpm,
+        tpm=lim.default_tpm,
+        max_tokens=lim.default_max_tokens,
+        max_prompt_tokens=lim.default_max_prompt_tokens,
+        request_timeout_s=settings.gateway.request_timeout_s,
+    )
+    limiter = Limiter(
+        backend,
+        policies,
+        stores.usage,
+        metrics,
+        defaults=defaults,
+        pricer=PriceBookPricer(stores.prices),
+        on_error_budget=lim.on_backend_error_budget,
+        on_error_rate=lim.on_backend_error_rate,
+    )
 
     def context_length(model: str) -> int:
         spec = settings.catalogue.get(model)
@@ -68,6 +81,13 @@ def build_guardrails(settings: Settings, stores: Stores, metrics: Metrics,
 
     content = ContentLogger(ContentLogStore(stores.engine), content_policy)
     gw = settings.gateway
-    guard = Guard(limiter, PromptCounter(settings.models_dir, tokens), context_length, content,
-                  max_depth=gw.max_json_depth, max_values=gw.max_json_values, max_keys=gw.max_json_keys)
+    guard = Guard(
+        limiter,
+        PromptCounter(settings.models_dir, tokens),
+        context_length,
+        content,
+        max_depth=gw.max_json_depth,
+        max_values=gw.max_json_values,
+        max_keys=gw.max_json_keys,
+    )
     return Guardrails(store=store, policies=policies, limiter=limiter, guard=guard, content=content)

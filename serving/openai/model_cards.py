@@ -36,8 +36,9 @@ def pricing(prices: PriceSource, tenant: Tenant, model: str, on: date | None = N
     """The tenant's prices for `model` in the month of `on` (today), or None when it has none."""
     period = Period.of(on or utcnow().date())
     try:
-        resolved = prices.book().select(currency=tenant.currency, period_start=period.start,
-                                        period_end=period.end, tenant_id=tenant.id)
+        resolved = prices.book().select(
+            currency=tenant.currency, period_start=period.start, period_end=period.end, tenant_id=tenant.id
+        )
     except BillingError:
         return None
     by_type: dict[str, str | dict[str, Any]] = {}
@@ -47,11 +48,18 @@ def pricing(prices: PriceSource, tenant: Tenant, model: str, on: date | None = N
             by_type[token_type.value] = price_text(spec)
     if not by_type:
         return None
-    return {"currency": resolved.currency, "per_tokens": PER_TOKENS, "price_book_version": resolved.version,
-            "contract": resolved.contract_id, "prices": by_type}
+    return {
+        "currency": resolved.currency,
+        "per_tokens": PER_TOKENS,
+        "price_book_version": resolved.version,
+        "contract": resolved.contract_id,
+        "prices": by_type,
+    }
 
 
-def card(model: str, created: int, spec: ModelSpec | None, tenant: Tenant, prices: PriceSource) -> dict[str, Any]:
+def card(
+    model: str, created: int, spec: ModelSpec | None, tenant: Tenant, prices: PriceSource
+) -> dict[str, Any]:
     return {
         "id": model,
         "object": "model",

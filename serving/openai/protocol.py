@@ -1,6 +1,7 @@
 """Wire types of the OpenAI-compatible API, for validation and the OpenAPI schema.
 
-Request bodies are validated strictly (JSON types as OpenAI documents them, no coercion) and accept the fields OpenAI documents for each endpoint plus a short list of vLLM
+Request bodies are validated strictly (JSON types as OpenAI documents them, no coercion) and accept the
+fields OpenAI documents for each endpoint plus a short list of vLLM
 sampling extras; any other top-level field is refused with OpenAI's own message ("Unrecognized
 request argument supplied: ..."), because vLLM also honours request fields that must never come from
 a tenant (`priority`, `chat_template`, `logits_processors`, `kv_transfer_params`, `request_id`,
@@ -110,7 +111,9 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        min_length=1, max_length=MAX_EMBEDDING_INPUTS
+    )
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1, le=65_536)
     user: str | None = Str256
@@ -185,8 +188,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         if "UTF-8" in exc.msg or "surrogate" in exc.msg:
-            raise InvalidRequest("The request body is not valid UTF-8 JSON (invalid bytes or a lone surrogate).",
-                                 code="invalid_utf8") from exc
+            raise InvalidRequest(
+                "The request body is not valid UTF-8 JSON (invalid bytes or a lone surrogate).",
+                code="invalid_utf8",
+            ) from exc
         raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")

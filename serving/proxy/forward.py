@@ -3,7 +3,8 @@
 Every request ends in exactly one usage event under its request id: `ok`, `client_cancelled`,
 `upstream_error` (tokens the worker did produce are kept; a request cut by its timeout before the
 first byte is billed its prompt, estimated), or `rejected` (the worker refused it with a 4xx: zero
-tokens; the client gets our own message, never the worker's text, see `rejected`). A connection failure before any byte reached the client (while connecting,
+tokens; the client gets our own message, never the worker's text, see `rejected`). A connection failure
+before any byte reached the client (while connecting,
 while reading a non-streamed body, or before a stream's first event) is retried once on another
 healthy worker; only the attempt that answered is metered. A worker answer without usage is counted
 with the model's tokenizer (metering/tokencount.py) and marked `estimated`.
@@ -28,8 +29,8 @@ from serving.openai.routes import BY_ENDPOINT
 from serving.proxy.flight import Flight
 from serving.proxy.pool import Worker, WorkerPool
 from serving.proxy.relay import RelayResponse, StreamRelay
-from serving.proxy.textsize import count_choices
 from serving.proxy.responses_relay import ResponsesRelay, output_texts, usage_of
+from serving.proxy.textsize import count_choices
 from serving.proxy.upstream import UpstreamClient, UpstreamResponse
 from serving.proxy.upstream import UpstreamError as UpstreamConnectionError
 
@@ -38,8 +39,15 @@ MAX_ATTEMPTS = 2
 
 
 class Forwarder:
-    def __init__(self, pool: WorkerPool, recorder: Recorder, metrics: Metrics, *, timeout_s: float,
-                 tokens: TokenCounter | None = None) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        recorder: Recorder,
+        metrics: Metrics,
+        *,
+        timeout_s: float,
+        tokens: TokenCounter | None = None,
+    ) -> None:
         self.pool = pool
         self.tokens = tokens
         self.recorder = recorder
@@ -50,8 +58,9 @@ class Forwarder:
 
     async def start(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent",))
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
         return self.session
 
     async def close(self) -> None:
@@ -60,8 +69,9 @@ class Forwarder:
             await self.session.close()
             self.session = None
 
-    async def _open(self, meter: RequestMeter, path: str, body: bytes, deadline: float,
-                    request: dict[str, Any]) -> tuple[Worker, UpstreamResponse, bytes]:
+    async def _open(
+        self, meter: RequestMeter, path: str, body: bytes, deadline: float, request: dict[str, Any]
+    ) -> tuple[Worker, UpstreamResponse, bytes]:
         """POST to a healthy worker and read until the client's first byte is known: the whole body
         (non-streamed, or an error status), or a stream's first event. A connection failure before
         that is retried once on another healthy worker; the deadline is the request's own."""
@@ -81,8 +91,9 @@ class Forwarder:
             try:
                 async with asyncio.timeout_at(deadline):
                     resp = await self.client.post(worker.url, path, body, headers)
-                    got = (await _first_event(resp) if meter.stream and resp.status == 200
-                           else await resp.read())
+                    got = (
+                        await _first_event(resp) if meter.stream and resp.status == 200 else await resp.read()
+                    )
                 meter.worker_id, meter.serving_region = worker.id, worker.region
                 return worker, resp, got
             except UpstreamConnectionError as exc:
@@ -98,8 +109,9 @@ class Forwarder:
                 meter.worker_id, meter.serving_region = worker.id, worker.region
                 self._bill_prompt(meter, request)
                 await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
-                raise UpstreamError("The worker did not answer within the request timeout.",
-                                    code="upstream_timeout") from exc
+                raise UpstreamError(
+                    "The worker did not answer within the request timeout.", code="upstream_timeout"
+                ) from exc
             except BaseException as exc:
                 worker.inflight -= 1
                 if resp is not None:
@@ -113,8 +125,15 @@ class Forwarder:
         await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
         raise UpstreamError(f"Could not reach a worker for '{meter.model}': {type(last).__name__}")
 
-    async def forward(self, meter: RequestMeter, body: dict[str, Any], headers: dict[str, str], t0: float, *,
-                      timeout_s: float | None = None) -> Response:
+    async def forward(
+        self,
+        meter: RequestMeter,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        t0: float,
+        *,
+        timeout_s: float | None = None,
+    ) -> Response:
         """The worker's answer as the client's response (a stream relay for a stream); `timeout_s`: a
         tenant's own request timeout (else `gateway.request_timeout_s`)."""
         await self.recorder.ledger.admit()  # metering.fail_closed: 503 before any worker runs anything
@@ -144,13 +163,30 @@ class Forwarder:
             finally:
                 flight.answered()
         relay_class = ResponsesRelay if meter.endpoint == "responses" else StreamRelay
-        relay = relay_class(meter, resp, self.recorder, self.metrics, want_usage=want_usage,
-                            want_continuous=want_continuous, t0=t0, flight=flight, head=got,
-                            tokens=self.tokens, body=body, deadline=deadline)
+        relay = relay_class(
+            meter,
+            resp,
+            self.recorder,
+            self.metrics,
+            want_usage=want_usage,
+            want_continuous=want_continuous,
+            t0=t0,
+            flight=flight,
+            head=got,
+            tokens=self.tokens,
+            body=body,
+            deadline=deadline,
+        )
         return RelayResponse(relay, headers)
 
-    async def _finish_json(self, meter: RequestMeter, status: int, payload: bytes,
-                           headers: dict[str, str], body: dict[str, Any] | None = None) -> Response:
+    async def _finish_json(
+        self,
+        meter: RequestMeter,
+        status: int,
+        payload: bytes,
+        headers: dict[str, str],
+        body: dict[str, Any] | None = None,
+    ) -> Response:
         if status == 200:
             try:
                 obj = orjson.loads(payload)
@@ -172,7 +208,6 @@ class Forwarder:
             raise rejected(status, payload)
         await self.recorder.record(meter, Outcome.UPSTREAM_ERROR)
         raise UpstreamError(f"The worker answered with HTTP {status}.")
-
 
     def _bill_prompt(self, meter: RequestMeter, request: dict[str, Any]) -> None:
         """Cut off before the first byte (timeout, cancellation): the worker prefilled the prompt, what
@@ -220,14 +255,23 @@ def rejected(status: int, payload: bytes) -> UpstreamRejected:
     the HTTP status)."""
     text = payload[:4096].decode("utf-8", "replace").lower()
     if "matryoshka" in text:  # vLLM: this embedding model has one fixed size
-        refused = UpstreamRejected("This model does not support the 'dimensions' parameter: its embeddings "
-                                   "have one fixed size. Send the request without 'dimensions'.", status,
-                                   code="dimensions_not_supported")
+        refused = UpstreamRejected(
+            "This model does not support the 'dimensions' parameter: its embeddings "
+            "have one fixed size. Send the request without 'dimensions'.",
+            status,
+            code="dimensions_not_supported",
+        )
         refused.param = "dimensions"
         return refused
     if "context length" in text or "context_length" in text:
-        return UpstreamRejected("The prompt and the requested completion (max_tokens) are longer than this "
-                                "model's context: shorten the prompt or lower max_tokens.", status,
-                                code="context_length_exceeded")
-    return UpstreamRejected(f"The model refused this request (HTTP {status}): a parameter is not supported "
-                            "or is out of range for this model.", status)
+        return UpstreamRejected(
+            "The prompt and the requested completion (max_tokens) are longer than this "
+            "model's context: shorten the prompt or lower max_tokens.",
+            status,
+            code="context_length_exceeded",
+        )
+    return UpstreamRejected(
+        f"The model refused this request (HTTP {status}): a parameter is not supported "
+        "or is out of range for this model.",
+        status,
+    )

@@ -43,9 +43,17 @@ class LanguageRouter:
         ranks = {m.name: dict(m.languages) for m in catalogue.models}
         routes = []
         for spec in catalogue.routes:
-            names = spec.models if spec.models is not None else [m.name for m in catalogue.models if m.languages]
-            routes.append(Route(spec.name, tuple(names), {n: ranks.get(n, {}) for n in names},
-                                spec.fallback or catalogue.default_model))
+            names = (
+                spec.models if spec.models is not None else [m.name for m in catalogue.models if m.languages]
+            )
+            routes.append(
+                Route(
+                    spec.name,
+                    tuple(names),
+                    {n: ranks.get(n, {}) for n in names},
+                    spec.fallback or catalogue.default_model,
+                )
+            )
         return cls(routes, pool)
 
     @property
@@ -62,14 +70,21 @@ class LanguageRouter:
     def choose(self, name: str, language: str | None, may_use: Callable[[str], bool]) -> str:
         """The model that serves a request to the routed `name` in `language`."""
         route = self._routes[name]
-        allowed = [m for m in dict.fromkeys((*route.candidates, route.fallback))
-                   if m is not None and may_use(m) and self._pool.serves(m)]
+        allowed = [
+            m
+            for m in dict.fromkeys((*route.candidates, route.fallback))
+            if m is not None and may_use(m) and self._pool.serves(m)
+        ]
         if not allowed:
-            raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.",
-                                param="model")
+            raise ModelNotFound(
+                f"The model '{name}' does not exist or you do not have access to it.", param="model"
+            )
         healthy = [m for m in allowed if self._healthy(m)]
-        ranked = sorted((route.ranks[m][language], i, m) for i, m in enumerate(healthy)
-                        if m in route.ranks and language is not None and language in route.ranks[m])
+        ranked = sorted(
+            (route.ranks[m][language], i, m)
+            for i, m in enumerate(healthy)
+            if m in route.ranks and language is not None and language in route.ranks[m]
+        )
         if ranked:
             return ranked[0][2]
         if route.fallback in healthy:

@@ -31,8 +31,13 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, workers: Iterable[Worker], *, interval_s: float = 2.0,
-                 on_health: Callable[[Worker], None] | None = None) -> None:
+    def __init__(
+        self,
+        workers: Iterable[Worker],
+        *,
+        interval_s: float = 2.0,
+        on_health: Callable[[Worker], None] | None = None,
+    ) -> None:
         self.workers = list(workers)
         self._by_model: dict[str, list[Worker]] = {}
         for w in self.workers:
@@ -62,8 +67,9 @@ class WorkerPool:
     def pick(self, model: str, exclude: Iterable[Worker] = ()) -> Worker:
         workers = self._by_model.get(model)
         if not workers:
-            raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
-                                param="model")
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or you do not have access to it.", param="model"
+            )
         skip = set(exclude)
         healthy = [w for w in workers if w.healthy and w not in skip]
         if not healthy:
@@ -79,8 +85,13 @@ class WorkerPool:
 
     def _set(self, worker: Worker, healthy: bool) -> None:
         if worker.healthy != healthy:
-            log.log(logging.INFO if healthy else logging.WARNING, "worker %s (%s) is now %s", worker.id, worker.url,
-                    "healthy" if healthy else "UNHEALTHY")
+            log.log(
+                logging.INFO if healthy else logging.WARNING,
+                "worker %s (%s) is now %s",
+                worker.id,
+                worker.url,
+                "healthy" if healthy else "UNHEALTHY",
+            )
         worker.healthy = healthy
         if self._on_health is not None:
             self._on_health(worker)
@@ -88,8 +99,9 @@ class WorkerPool:
     async def check(self, worker: Worker) -> None:
         assert self._session is not None
         try:
-            async with self._session.get(worker.url + "/health",
-                                         timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            async with self._session.get(
+                worker.url + "/health", timeout=aiohttp.ClientTimeout(total=2)
+            ) as resp:
                 self._set(worker, resp.status == 200)
         except (TimeoutError, aiohttp.ClientError, OSError):
             self._set(worker, False)

@@ -37,10 +37,22 @@ DONE = b"data: [DONE]\n\n"
 
 
 class StreamRelay:
-    def __init__(self, meter: RequestMeter, resp: UpstreamResponse, recorder: Recorder, metrics: Metrics,
-                 *, want_usage: bool, want_continuous: bool, t0: float, flight: Flight | None = None,
-                 head: bytes = b"", tokens: TokenCounter | None = None,
-                 body: dict[str, Any] | None = None, deadline: float | None = None) -> None:
+    def __init__(
+        self,
+        meter: RequestMeter,
+        resp: UpstreamResponse,
+        recorder: Recorder,
+        metrics: Metrics,
+        *,
+        want_usage: bool,
+        want_continuous: bool,
+        t0: float,
+        flight: Flight | None = None,
+        head: bytes = b"",
+        tokens: TokenCounter | None = None,
+        body: dict[str, Any] | None = None,
+        deadline: float | None = None,
+    ) -> None:
         self.meter = meter
         self.resp = resp
         self.recorder = recorder
@@ -67,8 +79,14 @@ class StreamRelay:
             if not isinstance(c, dict):
                 continue
             delta = c.get("delta")
-            text = c.get("text") if delta is None else (delta.get("content") if isinstance(delta, dict) else None)
-            role_only = isinstance(delta, dict) and "role" in delta and not text and c.get("finish_reason") is None
+            text = (
+                c.get("text")
+                if delta is None
+                else (delta.get("content") if isinstance(delta, dict) else None)
+            )
+            role_only = (
+                isinstance(delta, dict) and "role" in delta and not text and c.get("finish_reason") is None
+            )
             if not role_only:
                 self.token_chunks += 1
             if self.meter.has_usage:
@@ -123,7 +141,8 @@ class StreamRelay:
                 if self._first:
                     self._first = False
                     self.metrics.child(self.metrics.ttft, self.metrics.model_label(meter.model)).observe(
-                        time.perf_counter() - self.t0)
+                        time.perf_counter() - self.t0
+                    )
             relayed = self._transform(obj, payload)
             if relayed is not None:
                 out.append(b"data: " + relayed + b"\n\n")
@@ -182,8 +201,9 @@ class StreamRelay:
             return
         texts = {i: "".join(parts) for i, parts in self._texts.items()}
         if self._tokens is not None:
-            meter.completion_tokens = self._tokens.completion_tokens(meter.model, texts, self._finish,
-                                                                     self.token_chunks)
+            meter.completion_tokens = self._tokens.completion_tokens(
+                meter.model, texts, self._finish, self.token_chunks
+            )
             if self._request is not None:
                 meter.prompt_tokens = self._tokens.prompt_tokens(meter.model, meter.endpoint, self._request)
         else:
@@ -198,12 +218,16 @@ class StreamRelay:
         try:
             await self.recorder.record(self.meter, outcome)
         except LedgerUnavailable:
-            return ServiceUnavailable("The usage ledger is unavailable, so this answer cannot be completed; "
-                                      "retry shortly.", code="ledger_unavailable").sse_event()
+            return ServiceUnavailable(
+                "The usage ledger is unavailable, so this answer cannot be completed; retry shortly.",
+                code="ledger_unavailable",
+            ).sse_event()
         except Exception:  # the database is down and the spool cannot be written either (disk full)
             log.exception("usage of %s could not be recorded", self.meter.request_id)
-            return ServiceUnavailable("The usage of this answer could not be recorded, so it cannot be "
-                                      "completed; retry shortly.", code="ledger_unavailable").sse_event()
+            return ServiceUnavailable(
+                "The usage of this answer could not be recorded, so it cannot be completed; retry shortly.",
+                code="ledger_unavailable",
+            ).sse_event()
         return None
 
     def abandon(self) -> None:
@@ -244,7 +268,9 @@ class RelayResponse(StreamingResponse):
         watcher = asyncio.ensure_future(watch())
         watcher.add_done_callback(on_disconnect)
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             state["done"] = True

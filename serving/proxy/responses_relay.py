@@ -41,8 +41,11 @@ def usage_of(endpoint: str, usage: Any) -> dict[str, Any] | None:
         return usage
     details = usage.get("input_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-    return {"prompt_tokens": usage.get("input_tokens") or 0, "completion_tokens": usage.get("output_tokens") or 0,
-            "prompt_tokens_details": {"cached_tokens": cached or 0}}
+    return {
+        "prompt_tokens": usage.get("input_tokens") or 0,
+        "completion_tokens": usage.get("output_tokens") or 0,
+        "prompt_tokens_details": {"cached_tokens": cached or 0},
+    }
 
 
 def output_texts(response: dict[str, Any]) -> dict[int, str]:
@@ -85,7 +88,7 @@ class ResponsesRelay(StreamRelay):
                 out.append(framed)
                 continue
             kind = obj.get("type")
-            if kind == "error" or "error" in obj and kind is None:  # the worker's error: in our words
+            if kind == "error" or ("error" in obj and kind is None):  # the worker's error: in our words
                 failed = UpstreamError("The worker failed while generating this answer.")
                 return Outcome.UPSTREAM_ERROR, failed.sse_event()
             response = obj.get("response")
@@ -107,7 +110,8 @@ class ResponsesRelay(StreamRelay):
         if self._first:
             self._first = False
             self.metrics.child(self.metrics.ttft, self.metrics.model_label(self.meter.model)).observe(
-                time.perf_counter() - self.t0)
+                time.perf_counter() - self.t0
+            )
         delta = obj.get("delta")
         if isinstance(delta, str) and delta and not self.meter.has_usage:
             index = obj.get("output_index")

@@ -28,4 +28,5 @@ def count_choices(meter: RequestMeter, choices: Any) -> None:
             n = len(text)
             meter.completion_chars = (meter.completion_chars or 0) + n
             meter.completion_bytes = (meter.completion_bytes or 0) + (
-                n if text.isascii() else len(text.encode("utf-8", "surrogatepass")))
+                n if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+            )

@@ -128,13 +128,19 @@ class _Conn(asyncio.Protocol):
         self.lost = True
         if not self.complete:
             h = _decode(self.raw_headers)
-            if exc is None and self.headers_done and "content-length" not in h \
-                    and "chunked" not in h.get("transfer-encoding", "").lower():
+            if (
+                exc is None
+                and self.headers_done
+                and "content-length" not in h
+                and "chunked" not in h.get("transfer-encoding", "").lower()
+            ):
                 self.complete = True  # a body delimited by the worker closing the connection
                 self._wake()
             else:
                 why = f": {exc}" if exc is not None else ""
-                self._fail(UpstreamError(f"The worker closed the connection before the response was complete{why}"))
+                self._fail(
+                    UpstreamError(f"The worker closed the connection before the response was complete{why}")
+                )
 
     # --- httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -277,8 +283,14 @@ class UpstreamClient:
     """Keep-alive HTTP/1.1 client for workers (http, or https with the system's CA store). See the
     module docstring."""
 
-    def __init__(self, *, connect_timeout_s: float = 5.0, idle_timeout_s: float = 4.0,
-                 max_idle_per_host: int = 512, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float = 5.0,
+        idle_timeout_s: float = 4.0,
+        max_idle_per_host: int = 512,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_idle_per_host = max_idle_per_host
@@ -292,14 +304,17 @@ class UpstreamClient:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    async def post(self, base_url: str, path: str, body: bytes,
-                   headers: Sequence[tuple[str, str]] = ()) -> UpstreamResponse:
+    async def post(
+        self, base_url: str, path: str, body: bytes, headers: Sequence[tuple[str, str]] = ()
+    ) -> UpstreamResponse:
         """POST a JSON body; returns once the status line and headers have arrived."""
         key, head = self._targets.get(("POST", base_url, path)) or self._target("POST", base_url, path)
         head = b"".join((head, _encode(headers), b"Content-Length: %d\r\n\r\n" % len(body)))
         return await self._request(key, [head, body] if len(body) > 65536 else [head + body])
 
-    async def get(self, base_url: str, path: str, headers: Sequence[tuple[str, str]] = ()) -> UpstreamResponse:
+    async def get(
+        self, base_url: str, path: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> UpstreamResponse:
         """GET; returns once the status line and headers have arrived."""
         key, head = self._targets.get(("GET", base_url, path)) or self._target("GET", base_url, path)
         return await self._request(key, [head + _encode(headers) + b"\r\n"])
@@ -332,8 +347,10 @@ class UpstreamClient:
         netloc = url.netloc.rpartition("@")[2]
         ctype = "Content-Type: application/json\r\n" if method == "POST" else ""
         tls = url.scheme == "https"
-        entry = ((url.hostname, url.port or (443 if tls else 80), tls),
-                 f"{method} {target} HTTP/1.1\r\nHost: {netloc}\r\n{ctype}".encode("latin-1"))
+        entry = (
+            (url.hostname, url.port or (443 if tls else 80), tls),
+            f"{method} {target} HTTP/1.1\r\nHost: {netloc}\r\n{ctype}".encode("latin-1"),
+        )
         if len(self._targets) >= 1024:
             self._targets.clear()
         self._targets[(method, base_url, path)] = entry
@@ -376,11 +393,16 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Conn(loop, key), host, port,
-                    ssl=self._tls() if tls else None, server_hostname=host if tls else None)
+                    lambda: _Conn(loop, key),
+                    host,
+                    port,
+                    ssl=self._tls() if tls else None,
+                    server_hostname=host if tls else None,
+                )
         except TimeoutError as exc:
-            raise UpstreamError(f"Connecting to the worker at {host}:{port} timed out "
-                                f"after {self.connect_timeout_s:g} s") from exc
+            raise UpstreamError(
+                f"Connecting to the worker at {host}:{port} timed out after {self.connect_timeout_s:g} s"
+            ) from exc
         except OSError as exc:
             raise UpstreamError(f"Cannot connect to the worker at {host}:{port}: {exc}") from exc
         return conn
@@ -411,7 +433,9 @@ class UpstreamClient:
         pool = self._idle.get(conn.key)
         if pool is None:
             pool = self._idle[conn.key] = deque()
-        while pool and (len(pool) >= self.max_idle_per_host or now - pool[0].idle_since >= self.idle_timeout_s):
+        while pool and (
+            len(pool) >= self.max_idle_per_host or now - pool[0].idle_since >= self.idle_timeout_s
+        ):
             pool.popleft().abort()  # the oldest go first
         pool.append(conn)
 

@@ -77,16 +77,27 @@ async def tenant_events(
     s, e = parse_window(start, end)
 
     def load() -> list[StoredEvent]:
-        return list(usage.iter_events(tenant_id=who.tenant.id, start=s, end=e, after_tenant_seq=after,
-                                    limit=limit + 1))
+        return list(
+            usage.iter_events(
+                tenant_id=who.tenant.id, start=s, end=e, after_tenant_seq=after, limit=limit + 1
+            )
+        )
 
     events = await asyncio.to_thread(load)
-    return Response(orjson.dumps({**events_page(events, limit, tenant_view=True), "tenant_id": who.tenant.id}), media_type=JSON)
+    return Response(
+        orjson.dumps({**events_page(events, limit, tenant_view=True), "tenant_id": who.tenant.id}),
+        media_type=JSON,
+    )
 
 
 @router.get("/usage/languages")
-async def tenant_languages(who: PrincipalDep, usage: UsageDep, period: str = Query(pattern=PERIOD),
-                           model: str | None = Query(default=None, max_length=128)) -> Response:
-    report = await asyncio.to_thread(language_report, usage, Period.parse(period), model=model,
-                                     tenant_id=who.tenant.id)
+async def tenant_languages(
+    who: PrincipalDep,
+    usage: UsageDep,
+    period: str = Query(pattern=PERIOD),
+    model: str | None = Query(default=None, max_length=128),
+) -> Response:
+    report = await asyncio.to_thread(
+        language_report, usage, Period.parse(period), model=model, tenant_id=who.tenant.id
+    )
     return Response(orjson.dumps(as_dict(report)), media_type=JSON)

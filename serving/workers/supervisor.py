@@ -9,6 +9,7 @@ restarted with exponential back-off; stop() terminates all of them (SIGTERM, the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -31,12 +32,18 @@ def worker_command(settings: Settings, model: ModelSpec, worker: WorkerSpec) -> 
     assert worker.port is not None
     return [
         *settings.workers.command,
-        "--model", model_location(settings.models_dir, model),
-        "--served-model-name", model.name,
-        "--host", "127.0.0.1",
-        "--port", str(worker.port),
-        "--dtype", model.dtype,
-        "--max-model-len", str(model.max_model_len),
+        "--model",
+        model_location(settings.models_dir, model),
+        "--served-model-name",
+        model.name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(worker.port),
+        "--dtype",
+        model.dtype,
+        "--max-model-len",
+        str(model.max_model_len),
         *METERING_FLAGS,
         *(EMBEDDING_FLAGS if model.kind == "embedding" else ()),
         *model.worker_args,
@@ -57,13 +64,15 @@ class ManagedWorker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, only_model: str | None = None,
-                 report: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, settings: Settings, only_model: str | None = None, report: Callable[[str], None] = print
+    ) -> None:
         self.settings = settings
         self.report = report
         self.workers = [
             ManagedWorker(m, w, worker_command(settings, m, w), settings.logs_dir / f"worker-{w.id}.log")
-            for m in settings.catalogue.models for w in m.workers
+            for m in settings.catalogue.models
+            for w in m.workers
             if w.launched and (only_model is None or m.name == only_model)
         ]
         self._stopping = False
@@ -75,7 +84,8 @@ class Supervisor:
         logf = open(w.log_path, "ab")  # noqa: SIM115, ASYNC230 - handed to the child; opening is instant
         try:
             w.process = await asyncio.create_subprocess_exec(
-                *w.command, stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+                *w.command, stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True
+            )
         finally:
             logf.close()
         w.started_at = time.monotonic()
@@ -83,28 +93,36 @@ class Supervisor:
 
     async def start(self) -> None:
         for w in self.workers:
-            self.report(f"starting worker {w.spec.id} for {w.model.name} on 127.0.0.1:{w.spec.port} "
-                        f"(log: {w.log_path})")
+            self.report(
+                f"starting worker {w.spec.id} for {w.model.name} on 127.0.0.1:{w.spec.port} "
+                f"(log: {w.log_path})"
+            )
             await self._spawn(w)
             self._tasks.append(asyncio.create_task(self._watch(w), name=f"watch-{w.spec.id}"))
 
-    async def wait_healthy(self, timeout_s: float | None = None,
-                           progress: Callable[[ManagedWorker, float], None] | None = None) -> None:
+    async def wait_healthy(
+        self, timeout_s: float | None = None, progress: Callable[[ManagedWorker, float], None] | None = None
+    ) -> None:
         deadline = time.monotonic() + (timeout_s or self.settings.workers.start_timeout_s)
         async with aiohttp.ClientSession() as session:
             while not all(w.healthy for w in self.workers):
                 if time.monotonic() > deadline:
                     bad = [w.spec.id for w in self.workers if not w.healthy]
-                    raise TimeoutError(f"worker(s) {', '.join(bad)} not healthy in time; see {self.settings.logs_dir}")
+                    raise TimeoutError(
+                        f"worker(s) {', '.join(bad)} not healthy in time; see {self.settings.logs_dir}"
+                    )
                 for w in self.workers:
                     if w.healthy:
                         continue
                     if w.process is not None and w.process.returncode is not None and w.restarts == 0:
-                        raise RuntimeError(f"worker {w.spec.id} exited with code {w.process.returncode} "
-                                           f"during start-up; last lines of {w.log_path}:\n{tail(w.log_path)}")
+                        raise RuntimeError(
+                            f"worker {w.spec.id} exited with code {w.process.returncode} "
+                            f"during start-up; last lines of {w.log_path}:\n{tail(w.log_path)}"
+                        )
                     try:
-                        async with session.get(w.spec.url() + "/health",
-                                               timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        async with session.get(
+                            w.spec.url() + "/health", timeout=aiohttp.ClientTimeout(total=2)
+                        ) as r:
                             w.healthy = r.status == 200
                     except (TimeoutError, aiohttp.ClientError, OSError):
                         pass
@@ -124,8 +142,10 @@ class Supervisor:
             ran = time.monotonic() - w.started_at
             if ran > 300:
                 backoff = 1.0
-            self.report(f"worker {w.spec.id} exited with code {code} after {ran:.0f}s; "
-                        f"restarting in {backoff:.0f}s (log: {w.log_path})")
+            self.report(
+                f"worker {w.spec.id} exited with code {code} after {ran:.0f}s; "
+                f"restarting in {backoff:.0f}s (log: {w.log_path})"
+            )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.settings.workers.restart_backoff_max_s)
             if self._stopping:
@@ -150,10 +170,8 @@ class Supervisor:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def tail(path: Path, lines: int = 15) -> str:

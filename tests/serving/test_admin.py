@@ -272,7 +272,8 @@ def test_cli_changes_are_audited_with_the_os_user_and_host(tmp_path: Path) -> No
 
 
 def test_the_cli_does_not_import_the_http_packages() -> None:
-    """The CLI shares the application services (serving/services.py, accounts.py, audit.py), not the routers."""
+    """The CLI shares the application services (serving/services.py, accounts.py, audit.py), not the
+    routers."""
     import subprocess
     import sys
 

@@ -47,7 +47,8 @@ def _router(healthy: set[str], extra: dict[str, Any] | None = None) -> LanguageR
     return LanguageRouter.from_catalogue(cat, WorkerPool(workers))
 
 
-ALL: Callable[[str], bool] = lambda m: True
+def ALL(m: str) -> bool:
+    return True
 
 
 def test_the_best_ranked_healthy_model_for_the_language() -> None:

@@ -8,6 +8,7 @@ Issued documents are protected by triggers (SQLite and PostgreSQL): once a row i
 void its content (document JSON, number, amounts, usage) cannot change, it cannot go back to
 draft, and neither it nor its coverage rows can be deleted. Only finalized -> void is allowed.
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,9 +19,27 @@ depends_on = None
 
 _ID = sa.Integer().with_variant(sa.BigInteger(), "postgresql")
 _LIVE = "kind = 'invoice' AND status IN ('draft', 'error', 'finalized')"
-_CONTENT = ("kind", "tenant_id", "period", "number", "series", "sequence", "document", "document_sha256",
-            "currency", "subtotal", "tax_total", "total", "issue_date", "usage_rows", "adjustment_rows",
-            "usage_digest", "event_count", "original_id", "finalized_at")
+_CONTENT = (
+    "kind",
+    "tenant_id",
+    "period",
+    "number",
+    "series",
+    "sequence",
+    "document",
+    "document_sha256",
+    "currency",
+    "subtotal",
+    "tax_total",
+    "total",
+    "issue_date",
+    "usage_rows",
+    "adjustment_rows",
+    "usage_digest",
+    "event_count",
+    "original_id",
+    "finalized_at",
+)
 _MESSAGE = "issued billing documents are immutable"
 
 
@@ -110,8 +129,13 @@ def upgrade() -> None:
     with op.batch_alter_table("billing_documents", schema=None) as batch_op:
         batch_op.create_index("ix_billing_documents_period", ["period"], unique=False)
         batch_op.create_index("ix_billing_documents_tenant_period", ["tenant_id", "period"], unique=False)
-        batch_op.create_index("ux_billing_live_invoice", ["tenant_id", "period"], unique=True,
-                              sqlite_where=sa.text(_LIVE), postgresql_where=sa.text(_LIVE))
+        batch_op.create_index(
+            "ux_billing_live_invoice",
+            ["tenant_id", "period"],
+            unique=True,
+            sqlite_where=sa.text(_LIVE),
+            postgresql_where=sa.text(_LIVE),
+        )
 
     op.create_table(
         "billing_coverage",
@@ -159,7 +183,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("period"),
     )
     dialect = op.get_bind().dialect.name
-    triggers = _postgresql_triggers() if dialect == "postgresql" else _sqlite_triggers() if dialect == "sqlite" else []
+    triggers = (
+        _postgresql_triggers()
+        if dialect == "postgresql"
+        else _sqlite_triggers()
+        if dialect == "sqlite"
+        else []
+    )
     for statement in triggers:
         op.execute(statement)
 
@@ -172,8 +202,12 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION IF EXISTS billing_coverage_guard()")
         op.execute("DROP FUNCTION IF EXISTS billing_documents_guard()")
     elif dialect == "sqlite":
-        for name in ("billing_coverage_undeletable", "billing_coverage_immutable", "billing_documents_undeletable",
-                     "billing_documents_immutable"):
+        for name in (
+            "billing_coverage_undeletable",
+            "billing_coverage_immutable",
+            "billing_documents_undeletable",
+            "billing_documents_immutable",
+        ):
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
     op.drop_table("billing_periods")
     with op.batch_alter_table("billing_fx_rates", schema=None) as batch_op:

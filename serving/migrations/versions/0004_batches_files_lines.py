@@ -3,6 +3,7 @@
 Revision ID: 0003_batches
 Revises: 0003_tenant_seq
 """
+
 import sqlalchemy as sa
 from alembic import op
 

@@ -5,6 +5,7 @@ Revises: 0003_batches
 
 Nullable: the events recorded before carry none (and keep their hashes, metering/event_codec.py).
 """
+
 import sqlalchemy as sa
 from alembic import op
 
