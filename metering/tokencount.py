@@ -103,7 +103,8 @@ def _token_text(value: Any) -> str:
 def _flatten(message: Any) -> Any:
     """Text content parts joined into one string, as vLLM hands text-only messages to templates."""
     if isinstance(message, dict) and isinstance(message.get("content"), list):
-        text = "".join(p.get("text", "") for p in message["content"] if isinstance(p, dict))
+        parts = (p.get("text") for p in message["content"] if isinstance(p, dict))
+        text = "".join(t for t in parts if isinstance(t, str))  # a part's "text" may be anything a client sent
         return {**message, "content": text}
     return message
 
