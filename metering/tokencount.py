@@ -104,7 +104,7 @@ def _flatten(message: Any) -> Any:
     """Text content parts joined into one string, as vLLM hands text-only messages to templates."""
     if isinstance(message, dict) and isinstance(message.get("content"), list):
         parts = (p.get("text") for p in message["content"] if isinstance(p, dict))
-        text = "".join(t for t in parts if isinstance(t, str))  # a part's "text" may be anything a client sent
+        text = "".join(t for t in parts if isinstance(t, str))  # "text" may be anything a client sent
         return {**message, "content": text}
     return message
 
