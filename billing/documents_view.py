@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from billing import engine
@@ -17,6 +17,7 @@ from billing.lifecycle import ISSUED, PENDING
 from billing.render import render
 from billing.reports import ExportReport, GroupBy, RatedRow, aggregate_exports, credit_rows, rated_rows
 from billing.store import BillingStore
+from metering.chain import chain_hash
 from metering.clock import Period
 from metering.store_sql import UsageStore
 
@@ -63,6 +64,11 @@ def verify(store: BillingStore, usage: UsageStore, number: str) -> Verification:
         target = store.get(row.original_number)
     own, late = Slice(), Slice()
     for stored in events_in_ranges(usage, target.tenant_id, store.ranges(target.id)):
+        recomputed = chain_hash(stored.prev_hash, stored.event)  # from the row's content, not its stored hash
+        if recomputed != stored.hash:
+            problems.append(f"event seq {stored.seq} ({stored.event.request_id}) was changed after it was "
+                            f"recorded: its content hashes to {recomputed[:16]}…, not {stored.hash[:16]}…")
+        stored = replace(stored, hash=recomputed)
         (own if stored.event.started_at.strftime("%Y-%m") == target.period else late).add(stored, "", 0)
     digest = event_digest(own.hashes + late.hashes)
     if digest != target.usage_digest:
