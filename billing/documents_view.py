@@ -66,8 +66,10 @@ def verify(store: BillingStore, usage: UsageStore, number: str) -> Verification:
     for stored in events_in_ranges(usage, target.tenant_id, store.ranges(target.id)):
         recomputed = chain_hash(stored.prev_hash, stored.event)  # from the row's content, not its stored hash
         if recomputed != stored.hash:
-            problems.append(f"event seq {stored.seq} ({stored.event.request_id}) was changed after it was "
-                            f"recorded: its content hashes to {recomputed[:16]}…, not {stored.hash[:16]}…")
+            problems.append(
+                f"event seq {stored.seq} ({stored.event.request_id}) was changed after it was "
+                f"recorded: its content hashes to {recomputed[:16]}…, not {stored.hash[:16]}…"
+            )
         stored = replace(stored, hash=recomputed)
         (own if stored.event.started_at.strftime("%Y-%m") == target.period else late).add(stored, "", 0)
     digest = event_digest(own.hashes + late.hashes)
