@@ -31,7 +31,8 @@ CHAIN = {
     "algorithm": "sha256",
     "hash": "hex(sha256(utf8(prev_hash) + canonical))",
     "canonical": "compact JSON array (no spaces) of these fields in this order: "
-    + ", ".join(CANONICAL_FIELDS),
+    + ", ".join(CANONICAL_FIELDS)
+    + "; trailing fields that are null are left out",
     "genesis_prev_hash": "0" * 64,
 }
 

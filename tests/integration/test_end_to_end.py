@@ -294,6 +294,10 @@ def test_usage_export_and_summary(gateway: Gateway) -> None:
         "estimated",
         "started_at",
         "finished_at",
+        "prompt_chars",
+        "prompt_bytes",
+        "completion_chars",
+        "completion_bytes",
     ]
     csv_out = gateway.cli("usage", "export", "--tenant", "kz-bank", "--format", "csv").stdout.splitlines()
     assert len(csv_out) == len(rows) + 1
