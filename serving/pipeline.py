@@ -125,13 +125,7 @@ class Pipeline:
             tenant = principal.tenant
             routed = self._check_model(route, tenant, model)
             # 5. attribute
-            client = scope.get("client")
-            try:
-                country, source = self.origin.resolve(
-                    headers, tenant.billing_country, client[0] if client else None
-                )
-            except InvalidCountry as exc:
-                raise InvalidOriginCountry(str(exc), param=self.origin.header) from exc
+            country, source = self._origin(scope, headers, tenant)
             language = self.language.detect(prompt_sample(body)) if self.language is not None else None
             reply_headers: dict[str, str] = {}
             if routed and self.routing is not None:  # the best served model for the language
@@ -183,6 +177,10 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001  every error in OpenAI's shape; render logs an unexpected one
             status, err_headers, payload = render(exc)
             resp = Response(payload, status, headers=err_headers)
+        except BaseException:  # cancelled mid-way (the server's shutdown deadline): no answer goes out
+            if claim is not None:  # consume or release the key now, not after its stale time
+                self.idempotency.finish(claim, meter)
+            raise
         # 10. respond
         try:
             resp.raw_headers.append((b"x-request-id", request_id.encode()))
@@ -208,6 +206,14 @@ class Pipeline:
             message, param = first_error(exc)
             raise InvalidRequest(message, param=param or None) from exc
         return body
+
+    def _origin(self, scope: Scope, headers: dict[str, str], tenant: Tenant) -> tuple[str, str]:
+        """Step 5: the origin country and what decided it (header, GeoIP, the tenant's country)."""
+        client = scope.get("client")
+        try:
+            return self.origin.resolve(headers, tenant.billing_country, client[0] if client else None)
+        except InvalidCountry as exc:
+            raise InvalidOriginCountry(str(exc), param=self.origin.header) from exc
 
     def _check_model(self, route: Route, tenant: Tenant, model: str) -> bool:
         """Step 4: a model the tenant may use that serves the route; True for a routed name (`auto`),
