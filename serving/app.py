@@ -32,7 +32,7 @@ from serving.idempotency import Idempotency, IdempotencyStore
 from serving.limits.http_timeouts import BodyGuardMiddleware
 from serving.limits.wiring import build_guardrails
 from serving.metrics_listener import MetricsListener
-from serving.openai import models, routes
+from serving.openai import models, routes, stored
 from serving.openai.capabilities import Capabilities
 from serving.openai.protocol import hoist_defs
 from serving.pipeline import Pipeline
@@ -42,6 +42,7 @@ from serving.proxy.pool import Worker, WorkerPool
 from serving.services import open_stores
 from serving.settings import Settings
 from serving.spend import SpendEstimator
+from serving.workers.prepare import tokenizer_folders
 
 log = logging.getLogger("tokenport.gateway")
 
@@ -83,7 +84,7 @@ def create_app(
     spend = SpendEstimator(
         stores.prices, metrics, keyring.tenant
     )  # the same price source as budgets and billing
-    tokens = TokenCounter.from_models_dir(settings.models_dir, {w.model for w in workers})
+    tokens = TokenCounter(tokenizer_folders(settings, {w.model for w in workers}))
     guardrails = build_guardrails(settings, stores, metrics, tokens)
 
     ledger.subscribe(
@@ -198,6 +199,7 @@ def create_app(
     )
     app.include_router(routes.router())  # documents the completion routes; the Pipeline serves them
     app.include_router(models.router(created=int(time.time())))
+    app.include_router(stored.router)  # GET/DELETE /v1/responses/{id}
     app.include_router(batch_routes.router)
     for router in (*tenant.ROUTERS, *admin.ROUTERS, ops.router):
         app.include_router(router)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.responses import Response, StreamingResponse
 
 from metering.tenants import to_aware, to_naive, utcnow
+from serving.response_store import ResponseStore, StreamWatcher, completed_response
 from serving.tables import content_log
 
 log = logging.getLogger("tokenport.content")
@@ -104,13 +105,18 @@ class ContentLogger:
     """Stores a request and its completion when the tenant's policy says so; otherwise does nothing."""
 
     def __init__(
-        self, store: ContentLogStore, policy: Callable[[str], tuple[bool, int]], purge_every_s: float = 300.0
+        self,
+        store: ContentLogStore,
+        policy: Callable[[str], tuple[bool, int]],
+        purge_every_s: float = 300.0,
+        responses: ResponseStore | None = None,
     ) -> None:
         self.store = store
+        self.responses = responses  # Responses API objects kept for GET /v1/responses/{id}
         self.policy = policy  # tenant id -> (enabled, retention days)
         self.purge_every_s = purge_every_s
         self._task: asyncio.Task[None] | None = None
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._purge_loop(), name="content-log-purge")
@@ -126,6 +132,8 @@ class ContentLogger:
         while True:
             try:
                 n = await asyncio.to_thread(self.store.purge)
+                if self.responses is not None:
+                    n += await asyncio.to_thread(self.responses.purge)
                 if n:
                     log.info("purged %d content log rows past retention", n)
             except SQLAlchemyError as exc:
@@ -133,44 +141,72 @@ class ContentLogger:
             await asyncio.sleep(self.purge_every_s)
 
     def wrap(
-        self, response: Response, *, request_id: str, tenant_id: str, key_id: str, model: str, request: bytes
+        self,
+        response: Response,
+        *,
+        request_id: str,
+        tenant_id: str,
+        key_id: str,
+        model: str,
+        request: bytes,
+        keep_response: bool = False,
     ) -> Response:
+        """`keep_response`: a Responses API call asking to be stored (kept if the tenant logs content)."""
         enabled, days = self.policy(tenant_id)
         if not enabled:
             return response
 
-        def save(completion: str | None) -> None:
+        def later(fn: Callable[..., object], **kwargs: object) -> None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # generator finalized outside the loop
                 return
-            task = loop.create_task(
-                asyncio.to_thread(
-                    self.store.add,
-                    request_id=request_id,
-                    tenant_id=tenant_id,
-                    key_id=key_id,
-                    model=model,
-                    request=request,
-                    completion=completion,
-                    retention_days=days,
-                )
-            )
+            task = loop.create_task(asyncio.to_thread(fn, **kwargs))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
+        def save(completion: str | None, kept: dict[str, Any] | None = None) -> None:
+            later(
+                self.store.add,
+                request_id=request_id,
+                tenant_id=tenant_id,
+                key_id=key_id,
+                model=model,
+                request=request,
+                completion=completion,
+                retention_days=days,
+            )
+            if kept is not None and self.responses is not None:
+                later(
+                    self.responses.add,
+                    obj=kept,
+                    tenant_id=tenant_id,
+                    request_id=request_id,
+                    model=model,
+                    retention_days=days,
+                )
+
+        watcher = StreamWatcher() if keep_response and self.responses is not None else None
         if isinstance(response, StreamingResponse):
-            response.body_iterator = self._tee(response.body_iterator, save)  # type: ignore[arg-type]
+            response.body_iterator = self._tee(response.body_iterator, save, watcher)  # type: ignore[arg-type]
             return response
-        save(_completion_text(bytes(response.body)) if response.status_code == 200 else None)
+        ok = response.status_code == 200
+        body = bytes(response.body)
+        save(_completion_text(body) if ok else None, completed_response(body) if ok and watcher else None)
         return response
 
     @staticmethod
-    async def _tee(inner: AsyncIterator[Any], save: Callable[[str | None], None]) -> AsyncIterator[Any]:
+    async def _tee(
+        inner: AsyncIterator[Any],
+        save: Callable[[str | None, dict[str, Any] | None], None],
+        watcher: StreamWatcher | None,
+    ) -> AsyncIterator[Any]:
         parts: list[str] = []
         size = 0
         try:
             async for chunk in inner:
+                if watcher is not None and isinstance(chunk, bytes | bytearray):
+                    watcher.feed(bytes(chunk))
                 if size < MAX_TEXT and isinstance(chunk, bytes | bytearray):
                     for line in bytes(chunk).split(b"\n"):
                         if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
@@ -194,4 +230,4 @@ class ContentLogger:
             aclose = getattr(inner, "aclose", None)
             if aclose is not None:
                 await aclose()
-            save("".join(parts)[:MAX_TEXT])
+            save("".join(parts)[:MAX_TEXT], watcher.response if watcher is not None else None)

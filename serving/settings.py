@@ -83,6 +83,9 @@ class ModelSpec(BaseModel):
     # Serve the weights prepared for another catalogue model (e.g. an embedding variant of a chat model).
     weights_from: str | None = None
     enabled: bool = True  # false: listed here but not served (an opt-in worker, see configs/models.yaml)
+    # vLLM's tool-call parser for this model's chat template (e.g. `hermes`): tool calls, named and `auto`
+    # (`--enable-auto-tool-choice --tool-call-parser X`); without one vLLM answers 400 to `tool_choice`.
+    tool_call_parser: str | None = Field(default=None, pattern=r"^[a-z0-9_]+$")
 
     # The languages this model serves well, each with a rank (1 = the first choice for that language):
     # a routed model name (`routes`) sends a request in one of them here (serving/proxy/language_routing.py);

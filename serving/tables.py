@@ -74,6 +74,20 @@ content_log = Table(
     Column("completion", Text),
 )
 
+# Responses API objects kept for GET/DELETE /v1/responses/{id} (migration 0004_stored_responses): only
+# for a tenant with content logging on and a request with `store` (OpenAI's default), until its retention.
+stored_responses = Table(
+    "stored_responses",
+    metadata,
+    Column("tenant_id", String(64), primary_key=True),
+    Column("response_id", String(128), primary_key=True),
+    Column("request_id", String(64), nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False, index=True),
+    Column("body", Text, nullable=False),
+)
+
 # --- idempotency keys (migration 0002_metering) ----------------------------------------------------------
 # Idempotency-Key of a tenant -> the request that key started, and what that request answered, so a
 # retry gets the first answer instead of a second generation (and a second bill). Expires after a day.

@@ -86,13 +86,13 @@ def _usage(fake: FakeWorker, output: int) -> dict[str, Any]:
 
 
 def _response(
-    fake: FakeWorker, model: str, status: str, text: str, usage: dict[str, Any] | None
+    fake: FakeWorker, model: str, status: str, text: str, usage: dict[str, Any] | None, rid: str = "resp_fake"
 ) -> dict[str, Any]:
     content: list[dict[str, Any]] = [
         {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
     ]
     return {
-        "id": "resp_fake",
+        "id": rid,
         "object": "response",
         "created_at": 1,
         "model": model,
@@ -131,17 +131,18 @@ async def responses(fake: FakeWorker, request: web.Request) -> web.StreamRespons
     model = str(body.get("model"))
     text = "".join(f" w{i}" for i in range(b.tokens))
     usage = None if b.omit_usage else _usage(fake, b.tokens)
+    rid = f"resp_{len(fake.requests)}"  # one id per request, as vLLM gives
     if not body.get("stream"):
         rec.finished = True
         return web.Response(
-            body=orjson.dumps(_response(fake, model, "completed", text, usage)),
+            body=orjson.dumps(_response(fake, model, "completed", text, usage, rid)),
             content_type="application/json",
         )
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
     await resp.prepare(request)
     events: list[dict[str, Any]] = [
-        {"type": "response.created", "response": _response(fake, model, "in_progress", "", None)},
-        {"type": "response.in_progress", "response": _response(fake, model, "in_progress", "", None)},
+        {"type": "response.created", "response": _response(fake, model, "in_progress", "", None, rid)},
+        {"type": "response.in_progress", "response": _response(fake, model, "in_progress", "", None, rid)},
     ]
     events += [
         {
@@ -165,7 +166,7 @@ async def responses(fake: FakeWorker, request: web.Request) -> web.StreamRespons
         }
     )
     events.append(
-        {"type": "response.completed", "response": _response(fake, model, "completed", text, usage)}
+        {"type": "response.completed", "response": _response(fake, model, "completed", text, usage, rid)}
     )
     try:
         for seq, ev in enumerate(events):

@@ -130,12 +130,14 @@ class _Server:
 
 
 def _run(coro: object) -> None:
+    """Run on uvloop when it is installed. (An ImportError raised *inside* the coroutine is the app's own
+    error: it must not be taken for a missing uvloop and the coroutine run a second time.)"""
     try:
         import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
         asyncio.run(coro)  # type: ignore[arg-type]
+        return
+    uvloop.run(coro)  # type: ignore[arg-type]
 
 
 def gateway(

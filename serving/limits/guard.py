@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from starlette.responses import Response
 
 from metering.recorder import RequestMeter
@@ -85,8 +86,10 @@ class Guard:
     ) -> Admission:
         model: str = body["model"]
         eff = self.limiter.effective(tenant.id, key_id)
-        if endpoint == "responses":  # no stored content unless the tenant logs content (vLLM's `store`)
-            body["store"] = bool(body.get("store")) and self.logs_content(tenant.id)
+        if (
+            endpoint == "responses"
+        ):  # nothing kept on the worker: the gateway stores (serving/response_store.py)
+            body["store"] = False
         limit_field = LIMIT_FIELD.get(endpoint, "max_tokens")
         if endpoint == "embeddings":
             field, requested = "max_tokens", None
@@ -162,7 +165,17 @@ class Guard:
             key_id=meter.key_id,
             model=meter.model,
             request=raw,
+            keep_response=meter.endpoint == "responses" and wants_store(raw),
         )
+
+
+def wants_store(raw: bytes) -> bool:
+    """A Responses API request asks to be stored unless it says `"store": false` (OpenAI's default)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and body.get("store", True) is not False
 
 
 def one_token_limit(body: dict[str, Any]) -> tuple[str, int | None]:

@@ -15,6 +15,7 @@ from serving.limits.policy import Defaults
 from serving.limits.pricing import PriceBookPricer
 from serving.limits.store import LimitsStore
 from serving.limits.tokens import PromptCounter
+from serving.response_store import ResponseStore
 from serving.services import Stores
 from serving.settings import Settings
 
@@ -79,7 +80,9 @@ def build_guardrails(
             return False, 0
         return True, p.content_retention_days or lim.content_retention_days
 
-    content = ContentLogger(ContentLogStore(stores.engine), content_policy)
+    content = ContentLogger(
+        ContentLogStore(stores.engine), content_policy, responses=ResponseStore(stores.engine)
+    )
     gw = settings.gateway
     guard = Guard(
         limiter,

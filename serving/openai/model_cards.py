@@ -2,7 +2,8 @@
 
 - `context_length`: the catalogue's max_model_len (null for a model only given with `--worker`);
 - `languages`: the catalogue's `languages` (ISO 639-1) when stated, else null;
-- `capabilities`: the routes it serves (serving/openai/capabilities.py);
+- `capabilities`: the routes it serves (serving/openai/capabilities.py), and `tools` when its worker
+  parses tool calls (`tool_call_parser` in the catalogue);
 - `pricing`: this tenant's prices for it this month, from the one price source (billing/prices.py),
   in the tenant's currency, per 1,000,000 tokens and per token type: a flat price as a decimal
   string, a tiered one as the price book writes it ({mode, tiers: [{up_to, price}]}); null when the
@@ -67,6 +68,10 @@ def card(
         "owned_by": "tokenport",
         "context_length": spec.max_model_len if spec is not None else None,
         "languages": list(spec.languages) if spec is not None and spec.languages else None,
-        "capabilities": list(capabilities.of(spec)),
+        # + `tools` where the worker parses tool calls (the catalogue names a tool_call_parser)
+        "capabilities": [
+            *capabilities.of(spec),
+            *(["tools"] if spec is not None and spec.tool_call_parser else []),
+        ],
         "pricing": pricing(prices, tenant, model),
     }

@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from serving.settings import ModelSpec
+from serving.settings import ModelSpec, Settings
 
 DONE_MARKER = ".tokenport-prepared"
 
@@ -24,6 +24,18 @@ class PrepareError(Exception):
 
 def model_dir(models_dir: Path, spec: ModelSpec) -> Path:
     return models_dir / (spec.weights_from or spec.name).replace("/", "--")
+
+
+def tokenizer_folders(settings: Settings, models: Iterable[str]) -> dict[str, Path]:
+    """Where each served model's tokenizer is: its prepared folder, or the folder of the model it takes
+    its weights from (`weights_from`, e.g. the embedding variant of a chat model); a model the catalogue
+    does not list (`--worker MODEL=URL`) is looked for under its own name."""
+    return {
+        m: model_dir(settings.models_dir, spec)
+        if (spec := settings.catalogue.get(m)) is not None
+        else settings.models_dir / m.replace("/", "--")
+        for m in models
+    }
 
 
 def model_location(models_dir: Path, spec: ModelSpec) -> str:

@@ -46,6 +46,11 @@ def worker_command(settings: Settings, model: ModelSpec, worker: WorkerSpec) -> 
         str(model.max_model_len),
         *METERING_FLAGS,
         *(EMBEDDING_FLAGS if model.kind == "embedding" else ()),
+        *(
+            ("--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser)
+            if model.tool_call_parser and model.kind == "generate"
+            else ()
+        ),
         *model.worker_args,
     ]
 

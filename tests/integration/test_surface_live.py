@@ -78,6 +78,7 @@ def surface(
                 "name": MODEL,
                 "max_model_len": 2048,
                 "languages": ["en"],
+                "tool_call_parser": "hermes",
                 "workers": [{"id": "chat-0", "base_url": vllm_worker}],
             },
             {
@@ -201,6 +202,7 @@ def test_models_metadata(client: openai.OpenAI, surface: Surface) -> None:
     cards = {m["id"]: m for m in r.json()["data"]}
     assert cards[MODEL]["context_length"] == 2048 and cards[MODEL]["languages"] == ["en"]
     assert cards[EMBED]["capabilities"] == ["embeddings", "batch"]
+    assert cards[MODEL]["capabilities"] == ["chat", "completions", "responses", "batch", "tools"]
     assert cards[EMBED]["pricing"]["prices"] == {"embedding_input": "0.005"}
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
@@ -228,17 +230,12 @@ SCHEMA = {
         },
     },
 }
-TOOLS_XFAIL = pytest.mark.xfail(
-    reason="the 2026-12-03 run: vLLM 0.32 answered 400 to named tool_choice on the "
-    "default worker (no --tool-call-parser); not yet compared with a direct call",
-    strict=False,
-)
 CASES: dict[str, dict[str, Any]] = {
     "tools": {
         "tools": [TOOL],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         "parallel_tool_calls": False,
-        "max_tokens": 40,
+        "max_tokens": 100,  # the whole <tool_call>...</tool_call> (the worker runs the hermes parser)
     },
     "json_schema": {"response_format": SCHEMA, "max_tokens": 40},
     "logprobs": {"logprobs": True, "top_logprobs": 3, "max_tokens": 6},
@@ -261,7 +258,7 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=TOOLS_XFAIL) if c == "tools" else c for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_pass_through_fidelity_matches_the_worker(
     case: str, client: openai.OpenAI, direct: openai.OpenAI
 ) -> None:
@@ -309,7 +306,7 @@ def _streamed(c: openai.OpenAI, req: dict[str, Any]) -> dict[int, dict[str, Any]
     return out
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=TOOLS_XFAIL) if c == "tools" else c for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_streamed_pass_through_fidelity(case: str, client: openai.OpenAI, direct: openai.OpenAI) -> None:
     req = {
         "model": MODEL,

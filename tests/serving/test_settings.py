@@ -19,6 +19,7 @@ from serving.settings import (
     load_settings,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 STRONG_SECRET = "s" * 40
 STRONG_ADMIN = "a" * 30
 
@@ -265,3 +266,35 @@ def test_one_price_book_setting_with_the_deprecated_alias(tmp_path: Path) -> Non
         )
     )
     assert both.price_book_path == Path("/etc/tokenport/prices.yaml")
+
+
+def test_a_tool_call_parser_reaches_the_worker_command_and_the_capabilities(tmp_path: Path) -> None:
+    """vLLM answers 400 to `tool_choice` without a parser: the catalogue's `tool_call_parser` starts the
+    chat worker with one (never the embedding worker), and GET /v1/models says `tools`."""
+    from serving.workers.supervisor import worker_command
+
+    settings = load_settings(REPO / "configs" / "tokenport.yaml", data_dir=tmp_path)
+    chat = settings.catalogue.get("smollm2-135m-instruct")
+    embed = settings.catalogue.get("smollm2-135m-embed")
+    assert chat is not None and embed is not None and chat.tool_call_parser == "hermes"
+    cmd = worker_command(settings, chat, chat.workers[0])
+    assert cmd[cmd.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in cmd
+    embed = embed.model_copy(update={"tool_call_parser": "hermes"})
+    assert "--tool-call-parser" not in worker_command(settings, embed, embed.workers[0])
+    plain = chat.model_copy(update={"tool_call_parser": None})
+    assert "--tool-call-parser" not in worker_command(settings, plain, plain.workers[0])
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        Catalogue.model_validate({"models": [{"name": "m", "tool_call_parser": "hermes; rm -rf /"}]})
+
+
+def test_an_embedding_variant_counts_tokens_with_the_tokenizer_of_its_weights(tmp_path: Path) -> None:
+    from serving.workers.prepare import tokenizer_folders
+
+    settings = load_settings(REPO / "configs" / "tokenport.yaml", data_dir=tmp_path)
+    folders = tokenizer_folders(settings, ["smollm2-135m-embed", "smollm2-135m-instruct", "org/other"])
+    assert (
+        folders["smollm2-135m-embed"]
+        == folders["smollm2-135m-instruct"]
+        == settings.models_dir / "smollm2-135m-instruct"
+    )
+    assert folders["org/other"] == settings.models_dir / "org--other"

@@ -19,7 +19,7 @@ from tests.serving.limits_support import budget, guarded_gateway, set_limits
 EMBED = "smollm2-135m-embed"
 SPECS = {
     EMBED: {"kind": "embedding", "max_model_len": 512, "languages": ["en", "kk"]},
-    MODEL: {"max_model_len": 2048},
+    MODEL: {"max_model_len": 2048, "tool_call_parser": "hermes"},
 }
 
 
@@ -137,7 +137,8 @@ async def test_models_carry_context_languages_capabilities_and_this_tenants_pric
     assert {"id", "object", "created", "owned_by"} <= set(embed)
     assert embed["context_length"] == 512 and embed["languages"] == ["en", "kk"]
     assert embed["capabilities"] == ["embeddings", "batch"]
-    assert chat["capabilities"] == ["chat", "completions", "responses", "batch"] and chat["languages"] is None
+    assert chat["capabilities"] == ["chat", "completions", "responses", "batch", "tools"]  # tool_call_parser
+    assert chat["languages"] is None
     assert embed["pricing"]["currency"] == "CNY" and embed["pricing"]["prices"] == {
         "embedding_input": "0.035"
     }

@@ -168,11 +168,46 @@ async def test_validation_background_and_the_output_cap(gw: Gateway, worker: Fak
     assert sent["max_output_tokens"] == 64 and "max_tokens" not in sent
 
 
-async def test_store_passes_only_for_a_tenant_that_logs_content(gw: Gateway, worker: FakeWorker) -> None:
+async def _stored(gw: Gateway, api_key: str, rid: str) -> Any:
+    for _ in range(100):  # stored after the answer went out
+        r = await gw.http.get(f"/v1/responses/{rid}", headers=auth(api_key))
+        if r.status_code == 200:
+            return r.json()
+        await asyncio.sleep(0.02)
+    return r
+
+
+async def test_responses_are_stored_by_the_gateway_only_for_a_tenant_that_logs_content(
+    gw: Gateway, worker: FakeWorker
+) -> None:
+    """The worker never stores (`store: false` always). The gateway keeps the final object for GET/DELETE
+    /v1/responses/{id} when the tenant logs content and the request did not say `store: false`."""
     t, _k, api_key = gw.new_tenant()
+    other = gw.new_tenant()[2]
     await set_limits(gw, t.id, content_logging=True)
-    r = await gw.http.post("/v1/responses", json=body(store=True), headers=auth(api_key))
-    assert r.status_code == 200
-    assert worker.completion_requests()[-1].body["store"] is True
-    r = await gw.http.post("/v1/responses", json=body(), headers=auth(api_key))
+    client = gw.client(api_key)
+    plain = await client.responses.create(model=MODEL, input="Say hello")  # store: OpenAI's default true
     assert worker.completion_requests()[-1].body["store"] is False
+    got = await client.responses.retrieve(plain.id)
+    assert got.id == plain.id and got.output_text == plain.output_text and got.status == "completed"
+    stream = await client.responses.create(model=MODEL, input="Say hello", stream=True)
+    done = [e async for e in stream][-1]
+    assert done.type == "response.completed"
+    assert worker.completion_requests()[-1].body["store"] is False
+    kept = await _stored(gw, api_key, done.response.id)
+    assert kept["id"] == done.response.id and kept["status"] == "completed" and kept["usage"]
+    # another tenant sees nothing, and cannot delete it
+    assert_openai_error(await gw.http.get(f"/v1/responses/{plain.id}", headers=auth(other)), 404)
+    assert_openai_error(await gw.http.delete(f"/v1/responses/{plain.id}", headers=auth(other)), 404)
+    deleted = await gw.http.delete(f"/v1/responses/{plain.id}", headers=auth(api_key))
+    assert deleted.json() == {"id": plain.id, "object": "response", "deleted": True}
+    assert_openai_error(await gw.http.get(f"/v1/responses/{plain.id}", headers=auth(api_key)), 404)
+    # store: false is not kept; without content logging nothing is
+    off = await client.responses.create(model=MODEL, input="Say hello", store=False)
+    await asyncio.sleep(0.2)
+    assert_openai_error(await gw.http.get(f"/v1/responses/{off.id}", headers=auth(api_key)), 404)
+    await set_limits(gw, t.id, content_logging=False)
+    unlogged = await client.responses.create(model=MODEL, input="Say hello", store=True)
+    await asyncio.sleep(0.2)
+    assert_openai_error(await gw.http.get(f"/v1/responses/{unlogged.id}", headers=auth(api_key)), 404)
+    assert (await gw.http.get(f"/v1/responses/{plain.id}")).status_code == 401
