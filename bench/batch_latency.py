@@ -75,7 +75,13 @@ def start_worker(procs: Procs) -> str:
 
 def start_gateway(procs: Procs, name: str, worker: str, extra_env: dict[str, str]) -> tuple[str, str]:
     data = Path(tempfile.mkdtemp(prefix=f"tokenport-bench-{name}-"))
-    env = {**os.environ, "TOKENPORT_DATA_DIR": str(data), "TOKENPORT_LOG_LEVEL": "WARNING", **extra_env}
+    env = {
+        **os.environ,
+        "TOKENPORT_DATA_DIR": str(data),
+        "TOKENPORT_LOG_LEVEL": "WARNING",
+        "TOKENPORT_GATEWAY__METRICS_PORT": "0",  # its own metrics listener on a free port
+        **extra_env,
+    }
     tp = str(VENV_BIN / "tokenport")
     port = free_port()
     p = procs.start(

@@ -1,12 +1,13 @@
 """Stored Responses API objects: GET and DELETE /v1/responses/{id}.
 
 vLLM keeps a response for GET only with `VLLM_ENABLE_RESPONSES_API_STORE=1`, in its own memory, never
-evicted (its code says so), per worker, and for no tenant in particular. The gateway keeps them instead:
-the final response object (the body of a non-streamed call, the `response` of a stream's
-`response.completed` event) is stored only when the tenant turned content logging on and the request
-asked to store it (`store`, true by default as in OpenAI's API), until the tenant's content retention
-ends (purged with the content log); GET and DELETE see the calling tenant's responses only. The worker
-itself is always called with `store: false`, so nothing is kept on it.
+evicted (its code says so), per worker, and for no tenant in particular. The gateway keeps them
+instead: the final response object (the body of a non-streamed call, the `response` of a stream's
+last event: `response.completed`, `.incomplete` or `.failed`) is stored only when the tenant turned
+content logging on and the request asked to store it (`store`, true by default as in OpenAI's API),
+until the tenant's content retention ends (purged with the content log); GET and DELETE see the
+calling tenant's responses only. The worker itself is always called with `store: false`, so nothing is
+kept on it.
 
 Not served: `previous_response_id` (it needs the conversation on the worker) and
 POST /v1/responses/{id}/cancel (background mode needs vLLM's store).
@@ -28,6 +29,7 @@ from serving.tables import stored_responses
 
 log = logging.getLogger("tokenport.responses")
 MAX_BODY = 4_000_000  # bytes of one stored response object
+FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")  # the last event of a stream
 
 
 class ResponseStore:
@@ -98,7 +100,8 @@ def completed_response(payload: bytes) -> dict[str, Any] | None:
 
 
 class StreamWatcher:
-    """Finds `response.completed` in SSE chunks as they pass (lines may be split across chunks)."""
+    """Finds the final response object (`response.completed`, `.incomplete` or `.failed`) in SSE chunks as
+    they pass (lines may be split across chunks)."""
 
     def __init__(self) -> None:
         self._pending = b""
@@ -111,13 +114,13 @@ class StreamWatcher:
         lines = data.split(b"\n")
         self._pending = lines.pop()[-MAX_BODY:]
         for line in lines:
-            if not line.startswith(b"data:") or b"response.completed" not in line:
+            if not line.startswith(b"data:") or not any(t.encode() in line for t in FINAL_EVENTS):
                 continue
             try:
                 event = orjson.loads(line[5:])
             except orjson.JSONDecodeError:
                 continue
-            if isinstance(event, dict) and event.get("type") == "response.completed":
+            if isinstance(event, dict) and event.get("type") in FINAL_EVENTS:
                 found = event.get("response")
                 if isinstance(found, dict):
                     self.response = found

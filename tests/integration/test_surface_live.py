@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from openai.types.responses import ResponseCompletedEvent, ResponseIncompleteEvent
 
 from metering.db import make_engine
 from metering.events import TokenType
@@ -193,6 +195,34 @@ def test_responses_non_streamed_and_streamed(surface: Surface, client: openai.Op
         if e.event.endpoint == "responses" and e.event.stream
     ]
     assert mine and mine[-1].event.completion_tokens == usage.output_tokens
+
+
+def test_stored_responses_for_a_tenant_that_logs_content(surface: Surface, client: openai.OpenAI) -> None:
+    """GET/DELETE /v1/responses/{id} with the official client: kept by the gateway (the worker is called
+    with store false) for a tenant with content logging on, for that tenant only."""
+    subprocess.run(
+        [str(BIN / "tokenport"), "tenants", "set-limits", "surface-co", "--content-logging"],
+        env=surface.env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    time.sleep(1.0)  # the gateway re-reads limit policies every gateway.key_cache_refresh_s (0.25 s)
+    stream = client.responses.create(model=MODEL, input="Count to three.", max_output_tokens=8, stream=True)
+    last = list(stream)[-1]
+    assert isinstance(last, ResponseCompletedEvent | ResponseIncompleteEvent)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            kept = client.responses.retrieve(last.response.id)
+            break
+        except openai.NotFoundError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert kept.id == last.response.id and kept.output_text == last.response.output_text
+    client.responses.delete(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept.id)
 
 
 def test_models_metadata(client: openai.OpenAI, surface: Surface) -> None:
