@@ -52,6 +52,7 @@ from serving.openai.routes import ROUTES, Route
 from serving.proxy.forward import Forwarder
 from serving.proxy.language_routing import HEADER as ROUTED_MODEL
 from serving.proxy.language_routing import LanguageRouter
+from serving.proxy.relay import RelayResponse
 
 REQUEST_ID = "tokenport.request_id"  # scope key: the request's id, for the FastAPI routes too
 
@@ -111,7 +112,7 @@ class Pipeline:
             headers[name.decode("latin-1")] = value.decode("latin-1")
         claim: Claim | None = None
         meter: RequestMeter | None = None
-        resp: Response
+        resp: Response | None = None
         try:
             # 2. auth, before the body
             principal = await self.keyring.authenticate(headers.get("authorization"))
@@ -175,9 +176,11 @@ class Pipeline:
         except ClientGone:
             return  # the client left before its request was whole: nothing to run, no one to answer
         except Exception as exc:  # noqa: BLE001  every error in OpenAI's shape; render logs an unexpected one
+            _abandon(resp)
             status, err_headers, payload = render(exc)
             resp = Response(payload, status, headers=err_headers)
         except BaseException:  # cancelled mid-way (the server's shutdown deadline): no answer goes out
+            _abandon(resp)
             if claim is not None:  # consume or release the key now, not after its stale time
                 self.idempotency.finish(claim, meter)
             raise
@@ -193,6 +196,7 @@ class Pipeline:
             else:  # a stream (serving/proxy/relay.py)
                 await resp(scope, receive, send)
         finally:
+            _abandon(resp)  # a stream that never started (an error before it) is still metered
             if claim is not None:  # store the answer, consume the key, or release it
                 self.idempotency.finish(claim, meter)
 
@@ -250,3 +254,11 @@ class Pipeline:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def _abandon(resp: Response | None) -> None:
+    """A stream the worker already produces but that will not be (or was not) relayed to the end: close
+    the worker's connection, meter what it produced and end its flight (StreamRelay.abandon; a no-op once
+    the stream recorded its usage)."""
+    if isinstance(resp, RelayResponse):
+        resp.relay.abandon()

@@ -69,7 +69,11 @@ def test_auto_routes_russian_and_english(worker: str, tmp_path: Path) -> None:
     (tmp_path / "tokenport.yaml").write_text(
         yaml.safe_dump({"mode": "local", "data_dir": str(tmp_path / "data"), "models_file": "models.yaml"})
     )
-    env = {**os.environ, "TOKENPORT_CONFIG": str(tmp_path / "tokenport.yaml")}
+    env = {
+        **os.environ,
+        "TOKENPORT_CONFIG": str(tmp_path / "tokenport.yaml"),
+        "TOKENPORT_GATEWAY__METRICS_PORT": "0",  # beside a running `make run` (its listener has 9464)
+    }
 
     def cli(*args: str) -> dict[str, str]:
         out = subprocess.run(

@@ -96,6 +96,7 @@ def surface(
     env = {
         **os.environ,
         "TOKENPORT_DATA_DIR": str(d / "data"),
+        "TOKENPORT_GATEWAY__METRICS_PORT": "0",  # beside a running `make run` (its listener has 9464)
         "TOKENPORT_CONFIG": str(d / "tokenport.yaml"),
         "TOKENPORT_LIMITS__PRICE_BOOK": str(REPO / "configs" / "billing" / "price_books.yaml"),
     }

@@ -319,3 +319,26 @@ async def test_a_worker_dying_mid_stream_is_out_of_the_pool_at_once(
     nxt = await gw.http.post("/v1/chat/completions", json=chat_body(), headers=auth(plain))
     assert_openai_error(nxt, 503, code="no_healthy_worker")
     assert len(dying.completion_requests()) == 1
+
+
+async def test_a_stream_that_fails_before_it_is_relayed_is_still_metered_and_lands(
+    gateway: Gateway, tenant: TenantKey, worker: FakeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker already generates when an error strikes between the forward and the relay's start
+    (here: the content-log tee): the client gets a 500 in OpenAI's shape, and the worker's connection
+    is closed, its output metered (client_cancelled) and its in-flight count dropped — nothing is left
+    held until a timeout, no usage is lost."""
+    from serving.limits.guard import Guard
+
+    def boom(self: Guard, resp: object, meter: object, raw: bytes) -> object:
+        raise RuntimeError("tee failed")
+
+    monkeypatch.setattr(Guard, "log_content", boom)
+    worker.behave(tokens=40, prompt_tokens=11, delay_s=0.02)
+    r = await gateway.http.post(
+        "/v1/chat/completions", json=chat_body(stream=True), headers=auth(tenant.api_key)
+    )
+    assert_openai_error(r, 500)
+    ev = (await gateway.wait_event(r.headers["x-request-id"])).event
+    assert ev.outcome is Outcome.CLIENT_CANCELLED and ev.estimated and ev.prompt_tokens > 0  # counted here
+    await _wait_inflight_zero(gateway)
