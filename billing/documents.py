@@ -49,6 +49,13 @@ class InvoiceLine:
         None  # YYYY-MM of a late supply (its own prices, tiers and tax); None: this invoice's
     )
     price_book_version: str | None = None  # set when the price changed inside the period (lines per version)
+    # A tariff other than tokens (billing/tariffs.py): quantity_tokens holds the billed units, in `unit`
+    # (english_equivalent_token | character | token), of `language`, from `raw_tokens` with `factor`
+    # (the language premium divided by; None: none applied). All None on a tokens tariff.
+    unit: str | None = None
+    language: str | None = None
+    raw_tokens: int | None = None
+    factor: Decimal | None = None
 
     @property
     def adjustment(self) -> bool:
@@ -70,6 +77,17 @@ class InvoiceLine:
             }
             | ({"period": self.period} if self.period else {})
             | ({"price_book_version": self.price_book_version} if self.price_book_version else {})
+            | (
+                {
+                    "unit": self.unit,
+                    "language": self.language,
+                    "raw_tokens": self.raw_tokens,
+                    "factor": _s(self.factor),
+                    "billed_units": self.quantity_tokens,
+                }
+                if self.unit
+                else {}
+            )
         )
 
     @classmethod
@@ -86,6 +104,10 @@ class InvoiceLine:
             tier_mode=d.get("tier_mode"),
             period=d.get("period"),
             price_book_version=d.get("price_book_version"),
+            unit=d.get("unit"),
+            language=d.get("language"),
+            raw_tokens=d.get("raw_tokens"),
+            factor=_d(d.get("factor")),
         )
 
 

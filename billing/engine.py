@@ -41,8 +41,16 @@ from billing.errors import DocumentStateError, InvalidUsage
 from billing.fx import FxTable
 from billing.money import check_currency, div, fmt, mul, round_money
 from billing.parties import Buyer, Seller
-from billing.price_book import PER, PriceBook, ResolvedPrices, rate
-from billing.supplies import LateSupply, Supply, late_lines, ledger_of, spanned_lines, taxes_of
+from billing.price_book import PER, PriceBook, PriceSpec, ResolvedPrices, Segment, TierMode, rate
+from billing.supplies import (
+    LateSupply,
+    Supply,
+    continued_segments,
+    late_lines,
+    ledger_of,
+    spanned_lines,
+    taxes_of,
+)
 from billing.tax import TaxRules
 from billing.taxid import validate as validate_tax_id
 from metering.events import TOKEN_TYPES, TokenType
@@ -58,6 +66,11 @@ class UsageQuantity:
     origin_country: str | None = None
     language: str | None = None
     batch: bool = False  # Batch API usage: priced at the batch discount, on its own lines
+    # Under a tariff other than tokens (billing/tariffs.py) quantity_tokens is the billed units, in
+    # `unit`, converted from `raw_tokens` with `factor`; such rows are priced on lines per language.
+    unit: str | None = None
+    raw_tokens: int | None = None
+    factor: Decimal | None = None
 
 
 def usage_digest(usage: Iterable[UsageQuantity]) -> str:
@@ -74,28 +87,66 @@ def _line_amount(quantity: int, price: Decimal) -> Decimal:
     return div(mul(Decimal(quantity), price), Decimal(PER))
 
 
-def _priced_lines(rows: Sequence[UsageQuantity], prices: ResolvedPrices, kind: LineKind) -> list[InvoiceLine]:
-    totals: dict[tuple[str, bool, TokenType], int] = {}
+def _segments(spec: PriceSpec, before: int, quantity: int, total: int) -> list[Segment]:
+    """`quantity` more units after `before` of a (model, token type) whose whole is `total`: the
+    languages of a tariffed (model, token type) share one tier position."""
+    if before == 0 and quantity == total:
+        return rate(spec, quantity)
+    if spec.mode is TierMode.VOLUME:
+        [last] = rate(spec, total)
+        return [Segment(last.tier, quantity, last.unit_price)]
+    return continued_segments(spec, before, quantity)
+
+
+LineKey = tuple[str, bool, TokenType, str, str]  # model, batch, token type, unit, language
+
+
+def _grouped(rows: Sequence[UsageQuantity], kind: LineKind) -> dict[LineKey, list[object]]:
+    """Quantities per line key: [units, raw tokens, factor]; the language only splits tariffed rows."""
+    totals: dict[LineKey, list[object]] = {}
     for row in rows:
         if kind is LineKind.USAGE and row.quantity_tokens < 0:
             raise InvalidUsage(
                 f"negative usage {row.quantity_tokens} for {row.model}/{row.token_type.value};"
                 " corrections go in adjustments"
             )
-        key = (row.model, row.batch, row.token_type)
-        totals[key] = totals.get(key, 0) + row.quantity_tokens
+        unit = row.unit or ""
+        key = (row.model, row.batch, row.token_type, unit, (row.language or "und") if unit else "")
+        acc = totals.setdefault(key, [0, 0, row.factor])
+        acc[0] = int(str(acc[0])) + row.quantity_tokens
+        acc[1] = int(str(acc[1])) + (row.raw_tokens if row.raw_tokens is not None else row.quantity_tokens)
+    return totals
+
+
+def _priced_lines(rows: Sequence[UsageQuantity], prices: ResolvedPrices, kind: LineKind) -> list[InvoiceLine]:
+    totals = _grouped(rows, kind)
     order = {t: i for i, t in enumerate(TOKEN_TYPES)}
+    whole: dict[tuple[str, bool, TokenType], int] = {}
+    for (model, batch, token_type, _u, _l), (units, _raw, _f) in totals.items():
+        whole[(model, batch, token_type)] = whole.get((model, batch, token_type), 0) + abs(int(str(units)))
+    before: dict[tuple[str, bool, TokenType], int] = {}
     lines: list[InvoiceLine] = []
-    for (model, batch, token_type), quantity in sorted(
-        totals.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])
+    for (model, batch, token_type, unit, language), (units, raw, factor) in sorted(
+        totals.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]], kv[0][3], kv[0][4])
     ):
-        if quantity == 0:
+        quantity = int(str(units))
+        if quantity == 0 and not unit:
             continue
         spec = prices.price(model, token_type)
         sign = -1 if quantity < 0 else 1
+        group = (model, batch, token_type)
+        done = before.get(group, 0)
+        before[group] = done + abs(quantity)
         # Batch API usage: through the tiers on its own quantity, at the discounted price, own lines
         line_kind = LineKind.BATCH_USAGE if batch and kind is LineKind.USAGE else kind
-        for segment in rate(spec, abs(quantity)):
+        tariffed = (
+            {"unit": unit, "language": language, "raw_tokens": sign * int(str(raw)), "factor": factor}
+            if unit
+            else {}
+        )
+        for segment in _segments(spec, done, abs(quantity), whole[group]) or (
+            [Segment(None, 0, spec.tiers[0].price)] if unit else []
+        ):
             unit_price = prices.batch_price(segment.unit_price) if batch else segment.unit_price
             unrounded = _line_amount(sign * segment.quantity, unit_price)
             lines.append(
@@ -109,6 +160,7 @@ def _priced_lines(rows: Sequence[UsageQuantity], prices: ResolvedPrices, kind: L
                     amount_unrounded=unrounded,
                     tier=segment.tier,
                     tier_mode=spec.mode.value,
+                    **tariffed,  # type: ignore[arg-type]
                 )
             )
     return lines

@@ -19,9 +19,12 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date
+from decimal import Decimal
+from typing import Any
 
 from billing.engine import UsageQuantity
 from billing.errors import InvalidUsage
+from billing.tariffs import UNIT_TOKEN, Billed, Converter, half_up
 from metering.clock import InvalidPeriod
 from metering.clock import Period as Period
 from metering.events import TOKEN_TYPES, TokenType, is_batch
@@ -54,18 +57,29 @@ class Slice:
     ranges: dict[str, SeqRange] = field(default_factory=dict)
     by_period: dict[str, dict[tuple[str, TokenType], int]] = field(default_factory=dict)  # period -> tokens
     by_day: dict[date, dict[tuple[str, TokenType], int]] = field(default_factory=dict)  # UTC day -> tokens
+    # The tenant's tariff (billing/tariffs.py): each event's billed units. by_period and by_day then
+    # hold billed units (what is priced); `quantities` stays in tokens (reports, verification).
+    convert: Converter | None = None
+    billed: dict[tuple[str, TokenType, str | None, str | None, bool, str], list[Any]] = field(
+        default_factory=dict
+    )  # (model, type, origin, language, batch, unit) -> [units, raw tokens, factor]
 
     def add(self, stored: StoredEvent, period: str, lo: int) -> None:
         e = stored.event
         mine = self.by_period.setdefault(period, {})
         day = self.by_day.setdefault(e.started_at.astimezone(UTC).date(), {})
         batch = is_batch(e.endpoint)
+        units = self.convert(e) if self.convert is not None else None
         for token_type, n in e.tokens_by_type().items():
             if n:
                 key = (e.model, token_type, e.origin_country, e.language, batch)
                 self.quantities[key] = self.quantities.get(key, 0) + n
-                mine[(e.model, token_type)] = mine.get((e.model, token_type), 0) + n
-                day[(e.model, token_type)] = day.get((e.model, token_type), 0) + n
+                b = units[token_type] if units is not None else Billed(Decimal(n), n, UNIT_TOKEN)
+                mine[(e.model, token_type)] = mine.get((e.model, token_type), 0) + b.units
+                day[(e.model, token_type)] = day.get((e.model, token_type), 0) + b.units
+                acc = self.billed.setdefault((*key, b.unit), [Decimal(0), 0, b.factor])
+                acc[0] += b.exact  # rounded once, per line (billed_rows)
+                acc[1] += n
         self.hashes.append(stored.hash)
         seen = self.ranges.get(period)
         self.ranges[period] = SeqRange(period, lo if seen is None else seen.lo, stored.seq)
@@ -81,6 +95,17 @@ class Slice:
             for (model, token_type, origin, language, batch), n in sorted(
                 self.quantities.items(),
                 key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2], kv[0][3] or "", kv[0][4]),
+            )
+        ]
+
+    def billed_rows(self) -> list[UsageQuantity]:
+        """What is priced: `rows()` on a tokens tariff; billed units per language under another."""
+        if all(unit == UNIT_TOKEN for *_k, unit in self.billed):
+            return self.rows()
+        return [
+            UsageQuantity(model, tt, half_up(units), origin, language, batch, unit, raw, factor)
+            for (model, tt, origin, language, batch, unit), (units, raw, factor) in sorted(
+                self.billed.items(), key=lambda kv: tuple(str(x) for x in kv[0])
             )
         ]
 
@@ -109,20 +134,21 @@ def events_in_ranges(usage: UsageStore, tenant_id: str, ranges: Iterable[SeqRang
 
 
 def billed_quantities(
-    usage: UsageStore, tenant_id: str, period: Period, upto: int
+    usage: UsageStore, tenant_id: str, period: Period, upto: int, convert: Converter | None = None
 ) -> dict[tuple[str, TokenType], int]:
-    """Tokens per (model, token type) of the tenant's events of `period` with ``seq <= upto`` (already
-    invoiced)."""
+    """Units (tokens, or billed units under the tenant's tariff) per (model, token type) of the tenant's
+    events of `period` with ``seq <= upto`` (already invoiced)."""
     out: dict[tuple[str, TokenType], int] = {}
     if upto <= 0:
         return out
     for stored in events_in(usage, period, tenant_id=tenant_id):
         if stored.seq > upto:
             break
+        units = convert(stored.event) if convert is not None else None
         for token_type, n in stored.event.tokens_by_type().items():
             if n:
                 key = (stored.event.model, token_type)
-                out[key] = out.get(key, 0) + n
+                out[key] = out.get(key, 0) + (units[token_type].units if units is not None else n)
     return out
 
 

@@ -138,7 +138,7 @@ def from_micro(units: int) -> Decimal:
     return Decimal(units) / MICRO
 
 
-def token_cost(tokens: int, price_per_million: Decimal) -> Decimal:
+def token_cost(tokens: int | Decimal, price_per_million: Decimal) -> Decimal:
     """The exact, unrounded cost of `tokens` tokens at a price per one million tokens."""
     return price_per_million * tokens / PER_MILLION_TOKENS
 

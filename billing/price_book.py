@@ -31,6 +31,12 @@ Batch discount: usage metered as a Batch API line (endpoint ``batch.*``, meterin
 priced at ``price x (1 - batch_discount)``, through the tiers on its own quantity; a contract's
 ``batch_discount`` replaces the book's. Without one, batch usage costs what live usage costs.
 
+Tariff (``tariff`` at the currency level of a version, or in a contract, which replaces the book's):
+``tokens`` (the default: tokens as metered), ``english_equivalent`` (tokens ÷ the language's premium on
+the model's tokenizer, configs/billing/language_premiums.csv) or ``per_character`` (the prompt's and
+the completion's characters, priced per 1M characters). billing/tariffs.py converts; the prices of
+the book are then per 1M billed units.
+
 Tiers: a tier covers (previous up_to, up_to]. **Graduated**: each part of the quantity is priced by
 the tier it falls in (one invoice line per tier used). **Volume**: the whole quantity is priced by
 the tier that the total falls in.
@@ -112,11 +118,20 @@ def rate(spec: PriceSpec, quantity: int) -> list[Segment]:
 Prices = Mapping[tuple[str, TokenType], PriceSpec]
 
 
+class Tariff(enum.StrEnum):
+    """What one billed unit is (billing/tariffs.py)."""
+
+    TOKENS = "tokens"
+    ENGLISH_EQUIVALENT = "english_equivalent"
+    PER_CHARACTER = "per_character"
+
+
 @dataclass(frozen=True, slots=True)
 class CurrencyPrices:
     prices: Prices
     minimum_commitment: Decimal | None
     batch_discount: Decimal = Decimal(0)  # fraction off for Batch API usage, 0 <= d < 1
+    tariff: Tariff = Tariff.TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +158,7 @@ class Contract:
     prices: Prices
     minimum_commitment: Decimal | None
     batch_discount: Decimal | None = None  # None: the book's
+    tariff: Tariff | None = None  # None: the book's
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +171,7 @@ class ResolvedPrices:
     prices: Prices
     minimum_commitment: Decimal | None
     batch_discount: Decimal = Decimal(0)
+    tariff: Tariff = Tariff.TOKENS
 
     def batch_price(self, unit_price: Decimal) -> Decimal:
         """A unit price for Batch API usage: the price less the batch discount (exact)."""
@@ -197,6 +214,24 @@ class PriceBook:
             + (f" (nothing from {day})" if out else "")
         )
 
+    def tariff(self, *, currency: str, day: date, tenant_id: str) -> Tariff:
+        """The tariff in force for the tenant that day (the contract's, else the version's; tokens when
+        no version covers the day: pricing reports that)."""
+        ccy = currency.upper()
+        for c in self.contracts:
+            if (
+                c.tenant == tenant_id
+                and c.currency == ccy
+                and c.tariff is not None
+                and c.effective_from <= day
+                and (c.effective_to is None or day <= c.effective_to)
+            ):
+                return c.tariff
+        for v in self.versions:
+            if ccy in v.currencies and v.covers(day, day):
+                return v.currencies[ccy].tariff
+        return Tariff.TOKENS
+
     def select(
         self, *, currency: str, period_start: date, period_end: date, tenant_id: str
     ) -> ResolvedPrices:
@@ -214,6 +249,7 @@ class PriceBook:
         prices = dict(base.prices)
         minimum = base.minimum_commitment
         discount = base.batch_discount
+        tariff = base.tariff
         contract = next(
             (
                 c
@@ -231,8 +267,16 @@ class PriceBook:
                 minimum = contract.minimum_commitment
             if contract.batch_discount is not None:
                 discount = contract.batch_discount
+            if contract.tariff is not None:
+                tariff = contract.tariff
         return ResolvedPrices(
-            book.version, contract.id if contract else None, ccy, MappingProxyType(prices), minimum, discount
+            book.version,
+            contract.id if contract else None,
+            ccy,
+            MappingProxyType(prices),
+            minimum,
+            discount,
+            tariff,
         )
 
 
@@ -295,6 +339,7 @@ class _Models(BaseModel):
     models: dict[str, dict[TokenType, _Tiered]] = Field(default_factory=dict)
     minimum_commitment: Decimal | None = None
     batch_discount: Decimal | None = None
+    tariff: Tariff | None = None
 
     @field_validator("minimum_commitment", mode="before")
     @classmethod
@@ -372,7 +417,12 @@ def parse(data: Any, *, file: str = "<price book>") -> PriceBook:
             v.effective_to,
             MappingProxyType(
                 {
-                    c: CurrencyPrices(m.prices(), m.minimum_commitment, m.batch_discount or Decimal(0))
+                    c: CurrencyPrices(
+                        m.prices(),
+                        m.minimum_commitment,
+                        m.batch_discount or Decimal(0),
+                        m.tariff or Tariff.TOKENS,
+                    )
                     for c, m in v.currencies.items()
                 }
             ),
@@ -408,6 +458,7 @@ def parse(data: Any, *, file: str = "<price book>") -> PriceBook:
             c.prices(),
             c.minimum_commitment,
             c.batch_discount,
+            c.tariff,
         )
         for other in contracts:
             if (other.tenant, other.currency) == (contract.tenant, contract.currency) and _overlap(

@@ -24,6 +24,10 @@ from pathlib import Path
 
 from billing import price_book
 from billing.errors import BillingError
+from billing.tariffs import Converter, load_premium_table
+from metering.language_premiums import PremiumTable
+
+PREMIUMS_FILE = "language_premiums.csv"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,7 @@ class _Loaded:
     stamp: tuple[int, int] | None  # (size, mtime_ns) of the file read; None: missing, or a fixed book
     book: price_book.PriceBook | None
     error: BillingError | None
+    premiums: PremiumTable | None = None  # language_premiums.csv beside the price book (tariffs)
 
 
 class PriceSource:
@@ -42,25 +47,37 @@ class PriceSource:
         self._loaded = self._load()
 
     @classmethod
-    def of(cls, book: price_book.PriceBook, *, path: Path = Path("<memory>")) -> PriceSource:
+    def of(
+        cls,
+        book: price_book.PriceBook,
+        *,
+        path: Path = Path("<memory>"),
+        premiums: PremiumTable | None = None,
+    ) -> PriceSource:
         """A fixed source over an already parsed book (tests, tools)."""
         source = cls.__new__(cls)
         source.path = path
         source._lock = threading.Lock()
-        source._loaded = _Loaded(None, book, None)
+        source._loaded = _Loaded(None, book, None, premiums)
         return source
+
+    @property
+    def premiums_path(self) -> Path:
+        """The language premiums an english_equivalent tariff divides by: beside the price book."""
+        return self.path.parent / PREMIUMS_FILE
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
-            st = os.stat(self.path)
+            st, extra = os.stat(self.path), self.premiums_path
+            more = os.stat(extra) if extra.exists() else None
         except OSError:
             return None
-        return st.st_size, st.st_mtime_ns
+        return st.st_size + (more.st_size if more else 0), st.st_mtime_ns + (more.st_mtime_ns if more else 0)
 
     def _load(self) -> _Loaded:
         stamp = self._stamp()
         try:
-            return _Loaded(stamp, price_book.load(self.path), None)
+            return _Loaded(stamp, price_book.load(self.path), None, load_premium_table(self.premiums_path))
         except BillingError as exc:
             return _Loaded(stamp, None, exc)
 
@@ -79,6 +96,14 @@ class PriceSource:
     @property
     def error(self) -> BillingError | None:
         return self._loaded.error
+
+    def premiums(self) -> PremiumTable | None:
+        """The language premiums read with the book (None: no file)."""
+        return self._loaded.premiums
+
+    def converter(self, tenant_id: str, currency: str) -> Converter:
+        """The tenant's events as billed under its tariff (billing/tariffs.py); raises like book()."""
+        return Converter(self.book(), self._loaded.premiums, tenant_id, currency)
 
     def book(self) -> price_book.PriceBook:
         """The current price book; raises the load error when the file is unusable."""

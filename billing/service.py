@@ -21,6 +21,7 @@ with the same reason until a new run succeeds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -153,8 +154,9 @@ class BillingService:
         states = self.store.invoice_states([p, *earlier])
         billed = self.store.billed_through([tenant_id] if tenant_id else None)
 
-        own, mark = self._read_own(period, tenant_id, billed)
-        late = self._read_late(earlier, tenant_id, closed, states, billed)
+        new_slice = self._slices(tenants)
+        own, mark = self._read_own(period, tenant_id, billed, new_slice)
+        late = self._read_late(earlier, tenant_id, closed, states, billed, new_slice)
 
         targets = {t for t, s in own.items() if s.quantities} | {t for t, s in late.items() if s.quantities}
         targets |= {t for (t, q), s in states.items() if q == p and s & set(PENDING)}
@@ -181,8 +183,23 @@ class BillingService:
                 period_store.record_run(tx, p, mark, self._clock())
         return report
 
+    def _slices(self, tenants: dict[str, Tenant]) -> Callable[[str], Slice]:
+        """A new billing slice for a tenant, converting its events under its tariff (billing/tariffs.py)."""
+
+        def new(t: str) -> Slice:
+            tenant = tenants.get(t)
+            if tenant is None or not self.prices.available:
+                return Slice()
+            return Slice(convert=self.prices.converter(tenant.id, tenant.currency))
+
+        return new
+
     def _read_own(
-        self, period: Period, tenant_id: str | None, billed: dict[tuple[str, str], int]
+        self,
+        period: Period,
+        tenant_id: str | None,
+        billed: dict[tuple[str, str], int],
+        new_slice: Callable[[str], Slice] = lambda _t: Slice(),
     ) -> tuple[dict[str, Slice], int]:
         """This period's unbilled events per tenant, and the highest seq the pass saw."""
         p = str(period)
@@ -194,7 +211,7 @@ class BillingService:
             t = stored.event.tenant_id
             lo = billed.get((t, p), 0)
             if stored.seq > lo:
-                slices.setdefault(t, Slice()).add(stored, p, lo)
+                (slices.get(t) or slices.setdefault(t, new_slice(t))).add(stored, p, lo)
         return slices, mark
 
     def _read_late(
@@ -204,6 +221,7 @@ class BillingService:
         closed: dict[str, int],
         states: dict[tuple[str, str], set[str]],
         billed: dict[tuple[str, str], int],
+        new_slice: Callable[[str], Slice] = lambda _t: Slice(),
     ) -> dict[str, Slice]:
         """Late usage: unbilled events of earlier periods that are closed for their tenant."""
 
@@ -235,7 +253,7 @@ class BillingService:
                 t = stored.event.tenant_id
                 lo = billed.get((t, q), 0)
                 if stored.seq > lo and closed_for(t, q):
-                    slices.setdefault(t, Slice()).add(stored, q, lo)
+                    (slices.get(t) or slices.setdefault(t, new_slice(t))).add(stored, q, lo)
         return slices
 
     def _has_minimum(self, cfg: BillingConfig, tenant: Tenant, period: Period) -> bool:
@@ -275,13 +293,13 @@ class BillingService:
                     q.start,
                     q.end,
                     tokens,
-                    billed_quantities(self._usage, t, q, billed.get((t, str(q)), 0)),
+                    billed_quantities(self._usage, t, q, billed.get((t, str(q)), 0), late.convert),
                     {d: n for d, n in late.by_day.items() if q.start <= d <= q.end},
                 )
                 for q, tokens in sorted((Period.parse(k), v) for k, v in late.by_period.items())
             ]
             invoice = engine.build_invoice(
-                usage=own.rows(),
+                usage=own.billed_rows(),
                 late=supplies,
                 usage_by_day=own.by_day,
                 buyer=buyer_of(tenant),

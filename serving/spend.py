@@ -22,8 +22,9 @@ from billing.errors import BillingError
 from billing.money import metric_value, token_cost
 from billing.price_book import PriceBook, ResolvedPrices
 from billing.prices import PriceSource
+from billing.tariffs import Converter
 from metering.clock import Period
-from metering.events import TOKEN_TYPES, UsageEvent
+from metering.events import TOKEN_TYPES, TokenType, UsageEvent
 from metering.metrics import Metrics
 from metering.tenants import Tenant
 
@@ -48,6 +49,8 @@ class SpendEstimator:
         # (tenant, currency, first day of the part, model) -> first-tier price per PRICED type (None: not
         # priced), or None when the part has no prices.
         self._units: dict[tuple[str, str, date, str], tuple[Decimal | None, ...] | None] = {}
+        # tenant -> its events as billed (the tariff, billing/tariffs.py: the same units as its invoice)
+        self._converters: dict[tuple[str, str], Converter] = {}
 
     def _current_book(self) -> PriceBook | None:
         """The source's book; the caches are dropped when the source was refreshed to a new one."""
@@ -62,6 +65,7 @@ class SpendEstimator:
             self._spans.clear()
             self._resolved.clear()
             self._units.clear()
+            self._converters.clear()
         return book
 
     def _span(self, book: PriceBook, currency: str, day: date) -> tuple[date, date] | None:
@@ -104,6 +108,19 @@ class SpendEstimator:
                 units.append(None)
         return tuple(units)
 
+    def _billed(self, tenant: Tenant, event: UsageEvent) -> dict[TokenType, int]:
+        """The event's units per token type as its invoice bills them (tokens on a tokens tariff)."""
+        if self._prices is None:
+            return event.tokens_by_type()
+        key = (tenant.id, tenant.currency)
+        convert = self._converters.get(key)
+        if convert is None:
+            if len(self._converters) >= MAX_CACHED_PRICES:
+                self._converters.clear()
+            convert = self._converters[key] = self._prices.converter(tenant.id, tenant.currency)
+        units = convert(event)
+        return event.tokens_by_type() if units is None else {t: b.units for t, b in units.items()}
+
     def observe(self, event: UsageEvent) -> None:
         book = self._current_book()
         if book is None:
@@ -124,7 +141,7 @@ class SpendEstimator:
         if units is None:
             return
         amount = Decimal(0)
-        counts = event.tokens_by_type()
+        counts = self._billed(tenant, event)
         for unit, token_type in zip(units, PRICED, strict=True):
             n = counts.get(token_type, 0)
             if n:

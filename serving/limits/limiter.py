@@ -22,10 +22,13 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from prometheus_client import Counter
 
+from billing.price_book import Tariff
+from metering.clock import utcnow
 from metering.events import UsageEvent
 from metering.metrics import Metrics
 from metering.store_sql import UsageStore
@@ -43,7 +46,7 @@ from serving.limits.backend import (
 from serving.limits.cache import PolicyCache
 from serving.limits.errors import LimitsUnavailable, ModelNotPriced, QuotaExceeded, RateLimitExceeded
 from serving.limits.policy import Budget, Defaults, Effective, combine
-from serving.limits.pricing import Pricer, PriceUnavailable, cost_units
+from serving.limits.pricing import PriceBookPricer, Pricer, PriceUnavailable, billed_counts, cost_units
 
 log = logging.getLogger("tokenport.limits")
 HOLD_MARGIN_MS = 60_000
@@ -187,10 +190,17 @@ class Limiter:
         return f"tp:{{{tenant_id}}}:bg:{scope}:{window}:{budget.unit}"
 
     def _amount(
-        self, budget: Budget, tenant: Tenant, model: str, *, prompt: int, cached: int, completion: int
+        self,
+        budget: Budget,
+        tenant: Tenant,
+        model: str,
+        *,
+        prompt: int | Decimal,
+        cached: int | Decimal,
+        completion: int | Decimal,
     ) -> int:
         if budget.unit == "tokens":
-            return prompt + completion
+            return int(prompt + completion)
         if self.pricer is None:
             raise ModelNotPriced(
                 "This tenant has a money budget but the gateway has no price book.", param="model"
@@ -212,6 +222,34 @@ class Limiter:
                 param="model",
             ) from exc
 
+    def _seed_events(self, budget: Budget, tenant: Tenant, scope: str, key_id: str, start: datetime) -> int:
+        return sum(
+            self._event_amount(budget, tenant, s.event)
+            for s in self.usage.iter_events(tenant_id=tenant.id, start=start)
+            if scope != "key" or s.event.key_id == key_id
+        )
+
+    def _hold_factor(self, budget: Budget, tenant: Tenant, model: str) -> Decimal:
+        convert = (
+            self.pricer.converter(tenant.id, tenant.currency)
+            if budget.unit != "tokens" and isinstance(self.pricer, PriceBookPricer)
+            else None
+        )
+        return convert.hold_factor(model, utcnow().date()) if convert is not None else Decimal(1)
+
+    def _event_amount(self, budget: Budget, tenant: Tenant, event: UsageEvent) -> int:
+        """What an event costs the budget: tokens, or money for the units its invoice bills (the tariff)."""
+        if budget.unit == "tokens":
+            return event.prompt_tokens + event.completion_tokens
+        fresh, cached, out = billed_counts(self.pricer, tenant.id, tenant.currency, event)
+        return self._amount(budget, tenant, event.model, prompt=fresh + cached, cached=cached, completion=out)
+
+    def _tariffed(self, budget: Budget, tenant: Tenant) -> bool:
+        if budget.unit == "tokens" or not isinstance(self.pricer, PriceBookPricer):
+            return False
+        convert = self.pricer.converter(tenant.id, tenant.currency)
+        return convert is not None and convert.tariff_on(utcnow().date()) is not Tariff.TOKENS
+
     async def _seed(self, tenant: Tenant, scope: str, key_id: str, budget: Budget, hold_key: str) -> int:
         """Usage of the budget's window from the ledger (single flight per window in this process)."""
         fut = self._seeding.get(hold_key)
@@ -221,6 +259,10 @@ class Limiter:
         self._seeding[hold_key] = fut
         try:
             _window, start = budget.window(datetime.fromtimestamp(self.clock(), UTC))
+            if self._tariffed(budget, tenant):  # billed units per event, as the invoice converts them
+                total = await asyncio.to_thread(self._seed_events, budget, tenant, scope, key_id, start)
+                fut.set_result(total)
+                return total
             group = ["key_id", "model"] if scope == "key" else ["model"]
             rows = await asyncio.to_thread(self.usage.summary, group, tenant_id=tenant.id, start=start)
             total = 0
@@ -282,8 +324,14 @@ class Limiter:
         for scope, budget in (("tenant", eff.tenant_budget), ("key", eff.key_budget)):
             if budget is None:
                 continue
+            f = self._hold_factor(budget, tenant, model)  # a token may bill more than one unit (tariffs)
             amount = self._amount(
-                budget, tenant, model, prompt=prompt_tokens, cached=0, completion=completion_tokens
+                budget,
+                tenant,
+                model,
+                prompt=math.ceil(prompt_tokens * f),
+                cached=0,
+                completion=math.ceil(completion_tokens * f),
             )
             key_ttl = (40 if budget.period == "month" else 400) * DAY_MS
             scope_key = "t" if scope == "tenant" else f"k:{key_id}"
@@ -442,14 +490,7 @@ class Limiter:
             actual: int | None = None
             if event is not None:
                 try:
-                    actual = self._amount(
-                        h.budget,
-                        adm.tenant,
-                        adm.model,
-                        prompt=event.prompt_tokens,
-                        cached=event.cached_prompt_tokens,
-                        completion=event.completion_tokens,
-                    )
+                    actual = self._event_amount(h.budget, adm.tenant, event)
                 except ModelNotPriced:
                     actual = h.spec.amount  # priced at admission; keep the hold as the charge
             if actual is not None and actual > h.spec.amount:

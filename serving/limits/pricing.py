@@ -19,8 +19,9 @@ from billing.money import to_micro as to_micro
 from billing.money import token_cost
 from billing.price_book import PriceBook, ResolvedPrices
 from billing.prices import PriceSource
+from billing.tariffs import Converter
 from metering.clock import utcnow
-from metering.events import TokenType
+from metering.events import TokenType, UsageEvent
 
 log = logging.getLogger("tokenport.limits")
 MAX_CACHED = 10_000  # (tenant, currency, day) price lookups remembered; forgotten all at once when full
@@ -35,7 +36,7 @@ class Pricer(Protocol):
         self,
         model: str,
         token_type: TokenType,
-        tokens: int,
+        tokens: int | Decimal,
         currency: str,
         *,
         tenant_id: str | None = None,
@@ -56,7 +57,7 @@ class StaticPricer:
         self,
         model: str,
         token_type: TokenType,
-        tokens: int,
+        tokens: int | Decimal,
         currency: str,
         *,
         tenant_id: str | None = None,
@@ -75,12 +76,26 @@ class PriceBookPricer:
         self._source = source
         self._book: PriceBook | None = None  # the book the cache was filled from
         self._cache: dict[tuple[str, str, date], ResolvedPrices] = {}
+        self._converters: dict[tuple[str, str], Converter] = {}
+
+    def converter(self, tenant_id: str, currency: str) -> Converter | None:
+        """The tenant's events as billed (its tariff: billing/tariffs.py), the same conversion as invoices."""
+        try:
+            book = self._source.book()
+        except BillingError:
+            return None
+        if book is not self._book or len(self._converters) > MAX_CACHED:
+            self._book, self._cache, self._converters = book, {}, {}
+        key = (tenant_id, currency)
+        if key not in self._converters:
+            self._converters[key] = self._source.converter(tenant_id, currency)
+        return self._converters[key]
 
     def price(
         self,
         model: str,
         token_type: TokenType,
-        tokens: int,
+        tokens: int | Decimal,
         currency: str,
         *,
         tenant_id: str | None = None,
@@ -108,9 +123,9 @@ def cost_units(
     currency: str,
     tenant_id: str,
     *,
-    input_tokens: int,
-    cached_tokens: int,
-    output_tokens: int,
+    input_tokens: int | Decimal,
+    cached_tokens: int | Decimal,
+    output_tokens: int | Decimal,
     on: date | None = None,
 ) -> int:
     """Millionths of the currency for these token counts (raises PriceUnavailable)."""
@@ -132,3 +147,22 @@ def cost_units(
                     model, TokenType.EMBEDDING_INPUT, n, currency, tenant_id=tenant_id, on=on
                 )
     return to_micro(total)
+
+
+def billed_counts(
+    pricer: Pricer | None, tenant_id: str, currency: str, event: UsageEvent
+) -> tuple[int | Decimal, int | Decimal, int | Decimal]:
+    """(input, cached, output) of an event in the units its invoice bills (billing/tariffs.py), exact:
+    the tokens on a tokens tariff or without a price book."""
+    convert = pricer.converter(tenant_id, currency) if isinstance(pricer, PriceBookPricer) else None
+    units = convert(event) if convert is not None else None
+    if units is None:
+        return (
+            event.prompt_tokens - event.cached_prompt_tokens,
+            event.cached_prompt_tokens,
+            event.completion_tokens,
+        )
+    got = {t: b.exact for t, b in units.items()}
+    zero = Decimal(0)
+    fresh = got.get(TokenType.INPUT, zero) + got.get(TokenType.EMBEDDING_INPUT, zero)
+    return fresh, got.get(TokenType.CACHED_INPUT, zero), got.get(TokenType.OUTPUT, zero)
