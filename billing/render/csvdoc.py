@@ -22,12 +22,27 @@ COLUMNS = (
     "currency",
     "treatment",
     "rate",
+    # a tariff other than tokens (billing/tariffs.py): quantity_tokens is the billed units in `unit`
+    "unit",
+    "language",
+    "raw_tokens",
+    "factor",
 )
+
+
+class _Padded:
+    """Every row as wide as the header (the summary rows leave the line columns empty)."""
+
+    def __init__(self, out: io.StringIO) -> None:
+        self._writer = csv.writer(out, lineterminator="\n")
+
+    def writerow(self, row: list[object] | tuple[object, ...]) -> None:
+        self._writer.writerow([*row, *[""] * (len(COLUMNS) - len(row))])
 
 
 def to_csv(doc: Invoice | CreditNote) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = _Padded(out)
     writer.writerow(COLUMNS)
     number = doc.number or "DRAFT"
     for index, line in enumerate(doc.lines, 1):
@@ -46,6 +61,10 @@ def to_csv(doc: Invoice | CreditNote) -> str:
                 doc.currency,
                 "",
                 "",
+                line.unit or "",
+                line.language or "" if line.unit else "",
+                "" if line.raw_tokens is None else line.raw_tokens,
+                "" if line.factor is None else fmt(line.factor),
             ]
         )
     writer.writerow(

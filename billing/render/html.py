@@ -21,6 +21,7 @@ from billing.documents import AppliedTax, CreditNote, DocumentStatus, Invoice, I
 from billing.render.bidi import fill, isolate, ltr
 from billing.render.i18n import Localizer
 from billing.render.zatca import document_qr, qr_png_data_uri
+from billing.tariffs import UNIT_CHARACTER, UNIT_EE_TOKEN
 
 
 @lru_cache(maxsize=1)
@@ -48,7 +49,21 @@ def line_label(line: InvoiceLine, loc: Localizer) -> str:
         parts.append(loc.t("adjustment"))
     if line.kind is LineKind.BATCH_USAGE:
         parts.append(loc.t("batch"))
+    if line.unit:  # a tariff other than tokens: the language, its raw tokens and the factor
+        parts.append(tariff_label(line, loc))
     return "; ".join(parts)
+
+
+def tariff_label(line: InvoiceLine, loc: Localizer) -> str:
+    raw = loc.number(line.raw_tokens or 0)
+    language = line.language or "und"
+    if line.unit == UNIT_EE_TOKEN:
+        if line.factor is None:
+            return loc.t("ee_no_factor", language=language, raw=raw)
+        return loc.t("ee_tokens", language=language, raw=raw, factor=format(line.factor, "f"))
+    if line.unit == UNIT_CHARACTER:
+        return loc.t("per_character", language=language, raw=raw)
+    return loc.t("no_text_size", language=language)
 
 
 def line_description(line: InvoiceLine, loc: Localizer) -> str:

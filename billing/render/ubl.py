@@ -155,7 +155,12 @@ def _line(
         tier = f"; tier {line.tier} ({line.tier_mode})" if line.tier else ""
         late = "; late usage of an earlier period" if line.adjustment else ""
         batch = "; Batch API usage at the batch discount" if line.kind is LineKind.BATCH_USAGE else ""
-        description = f"Price per 1,000,000 tokens{tier}{late}{batch}"
+        tariff = ""
+        unit = "tokens" if not line.unit else f"{line.unit.replace('_', ' ')}s"
+        if line.unit:  # a tariff other than tokens: what the billed units are (billing/tariffs.py)
+            factor = "" if line.factor is None else f" / premium {format(line.factor, 'f')}"
+            tariff = f"; {line.language}: {line.raw_tokens} raw tokens{factor} = billed {unit}"
+        description = f"Price per 1,000,000 {unit}{tier}{late}{batch}{tariff}"
     _cbc(node, "CreditedQuantity" if credit else "InvoicedQuantity", quantity, unitCode="C62")
     _amount(node, "LineExtensionAmount", line.amount, doc.currency)
     item = _cac(node, "Item")

@@ -244,3 +244,20 @@ def test_an_unknown_tariff_is_refused_with_the_file_and_field(tmp_path: Path) ->
     (tmp_path / "price_books.yaml").write_text(yaml.safe_dump(bad), "utf-8")
     with pytest.raises(ConfigError, match="tariff"):
         load_book(tmp_path / "price_books.yaml")
+
+
+def test_every_format_says_what_the_billed_units_are(world: World) -> None:
+    use(world, "kk", 4454)
+    inv = invoice(world, contract_tariff="english_equivalent")
+    world.svc.run(DEC)
+    [row] = world.svc.finalize(DEC).finalized
+    csv_text = world.svc.render(row.ref, "csv").decode()
+    header, first = csv_text.splitlines()[:2]
+    assert header.endswith("unit,language,raw_tokens,factor")
+    assert first.endswith(",english_equivalent_token,kk,4454,4.454") and ",1000," in first
+    assert all(len(r.split(",")) == len(header.split(",")) for r in csv_text.splitlines()[1:])
+    ubl = world.svc.render(row.ref, "ubl").decode()
+    assert "kk: 4454 raw tokens / premium 4.454 = billed english equivalent tokens" in ubl
+    html = world.svc.render(row.ref, "html").decode()  # the tenant reads Russian
+    assert "kk: 4" in html and "4.454" in html and "токены в английском эквиваленте" in html
+    assert inv.lines[0].quantity_tokens == 1000
