@@ -27,7 +27,7 @@ import contextlib
 import functools
 import unicodedata
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # numpy is imported with the model, not with this module
@@ -269,7 +269,7 @@ def _prune(
     return table.tobytes(), nextmove, (row_of * width).tolist(), emits
 
 
-def prompt_sample(body: dict[str, Any]) -> str:
+def prompt_sample(body: Mapping[str, Any]) -> str:
     """The text to detect from: the last user message (chat) or the prompt (completions)."""
     messages = body.get("messages")
     if isinstance(messages, list):

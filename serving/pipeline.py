@@ -40,7 +40,7 @@ from metering.language import LanguageDetector, prompt_sample
 from metering.metrics import Metrics
 from metering.recorder import RequestMeter
 from metering.tenants import Tenant
-from metering.tokencount import prompt_text
+from metering.tokencount import counted_as, prompt_text
 from serving.auth import KeyRing
 from serving.errors import InvalidOriginCountry, InvalidRequest, ModelNotFound, TokenportError, render
 from serving.idempotency import HEADER as IDEMPOTENCY_KEY
@@ -127,7 +127,9 @@ class Pipeline:
             routed = self._check_model(route, tenant, model)
             # 5. attribute
             country, source = self._origin(scope, headers, tenant)
-            language = self.language.detect(prompt_sample(body)) if self.language is not None else None
+            # an embeddings input or a Responses input read as the prompt or messages it becomes
+            shaped_as, shaped = counted_as(route.endpoint, body)
+            language = self.language.detect(prompt_sample(shaped)) if self.language is not None else None
             reply_headers: dict[str, str] = {}
             if routed and self.routing is not None:  # the best served model for the language
                 model = reply_headers[ROUTED_MODEL] = self.routing.resolve(body, language, tenant.may_use)
@@ -155,7 +157,7 @@ class Pipeline:
                 stream=bool(body.get("stream")),
                 language=language,
             )
-            meter.measure_prompt(prompt_text(route.endpoint, body))  # its size, never its text
+            meter.measure_prompt(prompt_text(shaped_as, shaped))  # its size, never its text
             # 8. forward or relay; 9. record (by the forwarder, or by the relay when the stream ends)
             try:
                 resp = await self.forwarder.forward(

@@ -24,6 +24,7 @@ from metering.events import BATCH_PREFIX
 from metering.language import LanguageDetector, prompt_sample
 from metering.ledger import LedgerUnavailable
 from metering.recorder import RequestMeter
+from metering.tokencount import counted_as, prompt_text
 from serving.auth import KeyRing
 from serving.batches import shapes
 from serving.batches.store import LineRow
@@ -102,7 +103,8 @@ class LineExecutor:
                     f"The model '{model}' does not exist or you do not have access to it.", param="model"
                 )
             # 5. attribute: the tenant's country (no client address); the prompt's language
-            language = self.language.detect(prompt_sample(body)) if self.language is not None else None
+            shaped_as, shaped = counted_as(route.endpoint, body)
+            language = self.language.detect(prompt_sample(shaped)) if self.language is not None else None
             # 7. admission: the tenant's caps, rate limits and budget, as for live traffic
             admission = await self.guard.admit(tenant, key_id, rid, route.endpoint, body, len(raw))
             meter = RequestMeter(
@@ -116,6 +118,7 @@ class LineExecutor:
                 stream=False,
                 language=language,
             )
+            meter.measure_prompt(prompt_text(shaped_as, shaped))  # its size, never its text
             # 8. forward; 9. record (by the forwarder)
             resp = await self.forwarder.forward(
                 meter, body, {}, t0, timeout_s=self.guard.timeout_s(admission)
