@@ -13,6 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import pycountry
 from sqlalchemy import func, insert, select, update
@@ -158,6 +159,36 @@ class TenantStore:
         except IntegrityError as exc:
             raise TenantExists(id) from exc
         tenant = self.get_tenant(id)
+        assert tenant is not None
+        return tenant
+
+    def update_tenant(self, tenant_id: str, **changes: Any) -> Tenant:
+        """Change a tenant's name, billing_country, business, tax_id, currency or language (the same
+        checks as create_tenant). Issued invoices keep the buyer as it was (they snapshot it)."""
+        allowed = {"name", "billing_country", "business", "tax_id", "currency", "language"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise InvalidTenantField(f"cannot change {', '.join(unknown)}")
+        if "billing_country" in changes:
+            changes["billing_country"] = str(changes["billing_country"]).upper()
+            if not valid_country(changes["billing_country"]):
+                raise InvalidTenantField(
+                    f"billing country {changes['billing_country']!r} is not an ISO 3166-1 alpha-2 code"
+                )
+        if "currency" in changes:
+            changes["currency"] = str(changes["currency"]).upper()
+            if changes["currency"] not in _CURRENCIES:
+                raise InvalidTenantField(f"currency {changes['currency']!r} is not an ISO 4217 code")
+        if "name" in changes:
+            if not str(changes["name"]).strip():
+                raise InvalidTenantField("tenant name must not be empty")
+            changes["name"] = str(changes["name"]).strip()
+        with self._engine.begin() as conn:
+            done = conn.execute(update(tenants).where(tenants.c.id == tenant_id).values(**changes))
+            if not done.rowcount:
+                raise TenantNotFound(tenant_id)
+            self._bump(conn)
+        tenant = self.get_tenant(tenant_id)
         assert tenant is not None
         return tenant
 

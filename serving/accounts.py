@@ -13,6 +13,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from billing.errors import BillingError
+from billing.prices import PriceSource
+from billing.render.i18n import languages as render_languages
+from billing.taxid import validate as validate_tax_id
 from metering.clock import utcnow
 from metering.tenants import ApiKey, InvalidTenantField, KeyNotFound, Tenant, TenantNotFound, TenantStore
 from serving.audit import Auditor, Who
@@ -78,11 +82,40 @@ def key_expiry(expires_at: datetime | None, expires_in_days: int | None) -> date
     return None
 
 
+def validate_tenant_fields(fields: dict[str, Any], prices: PriceSource | None) -> dict[str, Any]:
+    """The one check of a tenant's billing fields, on every write path (CLI and admin API, create and
+    update): a tax id valid for the billing country, a currency the price book can
+    invoice in, a language the documents are rendered in. Refusing here is what keeps a tenant from
+    being created that no invoice run could ever bill."""
+    out = dict(fields)
+    country = str(out.get("billing_country") or "").upper()
+    if out.get("tax_id"):
+        try:
+            validate_tax_id(country, str(out["tax_id"]))
+        except BillingError as exc:
+            raise InvalidTenantField(f"{exc} (every invoice for this tenant would fail)") from exc
+    language = out.get("language")
+    if language is not None and language not in render_languages():
+        raise InvalidTenantField(
+            f"language {language!r} is not a document language; choose from {', '.join(render_languages())}"
+        )
+    currency = str(out.get("currency") or "").upper()
+    if prices is not None and prices.available and currency:
+        offered = {c for v in prices.book().versions for c in v.currencies}
+        if currency not in offered:
+            raise InvalidTenantField(
+                f"currency {currency!r} has no price book ({', '.join(sorted(offered))} have): "
+                "nothing could be invoiced in it"
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class Accounts:
     tenants: TenantStore
     limits: LimitsStore
     audit: Auditor
+    prices: PriceSource | None = None  # the one price source: the currencies a tenant may be billed in
 
     # --- reads -----------------------------------------------------------------------------
     def tenant(self, tenant_id: str) -> Tenant:
@@ -136,6 +169,7 @@ class Accounts:
             "language": language,
             "allowed_models": allowed_models,
         }
+        fields = validate_tenant_fields(fields, self.prices)
         return self.audit.run(
             who,
             "tenant.create",
@@ -143,6 +177,27 @@ class Accounts:
             target=id,
             tenant_id=id,
             detail=fields,
+        )
+
+    def update_tenant(self, who: Who, tenant_id: str, changes: dict[str, Any]) -> Tenant:
+        """Edit a tenant's billing data (audited, validated as at creation, on the merged result). The
+        next draft or re-issue uses it; issued documents keep the buyer they were issued to."""
+        before = self.tenant(tenant_id)
+        merged = {
+            "billing_country": before.billing_country,
+            "tax_id": before.tax_id,
+            "currency": before.currency,
+            "language": before.language,
+        } | changes
+        validate_tenant_fields(merged, self.prices)
+        old = {k: getattr(before, k) for k in changes}
+        return self.audit.run(
+            who,
+            "tenant.update",
+            lambda: self.tenants.update_tenant(tenant_id, **changes),
+            target=tenant_id,
+            tenant_id=tenant_id,
+            detail={"changes": changes, "before": old},
         )
 
     def create_key(

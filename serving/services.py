@@ -37,7 +37,7 @@ class Stores:
 
     @cached_property
     def accounts(self) -> Accounts:
-        return Accounts(self.tenants, self.limits, self.audit)
+        return Accounts(self.tenants, self.limits, self.audit, self.prices)
 
     @cached_property
     def prices(self) -> PriceSource:

@@ -32,6 +32,7 @@ from starlette.responses import Response
 from metering.tenants import Tenant
 from serving.accounts import UNSET, key_expiry, key_json, tenant_json
 from serving.deps import AdminDep, KeyRingDep, LimiterDep, PoliciesDep, TenantsDep
+from serving.errors import InvalidRequest
 from serving.limits.policy import LimitPolicy
 from serving.limits.store import make_budget
 
@@ -57,6 +58,17 @@ class TenantIn(_In):
     currency: str = Field(default="USD", min_length=3, max_length=3)
     language: str | None = Field(default=None, max_length=8)
     allowed_models: list[ModelName] | None = Field(default=None, max_length=256)
+
+
+class TenantPatch(_In):
+    """PATCH /admin/v1/tenants/{id}: the fields to change (the same names as POST)."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    billing_country: str | None = Field(default=None, min_length=2, max_length=2)
+    business: bool | None = None
+    tax_id: str | None = Field(default=None, max_length=64)
+    currency: str | None = Field(default=None, min_length=3, max_length=3)
+    language: str | None = Field(default=None, max_length=8)
 
 
 class BudgetIn(_In):
@@ -125,6 +137,20 @@ async def list_tenants(_admin: AdminDep, accounts: TenantsDep) -> Response:
 async def create_tenant(body: TenantIn, admin: AdminDep, accounts: TenantsDep) -> Response:
     t = await asyncio.to_thread(lambda: accounts.create_tenant(admin.who(), **body.model_dump()))
     return _json(tenant_json(t), 201)
+
+
+@router.patch("/tenants/{tenant_id}")
+async def update_tenant(
+    tenant_id: TenantId, body: TenantPatch, admin: AdminDep, accounts: TenantsDep
+) -> Response:
+    changes = body.model_dump(exclude_unset=True)
+    if not changes:
+        raise InvalidRequest("Give at least one field to change.", param="body")
+    for field in ("name", "billing_country", "business", "currency"):
+        if field in changes and changes[field] is None:
+            raise InvalidRequest(f"{field} cannot be null.", param=field)
+    t = await asyncio.to_thread(accounts.update_tenant, admin.who(), tenant_id, changes)
+    return _json(tenant_json(t))
 
 
 @router.get("/tenants/{tenant_id}")
