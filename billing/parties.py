@@ -72,6 +72,7 @@ class Seller:
     bank: BankDetails
     numbering: NumberSeries
     vat_registrations: tuple[VatRegistration, ...] = ()
+    sample: bool = False  # the shipped example issuer: production mode refuses to issue with it
 
     def registration_in(self, country: str, on: date) -> VatRegistration | None:
         """The seller's VAT registration in ``country`` in force on ``on`` (None: not registered)."""
@@ -118,6 +119,7 @@ class _Issuer(BaseModel):
     bank: _Bank
     numbering: _Numbering
     vat_registrations: dict[str, _Registration] = Field(default_factory=dict)
+    sample: bool = False
 
 
 def load_seller(path: str | Path) -> Seller:
@@ -150,4 +152,5 @@ def load_seller(path: str | Path) -> Seller:
         bank=BankDetails(**cfg.bank.model_dump()),
         numbering=NumberSeries(**cfg.numbering.model_dump()),
         vat_registrations=regs,
+        sample=cfg.sample,
     )

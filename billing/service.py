@@ -26,7 +26,17 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
-from billing import documents_view, engine, fx_store, issuing, lifecycle, period_store, price_book, tax
+from billing import (
+    documents_view,
+    engine,
+    fx_store,
+    guards,
+    issuing,
+    lifecycle,
+    period_store,
+    price_book,
+    tax,
+)
 from billing.document_store import Draft, NotFound, StoredDocument
 from billing.documents import Document, Invoice
 from billing.documents_view import Verification as Verification
@@ -84,6 +94,7 @@ class BillingService:
         prices: PriceSource,
         clock: Clock = utcnow,
         finalize_grace: timedelta = timedelta(0),
+        production: bool = False,
     ) -> None:
         self.store = store
         self._usage = usage
@@ -93,6 +104,8 @@ class BillingService:
         self._clock = clock
         # A period may be finalized from its end + this grace (late events arriving); earlier only with force.
         self.finalize_grace = finalize_grace
+        # Production mode issues nothing with the sample issuer or a `sample:` FX rate (billing/guards.py).
+        self.production = production
 
     # --- configuration ---------------------------------------------------------------------
     def config(self) -> BillingConfig:
@@ -377,6 +390,8 @@ class BillingService:
                 f"{p} has not been run for all tenants: run `tokenport invoices run --period {p}` first"
             )
         cfg = self.config()
+        if self.production:
+            guards.refuse_sample_issuer(cfg.seller)
         series = cfg.seller.numbering
         pending = self.store.find(period=p, tenant_id=tenant_id, kinds=["invoice"], statuses=PENDING)
         if tenant_id is not None and not pending:
@@ -393,6 +408,10 @@ class BillingService:
                 row = redated
             if row.status == "error":
                 report.refused.append((row.tenant_id, f"cannot finalize: {row.error}"))
+                continue
+            sample = guards.sample_rates(row.document) if self.production else None
+            if sample:
+                report.refused.append((row.tenant_id, sample))
                 continue
             try:
                 report.finalized.append(self.finalize_document(row.id, series))

@@ -54,6 +54,7 @@ class Stores:
             config_dir=self.settings.config_dir / "billing",
             prices=self.prices,
             finalize_grace=timedelta(days=self.settings.billing.finalize_grace_days),
+            production=self.settings.mode == "production",
         )
 
 

@@ -290,10 +290,12 @@ def fx_import(
 ) -> None:
     """Import FX rates (with source and date) into the database; contradicting rates are refused."""
     svc, audit = _both(ctx)
+    from billing.fx import read_text
+
     try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        _fail(f"{file}: cannot read: {exc.strerror or exc}", 2)
+        text = read_text(file)
+    except BillingError as exc:  # unreadable, or not UTF-8
+        _fail(str(exc), 2)
         return
     try:
         added, known = audit.run(

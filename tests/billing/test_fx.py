@@ -26,8 +26,24 @@ def test_import_csv_reads_rows_with_source_and_date() -> None:
     ("text", "message"),
     [
         ("date,base,quote,rate\n2026-01-01,USD,CNY,7.1\n", "header must be date,base,quote,rate,source"),
-        ("date,base,quote,rate,source\n2026-13-01,USD,CNY,7.1,x\n", "data row 1"),
-        ("date,base,quote,rate,source\n2026-01-01,USD,CNY,-7.1,x\n", "rate must be positive"),
+        ("date,base,quote,rate,source\n2026-13-01,USD,CNY,7.1,x\n", "rates.csv: line 2: date: month"),
+        (
+            "date,base,quote,rate,source\n2026-01-01,USD,CNY,-7.1,x\n",
+            "line 2: rate: rate -7.1 must be a positive number",
+        ),
+        ("date,base,quote,rate,source\n2026-01-01,USD,CNY,1E+400,x\n", "line 2: rate: .* outside"),
+        (
+            "date,base,quote,rate,source\n2026-01-01,USD,USD,2,x\n",
+            "line 2: rate: base and quote are both USD",
+        ),
+        (
+            "# c\ndate,base,quote,rate,source\n\n2026-01-01,USD,CNY,7.1,x,extra\n",
+            "line 4: 6 fields, expected 5",
+        ),
+        (
+            "date,base,quote,rate,source\n2026-01-01,USD,CNY,7.1,a\n2026-01-01,CNY,USD,0.2,b\n",
+            "disagree: their product is 1.42",
+        ),
         ("date,base,quote,rate,source\n2026-01-01,USD,CNY,seven,x\n", "not a decimal"),
         ("date,base,quote,rate,source\n2026-01-01,USD,XXQ,7.1,x\n", "XXQ"),
         ("date,base,quote,rate,source\n2026-01-01,USD,CNY,7.1,\n", "source is required"),
@@ -90,3 +106,28 @@ def test_shipped_sample_rates_cover_2026_month_starts_and_ends(shipped_fx: FxTab
                 assert used.source.startswith("sample:") and used.rate > 0
     assert shipped_fx.rate("USD", "SAR", date(2026, 5, 31)).rate == Decimal("3.7500")
     assert shipped_fx.rate("USD", "CNY", date(2025, 12, 1)).source == "sample:PBOC-central-parity"
+
+
+def test_an_inverse_within_one_percent_is_accepted_and_a_missing_day_uses_the_previous_publication() -> None:
+    rows = import_csv(
+        "date,base,quote,rate,source\n2026-01-02,USD,CNY,7.10,a\n2026-01-02,CNY,USD,0.1405,b\n"
+        "2026-01-02,USD,SAR,3.75,c\n"
+    )
+    table = FxTable(tuple(rows))
+    weekend = table.rate("USD", "CNY", date(2026, 1, 4))  # Sunday: Friday's publication, its own date
+    assert (weekend.date, weekend.rate, weekend.source) == (date(2026, 1, 2), Decimal("7.10"), "a")
+    cross = table.rate("SAR", "CNY", date(2026, 1, 9))  # 7 days later: still the previous publication
+    assert cross.date == date(2026, 1, 2) and cross.source.startswith("cross:USD(")
+    with pytest.raises(FxRateMissing, match="nor in the 7 days before"):
+        table.rate("USD", "CNY", date(2026, 1, 10))  # 8 days: too old, never "the latest rate"
+    with pytest.raises(FxRateMissing):
+        table.rate("USD", "CNY", date(2026, 1, 1))  # a later rate is never used
+
+
+def test_a_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    from billing.fx import load_csv
+
+    bad = tmp_path / "rates.csv"
+    bad.write_bytes(b"date,base,quote,rate,source\n2026-01-01,USD,CNY,7.1,caf\xe9\n")
+    with pytest.raises(FxImportError, match=r"rates.csv: not UTF-8 \(byte 54"):
+        load_csv(bad)
