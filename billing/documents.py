@@ -8,7 +8,7 @@ added. Amounts, rates and prices are decimal strings, never floats; dates are IS
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
@@ -302,6 +302,9 @@ class Invoice:
     tax_rule_id: str
     ledger: LedgerView
     kind: str = "invoice"
+    # the tenant's ledger events this invoice bills, as runs of `tenant_seq` (inclusive): what a tenant
+    # selects from /v1/usage/events to recompute `usage_digest` (README: Billing -> Trust)
+    billed_events: tuple[tuple[int, int], ...] = ()
 
     @property
     def tax_total(self) -> Decimal:
@@ -344,6 +347,7 @@ class CreditNote:
     original_number: str
     original_issue_date: date
     kind: str = "credit_note"
+    billed_events: tuple[tuple[int, int], ...] = ()
 
     @property
     def tax_total(self) -> Decimal:
@@ -406,7 +410,16 @@ def _common_json(doc: Document) -> dict[str, Any]:
         "contract_id": doc.contract_id,
         "tax_rule_id": doc.tax_rule_id,
         "ledger": doc.ledger.to_json_dict(),
-    }
+    } | (
+        {
+            "billed_events": {
+                "tenant_seq_ranges": [list(r) for r in doc.billed_events],
+                "count": sum(b - a + 1 for a, b in doc.billed_events),
+            }
+        }
+        if doc.billed_events
+        else {}
+    )
 
 
 def _common(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -430,6 +443,9 @@ def _common(d: Mapping[str, Any]) -> dict[str, Any]:
         "contract_id": d["contract_id"],
         "tax_rule_id": d["tax_rule_id"],
         "ledger": LedgerView.from_json_dict(d["ledger"]),
+        "billed_events": tuple(
+            (int(a), int(b)) for a, b in (d.get("billed_events") or {}).get("tenant_seq_ranges", [])
+        ),
     }
 
 
@@ -439,3 +455,14 @@ def _s(value: Decimal | None) -> str | None:
 
 def _d(value: str | None) -> Decimal | None:
     return None if value is None else Decimal(value)
+
+
+def seq_runs(seqs: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Positions as inclusive runs: [1, 2, 3, 7, 9, 10] -> ((1, 3), (7, 7), (9, 10))."""
+    runs: list[list[int]] = []
+    for n in sorted(set(seqs)):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return tuple((a, b) for a, b in runs)

@@ -60,12 +60,14 @@ class Slice:
     # The tenant's tariff (billing/tariffs.py): each event's billed units. by_period and by_day then
     # hold billed units (what is priced); `quantities` stays in tokens (reports, verification).
     convert: Converter | None = None
+    tenant_seqs: list[int] = field(default_factory=list)  # the events' positions among the tenant's
     billed: dict[tuple[str, TokenType, str | None, str | None, bool, str], list[Any]] = field(
         default_factory=dict
     )  # (model, type, origin, language, batch, unit) -> [units, raw tokens, factor]
 
     def add(self, stored: StoredEvent, period: str, lo: int) -> None:
         e = stored.event
+        self.tenant_seqs.append(stored.tenant_seq)
         mine = self.by_period.setdefault(period, {})
         day = self.by_day.setdefault(e.started_at.astimezone(UTC).date(), {})
         batch = is_batch(e.endpoint)

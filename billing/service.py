@@ -22,7 +22,7 @@ with the same reason until a new run succeeds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from billing import (
     tax,
 )
 from billing.document_store import Draft, NotFound, StoredDocument
-from billing.documents import Document, Invoice
+from billing.documents import Document, Invoice, seq_runs
 from billing.documents_view import Verification as Verification
 from billing.documents_view import document_summary as document_summary
 from billing.documents_view import documents_summary as documents_summary
@@ -329,6 +329,7 @@ class BillingService:
             issuing.save_pending(self.store, t, p, str(exc), (), now)
             report.errors.append((t, str(exc)))
             return True
+        invoice = replace(invoice, billed_events=seq_runs(own.tenant_seqs + late.tenant_seqs))
         if not invoice.lines:
             issuing.discard_pending(self.store, t, p)
             report.skipped.append((t, f"nothing to bill for {p}"))

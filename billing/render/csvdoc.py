@@ -27,6 +27,7 @@ COLUMNS = (
     "language",
     "raw_tokens",
     "factor",
+    "reference",  # the usage_digest and billed_events rows: what a tenant recomputes
 )
 
 
@@ -107,4 +108,8 @@ def to_csv(doc: Invoice | CreditNote) -> str:
                 ]
             )
     writer.writerow([number, doc.kind, "total", "", "", "", "", "", "", fmt(doc.total), doc.currency, "", ""])
+    runs = ";".join(f"{a}-{b}" for a, b in doc.billed_events)
+    trust = [["usage_digest", doc.usage_digest], *([["billed_events", runs]] if runs else [])]
+    for label, value in trust:
+        writer.writerow([number, doc.kind, label, *[""] * (len(COLUMNS) - 4), value])
     return out.getvalue()

@@ -212,6 +212,10 @@ def to_ubl(doc: Invoice | CreditNote) -> bytes:
         ref = _cac(_cac(root, "BillingReference"), "InvoiceDocumentReference")
         _cbc(ref, "ID", doc.original_number)
         _cbc(ref, "IssueDate", doc.original_issue_date.isoformat())
+    # BT-122 supporting document: the digest of the ledger events billed (what a tenant recomputes)
+    usage = _cac(root, "AdditionalDocumentReference")
+    _cbc(usage, "ID", doc.usage_digest)
+    _cbc(usage, "DocumentDescription", _usage_description(doc))
     _seller(root, doc, cat)
     _buyer(root, doc, cat)
     if isinstance(doc, Invoice):
@@ -233,3 +237,9 @@ def to_ubl(doc: Invoice | CreditNote) -> bytes:
     for index, line in enumerate(doc.lines, 1):
         _line(root, index, line, doc, credit)
     return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True))
+
+
+def _usage_description(doc: Invoice | CreditNote) -> str:
+    runs = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in doc.billed_events)
+    events = f"; ledger events tenant_seq {runs}" if runs else ""
+    return f"usage digest: sha256 over the sorted hashes of the ledger events billed{events}"

@@ -217,6 +217,8 @@ def test_pdf_reads_back(invoice_for: Callable[[str, str], Invoice], tmp_path: Pa
 
 def test_csv_rows_and_totals(invoice_for: Callable[[str, str], Invoice]) -> None:
     rows = list(csv.DictReader(io.StringIO(render(invoice_for("SA", "ar"), "csv").decode())))
+    *rows, digest = rows  # the last row: the usage digest a tenant recomputes (README: Trust)
+    assert (digest["row"], digest["reference"]) == ("usage_digest", invoice_for("SA", "ar").usage_digest)
     assert [r["row"] for r in rows] == ["1", "2", "3", "4", "subtotal", "tax", "tax_in_tax_currency", "total"]
     assert [r["amount"] for r in rows] == [
         "30.00",

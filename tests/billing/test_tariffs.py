@@ -253,8 +253,8 @@ def test_every_format_says_what_the_billed_units_are(world: World) -> None:
     [row] = world.svc.finalize(DEC).finalized
     csv_text = world.svc.render(row.ref, "csv").decode()
     header, first = csv_text.splitlines()[:2]
-    assert header.endswith("unit,language,raw_tokens,factor")
-    assert first.endswith(",english_equivalent_token,kk,4454,4.454") and ",1000," in first
+    assert header.endswith("unit,language,raw_tokens,factor,reference")
+    assert first.endswith(",english_equivalent_token,kk,4454,4.454,") and ",1000," in first
     assert all(len(r.split(",")) == len(header.split(",")) for r in csv_text.splitlines()[1:])
     ubl = world.svc.render(row.ref, "ubl").decode()
     assert "kk: 4454 raw tokens / premium 4.454 = billed english equivalent tokens" in ubl
