@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from billing import engine
@@ -18,7 +19,7 @@ from billing.render import render
 from billing.reports import ExportReport, GroupBy, RatedRow, aggregate_exports, credit_rows, rated_rows
 from billing.store import BillingStore
 from metering.chain import chain_hash
-from metering.clock import Period
+from metering.clock import Period, utcnow
 from metering.store_sql import UsageStore
 
 
@@ -42,14 +43,44 @@ def document(row: StoredDocument) -> Document:
     return engine.void(doc)
 
 
-def render_document(store: BillingStore, ref: str, fmt: str, *, tenant_id: str | None = None) -> bytes:
-    """The document in json | csv | html | pdf | ubl. A finalized document's JSON is the stored bytes."""
+ARCHIVED = ("pdf", "ubl")  # issued documents' renderings kept byte for byte (billing_document_files)
+
+
+def render_document(
+    store: BillingStore, ref: str, fmt: str, *, tenant_id: str | None = None, now: datetime | None = None
+) -> bytes:
+    """The document in json | csv | html | pdf | ubl. A finalized document's JSON is the stored bytes;
+    an issued document's PDF and UBL are the archived ones (rendered once, at finalization or void, and
+    kept: a later change of templates, fonts or wording never changes what was issued)."""
     row = store.get(ref)
     if tenant_id is not None and (row.tenant_id != tenant_id or row.status in PENDING):
         raise NotFound(f"no invoice or credit note {ref!r}")
     if fmt == "json" and row.status == "finalized" and row.document_bytes is not None:
         return row.document_bytes
+    if fmt == "ubl" and row.status == "void":  # the UBL as issued (the credit note cancels it)
+        issued = store.archived(row.id, "ubl", "finalized")
+        if issued is not None:
+            return issued
+    if fmt in archived_formats(row.status):
+        kept = store.archived(row.id, fmt, row.status)
+        if kept is not None:
+            return kept
+        return store.archive(row.id, fmt, row.status, render(document(row), fmt), now or utcnow())
     return render(document(row), fmt)
+
+
+def archived_formats(status: str) -> tuple[str, ...]:
+    """What is kept of a document in this status: PDF and UBL once issued; a voided invoice's UBL is
+    the one issued (UBL has no void state: the credit note cancels it), its PDF gets the VOID mark."""
+    if status == "void":
+        return ("pdf",)
+    return ARCHIVED if status in ISSUED else ()
+
+
+def archive_issued(store: BillingStore, ref: str, now: datetime) -> None:
+    """Render and keep an issued document's PDF and UBL (called right after finalization and void)."""
+    for fmt in archived_formats(store.get(ref).status):
+        render_document(store, ref, fmt, now=now)
 
 
 def verify(store: BillingStore, usage: UsageStore, number: str) -> Verification:

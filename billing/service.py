@@ -95,6 +95,7 @@ class BillingService:
         clock: Clock = utcnow,
         finalize_grace: timedelta = timedelta(0),
         production: bool = False,
+        archive: bool = False,
     ) -> None:
         self.store = store
         self._usage = usage
@@ -106,6 +107,9 @@ class BillingService:
         self.finalize_grace = finalize_grace
         # Production mode issues nothing with the sample issuer or a `sample:` FX rate (billing/guards.py).
         self.production = production
+        # Render each issued document's PDF and UBL at finalization (and void) and keep the bytes
+        # (billing/documents_view.py); off, they are archived at their first download instead.
+        self.archive = archive
 
     # --- configuration ---------------------------------------------------------------------
     def config(self) -> BillingConfig:
@@ -438,10 +442,13 @@ class BillingService:
         return found[0] if found else None
 
     def finalize_document(self, document_id: int, series: NumberSeries | None = None) -> StoredDocument:
-        """Number one draft (see billing/issuing.py)."""
-        return issuing.finalize_draft(
+        """Number one draft (see billing/issuing.py), then archive its PDF and UBL."""
+        row = issuing.finalize_draft(
             self.store, document_id, series or self.config().seller.numbering, now=self._clock()
         )
+        if self.archive:
+            documents_view.archive_issued(self.store, row.ref, self._clock())
+        return row
 
     def void(
         self, number: str, *, reason: str, issue_date: date | None = None
@@ -453,7 +460,7 @@ class BillingService:
         invoice = Invoice.from_json_dict(row.document)
         issue = issue_date or max(self._clock().date(), invoice.issue_date)
         credit = engine.build_credit_note(invoice, reason=reason, issue_date=issue)
-        return issuing.void_invoice(
+        voided, note = issuing.void_invoice(
             self.store,
             row.id,
             credit,
@@ -461,6 +468,10 @@ class BillingService:
             series=self.config().seller.numbering,
             now=self._clock(),
         )
+        if self.archive:  # the VOID-marked invoice and its credit note, as issued
+            for ref in (voided.ref, note.ref):
+                documents_view.archive_issued(self.store, ref, self._clock())
+        return voided, note
 
     def reissue(self, number: str) -> StoredDocument:
         """Bill a voided invoice's usage again: a new invoice for its tenant and period, with today's tenant

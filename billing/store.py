@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 from sqlalchemy.engine import Connection, Engine
 
-from billing import document_store, fx_store, numbering, period_store
+from billing import document_files, document_store, fx_store, numbering, period_store
 from billing.document_store import Draft, NotFound, StaleDraft, StoredDocument, parse_ref
 from billing.fx import FxRate
 from billing.ledger_read import SeqRange
@@ -78,6 +79,15 @@ class BillingStore:
     def billed_through(self, tenant_ids: Iterable[str] | None = None) -> dict[tuple[str, str], int]:
         with self.read() as conn:
             return document_store.billed_through(conn, tenant_ids)
+
+    def archived(self, document_id: int, fmt: str, status: str) -> bytes | None:
+        with self.read() as conn:
+            return document_files.get(conn, document_id, fmt, status)
+
+    def archive(self, document_id: int, fmt: str, status: str, content: bytes, now: datetime) -> bytes:
+        """Keep a rendering; the first one stored wins (returned), so every reader gets the same bytes."""
+        with self.unit() as tx:
+            return document_files.put(tx, document_id, fmt, status, content, now)
 
     def ranges(self, document_id: int) -> list[SeqRange]:
         with self.read() as conn:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -115,4 +116,17 @@ periods = Table(
     Column("run_at", DateTime),
     Column("closed_mark", BigInteger),
     Column("closed_at", DateTime),
+)
+
+# Issued documents' renderings, archived when first produced (at finalization, and at void for the
+# VOID-marked one): PDF and UBL are served from here, byte for byte (migration 0004_document_files).
+document_files = Table(
+    "billing_document_files",
+    metadata,
+    Column("document_id", _ID, primary_key=True),
+    Column("format", String(8), primary_key=True),  # pdf | ubl
+    Column("status", String(16), primary_key=True),  # the document's status rendered (finalized | void)
+    Column("sha256", String(64), nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Column("created_at", DateTime, nullable=False),
 )

@@ -55,6 +55,7 @@ class Stores:
             prices=self.prices,
             finalize_grace=timedelta(days=self.settings.billing.finalize_grace_days),
             production=self.settings.mode == "production",
+            archive=True,  # issued PDFs and UBL rendered once, at finalization, and kept
         )
 
 
