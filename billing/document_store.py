@@ -312,3 +312,13 @@ def last_issue_date(conn: Connection, series: str) -> date | None:
         select(func.max(documents.c.issue_date)).where(documents.c.series == series)
     ).scalar()
     return found
+
+
+def credited(conn: Connection, invoice_id: int) -> Decimal:
+    """The total of the credit notes issued against an invoice (partial ones and a void's)."""
+    totals = conn.execute(
+        select(documents.c.total).where(
+            documents.c.original_id == invoice_id, documents.c.kind == "credit_note"
+        )
+    ).scalars()
+    return sum((Decimal(t) for t in totals if t is not None), Decimal(0))

@@ -158,8 +158,11 @@ def insert_credit_note(
     issue_date: date,
     reason: str,
     now: datetime,
+    amounts: tuple[Decimal, Decimal, Decimal] | None = None,
 ) -> int:
-    """The numbered credit note of `original` (its amounts, usage rows and digest), born finalized."""
+    """The numbered credit note of `original` (its amounts, or `amounts` = subtotal, tax, total of a
+    partial one; its usage rows and digest), born finalized."""
+    subtotal, tax_total, total = amounts or (original.subtotal, original.tax_total, original.total)
 
     def dec(value: Decimal | None) -> str | None:
         return None if value is None else str(value)
@@ -177,9 +180,9 @@ def insert_credit_note(
                 document=content.decode("utf-8"),
                 document_sha256=_sha256(content),
                 currency=original.currency,
-                subtotal=dec(original.subtotal),
-                tax_total=dec(original.tax_total),
-                total=dec(original.total),
+                subtotal=dec(subtotal),
+                tax_total=dec(tax_total),
+                total=dec(total),
                 issue_date=issue_date,
                 usage_rows=json.dumps(original.usage_rows),
                 adjustment_rows=json.dumps(original.adjustment_rows),

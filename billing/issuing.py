@@ -22,6 +22,7 @@ from billing.documents import CreditNote, DocumentStatus, Invoice, document_from
 from billing.errors import DocumentStateError
 from billing.ledger_read import SeqRange
 from billing.lifecycle import PENDING, Kind, Op, Status
+from billing.partial_credit import check_headroom
 from billing.parties import NumberSeries
 from billing.render.jsondoc import to_json
 from billing.store import BillingStore
@@ -125,6 +126,12 @@ def void_invoice(
         row = document_store.lock(tx, document_id)
         number = row.ref
         lifecycle.transition(row.kind, row.status, Op.VOID, what=number)
+        credited = document_store.credited(tx, row.id)
+        if credited:
+            raise DocumentStateError(
+                f"{number} has partial credit notes ({credited} credited): voiding would credit it twice;"
+                " credit the rest with `tokenport invoices credit`"
+            )
         lifecycle.transition(Kind.CREDIT_NOTE, None, Op.ISSUE, what=number)
         name = f"{series.credit_note_prefix}{issue.year}"
         _check_in_order(tx, name, issue)
@@ -144,6 +151,41 @@ def void_invoice(
             now=now,
         )
         return document_store.by_id(tx, row.id), document_store.by_id(tx, credit_id)
+
+
+def credit_invoice(
+    store: BillingStore, document_id: int, credit: CreditNote, *, series: NumberSeries, now: datetime
+) -> StoredDocument:
+    """Number and store a partial credit note of a finalized invoice, under the invoice's lock: the
+    credit notes already issued plus this one never exceed the invoice (billing/partial_credit.py)."""
+    issue = credit.issue_date
+    with store.unit() as tx:
+        tenant = document_store.tenant_of(tx, document_id=document_id)
+        if tenant is None:
+            raise NotFound(f"no document with id {document_id}")
+        numbering.lock_tenant(tx, tenant)
+        row = document_store.lock(tx, document_id)
+        lifecycle.transition(row.kind, row.status, Op.CREDIT, what=row.ref)
+        assert row.total is not None
+        check_headroom(row.total, document_store.credited(tx, row.id), credit.total, row.ref)
+        name = f"{series.credit_note_prefix}{issue.year}"
+        _check_in_order(tx, name, issue)
+        sequence = numbering.next_number(tx, name)
+        credit_number = series.format("credit_note", issue.year, sequence)
+        content = finalized_json(credit.to_json_dict(), credit_number)
+        credit_id = document_writes.insert_credit_note(
+            tx,
+            row,
+            number=credit_number,
+            series=name,
+            sequence=sequence,
+            content=content,
+            issue_date=issue,
+            reason=credit.reason,
+            now=now,
+            amounts=(credit.subtotal, credit.tax_total, credit.total),
+        )
+        return document_store.by_id(tx, credit_id)
 
 
 def _check_in_order(tx: Connection, series: str, issue_date: date) -> None:

@@ -39,6 +39,7 @@ class Op(enum.StrEnum):
     VOID = "void"
     ISSUE = "issue"
     REISSUE = "reissue"  # bill a voided invoice's usage again on a new invoice (the void one stays void)
+    CREDIT = "credit"  # a partial credit note: the invoice stays finalized (billing/partial_credit.py)
 
 
 PENDING: frozenset[Status] = frozenset({Status.DRAFT, Status.ERROR})  # may still change or go away
@@ -57,6 +58,7 @@ TRANSITIONS: Mapping[tuple[Kind, Status | None, Op], Status | None] = {
     (Kind.INVOICE, Status.DRAFT, Op.FINALIZE): Status.FINALIZED,
     (Kind.INVOICE, Status.FINALIZED, Op.VOID): Status.VOID,
     (Kind.INVOICE, Status.VOID, Op.REISSUE): Status.VOID,
+    (Kind.INVOICE, Status.FINALIZED, Op.CREDIT): Status.FINALIZED,
     (Kind.CREDIT_NOTE, None, Op.ISSUE): Status.FINALIZED,
 }
 
@@ -69,6 +71,7 @@ RULES: Mapping[Op, str] = {
     Op.VOID: "only a finalized invoice can be voided",
     Op.ISSUE: "only a new credit note can be issued",
     Op.REISSUE: "only a voided invoice can be re-issued",
+    Op.CREDIT: "only a finalized invoice can be credited",
 }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from billing import (
@@ -33,6 +34,7 @@ from billing import (
     guards,
     issuing,
     lifecycle,
+    partial_credit,
     period_store,
     price_book,
     tax,
@@ -472,6 +474,32 @@ class BillingService:
             for ref in (voided.ref, note.ref):
                 documents_view.archive_issued(self.store, ref, self._clock())
         return voided, note
+
+    def credit(
+        self,
+        number: str,
+        *,
+        reason: str,
+        lines: list[int] | None = None,
+        amount: Decimal | None = None,
+        issue_date: date | None = None,
+    ) -> StoredDocument:
+        """A partial credit note (some lines, or a net amount) of a finalized invoice; the invoice stays
+        finalized and the credit notes never exceed it (billing/partial_credit.py)."""
+        row = self.store.get(number)
+        lifecycle.transition(row.kind, row.status, Op.CREDIT, what=number)
+        assert row.document is not None
+        invoice = Invoice.from_json_dict(row.document)
+        issue = issue_date or max(self._clock().date(), invoice.issue_date)
+        credit = partial_credit.partial_credit_note(
+            invoice, reason=reason, issue_date=issue, lines=lines, amount=amount
+        )
+        note = issuing.credit_invoice(
+            self.store, row.id, credit, series=self.config().seller.numbering, now=self._clock()
+        )
+        if self.archive:
+            documents_view.archive_issued(self.store, note.ref, self._clock())
+        return note
 
     def reissue(self, number: str) -> StoredDocument:
         """Bill a voided invoice's usage again: a new invoice for its tenant and period, with today's tenant

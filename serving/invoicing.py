@@ -70,6 +70,10 @@ def void_json(invoice: StoredDocument, credit: StoredDocument) -> dict[str, Any]
     return {"invoice": document_summary(invoice), "credit_note": document_summary(credit)}
 
 
+def credit_json(invoice: str, credit: StoredDocument) -> dict[str, Any]:
+    return {"object": "partial_credit_note", "invoice": invoice, "credit_note": document_summary(credit)}
+
+
 def reissue_json(voided: str, invoice: StoredDocument) -> dict[str, Any]:
     return {"object": "invoice_reissue", "voided": voided, "invoice": document_summary(invoice)}
 

@@ -6,6 +6,8 @@
     close the period
     GET  /admin/v1/invoices/{number}            the document (?format=json|csv|html|pdf|ubl, default json)
     POST /admin/v1/invoices/{number}/void       {"reason", "issue_date"?}: void it with a credit note
+    POST /admin/v1/invoices/{number}/credit-notes {"reason", "lines"? | "amount"?, "issue_date"?}: a partial
+    credit note (some lines as printed, or a net amount spread over the lines)
     POST /admin/v1/invoices/{number}/reissue    bill a voided invoice's usage again (new number, today)
     GET  /admin/v1/invoices/{number}/verify     recompute its usage digest from the ledger
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import date
+from decimal import Decimal
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query
@@ -27,7 +30,15 @@ from starlette.responses import Response
 from metering.clock import Period
 from serving.deps import AdminDep, AuditDep, BillingDep
 from serving.documents_http import PERIOD, Format, Number, document_response, json_response
-from serving.invoicing import documents_summary, finalize_json, reissue_json, run_json, verify_json, void_json
+from serving.invoicing import (
+    credit_json,
+    documents_summary,
+    finalize_json,
+    reissue_json,
+    run_json,
+    verify_json,
+    void_json,
+)
 
 router = APIRouter(prefix="/admin/v1/invoices", tags=["admin", "billing"])
 
@@ -46,6 +57,13 @@ class FinalizeIn(_In):
     period: str = Field(pattern=PERIOD)
     tenant: str | None = Field(default=None, min_length=1, max_length=64)
     force: bool = False  # before the period ended (+ billing.finalize_grace_days); audited
+
+
+class CreditIn(_In):
+    reason: str = Field(min_length=1, max_length=500)
+    lines: list[int] | None = Field(default=None, min_length=1, max_length=10_000)
+    amount: Decimal | None = Field(default=None, gt=0, max_digits=20, decimal_places=6)
+    issue_date: date | None = None
 
 
 class VoidIn(_In):
@@ -128,6 +146,29 @@ async def void(number: Number, body: VoidIn, admin: AdminDep, svc: BillingDep, a
         )
     )
     return json_response(void_json(invoice, credit))
+
+
+@router.post("/{number}/credit-notes", status_code=201)
+async def credit(
+    number: Number, body: CreditIn, admin: AdminDep, svc: BillingDep, audit: AuditDep
+) -> Response:
+    note = await asyncio.to_thread(
+        lambda: audit.run(
+            admin.who(),
+            "invoices.credit",
+            lambda: svc.credit(
+                number, reason=body.reason, lines=body.lines, amount=body.amount, issue_date=body.issue_date
+            ),
+            target=number,
+            detail=body.model_dump(mode="json"),
+            describe=lambda res: {
+                "tenant": res.tenant_id,
+                "credit_note": res.number,
+                "total": str(res.total),
+            },
+        )
+    )
+    return json_response(credit_json(number, note), 201)
 
 
 @router.post("/{number}/reissue")

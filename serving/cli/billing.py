@@ -7,6 +7,7 @@ billing error (the message says what and where); 2 invalid arguments or configur
 from __future__ import annotations
 
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +23,15 @@ from billing.service import BillingService
 from serving.audit import Auditor, Who
 from serving.cli.common import JsonOpt, arg, emit, fail, period, stores
 from serving.dates import parse_day
-from serving.invoicing import documents_summary, finalize_json, reissue_json, run_json, verify_json, void_json
+from serving.invoicing import (
+    credit_json,
+    documents_summary,
+    finalize_json,
+    reissue_json,
+    run_json,
+    verify_json,
+    void_json,
+)
 
 invoices_app = typer.Typer(
     help="Invoices and credit notes: run, finalize, void, list, show.", no_args_is_help=True
@@ -175,6 +184,42 @@ def invoices_void(
             f"voided {invoice.number}; credit note {credit.number} ({credit.total} {credit.currency})",
             highlight=False,
         )
+
+
+@invoices_app.command("credit")
+def invoices_credit(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="A finalized invoice's number.")],
+    reason: Annotated[str, typer.Option(help="Why (printed on the credit note).")],
+    amount: Annotated[str | None, typer.Option(help="A net amount (before tax) to credit.")] = None,
+    lines: Annotated[str | None, typer.Option(help="Line numbers to credit, as printed: 1,3.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A partial credit note: some lines, or a net amount spread over the lines (tax recomputed at the
+    invoice's rates). The invoice stays issued; its credit notes never add up to more than it."""
+    svc, audit = _both(ctx)
+    try:
+        chosen = [int(x) for x in lines.split(",") if x.strip()] if lines is not None else None
+        value = Decimal(amount) if amount is not None else None
+    except (ValueError, ArithmeticError):
+        _fail("--lines takes numbers like 1,3 and --amount a decimal like 12.50", 2)
+        return
+    try:
+        note = audit.run(
+            Who.cli(),
+            "invoices.credit",
+            lambda: svc.credit(number, reason=reason, lines=chosen, amount=value),
+            target=number,
+            detail={"reason": reason, "lines": chosen, "amount": amount},
+            describe=lambda r: {"tenant": r.tenant_id, "credit_note": r.number, "total": str(r.total)},
+        )
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        emit(credit_json(number, note))
+    else:
+        console.print(f"credited {number}: {note.number} ({note.total} {note.currency})", highlight=False)
 
 
 @invoices_app.command("reissue")

@@ -25,6 +25,7 @@ EXPECTED: dict[tuple[Kind, Status | None, Op], Status | None] = {
     (I, D, Op.FINALIZE): F,
     (I, F, Op.VOID): V,
     (I, V, Op.REISSUE): V,
+    (I, F, Op.CREDIT): F,  # a partial credit note: the invoice stays issued
     (C, None, Op.ISSUE): F,
 }
 
@@ -47,7 +48,11 @@ def test_table_is_exactly_the_expected_one_and_statuses_partition() -> None:
     assert set(Status) == PENDING | ISSUED and not PENDING & ISSUED
     # Nothing leaves an issued status except void, and nothing comes back from void
     # (a re-issue is a new invoice).
-    assert {k for k in TRANSITIONS if k[1] in ISSUED} == {(I, F, Op.VOID), (I, V, Op.REISSUE)}
+    assert {k for k in TRANSITIONS if k[1] in ISSUED} == {
+        (I, F, Op.VOID),
+        (I, V, Op.REISSUE),
+        (I, F, Op.CREDIT),
+    }
     assert all(TRANSITIONS[k] is V for k in TRANSITIONS if k[1] is V)
 
 
