@@ -231,7 +231,7 @@ def test_async_client_stream(gateway: Gateway, tenant: dict[str, Any]) -> None:
 
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list().data]
-    assert MODEL in ids and ids == sorted(set(ids))  # beside it: the catalogue's embedding model
+    assert MODEL in ids and len(ids) == len(set(ids))  # beside it: the catalogue's embedding model
 
 
 def test_errors_in_openai_shape(gateway: Gateway, client: openai.OpenAI, tenant: dict[str, Any]) -> None:
