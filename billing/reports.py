@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
+from typing import Any
 
 from billing.documents import CreditNote, Invoice, LineKind
 from billing.engine import UsageQuantity
@@ -32,6 +33,7 @@ UNATTRIBUTED = "unattributed"
 
 class GroupBy(enum.StrEnum):
     COUNTRY = "country"  # origin_country of the usage: the export destination
+    BUYER_COUNTRY = "buyer_country"  # the tenant's billing_country: the buyer's residence (CN export filing)
     TENANT = "tenant"
     MODEL = "model"
     LANGUAGE = "language"
@@ -58,12 +60,24 @@ class RatedRow:
 
 
 @dataclass(frozen=True, slots=True)
+class CurrencyShare:
+    """The part of a group invoiced in one currency: these add up to the group, with no double count."""
+
+    currency: str
+    quantity_tokens: int
+    revenue: Decimal
+    revenue_cny: Decimal
+    documents: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExportGroup:
     key: str
     quantity_tokens: int
     revenue_cny: Decimal
     revenue_by_currency: tuple[tuple[str, Decimal], ...]
     documents: int
+    shares: tuple[CurrencyShare, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +192,7 @@ def credit_rows(credit_note: CreditNote, invoice_rows: Iterable[RatedRow]) -> li
 def _key(row: RatedRow, by: GroupBy) -> str:
     value = {
         GroupBy.COUNTRY: row.origin_country,
+        GroupBy.BUYER_COUNTRY: row.billing_country,
         GroupBy.TENANT: row.tenant_id,
         GroupBy.MODEL: row.model,
         GroupBy.LANGUAGE: row.language,
@@ -192,10 +207,16 @@ def aggregate_exports(rows: Iterable[RatedRow], *, period: str, by: GroupBy | st
     cny: dict[str, Decimal] = {}
     by_currency: dict[str, dict[str, Decimal]] = {}
     documents: dict[str, set[str]] = {}
+    shares: dict[tuple[str, str], list[Any]] = {}  # (group, currency) -> tokens, revenue, cny, documents
     for row in rows:
         if row.period != period:
             continue
         key = _key(row, group_by)
+        share = shares.setdefault((key, row.currency), [0, Decimal(0), Decimal(0), set()])
+        share[0] += row.quantity_tokens
+        share[1] += row.revenue
+        share[2] += row.revenue_cny
+        share[3].add(row.document_number)
         tokens[key] = tokens.get(key, 0) + row.quantity_tokens
         cny[key] = cny.get(key, Decimal(0)) + row.revenue_cny
         money = by_currency.setdefault(key, {})
@@ -204,7 +225,18 @@ def aggregate_exports(rows: Iterable[RatedRow], *, period: str, by: GroupBy | st
     groups = tuple(
         sorted(
             (
-                ExportGroup(k, tokens[k], cny[k], tuple(sorted(by_currency[k].items())), len(documents[k]))
+                ExportGroup(
+                    k,
+                    tokens[k],
+                    cny[k],
+                    tuple(sorted(by_currency[k].items())),
+                    len(documents[k]),
+                    tuple(
+                        CurrencyShare(c, int(v[0]), v[1], v[2], len(v[3]))
+                        for (g, c), v in sorted(shares.items())
+                        if g == k
+                    ),
+                )
                 for k in tokens
             ),
             key=lambda g: (-g.revenue_cny, g.key),

@@ -100,10 +100,12 @@ def render_report(report: ExportReport, fmt_name: str, *, language: str = "en") 
         writer.writerow(
             [report.by.value, "quantity_tokens", "revenue_cny", "currency", "revenue", "documents"]
         )
+        # one row per group and currency, each with its own share: every numeric column adds up to the
+        # total row (a group's totals are never repeated on its currency rows; documents are not additive)
         for g in report.groups:
-            for currency, value in g.revenue_by_currency:
+            for s in g.shares:
                 writer.writerow(
-                    [g.key, g.quantity_tokens, fmt(g.revenue_cny), currency, fmt(value), g.documents]
+                    [g.key, s.quantity_tokens, fmt(s.revenue_cny), s.currency, fmt(s.revenue), s.documents]
                 )
         writer.writerow(["total", report.quantity_tokens, fmt(report.revenue_cny), "", "", ""])
         return out.getvalue()

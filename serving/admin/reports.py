@@ -33,7 +33,7 @@ async def exports(
     _admin: AdminDep,
     svc: BillingDep,
     period: str = Query(pattern=PERIOD),
-    by: Literal["country", "tenant", "model", "language"] = "country",
+    by: Literal["country", "buyer_country", "tenant", "model", "language"] = "country",
     format: Literal["json", "csv", "html"] = "json",
 ) -> Response:
     text = await asyncio.to_thread(lambda: render_report(svc.exports(Period.parse(period), by=by), format))

@@ -358,3 +358,44 @@ def test_sa_registered_consumer_vat_in_sar(
     )
     assert inv.total == Decimal("34.50")
     assert inv.fx[0].rate == Decimal("3.7500") and inv.fx[0].purpose == "tax_currency"
+
+
+def test_report_by_buyer_country_and_csv_without_double_counts(month_rows: list) -> None:  # type: ignore[type-arg]
+    """Issue 13: the CN export filing groups by the buyer's country (the tenant's billing_country), not
+    by where requests came from; and no format repeats a group's totals on its currency rows."""
+    import csv
+    import io
+    import json
+
+    from billing.render.report import render_report
+
+    by_buyer = aggregate_exports(month_rows, period="2026-01", by="buyer_country")
+    by_origin = aggregate_exports(month_rows, period="2026-01", by="country")
+    assert {g.key: str(g.revenue_cny) for g in by_buyer.groups} == {
+        "KZ": "444.11",
+        "SA": "341.51",
+        "RU": "170.40",  # its BY-origin usage is still a sale to a Russian buyer
+        "AE": "0.99",
+        "UZ": "710.00",  # the minimum top-up has a buyer, not an origin
+    }
+    assert by_buyer.revenue_cny == by_origin.revenue_cny == Decimal("1667.01")
+    from dataclasses import replace
+
+    # a buyer country invoiced in two currencies (a second KZ tenant in EUR): two rows, each its share
+    mixed = [
+        replace(r, currency="EUR") if i % 2 and r.tenant_id == "t-kz" else r for i, r in enumerate(month_rows)
+    ]
+    by_currency = aggregate_exports(mixed, period="2026-01", by="buyer_country")
+    kz = next(g for g in by_currency.groups if g.key == "KZ")
+    assert [s.currency for s in kz.shares] == ["EUR", "USD"]
+    assert sum(s.quantity_tokens for s in kz.shares) == kz.quantity_tokens
+    for report in (by_buyer, by_origin, by_currency):
+        rows = list(csv.DictReader(io.StringIO(render_report(report, "csv"))))
+        *groups, total = rows
+        assert total[report.by.value] == "total"
+        assert sum(int(r["quantity_tokens"]) for r in groups) == int(total["quantity_tokens"])
+        assert sum(Decimal(r["revenue_cny"]) for r in groups) == Decimal(total["revenue_cny"])
+        data = json.loads(render_report(report, "json"))
+        assert sum(Decimal(g["revenue_cny"]) for g in data["groups"]) == Decimal(data["revenue_cny"])
+        html = render_report(report, "html")
+        assert html.count("<tr") == len(report.groups) + 2  # header, one per group, total
