@@ -150,6 +150,13 @@ class FxTable:
         )
 
 
+def corrected(rates: tuple[FxRate, ...], corrections: list[tuple[FxRate, str, str]]) -> tuple[FxRate, ...]:
+    """`rates` with each (date, base, quote) that has superseding rows replaced by the latest one."""
+    latest = {(r.date, r.base, r.quote): r for r, _old, _reason in corrections}
+    out = [latest.get((r.date, r.base, r.quote), r) for r in rates]
+    return tuple(dict.fromkeys(out))  # a rate shipped and imported alike appears once
+
+
 def import_csv(text: str, *, origin: str = "<csv>") -> list[FxRate]:
     """Parse FX CSV text (see module doc). An error names the file, the line, the field and the reason."""
     out: list[FxRate] = []

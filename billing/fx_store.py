@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 
 from billing.errors import DocumentStateError
 from billing.fx import FxRate
-from billing.tables import fx_rates
+from billing.tables import fx_corrections, fx_rates
 from metering.clock import to_naive
 
 
@@ -25,6 +25,34 @@ def all_rates(conn: Connection) -> list[FxRate]:
         .all()
     )
     return [FxRate(r["rate_date"], r["base"], r["quote"], Decimal(r["rate"]), r["source"]) for r in rows]
+
+
+def corrections(conn: Connection) -> list[tuple[FxRate, str, str]]:
+    """Every superseding row, oldest first: (the rate now used, the rate it replaced, the reason)."""
+    rows = conn.execute(select(fx_corrections).order_by(fx_corrections.c.id)).mappings().all()
+    return [
+        (
+            FxRate(r["rate_date"], r["base"], r["quote"], Decimal(r["rate"]), r["source"]),
+            r["supersedes"],
+            r["reason"],
+        )
+        for r in rows
+    ]
+
+
+def supersede(conn: Connection, rate: FxRate, *, replaces: Decimal, reason: str, now: datetime) -> None:
+    conn.execute(
+        insert(fx_corrections).values(
+            rate_date=rate.date,
+            base=rate.base,
+            quote=rate.quote,
+            rate=format(rate.rate, "f"),
+            source=rate.source,
+            supersedes=format(replaces, "f"),
+            reason=reason,
+            corrected_at=to_naive(now),
+        )
+    )
 
 
 def add(conn: Connection, rates: Sequence[FxRate], *, origin: str, now: datetime) -> int:

@@ -45,7 +45,7 @@ from billing.documents_view import Verification as Verification
 from billing.documents_view import document_summary as document_summary
 from billing.documents_view import documents_summary as documents_summary
 from billing.errors import BillingError, DocumentStateError, FxImportError, InvalidUsage
-from billing.fx import FxTable, import_csv
+from billing.fx import FxRate, FxTable, check_rate, corrected, import_csv
 from billing.ledger_read import SeqRange, Slice, billed_quantities, event_digest, events_in, rows_of
 from billing.lifecycle import PENDING, Op, Status
 from billing.parties import Buyer, NumberSeries, Seller, load_seller
@@ -130,8 +130,31 @@ class BillingService:
             seller=load_seller(self._dir / "issuer.yaml"),
             price_book=self._current_prices(),
             tax_rules=tax.load(self._dir / "tax_rules.yaml"),
-            fx=FxTable(tuple(shipped) + tuple(self.store.fx_rates())),
+            fx=FxTable(corrected(tuple(shipped) + tuple(self.store.fx_rates()), self.store.fx_corrections())),
         )
+
+    def supersede_fx(self, rate: FxRate, *, reason: str) -> FxRate:
+        """Correct a wrong rate (shipped or imported) by a superseding row with a reason, never an edit:
+        drafts built from now on use it; issued documents keep the rate they recorded. Returns the rate
+        it replaces."""
+        if not reason.strip():
+            raise FxImportError("a correction needs a reason")
+        try:
+            check_rate(rate.base, rate.quote, rate.rate)
+        except ValueError as exc:
+            raise FxImportError(f"{rate.base}/{rate.quote} {rate.date}: {exc}") from exc
+        current = self.config().fx
+        key = (rate.date, rate.base, rate.quote)
+        old = next((r for r in current.rates if (r.date, r.base, r.quote) == key), None)
+        if old is None:
+            raise FxImportError(
+                f"no {rate.base}/{rate.quote} rate is stored for {rate.date}: import it "
+                "(`tokenport fx import`); a correction supersedes an existing rate"
+            )
+        FxTable((*(r for r in current.rates if r is not old), rate))  # the inverse check, with it
+        with self.store.unit() as tx:
+            fx_store.supersede(tx, rate, replaces=old.rate, reason=reason.strip(), now=self._clock())
+        return old
 
     def import_fx(self, text: str, *, origin: str) -> tuple[int, int]:
         """Store the CSV's rates (refusing contradictions); returns (new rates, rates already stored)."""

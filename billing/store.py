@@ -113,6 +113,10 @@ class BillingStore:
         with self.read() as conn:
             return period_store.closed_periods(conn)
 
+    def fx_corrections(self) -> list[tuple[FxRate, str, str]]:
+        with self.read() as conn:
+            return fx_store.corrections(conn)
+
     def fx_rates(self) -> list[FxRate]:
         with self.read() as conn:
             return fx_store.all_rates(conn)

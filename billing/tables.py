@@ -130,3 +130,20 @@ document_files = Table(
     Column("content", LargeBinary, nullable=False),
     Column("created_at", DateTime, nullable=False),
 )
+
+# A stored (or shipped) FX rate found wrong is corrected by a superseding row with a reason, never
+# edited: the latest correction of a (date, base, quote) is the rate billing uses from then on;
+# documents already issued keep the rate they recorded (migration 0004_fx_corrections).
+fx_corrections = Table(
+    "billing_fx_corrections",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("rate_date", Date, nullable=False),
+    Column("base", String(3), nullable=False),
+    Column("quote", String(3), nullable=False),
+    Column("rate", String(40), nullable=False),
+    Column("source", String(200), nullable=False),
+    Column("supersedes", String(40), nullable=False),  # the rate it replaces, as it was
+    Column("reason", Text, nullable=False),
+    Column("corrected_at", DateTime, nullable=False),
+)

@@ -359,6 +359,54 @@ def fx_import(
         console.print(f"imported {added} rate(s), {known} already stored", highlight=False)
 
 
+@fx_app.command("supersede")
+def fx_supersede(
+    ctx: typer.Context,
+    on: Annotated[str, typer.Option("--date", help="The rate's date, YYYY-MM-DD.")],
+    base: Annotated[str, typer.Option(help="Base currency (1 base = RATE quote).")],
+    quote: Annotated[str, typer.Option(help="Quote currency.")],
+    rate: Annotated[str, typer.Option(help="The correct rate.")],
+    source: Annotated[str, typer.Option(help="Who published it.")],
+    reason: Annotated[str, typer.Option(help="Why the stored rate is wrong (kept with the correction).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Correct a wrong FX rate by a superseding row with a reason (audited; never an edit). Drafts built
+    from now on use it; issued invoices keep the rate they recorded."""
+    from billing.fx import FxRate
+    from billing.money import check_currency, to_decimal
+
+    svc, audit = _both(ctx)
+    day = arg(lambda: parse_day(on, "--date"))
+    if day is None:
+        _fail("--date is required", 2)
+        return
+    try:
+        new = FxRate(day, check_currency(base), check_currency(quote), to_decimal(rate), source.strip())
+    except (ValueError, BillingError) as exc:
+        _fail(str(exc), 2)
+        return
+    try:
+        old = audit.run(
+            Who.cli(),
+            "fx.supersede",
+            lambda: svc.supersede_fx(new, reason=reason),
+            target=f"{new.base}/{new.quote} {new.date}",
+            detail={"rate": rate, "source": source, "reason": reason},
+            describe=lambda old: {"supersedes": str(old.rate), "old_source": old.source},
+        )
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    out = {"date": new.date.isoformat(), "base": new.base, "quote": new.quote, "rate": str(new.rate)}
+    out |= {"source": new.source, "supersedes": str(old.rate), "reason": reason}
+    if as_json:
+        emit(out)
+    else:
+        console.print(
+            f"{new.base}/{new.quote} {new.date}: {old.rate} superseded by {new.rate}", highlight=False
+        )
+
+
 @fx_app.command("list")
 def fx_list(
     ctx: typer.Context,
@@ -398,7 +446,10 @@ def reports_exports(
     ctx: typer.Context,
     period_: PeriodOpt,
     by: Annotated[
-        str, typer.Option(help="country (origin of the usage), tenant, model or language.")
+        str,
+        typer.Option(
+            help="country (origin of the usage), buyer_country (the tenant's), tenant, model or language."
+        ),
     ] = "country",
     format: Annotated[str, typer.Option("--format", help="json, csv or html.")] = "json",
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
