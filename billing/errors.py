@@ -10,6 +10,7 @@
     ├── FxRateMissing          no FX rate for (from, to, date) (never "the latest rate")
     ├── FxImportError          an FX CSV row is malformed or contradicts another row
     ├── TaxRuleMissing         a configured country has no tax rule in force on the date
+    ├── TaxHeld                a consumer sale the seller may not invoice there (not registered)
     ├── TaxIdInvalid           a tax identifier fails its country's format or checksum
     ├── InvalidUsage           usage quantities that cannot be billed (negative, bad period ...)
     └── DocumentStateError     an operation that the document's status forbids (e.g. UBL of a draft)
@@ -53,6 +54,11 @@ class FxImportError(BillingError):
 
 class TaxRuleMissing(BillingError):
     pass
+
+
+class TaxHeld(BillingError):
+    """A consumer sale in a country whose rules want the seller registered, and it is not: the usage
+    is held (not invoiced with wording that would have a consumer self-assess)."""
 
 
 class TaxIdInvalid(BillingError):

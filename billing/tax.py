@@ -33,11 +33,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from billing.config_io import decimal_text, read_yaml, validate
-from billing.errors import ConfigError, TaxRuleMissing
+from billing.errors import ConfigError, TaxHeld, TaxRuleMissing
 from billing.fx import FxDateRule
 from billing.money import check_currency, to_decimal
 from billing.parties import Buyer, Seller
-from billing.taxid import with_prefix
+from billing.taxid import EU_MEMBER_STATES, with_prefix
 
 
 class Treatment(enum.StrEnum):
@@ -102,12 +102,20 @@ class TaxRule:
     note: str
 
 
+class B2cUnregistered(enum.StrEnum):
+    """A consumer sale where the rule wants the seller to charge VAT and it is not registered there."""
+
+    HOLD = "hold"  # not invoiced: the run reports it, the usage waits for a registration
+    NOT_COLLECTING = "not_collecting"  # invoiced without VAT (the old behaviour; opt in per country)
+
+
 @dataclass(frozen=True, slots=True)
 class CountryTax:
     tax_point: TaxPoint
     tax_currency: str | None
     fx_date_rule: FxDateRule
     rules: tuple[TaxRule, ...]
+    b2c_unregistered: B2cUnregistered = B2cUnregistered.HOLD
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +162,7 @@ class _Country(BaseModel):
     tax_currency: str | None = None
     fx_date_rule: FxDateRule = FxDateRule.TAX_POINT
     rules: list[_Rule] = Field(min_length=1)
+    b2c_unregistered: B2cUnregistered = B2cUnregistered.HOLD
 
     @field_validator("tax_currency")
     @classmethod
@@ -237,9 +246,22 @@ class TaxRules:
             )
         domestic = country == seller.country
         registration = None if domestic else seller.registration_in(country, supply_date)
+        if (
+            registration is None and country in EU_MEMBER_STATES
+        ):  # the non-Union OSS covers every member state
+            registration = seller.registration_in("EU", supply_date)
         registered = domestic or registration is not None
         mechanism = rule.b2b if business else rule.b2c
         if mechanism is Mechanism.SUPPLIER_CHARGES and not registered:
+            if not business and cfg.b2c_unregistered is B2cUnregistered.HOLD:
+                where = (
+                    "the non-Union OSS (vat_registrations: EU)" if country in EU_MEMBER_STATES else country
+                )
+                raise TaxHeld(
+                    f"held: consumer sales to {country} need the seller's VAT registration in {where}"
+                    f" (rule {rule.id}); add it to issuer.yaml vat_registrations, or set"
+                    f" `b2c_unregistered: not_collecting` for {country} in tax_rules.yaml"
+                )
             mechanism = rule.b2b_if_unregistered if business else Mechanism.NOT_COLLECTING
         treatment = Treatment(mechanism.value)
         vat_id: str | None
@@ -357,6 +379,7 @@ def parse(data: Any, *, file: str = "<tax rules>") -> TaxRules:
                         )
                         for r in sorted(c.rules, key=lambda r: r.effective_from)
                     ),
+                    c.b2c_unregistered,
                 )
                 for cc, c in cfg.countries.items()
             }

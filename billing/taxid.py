@@ -25,6 +25,7 @@ from types import ModuleType
 from stdnum.by import unp
 from stdnum.cn import uscc
 from stdnum.eg import tn
+from stdnum.eu import vat as eu_vat
 from stdnum.exceptions import ValidationError
 from stdnum.in_ import gstin
 from stdnum.ru import inn
@@ -33,6 +34,45 @@ from stdnum.tr import vkn
 from billing.errors import TaxIdInvalid
 
 _STDNUM: dict[str, ModuleType] = {"CN": uscc, "RU": inn, "BY": unp, "IN": gstin, "TR": vkn, "EG": tn}
+# EU member states: the VAT number with its checksum (python-stdnum's per-country rules, via
+# stdnum.eu.vat); Greece's VAT prefix is EL.
+EU_MEMBER_STATES = frozenset(
+    [
+        "AT",
+        "BE",
+        "BG",
+        "CY",
+        "CZ",
+        "DE",
+        "DK",
+        "EE",
+        "ES",
+        "FI",
+        "FR",
+        "GR",
+        "HR",
+        "HU",
+        "IE",
+        "IT",
+        "LT",
+        "LU",
+        "LV",
+        "MT",
+        "NL",
+        "PL",
+        "PT",
+        "RO",
+        "SE",
+        "SI",
+        "SK",
+    ]
+)
+
+
+def _eu(country: str, number: str) -> str:
+    prefix = "EL" if country == "GR" else country
+    value = number[2:] if number.startswith(prefix) and not number[2:3].isalpha() else number
+    return str(eu_vat.validate(prefix + value))[2:]
 
 
 def _kz_check_digit(digits: str) -> int | None:
@@ -93,6 +133,11 @@ def validate(country: str, tax_id: str) -> str:
     value = compact(cc, tax_id)
     if not value:
         raise TaxIdInvalid(cc, tax_id, "empty")
+    if cc in EU_MEMBER_STATES:
+        try:
+            return _eu(cc, value)
+        except ValidationError as exc:
+            raise TaxIdInvalid(cc, tax_id, f"EU VAT number: {exc}") from exc
     module = _STDNUM.get(cc)
     if module is not None:
         try:

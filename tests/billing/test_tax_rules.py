@@ -5,12 +5,13 @@ from typing import Any
 
 import pytest
 
-from billing.errors import ConfigError, TaxRuleMissing
+from billing.errors import ConfigError, TaxHeld, TaxRuleMissing
 from billing.fx import FxDateRule
 from billing.parties import Buyer, Seller
 from billing.tax import Mechanism, TaxRules, Treatment, parse
 
 D2026 = date(2026, 3, 15)
+HELD = {"KZ", "TR"}  # tax_rules.yaml: b2c_unregistered left at hold
 BUSINESS_IDS = {
     "KZ": "940140000385",
     "UZ": "302936161",
@@ -69,6 +70,10 @@ def test_b2b_treatment_per_country(
 def test_b2c_without_registration_is_not_collecting(
     tax_rules: TaxRules, seller: Seller, make_buyer: Callable[..., Buyer], country: str
 ) -> None:
+    if country in HELD:  # consumers cannot self-assess: held, never invoiced "not collecting"
+        with pytest.raises(TaxHeld, match=f"consumer sales to {country} need the seller's VAT registration"):
+            tax_rules.determine(make_buyer(country), seller, D2026)
+        return
     t = tax_rules.determine(make_buyer(country), seller, D2026)
     expected = Treatment.SUPPLIER_CHARGES if country == "RU" else Treatment.NOT_COLLECTING
     assert t.treatment is expected
@@ -130,8 +135,10 @@ def test_unknown_country_is_not_collecting_never_zero_charged(
 def test_business_without_tax_id_is_b2c(
     tax_rules: TaxRules, seller: Seller, make_buyer: Callable[..., Buyer]
 ) -> None:
-    t = tax_rules.determine(make_buyer("KZ", None, business=True), seller, D2026)
+    t = tax_rules.determine(make_buyer("UZ", None, business=True), seller, D2026)
     assert t.treatment is Treatment.NOT_COLLECTING and t.business is False
+    with pytest.raises(TaxHeld):  # a KZ "business" without a tax id is a consumer: held
+        tax_rules.determine(make_buyer("KZ", None, business=True), seller, D2026)
 
 
 def test_registration_switches_b2c_to_supplier_charges(
@@ -201,7 +208,9 @@ def test_tax_point_policy(tax_rules: TaxRules) -> None:
     assert tax_rules.tax_point("KZ", period_end=date(2026, 1, 31), issue_date=date(2026, 2, 1)) == date(
         2026, 1, 31
     )
-    assert tax_rules.countries() == (
+    eu = {"AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "ES", "FI", "FR", "GR", "HR", "HU", "IE", "IT"}
+    eu |= {"LT", "LU", "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK"}
+    assert tuple(c for c in tax_rules.countries() if c not in eu) == (
         "AE",
         "BY",
         "CN",
@@ -257,3 +266,28 @@ def test_tax_rule_config_errors() -> None:
     bad_code["countries"] = {"kz": bad_code["countries"]["XX"]}
     with pytest.raises(ConfigError, match="ISO 3166"):
         parse(bad_code, file="t.yaml")
+
+
+def test_eu_business_is_reverse_charged_under_article_196_and_consumers_need_the_oss(
+    tax_rules: TaxRules,
+    seller: Seller,
+    make_buyer: Callable[..., Buyer],
+    with_registration: Callable[[Seller, str, str], Seller],
+) -> None:
+    """Issue 13: EU buyers had no treatment at all (a German business got "not collecting")."""
+    from billing.errors import TaxIdInvalid
+    from billing.taxid import validate
+
+    t = tax_rules.determine(make_buyer("DE", "DE136695976"), seller, D2026)
+    assert (t.treatment, t.rate, t.business) == (Treatment.REVERSE_CHARGE, Decimal("19"), True)
+    assert "Article 196, Council Directive 2006/112/EC" in t.text("en") and t.charged_rate == 0
+    with pytest.raises(TaxIdInvalid, match="EU VAT number"):  # the checksum, not only the format
+        validate("DE", "DE136695977")
+    assert validate("GR", "EL094259216") == "094259216"
+    with pytest.raises(TaxHeld, match=r"non-Union OSS"):  # a consumer: the seller must charge VAT
+        tax_rules.determine(make_buyer("FR"), seller, D2026)
+    oss = with_registration(seller, "EU", "EU372000041")  # one non-Union OSS registration, every state
+    fr = tax_rules.determine(make_buyer("FR"), oss, D2026)
+    assert (fr.treatment, fr.charged_rate) == (Treatment.SUPPLIER_CHARGES, Decimal("20"))
+    ro = tax_rules.determine(make_buyer("RO"), oss, date(2025, 12, 31))
+    assert ro.charged_rate == Decimal("21")  # RO 19 -> 21 % from 2025-08-01

@@ -212,3 +212,15 @@ async def test_responses_are_stored_by_the_gateway_only_for_a_tenant_that_logs_c
     await asyncio.sleep(0.2)
     assert_openai_error(await gw.http.get(f"/v1/responses/{unlogged.id}", headers=auth(api_key)), 404)
     assert (await gw.http.get(f"/v1/responses/{plain.id}")).status_code == 401
+
+
+async def test_a_responses_input_carries_its_language_and_size(gw: Gateway, worker: FakeWorker) -> None:
+    """The Responses input is read as the messages it becomes: the event has its language and text size
+    (before, it was `und` with no size)."""
+    _t, _k, api_key = gw.new_tenant()
+    text = "Біз келісімшартымызды сол шарттармен тағы бір жылға ұзартқымыз келеді."
+    worker.behave(tokens=2)
+    r = await gw.http.post("/v1/responses", json=body(input=text), headers=auth(api_key))
+    assert r.status_code == 200, r.text
+    ev = (await gw.wait_event(r.headers["x-request-id"])).event
+    assert ev.language == "kk" and ev.prompt_chars == len(text)

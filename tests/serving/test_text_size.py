@@ -61,18 +61,3 @@ async def test_a_cut_stream_counts_what_was_relayed(
     ev = await gateway.wait_event(out.request_id)
     assert ev.event.outcome is Outcome.UPSTREAM_ERROR
     assert _sizes(gateway, out.request_id) == (19, 19, 9, 9)
-
-
-async def test_responses_and_embeddings_inputs_carry_their_language_and_size(
-    gateway: Gateway, tenant: TenantKey, worker: FakeWorker
-) -> None:
-    """The Responses input and the embeddings input are read as the prompt they become: the event has
-    their language and text size (before, both were `und` with no size)."""
-    text = "Біз келісімшартымызды сол шарттармен тағы бір жылға ұзартқымыз келеді."
-    worker.behave(tokens=2)
-    r = await gateway.http.post(
-        "/v1/responses", json={"model": MODEL, "input": text}, headers=auth(tenant.api_key)
-    )
-    assert r.status_code == 200
-    ev = (await gateway.wait_event(r.headers["x-request-id"])).event
-    assert ev.language == "kk" and ev.prompt_chars == len(text)
