@@ -67,7 +67,9 @@ def _check_bind(settings: Settings, host: str) -> None:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 
-async def _serve(settings: Settings, extra: list[object], host: str, port: int) -> None:
+async def _serve(
+    settings: Settings, extra: list[object], host: str, port: int, *, reuse_port: bool = False
+) -> None:
     import uvicorn
 
     from serving.app import ExtraWorker, create_app
@@ -98,7 +100,12 @@ async def _serve(settings: Settings, extra: list[object], host: str, port: int) 
         soft_wrap=True,
     )
     try:
-        await server.serve()
+        if reuse_port:  # one of `gateway --processes N`: the port is shared (serving/gateway_processes.py)
+            from serving.gateway_processes import reuse_port_socket
+
+            await server.serve(sockets=[reuse_port_socket(host, port)])
+        else:
+            await server.serve()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -125,8 +132,8 @@ class _Server:
             self._server.force_exit = True  # a second Ctrl-C stops without waiting for streams
         self._server.should_exit = True
 
-    async def serve(self) -> None:
-        await self._server.serve()
+    async def serve(self, sockets: list[object] | None = None) -> None:
+        await self._server.serve(sockets=sockets)  # type: ignore[arg-type]
 
 
 def _run(coro: object) -> None:
@@ -150,6 +157,17 @@ def gateway(
         list[str] | None,
         typer.Option(help="MODEL=BASE_URL of a running OpenAI-compatible worker (repeatable)."),
     ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Gateway processes on the one port (SO_REUSEPORT); process i's metrics on metrics_port + i.",
+        ),
+    ] = 1,
+    reuse_port: Annotated[
+        bool, typer.Option(hidden=True, help="Share the port (set for each process).")
+    ] = False,
 ) -> None:
     """Start only the gateway, in front of catalogued workers and/or --worker URLs."""
     _logging()
@@ -158,7 +176,21 @@ def gateway(
     if extra:
         settings = _with_cli_workers(settings, extra)
     _check_bind(settings, host or settings.gateway.host)
-    _run(_serve(settings, extra, host or settings.gateway.host, port or settings.gateway.port))
+    if processes > 1:
+        import sys
+
+        from serving.gateway_processes import supervise
+
+        raise typer.Exit(supervise(sys.argv[1:], processes, settings.gateway.metrics_port))
+    _run(
+        _serve(
+            settings,
+            extra,
+            host or settings.gateway.host,
+            port or settings.gateway.port,
+            reuse_port=reuse_port,
+        )
+    )
 
 
 def reconcile(

@@ -1,0 +1,119 @@
+"""`tokenport gateway --processes 2`: two real gateway processes on one port (SO_REUSEPORT), each with
+its metrics on metrics_port + i, one SQLite ledger; a process that dies is restarted; SIGTERM stops
+both. Against the fake worker (the real-worker figures are in bench/)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from metering.db import make_engine
+from metering.store_sql import UsageStore
+from tests.conftest import MODEL, metric
+from tests.fakes import FakeWorker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(env: dict[str, str], *args: str) -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", "from serving.cli import main; main()", *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return dict(json.loads(out.stdout))
+
+
+async def _ready(url: str, proc: asyncio.subprocess.Process) -> None:
+    async with httpx.AsyncClient() as c:
+        for _ in range(300):
+            assert proc.returncode is None, "the gateway exited"
+            try:
+                if (await c.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
+
+
+async def test_two_processes_share_one_port_and_one_ledger(tmp_path: Path, worker: FakeWorker) -> None:
+    port, metrics = free_port(), free_port()
+    while metrics + 1 == port:
+        metrics = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "TOKENPORT_DATA_DIR": str(tmp_path),
+        "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
+        "TOKENPORT_GATEWAY__METRICS_PORT": str(metrics),
+    }
+    cli(env, "tenants", "create", "--id", "mp", "--name", "MP LLP", "--billing-country", "KZ")
+    key = cli(env, "keys", "create", "--tenant", "mp")["key"]
+    worker.behave(tokens=3)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from serving.cli import main; main()",
+        "gateway",
+        "--port",
+        str(port),
+        "--processes",
+        "2",
+        "--worker",
+        f"{MODEL}={worker.url}",
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        for i in range(2):
+            await _ready(f"http://127.0.0.1:{metrics + i}/metrics", proc)
+        await _ready(f"http://127.0.0.1:{port}/readyz", proc)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        for _ in range(40):  # a new connection each: the kernel spreads them over the two processes
+            async with httpx.AsyncClient() as c:
+                r = await c.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                assert r.status_code == 200, r.text
+        counts = []
+        async with httpx.AsyncClient() as c:
+            for i in range(2):
+                text = (await c.get(f"http://127.0.0.1:{metrics + i}/metrics")).text
+                counts.append(metric(text, "tokenport_requests_total", tenant="mp"))
+        assert sum(counts) == 40 and min(counts) > 0, counts  # both served, each counted once
+        store = UsageStore(make_engine(f"sqlite:///{tmp_path / 'tokenport.db'}"))
+        for _ in range(50):
+            if len(list(store.iter_events(tenant_id="mp"))) == 40:
+                break
+            await asyncio.sleep(0.1)
+        events = list(store.iter_events(tenant_id="mp"))
+        assert len(events) == 40 and len({e.event.request_id for e in events}) == 40  # one ledger
+        assert [e.tenant_seq for e in events] == list(range(1, 41))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0
