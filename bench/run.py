@@ -41,6 +41,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -331,6 +332,17 @@ class Run:
     gateway_view: dict[str, float] = field(default_factory=dict)  # means from the gateway's /metrics
 
 
+def one_port_text(rp: dict[str, Any] | None, one: dict[str, Any]) -> str:
+    """The `tokenport gateway --processes 2` cell (one port, SO_REUSEPORT) against one process."""
+    if not rp:
+        return ""
+    return (
+        f"On one port, `tokenport gateway --processes 2` (SO_REUSEPORT, both cores): {rp['rps']:,} req/s "
+        f"({rp['speedup']}x one process), {rp['cpu_us_per_req']:,} us CPU per request "
+        f"({rp['cpu_per_req_ratio']}x), p99 {rp['p99_ms']:.0f} ms, {rp['errors']} errors."
+    )
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
@@ -459,6 +471,7 @@ class Bench:
         cpus: str,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        extra: Sequence[str] = (),
     ) -> tuple[subprocess.Popen[bytes], int]:
         port = port or free_port()
         cmd = (
@@ -468,7 +481,15 @@ class Bench:
         )
         p = self.procs.start(
             name,
-            [*cmd, "gateway", "--port", str(port), "--worker", f"{MODEL}=http://127.0.0.1:{upstream_port}"],
+            [
+                *cmd,
+                "gateway",
+                "--port",
+                str(port),
+                "--worker",
+                f"{MODEL}=http://127.0.0.1:{upstream_port}",
+                *extra,
+            ],
             cpus=cpus,
             env=self.env(**(env or {})),
             cwd=self.code,
@@ -845,6 +866,39 @@ class Bench:
                 },
                 "speedup": round(two_rps / one.rps, 2) if one.rps else None,
             }
+            self.procs.stop(a_gw)
+            self.procs.stop(b_gw)
+            a_gw = b_gw = None
+            # the same, on ONE port: `tokenport gateway --processes 2` (SO_REUSEPORT), both cores
+            both = f"{self.sut},{self.load}"
+            r_gw, r_port = self.start_gateway("gateway-reuseport", jp, both, extra=["--processes", "2"])
+            try:
+                self.check_target(r_port, "json", auth=True)
+                self.wrk(
+                    r_port, "json", 32, self.a.warmup, auth=True, sut=r_gw, target="tokenport", record=False
+                )
+                rp = self.wrk(
+                    r_port, "json", 32, d, auth=True, sut=r_gw, target="tokenport --processes 2", record=False
+                )
+            finally:
+                self.procs.stop(r_gw)
+            self.extra["multi"]["one_port_two_processes"] = {
+                "rps": round(rp.rps),
+                "cpu_us_per_req": round(rp.sut_cpu_us_per_req, 1),
+                "p50_ms": rp.p50_ms,
+                "p99_ms": rp.p99_ms,
+                "errors": rp.errors,
+                "cpus": both,
+                "speedup": round(rp.rps / one.rps, 2) if one.rps else None,
+                "cpu_per_req_ratio": round(rp.sut_cpu_us_per_req / one.sut_cpu_us_per_req, 2)
+                if one.sut_cpu_us_per_req
+                else None,
+            }
+            log(
+                f"multi: one port, --processes 2: {rp.rps:,.0f} req/s "
+                f"({self.extra['multi']['one_port_two_processes']['speedup']}x), "
+                f"CPU/request {rp.sut_cpu_us_per_req:,.0f} us vs {one.sut_cpu_us_per_req:,.0f}"
+            )
             log(
                 f"multi: 1 process {one.rps:,.0f} req/s, 2 processes {two_rps:,.0f} req/s "
                 f"({self.extra['multi']['speedup']}x); ledger +{rows} rows for {done_reqs} completed requests"
@@ -1175,14 +1229,9 @@ class Bench:
             md += [
                 (
                     "The second process shares core 0 with wrk and the fake upstream on a 2-core machine, "
-                    "so this "
-                    "shows that processes share the ledger correctly and what a second core buys here, not "
-                    "clean "
-                    "linear scaling. The gateway has no `--workers` option yet: the processes listen on "
-                    "separate ports "
-                    "(what one port needs, SO_REUSEPORT or uvicorn workers and Prometheus multiprocess "
-                    "mode, is in "
-                    f"the analysis of profile-{self.stamp.strftime('%Y-%m-%d')}.md)."
+                    "so this shows that processes share the ledger correctly and what a second core buys "
+                    "here, not clean linear scaling. "
+                    + one_port_text(multi.get("one_port_two_processes"), multi["one_process"])
                 ),
                 "",
             ]
