@@ -21,13 +21,15 @@ with the same reason until a new run succeeds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from billing import (
+    document_store,
     documents_view,
     engine,
     fx_store,
@@ -37,6 +39,8 @@ from billing import (
     partial_credit,
     period_store,
     price_book,
+    receipts_store,
+    receivables,
     tax,
 )
 from billing.document_store import Draft, NotFound, StoredDocument
@@ -50,6 +54,7 @@ from billing.ledger_read import SeqRange, Slice, billed_quantities, event_digest
 from billing.lifecycle import PENDING, Op, Status
 from billing.parties import Buyer, NumberSeries, Seller, load_seller
 from billing.prices import PriceSource
+from billing.receipts_store import Receipt
 from billing.render.jsondoc import to_json
 from billing.reports import ExportReport, GroupBy
 from billing.store import BillingStore
@@ -523,6 +528,67 @@ class BillingService:
         if self.archive:
             documents_view.archive_issued(self.store, note.ref, self._clock())
         return note
+
+    # --- receivables -------------------------------------------------------------------------
+    def _wht(self) -> Mapping[str, Any]:
+        return receivables.load_withholding(self._dir / "withholding.yaml")
+
+    def receivable(self, number: str) -> receivables.Receivable:
+        row = self.store.get(number)
+        if row.kind != "invoice" or row.status not in ("finalized", "void"):
+            raise DocumentStateError(f"{number} is not an issued invoice")
+        with self.store.read() as conn:
+            credited = document_store.credited(conn, row.id)
+            got = receipts_store.of(conn, [row.id])
+        return receivables.receivable(row, credited, got, self._clock().date(), self._wht())
+
+    def pay(
+        self,
+        number: str,
+        *,
+        amount: Decimal,
+        on: date,
+        reference: str,
+        withheld: Decimal = Decimal(0),
+        certificate: str | None = None,
+    ) -> receivables.Receivable:
+        """Record a payment (net of any tax the buyer withheld, with its certificate)."""
+        row = self.store.get(number)
+        if not reference.strip():
+            raise InvalidUsage("a payment needs its bank reference")
+        receipt = Receipt(row.id, "payment", amount, withheld, on, reference.strip(), certificate)
+        return receivables.record(
+            self.store, row, receipt, today=self._clock().date(), wht=self._wht(), now=self._clock()
+        )
+
+    def write_off(self, number: str, *, reason: str) -> receivables.Receivable:
+        """Write off what is still outstanding (a bad debt), with the reason."""
+        current = self.receivable(number)
+        if not reason.strip():
+            raise InvalidUsage("a write-off needs a reason")
+        if current.outstanding <= 0:
+            raise DocumentStateError(f"{number} has nothing outstanding")
+        row = self.store.get(number)
+        receipt = Receipt(
+            row.id, "write_off", current.outstanding, Decimal(0), self._clock().date(), reason, None
+        )
+        return receivables.record(
+            self.store, row, receipt, today=self._clock().date(), wht=self._wht(), now=self._clock()
+        )
+
+    def aging(self, as_of: date | None = None) -> list[dict[str, Any]]:
+        """Outstanding amounts per tenant and currency, by days past due."""
+        day = as_of or self._clock().date()
+        rows = [r for r in self.store.find(kinds=["invoice"], statuses=["finalized"])]
+        with self.store.read() as conn:
+            credits = {r.id: document_store.credited(conn, r.id) for r in rows}
+            got = receipts_store.of(conn, [r.id for r in rows]) if rows else []
+        wht = self._wht()
+        items = [
+            receivables.receivable(r, credits[r.id], [x for x in got if x.document_id == r.id], day, wht)
+            for r in rows
+        ]
+        return receivables.aging(items, day)
 
     def reissue(self, number: str) -> StoredDocument:
         """Bill a voided invoice's usage again: a new invoice for its tenant and period, with today's tenant

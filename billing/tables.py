@@ -147,3 +147,19 @@ fx_corrections = Table(
     Column("reason", Text, nullable=False),
     Column("corrected_at", DateTime, nullable=False),
 )
+
+# Receivables: what was received against an issued invoice (payments, with any tax the buyer withheld
+# and its certificate) and write-offs. Append-only rows (migration 0004_payments).
+receipts = Table(
+    "billing_receipts",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("document_id", _ID, ForeignKey("billing_documents.id"), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),  # payment | write_off
+    Column("amount", String(40), nullable=False),  # received (payment) or written off, document currency
+    Column("withheld", String(40), nullable=False, default="0"),  # tax the buyer withheld (WHT)
+    Column("received_on", Date, nullable=False),
+    Column("reference", String(200), nullable=False),  # bank reference, or the write-off's reason
+    Column("certificate", String(200)),  # the WHT certificate
+    Column("recorded_at", DateTime, nullable=False),
+)

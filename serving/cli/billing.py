@@ -20,6 +20,7 @@ from billing.render import FORMATS
 from billing.render.report import REPORT_FORMATS, render_report
 from billing.reports import GroupBy
 from billing.service import BillingService
+from metering.clock import utcnow
 from serving.audit import Auditor, Who
 from serving.cli.common import JsonOpt, arg, emit, fail, period, stores
 from serving.dates import parse_day
@@ -220,6 +221,118 @@ def invoices_credit(
         emit(credit_json(number, note))
     else:
         console.print(f"credited {number}: {note.number} ({note.total} {note.currency})", highlight=False)
+
+
+@invoices_app.command("pay")
+def invoices_pay(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="A finalized invoice's number.")],
+    amount: Annotated[str, typer.Option(help="Amount received, in the invoice's currency.")],
+    on: Annotated[str, typer.Option("--date", help="Day received, YYYY-MM-DD.")],
+    reference: Annotated[str, typer.Option(help="The bank's reference of the payment.")],
+    wht_amount: Annotated[str | None, typer.Option(help="Tax the buyer withheld (SA, UZ, PK, IN).")] = None,
+    wht_certificate: Annotated[str | None, typer.Option(help="The buyer's withholding certificate.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record a payment against an invoice (audited; never more than is outstanding)."""
+    svc, audit = _both(ctx)
+    day = arg(lambda: parse_day(on, "--date"))
+    try:
+        paid, withheld = Decimal(amount), Decimal(wht_amount or "0")
+    except ArithmeticError:
+        _fail("--amount and --wht-amount are decimals like 120.50", 2)
+        return
+    if day is None:
+        _fail("--date is required", 2)
+        return
+    try:
+        r = audit.run(
+            Who.cli(),
+            "invoices.pay",
+            lambda: svc.pay(
+                number,
+                amount=paid,
+                on=day,
+                reference=reference,
+                withheld=withheld,
+                certificate=wht_certificate,
+            ),
+            target=number,
+            detail={"amount": amount, "date": on, "reference": reference, "wht_amount": wht_amount},
+            describe=lambda res: {"status": res.status, "outstanding": str(res.outstanding)},
+        )
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        emit(r.to_json_dict())
+    else:
+        console.print(f"{number}: {r.status}, {r.outstanding} {r.currency} outstanding", highlight=False)
+
+
+@invoices_app.command("write-off")
+def invoices_write_off(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="A finalized invoice's number.")],
+    reason: Annotated[str, typer.Option(help="Why it will not be paid.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write off what is outstanding on an invoice (audited)."""
+    svc, audit = _both(ctx)
+    try:
+        r = audit.run(
+            Who.cli(), "invoices.write_off", lambda: svc.write_off(number, reason=reason), target=number,
+            detail={"reason": reason},
+        )  # fmt: skip
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        emit(r.to_json_dict())
+    else:
+        console.print(f"{number}: written off", highlight=False)
+
+
+@invoices_app.command("status")
+def invoices_status(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="An issued invoice's number.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Payment status: due, received, withheld, written off, outstanding."""
+    svc = _service(ctx)
+    try:
+        r = svc.receivable(number)
+    except BillingError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        emit(r.to_json_dict())
+    else:
+        console.print(
+            f"{number}: {r.status}, {r.outstanding} of {r.due} {r.currency} outstanding", highlight=False
+        )
+
+
+@invoices_app.command("aging")
+def invoices_aging(
+    ctx: typer.Context,
+    as_of: Annotated[str | None, typer.Option(help="Day to age at, YYYY-MM-DD (default today).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Outstanding amounts per tenant and currency: current, 1-30, 31-60, 61-90, 90+ days past due."""
+    svc = _service(ctx)
+    day = arg(lambda: parse_day(as_of, "--as-of"))
+    rows = svc.aging(day)
+    if as_json:
+        emit({"object": "aging", "as_of": (day or utcnow().date()).isoformat(), "data": rows})
+        return
+    table = Table("tenant", "currency", "current", "1-30", "31-60", "61-90", "90+", "total")
+    for r in rows:
+        table.add_row(
+            *(str(r[k]) for k in ("tenant", "currency", "current", "1-30", "31-60", "61-90", "90+", "total"))
+        )
+    console.print(table)
 
 
 @invoices_app.command("reissue")

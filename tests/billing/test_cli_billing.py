@@ -8,6 +8,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,25 @@ def test_a_running_month_needs_force_and_a_voided_invoice_can_be_reissued(cli: C
     assert again["invoice"]["number"] != number and again["invoice"]["status"] == "finalized"
     assert again["invoice"]["total"] == fin["finalized"][0]["total"]  # the same usage, billed once again
     cli("invoices", "reissue", number, code=1)  # a voided invoice is re-issued once
+    # the re-issued invoice is paid from the command line (the contract), net of the 5 % the
+    # Saudi buyer withheld, with its certificate; a partial credit note first
+    new = again["invoice"]["number"]
+    credit = cli.json("invoices", "credit", new, "--amount", "0.01", "--reason", "goodwill")
+    assert isinstance(credit, dict) and credit["credit_note"]["number"].startswith("TP-CRN-")
+    status = cli.json("invoices", "status", new)
+    assert isinstance(status, dict) and status["status"] == "open" and status["withholding_rate"] == "5"
+    due = Decimal(status["outstanding"])
+    wht = (due * Decimal("0.05")).quantize(Decimal("0.01"))
+    paid = cli.json(
+        "invoices", "pay", new, "--amount", str(due - wht), "--date", now.date().isoformat(),
+        "--reference", "SWIFT-77", "--wht-amount", str(wht), "--wht-certificate", "ZATCA-WHT-1",
+    )  # fmt: skip
+    assert isinstance(paid, dict) and paid["status"] == "paid" and paid["outstanding"] == "0.00"
+    assert (
+        "more than"
+        in cli(
+            "invoices", "pay", new, "--amount", "1", "--date", "2026-01-05", "--reference", "x", code=1
+        ).stderr
+    )
+    aging = cli.json("invoices", "aging")
+    assert isinstance(aging, dict) and all(r["tenant"] != "sa-co" for r in aging["data"])
