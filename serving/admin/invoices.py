@@ -8,6 +8,10 @@
     POST /admin/v1/invoices/{number}/void       {"reason", "issue_date"?}: void it with a credit note
     POST /admin/v1/invoices/{number}/credit-notes {"reason", "lines"? | "amount"?, "issue_date"?}: a partial
     credit note (some lines as printed, or a net amount spread over the lines)
+    POST /admin/v1/invoices/{number}/payments   {"amount", "date", "reference", "wht_amount"?,
+    "wht_certificate"?}
+    GET  /admin/v1/invoices/{number}/status     payment status (due, received, withheld, outstanding)
+    GET  /admin/v1/invoices/aging?as_of=        outstanding per tenant and currency by days past due
     POST /admin/v1/invoices/{number}/reissue    bill a voided invoice's usage again (new number, today)
     GET  /admin/v1/invoices/{number}/verify     recompute its usage digest from the ledger
 
@@ -64,6 +68,15 @@ class CreditIn(_In):
     lines: list[int] | None = Field(default=None, min_length=1, max_length=10_000)
     amount: Decimal | None = Field(default=None, gt=0, max_digits=20, decimal_places=6)
     issue_date: date | None = None
+
+
+class PaymentIn(_In):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    amount: Decimal = Field(gt=0, max_digits=20, decimal_places=6)
+    on: date = Field(alias="date")
+    reference: str = Field(min_length=1, max_length=200)
+    wht_amount: Decimal = Field(default=Decimal(0), ge=0, max_digits=20, decimal_places=6)
+    wht_certificate: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class VoidIn(_In):
@@ -125,6 +138,40 @@ async def finalize(body: FinalizeIn, admin: AdminDep, svc: BillingDep, audit: Au
         )
     )
     return json_response(out)
+
+
+@router.get("/aging")
+async def aging(_admin: AdminDep, svc: BillingDep, as_of: date | None = None) -> Response:
+    rows = await asyncio.to_thread(svc.aging, as_of)
+    return json_response({"object": "aging", "as_of": as_of.isoformat() if as_of else None, "data": rows})
+
+
+@router.get("/{number}/status")
+async def payment_status(number: Number, _admin: AdminDep, svc: BillingDep) -> Response:
+    r = await asyncio.to_thread(svc.receivable, number)
+    return json_response(r.to_json_dict())
+
+
+@router.post("/{number}/payments", status_code=201)
+async def pay(number: Number, body: PaymentIn, admin: AdminDep, svc: BillingDep, audit: AuditDep) -> Response:
+    r = await asyncio.to_thread(
+        lambda: audit.run(
+            admin.who(),
+            "invoices.pay",
+            lambda: svc.pay(
+                number,
+                amount=body.amount,
+                on=body.on,
+                reference=body.reference,
+                withheld=body.wht_amount,
+                certificate=body.wht_certificate,
+            ),
+            target=number,
+            detail=body.model_dump(mode="json"),
+            describe=lambda res: {"status": res.status, "outstanding": str(res.outstanding)},
+        )
+    )
+    return json_response(r.to_json_dict(), 201)
 
 
 @router.get("/{number}")

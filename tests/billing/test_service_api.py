@@ -177,6 +177,39 @@ async def test_admin_month_close_over_http(api: Api) -> None:
     audit = (await api.admin("GET", "/admin/v1/audit?action=invoices.finalize")).json()["data"]
     assert audit and audit[0]["detail"]["numbers"] == ["TP-INV-2026-000001", "TP-INV-2026-000002"]
 
+    # receivables and partial credit notes over HTTP
+    part = await api.admin(
+        "POST",
+        "/admin/v1/invoices/TP-INV-2026-000001/credit-notes",
+        json={"reason": "goodwill", "amount": "0.10"},
+    )
+    assert part.status_code == 201, part.text
+    assert part.json()["credit_note"]["number"] == "TP-CRN-2026-000002"
+    status = (await api.admin("GET", "/admin/v1/invoices/TP-INV-2026-000001/status")).json()
+    assert status["status"] == "open" and status["credited"] == "0.10"
+    paid = await api.admin(
+        "POST",
+        "/admin/v1/invoices/TP-INV-2026-000001/payments",
+        json={"amount": status["outstanding"], "date": "2026-02-03", "reference": "SWIFT-9"},
+    )
+    assert paid.status_code == 201 and paid.json()["status"] == "paid", paid.text
+    openai_error(
+        await api.admin(
+            "POST",
+            "/admin/v1/invoices/TP-INV-2026-000001/payments",
+            json={"amount": "1", "date": "2026-02-04", "reference": "again"},
+        ),
+        409,
+    )
+    openai_error(
+        await api.admin(
+            "POST", "/admin/v1/invoices/TP-INV-2026-000001/payments", json={"amount": "-1", "date": "x"}
+        ),
+        400,
+    )
+    aging = (await api.admin("GET", "/admin/v1/invoices/aging?as_of=2026-06-01")).json()
+    assert aging["object"] == "aging" and all(r["tenant"] != "kz-a" for r in aging["data"])
+
 
 async def test_tenants_see_only_their_own_issued_documents(api: Api) -> None:
     openai_error(await api.http.get("/v1/invoices"), 401)
