@@ -56,6 +56,7 @@ class InvoiceLine:
     language: str | None = None
     raw_tokens: int | None = None
     factor: Decimal | None = None
+    factor_source: str | None = None  # the premium row: "<measured_on> <tokenizer>: <source>"
 
     @property
     def adjustment(self) -> bool:
@@ -83,6 +84,7 @@ class InvoiceLine:
                     "language": self.language,
                     "raw_tokens": self.raw_tokens,
                     "factor": _s(self.factor),
+                    "factor_source": self.factor_source,
                     "billed_units": self.quantity_tokens,
                 }
                 if self.unit
@@ -108,6 +110,7 @@ class InvoiceLine:
             language=d.get("language"),
             raw_tokens=d.get("raw_tokens"),
             factor=_d(d.get("factor")),
+            factor_source=d.get("factor_source"),
         )
 
 

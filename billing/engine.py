@@ -71,6 +71,7 @@ class UsageQuantity:
     unit: str | None = None
     raw_tokens: int | None = None
     factor: Decimal | None = None
+    factor_source: str | None = None  # the language premium's date, tokenizer and source
 
 
 def usage_digest(usage: Iterable[UsageQuantity]) -> str:
@@ -112,7 +113,7 @@ def _grouped(rows: Sequence[UsageQuantity], kind: LineKind) -> dict[LineKey, lis
             )
         unit = row.unit or ""
         key = (row.model, row.batch, row.token_type, unit, (row.language or "und") if unit else "")
-        acc = totals.setdefault(key, [0, 0, row.factor])
+        acc = totals.setdefault(key, [0, 0, row.factor, row.factor_source])
         acc[0] = int(str(acc[0])) + row.quantity_tokens
         acc[1] = int(str(acc[1])) + (row.raw_tokens if row.raw_tokens is not None else row.quantity_tokens)
     return totals
@@ -122,11 +123,11 @@ def _priced_lines(rows: Sequence[UsageQuantity], prices: ResolvedPrices, kind: L
     totals = _grouped(rows, kind)
     order = {t: i for i, t in enumerate(TOKEN_TYPES)}
     whole: dict[tuple[str, bool, TokenType], int] = {}
-    for (model, batch, token_type, _u, _l), (units, _raw, _f) in totals.items():
+    for (model, batch, token_type, _u, _l), (units, _raw, _f, _s) in totals.items():
         whole[(model, batch, token_type)] = whole.get((model, batch, token_type), 0) + abs(int(str(units)))
     before: dict[tuple[str, bool, TokenType], int] = {}
     lines: list[InvoiceLine] = []
-    for (model, batch, token_type, unit, language), (units, raw, factor) in sorted(
+    for (model, batch, token_type, unit, language), (units, raw, factor, source) in sorted(
         totals.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]], kv[0][3], kv[0][4])
     ):
         quantity = int(str(units))
@@ -140,7 +141,13 @@ def _priced_lines(rows: Sequence[UsageQuantity], prices: ResolvedPrices, kind: L
         # Batch API usage: through the tiers on its own quantity, at the discounted price, own lines
         line_kind = LineKind.BATCH_USAGE if batch and kind is LineKind.USAGE else kind
         tariffed = (
-            {"unit": unit, "language": language, "raw_tokens": sign * int(str(raw)), "factor": factor}
+            {
+                "unit": unit,
+                "language": language,
+                "raw_tokens": sign * int(str(raw)),
+                "factor": factor,
+                "factor_source": source,
+            }
             if unit
             else {}
         )

@@ -79,7 +79,7 @@ class Slice:
                 b = units[token_type] if units is not None else Billed(Decimal(n), n, UNIT_TOKEN)
                 mine[(e.model, token_type)] = mine.get((e.model, token_type), 0) + b.units
                 day[(e.model, token_type)] = day.get((e.model, token_type), 0) + b.units
-                acc = self.billed.setdefault((*key, b.unit), [Decimal(0), 0, b.factor])
+                acc = self.billed.setdefault((*key, b.unit), [Decimal(0), 0, b.factor, b.factor_source])
                 acc[0] += b.exact  # rounded once, per line (billed_rows)
                 acc[1] += n
         self.hashes.append(stored.hash)
@@ -105,8 +105,8 @@ class Slice:
         if all(unit == UNIT_TOKEN for *_k, unit in self.billed):
             return self.rows()
         return [
-            UsageQuantity(model, tt, half_up(units), origin, language, batch, unit, raw, factor)
-            for (model, tt, origin, language, batch, unit), (units, raw, factor) in sorted(
+            UsageQuantity(model, tt, half_up(units), origin, language, batch, unit, raw, factor, source)
+            for (model, tt, origin, language, batch, unit), (units, raw, factor, source) in sorted(
                 self.billed.items(), key=lambda kv: tuple(str(x) for x in kv[0])
             )
         ]

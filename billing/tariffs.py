@@ -28,7 +28,7 @@ from pathlib import Path
 from billing.errors import ConfigError
 from billing.price_book import PriceBook, Tariff
 from metering.events import TokenType, UsageEvent
-from metering.language_premiums import PremiumFileError, PremiumTable, load_premiums
+from metering.language_premiums import Premium, PremiumFileError, PremiumTable, load_premiums
 
 UNIT_TOKEN = "token"
 UNIT_EE_TOKEN = "english_equivalent_token"
@@ -50,6 +50,7 @@ class Billed:
     raw_tokens: int
     unit: str
     factor: Decimal | None = None
+    factor_source: str | None = None  # the premium row used: "<measured_on> <tokenizer>: <source>"
 
     @property
     def units(self) -> int:
@@ -71,11 +72,11 @@ def half_up(value: Decimal) -> int:
     return int(value.to_integral_value(rounding=ROUND_HALF_UP))
 
 
-def premium_of(premiums: PremiumTable | None, language: str | None, model: str, on: date) -> Decimal | None:
+def premium_of(premiums: PremiumTable | None, language: str | None, model: str, on: date) -> Premium | None:
     if premiums is None or not language or language == "und":
         return None
     row = premiums.lookup(language, model, on)
-    return row.premium if row is not None and row.premium > 0 else None
+    return row if row is not None and row.premium > 0 else None
 
 
 def _shares(event: UsageEvent, tokens: Mapping[TokenType, int]) -> dict[TokenType, int] | None:
@@ -105,10 +106,13 @@ def billed_units(
     if tariff is Tariff.TOKENS:
         return {t: Billed(Decimal(n), n, UNIT_TOKEN) for t, n in tokens.items()}
     if tariff is Tariff.ENGLISH_EQUIVALENT:
-        factor = premium_of(premiums, event.language, event.model, day or event.started_at.date())
-        if factor is None:
+        row = premium_of(premiums, event.language, event.model, day or event.started_at.date())
+        if row is None:
             return {t: Billed(Decimal(n), n, UNIT_EE_TOKEN) for t, n in tokens.items()}
-        return {t: Billed(Decimal(n) / factor, n, UNIT_EE_TOKEN, factor) for t, n in tokens.items()}
+        ref = f"{row.measured_on.isoformat()} {row.tokenizer}: {row.source}"
+        return {
+            t: Billed(Decimal(n) / row.premium, n, UNIT_EE_TOKEN, row.premium, ref) for t, n in tokens.items()
+        }
     chars = _shares(event, tokens)
     if chars is None:
         return {t: Billed(Decimal(n), n, UNIT_TOKEN) for t, n in tokens.items()}

@@ -152,6 +152,7 @@ def test_the_invoice_json_states_raw_tokens_factor_and_billed_units(world: World
         1000,
     )
     assert got["factor"] == "4.454" and got["quantity_tokens"] == 1000
+    assert got["factor_source"].startswith("2026-12-03 smollm2-135m-instruct: tokenport languages measure")
     assert lines["und"].factor is None and lines["und"].quantity_tokens == lines["und"].raw_tokens == 1000
     assert lines["xx"].factor is None and lines["xx"].quantity_tokens == 10
     again = Invoice.from_json_dict(inv.to_json_dict())
