@@ -96,6 +96,7 @@ def create_app(
         workers,
         interval_s=settings.workers.health_interval_s,
         on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0),
+        routing=settings.gateway.routing,
     )
     forwarder = Forwarder(
         pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens

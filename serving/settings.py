@@ -170,6 +170,9 @@ class GatewaySettings(BaseModel):
     port: int = Field(default=8000, ge=1, le=65535)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     origin_country_header: str = "X-Client-Country"
+    # Which worker of a model takes a request (serving/proxy/routing.py): least_loaded, or
+    # prefix_affinity (a conversation's requests to the worker whose prefix cache holds it).
+    routing: Literal["least_loaded", "prefix_affinity"] = "least_loaded"
     request_timeout_s: float = Field(default=600.0, gt=0)
     key_cache_refresh_s: float = Field(default=0.25, gt=0)
     max_tenant_labels: int = Field(default=200, ge=1)

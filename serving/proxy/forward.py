@@ -30,6 +30,7 @@ from serving.proxy.flight import Flight
 from serving.proxy.pool import Worker, WorkerPool
 from serving.proxy.relay import RelayResponse, StreamRelay
 from serving.proxy.responses_relay import ResponsesRelay, output_texts, usage_of
+from serving.proxy.routing import affinity_key
 from serving.proxy.textsize import count_choices
 from serving.proxy.upstream import UpstreamClient, UpstreamResponse
 from serving.proxy.upstream import UpstreamError as UpstreamConnectionError
@@ -78,9 +79,10 @@ class Forwarder:
         tried: list[Worker] = []
         last: Exception | None = None
         headers = (("X-Request-Id", meter.request_id),)
+        key = affinity_key(request) if self.pool.routing == "prefix_affinity" else None
         for _ in range(MAX_ATTEMPTS):
             try:
-                worker = self.pool.pick(meter.model, exclude=tried)
+                worker = self.pool.pick(meter.model, exclude=tried, key=key)
             except TokenportError:
                 if not tried:
                     raise

@@ -1,8 +1,10 @@
 """The worker pool: which workers serve which model, their health, and selection.
 
 A worker is healthy when its last `GET /health` answered 200 (checked every `health_interval_s`)
-and it has not failed a request since. Selection picks the healthy worker with the fewest requests
-in flight.
+and it has not failed a request since. Each check also reads the worker's own queue (vLLM's
+`num_requests_running` + `num_requests_waiting` from its `/metrics`). Selection among the healthy
+workers follows `gateway.routing` (serving/proxy/routing.py): least loaded, or prefix/session
+affinity with a load bound.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from serving.errors import ModelNotFound, NoHealthyWorker
+from serving.proxy import routing
 
 log = logging.getLogger("tokenport.pool")
 
@@ -28,6 +31,7 @@ class Worker:
     healthy: bool = False
     inflight: int = 0
     failures: int = field(default=0)
+    queued: int = 0  # vLLM's running + waiting requests at the last check (other gateways' too)
 
 
 class WorkerPool:
@@ -37,7 +41,9 @@ class WorkerPool:
         *,
         interval_s: float = 2.0,
         on_health: Callable[[Worker], None] | None = None,
+        routing: str = "least_loaded",
     ) -> None:
+        self.routing = routing  # least_loaded | prefix_affinity
         self.workers = list(workers)
         self._by_model: dict[str, list[Worker]] = {}
         for w in self.workers:
@@ -64,7 +70,9 @@ class WorkerPool:
             self._task.cancel()
             self._task = None
 
-    def pick(self, model: str, exclude: Iterable[Worker] = ()) -> Worker:
+    def pick(self, model: str, exclude: Iterable[Worker] = (), key: str | None = None) -> Worker:
+        """A healthy worker of `model` not in `exclude`; `key` (routing.affinity_key) keeps a
+        conversation on one worker under `prefix_affinity`."""
         workers = self._by_model.get(model)
         if not workers:
             raise ModelNotFound(
@@ -74,7 +82,9 @@ class WorkerPool:
         healthy = [w for w in workers if w.healthy and w not in skip]
         if not healthy:
             raise NoHealthyWorker(f"No healthy worker is serving '{model}' right now; retry shortly.")
-        return min(healthy, key=lambda w: w.inflight)
+        chosen = routing.choose(healthy, key if self.routing == "prefix_affinity" else None)
+        assert isinstance(chosen, Worker)
+        return chosen
 
     def ready(self) -> bool:
         return all(any(w.healthy for w in ws) for ws in self._by_model.values())
@@ -105,6 +115,17 @@ class WorkerPool:
                 self._set(worker, resp.status == 200)
         except (TimeoutError, aiohttp.ClientError, OSError):
             self._set(worker, False)
+            return
+        if self.routing == "least_loaded" and len(self._by_model.get(worker.model, ())) < 2:
+            return  # one worker: nothing to choose between
+        try:
+            async with self._session.get(
+                worker.url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)
+            ) as resp:
+                if resp.status == 200:
+                    worker.queued = routing.vllm_queue(await resp.read())
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            worker.queued = 0  # no metrics (not vLLM): the gateway's own count decides
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(w) for w in self.workers))
