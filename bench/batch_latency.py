@@ -86,7 +86,13 @@ def start_gateway(procs: Procs, name: str, worker: str, extra_env: dict[str, str
     port = free_port()
     p = procs.start(
         f"gateway-{name}",
-        [tp, "gateway", "--port", str(port), "--worker", f"{MODEL}={worker}"],
+        [
+            tp,
+            "gateway",
+            "--port",
+            str(port),
+            *(x for w in worker.split(",") for x in ("--worker", f"{MODEL}={w}")),
+        ],
         cpus=None,
         env=env,
     )
