@@ -96,7 +96,9 @@ def start_gateway(procs: Procs, name: str, worker: str, extra_env: dict[str, str
         cpus=None,
         env=env,
     )
-    wait_http(f"http://127.0.0.1:{port}/readyz", p, procs, f"gateway-{name}", timeout=120)
+    wait_http(
+        f"http://127.0.0.1:{port}/healthz", p, procs, f"gateway-{name}", timeout=120
+    )  # not readyz: the catalogue's embed worker is not started here
     run = {"check": True, "capture_output": True, "env": env, "text": True, "timeout": 120}
     subprocess.run(
         [

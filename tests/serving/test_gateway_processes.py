@@ -85,7 +85,9 @@ async def test_two_processes_share_one_port_and_one_ledger(tmp_path: Path, worke
     try:
         for i in range(2):
             await _ready(f"http://127.0.0.1:{metrics + i}/metrics", proc)
-        await _ready(f"http://127.0.0.1:{port}/readyz", proc)
+        await _ready(
+            f"http://127.0.0.1:{port}/healthz", proc
+        )  # readyz also wants the catalogue's embed worker
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         for _ in range(40):  # a new connection each: the kernel spreads them over the two processes
             async with httpx.AsyncClient() as c:
