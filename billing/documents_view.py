@@ -46,15 +46,17 @@ def document(row: StoredDocument) -> Document:
 ARCHIVED = ("pdf", "ubl")  # issued documents' renderings kept byte for byte (billing_document_files)
 
 
-def render_document(
-    store: BillingStore, ref: str, fmt: str, *, tenant_id: str | None = None, now: datetime | None = None
-) -> bytes:
+def render_document(store: BillingStore, ref: str, fmt: str, *, tenant_id: str | None = None) -> bytes:
     """The document in json | csv | html | pdf | ubl. A finalized document's JSON is the stored bytes;
     an issued document's PDF and UBL are the archived ones (rendered once, at finalization or void, and
     kept: a later change of templates, fonts or wording never changes what was issued)."""
     row = store.get(ref)
     if tenant_id is not None and (row.tenant_id != tenant_id or row.status in PENDING):
         raise NotFound(f"no invoice or credit note {ref!r}")
+    return _served(store, row, fmt, utcnow())
+
+
+def _served(store: BillingStore, row: StoredDocument, fmt: str, now: datetime) -> bytes:
     if fmt == "json" and row.status == "finalized" and row.document_bytes is not None:
         return row.document_bytes
     if fmt == "ubl" and row.status == "void":  # the UBL as issued (the credit note cancels it)
@@ -65,7 +67,7 @@ def render_document(
         kept = store.archived(row.id, fmt, row.status)
         if kept is not None:
             return kept
-        return store.archive(row.id, fmt, row.status, render(document(row), fmt), now or utcnow())
+        return store.archive(row.id, fmt, row.status, render(document(row), fmt), now)
     return render(document(row), fmt)
 
 
@@ -79,8 +81,9 @@ def archived_formats(status: str) -> tuple[str, ...]:
 
 def archive_issued(store: BillingStore, ref: str, now: datetime) -> None:
     """Render and keep an issued document's PDF and UBL (called right after finalization and void)."""
-    for fmt in archived_formats(store.get(ref).status):
-        render_document(store, ref, fmt, now=now)
+    row = store.get(ref)
+    for fmt in archived_formats(row.status):
+        _served(store, row, fmt, now)
 
 
 def verify(store: BillingStore, usage: UsageStore, number: str) -> Verification:

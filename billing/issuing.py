@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -70,11 +71,7 @@ def finalize_draft(
     """Number one draft and store its finalized JSON: one unit of work (the number is never lost or
     reused)."""
     with store.unit() as tx:
-        tenant = document_store.tenant_of(tx, document_id=document_id)
-        if tenant is None:
-            raise NotFound(f"no document with id {document_id}")
-        numbering.lock_tenant(tx, tenant)
-        row = document_store.lock(tx, document_id)
+        row = lock_document(tx, document_id)
         what = f"{row.tenant_id} {row.period}" + (f" ({row.number})" if row.number else "")
         try:
             lifecycle.transition(row.kind, row.status, Op.FINALIZE, what=what)
@@ -117,13 +114,8 @@ def void_invoice(
     now: datetime,
 ) -> tuple[StoredDocument, StoredDocument]:
     """Void a finalized invoice and store its numbered credit note: one unit of work."""
-    issue = credit.issue_date
     with store.unit() as tx:
-        tenant = document_store.tenant_of(tx, document_id=document_id)
-        if tenant is None:
-            raise NotFound(f"no document with id {document_id}")
-        numbering.lock_tenant(tx, tenant)
-        row = document_store.lock(tx, document_id)
+        row = lock_document(tx, document_id)
         number = row.ref
         lifecycle.transition(row.kind, row.status, Op.VOID, what=number)
         credited = document_store.credited(tx, row.id)
@@ -133,23 +125,8 @@ def void_invoice(
                 " credit the rest with `tokenport invoices credit`"
             )
         lifecycle.transition(Kind.CREDIT_NOTE, None, Op.ISSUE, what=number)
-        name = f"{series.credit_note_prefix}{issue.year}"
-        _check_in_order(tx, name, issue)
-        sequence = numbering.next_number(tx, name)
-        credit_number = series.format("credit_note", issue.year, sequence)
-        content = finalized_json(credit.to_json_dict(), credit_number)
         document_writes.write_void(tx, row.id, reason=reason, now=now)
-        credit_id = document_writes.insert_credit_note(
-            tx,
-            row,
-            number=credit_number,
-            series=name,
-            sequence=sequence,
-            content=content,
-            issue_date=issue,
-            reason=reason,
-            now=now,
-        )
+        credit_id = _insert_credit_note(tx, row, credit, series, reason=reason, now=now)
         return document_store.by_id(tx, row.id), document_store.by_id(tx, credit_id)
 
 
@@ -158,34 +135,60 @@ def credit_invoice(
 ) -> StoredDocument:
     """Number and store a partial credit note of a finalized invoice, under the invoice's lock: the
     credit notes already issued plus this one never exceed the invoice (billing/partial_credit.py)."""
-    issue = credit.issue_date
     with store.unit() as tx:
-        tenant = document_store.tenant_of(tx, document_id=document_id)
-        if tenant is None:
-            raise NotFound(f"no document with id {document_id}")
-        numbering.lock_tenant(tx, tenant)
-        row = document_store.lock(tx, document_id)
+        row = lock_document(tx, document_id)
         lifecycle.transition(row.kind, row.status, Op.CREDIT, what=row.ref)
         assert row.total is not None
         check_headroom(row.total, document_store.credited(tx, row.id), credit.total, row.ref)
-        name = f"{series.credit_note_prefix}{issue.year}"
-        _check_in_order(tx, name, issue)
-        sequence = numbering.next_number(tx, name)
-        credit_number = series.format("credit_note", issue.year, sequence)
-        content = finalized_json(credit.to_json_dict(), credit_number)
-        credit_id = document_writes.insert_credit_note(
+        credit_id = _insert_credit_note(
             tx,
             row,
-            number=credit_number,
-            series=name,
-            sequence=sequence,
-            content=content,
-            issue_date=issue,
+            credit,
+            series,
             reason=credit.reason,
             now=now,
             amounts=(credit.subtotal, credit.tax_total, credit.total),
         )
         return document_store.by_id(tx, credit_id)
+
+
+def lock_document(tx: Connection, document_id: int) -> StoredDocument:
+    """The document, locked with its tenant's numbering (the order every writer takes the locks in)."""
+    tenant = document_store.tenant_of(tx, document_id=document_id)
+    if tenant is None:
+        raise NotFound(f"no document with id {document_id}")
+    numbering.lock_tenant(tx, tenant)
+    return document_store.lock(tx, document_id)
+
+
+def _insert_credit_note(
+    tx: Connection,
+    row: StoredDocument,
+    credit: CreditNote,
+    series: NumberSeries,
+    *,
+    reason: str,
+    now: datetime,
+    amounts: tuple[Decimal, Decimal, Decimal] | None = None,
+) -> int:
+    """Number `credit` in its series (dated in order) and store it against `row`."""
+    issue = credit.issue_date
+    name = f"{series.credit_note_prefix}{issue.year}"
+    _check_in_order(tx, name, issue)
+    sequence = numbering.next_number(tx, name)
+    credit_number = series.format("credit_note", issue.year, sequence)
+    return document_writes.insert_credit_note(
+        tx,
+        row,
+        number=credit_number,
+        series=name,
+        sequence=sequence,
+        content=finalized_json(credit.to_json_dict(), credit_number),
+        issue_date=issue,
+        reason=reason,
+        now=now,
+        amounts=amounts,
+    )
 
 
 def _check_in_order(tx: Connection, series: str, issue_date: date) -> None:

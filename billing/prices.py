@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from billing import price_book
@@ -28,6 +28,7 @@ from billing.tariffs import Converter, load_premium_table
 from metering.language_premiums import PremiumTable
 
 PREMIUMS_FILE = "language_premiums.csv"
+MAX_CONVERTERS = 10_000  # tenants' converters kept per book; forgotten all at once when full
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,9 @@ class _Loaded:
     book: price_book.PriceBook | None
     error: BillingError | None
     premiums: PremiumTable | None = None  # language_premiums.csv beside the price book (tariffs)
+    # (tenant, currency) -> its Converter over this book: shared by budgets, the spend metric and
+    # billing runs, dropped with the book when the file is re-read
+    converters: dict[tuple[str, str], Converter] = field(default_factory=dict)
 
 
 class PriceSource:
@@ -102,8 +106,17 @@ class PriceSource:
         return self._loaded.premiums
 
     def converter(self, tenant_id: str, currency: str) -> Converter:
-        """The tenant's events as billed under its tariff (billing/tariffs.py); raises like book()."""
-        return Converter(self.book(), self._loaded.premiums, tenant_id, currency)
+        """The tenant's events as billed under its tariff (billing/tariffs.py), one per tenant and
+        book (its per-day tariff cache kept); raises like book()."""
+        loaded = self._loaded
+        book = self.book()
+        key = (tenant_id, currency)
+        found = loaded.converters.get(key)
+        if found is None:
+            if len(loaded.converters) >= MAX_CONVERTERS:
+                loaded.converters.clear()
+            found = loaded.converters[key] = Converter(book, loaded.premiums, tenant_id, currency)
+        return found
 
     def book(self) -> price_book.PriceBook:
         """The current price book; raises the load error when the file is unusable."""

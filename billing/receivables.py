@@ -14,7 +14,7 @@ the invoice net of the tax it withholds and sends a certificate; `invoices pay N
 --wht-amount TAX --wht-certificate ID` settles it. Withheld tax at most the country's rate of the
 amount due (a cent of rounding allowed), and only where the buyer's country withholds.
 
-`pay` and `write_off` lock the invoice (billing/issuing.py's lock) and refuse to settle more than is
+`pay` and `write_off` lock the invoice (billing/issuing.py `lock_document`) and refuse to settle more than is
 outstanding, so two payments at once cannot overpay it.
 """
 
@@ -29,10 +29,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from billing import document_store, numbering, receipts_store
+from billing import document_store, receipts_store
 from billing.config_io import decimal_text, read_yaml, validate
 from billing.document_store import StoredDocument
 from billing.errors import DocumentStateError, InvalidUsage
+from billing.issuing import lock_document
 from billing.money import round_money, to_decimal
 from billing.receipts_store import Receipt
 from billing.store import BillingStore
@@ -178,8 +179,7 @@ def record(
     if receipt.withheld and not receipt.certificate:
         raise InvalidUsage("withheld tax needs the buyer's withholding certificate (--wht-certificate)")
     with store.unit() as tx:
-        numbering.lock_tenant(tx, row.tenant_id)
-        locked = document_store.lock(tx, row.id)
+        locked = lock_document(tx, row.id)
         if locked.kind != "invoice" or locked.status != "finalized":
             raise DocumentStateError(f"{row.ref} is {locked.status}: only a finalized invoice takes payments")
         before = receivable(

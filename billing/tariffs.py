@@ -126,6 +126,7 @@ class Converter:
     def __init__(self, book: PriceBook, premiums: PremiumTable | None, tenant_id: str, currency: str) -> None:
         self.book, self.premiums, self.tenant_id, self.currency = book, premiums, tenant_id, currency
         self._tariffs: dict[date, Tariff] = {}
+        self._most_units: dict[str, Decimal] = {}  # model -> 1 / its smallest premium (>= 1)
 
     def tariff_on(self, day: date) -> Tariff:
         found = self._tariffs.get(day)
@@ -146,6 +147,9 @@ class Converter:
         if tariff is Tariff.PER_CHARACTER:
             return Decimal(HOLD_CHARS_PER_TOKEN)
         if tariff is Tariff.ENGLISH_EQUIVALENT and self.premiums is not None:
-            mine = [r.premium for r in self.premiums.rows if r.tokenizer == model and r.premium > 0]
-            return max(Decimal(1), 1 / min(mine)) if mine else Decimal(1)
+            found = self._most_units.get(model)
+            if found is None:  # once per model (this runs on every admission of a money budget)
+                mine = [r.premium for r in self.premiums.rows if r.tokenizer == model and r.premium > 0]
+                found = self._most_units[model] = max(Decimal(1), 1 / min(mine)) if mine else Decimal(1)
+            return found
         return Decimal(1)

@@ -79,6 +79,27 @@ def valid_country(code: str) -> bool:
     return code in _COUNTRIES
 
 
+def _checked(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with name, billing_country and currency (those present) checked and normalized: the one
+    check of create_tenant and update_tenant."""
+    out = dict(fields)
+    if "billing_country" in out:
+        out["billing_country"] = str(out["billing_country"]).upper()
+        if not valid_country(out["billing_country"]):
+            raise InvalidTenantField(
+                f"billing country {fields['billing_country']!r} is not an ISO 3166-1 alpha-2 code"
+            )
+    if "currency" in out:
+        out["currency"] = str(out["currency"]).upper()
+        if out["currency"] not in _CURRENCIES:
+            raise InvalidTenantField(f"currency {fields['currency']!r} is not an ISO 4217 code")
+    if "name" in out:
+        if not str(out["name"]).strip():
+            raise InvalidTenantField("tenant name must not be empty")
+        out["name"] = str(out["name"]).strip()
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     id: str
@@ -131,23 +152,16 @@ class TenantStore:
         language: str | None = None,
         allowed_models: list[str] | None = None,
     ) -> Tenant:
-        country = billing_country.upper()
-        cur = currency.upper()
         if not TENANT_ID_RE.match(id):
             raise InvalidTenantField(f"tenant id {id!r} must be 1-64 of a-z, 0-9, '_' or '-', starting alnum")
-        if not valid_country(country):
-            raise InvalidTenantField(f"billing country {billing_country!r} is not an ISO 3166-1 alpha-2 code")
-        if cur not in _CURRENCIES:
-            raise InvalidTenantField(f"currency {currency!r} is not an ISO 4217 code")
-        if not name.strip():
-            raise InvalidTenantField("tenant name must not be empty")
+        checked = _checked({"name": name, "billing_country": billing_country, "currency": currency})
         row = {
             "id": id,
-            "name": name.strip(),
-            "billing_country": country,
+            "name": checked["name"],
+            "billing_country": checked["billing_country"],
             "business": business,
             "tax_id": tax_id,
-            "currency": cur,
+            "currency": checked["currency"],
             "language": language,
             "allowed_models": json.dumps(allowed_models) if allowed_models is not None else None,
             "created_at": to_naive(utcnow()),
@@ -169,20 +183,7 @@ class TenantStore:
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise InvalidTenantField(f"cannot change {', '.join(unknown)}")
-        if "billing_country" in changes:
-            changes["billing_country"] = str(changes["billing_country"]).upper()
-            if not valid_country(changes["billing_country"]):
-                raise InvalidTenantField(
-                    f"billing country {changes['billing_country']!r} is not an ISO 3166-1 alpha-2 code"
-                )
-        if "currency" in changes:
-            changes["currency"] = str(changes["currency"]).upper()
-            if changes["currency"] not in _CURRENCIES:
-                raise InvalidTenantField(f"currency {changes['currency']!r} is not an ISO 4217 code")
-        if "name" in changes:
-            if not str(changes["name"]).strip():
-                raise InvalidTenantField("tenant name must not be empty")
-            changes["name"] = str(changes["name"]).strip()
+        changes = _checked(changes)
         with self._engine.begin() as conn:
             done = conn.execute(update(tenants).where(tenants.c.id == tenant_id).values(**changes))
             if not done.rowcount:

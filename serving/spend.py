@@ -22,7 +22,6 @@ from billing.errors import BillingError
 from billing.money import metric_value, token_cost
 from billing.price_book import PriceBook, ResolvedPrices
 from billing.prices import PriceSource
-from billing.tariffs import Converter
 from metering.clock import Period
 from metering.events import TOKEN_TYPES, TokenType, UsageEvent
 from metering.metrics import Metrics
@@ -49,8 +48,6 @@ class SpendEstimator:
         # (tenant, currency, first day of the part, model) -> first-tier price per PRICED type (None: not
         # priced), or None when the part has no prices.
         self._units: dict[tuple[str, str, date, str], tuple[Decimal | None, ...] | None] = {}
-        # tenant -> its events as billed (the tariff, billing/tariffs.py: the same units as its invoice)
-        self._converters: dict[tuple[str, str], Converter] = {}
 
     def _current_book(self) -> PriceBook | None:
         """The source's book; the caches are dropped when the source was refreshed to a new one."""
@@ -65,7 +62,6 @@ class SpendEstimator:
             self._spans.clear()
             self._resolved.clear()
             self._units.clear()
-            self._converters.clear()
         return book
 
     def _span(self, book: PriceBook, currency: str, day: date) -> tuple[date, date] | None:
@@ -112,12 +108,7 @@ class SpendEstimator:
         """The event's units per token type as its invoice bills them (tokens on a tokens tariff)."""
         if self._prices is None:
             return event.tokens_by_type()
-        key = (tenant.id, tenant.currency)
-        convert = self._converters.get(key)
-        if convert is None:
-            if len(self._converters) >= MAX_CACHED_PRICES:
-                self._converters.clear()
-            convert = self._converters[key] = self._prices.converter(tenant.id, tenant.currency)
+        convert = self._prices.converter(tenant.id, tenant.currency)  # cached by the price source
         units = convert(event)
         return event.tokens_by_type() if units is None else {t: b.units for t, b in units.items()}
 

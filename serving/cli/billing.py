@@ -7,9 +7,10 @@ billing error (the message says what and where); 2 invalid arguments or configur
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -56,8 +57,30 @@ def _both(ctx: typer.Context) -> tuple[BillingService, Auditor]:
     return s.billing, s.audit
 
 
-def _fail(message: str, code: int = 1) -> None:
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
     fail(message, code, console)
+
+
+def _audited(
+    audit: Auditor,
+    action: str,
+    fn: Callable[[], T],
+    *,
+    target: str | None = None,
+    tenant_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+    describe: Callable[[T], dict[str, Any]] | None = None,
+) -> T:
+    """Do a billing change through the audit log (as the CLI user); a refusal exits 1 with its message."""
+    try:
+        return audit.run(
+            Who.cli(), action, fn, target=target, tenant_id=tenant_id, detail=detail, describe=describe
+        )
+    except BillingError as exc:
+        _fail(str(exc))
 
 
 @invoices_app.command("run")
@@ -73,19 +96,15 @@ def invoices_run(
     """Create or refresh the draft invoices of a period (idempotent); per-tenant errors are listed."""
     svc, audit = _both(ctx)
     p, day = period(period_), arg(lambda: parse_day(issue_date, "--issue-date"))
-    try:
-        report = audit.run(
-            Who.cli(),
-            "invoices.run",
-            lambda: svc.run(p, tenant_id=tenant, issue_date=day),
-            target=str(p),
-            tenant_id=tenant,
-            detail={"issue_date": issue_date},
-            describe=lambda r: {"drafts": len(r.drafts), "errors": r.errors},
-        )
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    report = _audited(
+        audit,
+        "invoices.run",
+        lambda: svc.run(p, tenant_id=tenant, issue_date=day),
+        target=str(p),
+        tenant_id=tenant,
+        detail={"issue_date": issue_date},
+        describe=lambda r: {"drafts": len(r.drafts), "errors": r.errors},
+    )
     if as_json:
         emit(run_json(report))
     else:
@@ -123,23 +142,19 @@ def invoices_finalize(
     Refused until the period has ended (plus `billing.finalize_grace_days`) unless --force."""
     svc, audit = _both(ctx)
     p = period(period_)
-    try:
-        report = audit.run(
-            Who.cli(),
-            "invoices.finalize",
-            lambda: svc.finalize(p, tenant_id=tenant, force=force),
-            target=str(p),
-            tenant_id=tenant,
-            detail={"force": force},
-            describe=lambda r: {
-                "numbers": [d.number for d in r.finalized],
-                "refused": r.refused,
-                "forced": r.forced,
-            },
-        )
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    report = _audited(
+        audit,
+        "invoices.finalize",
+        lambda: svc.finalize(p, tenant_id=tenant, force=force),
+        target=str(p),
+        tenant_id=tenant,
+        detail={"force": force},
+        describe=lambda r: {
+            "numbers": [d.number for d in r.finalized],
+            "refused": r.refused,
+            "forced": r.forced,
+        },
+    )
     if as_json:
         emit(finalize_json(report))
     else:
@@ -166,18 +181,14 @@ def invoices_void(
     """Void a finalized invoice by issuing a credit note that reverses it."""
     svc, audit = _both(ctx)
     day = arg(lambda: parse_day(issue_date, "--issue-date"))
-    try:
-        invoice, credit = audit.run(
-            Who.cli(),
-            "invoices.void",
-            lambda: svc.void(number, reason=reason, issue_date=day),
-            target=number,
-            detail={"reason": reason, "issue_date": issue_date},
-            describe=lambda res: {"tenant": res[0].tenant_id, "credit_note": res[1].number},
-        )
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    invoice, credit = _audited(
+        audit,
+        "invoices.void",
+        lambda: svc.void(number, reason=reason, issue_date=day),
+        target=number,
+        detail={"reason": reason, "issue_date": issue_date},
+        describe=lambda res: {"tenant": res[0].tenant_id, "credit_note": res[1].number},
+    )
     if as_json:
         emit(void_json(invoice, credit))
     else:
@@ -205,18 +216,14 @@ def invoices_credit(
     except (ValueError, ArithmeticError):
         _fail("--lines takes numbers like 1,3 and --amount a decimal like 12.50", 2)
         return
-    try:
-        note = audit.run(
-            Who.cli(),
-            "invoices.credit",
-            lambda: svc.credit(number, reason=reason, lines=chosen, amount=value),
-            target=number,
-            detail={"reason": reason, "lines": chosen, "amount": amount},
-            describe=lambda r: {"tenant": r.tenant_id, "credit_note": r.number, "total": str(r.total)},
-        )
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    note = _audited(
+        audit,
+        "invoices.credit",
+        lambda: svc.credit(number, reason=reason, lines=chosen, amount=value),
+        target=number,
+        detail={"reason": reason, "lines": chosen, "amount": amount},
+        describe=lambda r: {"tenant": r.tenant_id, "credit_note": r.number, "total": str(r.total)},
+    )
     if as_json:
         emit(credit_json(number, note))
     else:
@@ -245,25 +252,21 @@ def invoices_pay(
     if day is None:
         _fail("--date is required", 2)
         return
-    try:
-        r = audit.run(
-            Who.cli(),
-            "invoices.pay",
-            lambda: svc.pay(
-                number,
-                amount=paid,
-                on=day,
-                reference=reference,
-                withheld=withheld,
-                certificate=wht_certificate,
-            ),
-            target=number,
-            detail={"amount": amount, "date": on, "reference": reference, "wht_amount": wht_amount},
-            describe=lambda res: {"status": res.status, "outstanding": str(res.outstanding)},
-        )
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    r = _audited(
+        audit,
+        "invoices.pay",
+        lambda: svc.pay(
+            number,
+            amount=paid,
+            on=day,
+            reference=reference,
+            withheld=withheld,
+            certificate=wht_certificate,
+        ),
+        target=number,
+        detail={"amount": amount, "date": on, "reference": reference, "wht_amount": wht_amount},
+        describe=lambda res: {"status": res.status, "outstanding": str(res.outstanding)},
+    )
     if as_json:
         emit(r.to_json_dict())
     else:
@@ -279,14 +282,13 @@ def invoices_write_off(
 ) -> None:
     """Write off what is outstanding on an invoice (audited)."""
     svc, audit = _both(ctx)
-    try:
-        r = audit.run(
-            Who.cli(), "invoices.write_off", lambda: svc.write_off(number, reason=reason), target=number,
-            detail={"reason": reason},
-        )  # fmt: skip
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    r = _audited(
+        audit,
+        "invoices.write_off",
+        lambda: svc.write_off(number, reason=reason),
+        target=number,
+        detail={"reason": reason},
+    )
     if as_json:
         emit(r.to_json_dict())
     else:
@@ -343,17 +345,13 @@ def invoices_reissue(
 ) -> None:
     """Bill a voided invoice's usage again with the tenant's current data: a new invoice, dated today."""
     svc, audit = _both(ctx)
-    try:
-        row = audit.run(
-            Who.cli(),
-            "invoices.reissue",
-            lambda: svc.reissue(number),
-            target=number,
-            describe=lambda r: {"tenant": r.tenant_id, "invoice": r.number},
-        )
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    row = _audited(
+        audit,
+        "invoices.reissue",
+        lambda: svc.reissue(number),
+        target=number,
+        describe=lambda r: {"tenant": r.tenant_id, "invoice": r.number},
+    )
     if as_json:
         emit(reissue_json(number, row))
     else:
@@ -455,17 +453,13 @@ def fx_import(
     except BillingError as exc:  # unreadable, or not UTF-8
         _fail(str(exc), 2)
         return
-    try:
-        added, known = audit.run(
-            Who.cli(),
-            "fx.import",
-            lambda: svc.import_fx(text, origin=str(file)),
-            target=str(file),
-            describe=lambda res: {"imported": res[0], "already_stored": res[1]},
-        )
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    added, known = _audited(
+        audit,
+        "fx.import",
+        lambda: svc.import_fx(text, origin=str(file)),
+        target=str(file),
+        describe=lambda res: {"imported": res[0], "already_stored": res[1]},
+    )
     if as_json:
         emit({"imported": added, "already_stored": known})
     else:
@@ -498,18 +492,14 @@ def fx_supersede(
     except (ValueError, BillingError) as exc:
         _fail(str(exc), 2)
         return
-    try:
-        old = audit.run(
-            Who.cli(),
-            "fx.supersede",
-            lambda: svc.supersede_fx(new, reason=reason),
-            target=f"{new.base}/{new.quote} {new.date}",
-            detail={"rate": rate, "source": source, "reason": reason},
-            describe=lambda old: {"supersedes": str(old.rate), "old_source": old.source},
-        )
-    except BillingError as exc:
-        _fail(str(exc))
-        return
+    old = _audited(
+        audit,
+        "fx.supersede",
+        lambda: svc.supersede_fx(new, reason=reason),
+        target=f"{new.base}/{new.quote} {new.date}",
+        detail={"rate": rate, "source": source, "reason": reason},
+        describe=lambda old: {"supersedes": str(old.rate), "old_source": old.source},
+    )
     out = {"date": new.date.isoformat(), "base": new.base, "quote": new.quote, "rate": str(new.rate)}
     out |= {"source": new.source, "supersedes": str(old.rate), "reason": reason}
     if as_json:

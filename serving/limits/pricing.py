@@ -76,20 +76,13 @@ class PriceBookPricer:
         self._source = source
         self._book: PriceBook | None = None  # the book the cache was filled from
         self._cache: dict[tuple[str, str, date], ResolvedPrices] = {}
-        self._converters: dict[tuple[str, str], Converter] = {}
 
     def converter(self, tenant_id: str, currency: str) -> Converter | None:
         """The tenant's events as billed (its tariff: billing/tariffs.py), the same conversion as invoices."""
         try:
-            book = self._source.book()
+            return self._source.converter(tenant_id, currency)
         except BillingError:
             return None
-        if book is not self._book or len(self._converters) > MAX_CACHED:
-            self._book, self._cache, self._converters = book, {}, {}
-        key = (tenant_id, currency)
-        if key not in self._converters:
-            self._converters[key] = self._source.converter(tenant_id, currency)
-        return self._converters[key]
 
     def price(
         self,

@@ -161,3 +161,13 @@ def line_tokens(inv: Invoice, kind: str = "usage") -> dict[tuple[str, str], int]
             key = (line.model, line.token_type.value)
             out[key] = out.get(key, 0) + line.quantity_tokens
     return out
+
+
+def issued_in_january(w: World, tenant: str) -> str:
+    """Run and finalize `january`'s usage; the number of `tenant`'s invoice."""
+    january(w)
+    w.svc.run(JAN)
+    row = next(r for r in w.svc.finalize(JAN).finalized if r.tenant_id == tenant)
+    assert row.number is not None
+    number: str = row.number
+    return number

@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from month_world import JAN, World, january, make_world
+from month_world import World, issued_in_january, make_world
 
 from billing.documents import CreditNote
 from billing.errors import BillingError, DocumentStateError, InvalidUsage
@@ -21,15 +21,6 @@ def world(tmp_path: Path) -> Iterator[World]:
     yield from make_world(tmp_path)
 
 
-def issued(world: World, tenant: str) -> str:
-    january(world)
-    world.svc.run(JAN)
-    row = next(r for r in world.svc.finalize(JAN).finalized if r.tenant_id == tenant)
-    assert row.number is not None
-    got: str = row.number
-    return got
-
-
 def note_of(world: World, ref: str) -> CreditNote:
     doc = world.svc.store.get(ref).document
     assert doc is not None
@@ -37,7 +28,7 @@ def note_of(world: World, ref: str) -> CreditNote:
 
 
 def test_crediting_lines_repeats_them_and_recomputes_the_tax(world: World) -> None:
-    number = issued(world, "ru-soft")  # RU supplier_charges: 22 % VAT on the invoice
+    number = issued_in_january(world, "ru-soft")  # RU supplier_charges: 22 % VAT on the invoice
     invoice = world.svc.store.get(number)
     row = world.svc.credit(number, reason="line 1 was double counted", lines=[1])
     note = note_of(world, row.ref)
@@ -58,7 +49,7 @@ def test_crediting_lines_repeats_them_and_recomputes_the_tax(world: World) -> No
 
 
 def test_crediting_an_amount_spreads_it_and_never_exceeds_the_invoice(world: World) -> None:
-    number = issued(world, "kz-bank")
+    number = issued_in_january(world, "kz-bank")
     invoice = world.svc.store.get(number)
     assert invoice.subtotal is not None and invoice.total is not None
     part = (invoice.subtotal / 3).quantize(Decimal("0.01"))
@@ -81,7 +72,7 @@ def test_crediting_an_amount_spreads_it_and_never_exceeds_the_invoice(world: Wor
 
 
 def test_two_credits_at_once_cannot_both_pass_the_cap(world: World) -> None:
-    number = issued(world, "kz-bank")
+    number = issued_in_january(world, "kz-bank")
     total = world.svc.store.get(number).subtotal
     assert total is not None
     most = (total * Decimal("0.6")).quantize(Decimal("0.01"))  # two of these exceed the invoice
@@ -106,7 +97,7 @@ def test_two_credits_at_once_cannot_both_pass_the_cap(world: World) -> None:
 
 
 def test_a_void_invoice_or_a_credit_note_cannot_be_credited(world: World) -> None:
-    number = issued(world, "kz-bank")
+    number = issued_in_january(world, "kz-bank")
     _inv, cn = world.svc.void(number, reason="wrong")
     with pytest.raises(DocumentStateError, match="only a finalized invoice can be credited"):
         world.svc.credit(number, reason="x", amount=Decimal(1))

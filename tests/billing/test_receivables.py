@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from month_world import JAN, NOW, World, january, make_world
+from month_world import NOW, World, issued_in_january, make_world
 
 from billing.errors import BillingError, DocumentStateError, InvalidUsage
 
@@ -20,17 +20,10 @@ def world(tmp_path: Path) -> Iterator[World]:
     yield from make_world(tmp_path)
 
 
-def issued(world: World, tenant: str) -> str:
-    january(world)
-    world.svc.run(JAN)
-    row = next(r for r in world.svc.finalize(JAN).finalized if r.tenant_id == tenant)
-    assert row.number is not None
-    number: str = row.number
-    return number
-
-
 def test_a_payment_net_of_withholding_tax_with_its_certificate_settles_the_invoice(world: World) -> None:
-    number = issued(world, "sa-retail")  # SA: the buyer withholds 5 % (configs/billing/withholding.yaml)
+    number = issued_in_january(
+        world, "sa-retail"
+    )  # SA: the buyer withholds 5 % (configs/billing/withholding.yaml)
     r = world.svc.receivable(number)
     assert (r.status, r.wht_rate, r.outstanding) == ("open", Decimal("5"), r.total)
     wht = (r.total * Decimal("0.05")).quantize(Decimal("0.01"))
@@ -55,7 +48,7 @@ def test_a_payment_net_of_withholding_tax_with_its_certificate_settles_the_invoi
 
 
 def test_odd_payments_are_refused(world: World) -> None:
-    number = issued(world, "kz-bank")  # KZ does not withhold
+    number = issued_in_january(world, "kz-bank")  # KZ does not withhold
     r = world.svc.receivable(number)
     with pytest.raises(InvalidUsage, match="does not withhold"):
         world.svc.pay(
@@ -78,7 +71,7 @@ def test_odd_payments_are_refused(world: World) -> None:
 
 
 def test_two_payments_at_once_cannot_overpay(world: World) -> None:
-    number = issued(world, "kz-bank")
+    number = issued_in_january(world, "kz-bank")
     most = (world.svc.receivable(number).total * Decimal("0.6")).quantize(Decimal("0.01"))
     results: list[object] = []
     gate = threading.Barrier(2)
@@ -100,7 +93,7 @@ def test_two_payments_at_once_cannot_overpay(world: World) -> None:
 
 
 def test_overdue_aging_and_write_off(world: World) -> None:
-    number = issued(world, "kz-bank")
+    number = issued_in_january(world, "kz-bank")
     r = world.svc.receivable(number)
     world.clock.now = NOW + timedelta(days=(r.due_date - NOW.date()).days + 45)  # 45 days past due
     late = world.svc.receivable(number)
