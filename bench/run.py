@@ -494,7 +494,7 @@ class Bench:
             env=self.env(**(env or {})),
             cwd=self.code,
         )
-        wait_http(f"http://127.0.0.1:{port}/readyz", p, self.procs, name, timeout=60)
+        wait_http(f"http://127.0.0.1:{port}/healthz", p, self.procs, name, timeout=60)
         return p, port
 
     def create_account(self) -> None:
@@ -871,7 +871,9 @@ class Bench:
             a_gw = b_gw = None
             # the same, on ONE port: `tokenport gateway --processes 2` (SO_REUSEPORT), both cores
             both = f"{self.sut},{self.load}"
-            r_gw, r_port = self.start_gateway("gateway-reuseport", jp, both, extra=["--processes", "2"])
+            r_gw, r_port = self.start_gateway(
+                "gateway-reuseport", jp, both, extra=["--processes", "2", "--per-process-limits"]
+            )
             try:
                 self.check_target(r_port, "json", auth=True)
                 self.wrk(

@@ -165,6 +165,13 @@ def gateway(
             help="Gateway processes on the one port (SO_REUSEPORT); process i's metrics on metrics_port + i.",
         ),
     ] = 1,
+    per_process_limits: Annotated[
+        bool,
+        typer.Option(
+            help="With --processes N and limits.backend memory: accept that each process counts its own "
+            "budgets and rate limits (N times the configured amounts). Without it that is refused."
+        ),
+    ] = False,
     reuse_port: Annotated[
         bool, typer.Option(hidden=True, help="Share the port (set for each process).")
     ] = False,
@@ -180,6 +187,15 @@ def gateway(
         import sys
 
         from serving.gateway_processes import supervise
+
+        if settings.limits.backend == "memory" and not per_process_limits:
+            console.print(
+                f"[red]error:[/red] --processes {processes} with limits.backend memory would let each "
+                f"process spend a tenant's whole budget and rate limit ({processes}x the configured "
+                "amounts). Set limits.backend: redis (TOKENPORT_LIMITS__BACKEND=redis) so the processes "
+                "share them, or pass --per-process-limits to accept per-process counting."
+            )
+            raise typer.Exit(2)
 
         raise typer.Exit(supervise(sys.argv[1:], processes, settings.gateway.metrics_port))
     _run(
