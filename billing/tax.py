@@ -268,7 +268,8 @@ class TaxRules:
         if domestic:
             vat_id = with_prefix(country, seller.tax_id)
         else:
-            vat_id = with_prefix(country, registration.number) if registration else None
+            # the registration's own prefix: the non-Union OSS number is EU…, whichever member state buys
+            vat_id = with_prefix(registration.country, registration.number) if registration else None
         rate_text = "-" if rule.rate is None else format(rule.rate.normalize(), "f")
         collecting = treatment is not Treatment.NOT_COLLECTING
         return TaxTreatment(

@@ -289,5 +289,8 @@ def test_eu_business_is_reverse_charged_under_article_196_and_consumers_need_the
     oss = with_registration(seller, "EU", "EU372000041")  # one non-Union OSS registration, every state
     fr = tax_rules.determine(make_buyer("FR"), oss, D2026)
     assert (fr.treatment, fr.charged_rate) == (Treatment.SUPPLIER_CHARGES, Decimal("20"))
+    assert fr.seller_vat_id == "EU372000041"  # the OSS number as registered, not FREU…
+    bare = tax_rules.determine(make_buyer("DE"), with_registration(seller, "EU", "372000041"), D2026)
+    assert bare.seller_vat_id == "EU372000041"
     ro = tax_rules.determine(make_buyer("RO"), oss, date(2025, 12, 31))
     assert ro.charged_rate == Decimal("21")  # RO 19 -> 21 % from 2025-08-01
