@@ -190,6 +190,8 @@ class Accounts:
             "language": before.language,
         } | changes
         validate_tenant_fields(merged, self.prices)
+        if merged["currency"] != before.currency:
+            self._refuse_money_budgets(tenant_id, before.currency)
         old = {k: getattr(before, k) for k in changes}
         return self.audit.run(
             who,
@@ -199,6 +201,20 @@ class Accounts:
             tenant_id=tenant_id,
             detail={"changes": changes, "before": old},
         )
+
+    def _refuse_money_budgets(self, tenant_id: str, currency: str) -> None:
+        """A money budget is an amount in the tenant's currency: changing the currency under it would
+        silently re-denominate it (100 USD becoming 100 KZT), so the budget goes first."""
+        by_tenant, by_key = self.limits.all()
+        keys = {k.id for k in self.tenants.list_keys(tenant_id)}
+        scoped = [("tenant", tenant_id, by_tenant.get(tenant_id))]
+        scoped += [("key", k, p) for k, p in by_key.items() if k in keys]
+        money = [f"{scope} {sid}" for scope, sid, p in scoped if p and p.budget and p.budget.unit == "money"]
+        if money:
+            raise InvalidTenantField(
+                f"currency: {', '.join(money)} has a money budget in {currency}; remove it "
+                "(tenants set-limits --no-budget) before changing the currency, then set it again"
+            )
 
     def create_key(
         self, who: Who, tenant_id: str, *, name: str | None, expires_at: datetime | None

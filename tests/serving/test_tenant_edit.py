@@ -114,3 +114,25 @@ async def test_the_cli_updates_a_tenant(gw: Gateway) -> None:
     assert code != 0 and "no price book" in out
     code, out = cli(gw, "tenants", "update", tid)
     assert code != 0 and "nothing to change" in out
+
+
+async def test_a_money_budget_blocks_a_currency_change_until_it_is_removed(gw: Gateway) -> None:
+    tid = "m-" + uuid.uuid4().hex[:10]
+    body = {"id": tid, "name": "Money LLP", "billing_country": "KZ"}
+    assert (await gw.http.post("/admin/v1/tenants", json=body, headers=ADMIN)).status_code == 201
+    key = (await gw.http.post(f"/admin/v1/tenants/{tid}/keys", json={}, headers=ADMIN)).json()["id"]
+    money = {"budget": {"unit": "money", "amount": "100", "period": "month"}}
+    r = await gw.http.patch(f"/admin/v1/keys/{key}/limits", json=money, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    r = await gw.http.patch(f"/admin/v1/tenants/{tid}", json={"currency": "CNY"}, headers=ADMIN)
+    assert_openai_error(r, 400)
+    assert f"key {key} has a money budget in USD" in r.json()["error"]["message"]
+    code, out = cli(gw, "tenants", "update", tid, "--currency", "CNY")
+    assert code != 0 and "money budget" in " ".join(out.split())
+    assert (await gw.http.get(f"/admin/v1/tenants/{tid}", headers=ADMIN)).json()["currency"] == "USD"
+    tokens = {"budget": {"unit": "tokens", "amount": "1000", "period": "month"}}
+    assert (
+        await gw.http.patch(f"/admin/v1/keys/{key}/limits", json=tokens, headers=ADMIN)
+    ).status_code == 200
+    r = await gw.http.patch(f"/admin/v1/tenants/{tid}", json={"currency": "CNY"}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["currency"] == "CNY", r.text  # a token budget has no currency
