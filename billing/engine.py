@@ -99,11 +99,12 @@ def _segments(spec: PriceSpec, before: int, quantity: int, total: int) -> list[S
     return continued_segments(spec, before, quantity)
 
 
-LineKey = tuple[str, bool, TokenType, str, str]  # model, batch, token type, unit, language
+LineKey = tuple[str, bool, TokenType, str, str, str]  # model, batch, token type, unit, language, premium row
 
 
 def _grouped(rows: Sequence[UsageQuantity], kind: LineKind) -> dict[LineKey, list[object]]:
-    """Quantities per line key: [units, raw tokens, factor]; the language only splits tariffed rows."""
+    """Quantities per line key: [units, raw tokens, factor, premium row]; the language (and the premium
+    row it was billed with) only splits tariffed rows."""
     totals: dict[LineKey, list[object]] = {}
     for row in rows:
         if kind is LineKind.USAGE and row.quantity_tokens < 0:
@@ -112,7 +113,8 @@ def _grouped(rows: Sequence[UsageQuantity], kind: LineKind) -> dict[LineKey, lis
                 " corrections go in adjustments"
             )
         unit = row.unit or ""
-        key = (row.model, row.batch, row.token_type, unit, (row.language or "und") if unit else "")
+        language = (row.language or "und") if unit else ""
+        key = (row.model, row.batch, row.token_type, unit, language, row.factor_source or "")
         acc = totals.setdefault(key, [0, 0, row.factor, row.factor_source])
         acc[0] = int(str(acc[0])) + row.quantity_tokens
         acc[1] = int(str(acc[1])) + (row.raw_tokens if row.raw_tokens is not None else row.quantity_tokens)
@@ -123,12 +125,12 @@ def _priced_lines(rows: Sequence[UsageQuantity], prices: ResolvedPrices, kind: L
     totals = _grouped(rows, kind)
     order = {t: i for i, t in enumerate(TOKEN_TYPES)}
     whole: dict[tuple[str, bool, TokenType], int] = {}
-    for (model, batch, token_type, _u, _l), (units, _raw, _f, _s) in totals.items():
+    for (model, batch, token_type, _u, _l, _r), (units, _raw, _f, _s) in totals.items():
         whole[(model, batch, token_type)] = whole.get((model, batch, token_type), 0) + abs(int(str(units)))
     before: dict[tuple[str, bool, TokenType], int] = {}
     lines: list[InvoiceLine] = []
-    for (model, batch, token_type, unit, language), (units, raw, factor, source) in sorted(
-        totals.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]], kv[0][3], kv[0][4])
+    for (model, batch, token_type, unit, language, _row), (units, raw, factor, source) in sorted(
+        totals.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]], kv[0][3], kv[0][4], kv[0][5])
     ):
         quantity = int(str(units))
         if quantity == 0 and not unit:

@@ -61,9 +61,11 @@ class Slice:
     # hold billed units (what is priced); `quantities` stays in tokens (reports, verification).
     convert: Converter | None = None
     tenant_seqs: list[int] = field(default_factory=list)  # the events' positions among the tenant's
-    billed: dict[tuple[str, TokenType, str | None, str | None, bool, str], list[Any]] = field(
+    # one invoice line each, whatever the events' origins: (model, type, language, batch, unit, the
+    # premium row) -> [exact units, raw tokens, factor, premium row]; rounded once per line
+    billed: dict[tuple[str, TokenType, str | None, bool, str, str | None], list[Any]] = field(
         default_factory=dict
-    )  # (model, type, origin, language, batch, unit) -> [units, raw tokens, factor]
+    )
 
     def add(self, stored: StoredEvent, period: str, lo: int) -> None:
         e = stored.event
@@ -79,7 +81,8 @@ class Slice:
                 b = units[token_type] if units is not None else Billed(Decimal(n), n, UNIT_TOKEN)
                 mine[(e.model, token_type)] = mine.get((e.model, token_type), 0) + b.units
                 day[(e.model, token_type)] = day.get((e.model, token_type), 0) + b.units
-                acc = self.billed.setdefault((*key, b.unit), [Decimal(0), 0, b.factor, b.factor_source])
+                line = (e.model, token_type, e.language, batch, b.unit, b.factor_source)
+                acc = self.billed.setdefault(line, [Decimal(0), 0, b.factor, b.factor_source])
                 acc[0] += b.exact  # rounded once, per line (billed_rows)
                 acc[1] += n
         self.hashes.append(stored.hash)
@@ -102,11 +105,11 @@ class Slice:
 
     def billed_rows(self) -> list[UsageQuantity]:
         """What is priced: `rows()` on a tokens tariff; billed units per language under another."""
-        if all(unit == UNIT_TOKEN for *_k, unit in self.billed):
+        if all(k[4] == UNIT_TOKEN for k in self.billed):
             return self.rows()
         return [
-            UsageQuantity(model, tt, half_up(units), origin, language, batch, unit, raw, factor, source)
-            for (model, tt, origin, language, batch, unit), (units, raw, factor, source) in sorted(
+            UsageQuantity(model, tt, half_up(units), None, language, batch, unit, raw, factor, source)
+            for (model, tt, language, batch, unit, _row), (units, raw, factor, source) in sorted(
                 self.billed.items(), key=lambda kv: tuple(str(x) for x in kv[0])
             )
         ]

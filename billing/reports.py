@@ -141,7 +141,10 @@ def rated_rows(
         for line in invoice.lines:
             if line.kind is kind and line.model is not None and line.token_type is not None:
                 amount, tokens = revenue.get((line.model, line.token_type), (Decimal(0), 0))
-                revenue[(line.model, line.token_type)] = (amount + line.amount, tokens + line.quantity_tokens)
+                # a tariffed line bills units (english-equivalent tokens, characters): its raw tokens
+                # are what the usage rows hold
+                n = line.raw_tokens if line.unit and line.raw_tokens is not None else line.quantity_tokens
+                revenue[(line.model, line.token_type)] = (amount + line.amount, tokens + n)
         for (model, token_type), (amount, tokens) in revenue.items():
             parts = [
                 u for u in source if (u.model, u.token_type) == (model, token_type) and u.quantity_tokens

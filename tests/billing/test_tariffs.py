@@ -64,15 +64,22 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 def use(
-    w: World, language: str | None, prompt: int, completion: int = 0, chars: tuple[int, int] | None = None
+    w: World,
+    language: str | None,
+    prompt: int,
+    completion: int = 0,
+    chars: tuple[int, int] | None = None,
+    *,
+    origin: str = "KZ",
+    day: date = DAY,
 ) -> UsageEvent:
-    when = datetime(DAY.year, DAY.month, DAY.day, 12, tzinfo=UTC)
+    when = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
     e = UsageEvent(
         request_id="req_" + uuid.uuid4().hex,
         tenant_id="kz-bank",
         key_id="key_t",
         model=MODEL,
-        origin_country="KZ",
+        origin_country=origin,
         prompt_tokens=prompt,
         cached_prompt_tokens=0,
         completion_tokens=completion,
@@ -262,3 +269,27 @@ def test_every_format_says_what_the_billed_units_are(world: World) -> None:
     html = world.svc.render(row.ref, "html").decode()  # the tenant reads Russian
     assert "kk: 4" in html and "4.454" in html and "токены в английском эквиваленте" in html
     assert inv.lines[0].quantity_tokens == 1000
+
+
+def test_a_line_rounds_once_across_origins_and_splits_by_premium_row(world: World) -> None:
+    use(world, "kk", 2, origin="KZ")  # 2 / 4.454 = 0.449 units each: rounded per origin that is 0 + 0
+    use(world, "kk", 2, origin="UZ")
+    csv = world.config_dir / "language_premiums.csv"
+    newer = '"re-measured, corpus tokenport-parallel-v2",2026-12-20'
+    csv.write_text(csv.read_text("utf-8") + f"kk,{MODEL},4.000,{newer}\n", "utf-8")
+    use(world, "kk", 4000, day=date(2026, 12, 21))  # billed with the newer row: its own line
+    world.clock.now = datetime(2027, 1, 2, 9, tzinfo=UTC)
+    inv = invoice(world, contract_tariff="english_equivalent")
+    kk = sorted((line for line in inv.lines if line.language == "kk"), key=lambda line: line.factor or 0)
+    assert [(line.factor, line.raw_tokens, line.quantity_tokens) for line in kk] == [
+        (Decimal("4.000"), 4000, 1000),
+        (Decimal("4.454"), 4, 1),  # 4 / 4.454 = 0.898: one unit, rounded once on the line
+    ]
+    assert kk[0].factor_source is not None and "tokenport-parallel-v2" in kk[0].factor_source
+    world.svc.run(DEC)
+    world.svc.finalize(DEC)
+    report = world.svc.exports(DEC)  # by origin: raw tokens per country, the revenue split over them
+    tokens = {g.key: g.quantity_tokens for g in report.groups}
+    assert tokens == {"KZ": 4002, "UZ": 2}, tokens
+    usd = [dict(g.revenue_by_currency)["USD"] for g in report.groups]
+    assert sum(usd, Decimal(0)) == sum((line.amount for line in inv.lines), Decimal(0))
