@@ -127,7 +127,9 @@ def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             env=env,
         )
     try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc, log)
+        wait_http(
+            f"http://127.0.0.1:{port}/healthz", 60, proc, log
+        )  # readyz wants every catalogued model (the embed worker is not started here)
         yield Gateway(
             url=f"http://127.0.0.1:{port}",
             data_dir=data,

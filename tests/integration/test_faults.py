@@ -93,7 +93,7 @@ class GatewayProc:
             env=self.env,
         )
         log.close()
-        wait_http(self.url + "/readyz", 60, self.proc, self.data / "gateway.log")
+        wait_http(self.url + "/healthz", 60, self.proc, self.data / "gateway.log")
         return self
 
     def signal(self, sig: int) -> None:

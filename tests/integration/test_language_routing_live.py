@@ -110,7 +110,7 @@ def test_auto_routes_russian_and_english(worker: str, tmp_path: Path) -> None:
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/readyz", 60, gw, log)
+        wait_http(url + "/healthz", 60, gw, log)
         for text, model in (
             ("Привет! Расскажи коротко о Ташкенте, пожалуйста.", RU),
             ("Hello! Tell me briefly about Tashkent, please.", EN),
