@@ -314,6 +314,11 @@ def last_issue_date(conn: Connection, series: str) -> date | None:
     return found
 
 
+def credit_notes(conn: Connection, invoice_id: int) -> list[StoredDocument]:
+    """The credit notes issued against an invoice (partial ones and a void's), oldest first."""
+    return load(conn, documents.c.original_id == invoice_id, documents.c.kind == "credit_note")
+
+
 def credited(conn: Connection, invoice_id: int) -> Decimal:
     """The total of the credit notes issued against an invoice (partial ones and a void's)."""
     totals = conn.execute(

@@ -9,7 +9,7 @@ used). The persistence modules never call back into billing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -131,14 +131,26 @@ def void_invoice(
 
 
 def credit_invoice(
-    store: BillingStore, document_id: int, credit: CreditNote, *, series: NumberSeries, now: datetime
+    store: BillingStore,
+    document_id: int,
+    build: Callable[[list[CreditNote]], CreditNote],
+    *,
+    series: NumberSeries,
+    now: datetime,
 ) -> StoredDocument:
-    """Number and store a partial credit note of a finalized invoice, under the invoice's lock: the
-    credit notes already issued plus this one never exceed the invoice (billing/partial_credit.py)."""
+    """Number and store a partial credit note of a finalized invoice, built by ``build`` from the credit
+    notes already issued against it, all under the invoice's lock: together they never exceed the
+    invoice (billing/partial_credit.py)."""
     with store.unit() as tx:
         row = lock_document(tx, document_id)
         lifecycle.transition(row.kind, row.status, Op.CREDIT, what=row.ref)
         assert row.total is not None
+        prior = [
+            CreditNote.from_json_dict(d.document)
+            for d in document_store.credit_notes(tx, row.id)
+            if d.document is not None
+        ]
+        credit = build(prior)
         check_headroom(row.total, document_store.credited(tx, row.id), credit.total, row.ref)
         credit_id = _insert_credit_note(
             tx,

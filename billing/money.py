@@ -106,6 +106,12 @@ def round_money(value: Decimal, currency: str) -> Decimal:
     return value.quantize(quantum(currency), rounding=ROUNDING, context=_CTX)
 
 
+def whole_minor_units(value: Decimal, currency: str) -> bool:
+    """True when ``value`` is a whole number of the currency's minor units (10.01 USD, not 10.005):
+    what a payment, a write-off or a credited amount must be."""
+    return value == round_money(value, currency)
+
+
 def mul(*factors: Decimal) -> Decimal:
     """Exact product (50 significant digits) for quantity x price x rate."""
     result = Decimal(1)

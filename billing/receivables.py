@@ -34,7 +34,7 @@ from billing.config_io import decimal_text, read_yaml, validate
 from billing.document_store import StoredDocument
 from billing.errors import DocumentStateError, InvalidUsage
 from billing.issuing import lock_document
-from billing.money import round_money, to_decimal
+from billing.money import minor_units, round_money, to_decimal, whole_minor_units
 from billing.receipts_store import Receipt
 from billing.store import BillingStore
 
@@ -187,6 +187,12 @@ def record(
         )
         if before.status == "written_off":
             raise DocumentStateError(f"{row.ref} was written off")
+        for what, value in (("amount", receipt.amount), ("withheld tax", receipt.withheld)):
+            if not whole_minor_units(value, before.currency):
+                raise InvalidUsage(
+                    f"the {what} {value} has more decimals than {before.currency} has"
+                    f" ({minor_units(before.currency)})"
+                )
         if receipt.withheld:
             if before.wht_rate is None:
                 raise InvalidUsage(

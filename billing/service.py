@@ -44,7 +44,7 @@ from billing import (
     tax,
 )
 from billing.document_store import Draft, NotFound, StoredDocument
-from billing.documents import Document, Invoice, seq_runs
+from billing.documents import CreditNote, Document, Invoice, seq_runs
 from billing.documents_view import Verification as Verification
 from billing.documents_view import document_summary as document_summary
 from billing.documents_view import documents_summary as documents_summary
@@ -519,11 +519,14 @@ class BillingService:
         assert row.document is not None
         invoice = Invoice.from_json_dict(row.document)
         issue = issue_date or max(self._clock().date(), invoice.issue_date)
-        credit = partial_credit.partial_credit_note(
-            invoice, reason=reason, issue_date=issue, lines=lines, amount=amount
-        )
+
+        def build(prior: list[CreditNote]) -> CreditNote:
+            return partial_credit.partial_credit_note(
+                invoice, reason=reason, issue_date=issue, lines=lines, amount=amount, prior=prior
+            )
+
         note = issuing.credit_invoice(
-            self.store, row.id, credit, series=self.config().seller.numbering, now=self._clock()
+            self.store, row.id, build, series=self.config().seller.numbering, now=self._clock()
         )
         if self.archive:
             documents_view.archive_issued(self.store, note.ref, self._clock())

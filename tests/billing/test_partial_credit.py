@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from month_world import World, issued_in_january, make_world
 
-from billing.documents import CreditNote
+from billing.documents import CreditNote, Invoice
 from billing.errors import BillingError, DocumentStateError, InvalidUsage
+from billing.partial_credit import partial_credit_note
 
 
 @pytest.fixture()
@@ -56,10 +59,10 @@ def test_crediting_an_amount_spreads_it_and_never_exceeds_the_invoice(world: Wor
     first = world.svc.credit(number, reason="service credit: outage", amount=part)
     note = note_of(world, first.ref)
     assert note.subtotal == part and len(note.lines) == len(world.svc.store.get(number).document["lines"])
-    with pytest.raises(InvalidUsage, match="exceeds the invoice's net amount"):
+    with pytest.raises(InvalidUsage, match="exceeds what is left to credit"):
         world.svc.credit(number, reason="too much", amount=invoice.subtotal + 1)
     world.svc.credit(number, reason="second credit", amount=part)
-    with pytest.raises(DocumentStateError, match="would exceed the invoice total"):
+    with pytest.raises(InvalidUsage, match="exceeds what is left to credit"):
         world.svc.credit(number, reason="third: over the invoice", amount=part + Decimal("0.05"))
     with pytest.raises(DocumentStateError, match="partial credit notes"):
         world.svc.void(number, reason="void after partial credits")
@@ -93,7 +96,7 @@ def test_two_credits_at_once_cannot_both_pass_the_cap(world: World) -> None:
         t.join()
     refused = [r for r in results if isinstance(r, BillingError)]
     assert len(results) == 2 and len(refused) == 1, results
-    assert "would exceed" in str(refused[0])
+    assert "exceeds what is left to credit" in str(refused[0])  # the second saw the first, under the lock
 
 
 def test_a_void_invoice_or_a_credit_note_cannot_be_credited(world: World) -> None:
@@ -103,3 +106,58 @@ def test_a_void_invoice_or_a_credit_note_cannot_be_credited(world: World) -> Non
         world.svc.credit(number, reason="x", amount=Decimal(1))
     with pytest.raises(DocumentStateError):
         world.svc.credit(cn.ref, reason="x", amount=Decimal(1))
+
+
+def test_credits_line_by_line_add_up_to_the_invoice_to_the_cent(world: World) -> None:
+    """Two lines of 0.03 at 22 %: each line's tax rounds to 0.01, the invoice's (0.0132) to 0.01. The
+    second credit note takes the tax that is left (0.00), so both add up to the invoice's 0.07."""
+    number = issued_in_january(world, "ru-soft")
+    doc = world.svc.store.get(number).document
+    assert doc is not None
+    real = Invoice.from_json_dict(doc)
+    cents = Decimal("0.03")
+    lines = tuple(
+        replace(
+            real.lines[0],
+            quantity_tokens=real.lines[0].quantity_tokens + i,
+            amount=cents,
+            amount_unrounded=cents,
+        )
+        for i in range(2)
+    )
+    [tax] = real.taxes
+    tax = replace(tax, taxable_amount=2 * cents, amount=Decimal("0.01"), amount_unrounded=Decimal("0.0132"))
+    invoice = replace(real, lines=lines, taxes=(tax,), subtotal=2 * cents, total=Decimal("0.07"))
+    first = partial_credit_note(invoice, reason="line 1", issue_date=invoice.issue_date, lines=[1])
+    assert first.total == Decimal("0.04")  # 0.03 + 0.0066 rounded up
+    second = partial_credit_note(
+        invoice, reason="line 2", issue_date=invoice.issue_date, lines=[2], prior=[first]
+    )
+    assert (second.taxes[0].amount, second.total) == (Decimal("0.00"), Decimal("0.03"))
+    assert first.total + second.total == invoice.total
+    with pytest.raises(InvalidUsage, match="line 1 was already credited"):
+        partial_credit_note(invoice, reason="again", issue_date=invoice.issue_date, lines=[1], prior=[first])
+
+
+def test_every_line_credited_through_the_service_adds_up_and_a_line_is_credited_once(world: World) -> None:
+    number = issued_in_january(world, "ru-soft")
+    invoice = world.svc.store.get(number)
+    assert invoice.document is not None and invoice.total is not None
+    count = len(invoice.document["lines"])
+    notes = [world.svc.credit(number, reason=f"line {n}", lines=[n]) for n in range(1, count + 1)]
+    assert sum((n.total or Decimal(0) for n in notes), Decimal(0)) == invoice.total
+    with pytest.raises(InvalidUsage, match="line 1 was already credited by TP-CRN-"):
+        world.svc.credit(number, reason="twice", lines=[1])
+
+
+def test_amounts_finer_than_the_currency_and_the_drift_line_stay_consistent(world: World) -> None:
+    number = issued_in_january(world, "kz-bank")
+    with pytest.raises(InvalidUsage, match=r"0\.005 has more decimals than USD has \(2\)"):
+        world.svc.credit(number, reason="half a cent", amount=Decimal("10.005"))
+    with pytest.raises(InvalidUsage, match="more decimals than USD"):
+        world.svc.pay(number, amount=Decimal("1.001"), on=date(2027, 2, 3), reference="wire 1")
+    row = world.svc.credit(number, reason="a third", amount=Decimal("10.01"))
+    note = note_of(world, row.ref)
+    assert sum((line.amount for line in note.lines), Decimal(0)) == Decimal("10.01")
+    for line in note.lines:  # the line that absorbed the rounding drift says the same amount unrounded
+        assert abs(line.amount_unrounded - line.amount) < Decimal("0.01"), line
