@@ -15,7 +15,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
-from billing.money import fmt
+from billing.money import fmt, round_money
 from metering.events import TokenType
 
 SCHEMA_VERSION = 1
@@ -283,6 +283,42 @@ class LedgerView:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Withholding:
+    """Tax the buyer withholds from its payment (configs/billing/withholding.yaml): the invoice says so,
+    and a payment of ``net`` with the buyer's certificate for ``amount`` settles it."""
+
+    country: str
+    rate: Decimal
+    amount: Decimal  # of the amount due, rounded
+    net: Decimal  # what the buyer transfers
+    source: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "country": self.country,
+            "rate": fmt(self.rate),
+            "amount": fmt(self.amount),
+            "net_payable": fmt(self.net),
+            "source": self.source,
+        }
+
+    @classmethod
+    def of(cls, country: str, rate: Decimal, source: str, due: Decimal, currency: str) -> Withholding:
+        amount = round_money(due * rate / 100, currency)
+        return cls(country=country, rate=rate, amount=amount, net=due - amount, source=source)
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> Withholding:
+        return cls(
+            country=d["country"],
+            rate=Decimal(d["rate"]),
+            amount=Decimal(d["amount"]),
+            net=Decimal(d["net_payable"]),
+            source=d["source"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Invoice:
     number: str | None
     status: DocumentStatus
@@ -308,19 +344,42 @@ class Invoice:
     # the tenant's ledger events this invoice bills, as runs of `tenant_seq` (inclusive): what a tenant
     # selects from /v1/usage/events to recompute `usage_digest` (README: Billing -> Trust)
     billed_events: tuple[tuple[int, int], ...] = ()
+    # prepaid credit applied at finalization (billing/credits.py): (kind, amount), promotional first
+    prepaid: tuple[tuple[str, Decimal], ...] = ()
+    withholding: Withholding | None = None
 
     @property
     def tax_total(self) -> Decimal:
         return sum((t.amount for t in self.taxes), Decimal(0))
 
+    @property
+    def prepaid_total(self) -> Decimal:
+        return sum((a for _k, a in self.prepaid), Decimal(0))
+
+    @property
+    def amount_due(self) -> Decimal:
+        """The total less the prepaid credit applied (EN 16931 BT-115)."""
+        return self.total - self.prepaid_total
+
     def to_json_dict(self) -> dict[str, Any]:
         out = _common_json(self)
         out["due_date"] = self.due_date.isoformat()
+        if self.prepaid:
+            out["prepaid_applied"] = [{"kind": k, "amount": fmt(a)} for k, a in self.prepaid]
+            out["amount_due"] = fmt(self.amount_due)
+        if self.withholding is not None:
+            out["withholding"] = self.withholding.to_json_dict()
         return out
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, Any]) -> Invoice:
-        return cls(**_common(d), due_date=date.fromisoformat(d["due_date"]))
+        wht = d.get("withholding")
+        return cls(
+            **_common(d),
+            due_date=date.fromisoformat(d["due_date"]),
+            prepaid=tuple((p["kind"], Decimal(p["amount"])) for p in d.get("prepaid_applied", ())),
+            withholding=None if wht is None else Withholding.from_json_dict(wht),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

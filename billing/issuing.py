@@ -9,17 +9,19 @@ used). The persistence modules never call back into billing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from billing import document_store, document_writes, engine, lifecycle, numbering
+from billing import credits, document_store, document_writes, engine, lifecycle, numbering
 from billing.document_store import Draft, NotFound, StaleDraft, StoredDocument
-from billing.documents import CreditNote, DocumentStatus, Invoice, document_from_json
+from billing.documents import CreditNote, DocumentStatus, Invoice, Withholding, document_from_json
 from billing.errors import DocumentStateError
 from billing.ledger_read import SeqRange
 from billing.lifecycle import PENDING, Kind, Op, Status
@@ -91,6 +93,20 @@ def finalize_draft(
         sequence = numbering.next_number(tx, name)
         number = series.format("invoice", issue_date.year, sequence)
         content = finalized_json(row.document, number)
+        doc = document_from_json(orjson.loads(content))
+        if isinstance(doc, Invoice) and doc.total > 0:  # the tenant's prepaid credit, under its lock
+            applied = credits.apply(
+                tx,
+                tenant_id=row.tenant_id,
+                currency=doc.currency,
+                document_id=row.id,
+                number=number,
+                total=doc.total,
+                on=issue_date,
+                now=now,
+            )
+            if applied:
+                content = to_json(with_prepaid(doc, applied))
         document_writes.write_finalized(
             tx,
             row.id,
@@ -127,6 +143,8 @@ def void_invoice(
         lifecycle.transition(Kind.CREDIT_NOTE, None, Op.ISSUE, what=number)
         document_writes.write_void(tx, row.id, reason=reason, now=now)
         credit_id = _insert_credit_note(tx, row, credit, series, reason=reason, now=now)
+        note = document_store.by_id(tx, credit_id)
+        credits.restore(tx, invoice_id=row.id, reference=f"{note.ref} voids {number}", now=now)
         return document_store.by_id(tx, row.id), document_store.by_id(tx, credit_id)
 
 
@@ -211,6 +229,17 @@ def _check_in_order(tx: Connection, series: str, issue_date: date) -> None:
             f"{series}: a document dated {issue_date} cannot be numbered after one dated {last}"
             " (numbers follow issue dates)"
         )
+
+
+def with_prepaid(invoice: Invoice, applied: Mapping[str, Decimal]) -> Invoice:
+    """The invoice with the prepaid credit applied; a withholding statement follows the amount due."""
+    paid = replace(invoice, prepaid=tuple(applied.items()))
+    w = invoice.withholding
+    if w is None or paid.amount_due <= 0:  # nothing left to pay: nothing to withhold from
+        return replace(paid, withholding=None)
+    return replace(
+        paid, withholding=Withholding.of(w.country, w.rate, w.source, paid.amount_due, paid.currency)
+    )
 
 
 def finalized_json(draft: dict[str, Any], number: str) -> bytes:

@@ -50,10 +50,19 @@ class NumberSeries:
     invoice_prefix: str
     credit_note_prefix: str
     digits: int = 6
+    receipt_prefix: str | None = None
+
+    @property
+    def receipts(self) -> str:
+        """The prefix of prepaid-credit receipts (``TP-RCP-``)."""
+        if self.receipt_prefix:
+            return self.receipt_prefix
+        inv = self.invoice_prefix
+        return inv.replace("INV", "RCP") if "INV" in inv else f"{inv}RCP-"
 
     def format(self, kind: str, year: int, sequence: int) -> str:
         """``TP-INV-2026-000042``: numbers come from the store's gapless counter, per kind and year."""
-        prefix = self.invoice_prefix if kind == "invoice" else self.credit_note_prefix
+        prefix = {"invoice": self.invoice_prefix, "receipt": self.receipts}.get(kind, self.credit_note_prefix)
         return f"{prefix}{year}-{sequence:0{self.digits}d}"
 
 
@@ -94,6 +103,7 @@ class _Numbering(BaseModel):
     model_config = ConfigDict(extra="forbid")
     invoice_prefix: str
     credit_note_prefix: str
+    receipt_prefix: str | None = None  # prepaid-credit receipts; default: the invoice prefix's INV -> RCP
     digits: int = Field(default=6, ge=1, le=12)
 
 

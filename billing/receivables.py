@@ -1,7 +1,7 @@
 """Receivables: what is owed on each issued invoice, payments against it, aging (issue 13).
 
-Per invoice: due = total - its credit notes; settled = payments received + tax the buyer withheld
-(with its certificate) + written off; outstanding = due - settled. Status, derived (never stored):
+Per invoice: due = total - its credit notes - the prepaid credit applied to it; settled = payments
+received + tax the buyer withheld (with its certificate) + written off; outstanding = due - settled. Status, derived (never stored):
 
     written_off      a write-off was recorded
     paid             nothing outstanding
@@ -81,10 +81,11 @@ class Receivable:
     written_off: Decimal
     status: str
     wht_rate: Decimal | None  # the buyer's country withholds this much (configs/billing/withholding.yaml)
+    prepaid: Decimal = Decimal(0)  # prepaid credit applied when it was issued (billing/credits.py)
 
     @property
     def due(self) -> Decimal:
-        return self.total - self.credited
+        return self.total - self.credited - self.prepaid
 
     @property
     def outstanding(self) -> Decimal:
@@ -99,6 +100,7 @@ class Receivable:
             "due_date": self.due_date.isoformat(),
             "total": str(self.total),
             "credited": str(self.credited),
+            "prepaid_applied": str(self.prepaid),
             "received": str(self.received),
             "withheld": str(self.withheld),
             "written_off": str(self.written_off),
@@ -116,8 +118,9 @@ def receivable(
     received = sum((r.amount for r in rows if r.kind == "payment"), Decimal(0))
     withheld = sum((r.withheld for r in rows if r.kind == "payment"), Decimal(0))
     written = sum((r.amount for r in rows if r.kind == "write_off"), Decimal(0))
+    prepaid = sum((Decimal(p["amount"]) for p in doc.get("prepaid_applied", ())), Decimal(0))
     due_date = date.fromisoformat(str(doc.get("due_date") or doc.get("issue_date")))
-    outstanding = total - credited - received - withheld - written
+    outstanding = total - credited - prepaid - received - withheld - written
     if written:
         status = "written_off"
     elif outstanding <= 0:
@@ -131,7 +134,7 @@ def receivable(
     assert row.number is not None and row.issue_date is not None
     return Receivable(
         row.number, row.tenant_id, row.currency or "", row.issue_date, due_date, total, credited,
-        received, withheld, written, status, rate,
+        received, withheld, written, status, rate, prepaid,
     )  # fmt: skip
 
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from billing import (
+    credits,
     document_store,
     documents_view,
     engine,
@@ -44,7 +45,7 @@ from billing import (
     tax,
 )
 from billing.document_store import Draft, NotFound, StoredDocument
-from billing.documents import CreditNote, Document, Invoice, seq_runs
+from billing.documents import CreditNote, Document, Invoice, Withholding, seq_runs
 from billing.documents_view import Verification as Verification
 from billing.documents_view import document_summary as document_summary
 from billing.documents_view import documents_summary as documents_summary
@@ -117,6 +118,35 @@ class BillingService:
         # Render each issued document's PDF and UBL at finalization (and void) and keep the bytes
         # (billing/documents_view.py); off, they are archived at their first download instead.
         self.archive = archive
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def credit_balance(self, tenant_id: str, currency: str) -> dict[str, Any]:
+        """The tenant's prepaid credit today, per kind, and its ledger (billing/credits.py)."""
+        with self.store.read() as conn:
+            left = credits.balance(conn, tenant_id, currency, self._clock().date())
+            rows = credits.grants(conn, tenant_id)
+        return {
+            "object": "credit_balance",
+            "tenant": tenant_id,
+            "currency": currency,
+            "promotional": str(left["promotional"]),
+            "paid": str(left["paid"]),
+            "total": str(left["promotional"] + left["paid"]),
+            "ledger": [
+                {
+                    "kind": r["kind"],
+                    "amount": r["amount"],
+                    "currency": r["currency"],
+                    "receipt_number": r["number"],
+                    "reference": r["reference"],
+                    "expires_on": r["expires_on"].isoformat() if r["expires_on"] else None,
+                    "recorded_at": r["recorded_at"].isoformat(),
+                }
+                for r in rows
+            ],
+        }
 
     # --- configuration ---------------------------------------------------------------------
     def config(self) -> BillingConfig:
@@ -364,6 +394,11 @@ class BillingService:
             report.errors.append((t, str(exc)))
             return True
         invoice = replace(invoice, billed_events=seq_runs(own.tenant_seqs + late.tenant_seqs))
+        wht = self._wht().get(invoice.buyer.billing_country)
+        if wht is not None and invoice.buyer.business and invoice.total > 0:  # the buyer withholds: say so
+            country = invoice.buyer.billing_country
+            withholding = Withholding.of(country, wht.rate, wht.source, invoice.total, invoice.currency)
+            invoice = replace(invoice, withholding=withholding)
         if not invoice.lines:
             issuing.discard_pending(self.store, t, p)
             report.skipped.append((t, f"nothing to bill for {p}"))

@@ -163,3 +163,21 @@ receipts = Table(
     Column("certificate", String(200)),  # the WHT certificate
     Column("recorded_at", DateTime, nullable=False),
 )
+
+
+# Prepaid credit (billing/credits.py): grants (a top-up, paid with its numbered receipt, or promotional)
+# and their use on invoices (negative amounts naming the invoice). Append-only: the balance is the sum.
+credits = Table(
+    "billing_credits",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("currency", String(3), nullable=False),
+    Column("kind", String(16), nullable=False),  # paid | promotional
+    Column("amount", String(40), nullable=False),  # + granted, - applied to an invoice
+    Column("number", String(64), unique=True),  # a paid grant's receipt number (gapless series)
+    Column("document_id", _ID, ForeignKey("billing_documents.id")),  # the invoice it was applied to
+    Column("reference", String(200), nullable=False),  # the bank reference, campaign, or invoice number
+    Column("expires_on", Date),  # promotional credit: unused after this day
+    Column("recorded_at", DateTime, nullable=False),
+)

@@ -117,6 +117,7 @@ def to_html(
             void_notice=void_notice(loc, void_reference),
             label=lambda line: line_label(line, loc),
             tax_text=tax_text,
+            fill=lambda key, **values: fill(loc.t(key), **values),  # values isolated (LTR in RTL)
             qr=qr,
         )
     )

@@ -200,6 +200,15 @@ def to_ubl(doc: Invoice | CreditNote) -> bytes:
         _cbc(root, "Note", f"Credit note for {doc.original_number}: {doc.reason}")
     for tax in doc.taxes:
         _cbc(root, "Note", tax.note)
+    if isinstance(doc, Invoice) and doc.withholding is not None:
+        w = doc.withholding
+        _cbc(
+            root,
+            "Note",
+            f"Withholding tax: the buyer withholds {fmt(w.rate)} % ({fmt(w.amount)} {doc.currency})"
+            f" under the law of {w.country}; a payment of {fmt(w.net)} {doc.currency} with the"
+            f" certificate settles it. {w.source}",
+        )
     _cbc(root, "DocumentCurrencyCode", doc.currency)
     tax_fx = next((f for f in doc.fx if f.purpose == "tax_currency"), None)
     if tax_fx is not None:
@@ -233,7 +242,10 @@ def to_ubl(doc: Invoice | CreditNote) -> bytes:
     _amount(totals, "LineExtensionAmount", doc.subtotal, doc.currency)
     _amount(totals, "TaxExclusiveAmount", doc.subtotal, doc.currency)
     _amount(totals, "TaxInclusiveAmount", doc.total, doc.currency)
-    _amount(totals, "PayableAmount", doc.total, doc.currency)
+    prepaid = doc.prepaid_total if isinstance(doc, Invoice) else Decimal(0)
+    if prepaid:  # BT-113 paid amount (prepaid credit applied), BT-115 amount due
+        _amount(totals, "PrepaidAmount", prepaid, doc.currency)
+    _amount(totals, "PayableAmount", doc.total - prepaid, doc.currency)
     for index, line in enumerate(doc.lines, 1):
         _line(root, index, line, doc, credit)
     return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True))

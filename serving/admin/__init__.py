@@ -7,6 +7,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.admin import audit, invoices, reports, tenants, usage
+from serving.admin import audit, credits, invoices, reports, tenants, usage
 
-ROUTERS: tuple[APIRouter, ...] = (tenants.router, audit.router, invoices.router, reports.router, usage.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    tenants.router,
+    audit.router,
+    invoices.router,
+    credits.router,
+    reports.router,
+    usage.router,
+)

@@ -24,6 +24,7 @@ from rich.console import Console
 from serving.cli import run
 from serving.cli.accounts import keys_app, tenants_app
 from serving.cli.billing import fx_app, invoices_app, reports_app
+from serving.cli.credits import credits_app
 from serving.cli.languages import languages_app, reports_languages
 from serving.cli.limits import admin_app
 from serving.cli.models import db_app, models_app
@@ -64,6 +65,7 @@ for _typer, _name in (
     (db_app, "db"),
     (admin_app, "admin"),
     (invoices_app, "invoices"),
+    (credits_app, "credits"),
     (fx_app, "fx"),
     (reports_app, "reports"),
     (languages_app, "languages"),

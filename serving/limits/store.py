@@ -153,6 +153,18 @@ class LimitsStore:
             self._write(conn, scope, scope_id, tenant_id, new)
         return new
 
+    def add_to_prepaid(self, conn: Connection, tenant_id: str, amount: Decimal) -> bool:
+        """Raise the tenant's prepaid money budget by a credit granted in the caller's transaction
+        (billing/credits.py), so the guard and the invoices draw on one balance; False: no such budget."""
+        current = self._locked(conn, "tenant", tenant_id)
+        if current is None or current.budget is None:
+            return False
+        if (current.budget.period, current.budget.unit) != ("prepaid", "money"):
+            return False
+        new = replace(current, budget=replace(current.budget, amount=current.budget.amount + amount))
+        self._write(conn, "tenant", tenant_id, tenant_id, new)
+        return True
+
     def clear(self, scope: Scope, scope_id: str) -> None:
         with self._engine.begin() as conn:
             res = conn.execute(
