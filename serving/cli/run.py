@@ -221,7 +221,8 @@ def reconcile(
     worker: Annotated[
         list[str] | None,
         typer.Option(
-            help="MODEL=BASE_URL, as given to `tokenport gateway --worker` (same worker ids). Repeatable."
+            help="MODEL=BASE_URL, as given to `tokenport gateway --worker` (same worker ids); given, only"
+            " these are reconciled. Repeatable."
         ),
     ] = None,
     max_drift_ratio: Annotated[float, typer.Option(help="Allowed |drift| / worker tokens.")] = 0.001,
@@ -258,9 +259,12 @@ def reconcile(
     extra = _parse_workers(worker or [])
     if extra:
         settings = _with_cli_workers(settings, extra)
+    given = [e for e in extra if isinstance(e, ExtraWorker)]
     targets = [
         Target(w.id, w.model, w.url)
-        for w in build_workers(settings, [e for e in extra if isinstance(e, ExtraWorker)])
+        for w in build_workers(settings, given)
+        # with --worker, exactly those workers (the catalogue's others may not run where this runs)
+        if not given or w.model in {e.model for e in given}
     ]
     if not targets:
         console.print("[red]error:[/red] no workers to reconcile (catalogue or --worker)")
