@@ -77,7 +77,7 @@ def test_json_schema_is_the_contract(
 def test_roundtrip_invoice_and_credit_note(
     january: Callable[..., Invoice], make_buyer: Callable[..., Buyer]
 ) -> None:
-    for who in (make_buyer("SA", "300000000000003"), make_buyer("RU", "7707083893"), make_buyer("AE")):
+    for who in (make_buyer("SA", "300000000000003"), make_buyer("RU", "7707083893"), make_buyer("PK")):
         inv = finalize(january(USAGE, who), "TP-INV-2026-000001")
         assert Invoice.from_json_dict(json.loads(json.dumps(inv.to_json_dict()))) == inv
         assert document_from_json(inv.to_json_dict()) == inv

@@ -38,13 +38,13 @@ TENANTS = {  # id: (billing country, tax id, business, currency, language, origi
     "mc-kz": ("KZ", "123456789013", True, "USD", "ru", ("KZ", "UZ")),
     "mc-sa": ("SA", "300000000000003", True, "USD", "ar", ("SA",)),
     "mc-ru": ("RU", "7707083893", True, "CNY", "ru", ("RU", "BY")),
-    "mc-ae": ("AE", None, False, "USD", "en", ("AE",)),
+    "mc-pk": ("PK", None, False, "USD", "en", ("PK",)),  # a consumer where the payer collects: not_collecting
 }
 TREATMENT = {
     "mc-kz": ("reverse_charge", "0"),
     "mc-sa": ("reverse_charge", "0"),
     "mc-ru": ("supplier_charges", "22"),
-    "mc-ae": ("not_collecting", "0"),
+    "mc-pk": ("not_collecting", "0"),
 }
 PRICES = {
     "USD": {"input": "2000", "cached_input": "1000", "output": "4000"},
