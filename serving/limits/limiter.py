@@ -9,7 +9,11 @@ A tenant therefore never ends above its budget while workers respect max_tokens 
 within their worst case: every admitted request's worst case was held, atomically, before it was
 sent. Holds that are never settled (a process died) expire after the tenant's request timeout plus a
 minute. If the backend (Redis) fails, `limits.on_backend_error_budget` (default closed: 503) and
-`limits.on_backend_error_rate` (default open: admit uncounted) decide.
+`limits.on_backend_error_rate` (default open) decide. Open is **bounded**: while Redis cannot be
+reached, each gateway process counts the rate limits itself in memory (the `fallback` backend), so a
+fleet of N processes admits at most N times a limit, never an unlimited flood; every request tries
+Redis first, so the shared counts take over again as soon as it answers (re-probed continuously, not
+decided once).
 """
 
 from __future__ import annotations
@@ -122,8 +126,10 @@ class Limiter:
         on_error_budget: FailMode = "closed",
         on_error_rate: FailMode = "open",
         clock: Callable[[], float] = time.time,
+        fallback: Backend | None = None,
     ) -> None:
         self.backend = backend
+        self.fallback = fallback  # rate limits counted per process while the backend is down
         self.policies = policies
         self.usage = usage
         self.metrics = metrics
@@ -363,7 +369,16 @@ class Limiter:
                     adm.request_id, now_ms, adm.buckets, specs, secrets.token_hex(6)
                 )
             except Exception as exc:  # noqa: BLE001 - Redis down or slow: the fail mode decides
-                self._backend_failed(adm, exc)
+                buckets = adm.buckets
+                self._backend_failed(adm, exc)  # raises when closed; else admitted uncounted by Redis
+                if self.fallback is not None and buckets:  # bounded: this process still counts
+                    local = await self.fallback.admit(
+                        adm.request_id, now_ms, buckets, [], secrets.token_hex(6)
+                    )
+                    if local.status == "rate":
+                        adm.buckets = buckets
+                        self._refuse_rate(adm, local)
+                    adm.headers = rate_headers(local.buckets)
                 return None
             if result.status == "ok":
                 return result

@@ -68,6 +68,7 @@ def build_guardrails(
         pricer=PriceBookPricer(stores.prices),
         on_error_budget=lim.on_backend_error_budget,
         on_error_rate=lim.on_backend_error_rate,
+        fallback=MemoryBackend() if lim.backend == "redis" else None,  # bounded fail-open
     )
 
     def context_length(model: str) -> int:
