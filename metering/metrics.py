@@ -117,6 +117,12 @@ class Metrics:
             registry=r,
         )
         self.inflight = Gauge("tokenport_inflight_requests", "Requests in flight.", ["model"], registry=r)
+        self.worker_ejections = Counter(
+            "tokenport_worker_ejections_total",
+            "Times the worker was ejected after failed requests in a row (outlier ejection).",
+            ["worker", "model"],
+            registry=r,
+        )
         self.worker_healthy = Gauge(
             "tokenport_worker_healthy",
             "1 if the worker passed its last health check.",

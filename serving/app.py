@@ -36,6 +36,7 @@ from serving.openai import models, routes, stored
 from serving.openai.capabilities import Capabilities
 from serving.openai.protocol import hoist_defs
 from serving.pipeline import Pipeline
+from serving.proxy.discovery import Discovery
 from serving.proxy.forward import Forwarder
 from serving.proxy.language_routing import LanguageRouter
 from serving.proxy.pool import Worker, WorkerPool
@@ -97,7 +98,15 @@ def create_app(
         interval_s=settings.workers.health_interval_s,
         on_health=lambda w: metrics.worker_healthy.labels(w.id, w.model).set(1 if w.healthy else 0),
         routing=settings.gateway.routing,
+        eject_after=settings.workers.eject_after_failures,
+        eject_base_s=settings.workers.eject_base_s,
+        eject_max_s=settings.workers.eject_max_s,
+        on_eject=lambda w: metrics.worker_ejections.labels(w.id, w.model).inc(),
     )
+    workers_file = settings.workers.file
+    if workers_file is not None and not workers_file.is_absolute():
+        workers_file = settings.config_dir / workers_file
+    discovery = Discovery(pool, workers, workers_file, settings.workers.refresh_s) if workers_file else None
     forwarder = Forwarder(
         pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens
     )
@@ -150,6 +159,8 @@ def create_app(
         await guardrails.start()
         session = await forwarder.start()
         await pool.start(session)
+        if discovery is not None:
+            await discovery.start()
         await idempotency.start()
         reconciler.start()
         if listener is not None:
@@ -168,6 +179,8 @@ def create_app(
             if listener is not None:
                 await listener.close()
             await reconciler.close()
+            if discovery is not None:
+                await discovery.close()
             await pool.close()
             await keyring.close()
             await ledger.close()  # flush every queued usage event

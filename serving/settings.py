@@ -269,6 +269,15 @@ class WorkerSettings(BaseModel):
     command: list[str] = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     env: dict[str, str] = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     health_interval_s: float = Field(default=2.0, gt=0)
+    # Workers beside the catalogue's, re-read when the file changes; `resolve: true` entries are
+    # looked up in DNS every refresh_s (serving/proxy/discovery.py). Relative to the config folder.
+    file: Path | None = None
+    refresh_s: float = Field(default=5.0, gt=0)
+    # Outlier ejection (serving/proxy/pool.py): this many failed requests in a row eject a worker for
+    # eject_base_s, doubled at each ejection in a row up to eject_max_s.
+    eject_after_failures: int = Field(default=3, ge=1, le=1000)
+    eject_base_s: float = Field(default=5.0, gt=0)
+    eject_max_s: float = Field(default=300.0, gt=0)
     start_timeout_s: float = Field(default=900.0, gt=0)
     restart_backoff_max_s: float = Field(default=60.0, gt=0)
 

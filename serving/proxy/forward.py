@@ -97,6 +97,10 @@ class Forwarder:
                         await _first_event(resp) if meter.stream and resp.status == 200 else await resp.read()
                     )
                 meter.worker_id, meter.serving_region = worker.id, worker.region
+                if resp.status >= 500:  # relayed as it is; counts towards ejecting the worker
+                    self.pool.note_failure(worker)
+                else:
+                    self.pool.note_success(worker)
                 return worker, resp, got
             except UpstreamConnectionError as exc:
                 worker.inflight -= 1

@@ -5,12 +5,19 @@ and it has not failed a request since. Each check also reads the worker's own qu
 `num_requests_running` + `num_requests_waiting` from its `/metrics`). Selection among the healthy
 workers follows `gateway.routing` (serving/proxy/routing.py): least loaded, or prefix/session
 affinity with a load bound.
+
+Outlier ejection: a worker that fails `eject_after` requests in a row (connection errors and 5xx
+answers) is ejected for `eject_base_s`, doubled at each ejection in a row up to `eject_max_s`; health
+checks do not bring it back before that, a success resets the count. Workers change without a
+restart (`replace`, fed by serving/proxy/discovery.py): a new one is checked and joins, a removed one
+is **draining**: it gets no new request, its requests in flight (streams too) finish, then it goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -30,8 +37,11 @@ class Worker:
     region: str
     healthy: bool = False
     inflight: int = 0
-    failures: int = field(default=0)
+    failures: int = field(default=0)  # failed requests in a row
     queued: int = 0  # vLLM's running + waiting requests at the last check (other gateways' too)
+    draining: bool = False  # removed from the set: no new requests, gone when its last one ends
+    ejected_until: float = 0.0  # time.monotonic(): out of the pool until then (outlier ejection)
+    ejections: int = 0  # ejections in a row (each doubles the next one's length)
 
 
 class WorkerPool:
@@ -42,8 +52,14 @@ class WorkerPool:
         interval_s: float = 2.0,
         on_health: Callable[[Worker], None] | None = None,
         routing: str = "least_loaded",
+        eject_after: int = 3,
+        eject_base_s: float = 5.0,
+        eject_max_s: float = 300.0,
+        on_eject: Callable[[Worker], None] | None = None,
     ) -> None:
         self.routing = routing  # least_loaded | prefix_affinity
+        self.eject_after, self.eject_base_s, self.eject_max_s = eject_after, eject_base_s, eject_max_s
+        self._on_eject = on_eject
         self.workers = list(workers)
         self._by_model: dict[str, list[Worker]] = {}
         for w in self.workers:
@@ -79,7 +95,7 @@ class WorkerPool:
                 f"The model '{model}' does not exist or you do not have access to it.", param="model"
             )
         skip = set(exclude)
-        healthy = [w for w in workers if w.healthy and w not in skip]
+        healthy = [w for w in workers if w.healthy and not w.draining and w not in skip]
         if not healthy:
             raise NoHealthyWorker(f"No healthy worker is serving '{model}' right now; retry shortly.")
         chosen = routing.choose(healthy, key if self.routing == "prefix_affinity" else None)
@@ -87,11 +103,62 @@ class WorkerPool:
         return chosen
 
     def ready(self) -> bool:
-        return all(any(w.healthy for w in ws) for ws in self._by_model.values())
+        return all(any(w.healthy and not w.draining for w in ws) for ws in self._by_model.values())
 
     def mark_failed(self, worker: Worker) -> None:
-        worker.failures += 1
+        """The worker broke a connection: out until its next good health check (or its ejection)."""
+        self.note_failure(worker)
         self._set(worker, False)
+
+    def note_failure(self, worker: Worker) -> None:
+        """A failed request (a connection error or a 5xx answer): the `eject_after`-th in a row ejects."""
+        worker.failures += 1
+        if worker.failures >= self.eject_after and worker.ejected_until <= time.monotonic():
+            length = min(self.eject_base_s * 2**worker.ejections, self.eject_max_s)
+            worker.ejected_until = time.monotonic() + length
+            worker.ejections += 1
+            log.warning(
+                "worker %s (%s) ejected for %.0f s after %d failed requests in a row",
+                worker.id,
+                worker.url,
+                length,
+                worker.failures,
+            )
+            self._set(worker, False)
+            if self._on_eject is not None:
+                self._on_eject(worker)
+
+    def note_success(self, worker: Worker) -> None:
+        if worker.failures or worker.ejections:
+            worker.failures = worker.ejections = 0
+
+    def replace(self, desired: Iterable[Worker]) -> list[Worker]:
+        """Make the set `desired` (by model and URL): new workers join (unhealthy until checked: the
+        caller checks them), missing ones drain. Returns the new ones."""
+        current = {(w.model, w.url): w for w in self.workers if not w.draining}
+        want = {(w.model, w.url): w for w in desired}
+        added = [w for k, w in want.items() if k not in current]
+        for k, w in current.items():
+            if k not in want:
+                w.draining = True
+                log.info("worker %s (%s) removed: draining %d request(s)", w.id, w.url, w.inflight)
+        for w in added:
+            self.workers.append(w)
+            self._by_model.setdefault(w.model, []).append(w)
+            log.info("worker %s (%s) added for %s", w.id, w.url, w.model)
+        self.sweep()
+        return added
+
+    def sweep(self) -> None:
+        """Drop drained workers (removed, nothing left in flight)."""
+        gone = [w for w in self.workers if w.draining and w.inflight <= 0]
+        if not gone:
+            return
+        self.workers = [w for w in self.workers if w not in gone]
+        for model, ws in list(self._by_model.items()):
+            self._by_model[model] = [w for w in ws if w not in gone]
+        for w in gone:
+            log.info("worker %s (%s) drained and removed", w.id, w.url)
 
     def _set(self, worker: Worker, healthy: bool) -> None:
         if worker.healthy != healthy:
@@ -108,6 +175,8 @@ class WorkerPool:
 
     async def check(self, worker: Worker) -> None:
         assert self._session is not None
+        if worker.ejected_until > time.monotonic():
+            return  # ejected: not back before its time is up
         try:
             async with self._session.get(
                 worker.url + "/health", timeout=aiohttp.ClientTimeout(total=2)
@@ -133,4 +202,5 @@ class WorkerPool:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
+            self.sweep()
             await self.check_all()
