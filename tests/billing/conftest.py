@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
+from month_world import uae_consumers_decided
 
 from billing import fx, price_book, tax
 from billing.documents import Invoice
@@ -26,8 +27,10 @@ def seller() -> Seller:
 
 
 @pytest.fixture(scope="session")
-def tax_rules() -> tax.TaxRules:
-    return tax.load(CONFIGS / "tax_rules.yaml")
+def tax_rules(tmp_path_factory: pytest.TempPathFactory) -> tax.TaxRules:
+    path = tmp_path_factory.mktemp("rules") / "tax_rules.yaml"
+    path.write_text(uae_consumers_decided((CONFIGS / "tax_rules.yaml").read_text("utf-8")), "utf-8")
+    return tax.load(path)
 
 
 @pytest.fixture(scope="session")

@@ -97,14 +97,17 @@ class World:
         return out
 
 
+def uae_consumers_decided(rules_yaml: str) -> str:
+    """The shipped tax rules with one provider decision these test worlds make: UAE consumers are
+    invoiced without VAT (`b2c_unregistered: not_collecting`); shipped, they are held."""
+    return rules_yaml.replace("\n  AE:\n", "\n  AE:\n    b2c_unregistered: not_collecting\n", 1)
+
+
 def make_world(tmp_path: Path, *, finalize_grace: timedelta = timedelta(0)) -> Iterator[World]:
     config_dir = tmp_path / "billing"
     shutil.copytree(ROOT / "configs" / "billing", config_dir)
     rules = config_dir / "tax_rules.yaml"  # this provider decided: UAE consumers invoiced without VAT
-    rules.write_text(
-        rules.read_text("utf-8").replace("\n  AE:\n", "\n  AE:\n    b2c_unregistered: not_collecting\n", 1),
-        "utf-8",
-    )
+    rules.write_text(uae_consumers_decided(rules.read_text("utf-8")), "utf-8")
     engine = make_engine(f"sqlite:///{tmp_path / 'tokenport.db'}")
     db_schema.upgrade(engine)
     usage, tenants = UsageStore(engine), TenantStore(engine, "s" * 32)
