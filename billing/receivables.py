@@ -1,7 +1,8 @@
 """Receivables: what is owed on each issued invoice, payments against it, aging (issue 13).
 
 Per invoice: due = total - its credit notes - the prepaid credit applied to it; settled = payments
-received + tax the buyer withheld (with its certificate) + written off; outstanding = due - settled. Status, derived (never stored):
+received + tax the buyer withheld (with its certificate) + written off; outstanding = due - settled.
+Status, derived (never stored):
 
     written_off      a write-off was recorded
     paid             nothing outstanding
