@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from billing import numbering
+from billing.document_store import NotFound
 from billing.errors import InvalidUsage
 from billing.money import minor_units, round_money, whole_minor_units
 from billing.parties import NumberSeries
@@ -215,6 +216,23 @@ def restore(tx: Connection, *, invoice_id: int, reference: str, now: datetime) -
         )
         back[kind] = back.get(kind, Decimal(0)) + value
     return back
+
+
+def receipt(conn: Connection, number: str) -> dict[str, Any]:
+    """A paid grant by its receipt number (NotFound otherwise), as `Grant.to_json_dict`."""
+    row = conn.execute(select(credits).where(credits.c.number == number)).mappings().first()
+    if row is None:
+        raise NotFound(f"no receipt {number!r}")
+    return Grant(
+        row["tenant_id"],
+        row["currency"],
+        row["kind"],
+        Decimal(row["amount"]),
+        row["number"],
+        row["reference"],
+        row["expires_on"],
+        row["recorded_at"],
+    ).to_json_dict()
 
 
 def grants(conn: Connection, tenant_id: str) -> list[Mapping[str, Any]]:

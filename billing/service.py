@@ -28,6 +28,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from billing import (
     credits,
     document_store,
@@ -147,6 +149,24 @@ class BillingService:
                 for r in rows
             ],
         }
+
+    def receipt(self, number: str, fmt: str = "json") -> bytes:
+        """A prepaid-credit receipt as JSON, HTML or PDF (billing/render/receipt.py)."""
+        if fmt not in ("json", "html", "pdf"):
+            raise InvalidUsage(f"a receipt renders as json, html or pdf, not {fmt!r}")
+        with self.store.read() as conn:
+            grant = credits.receipt(conn, number)
+        if fmt == "json":
+            return orjson.dumps(grant, option=orjson.OPT_INDENT_2)
+        tenant = self._tenants.get_tenant(grant["tenant"])
+        if tenant is None:
+            raise NotFound(f"receipt {number}: tenant {grant['tenant']!r} is gone")
+        from billing.render.receipt import receipt_html, receipt_pdf
+
+        seller = self.config().seller
+        if fmt == "html":
+            return receipt_html(grant, seller, buyer_of(tenant)).encode()
+        return receipt_pdf(grant, seller, buyer_of(tenant))
 
     # --- configuration ---------------------------------------------------------------------
     def config(self) -> BillingConfig:

@@ -3,7 +3,9 @@ and a tenant's balance (billing/credits.py, serving/credits.py)."""
 
 from __future__ import annotations
 
+import sys
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -82,3 +84,23 @@ def credits_balance(
         f"{tenant}: {got['total']} {got['currency']} (paid {got['paid']}, promotional {got['promotional']})",
         highlight=False,
     )
+
+
+@credits_app.command("receipt")
+def credits_receipt(
+    ctx: typer.Context,
+    number: Annotated[str, typer.Argument(help="A receipt number, e.g. TP-RCP-2027-000001.")],
+    fmt: Annotated[str, typer.Option("--format", help="json, html or pdf.")] = "json",
+    out: Annotated[Path | None, typer.Option(help="Write to this file (default: standard output).")] = None,
+) -> None:
+    """A prepaid-credit receipt, in the tenant's language."""
+    s = stores(ctx)
+    try:
+        data = s.billing.receipt(number, fmt)
+    except BillingError as exc:
+        fail(str(exc), 1, console)
+    if out is not None:
+        out.write_bytes(data)
+        console.print(f"{number}: {len(data):,} bytes written to {out}", highlight=False)
+    else:
+        sys.stdout.buffer.write(data)

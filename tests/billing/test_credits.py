@@ -6,6 +6,8 @@ statement: an invoice to a buyer whose country withholds (SA 5 %) says how much 
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import date
@@ -17,6 +19,7 @@ from lxml import etree
 from month_world import JAN, World, invoice_of, january, make_world
 
 from billing import credits
+from billing.document_store import NotFound
 from billing.errors import InvalidUsage
 
 UBL = {"cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2"}
@@ -165,3 +168,23 @@ def close_january_of_kz(world: World) -> str:
     assert row.number is not None
     number: str = row.number
     return number
+
+
+@pytest.mark.parametrize(
+    ("language", "title"),
+    [("en", "Receipt"), ("ru", "Квитанция"), ("ar", "إيصال"), ("kk", "Түбіртек"), ("zh", "收据")],
+)
+def test_a_paid_top_up_has_a_receipt_document(world: World, language: str, title: str) -> None:
+    world.tenants.update_tenant("kz-bank", language=language)
+    g = grant(world, "kz-bank", "125.50")
+    assert g.number is not None
+    doc = json.loads(world.svc.receipt(g.number, "json"))
+    assert (doc["receipt_number"], doc["amount"], doc["currency"]) == (g.number, "125.50", "USD")
+    html = world.svc.receipt(g.number, "html").decode()
+    assert title in html and "Almaty Bank JSC" in html and "paid 125.50" in html
+    pdf = world.svc.receipt(g.number, "pdf")
+    assert pdf.startswith(b"%PDF") and pdf == world.svc.receipt(g.number, "pdf")  # reproducible
+    text = subprocess.run(["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True).stdout.decode()
+    assert g.number in text and title in text
+    with pytest.raises(NotFound):
+        world.svc.receipt("TP-RCP-2026-999999", "pdf")

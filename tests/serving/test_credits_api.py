@@ -62,6 +62,14 @@ async def test_a_paid_top_up_gets_a_receipt_and_raises_the_prepaid_budget(gw: Ga
     assert (bal["paid"], bal["promotional"], bal["currency"]) == ("50.00", "0", "USD")
     audit = (await gw.http.get("/admin/v1/audit", params={"tenant_id": tid}, headers=ADMIN)).json()
     assert any(e["action"] == "credits.add" for e in audit["data"]), audit
+    number = got["receipt_number"]
+    pdf = await gw.http.get(f"/admin/v1/credits/receipts/{number}", params={"format": "pdf"}, headers=ADMIN)
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF")
+    missing = await gw.http.get("/admin/v1/credits/receipts/TP-RCP-1999-000001", headers=ADMIN)
+    assert_openai_error(missing, 404)
+    bad = await gw.http.get(f"/admin/v1/credits/receipts/{number}", params={"format": "ubl"}, headers=ADMIN)
+    assert_openai_error(bad, 400)
 
 
 async def test_promotional_credit_from_the_cli_is_kept_apart(gw: Gateway) -> None:
@@ -75,6 +83,11 @@ async def test_promotional_credit_from_the_cli_is_kept_apart(gw: Gateway) -> Non
     code, out = cli(gw, "credits", "balance", tid, "--json")
     got = json.loads(out)
     assert (got["promotional"], got["paid"], got["total"]) == ("12.50", "0", "12.50")
+    code, out = cli(gw, "credits", "add", tid, "--amount", "40", "--reference", "wire 1", "--json")
+    number = json.loads(out)["receipt_number"]
+    target = gw.settings.data_dir / "receipt.html"
+    code, out = cli(gw, "credits", "receipt", number, "--format", "html", "--out", str(target))
+    assert code == 0 and number in target.read_text("utf-8")
 
 
 @pytest.mark.parametrize(
