@@ -31,7 +31,8 @@ COPY metering ./metering
 COPY billing ./billing
 
 # Build the project wheel, then install it (and its dependencies, no extras: no vLLM).
-RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
+# (the venv's pip: a Debian base has no pip for the system interpreter)
+RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install /wheels/tokenport-*.whl
 
 # ---------------------------------------------------------------- final
