@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import fake
-from bench.run import RESULTS, ROOT, RUNS, VENV_BIN, Procs, free_port, log, wait_http
+from bench.run import ANALYSIS_MARK, RESULTS, ROOT, RUNS, VENV_BIN, Procs, free_port, log, wait_http
 
 MODEL = fake.MODEL
 REPLICAS = 3
@@ -730,6 +730,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+def keep_analysis(path: Path, text: str) -> str:
+    """`text`, then the hand-written analysis below ANALYSIS_MARK in the file it replaces (if any)."""
+    if path.exists() and ANALYSIS_MARK in (old := path.read_text()):
+        return text.rstrip("\n") + "\n\n" + ANALYSIS_MARK + old.split(ANALYSIS_MARK, 1)[1]
+    return text
+
+
 def _fmt_replies(d: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in d.items())
 
@@ -815,8 +822,9 @@ def write(results: list[ScenarioResult], meta: dict[str, Any], out: Path, stamp:
             f"| gateway log lines | {_fmt_replies(r.notable_logs) or 'none of note'} |",
             "",
         ]
-    (base.with_suffix(".md")).write_text("\n".join(lines))
-    return base.with_suffix(".md")
+    path = base.with_suffix(".md")
+    path.write_text(keep_analysis(path, "\n".join(lines)))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,8 @@ STATEMENTS = (
     ("SELECT pg_advisory_xact_lock", "take the chain lock"),
     ("SELECT usage_events.request_id", "request ids already stored"),
     ("SELECT usage_events.hash", "chain head"),
-    ("SELECT usage_events.tenant_id, max", "tenant heads (max tenant_seq)"),
+    ("SELECT usage_events.tenant_id, max", "tenant heads (max tenant_seq)"),  # before 4201562
+    ("SELECT t.tenant_id, (SELECT max", "tenant heads (max tenant_seq)"),
     ("INSERT INTO usage_events", "insert the rows"),
 )
 
@@ -220,6 +222,12 @@ def _check(url: str, appended: set[str]) -> dict[str, Any]:
 PREFILL = 50_000
 
 
+def store_sql_file() -> str:
+    from metering import store_sql
+
+    return store_sql.__file__ or "?"
+
+
 def _prefill(engine: Any, tenants: int) -> None:
     """A ledger that is not empty (PREFILL events of the same tenants, ids `pre_...`), then ANALYZE:
     on a table never analyzed, PostgreSQL plans the request-id lookup as a sequential scan, and
@@ -266,7 +274,10 @@ def run_cell(
     engine.dispose()
 
     start_at = time.time() + 4.0  # every writer connected and warmed up by then
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the writers run the same product code as this process (PYTHONPATH first: --code-style A/B runs)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    )
     outs = [work / f"{db}-w{i}.json" for i in range(writers)]
     procs = [
         subprocess.Popen(
@@ -287,22 +298,22 @@ def run_cell(
         )
         for out in outs
     ]
-    pg_pid = int((server.data / "postmaster.pid").read_text().split()[0])
     time.sleep(max(0.0, start_at - time.time()))
     samples: list[int] = []
     stop = threading.Event()
     sampler = threading.Thread(target=_sample_locks, args=(url, stop, samples), daemon=True)
-    pg_cpu0 = cpu_seconds(tree(pg_pid))
+    cores = f"0-{(os.cpu_count() or 1) - 1}"
     w_cpu0 = sum(cpu_seconds(tree(p.pid)) for p in procs)
-    busy0, t0 = core_busy(f"0-{(os.cpu_count() or 1) - 1}"), time.monotonic()
+    busy0, t0 = core_busy(cores), time.monotonic()
     sampler.start()
     time.sleep(seconds)
     stop.set()
-    pg_cpu = cpu_seconds(tree(pg_pid)) - pg_cpu0
     w_cpu = sum(cpu_seconds(tree(p.pid)) for p in procs) - w_cpu0
-    busy = (core_busy(f"0-{(os.cpu_count() or 1) - 1}") - busy0) / (
-        (time.monotonic() - t0) * (os.cpu_count() or 1)
-    )
+    busy_s, wall_s = core_busy(cores) - busy0, time.monotonic() - t0
+    busy = busy_s / (wall_s * (os.cpu_count() or 1))
+    # PostgreSQL's backends and autovacuum workers come and go (an exited one takes its CPU time
+    # with it), so its share is what the machine was busy with beyond the writers.
+    pg_cpu = busy_s - w_cpu
     sampler.join(5)
     for p in procs:
         if p.wait(120) != 0:
@@ -365,18 +376,21 @@ def _row(c: Cell) -> str:
 
 HEADER = (
     "| writers | tenants | events/s | per writer | commits/s | events per commit | commit ms p50 | "
-    "append p50 ms | p99 ms | writers waiting on a lock | CPU cores PG / writers | machine busy % | "
+    "append p50 ms | p99 ms | writers waiting on a lock | CPU cores: rest (PostgreSQL) / writers | "
+    "machine busy % | "
     "stored / lost / doubled / chain verifies | tenant_seq 1..n |\n"
     "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | --- | --- |"
 )
 
 
-_PARTS = (*(n for _p, n in STATEMENTS), "COMMIT, hashing, the rest")
+_PARTS = (*dict.fromkeys(n for _p, n in STATEMENTS), "other", "COMMIT, hashing, the rest")
 
 
 def write(cells: list[Cell], meta: dict[str, Any], out: Path) -> Path:
+    from bench.fleet import keep_analysis
+
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{meta['when'][:10]}-ledger-writers"
+    base = out / f"{meta['when'][:10]}-ledger-writers{'-' + meta['tag'] if meta['tag'] else ''}"
     base.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=2) + "\n"
     )
@@ -385,7 +399,9 @@ def write(cells: list[Cell], meta: dict[str, Any], out: Path) -> Path:
         "",
         f"{meta['when']}, `python -m bench.ledger_writers`, one run, {meta['seconds']:g} s per cell, "
         f"{meta['inflight']} appends in flight per writer. Machine: {meta['machine']}. PostgreSQL "
-        "15 (fsync on) on loopback, the writers and PostgreSQL sharing the same cores.",
+        "15 (fsync on) on loopback, the writers and PostgreSQL sharing the same cores. Each cell starts "
+        f"from a fresh database holding {PREFILL:,} events of the same tenants, analyzed. Product code: "
+        f"{meta['product_code']}.",
         "",
         HEADER,
         *[_row(c) for c in cells],
@@ -404,10 +420,7 @@ def write(cells: list[Cell], meta: dict[str, Any], out: Path) -> Path:
         "",
     ]
     path = base.with_suffix(".md")
-    analysis_mark = "<!-- analysis: written by hand, kept when the tables above are regenerated -->"
-    if path.exists() and analysis_mark in path.read_text():
-        lines.append(path.read_text().split(analysis_mark, 1)[1].join([analysis_mark, ""]))
-    path.write_text("\n".join(lines))
+    path.write_text(keep_analysis(path, "\n".join(lines)))
     return path
 
 
@@ -424,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--writers", default="1,2,4")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the results' file name (e.g. before-fix)")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the finally: stop PostgreSQL
     from bench.fleet import machine
     from tests import pg
 
@@ -434,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": (
             f"{m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB, {m['postgresql']}, git {m['git']}"
         ),
+        "product_code": str(Path(store_sql_file()).parent.parent),
+        "tag": args.tag,
         "seconds": args.seconds,
         "inflight": args.inflight,
     }
