@@ -20,7 +20,9 @@ balancer; a replica that refused a connection is skipped for 2 s. They honour `r
 429 (at most 2 s), wait 0.5 s after a 503 and 1 s after `insufficient_quota`.
 
 Scenarios: `steady` (load only), `kill` (kill -9 of one replica's process group at 15 s, restarted at
-25 s), `redis` (Redis stopped at 15 s for 10 s), `postgres` (PostgreSQL stopped at 15 s for 30 s).
+25 s), `redis` (Redis stopped at 15 s for 10 s), `postgres` (PostgreSQL stopped at 15 s for 30 s), and,
+not run by default, `postgres-closed` (the same with every replica restarted with
+`metering.fail_closed: true`, as the Helm chart sets it).
 After each: the load stops, the bench waits until every spool is replayed and the ledger is quiet,
 then compares three independent counts (what clients received, what the fake worker served, what
 the ledger holds), the budget's use (`tokenport tenants limits --json`) with its limit, the requests
@@ -189,6 +191,7 @@ class Fleet:
         self.redis = Redis(self.procs)
         self.upstream_port = free_port()
         self.gateways = [Gateway(i, free_port(), run_dir / f"gw{i}") for i in range(REPLICAS)]
+        self.gateway_env: dict[str, str] = {}  # settings of a scenario (the gateways are restarted)
 
     def env(self, gw: Gateway | None = None) -> dict[str, str]:
         e = dict(os.environ)
@@ -203,6 +206,8 @@ class Fleet:
                 "TOKENPORT_DATA_DIR": str(gw.data_dir if gw else self.run_dir / "cli"),
             }
         )
+        if gw is not None:
+            e.update(self.gateway_env)
         return e
 
     def tp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -245,6 +250,14 @@ class Fleet:
             env=self.env(gw),
         )
         wait_http(f"http://127.0.0.1:{gw.port}/healthz", gw.proc, self.procs, f"gw{gw.index}", timeout=90)
+
+    def restart_gateways(self, env: dict[str, str]) -> None:
+        """Stop every replica (SIGTERM: drain), start them again with these extra settings."""
+        self.gateway_env = env
+        for gw in self.gateways:
+            if gw.proc is not None:
+                self.procs.stop(gw.proc)
+            self.start_gateway(gw)
 
     def kill9(self, gw: Gateway) -> None:
         assert gw.proc is not None
@@ -645,7 +658,15 @@ SCENARIOS: dict[str, tuple[str, float, str]] = {
     "kill": ("kill -9 of replica 0 at 15 s, restarted at 25 s", 60.0, "0.0045"),
     "redis": ("Redis stopped at 15 s for 10 s (no persistence: restarts empty)", 60.0, "0.0045"),
     "postgres": ("PostgreSQL stopped at 15 s for 30 s", 75.0, "0.0055"),
+    "postgres-closed": (
+        "PostgreSQL stopped at 15 s for 30 s, gateways with `metering.fail_closed: true` (the Helm chart's)",
+        75.0,
+        "0.0055",
+    ),
 }
+
+
+SCENARIO_ENV: dict[str, dict[str, str]] = {"postgres-closed": {"TOKENPORT_METERING__FAIL_CLOSED": "true"}}
 
 
 def events_for(name: str, fleet: Fleet, scale: float) -> list[tuple[float, Callable[[], Any]]]:
@@ -673,6 +694,7 @@ def events_for(name: str, fleet: Fleet, scale: float) -> list[tuple[float, Calla
         "kill": [(15.0, kill_9_replica_0), (25.0, restart_replica_0)],
         "redis": [(15.0, stop_redis), (25.0, start_redis)],
         "postgres": [(15.0, stop_postgres), (45.0, start_postgres)],
+        "postgres-closed": [(15.0, stop_postgres), (45.0, start_postgres)],
     }
     return [(at * scale, action) for at, action in plan.get(name, [])]
 
@@ -681,6 +703,10 @@ def run_scenario(fleet: Fleet, name: str, scale: float = 1.0) -> ScenarioResult:
     what, seconds, budget_usd = SCENARIOS[name]
     seconds *= scale
     tenant = f"fleet-{name}"
+    env = SCENARIO_ENV.get(name, {})
+    if env != fleet.gateway_env:
+        log(f"restarting the gateways with {env}")
+        fleet.restart_gateways(env)
     key = fleet.tenant(tenant, budget_usd)
     time.sleep(1.0)  # limits reach every replica within key_cache_refresh_s
     log(f"scenario {name}: {what} ({seconds:.0f} s, {fleet.clients} clients)")
@@ -741,9 +767,9 @@ def _fmt_replies(d: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in d.items())
 
 
-def write(results: list[ScenarioResult], meta: dict[str, Any], out: Path, stamp: str) -> Path:
+def write(results: list[ScenarioResult], meta: dict[str, Any], out: Path, stamp: str, tag: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{stamp}-fleet"
+    base = out / f"{stamp}-fleet{'-' + tag if tag else ''}"
     base.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "scenarios": [asdict(r) for r in results]}, indent=2, default=str) + "\n"
     )
@@ -837,7 +863,8 @@ def main(argv: list[str] | None = None) -> int:
         run_upstream(a.port, a.interval)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--scenarios", default="steady,kill,redis,postgres")
+    ap.add_argument("--tag", default="", help="suffix of the results' file name")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-write", action="store_true")
@@ -872,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
             fleet.close()
     meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     if not args.no_write:
-        path = write(results, meta, args.out, stamp)
+        path = write(results, meta, args.out, stamp, args.tag)
         log(f"wrote {path} and .json")
     return 0
 
