@@ -1,401 +1,908 @@
-"""Three gateway replicas on one PostgreSQL and one Redis, under faults (issue 14, "Measured here").
+"""Issue 14, measured here: three gateway replicas on one real PostgreSQL and one real Redis, under failures.
 
-    .venv/bin/python -m bench.fleet [--seconds 20] [--clients 64] [--out bench/results]
+    python -m bench.fleet [--scenarios steady,kill,redis,postgres] [--clients 64] [--out bench/results]
+    python -m bench.fleet upstream --port P      (the counting fake worker the bench starts itself)
 
-Started here, for real: PostgreSQL 15 (tests/pg.py, fsync on), Redis 7 (tests/redis_fixture.py), a
-fake vLLM worker that streams 20 tokens in about 0.4 s (bench/slow_upstream.py) and three `tokenport
-gateway` processes on three ports, all on `limits.backend: redis` and the one PostgreSQL ledger.
-`--clients` concurrent streaming clients spread round-robin over the replicas, half for a tenant with
-a small token budget, half for a tenant with a rate limit (RPM). Scenarios, each on fresh tenants:
+What it starts, all on loopback, in a run directory under bench/.run/ (git-ignored), all killed on exit:
+- PostgreSQL from Debian (tests/pg.py: initdb + pg_ctl in a temporary directory, fsync on);
+- redis-server on a free port, without persistence (`--save '' --appendonly no`), so a restart of
+  Redis is a restart with empty state: every budget is seeded again from the ledger;
+- a counting fake vLLM worker (this module's `upstream`): bench/fake.py's 20-chunk stream with
+  continuous usage (31 prompt + 20 completion tokens), one chunk every 50 ms, recording every
+  request id it served (the gateway's `X-Request-Id`) and whether its stream reached the end;
+- `tokenport db upgrade`, then per scenario one tenant (USD, a small money budget, RPM and TPM
+  limits, max_tokens 24, request timeout 30 s) and one API key, with the CLI;
+- 3 replicas of `tokenport gateway --port P --worker MODEL=URL` (each its own data dir, so its own
+  metering spool; `limits.backend: redis`, metrics listener on port 0).
 
-- `steady`: no fault;
-- `kill -9`: one replica SIGKILLed a third of the way in, restarted at two thirds;
-- `redis restart`: Redis stopped a third of the way in for 10 s (its counters are gone: a fresh
-  Redis), then started;
-- `postgres restart`: PostgreSQL stopped a third of the way in for 30 s, then started.
+64 concurrent streaming clients (httpx, one event loop) take the replicas in turn, like a load
+balancer; a replica that refused a connection is skipped for 2 s. They honour `retry-after-ms` on a
+429 (at most 2 s), wait 0.5 s after a 503 and 1 s after `insufficient_quota`.
 
-Measured per scenario, from what the clients saw and from the database afterwards:
-
-- completed: streams that ended with `data: [DONE]`; refused: 429 (budget or rate); errors: other
-  statuses and broken connections, by kind;
-- lost: completed streams whose request id is not in the ledger (after the spools are replayed);
-- doubled: request ids in the ledger more than once (the unique key makes it 0 by construction);
-- budget overrun: the budget tenant's ledger tokens past its budget;
-- rate: requests the RPM tenant was served vs its limit over the run's minutes;
-- chain: `verify_chain` over the whole ledger.
-
-Streams cut by a killed replica are counted apart ("cut by the kill"): the process that relayed them
-is gone, so whether they were billed depends on how far they got (README: Reliability).
-Results: bench/results/fleet.md and fleet.json.
+Scenarios: `steady` (load only), `kill` (kill -9 of one replica's process group at 15 s, restarted at
+25 s), `redis` (Redis stopped at 15 s for 10 s), `postgres` (PostgreSQL stopped at 15 s for 30 s), and,
+not run by default, `postgres-closed` (the same with every replica restarted with
+`metering.fail_closed: true`, as the Helm chart sets it).
+After each: the load stops, the bench waits until every spool is replayed and the ledger is quiet,
+then compares three independent counts (what clients received, what the fake worker served, what
+the ledger holds), the budget's use (`tokenport tenants limits --json`) with its limit, the requests
+and tokens admitted with what the RPM and TPM buckets allow, and runs `tokenport usage verify`.
+Results: bench/results/<date>-fleet.md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import platform
+import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-from sqlalchemy import func, select
+from bench import fake
+from bench.run import ANALYSIS_MARK, RESULTS, ROOT, RUNS, VENV_BIN, Procs, free_port, log, wait_http
 
-from metering.db import make_engine
-from metering.schema import usage_events
-from metering.store_sql import UsageStore
-from metering.verify import verify_chain
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = REPO / ".venv" / "bin"
-MODEL = "smollm2-135m-instruct"
-BUDGET_TOKENS = 20_000
-RPM = 300
+MODEL = fake.MODEL
+REPLICAS = 3
+CHUNK_INTERVAL_S = 0.05
+MAX_TOKENS = 24
+PROMPT = "Hello! What is the capital of Kazakhstan?"
+RPM = 1200
+TPM = 60_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# --------------------------------------------------------------------------- the counting fake worker
 
 
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def upstream_app(interval: float) -> Any:
+    """bench/fake.py's stream, dripped; GET /stats returns (and with ?reset=1 clears) what was served."""
+    from aiohttp import web
+
+    served: dict[str, dict[str, Any]] = {}
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def stats(request: web.Request) -> web.Response:
+        body = json.dumps(served)
+        if request.query.get("reset"):
+            served.clear()
+        return web.Response(text=body, content_type="application/json")
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        rid = request.headers.get("X-Request-Id") or f"anon-{len(served)}"
+        rec = served.setdefault(rid, {"t": time.time(), "attempts": 0, "complete": False})
+        rec["attempts"] += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            await resp.write(fake.sse_role_chunk(rid).encode())
+            for i in range(fake.CONTENT_CHUNKS):
+                await asyncio.sleep(interval)
+                await resp.write(
+                    fake.sse_content_chunk(i, last=i == fake.CONTENT_CHUNKS - 1, request_id=rid).encode()
+                )
+            await resp.write(fake.sse_tail(fake.CONTENT_CHUNKS, rid).encode())
+            await resp.write_eof()
+            rec["complete"] = True
+        except (ConnectionResetError, ConnectionError):
+            rec["cut"] = True
+        except asyncio.CancelledError:
+            rec["cut"] = True
+            raise
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/v1/chat/completions", completions)
+    return app
+
+
+def run_upstream(port: int, interval: float) -> None:
+    from aiohttp import web
+
+    web.run_app(upstream_app(interval), host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# --------------------------------------------------------------------------- services
+
+
+class Redis:
+    def __init__(self, procs: Procs) -> None:
+        self.procs = procs
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.proc = self.procs.start("redis", argv, cpus=None)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ping = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True, check=False
+            )
+            if ping.stdout.strip() == "PONG":
                 return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+            time.sleep(0.1)
+        raise RuntimeError("redis-server did not start:\n" + self.procs.tail("redis"))
+
+    def budget_state(self, tenant: str) -> dict[str, str]:
+        """The gateways' own budget counter (millionths of the currency): used, reserved (held)."""
+
+        def cli(*args: str) -> str:
+            argv = ["redis-cli", "-p", str(self.port), *args]
+            return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+        keys = [k for k in cli("--scan", "--pattern", f"tp:{{{tenant}}}:bg:*").split() if k.count(":") == 5]
+        if not keys:
+            return {}
+        fields = cli("HGETALL", keys[0]).split()
+        return dict(zip(fields[::2], fields[1::2], strict=False))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
 
 
 @dataclass
-class Outcome:
-    completed: list[str] = field(default_factory=list)
-    refused: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    cut_by_kill: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Result:
-    scenario: str
-    seconds: float
-    completed: int
-    refused_429: int
-    errors: dict[str, int]
-    cut_by_kill: int
-    cut_billed: int
-    lost: int
-    doubled: int
-    budget_tokens: int
-    budget_billed: int
-    budget_overrun: int
-    rpm_limit: int
-    rpm_served: int
-    rpm_allowed: int
-    events: int
-    chain_ok: bool
+class Gateway:
+    index: int
+    port: int
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
 
 
 class Fleet:
-    def __init__(self, tmp: Path, db_url: str, redis_url: str, worker: str) -> None:
-        self.tmp, self.db_url, self.redis_url, self.worker = tmp, db_url, redis_url, worker
-        self.ports = [free_port() for _ in range(3)]
-        self.procs: list[subprocess.Popen[bytes] | None] = [None, None, None]
+    def __init__(self, run_dir: Path, clients: int) -> None:
+        from tests import pg
 
-    def env(self, i: int) -> dict[str, str]:
-        return {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "TOKENPORT_CONFIG": str(REPO / "configs" / "tokenport.yaml"),
-            "TOKENPORT_DATA_DIR": str(self.tmp / f"gw{i}"),
-            "TOKENPORT_DATABASE_URL": self.db_url,
-            "TOKENPORT_LIMITS__BACKEND": "redis",
-            "TOKENPORT_LIMITS__REDIS_URL": self.redis_url,
-            "TOKENPORT_GATEWAY__METRICS_PORT": "0",
-        }
+        self.run_dir = run_dir
+        self.clients = clients
+        self.procs = Procs(run_dir)
+        self.pg = pg.PgServer(fsync=True)
+        self.redis = Redis(self.procs)
+        self.upstream_port = free_port()
+        self.gateways = [Gateway(i, free_port(), run_dir / f"gw{i}") for i in range(REPLICAS)]
+        self.gateway_env: dict[str, str] = {}  # settings of a scenario (the gateways are restarted)
 
-    def cli(self, *args: str) -> Any:
-        out = subprocess.run(
-            [str(BIN / "tokenport"), *args], env=self.env(0), capture_output=True, text=True, timeout=120
+    def env(self, gw: Gateway | None = None) -> dict[str, str]:
+        e = dict(os.environ)
+        e.update(
+            {
+                "PYTHONPATH": str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else ""),
+                "TOKENPORT_DATABASE_URL": self.pg.url,
+                "TOKENPORT_LIMITS__BACKEND": "redis",
+                "TOKENPORT_LIMITS__REDIS_URL": self.redis.url,
+                "TOKENPORT_GATEWAY__METRICS_PORT": "0",
+                "TOKENPORT_LOG_LEVEL": "WARNING",
+                "TOKENPORT_DATA_DIR": str(gw.data_dir if gw else self.run_dir / "cli"),
+            }
         )
-        if out.returncode != 0:
-            raise RuntimeError(f"tokenport {' '.join(args)}: {out.stdout}{out.stderr}")
-        return json.loads(out.stdout) if "--json" in args else out.stdout
+        if gw is not None:
+            e.update(self.gateway_env)
+        return e
 
-    def start(self, i: int) -> None:
-        (self.tmp / f"gw{i}").mkdir(parents=True, exist_ok=True)
-        log = open(self.tmp / f"gw{i}" / "gateway.log", "ab")  # noqa: SIM115 - the child's
-        self.procs[i] = subprocess.Popen(
+    def tp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "tokenport"), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=ROOT,
+            timeout=300,
+            check=check,
+        )
+
+    def start(self) -> None:
+        log("starting PostgreSQL (fsync on), Redis, the counting fake worker")
+        self.pg.start()
+        self.redis.start()
+        up = self.procs.start(
+            "upstream",
+            [str(VENV_BIN / "python"), "-m", "bench.fleet", "upstream", "--port", str(self.upstream_port)],
+            cpus=None,
+            env=self.env(),
+        )
+        wait_http(f"http://127.0.0.1:{self.upstream_port}/health", up, self.procs, "upstream", timeout=30)
+        self.tp("db", "upgrade")
+
+    def start_gateway(self, gw: Gateway) -> None:
+        gw.data_dir.mkdir(parents=True, exist_ok=True)
+        gw.proc = self.procs.start(
+            f"gw{gw.index}",
             [
-                str(BIN / "tokenport"),
+                str(VENV_BIN / "tokenport"),
                 "gateway",
                 "--port",
-                str(self.ports[i]),
+                str(gw.port),
                 "--worker",
-                f"{MODEL}={self.worker}",
+                f"{MODEL}=http://127.0.0.1:{self.upstream_port}",
             ],
-            env=self.env(i),
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            cpus=None,
+            env=self.env(gw),
         )
-        log.close()
-        wait_http(f"http://127.0.0.1:{self.ports[i]}/healthz")
+        wait_http(f"http://127.0.0.1:{gw.port}/healthz", gw.proc, self.procs, f"gw{gw.index}", timeout=90)
 
-    def kill(self, i: int) -> None:
-        p = self.procs[i]
-        if p is not None:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            self.procs[i] = None
+    def restart_gateways(self, env: dict[str, str]) -> None:
+        """Stop every replica (SIGTERM: drain), start them again with these extra settings."""
+        self.gateway_env = env
+        for gw in self.gateways:
+            if gw.proc is not None:
+                self.procs.stop(gw.proc)
+            self.start_gateway(gw)
 
-    def stop_all(self) -> None:
-        for i, p in enumerate(self.procs):
-            if p is not None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                self.procs[i] = None
+    def kill9(self, gw: Gateway) -> None:
+        assert gw.proc is not None
+        os.killpg(gw.proc.pid, signal.SIGKILL)
+        gw.proc.wait(10)
+        self.procs.running.pop(gw.proc.pid, None)
+        gw.proc = None
 
-    def tenant(self, tid: str, *limits: str) -> str:
-        self.cli("tenants", "create", "--id", tid, "--name", tid, "--billing-country", "KZ", "--json")
-        if limits:
-            self.cli("tenants", "set-limits", tid, *limits)
-        return str(self.cli("keys", "create", "--tenant", tid, "--json")["key"])
+    def tenant(self, tid: str, budget_usd: str) -> str:
+        self.tp(
+            "tenants",
+            "create",
+            "--id",
+            tid,
+            "--name",
+            f"Fleet {tid}",
+            "--billing-country",
+            "KZ",
+            "--business",
+            "--currency",
+            "USD",
+            "--json",
+        )
+        self.tp(
+            "tenants",
+            "set-limits",
+            tid,
+            "--rpm",
+            str(RPM),
+            "--tpm",
+            str(TPM),
+            "--budget",
+            budget_usd,
+            "--budget-unit",
+            "money",
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--timeout",
+            "30",
+        )
+        out = self.tp("keys", "create", "--tenant", tid, "--name", "fleet", "--json")
+        return str(json.loads(out.stdout)["key"])
+
+    def close(self) -> None:
+        self.procs.stop_all()
+        self.pg.close()
 
 
-async def client(fleet: Fleet, key: str, n: int, until: float, out: Outcome, killed: dict[str, Any]) -> None:
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass
+class Reply:
+    t: float  # when sent (time.time())
+    replica: int
+    status: str  # "200", "429", "503", ... or "conn:<Exception>"
+    code: str  # error code of a refusal, "done" for a complete stream, "cut" / "sse_error:<code>"
+    rid: str | None
+
+
+async def _read_reply(resp: Any) -> tuple[str, float]:
+    """(code, seconds to wait): "done" for a stream that reached `data: [DONE]`, "cut" for one that did
+    not, "sse_error:<code>" for a stream ended by an error event, else the refusal's error code."""
+    if resp.status_code != 200:
+        raw = await resp.aread()
+        try:
+            err = json.loads(raw)["error"]
+            code = str(err.get("code") or err["type"])
+        except (ValueError, KeyError, TypeError):
+            code = "?"
+        if resp.status_code != 429:
+            return code, 0.5
+        if code == "insufficient_quota":
+            return code, 1.0
+        ms = resp.headers.get("retry-after-ms")
+        return code, min(2.0, int(ms) / 1000 if ms else 1.0)
+    code = "cut"
+    async for line in resp.aiter_lines():
+        if line == "data: [DONE]":
+            code = "done"
+        elif line.startswith("data: {") and '"error"' in line[:40]:
+            try:
+                err = json.loads(line[6:])["error"]
+                code = "sse_error:" + str(err.get("code") or err.get("type"))
+            except (ValueError, KeyError, TypeError):
+                code = "sse_error:?"
+    return code, 0.0
+
+
+async def drive(
+    ports: list[int], key: str, clients: int, seconds: float, events: list[tuple[float, Callable[[], Any]]]
+) -> tuple[list[Reply], list[dict[str, Any]]]:
+    """`clients` streaming clients for `seconds`; `events` = (at second, action) run in a thread meanwhile."""
+    import httpx
+
+    replies: list[Reply] = []
+    marks: list[dict[str, Any]] = []
+    t0 = time.time()
+    stop = t0 + seconds
+    down_until = [0.0] * len(ports)
     body = {
         "model": MODEL,
-        "messages": [{"role": "user", "content": "Tell me about Astana."}],
-        "max_tokens": 20,
+        "messages": [{"role": "user", "content": PROMPT}],
         "stream": True,
+        "max_tokens": MAX_TOKENS,
     }
-    i = n
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30, connect=2)) as c:
-        while time.monotonic() < until:
-            i += 1
-            replica = i % 3
-            url = f"http://127.0.0.1:{fleet.ports[replica]}/v1/chat/completions"
-            rid = None
+    headers = {"Authorization": f"Bearer {key}"}
+    turn = [0]
+
+    def pick() -> int:
+        now = time.time()
+        for _ in range(len(ports)):
+            turn[0] = (turn[0] + 1) % len(ports)
+            if down_until[turn[0]] <= now:
+                return turn[0]
+        return turn[0]
+
+    async def one(http: httpx.AsyncClient) -> None:
+        while time.time() < stop:
+            r = pick()
+            sent = time.time()
+            wait = 0.0
+            rid: str | None = None
             try:
-                async with c.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
-                    rid = r.headers.get("x-request-id")
-                    if r.status_code == 429:
-                        out.refused += 1
-                        await r.aread()
-                        await asyncio.sleep(0.2)
-                        continue
-                    if r.status_code != 200:
-                        out.errors[f"http {r.status_code}"] += 1
-                        await r.aread()
-                        await asyncio.sleep(0.2)
-                        continue
-                    done = False
-                    async for line in r.aiter_lines():
-                        if line.strip() == "data: [DONE]":
-                            done = True
-                    if done and rid:
-                        out.completed.append(rid)
-                    else:
-                        out.errors["stream ended without [DONE]"] += 1
+                async with http.stream(
+                    "POST", f"http://127.0.0.1:{ports[r]}/v1/chat/completions", json=body, headers=headers
+                ) as resp:
+                    rid = resp.headers.get("x-request-id")
+                    code, wait = await _read_reply(resp)
+                    replies.append(Reply(sent, r, str(resp.status_code), code, rid))
             except httpx.HTTPError as exc:
-                if killed.get("replica") == replica and rid:
-                    out.cut_by_kill.append(rid)
-                out.errors[type(exc).__name__] += 1
-                await asyncio.sleep(0.2)
+                replies.append(Reply(sent, r, "conn", type(exc).__name__, rid))
+                down_until[r] = time.time() + 2.0
+                wait = 0.1
+            if wait:
+                await asyncio.sleep(wait)
+
+    async def injector() -> None:
+        for at, action in events:
+            delay = t0 + at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t = time.time()
+            name = getattr(action, "__name__", "action")
+            log(f"  t={t - t0:.1f}s {name}")
+            await asyncio.to_thread(action)
+            marks.append({"at_s": round(t - t0, 1), "done_s": round(time.time() - t0, 1), "what": name})
+
+    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients)
+    timeout = httpx.Timeout(60.0, connect=2.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+        await asyncio.gather(*(one(http) for _ in range(clients)), injector())
+    return replies, marks
 
 
-async def load(
-    fleet: Fleet, keys: list[str], clients: int, seconds: float, fault: Any
-) -> tuple[Outcome, Outcome]:
-    outs = (Outcome(), Outcome())
-    until = time.monotonic() + seconds
-    killed: dict[str, Any] = {}
-    tasks = [
-        asyncio.create_task(client(fleet, keys[n % 2], n, until, outs[n % 2], killed)) for n in range(clients)
+# --------------------------------------------------------------------------- checks
+
+
+def _max_in_window(times: list[float], width: float) -> int:
+    times = sorted(times)
+    best = j = 0
+    for i, t in enumerate(times):
+        while times[j] < t - width:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def _max_sum_in_window(points: list[tuple[float, int]], width: float) -> int:
+    points = sorted(points)
+    best = j = 0
+    total = 0
+    for t, v in points:
+        total += v
+        while points[j][0] < t - width:
+            total -= points[j][1]
+            j += 1
+        best = max(best, total)
+    return best
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    what: str
+    seconds: float
+    budget_usd: str
+    marks: list[dict[str, Any]]
+    requests_sent: int
+    completed: int  # streams that ended with [DONE]
+    client_replies: dict[str, int]  # "status code" -> count
+    by_phase: dict[str, dict[str, int]]
+    upstream_served: int
+    upstream_complete: int
+    upstream_cut: int
+    upstream_retried: int  # request ids the worker saw more than once
+    ledger_events: int
+    ledger_outcomes: dict[str, int]
+    lost_completed: int  # clients got [DONE] but no event
+    billed_not_delivered: int  # an event, but its client did not get [DONE] (stream cut after the commit)
+    served_without_event: int  # the worker saw it, no event (request cut with its gateway)
+    events_without_upstream: int  # an event for a request the worker never saw
+    doubled: int  # request ids stored more than once
+    ledger_tokens: int
+    upstream_tokens_complete: int
+    budget: dict[str, Any]
+    overrun_usd: str
+    rpm: dict[str, Any]
+    tpm: dict[str, Any]
+    verify: dict[str, Any]
+    notable_logs: dict[str, int] = field(default_factory=dict)
+
+
+def _phase(t: float, t0: float, marks: list[dict[str, Any]]) -> str:
+    if not marks:
+        return "all"
+    rel = t - t0
+    if rel < marks[0]["at_s"]:
+        return "before"
+    if len(marks) > 1 and rel < marks[-1]["done_s"]:
+        return "during"
+    if len(marks) == 1 and rel < marks[0]["done_s"] + 5:
+        return "during"
+    return "after"
+
+
+LOG_PATTERNS = {
+    "used > its hold": r"used \d+ > its hold",
+    "limits backend failed": r"limits backend failed",
+    "could not settle": r"could not settle",
+    "ledger database error": r"ledger database error",
+    "replayed spooled events": r"replayed \d+ spooled usage events",
+    "Traceback": r"Traceback",
+}
+
+
+def _log_counts(run_dir: Path, since: dict[str, int]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for i in range(REPLICAS):
+        path = run_dir / f"gw{i}.log"
+        if not path.exists():
+            continue
+        text = path.read_text(errors="replace")[since.get(path.name, 0) :]
+        for name, pat in LOG_PATTERNS.items():
+            counts[name] += len(re.findall(pat, text))
+    return {k: v for k, v in counts.items() if v}
+
+
+def _log_sizes(run_dir: Path) -> dict[str, int]:
+    return {p.name: len(p.read_text(errors="replace")) for p in run_dir.glob("gw*.log")}
+
+
+def _upstream_stats(port: int) -> dict[str, dict[str, Any]]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?reset=1", timeout=30) as r:
+        data: dict[str, dict[str, Any]] = json.loads(r.read())
+    return data
+
+
+def _spooled(fleet: Fleet) -> int:
+    """Bytes still in any replica's spool."""
+    total = 0
+    for gw in fleet.gateways:
+        for p in (gw.data_dir / "spool").glob("*"):
+            if p.is_file() and not p.name.endswith(".lock"):
+                total += p.stat().st_size
+    return total
+
+
+def settle_ledger(fleet: Fleet, tenant: str, timeout: float = 90.0) -> None:
+    """Wait until no spool holds events and the tenant's ledger count is still for 3 s."""
+    from metering.db import make_engine
+    from metering.store_sql import UsageStore
+
+    engine = make_engine(fleet.pg.url)
+    store = UsageStore(engine)
+    last, still_since = -1, time.monotonic()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            n = sum(int(str(r["requests"])) for r in store.summary([], tenant_id=tenant))
+            if n != last:
+                last, still_since = n, time.monotonic()
+            elif time.monotonic() - still_since >= 3.0 and _spooled(fleet) == 0:
+                return
+            time.sleep(0.5)
+        log(f"  the ledger did not settle in {timeout:.0f}s (spool bytes {_spooled(fleet)})")
+    finally:
+        engine.dispose()
+
+
+def check(
+    fleet: Fleet,
+    name: str,
+    what: str,
+    tenant: str,
+    budget_usd: str,
+    seconds: float,
+    t0: float,
+    replies: list[Reply],
+    marks: list[dict[str, Any]],
+    log_since: dict[str, int],
+) -> ScenarioResult:
+    from metering.db import make_engine
+    from metering.store_sql import UsageStore
+
+    settle_ledger(fleet, tenant)
+    served = _upstream_stats(fleet.upstream_port)
+    engine = make_engine(fleet.pg.url)
+    try:
+        stored = list(UsageStore(engine).iter_events(tenant_id=tenant))
+    finally:
+        engine.dispose()
+    rids = Counter(s.event.request_id for s in stored)
+    ledger_ids = set(rids)
+    completed_ids = {r.rid for r in replies if r.code == "done" and r.rid}
+    complete_up = {rid for rid, v in served.items() if v.get("complete")}
+
+    phases: dict[str, Counter[str]] = {}
+    for r in replies:
+        phases.setdefault(_phase(r.t, t0, marks), Counter())[f"{r.status} {r.code}"] += 1
+
+    limits = json.loads(fleet.tp("tenants", "limits", tenant, "--json").stdout)
+    budget = dict(limits.get("budget_use") or {})
+    budget["gateway_counter"] = fleet.redis.budget_state(tenant)
+    used = float(budget.get("used", 0))
+    limit = float(budget.get("limit", budget_usd))
+    verify_run = fleet.tp("usage", "verify", "--json", check=False)
+    try:
+        verify = json.loads(verify_run.stdout)
+    except ValueError:
+        verify = {"ok": False, "output": verify_run.stdout[-500:] + verify_run.stderr[-500:]}
+    verify["exit_code"] = verify_run.returncode
+
+    # RPM: requests the worker was sent for this tenant; TPM: the tokens the ledger billed.
+    starts = [float(v["t"]) for v in served.values()]
+    run_s = (max(starts) - min(starts)) if starts else 0.0
+    tok_points = [
+        (s.event.started_at.timestamp(), s.event.prompt_tokens + s.event.completion_tokens) for s in stored
     ]
-    if fault is not None:
-        await fault(seconds, killed)
-    await asyncio.gather(*tasks)
-    return outs
+    total_tokens = sum(v for _t, v in tok_points)
+    rpm = {
+        "limit": RPM,
+        "admitted": len(served),
+        "first_to_last_s": round(run_s, 1),
+        "bound": round(RPM * (1 + run_s / 60)),
+        "max_in_any_60s": _max_in_window(starts, 60.0),
+        "bound_any_60s": 2 * RPM,
+    }
+    rpm["holds"] = rpm["admitted"] <= rpm["bound"] and rpm["max_in_any_60s"] <= rpm["bound_any_60s"]
+    tpm = {
+        "limit": TPM,
+        "billed_tokens": total_tokens,
+        "bound": round(TPM * (1 + run_s / 60)),
+        "max_in_any_60s": _max_sum_in_window(tok_points, 60.0),
+        "bound_any_60s": 2 * TPM,
+    }
+    tpm["holds"] = tpm["billed_tokens"] <= tpm["bound"] and tpm["max_in_any_60s"] <= tpm["bound_any_60s"]
 
-
-def ledger_of(db_url: str, tenants: list[str]) -> tuple[dict[str, int], dict[str, int], int, int, bool]:
-    """(request id -> count, tenant -> tokens, events, doubled, chain ok)."""
-    engine = make_engine(db_url)
-    with engine.connect() as conn:
-        ids = Counter(
-            str(r)
-            for r in conn.execute(
-                select(usage_events.c.request_id).where(usage_events.c.tenant_id.in_(tenants))
-            ).scalars()
-        )
-        tokens = {
-            str(t): int(n or 0)
-            for t, n in conn.execute(
-                select(
-                    usage_events.c.tenant_id,
-                    func.sum(usage_events.c.prompt_tokens + usage_events.c.completion_tokens),
-                )
-                .where(usage_events.c.tenant_id.in_(tenants))
-                .group_by(usage_events.c.tenant_id)
-            ).all()
-        }
-    report = verify_chain(UsageStore(engine).iter_events())
-    events = sum(ids.values())
-    engine.dispose()
-    return dict(ids), tokens, events, sum(n - 1 for n in ids.values() if n > 1), report.ok
-
-
-async def scenario(name: str, fleet: Fleet, clients: int, seconds: float, fault: Any, n: int) -> Result:
-    budget_t, rate_t = f"budget-{n}", f"rate-{n}"
-    keys = [
-        fleet.tenant(budget_t, "--budget", str(BUDGET_TOKENS), "--budget-unit", "tokens"),
-        fleet.tenant(rate_t, "--rpm", str(RPM)),
-    ]
-    await asyncio.sleep(1.5)  # keys and limits reach every replica (key cache refresh)
-    t0 = time.monotonic()
-    budget_out, rate_out = await load(fleet, keys, clients, seconds, fault)
-    elapsed = time.monotonic() - t0
-    await asyncio.sleep(6)  # spooled events replayed (every 2 s once the database is back)
-    ids, tokens, events, doubled, chain_ok = ledger_of(fleet.db_url, [budget_t, rate_t])
-    completed = budget_out.completed + rate_out.completed
-    cut = budget_out.cut_by_kill + rate_out.cut_by_kill
-    rate_served = sum(1 for r in rate_out.completed if r in ids) + sum(
-        1 for r in rate_out.cut_by_kill if r in ids
-    )
-    return Result(
-        scenario=name,
-        seconds=round(elapsed, 1),
-        completed=len(completed),
-        refused_429=budget_out.refused + rate_out.refused,
-        errors=dict(budget_out.errors + rate_out.errors),
-        cut_by_kill=len(cut),
-        cut_billed=sum(1 for r in cut if r in ids),
-        lost=sum(1 for r in completed if r not in ids),
-        doubled=doubled,
-        budget_tokens=BUDGET_TOKENS,
-        budget_billed=tokens.get(budget_t, 0),
-        budget_overrun=max(0, tokens.get(budget_t, 0) - BUDGET_TOKENS),
-        rpm_limit=RPM,
-        rpm_served=rate_served,
-        rpm_allowed=int(RPM + RPM * elapsed / 60),  # a full bucket, plus what refills during the run
-        events=events,
-        chain_ok=chain_ok,
+    return ScenarioResult(
+        name=name,
+        what=what,
+        seconds=seconds,
+        budget_usd=budget_usd,
+        marks=marks,
+        requests_sent=len(replies),
+        completed=len(completed_ids),
+        client_replies=dict(Counter(f"{r.status} {r.code}" for r in replies).most_common()),
+        by_phase={k: dict(v.most_common()) for k, v in phases.items()},
+        upstream_served=len(served),
+        upstream_complete=len(complete_up),
+        upstream_cut=sum(1 for v in served.values() if v.get("cut")),
+        upstream_retried=sum(1 for v in served.values() if v["attempts"] > 1),
+        ledger_events=len(stored),
+        ledger_outcomes=dict(Counter(s.event.outcome.value for s in stored)),
+        lost_completed=len(completed_ids - ledger_ids),
+        billed_not_delivered=len(ledger_ids - completed_ids),
+        served_without_event=len(set(served) - ledger_ids),
+        events_without_upstream=len(ledger_ids - set(served)),
+        doubled=sum(1 for n in rids.values() if n > 1),
+        ledger_tokens=total_tokens,
+        upstream_tokens_complete=len(complete_up) * (fake.PROMPT_TOKENS + fake.CONTENT_CHUNKS),
+        budget=budget,
+        overrun_usd=f"{max(0.0, used - limit):.6f}",
+        rpm=rpm,
+        tpm=tpm,
+        verify={k: verify.get(k) for k in ("ok", "events", "head_seq", "first_break", "exit_code", "output")},
+        notable_logs=_log_counts(fleet.run_dir, log_since),
     )
 
 
-def write(results: list[Result], out: Path, clients: int) -> None:
+# --------------------------------------------------------------------------- scenarios
+
+SCENARIOS: dict[str, tuple[str, float, str]] = {
+    # name: (what, seconds, budget in USD)
+    "steady": ("steady load, the small budget runs out", 60.0, "0.004"),
+    "kill": ("kill -9 of replica 0 at 15 s, restarted at 25 s", 60.0, "0.0045"),
+    "redis": ("Redis stopped at 15 s for 10 s (no persistence: restarts empty)", 60.0, "0.0045"),
+    "postgres": ("PostgreSQL stopped at 15 s for 30 s", 75.0, "0.0055"),
+    "postgres-closed": (
+        "PostgreSQL stopped at 15 s for 30 s, gateways with `metering.fail_closed: true` (the Helm chart's)",
+        75.0,
+        "0.0055",
+    ),
+}
+
+
+SCENARIO_ENV: dict[str, dict[str, str]] = {"postgres-closed": {"TOKENPORT_METERING__FAIL_CLOSED": "true"}}
+
+
+def events_for(name: str, fleet: Fleet, scale: float) -> list[tuple[float, Callable[[], Any]]]:
+    gw0 = fleet.gateways[0]
+
+    def kill_9_replica_0() -> None:
+        fleet.kill9(gw0)
+
+    def restart_replica_0() -> None:
+        fleet.start_gateway(gw0)
+
+    def stop_redis() -> None:
+        fleet.redis.stop()
+
+    def start_redis() -> None:
+        fleet.redis.start()
+
+    def stop_postgres() -> None:
+        fleet.pg.stop("fast")
+
+    def start_postgres() -> None:
+        fleet.pg.start()
+
+    plan: dict[str, list[tuple[float, Callable[[], Any]]]] = {
+        "kill": [(15.0, kill_9_replica_0), (25.0, restart_replica_0)],
+        "redis": [(15.0, stop_redis), (25.0, start_redis)],
+        "postgres": [(15.0, stop_postgres), (45.0, start_postgres)],
+        "postgres-closed": [(15.0, stop_postgres), (45.0, start_postgres)],
+    }
+    return [(at * scale, action) for at, action in plan.get(name, [])]
+
+
+def run_scenario(fleet: Fleet, name: str, scale: float = 1.0) -> ScenarioResult:
+    what, seconds, budget_usd = SCENARIOS[name]
+    seconds *= scale
+    tenant = f"fleet-{name}"
+    env = SCENARIO_ENV.get(name, {})
+    if env != fleet.gateway_env:
+        log(f"restarting the gateways with {env}")
+        fleet.restart_gateways(env)
+    key = fleet.tenant(tenant, budget_usd)
+    time.sleep(1.0)  # limits reach every replica within key_cache_refresh_s
+    log(f"scenario {name}: {what} ({seconds:.0f} s, {fleet.clients} clients)")
+    _upstream_stats(fleet.upstream_port)  # reset
+    log_since = _log_sizes(fleet.run_dir)
+    t0 = time.time()
+    replies, marks = asyncio.run(
+        drive([g.port for g in fleet.gateways], key, fleet.clients, seconds, events_for(name, fleet, scale))
+    )
+    res = check(fleet, name, what, tenant, budget_usd, seconds, t0, replies, marks, log_since)
+    log(
+        f"  sent {res.requests_sent}, completed {res.completed}, worker served {res.upstream_served}, "
+        f"ledger {res.ledger_events}, lost {res.lost_completed}, doubled {res.doubled}, "
+        f"overrun {res.overrun_usd}, verify {res.verify.get('ok')}"
+    )
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    m = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+
+    def first_line(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            return "?"
+
+    from tests import pg
+
+    bindir = pg.pg_bin_dir()
+    return {
+        "cpu_model": m.group(1).strip() if m else "?",
+        "cores": os.cpu_count(),
+        "memory_gb": round(int(mem.group(1)) / 1024 / 1024, 1) if mem else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgresql": first_line([str(bindir / "postgres"), "--version"]) if bindir else "?",
+        "redis": first_line(["redis-server", "--version"]),
+        "git": first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def keep_analysis(path: Path, text: str) -> str:
+    """`text`, then the hand-written analysis below ANALYSIS_MARK in the file it replaces (if any)."""
+    if path.exists() and ANALYSIS_MARK in (old := path.read_text()):
+        return text.rstrip("\n") + "\n\n" + ANALYSIS_MARK + old.split(ANALYSIS_MARK, 1)[1]
+    return text
+
+
+def _fmt_replies(d: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in d.items())
+
+
+def write(results: list[ScenarioResult], meta: dict[str, Any], out: Path, stamp: str, tag: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    base = out / f"{stamp}-fleet{'-' + tag if tag else ''}"
+    base.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "scenarios": [asdict(r) for r in results]}, indent=2, default=str) + "\n"
+    )
+    m = meta["machine"]
     lines = [
-        "# Three gateway replicas on PostgreSQL + Redis, under faults",
+        "# A fleet of 3 gateway replicas on PostgreSQL + Redis, under failures (issue 14)",
         "",
-        f"{stamp}, {os.cpu_count()} CPUs shared by everything (3 gateways, PostgreSQL, Redis, the fake "
-        f"worker, {clients} clients). `python -m bench.fleet`. Budget tenant: {BUDGET_TOKENS:,} tokens a "
-        f"month; rate tenant: {RPM} requests a minute; each request 31 prompt + 20 completion tokens.",
+        f"{meta['when']}, `python -m bench.fleet`, one run. Machine: {m['cpu_model']}, {m['cores']} cores, "
+        f"{m['memory_gb']} GB, Linux {m['kernel']}, Python {m['python']}, {m['postgresql']}, "
+        f"{m['redis'].split(' sha=')[0]}, git {m['git']}. Everything on this one machine (no pinning): "
+        "PostgreSQL (fsync on), Redis (no persistence), the fake worker, 3 gateways, the clients.",
         "",
-        "| scenario | s | completed | 429 | errors seen by clients | cut by the kill (billed) | lost "
-        "| doubled | budget billed / limit | overrun | RPM tenant served / allowed | chain |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"Load: {meta['clients']} concurrent streaming clients spread over the 3 replicas; each request is a "
+        f"stream of {fake.CONTENT_CHUNKS} chunks, {CHUNK_INTERVAL_S * 1000:.0f} ms apart, "
+        f"{fake.PROMPT_TOKENS} prompt + {fake.CONTENT_CHUNKS} completion tokens, max_tokens {MAX_TOKENS}. "
+        f"Per scenario a fresh tenant: RPM {RPM}, TPM {TPM:,}, a money budget in USD (below), request "
+        "timeout 30 s. Gateways with the defaults: `limits.on_backend_error_budget: closed`, "
+        "`on_backend_error_rate: open`, `metering.fail_closed: false` (spool).",
+        "",
+        "## Summary",
+        "",
+        "| scenario | sent | completed ([DONE]) | worker served | ledger events | lost | doubled "
+        "| budget used / limit (USD) | overrun | RPM holds | TPM holds | chain verifies |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | --- |",
     ]
     for r in results:
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "none"
+        b = r.budget
         lines.append(
-            f"| {r.scenario} | {r.seconds} | {r.completed:,} | {r.refused_429:,} | {errors} | "
-            f"{r.cut_by_kill} ({r.cut_billed}) | {r.lost} | {r.doubled} | {r.budget_billed:,} / "
-            f"{r.budget_tokens:,} | {r.budget_overrun} | {r.rpm_served} / {r.rpm_allowed} | "
-            f"{'verifies' if r.chain_ok else 'BROKEN'} |"
+            f"| {r.name} | {r.requests_sent} | {r.completed} | {r.upstream_served} | {r.ledger_events} | "
+            f"{r.lost_completed} | {r.doubled} | {b.get('used', '?')} / {b.get('limit', r.budget_usd)} "
+            f"| {r.overrun_usd} | {'yes' if r.rpm['holds'] else 'NO'} "
+            f"({r.rpm['admitted']} admitted, max {r.rpm['max_in_any_60s']} in 60 s) | "
+            f"{'yes' if r.tpm['holds'] else 'NO'} (max {r.tpm['max_in_any_60s']:,} in 60 s) | "
+            f"{'yes' if r.verify.get('ok') else 'NO'} ({r.verify.get('events')} events) |"
         )
-    (out / "fleet.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "fleet.json").write_text(
-        json.dumps({"date": stamp, "clients": clients, "results": [asdict(r) for r in results]}, indent=2)
-        + "\n",
-        encoding="utf-8",
-    )
-
-
-async def run_all(a: argparse.Namespace, fleet: Fleet, server: Any, redis: Any) -> list[Result]:
-    async def kill(seconds: float, killed: dict[str, Any]) -> None:
-        await asyncio.sleep(seconds / 3)
-        killed["replica"] = 1
-        fleet.kill(1)
-        await asyncio.sleep(seconds / 3)
-        await asyncio.to_thread(fleet.start, 1)
-
-    async def redis_restart(seconds: float, _killed: dict[str, Any]) -> None:
-        await asyncio.sleep(seconds / 3)
-        await asyncio.to_thread(redis.stop)
-        await asyncio.sleep(10)
-        await asyncio.to_thread(redis.start)
-
-    async def pg_restart(seconds: float, _killed: dict[str, Any]) -> None:
-        await asyncio.sleep(seconds / 3)
-        await asyncio.to_thread(server.stop)
-        await asyncio.sleep(30)
-        await asyncio.to_thread(server.start)
-
-    plan = [
-        ("steady", a.seconds, None),
-        ("kill -9 one replica", a.seconds, kill),
-        ("redis restart (10 s down)", max(a.seconds, 20), redis_restart),
-        ("postgres restart (30 s down)", max(a.seconds, 45), pg_restart),
+    lines += [
+        "",
+        "lost = requests whose client received the whole stream (`data: [DONE]`) with no event in the "
+        "ledger; doubled = request ids stored more than once. Worker served = request ids the fake worker "
+        "received (the gateway's `X-Request-Id`).",
+        "",
     ]
-    results: list[Result] = []
-    for n, (name, seconds, fault) in enumerate(plan):
-        r = await scenario(name, fleet, a.clients, seconds, fault, n)
-        results.append(r)
-        print(json.dumps(asdict(r)), flush=True)
-    return results
+    for r in results:
+        lines += [
+            f"## {r.name}: {r.what}",
+            "",
+            f"{r.seconds:.0f} s of load; budget {r.budget_usd} USD. Events: "
+            + (
+                ", ".join(f"{m_['what']} at {m_['at_s']} s (done at {m_['done_s']} s)" for m_ in r.marks)
+                or "none"
+            )
+            + ".",
+            "",
+            "| | |",
+            "| --- | --- |",
+            f"| client replies (status, code) | {_fmt_replies(r.client_replies)} |",
+        ]
+        for ph in ("before", "during", "after", "all"):
+            if ph in r.by_phase:
+                lines.append(f"| sent {ph} the failure | {_fmt_replies(r.by_phase[ph])} |")
+        lines += [
+            f"| fake worker | {r.upstream_served} request ids served, {r.upstream_complete} streams sent to "
+            f"the end, {r.upstream_cut} cut (its client went away), {r.upstream_retried} seen twice |",
+            f"| ledger | {r.ledger_events} events: {_fmt_replies(r.ledger_outcomes)}; "
+            f"{r.ledger_tokens:,} tokens (streams sent to the end x 51 = {r.upstream_tokens_complete:,}) |",
+            f"| lost / doubled | {r.lost_completed} / {r.doubled}; served by the worker without an event: "
+            f"{r.served_without_event}; events the worker never saw: {r.events_without_upstream}; "
+            f"events whose client did not receive `[DONE]`: {r.billed_not_delivered} |",
+            f"| budget | {json.dumps(r.budget)}; overrun {r.overrun_usd} USD |",
+            f"| RPM {RPM} | {r.rpm['admitted']} admitted over {r.rpm['first_to_last_s']} s (bound RPM x "
+            f"(1 + T/60) = {r.rpm['bound']}), max {r.rpm['max_in_any_60s']} in any 60 s (bound 2 x RPM = "
+            f"{r.rpm['bound_any_60s']}) |",
+            f"| TPM {TPM:,} | {r.tpm['billed_tokens']:,} tokens billed (bound {r.tpm['bound']:,}), max "
+            f"{r.tpm['max_in_any_60s']:,} in any 60 s (bound {r.tpm['bound_any_60s']:,}) |",
+            f"| `tokenport usage verify` | {json.dumps(r.verify)} |",
+            f"| gateway log lines | {_fmt_replies(r.notable_logs) or 'none of note'} |",
+            "",
+        ]
+    path = base.with_suffix(".md")
+    path.write_text(keep_analysis(path, "\n".join(lines)))
+    return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=20.0)
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["upstream"]:
+        p = argparse.ArgumentParser(prog="bench.fleet upstream")
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--interval", type=float, default=CHUNK_INTERVAL_S)
+        a = p.parse_args(argv[1:])
+        run_upstream(a.port, a.interval)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--scenarios", default="steady,kill,redis,postgres")
+    ap.add_argument("--tag", default="", help="suffix of the results' file name")
     ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    a = ap.parse_args()
-    from tests import pg
-    from tests.redis_fixture import RedisServer
-
-    tmp = Path(tempfile.mkdtemp(prefix="tokenport-fleet-"))
-    (tmp / "redis").mkdir()
-    server = pg.PgServer(fsync=True).start()
-    redis = RedisServer(free_port(), tmp / "redis").start()
-    upstream_port = free_port()
-    args = ["--port", str(upstream_port), "--interval", "0.02", "--chunks", "20"]
-    upstream = subprocess.Popen([sys.executable, "-m", "bench.slow_upstream", *args], cwd=REPO)
-    worker = f"http://127.0.0.1:{upstream_port}"
-    fleet = Fleet(tmp, server.url, redis.url, worker)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every duration (a quick try: 0.3)")
+    args = ap.parse_args(argv)
+    names = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    run_dir = RUNS / f"fleet-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "clients": args.clients,
+        "replicas": REPLICAS,
+        "run_dir": str(run_dir),
+    }
+    fleet = Fleet(run_dir, args.clients)
+    results: list[ScenarioResult] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
-        wait_http(worker + "/health")
-        fleet.cli("db", "upgrade")
-        for i in range(3):
-            fleet.start(i)
-        results = asyncio.run(run_all(a, fleet, server, redis))
+        fleet.start()
+        for gw in fleet.gateways:
+            fleet.start_gateway(gw)
+        log(f"3 gateways up on ports {[g.port for g in fleet.gateways]}; run dir {run_dir}")
+        for name in names:
+            results.append(run_scenario(fleet, name, args.scale))
     finally:
-        fleet.stop_all()
-        upstream.terminate()
-        redis.stop()
-        server.close()
-    write(results, a.out, a.clients)
+        with contextlib.suppress(Exception):
+            fleet.close()
+    meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    if not args.no_write:
+        path = write(results, meta, args.out, stamp, args.tag)
+        log(f"wrote {path} and .json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -104,8 +104,10 @@ for i = 1, nh do
   local k = nb + (i - 1) * 4
   local o = a + nb * 2 + (i - 1) * 5
   local ttl, keyttl = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])
-  redis.call('HINCRBY', KEYS[k + 1], 'reserved', ARGV[o + 1])
-  redis.call('HSET', KEYS[k + 2], rid, ARGV[o + 1])
+  -- held once per request id: a replayed admission (retried after its reply was lost) holds nothing more
+  if redis.call('HSETNX', KEYS[k + 2], rid, ARGV[o + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[k + 1], 'reserved', ARGV[o + 1])
+  end
   redis.call('ZADD', KEYS[k + 3], now + ttl, rid)
   for j = 1, 4 do redis.call('PEXPIRE', KEYS[k + j], keyttl) end
   table.insert(out, epochs[i])
@@ -181,14 +183,23 @@ def _s(value: Any) -> str:
 class RedisBackend:
     def __init__(self, url: str, *, timeout_s: float = 0.5, max_connections: int = 64) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         # A blocking pool: a burst of admissions waits briefly for a connection instead of failing.
+        # A command that fails with a connection error is sent once more on a new connection: after a
+        # Redis restart every pooled connection is dead, and without this each one failed one request
+        # (503) the first time it was used, long after Redis was back (bench/fleet.py: 48 clients 47 s
+        # later). A replayed ADMIT holds nothing twice (HSETNX); SETTLE is idempotent; timeouts are not
+        # retried (a slow Redis may have run the script: the limiter drops its hold instead).
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
             timeout=timeout_s * 4,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._pool = pool
         self.client = aioredis.Redis(connection_pool=pool)

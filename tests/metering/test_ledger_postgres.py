@@ -455,3 +455,39 @@ def test_tenant_positions_on_both_backends(store: UsageStore) -> None:
         ("b", 2),
         ("a", 3),
     ]
+
+
+def test_postgres_tenant_heads_probe_the_index_not_every_event(pg_server: pg.PgServer) -> None:
+    """The next tenant_seq is read inside the chain lock: one index probe per tenant, not a read of
+    all of a tenant's events (the GROUP BY form did that: O(events) per commit)."""
+    engine = make_engine(_pg_database(pg_server))
+    db_schema.upgrade(engine)
+    try:
+        store = UsageStore(engine)
+        store.append_batch([event(tenant="big") for _ in range(2000)])
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE usage_events"))
+        store.append_batch([event(tenant="big"), event(tenant="new")])
+        assert [(s.event.tenant_id, s.tenant_seq) for s in store.iter_events(after_seq=2000)] == [
+            ("big", 2001),
+            ("new", 1),
+        ]
+        from metering.store_sql import _PG_SELECT_TENANT_HEADS
+
+        with engine.connect() as conn:
+            plan = conn.execute(
+                text("EXPLAIN (ANALYZE, FORMAT JSON) " + _PG_SELECT_TENANT_HEADS.text),
+                {"tenants": ["big", "new"]},
+            ).scalar_one()
+        rows_read: list[int] = []
+
+        def walk(node: dict[str, object]) -> None:
+            if node.get("Relation Name") == "usage_events":
+                rows_read.append(int(node["Actual Rows"]) * int(node["Actual Loops"]))  # type: ignore[call-overload]
+            for child in node.get("Plans", []):  # type: ignore[attr-defined]
+                walk(child)
+
+        walk(plan[0]["Plan"])
+        assert rows_read and sum(rows_read) <= 2, plan
+    finally:
+        engine.dispose()

@@ -171,6 +171,43 @@ async def test_after_a_redis_state_loss_settles_of_old_holds_do_not_double_count
         await b.close()
 
 
+async def test_a_redis_restart_fails_no_admission_on_the_dead_pooled_connections(tmp_path: Path) -> None:
+    """After Redis restarts, every connection left in the pool is dead: each is replaced on its first
+    use, not returned to a request as a ConnectionError (a 503 under the default fail-closed budget)."""
+    server = RedisServer(redis_fixture._free_port(), tmp_path).start()
+    b = RedisBackend(server.url)
+    k = ns()
+    try:
+        before = await asyncio.gather(*(b.admit(f"a{i}", T0, [rpm(k, 1000)], [], "e") for i in range(20)))
+        assert all(r.status == "ok" for r in before)
+        server.stop()
+        server.start()  # the same port, empty
+        after = await asyncio.gather(
+            *(b.admit(f"b{i}", T0, [rpm(k, 1000)], [hold(k, 100, 1)], "e") for i in range(20)),
+            return_exceptions=True,
+        )
+        assert [r if isinstance(r, BaseException) else r.status for r in after] == ["ok"] * 20
+    finally:
+        await b.close()
+        server.stop()
+
+
+async def test_a_replayed_admission_holds_its_amount_once(redis_server: RedisServer) -> None:
+    """An ADMIT sent again after its reply was lost (the retry above) must not hold the budget twice."""
+    b = RedisBackend(redis_server.url)
+    k = ns()
+    try:
+        for _ in range(2):
+            assert (await b.admit("r1", T0, [], [hold(k, 100, 10)], "e")).status == "ok"
+        st = await b.status(k + ":bg", T0)
+        assert (st.reserved, st.holds) == (10, 1)
+        await b.settle("r1", T0, [HoldSettle(k + ":bg", 7, "")], [])
+        st = await b.status(k + ":bg", T0)
+        assert (st.used, st.reserved, st.holds) == (7, 0, 0)
+    finally:
+        await b.close()
+
+
 # --- the parts around the algorithm ----------------------------------------------------------
 def test_reset_durations_use_openai_format() -> None:
     assert [duration(x) for x in (0, 17, 1000, 1500, 59_180, 60_000, 360_000)] == [
