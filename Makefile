@@ -10,7 +10,7 @@ DEV     := $(VENV)/.installed-dev-$(EXTRA)
 MODEL   := data/models/smollm2-135m-instruct/.tokenport-prepared
 PYTEST_ARGS ?=
 
-.PHONY: install dev system-deps model fonts run test unit lint bench clean
+.PHONY: install dev system-deps model fonts run test unit lint bench clean image
 
 install: $(STAMP)
 
@@ -66,3 +66,7 @@ bench: dev system-deps
 
 clean:
 	rm -rf $(VENV) data/models
+
+# The gateway image without Docker: Debian's buildah on an mmdebstrap base (deploy/image/build.sh).
+image:
+	bash deploy/image/build.sh

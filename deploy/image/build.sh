@@ -25,5 +25,5 @@ ca=()
 if [ -r /etc/ssl/certs/ca-certificates.crt ]; then
   ca=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
 fi
-buildah bud --isolation chroot "${ca[@]}" --build-arg PYTHON_IMAGE="$BASE" -t "$TAG" -f Dockerfile .
+buildah bud --isolation chroot --format docker "${ca[@]}" --build-arg PYTHON_IMAGE="$BASE" -t "$TAG" -f Dockerfile .  # docker format keeps HEALTHCHECK
 podman image ls "$TAG"
