@@ -39,6 +39,7 @@ class Worker:
     inflight: int = 0
     failures: int = field(default=0)  # failed requests in a row
     queued: int = 0  # vLLM's running + waiting requests at the last check (other gateways' too)
+    kv_usage: float = 0.0  # vLLM's KV-cache usage (0..1) at the last check
     draining: bool = False  # removed from the set: no new requests, gone when its last one ends
     ejected_until: float = 0.0  # time.monotonic(): out of the pool until then (outlier ejection)
     ejections: int = 0  # ejections in a row (each doubles the next one's length)
@@ -192,9 +193,10 @@ class WorkerPool:
                 worker.url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)
             ) as resp:
                 if resp.status == 200:
-                    worker.queued = routing.vllm_queue(await resp.read())
+                    page = await resp.read()
+                    worker.queued, worker.kv_usage = routing.vllm_queue(page), routing.vllm_kv_usage(page)
         except (TimeoutError, aiohttp.ClientError, OSError):
-            worker.queued = 0  # no metrics (not vLLM): the gateway's own count decides
+            worker.queued, worker.kv_usage = 0, 0.0  # no metrics (not vLLM): the gateway's count decides
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(w) for w in self.workers))

@@ -2,7 +2,10 @@
 
 Load: the requests the gateway has in flight on the worker, or vLLM's own count of running + waiting
 requests from its `/metrics` (scraped with each health check), whichever is larger: the worker's
-queue also holds requests from other gateway replicas and batch lines.
+queue also holds requests from other gateway replicas and batch lines. A worker whose KV cache is
+nearly full (vLLM's `kv_cache_usage_perc` at or above ``KV_FULL``) counts ``KV_PENALTY`` more: new
+requests there would wait for memory or preempt running ones, so both policies go elsewhere while
+another worker has room.
 
 Policies (`gateway.routing`):
 
@@ -26,21 +29,30 @@ from typing import Any, Protocol
 PREFIX_CHARS = 512
 LOAD_BOUND = 1.25  # a preferred worker may carry up to 25 % more than the average (+1) before spilling
 _VLLM_GAUGE = re.compile(rb"^vllm:num_requests_(running|waiting)\{[^}]*\} ([0-9.eE+-]+)$", re.MULTILINE)
+_VLLM_KV = re.compile(rb"^vllm:(?:kv|gpu)_cache_usage_perc\{[^}]*\} ([0-9.eE+-]+)$", re.MULTILINE)
+KV_FULL = 0.95
+KV_PENALTY = 1000
 
 
 class Routable(Protocol):
     id: str
     inflight: int
     queued: int
+    kv_usage: float
 
 
 def load(w: Routable) -> int:
-    return max(w.inflight, w.queued)
+    return max(w.inflight, w.queued) + (KV_PENALTY if w.kv_usage >= KV_FULL else 0)
 
 
 def vllm_queue(metrics_text: bytes) -> int:
     """Running + waiting requests from a vLLM `/metrics` page (0 when it has none)."""
     return int(sum(float(v) for _kind, v in _VLLM_GAUGE.findall(metrics_text)))
+
+
+def vllm_kv_usage(metrics_text: bytes) -> float:
+    """The fullest KV cache on a vLLM `/metrics` page, 0..1 (0 when it has none)."""
+    return max((float(v) for v in _VLLM_KV.findall(metrics_text)), default=0.0)
 
 
 def affinity_key(body: dict[str, Any]) -> str | None:

@@ -15,6 +15,7 @@ class W:
     id: str
     inflight: int = 0
     queued: int = 0
+    kv_usage: float = 0.0
 
 
 def chat(system: str, *turns: str) -> dict[str, object]:
@@ -60,6 +61,20 @@ def test_vllm_queue_is_read_from_its_metrics() -> None:
         b'vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 9.0\n'
     )
     assert routing.vllm_queue(page) == 5 and routing.vllm_queue(b"") == 0
+    kv = b'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.97\n'
+    assert routing.vllm_kv_usage(page + kv) == 0.97 and routing.vllm_kv_usage(page) == 0.0
+
+
+def test_a_worker_with_a_full_kv_cache_is_avoided_while_another_has_room() -> None:
+    full, roomy = W("full", kv_usage=0.97), W("roomy", inflight=3)
+    assert routing.choose([full, roomy], None) is roomy  # least loaded: 3 in flight beats a full cache
+    key = next(
+        k
+        for k in (f"user:{i}" for i in range(100))
+        if routing.choose([W("full"), W("roomy")], k).id == "full"
+    )
+    assert routing.choose([full, roomy], key) is roomy  # its affinity worker is full: it spills
+    assert routing.choose([full], key) is full  # alone, it still serves (vLLM queues)
 
 
 def test_the_pool_uses_the_policy() -> None:
