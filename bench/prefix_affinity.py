@@ -139,6 +139,97 @@ def run_policy(policy: str, a: argparse.Namespace, log_dir: Path) -> dict[str, o
         procs.stop_all()
 
 
+def run_failover(a: argparse.Namespace, log_dir: Path) -> dict[str, object]:
+    """Prefix affinity over two workers, the conversations in parallel; one worker SIGKILLed when the
+    second turn starts. Who saw an error, and were those exactly requests that were on the killed
+    worker (from the gateway's ledger: worker_id and times)?"""
+    import signal
+    import threading
+
+    from metering.db import make_engine
+    from metering.store_sql import UsageStore
+
+    procs = Procs(log_dir)
+    data = Path(tempfile.mkdtemp(prefix="tokenport-bench-failover-"))
+    try:
+        urls = start_workers(procs, 2)
+        victim = next(p for _pid, (name, p) in procs.running.items() if name == "worker-1")
+        env = {"TOKENPORT_GATEWAY__ROUTING": "prefix_affinity", "TOKENPORT_DATA_DIR": str(data)}
+        url, key = start_gateway(procs, "failover", ",".join(urls), env)
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=600)
+        results: list[tuple[int, int, bool, str]] = []  # conversation, turn, ok, error
+        second_turn = threading.Event()
+
+        def conversation(c: int) -> None:
+            history: list[dict[str, str]] = [
+                {
+                    "role": "system",
+                    "content": SYSTEM.format(
+                        company=f"Trade-{c} LLP",
+                        city=CITIES[c % len(CITIES)],
+                        year=1990 + c,
+                        staff=40 + c,
+                        ccy="USD",
+                    )
+                    * 3,
+                }
+            ]
+            for t, turn in enumerate(TURNS):
+                if t == 1:
+                    second_turn.set()
+                history.append({"role": "user", "content": turn})
+                try:
+                    text = "".join(
+                        ch.choices[0].delta.content or ""
+                        for ch in client.chat.completions.create(
+                            model=MODEL,
+                            messages=history,
+                            max_tokens=24,
+                            temperature=0.0,
+                            stream=True,  # type: ignore[arg-type]
+                        )
+                        if ch.choices
+                    )
+                    results.append((c, t, True, ""))
+                except openai.APIError as exc:
+                    results.append((c, t, False, type(exc).__name__))
+                    text = ""
+                history.append({"role": "assistant", "content": text})
+
+        threads = [threading.Thread(target=conversation, args=(c,)) for c in range(a.conversations)]
+        for th in threads:
+            th.start()
+        second_turn.wait(600)
+        time.sleep(0.3)  # requests of the second turn in flight on both workers
+        killed_at = datetime.now(UTC)
+        os.killpg(victim.pid, signal.SIGKILL)
+        for th in threads:
+            th.join(900)
+        time.sleep(1.0)
+        events = list(UsageStore(make_engine(f"sqlite:///{data / 'tokenport.db'}")).iter_events())
+        on_victim = [
+            e.event
+            for e in events
+            if e.event.worker_id
+            and e.event.worker_id.endswith("1")
+            and e.event.started_at <= killed_at <= (e.event.finished_at or killed_at)
+        ]
+        failed = [r for r in results if not r[2]]
+        after = [e.event for e in events if e.event.started_at > killed_at]
+        return {
+            "requests": len(results),
+            "client_errors": len(failed),
+            "in_flight_on_killed_worker": len(on_victim),
+            "requests_after_the_kill": len(after),
+            "after_the_kill_on_the_survivor": sum(
+                1 for e in after if e.worker_id and e.worker_id.endswith("0")
+            ),
+            "events": len(events),
+        }
+    finally:
+        procs.stop_all()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conversations", type=int, default=8)
@@ -166,6 +257,17 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['policy']} | {r['requests']} | {hit:.1%} | {r['queried_per_worker']} | {p50:.3f} "
             f"| {ratio:.2f} | {p95:.3f} |"
         )
+    fo = run_failover(a, log_dir)
+    rows.append({"policy": "failover", **fo})
+    lines += [
+        "",
+        f"**Failover** (prefix affinity, the {a.conversations} conversations in parallel, worker 1 killed "
+        "with SIGKILL as the second turn starts): "
+        f"{fo['requests']} requests, {fo['client_errors']} client errors, "
+        f"{fo['in_flight_on_killed_worker']} requests were in flight on the killed worker (from the "
+        f"gateway's ledger), {fo['after_the_kill_on_the_survivor']} of {fo['requests_after_the_kill']} "
+        "requests after the kill served by the surviving worker.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)
