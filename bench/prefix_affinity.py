@@ -73,23 +73,16 @@ def start_workers(procs: Procs, n: int) -> list[str]:
     return urls
 
 
+def system_message(c: int) -> dict[str, str]:
+    """Conversation c's system prompt: its own company, long enough for a shared cached prefix."""
+    company = SYSTEM.format(
+        company=f"Trade-{c} LLP", city=CITIES[c % len(CITIES)], year=1990 + c, staff=40 + c, ccy="USD"
+    )
+    return {"role": "system", "content": company * 3}
+
+
 def workload(client: openai.OpenAI, conversations: int) -> list[float]:
-    history = {
-        c: [
-            {
-                "role": "system",
-                "content": SYSTEM.format(
-                    company=f"Trade-{c} LLP",
-                    city=CITIES[c % len(CITIES)],
-                    year=1990 + c,
-                    staff=40 + c,
-                    ccy="USD",
-                )
-                * 3,
-            }
-        ]
-        for c in range(conversations)
-    }
+    history = {c: [system_message(c)] for c in range(conversations)}
     ttft: list[float] = []
     for turn in TURNS:
         for c in range(conversations):
@@ -161,19 +154,7 @@ def run_failover(a: argparse.Namespace, log_dir: Path) -> dict[str, object]:
         second_turn = threading.Event()
 
         def conversation(c: int) -> None:
-            history: list[dict[str, str]] = [
-                {
-                    "role": "system",
-                    "content": SYSTEM.format(
-                        company=f"Trade-{c} LLP",
-                        city=CITIES[c % len(CITIES)],
-                        year=1990 + c,
-                        staff=40 + c,
-                        ccy="USD",
-                    )
-                    * 3,
-                }
-            ]
+            history: list[dict[str, str]] = [system_message(c)]
             for t, turn in enumerate(TURNS):
                 if t == 1:
                     second_turn.set()

@@ -102,19 +102,32 @@ def grant(
         name = f"{series.receipts}{now.year}"
         number = series.format("receipt", now.year, numbering.next_number(tx, name))
     row = Grant(tenant_id, currency, kind, amount, number, reference.strip(), expires_on, now)
+    _record(tx, tenant_id, currency, kind, amount, row.reference, now, number=number, expires_on=expires_on)
+    return row
+
+
+def _record(
+    tx: Connection,
+    tenant_id: str,
+    currency: str,
+    kind: str,
+    amount: Decimal,
+    reference: str,
+    now: datetime,
+    **extra: Any,
+) -> None:
+    """One row of the credit ledger (+ a grant, - a use on an invoice)."""
     tx.execute(
         credits.insert().values(
             tenant_id=tenant_id,
             currency=currency,
             kind=kind,
             amount=str(amount),
-            number=number,
-            reference=row.reference,
-            expires_on=expires_on,
+            reference=reference,
             recorded_at=now.replace(tzinfo=None),
+            **extra,
         )
     )
-    return row
 
 
 def balance(conn: Connection, tenant_id: str, currency: str, on: date) -> dict[str, Decimal]:
@@ -164,17 +177,7 @@ def apply(
         if use > 0:
             applied[kind] = use
             rest -= use
-            tx.execute(
-                credits.insert().values(
-                    tenant_id=tenant_id,
-                    currency=currency,
-                    kind=kind,
-                    amount=str(-use),
-                    document_id=document_id,
-                    reference=number,
-                    recorded_at=now.replace(tzinfo=None),
-                )
-            )
+            _record(tx, tenant_id, currency, kind, -use, number, now, document_id=document_id)
     return applied
 
 
@@ -203,17 +206,7 @@ def restore(tx: Connection, *, invoice_id: int, reference: str, now: datetime) -
                 .all()
             )
             expiry = None if None in expiries else max(expiries, default=None)
-        tx.execute(
-            credits.insert().values(
-                tenant_id=tenant_id,
-                currency=currency,
-                kind=kind,
-                amount=str(value),
-                reference=reference,
-                expires_on=expiry,
-                recorded_at=now.replace(tzinfo=None),
-            )
-        )
+        _record(tx, tenant_id, currency, kind, value, reference, now, expires_on=expiry)
         back[kind] = back.get(kind, Decimal(0)) + value
     return back
 

@@ -15,7 +15,6 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -92,8 +91,7 @@ def finalize_draft(
         _check_in_order(tx, name, issue_date)
         sequence = numbering.next_number(tx, name)
         number = series.format("invoice", issue_date.year, sequence)
-        content = finalized_json(row.document, number)
-        doc = document_from_json(orjson.loads(content))
+        doc = finalized(row.document, number)
         if isinstance(doc, Invoice) and doc.total > 0:  # the tenant's prepaid credit, under its lock
             applied = credits.apply(
                 tx,
@@ -106,7 +104,8 @@ def finalize_draft(
                 now=now,
             )
             if applied:
-                content = to_json(with_prepaid(doc, applied))
+                doc = with_prepaid(doc, applied)
+        content = to_json(doc)
         document_writes.write_finalized(
             tx,
             row.id,
@@ -242,11 +241,16 @@ def with_prepaid(invoice: Invoice, applied: Mapping[str, Decimal]) -> Invoice:
     )
 
 
-def finalized_json(draft: dict[str, Any], number: str) -> bytes:
-    """The stored JSON of a draft document once it carries its number."""
+def finalized(draft: dict[str, Any], number: str) -> Invoice | CreditNote:
+    """A draft document once it carries its number."""
     doc = document_from_json(draft)
     if doc.status is not DocumentStatus.DRAFT:
         raise DocumentStateError(f"{number}: the stored draft is {doc.status.value}")
     if isinstance(doc, Invoice):
-        return to_json(engine.finalize(doc, number))
-    return to_json(engine.finalize(doc, number))
+        return engine.finalize(doc, number)
+    return engine.finalize(doc, number)
+
+
+def finalized_json(draft: dict[str, Any], number: str) -> bytes:
+    """The stored JSON of a draft document once it carries its number."""
+    return to_json(finalized(draft, number))

@@ -236,11 +236,11 @@ def test_failed_finalization_rolls_the_counter_back(
     svc = service(engine)
     draft = svc.store.get(f"DRAFT-2026-01-{ids[0]}")
 
-    def broken(_draft: dict[str, Any], _number: str) -> bytes:
+    def broken(_draft: dict[str, Any], _number: str) -> None:
         raise RuntimeError("renderer crashed after the number was taken")
 
     with monkeypatch.context() as patch:
-        patch.setattr(billing.issuing, "finalized_json", broken)
+        patch.setattr(billing.issuing, "finalized", broken)
         with pytest.raises(RuntimeError):
             svc.finalize_document(draft.id)
     assert svc.store.counter("TP-INV-2026") == 0
