@@ -8,6 +8,7 @@ is counted. Per-tenant detail beyond the cap lives in the ledger, never in Prome
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -129,6 +130,19 @@ class Metrics:
             ["worker", "model"],
             registry=r,
         )
+        self.workers = Gauge(
+            "tokenport_workers",
+            "Workers in the set by state: active (may take requests once healthy), draining (left the "
+            "set, finishing its requests in flight).",
+            ["model", "state"],
+            registry=r,
+        )
+        self.discovery_errors = Counter(
+            "tokenport_worker_discovery_errors",
+            "Refused workers-file edits and failed lookups (the last good set stays).",
+            ["source"],
+            registry=r,
+        )
         self.estimated_spend = Counter(
             "tokenport_estimated_spend",
             "ESTIMATED spend in major currency units, priced at request time. "
@@ -181,6 +195,29 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def forget_worker(self, worker: Any) -> None:
+        """Drop a departed, drained worker's series, so workers that come and go do not pile them up."""
+        wid, model = worker.id, worker.model
+        removals: list[tuple[Any, tuple[str, ...]]] = [
+            (self.worker_healthy, (wid, model)),
+            (self.worker_ejections, (wid, model)),
+            (self.upstream, (self.model_label(model), wid)),
+        ]
+        for gauge in (self.drift_tokens, self.drift_ratio):
+            removals += [(gauge, (wid, model, t.value)) for t in TOKEN_TYPES]
+        for metric, values in removals:
+            self._children.pop((id(metric), values), None)
+            with contextlib.suppress(KeyError):
+                metric.remove(*values)
+
+    def count_workers(self, models: Iterable[str], workers: Iterable[Any]) -> None:
+        """tokenport_workers{model,state}: active and draining workers per model."""
+        listed = list(workers)
+        for m in models:
+            for state, draining in (("active", False), ("draining", True)):
+                n = sum(1 for w in listed if w.model == m and w.draining == draining)
+                self.workers.labels(m, state).set(n)
 
     def model_label(self, model: str) -> str:
         return model if model in self.models else UNKNOWN

@@ -36,12 +36,13 @@ from serving.openai import models, routes, stored
 from serving.openai.capabilities import Capabilities
 from serving.openai.protocol import hoist_defs
 from serving.pipeline import Pipeline
-from serving.proxy.discovery import Discovery
+from serving.proxy.discovery import Discovery, DnsLookup, WorkersFileError
 from serving.proxy.forward import Forwarder
+from serving.proxy.kube import EndpointSlices
 from serving.proxy.language_routing import LanguageRouter
 from serving.proxy.pool import Worker, WorkerPool
 from serving.services import open_stores
-from serving.settings import Settings
+from serving.settings import ConfigError, Settings
 from serving.spend import SpendEstimator
 from serving.workers.prepare import tokenizer_folders
 
@@ -59,7 +60,7 @@ class ExtraWorker:
 
 def build_workers(settings: Settings, extra: Iterable[ExtraWorker] = ()) -> list[Worker]:
     workers = [
-        Worker(id=w.id, model=m.name, url=w.url(), region=w.region)
+        Worker(w.id, m.name, w.url(), w.region, router=w.router, health_path=w.health_path)
         for m in settings.catalogue.models
         for w in m.workers
     ]
@@ -68,13 +69,26 @@ def build_workers(settings: Settings, extra: Iterable[ExtraWorker] = ()) -> list
     return workers
 
 
+def served_models(settings: Settings, workers: Iterable[Worker], with_file: bool) -> list[str]:
+    """Models with a worker, or every catalogue model when a workers file may give them workers later
+    (fixed for the process's life: tokenizers, metric labels and prices are per model)."""
+    names = [w.model for w in workers]
+    if with_file:
+        names = [m.name for m in settings.catalogue.models] + names
+    return list(dict.fromkeys(names))
+
+
 def create_app(
     settings: Settings, *, extra_workers: Iterable[ExtraWorker] = (), migrate: bool = True
 ) -> FastAPI:
     stores = open_stores(settings, migrate=False)  # migrated in the lifespan
     engine, usage = stores.engine, stores.usage
     workers = build_workers(settings, extra_workers)
-    metrics = Metrics({w.model for w in workers}, max_tenants=settings.gateway.max_tenant_labels)
+    workers_file = settings.workers.file
+    if workers_file is not None and not workers_file.is_absolute():
+        workers_file = settings.config_dir / workers_file
+    served = served_models(settings, workers, workers_file is not None)
+    metrics = Metrics(served, max_tenants=settings.gateway.max_tenant_labels)
     ledger = Ledger(
         usage,
         Spool(settings.data_dir / "spool" / "usage.jsonl"),
@@ -85,7 +99,7 @@ def create_app(
     spend = SpendEstimator(
         stores.prices, metrics, keyring.tenant
     )  # the same price source as budgets and billing
-    tokens = TokenCounter(tokenizer_folders(settings, {w.model for w in workers}))
+    tokens = TokenCounter(tokenizer_folders(settings, set(served)))
     guardrails = build_guardrails(settings, stores, metrics, tokens)
 
     ledger.subscribe(
@@ -102,13 +116,33 @@ def create_app(
         eject_base_s=settings.workers.eject_base_s,
         eject_max_s=settings.workers.eject_max_s,
         on_eject=lambda w: metrics.worker_ejections.labels(w.id, w.model).inc(),
+        on_gone=metrics.forget_worker,
+        models=served,
     )
-    workers_file = settings.workers.file
-    if workers_file is not None and not workers_file.is_absolute():
-        workers_file = settings.config_dir / workers_file
-    discovery = Discovery(pool, workers, workers_file, settings.workers.refresh_s) if workers_file else None
+    kube = EndpointSlices()
+    discovery = None
+    if workers_file is not None:
+        dns = DnsLookup()
+        discovery = Discovery(
+            pool,
+            workers,
+            workers_file,
+            settings.workers.refresh_s,
+            lookups={"dns": dns, "srv": dns, "endpointslices": kube},
+            on_error=lambda source: metrics.discovery_errors.labels(source).inc(),
+            on_refresh=lambda: metrics.count_workers(pool.models, pool.workers),
+        )
+        try:
+            discovery.read(strict=True)  # a bad file at start stops the start with its reason
+        except WorkersFileError as exc:
+            raise ConfigError(f"workers.file: {exc}") from exc
     forwarder = Forwarder(
-        pool, recorder, metrics, timeout_s=settings.gateway.request_timeout_s, tokens=tokens
+        pool,
+        recorder,
+        metrics,
+        timeout_s=settings.gateway.request_timeout_s,
+        tokens=tokens,
+        session_header=settings.gateway.session_header,
     )
     origin = OriginResolver(
         settings.gateway.origin_country_header, settings.gateway.trusted_proxies, settings.gateway.geoip_db
@@ -144,7 +178,8 @@ def create_app(
     )
     reconciler = PeriodicReconciler(
         usage,
-        lambda: [Target(w.id, w.model, w.url) for w in pool.workers],
+        # a router has no engine counters to reconcile against
+        lambda: [Target(w.id, w.model, w.url) for w in pool.workers if not w.router],
         set_drift,
         settings.metering.reconcile_interval_s,
         lambda: forwarder.session,
@@ -171,7 +206,9 @@ def create_app(
         # again on the request path (the pause was a ~ms tail on requests).
         gc.collect()
         gc.freeze()
-        log.info("gateway ready: %d worker(s) for %s", len(workers), ", ".join(pool.models) or "no models")
+        log.info(
+            "gateway ready: %d worker(s) for %s", len(pool.workers), ", ".join(pool.models) or "no models"
+        )
         try:
             yield
         finally:
@@ -182,6 +219,7 @@ def create_app(
             if discovery is not None:
                 await discovery.close()
             await pool.close()
+            await kube.close()
             await keyring.close()
             await ledger.close()  # flush every queued usage event
             await guardrails.close()  # settle what those events hold

@@ -55,6 +55,9 @@ def child_argv(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", "from serving.cli import main; main()", *out, "--reuse-port"]
 
 
+CONFIG_ERROR = 2  # a child's exit code for a configuration error (the CLI's typer.Exit(2))
+
+
 def supervise(argv: Sequence[str], processes: int, metrics_port: int | None) -> int:
     """Run `processes` children of `argv` until a signal; returns the exit code."""
     stopping = False
@@ -88,6 +91,10 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int | None) -> 
             rc = p.poll()
             if rc is None:
                 alive = True
+            elif not stopping and rc == CONFIG_ERROR:  # it would fail again: stop them all, say why
+                print(f"gateway process {i} stopped on a configuration error; stopping", file=sys.stderr)
+                stop(signal.SIGTERM, None)
+                code = CONFIG_ERROR
             elif not stopping:
                 print(f"gateway process {i} (pid {p.pid}) exited with {rc}; restarting", file=sys.stderr)
                 time.sleep(RESTART_DELAY_S)

@@ -166,6 +166,7 @@ class Pipeline:
                     {**admission.headers, **reply_headers},
                     t0,
                     timeout_s=self.guard.timeout_s(admission),
+                    session=headers.get(self.forwarder.session_header or ""),
                 )
             except BaseException as exc:
                 if not meter.recorded:  # no usage event will come to settle the hold

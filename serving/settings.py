@@ -54,6 +54,10 @@ class WorkerSpec(BaseModel):
     port: int | None = Field(default=None, ge=1, le=65535)
     base_url: str | None = None
     region: str = "local"
+    # A router in front of the engines (vLLM production-stack router, an InferencePool behind Envoy):
+    # health from `health_path`, no /metrics scrape, never ejected, not reconciled (README: Running a fleet).
+    router: bool = False
+    health_path: str = Field(default="/health", pattern=r"^/[A-Za-z0-9._~/-]*$")
 
     @model_validator(mode="after")
     def port_or_url(self) -> WorkerSpec:
@@ -173,6 +177,9 @@ class GatewaySettings(BaseModel):
     # Which worker of a model takes a request (serving/proxy/routing.py): least_loaded, or
     # prefix_affinity (a conversation's requests to the worker whose prefix cache holds it).
     routing: Literal["least_loaded", "prefix_affinity"] = "least_loaded"
+    # This request header (else the body's `user`) is the session under prefix_affinity, and it is
+    # passed on to the worker (a production-stack router's session routing); null: none.
+    session_header: str | None = Field(default="x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$")
     request_timeout_s: float = Field(default=600.0, gt=0)
     key_cache_refresh_s: float = Field(default=0.25, gt=0)
     max_tenant_labels: int = Field(default=200, ge=1)

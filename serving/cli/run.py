@@ -73,8 +73,13 @@ async def _serve(
     import uvicorn
 
     from serving.app import ExtraWorker, create_app
+    from serving.settings import ConfigError
 
-    app_ = create_app(settings, extra_workers=[e for e in extra if isinstance(e, ExtraWorker)])
+    try:
+        app_ = create_app(settings, extra_workers=[e for e in extra if isinstance(e, ExtraWorker)])
+    except ConfigError as exc:  # e.g. workers.file: named with its reason, never a traceback
+        console.print(f"[red]configuration error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
     from serving.limits.http_timeouts import uvicorn_options
 
     gw = settings.gateway  # header/body deadlines, header size cap, keep-alive (slowloris)

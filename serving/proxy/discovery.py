@@ -1,34 +1,63 @@
-"""Workers discovered and changed without a restart: a watched workers file, and DNS names.
+"""Workers discovered and changed without a restart: a watched workers file, DNS and Kubernetes.
 
 `workers.file` (settings; relative to the config folder) lists workers beside the catalogue's:
 
     workers:
       - {model: qwen2.5-7b-instruct, base_url: "http://10.0.3.17:8000", id: gpu-17, region: kz-ala-1}
-      - {model: qwen2.5-7b-instruct, base_url: "http://vllm-qwen.llm.svc:8000", resolve: true}
+      - {model: qwen2.5-7b-instruct, base_url: "http://vllm-qwen.llm.svc:8000", discover: dns}
+      - {model: qwen2.5-7b-instruct, base_url: "http://_http._tcp.vllm-qwen.llm.svc", discover: srv}
+      - {model: qwen2.5-7b-instruct, base_url: "http://vllm-qwen.llm:8000", discover: endpointslices}
+      - {model: llama-3.1-8b, base_url: "http://vllm-router.llm:80", router: true}
 
-Every `workers.refresh_s` the file is read again when it changed, and each `resolve: true` entry is
-looked up in DNS: every address of the name becomes a worker (`<id or host>-<address>`), which is how
-a Kubernetes headless Service lists its ready pods (EndpointSlices behind it; no Kubernetes API
-client here). The pool (serving/proxy/pool.py `replace`) adds what is new after a health check and
-drains what is gone. A bad edit (YAML, an unknown model, a field) is logged with the file, the entry
-and the field, and the last good set stays.
+Every `workers.refresh_s` the file is read again when it changed (its mtime and size: a Kubernetes
+ConfigMap volume swaps a symlink, which stat follows) and each discovered entry is looked up again:
+
+- `discover: dns` (or `resolve: true`): every A/AAAA address of the host is a worker (a headless
+  Service lists its ready pods that way);
+- `discover: srv`: every SRV target and port of the name;
+- `discover: endpointslices`: the ready endpoints of the Kubernetes Service named by the host
+  (`SERVICE.NAMESPACE`), read from the API server (serving/proxy/kube.py): a terminating pod leaves
+  as soon as Kubernetes marks it, with no DNS TTL in between.
+
+An address worker's id is `<id or host>-<address>` (`:<port>` added when its port is not base_url's).
+A lookup that cannot be answered (timeout, no server, API error) keeps that entry's last addresses; a
+name that does not exist or has no records (a Service scaled to zero) gives none. `router: true`: the
+URL is a router in front of the engines (README: Running a fleet).
+
+The pool (serving/proxy/pool.py `replace`) adds what is new after a health check and drains what is
+gone. At start a bad file stops the gateway with its reason; later a bad edit (YAML, an unknown model,
+a field) is logged with the file, the entry and the field, counted in
+`tokenport_worker_discovery_errors_total{source="workers_file"}`, and the last good set stays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.proxy.pool import Worker, WorkerPool
 
 log = logging.getLogger("tokenport.discovery")
+Kind = Literal["static", "dns", "srv", "endpointslices"]
+
+
+class LookupFailed(Exception):
+    """A lookup could not be answered now (timeout, no server, API error): keep what was known."""
+
+
+class Lookup(Protocol):
+    """The (address, port) pairs behind a discovered entry's base_url; [] when the name has none."""
+
+    async def __call__(self, kind: str, base_url: str) -> list[tuple[str, int]]: ...
 
 
 class FileWorker(BaseModel):
@@ -37,7 +66,10 @@ class FileWorker(BaseModel):
     base_url: str
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     region: str = "discovered"
-    resolve: bool = False  # every DNS address of the host is a worker (a headless Service)
+    discover: Kind = "static"
+    resolve: bool = False  # the first spelling of `discover: dns` (kept for files that use it)
+    router: bool = False  # a router in front of the engines: no /metrics scrape, never ejected
+    health_path: str = Field(default="/health", pattern=r"^/[A-Za-z0-9._~/-]*$")
 
     @field_validator("base_url")
     @classmethod
@@ -46,6 +78,19 @@ class FileWorker(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("base_url must be http(s)://host[:port]")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kind(self) -> FileWorker:
+        if self.resolve:
+            if self.discover not in ("static", "dns"):
+                raise ValueError(f"resolve: true is discover: dns, not {self.discover}")
+            self.discover = "dns"
+        if self.discover != "static" and urlsplit(self.base_url).scheme != "http":
+            raise ValueError(
+                f"discover: {self.discover} reaches each address over plain http (a TLS certificate "
+                "names the host, not a pod's address): use an http base_url"
+            )
+        return self
 
 
 class WorkersFile(BaseModel):
@@ -61,7 +106,7 @@ def load_workers_file(path: Path, models: Iterable[str]) -> list[FileWorker]:
     """The file's workers, validated; WorkersFileError names the file, the entry and the field."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise WorkersFileError(f"{path}: {exc}") from exc
     try:
         parsed = WorkersFile.model_validate(raw)
@@ -70,49 +115,139 @@ def load_workers_file(path: Path, models: Iterable[str]) -> list[FileWorker]:
         where = ".".join(str(p) for p in first["loc"])
         raise WorkersFileError(f"{path}: {where}: {first['msg']}") from exc
     known = set(models)
+    ids: set[str] = set()
     for i, w in enumerate(parsed.workers):
         if w.model not in known:
             raise WorkersFileError(
                 f"{path}: workers.{i}.model: {w.model!r} is not in the catalogue (configs/models.yaml)"
             )
+        if w.id is not None:
+            if w.id in ids:
+                raise WorkersFileError(f"{path}: workers.{i}.id: {w.id!r} is given twice")
+            ids.add(w.id)
     return parsed.workers
 
 
-async def expand(entry: FileWorker, n: int) -> list[Worker]:
-    """The workers one entry stands for: itself, or one per address of its DNS name."""
-    parts = urlsplit(entry.base_url)
-    host = parts.hostname or ""
-    name = entry.id or (host if entry.resolve else f"file-{n}")
-    if not entry.resolve:
-        return [Worker(id=name, model=entry.model, url=entry.base_url, region=entry.region)]
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    out = []
-    for address in sorted({str(i[4][0]) for i in infos}):
-        shown = f"[{address}]" if ":" in address else address
-        netloc = f"{shown}:{parts.port}" if parts.port else shown
-        url = urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
-        out.append(Worker(id=f"{name}-{address}", model=entry.model, url=url, region=entry.region))
-    return out
+def _host_port(base_url: str) -> tuple[str, int]:
+    parts = urlsplit(base_url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+class DnsLookup:
+    """`dns`: every address of the host from the system's resolver (getaddrinfo: /etc/hosts, the
+    resolver's search domains, so a pod's `svc.namespace` short names work); `srv`: the name's SRV
+    records with dnspython's asyncio resolver, each target's addresses as for `dns`. A name that does
+    not exist or has no records gives no addresses; a timeout or an unreachable server raises
+    LookupFailed (the entry's last addresses stay)."""
+
+    GONE = frozenset(
+        getattr(socket, name)
+        for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
+        if hasattr(socket, name)
+    )
+
+    def __init__(self, timeout_s: float = 2.0) -> None:
+        self.timeout_s = timeout_s
+        self._resolver: Any = None
+
+    async def addresses(self, host: str) -> list[str]:
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno in self.GONE:
+                return []
+            raise LookupFailed(f"DNS {host}: {exc}") from exc
+        except (TimeoutError, OSError) as exc:
+            raise LookupFailed(f"DNS {host}: {type(exc).__name__}: {exc}") from exc
+        return sorted({str(i[4][0]) for i in infos})
+
+    async def srv(self, name: str) -> list[tuple[str, int]]:
+        import dns.asyncresolver
+        import dns.exception
+        import dns.resolver
+
+        try:
+            if self._resolver is None:
+                self._resolver = dns.asyncresolver.Resolver()
+                self._resolver.lifetime = self.timeout_s
+            answer = await self._resolver.resolve(name, "SRV", search=True)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except (dns.exception.DNSException, OSError) as exc:  # NoResolverConfiguration is one
+            raise LookupFailed(f"DNS SRV {name}: {type(exc).__name__}: {exc}") from exc
+        return [(rr.target.to_text(omit_final_dot=True), int(rr.port)) for rr in answer]
+
+    async def __call__(self, kind: str, base_url: str) -> list[tuple[str, int]]:
+        host, port = _host_port(base_url)
+        if kind == "dns":
+            return [(a, port) for a in await self.addresses(host)]
+        out: set[tuple[str, int]] = set()
+        for target, target_port in await self.srv(host):
+            out.update((a, target_port) for a in await self.addresses(target))
+        return sorted(out)
+
+
+def address_url(base_url: str, address: str, port: int) -> str:
+    """base_url with its host and port replaced (IPv6 in brackets)."""
+    parts = urlsplit(base_url)
+    host = f"[{address}]" if ":" in address else address
+    return urlunsplit((parts.scheme, f"{host}:{port}", parts.path, "", "")).rstrip("/")
+
+
+def to_worker(entry: FileWorker, wid: str, url: str | None = None) -> Worker:
+    return Worker(
+        id=wid,
+        model=entry.model,
+        url=url or entry.base_url,
+        region=entry.region,
+        router=entry.router,
+        health_path=entry.health_path,
+    )
 
 
 class Discovery:
-    """Keeps the pool in step with the catalogue's workers, the workers file and DNS."""
+    """Keeps the pool in step with the catalogue's workers, the workers file, DNS and Kubernetes."""
 
-    def __init__(self, pool: WorkerPool, static: list[Worker], path: Path | None, refresh_s: float) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        static: list[Worker],
+        path: Path | None,
+        refresh_s: float,
+        *,
+        lookups: dict[str, Lookup] | None = None,
+        on_error: Callable[[str], None] | None = None,
+        on_refresh: Callable[[], None] | None = None,
+    ) -> None:
         self.pool, self.static, self.path, self.refresh_s = pool, static, path, refresh_s
+        self.lookups: dict[str, Lookup] = lookups or {}
+        self._on_error, self._on_refresh = on_error, on_refresh
         self.models = {w.model for w in static} | set(pool.models)
         self._seen: tuple[float, int] | None = None
         self._entries: list[FileWorker] = []
-        self._last: dict[str, list[Worker]] = {}  # per entry: its last resolved workers
+        self._last: dict[str, list[Worker]] = {}  # per entry: its last discovered workers
         self._task: asyncio.Task[None] | None = None
         self.errors = 0
 
-    def _read(self) -> None:
+    def _error(self, source: str) -> None:
+        self.errors += 1
+        if self._on_error is not None:
+            self._on_error(source)
+
+    def read(self, *, strict: bool = False) -> None:
+        """Read the file if it changed. strict (at start): a bad file raises WorkersFileError; later
+        a bad edit is logged and counted, and the last good set stays."""
         assert self.path is not None
         try:
             st = self.path.stat()
-        except OSError:
+        except OSError as exc:
+            if strict:
+                raise WorkersFileError(f"{self.path}: cannot read the workers file: {exc}") from exc
             if self._entries:
                 log.warning("%s is gone: its workers drain", self.path)
             self._entries, self._seen = [], None
@@ -130,23 +265,45 @@ class Discovery:
                 "y" if len(self._entries) == 1 else "ies",
             )
         except WorkersFileError as exc:
-            self.errors += 1
+            if strict:
+                raise
+            self._error("workers_file")
             self._seen = stamp  # not again until it changes
             log.error("workers file refused, keeping the last good set: %s", exc)
 
-    async def refresh(self) -> list[Worker]:
-        """One round: read, resolve, replace; the new workers are health-checked before they serve."""
+    async def expand(self, entry: FileWorker, n: int) -> list[Worker]:
+        """The workers one entry stands for: itself, or one per address it is discovered at."""
+        host, port = _host_port(entry.base_url)
+        if entry.discover == "static":
+            return [to_worker(entry, entry.id or f"file-{n}")]
+        lookup = self.lookups.get(entry.discover)
+        if lookup is None:
+            raise LookupFailed(f"no {entry.discover} lookup in this gateway")
+        name = entry.id or host
+        return [
+            to_worker(
+                entry,
+                f"{name}-{address}" + (f":{p}" if p != port else ""),
+                address_url(entry.base_url, address, p),
+            )
+            for address, p in sorted(set(await lookup(entry.discover, entry.base_url)))
+        ]
+
+    async def refresh(self, *, strict: bool = False) -> list[Worker]:
+        """One round: read, look up, replace; the new workers are health-checked before they serve."""
         if self.path is not None:
-            self._read()
+            self.read(strict=strict)
         found: list[Worker] = list(self.static)
         for n, entry in enumerate(self._entries):
-            key = f"{n}:{entry.model}:{entry.base_url}"
+            key = f"{n}:{entry.model}:{entry.base_url}:{entry.discover}"
             try:
-                self._last[key] = await expand(entry, n)
-            except OSError as exc:  # DNS down: keep what it resolved to last time
+                self._last[key] = await self.expand(entry, n)
+            except (LookupFailed, OSError) as exc:  # keep what it was found at last time
+                self._error(entry.discover)
                 log.warning(
-                    "cannot resolve %s (%s): keeping its last %d worker(s)",
+                    "cannot look up %s (%s: %s): keeping its last %d worker(s)",
                     entry.base_url,
+                    entry.discover,
                     exc,
                     len(self._last.get(key, [])),
                 )
@@ -154,10 +311,12 @@ class Discovery:
         added = self.pool.replace(found)
         if added:
             await asyncio.gather(*(self.pool.check(w) for w in added))
+        if self._on_refresh is not None:
+            self._on_refresh()
         return added
 
     async def start(self) -> None:
-        await self.refresh()
+        await self.refresh()  # the file was read strictly at create time (serving/app.py)
         self._task = asyncio.create_task(self._loop(), name="worker-discovery")
 
     async def _loop(self) -> None:

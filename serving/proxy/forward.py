@@ -5,9 +5,10 @@ Every request ends in exactly one usage event under its request id: `ok`, `clien
 first byte is billed its prompt, estimated), or `rejected` (the worker refused it with a 4xx: zero
 tokens; the client gets our own message, never the worker's text, see `rejected`). A connection failure
 before any byte reached the client (while connecting,
-while reading a non-streamed body, or before a stream's first event) is retried once on another
-healthy worker; only the attempt that answered is metered. A worker answer without usage is counted
-with the model's tokenizer (metering/tokencount.py) and marked `estimated`.
+while reading a non-streamed body, or before a stream's first event), or a 502/503/504 answer (a
+router's or a worker's "overloaded / going away": nothing was generated for the client), is retried
+once on another healthy worker; only the attempt that answered is metered. A worker answer without
+usage is counted with the model's tokenizer (metering/tokencount.py) and marked `estimated`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from serving.proxy.upstream import UpstreamError as UpstreamConnectionError
 
 JSON = "application/json"
 MAX_ATTEMPTS = 2
+RETRY_STATUSES = frozenset((502, 503, 504))  # another worker may answer: retried before the first byte
 
 
 class Forwarder:
@@ -48,8 +50,12 @@ class Forwarder:
         *,
         timeout_s: float,
         tokens: TokenCounter | None = None,
+        session_header: str | None = None,
     ) -> None:
         self.pool = pool
+        # gateway.session_header (lower case): the request's session id; passed on to the worker too
+        # (a production-stack router's session routing reads it)
+        self.session_header = session_header.lower() if session_header else None
         self.tokens = tokens
         self.recorder = recorder
         self.metrics = metrics
@@ -71,16 +77,25 @@ class Forwarder:
             self.session = None
 
     async def _open(
-        self, meter: RequestMeter, path: str, body: bytes, deadline: float, request: dict[str, Any]
+        self,
+        meter: RequestMeter,
+        path: str,
+        body: bytes,
+        deadline: float,
+        request: dict[str, Any],
+        session: str | None = None,
     ) -> tuple[Worker, UpstreamResponse, bytes]:
         """POST to a healthy worker and read until the client's first byte is known: the whole body
         (non-streamed, or an error status), or a stream's first event. A connection failure before
-        that is retried once on another healthy worker; the deadline is the request's own."""
+        that, or a 502/503/504, is retried once on another healthy worker; the deadline is the
+        request's own."""
         tried: list[Worker] = []
         last: Exception | None = None
-        headers = (("X-Request-Id", meter.request_id),)
-        key = affinity_key(request) if self.pool.routing == "prefix_affinity" else None
-        for _ in range(MAX_ATTEMPTS):
+        headers: tuple[tuple[str, str], ...] = (("X-Request-Id", meter.request_id),)
+        if session and self.session_header:
+            headers += ((self.session_header, session),)
+        key = affinity_key(request, session) if self.pool.routing == "prefix_affinity" else None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 worker = self.pool.pick(meter.model, exclude=tried, key=key)
             except TokenportError:
@@ -96,11 +111,20 @@ class Forwarder:
                     got = (
                         await _first_event(resp) if meter.stream and resp.status == 200 else await resp.read()
                     )
-                meter.worker_id, meter.serving_region = worker.id, worker.region
-                if resp.status >= 500:  # relayed as it is; counts towards ejecting the worker
+                if resp.status >= 500:  # counts towards ejecting the worker
                     self.pool.note_failure(worker)
+                    if (
+                        resp.status in RETRY_STATUSES
+                        and attempt < MAX_ATTEMPTS
+                        and self.pool.has_other(meter.model, tried)
+                    ):
+                        worker.inflight -= 1
+                        resp.close()
+                        last = UpstreamConnectionError(f"HTTP {resp.status} from {worker.id}")
+                        continue
                 else:
                     self.pool.note_success(worker)
+                meter.worker_id, meter.serving_region = worker.id, worker.region
                 return worker, resp, got
             except UpstreamConnectionError as exc:
                 worker.inflight -= 1
@@ -139,9 +163,11 @@ class Forwarder:
         t0: float,
         *,
         timeout_s: float | None = None,
+        session: str | None = None,
     ) -> Response:
         """The worker's answer as the client's response (a stream relay for a stream); `timeout_s`: a
-        tenant's own request timeout (else `gateway.request_timeout_s`)."""
+        tenant's own request timeout (else `gateway.request_timeout_s`); `session`: the request's
+        session id (`gateway.session_header`): its routing key under prefix_affinity, passed on."""
         await self.recorder.ledger.admit()  # metering.fail_closed: 503 before any worker runs anything
         want_usage = want_continuous = False
         if meter.stream and meter.endpoint != "responses":  # a Responses stream always ends with its usage
@@ -157,7 +183,7 @@ class Forwarder:
         t_up = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
-            worker, resp, got = await self._open(meter, path, raw, deadline, body)
+            worker, resp, got = await self._open(meter, path, raw, deadline, body, session)
         except BaseException:
             inflight.dec()
             raise

@@ -43,6 +43,10 @@ class Worker:
     draining: bool = False  # removed from the set: no new requests, gone when its last one ends
     ejected_until: float = 0.0  # time.monotonic(): out of the pool until then (outlier ejection)
     ejections: int = 0  # ejections in a row (each doubles the next one's length)
+    # A router (vLLM production-stack router, an InferencePool behind Envoy) rather than an engine:
+    # health from `health_path`, no /metrics scrape, never ejected, not reconciled.
+    router: bool = False
+    health_path: str = "/health"
 
 
 class WorkerPool:
@@ -57,12 +61,15 @@ class WorkerPool:
         eject_base_s: float = 5.0,
         eject_max_s: float = 300.0,
         on_eject: Callable[[Worker], None] | None = None,
+        on_gone: Callable[[Worker], None] | None = None,
+        models: Iterable[str] = (),
     ) -> None:
         self.routing = routing  # least_loaded | prefix_affinity
         self.eject_after, self.eject_base_s, self.eject_max_s = eject_after, eject_base_s, eject_max_s
-        self._on_eject = on_eject
+        self._on_eject, self._on_gone = on_eject, on_gone
         self.workers = list(workers)
-        self._by_model: dict[str, list[Worker]] = {}
+        # models served even with no worker yet (a workers file may give them some later)
+        self._by_model: dict[str, list[Worker]] = {m: [] for m in models}
         for w in self.workers:
             self._by_model.setdefault(w.model, []).append(w)
         self._interval = interval_s
@@ -91,7 +98,7 @@ class WorkerPool:
         """A healthy worker of `model` not in `exclude`; `key` (routing.affinity_key) keeps a
         conversation on one worker under `prefix_affinity`."""
         workers = self._by_model.get(model)
-        if not workers:
+        if workers is None:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or you do not have access to it.", param="model"
             )
@@ -103,8 +110,18 @@ class WorkerPool:
         assert isinstance(chosen, Worker)
         return chosen
 
+    def has_other(self, model: str, tried: Iterable[Worker]) -> bool:
+        """Another healthy worker of `model` could take the request (a retry after a 502/503/504)."""
+        skip = set(tried)
+        return any(w.healthy and not w.draining and w not in skip for w in self._by_model.get(model, ()))
+
     def ready(self) -> bool:
-        return all(any(w.healthy and not w.draining for w in ws) for ws in self._by_model.values())
+        """Every model that has workers has a healthy one (a model given no worker yet, waiting for
+        the workers file, does not hold the others back), and some worker is healthy."""
+        active = [[w for w in ws if not w.draining] for ws in self._by_model.values()]
+        return any(w.healthy for ws in active for w in ws) and all(
+            any(w.healthy for w in ws) for ws in active if ws
+        )
 
     def mark_failed(self, worker: Worker) -> None:
         """The worker broke a connection: out until its next good health check (or its ejection)."""
@@ -114,6 +131,8 @@ class WorkerPool:
     def note_failure(self, worker: Worker) -> None:
         """A failed request (a connection error or a 5xx answer): the `eject_after`-th in a row ejects."""
         worker.failures += 1
+        if worker.router:
+            return  # a router is the only way to its pods: never ejected, health checks decide
         if worker.failures >= self.eject_after and worker.ejected_until <= time.monotonic():
             length = min(self.eject_base_s * 2**worker.ejections, self.eject_max_s)
             worker.ejected_until = time.monotonic() + length
@@ -160,6 +179,8 @@ class WorkerPool:
             self._by_model[model] = [w for w in ws if w not in gone]
         for w in gone:
             log.info("worker %s (%s) drained and removed", w.id, w.url)
+            if self._on_gone is not None:
+                self._on_gone(w)
 
     def _set(self, worker: Worker, healthy: bool) -> None:
         if worker.healthy != healthy:
@@ -180,14 +201,15 @@ class WorkerPool:
             return  # ejected: not back before its time is up
         try:
             async with self._session.get(
-                worker.url + "/health", timeout=aiohttp.ClientTimeout(total=2)
+                worker.url + worker.health_path, timeout=aiohttp.ClientTimeout(total=2)
             ) as resp:
                 self._set(worker, resp.status == 200)
         except (TimeoutError, aiohttp.ClientError, OSError):
             self._set(worker, False)
             return
-        if self.routing == "least_loaded" and len(self._by_model.get(worker.model, ())) < 2:
-            return  # one worker: nothing to choose between
+        alone = len(self._by_model.get(worker.model, ())) < 2
+        if worker.router or (self.routing == "least_loaded" and alone):
+            return  # a router's /metrics is not an engine's; one worker: nothing to choose between
         try:
             async with self._session.get(
                 worker.url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)

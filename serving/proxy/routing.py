@@ -11,9 +11,10 @@ Policies (`gateway.routing`):
 
 - ``least_loaded``: the healthy worker with the smallest load.
 - ``prefix_affinity`` (cache-aware): requests that share a conversation go to the same worker, so
-  vLLM's prefix cache already holds their common prefix. The affinity key is the request's `user`
-  (session affinity) or else the start of its prompt (the first ``PREFIX_CHARS`` characters of the
-  messages, prompt or input: a multi-turn chat keeps its system prompt and first turns). Workers are
+  vLLM's prefix cache already holds their common prefix. The affinity key is the request's session
+  header (`gateway.session_header`, default `x-session-id`), else its `user` (session affinity),
+  else the start of its prompt (the first ``PREFIX_CHARS`` characters of the messages, prompt or
+  input: a multi-turn chat keeps its system prompt and first turns). Workers are
   ranked by rendezvous hashing of (key, worker id), so adding or removing a worker moves only the keys
   it owned, and the first in that order whose load is within ``LOAD_BOUND`` x the average (+1) takes
   the request; past the bound, least-loaded decides (a hot conversation cannot overload one worker).
@@ -55,8 +56,11 @@ def vllm_kv_usage(metrics_text: bytes) -> float:
     return max((float(v) for v in _VLLM_KV.findall(metrics_text)), default=0.0)
 
 
-def affinity_key(body: dict[str, Any]) -> str | None:
-    """The session (`user`) or the start of the prompt; None when the body has neither."""
+def affinity_key(body: dict[str, Any], session: str | None = None) -> str | None:
+    """The session (the `gateway.session_header` header, else the body's `user`) or the start of the
+    prompt; None when the request has none of them."""
+    if session:
+        return "session:" + session[:256]
     user = body.get("user")
     if isinstance(user, str) and user:
         return "user:" + user
