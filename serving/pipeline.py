@@ -142,7 +142,8 @@ class Pipeline:
                     return
                 claim = got
                 send = claim.capture(send)
-            # 7. admission
+            # 7. admission (a fail-closed ledger that is down refuses first: its 503 uses no rate limit)
+            await self.forwarder.recorder.ledger.admit()
             admission = await self.guard.admit(
                 tenant, principal.key_id, request_id, route.endpoint, body, len(raw)
             )

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import orjson
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from serving.batches import shapes
 from serving.batches.execute import Done, Interrupted, LineExecutor, PutBack
@@ -82,9 +83,17 @@ class BatchRunner:
                 await asyncio.gather(*late, return_exceptions=True)
 
     async def _loop(self) -> None:
+        db_down = False  # a database outage is logged once, when it starts and when it ends
         while True:
             try:
                 await self.tick()
+                if db_down:
+                    log.warning("batch runner: the database answers again; batches carry on")
+                db_down = False
+            except (OperationalError, InterfaceError) as exc:  # down or unreachable: retried each poll
+                if not db_down:
+                    log.warning("batch runner: the database is unavailable (%s); retrying", exc.orig)
+                db_down = True
             except Exception:
                 log.exception("batch runner tick failed")
             self._wake.clear()

@@ -132,3 +132,33 @@ async def test_past_the_window_unrun_lines_expire_and_the_batch_ends_expired(
     assert done.output_file_id and done.error_file_id
     errors = DiskFileStore(tmp_path / "files").get(done.error_file_id).decode().splitlines()
     assert [orjson.loads(e)["error"]["code"] for e in errors] == ["batch_expired", "batch_expired"]
+
+
+async def test_a_database_outage_is_logged_once_not_every_poll(
+    store: BatchStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    r = runner(store, tmp_path, ran=set())
+    r.settings = BatchSettings(poll_s=0.01)
+    down = {"on": True}
+    real = store.in_status
+
+    def in_status(*statuses: str) -> list[BatchRow]:
+        if down["on"]:
+            raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+        return real(*statuses)
+
+    store.in_status = in_status  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="tokenport.batches"):
+        r.start()
+        await asyncio.sleep(0.3)  # ~30 polls while the database is down
+        down["on"] = False
+        await asyncio.sleep(0.1)
+        await r.close()
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert sum("unavailable" in m for m in lines) == 1 and sum("answers again" in m for m in lines) == 1
+    assert not any(rec.exc_info for rec in caplog.records)  # no traceback per poll

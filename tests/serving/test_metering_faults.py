@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from metering.events import Outcome
 from metering.tokencount import TokenCounter
@@ -16,6 +17,7 @@ from serving.pipeline import Pipeline
 from tests.conftest import MODEL, GatewayFactory
 from tests.fakes import FakeWorker
 from tests.serving.helpers import auth, chat_body, stream_raw
+from tests.serving.limits_support import set_limits
 
 REPO = Path(__file__).resolve().parents[2]
 PREPARED = REPO / "data" / "models" / MODEL
@@ -75,6 +77,28 @@ async def test_fail_closed_ledger_refuses_with_503(
     s = await stream_raw(gw.http, api_key, chat_body(stream=True))
     assert s.status == 200 and s.done
     assert (await gw.wait_event(s.request_id)).event.outcome is Outcome.OK
+
+
+async def test_fail_closed_503s_use_none_of_the_rate_limit(
+    gateway_factory: GatewayFactory, fake_factory: Any
+) -> None:
+    w: FakeWorker = await fake_factory()
+    gw = await gateway_factory([(MODEL, "w", w.url)])
+    t, _k, api_key = gw.new_tenant()
+    await set_limits(gw, t.id, rpm=2)
+    ledger = _forwarder(gw.app).recorder.ledger
+    ledger.fail_closed, ledger.available = True, False  # known down
+    ledger.store.ping = lambda: (_ for _ in ()).throw(OperationalError("SELECT 1", {}, Exception("down")))
+    for _ in range(5):
+        r = await gw.http.post("/v1/chat/completions", json=chat_body(), headers=auth(api_key))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable"
+        ledger._last_probe = 0.0  # probe again each time
+    ledger.available = True  # back: the tenant still has its whole minute
+    codes = [
+        (await gw.http.post("/v1/chat/completions", json=chat_body(), headers=auth(api_key))).status_code
+        for _ in range(3)
+    ]
+    assert codes == [200, 200, 429]
 
 
 async def test_stream_whose_commit_fails_gets_an_error_event_not_done(
