@@ -113,7 +113,8 @@ def load_workers_file(path: Path, models: Iterable[str]) -> list[FileWorker]:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise WorkersFileError(f"{path}: {where}: {first['msg']}") from exc
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise WorkersFileError(f"{path}: {where}: {msg}") from exc
     known = set(models)
     ids: set[str] = set()
     for i, w in enumerate(parsed.workers):
