@@ -190,11 +190,36 @@ def test_every_rendered_object_validates(
             "Job",
             "NetworkPolicy",
             "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
             "Service",
+            "ServiceAccount",
             "ServiceMonitor",
         }
     else:
-        assert {"LeaderWorkerSet", "ScaledObject", "PrometheusRule", "StatefulSet", "Secret"} <= kinds
+        assert {
+            "LeaderWorkerSet",
+            "ScaledObject",
+            "PrometheusRule",
+            "StatefulSet",
+            "Secret",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount",
+        } <= kinds
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("mode", ["dns", "service"])
+def test_every_discovery_mode_renders_valid_objects(
+    any_helm: str, kubernetes_validate: Any, version: str, mode: str
+) -> None:
+    """The other gateway.workerDiscovery modes (the defaults above are endpointslices)."""
+    docs = render(any_helm, "-f", str(ALL_ON), "--set", f"gateway.workerDiscovery={mode}")
+    for doc in docs:
+        validate(doc, version, kubernetes_validate)
+    assert one(docs, "ServiceAccount", "tokenport-gateway")
+    assert not find(docs, "Role") and not find(docs, "RoleBinding")
 
 
 @pytest.mark.parametrize("values", [None, ALL_ON], ids=["default", "all-on"])
@@ -258,6 +283,15 @@ def test_validation_catches_a_broken_object(
         (["--set-json", 'workers.models=[{"name":"m","model":"x","gpus":-1}]'], "gpus"),
         (["--set-json", 'workers.models=[{"name":"m","model":"x","multiNode":{"enabled":true}}]'], "size"),
         (["--set-json", 'workers.models=[{"name":"m","baseUrl":"ftp://x"}]'], "baseUrl"),
+        (["--set", "gateway.workerDiscovery=pods"], "endpointslices"),
+        (["--set-json", 'workers.models=[{"name":"m","model":"x","router":true}]'], "baseUrl"),
+        (
+            ["--set-json", 'workers.models=[{"name":"m","baseUrl":"http://r","healthPath":"health"}]'],
+            "match pattern '^/",
+        ),
+        (["--set", "settings.workers.file=/etc/other.yaml"], "workers"),
+        (["--set", "serviceAccount.automount=true"], "automount"),
+        (["--set", "rbac.enabled=true"], "enabled"),
     ],
 )
 def test_values_schema_refuses_bad_values(any_helm: str, args: list[str], message: str) -> None:
@@ -415,6 +449,7 @@ def test_the_gateway_settings_loader_accepts_the_rendered_environment(
     assert settings.metering.fail_closed is True
     assert settings.gateway.host == "0.0.0.0"
     assert settings.gateway.trusted_proxies == values_settings["gateway"]["trusted_proxies"]
+    assert settings.workers.file == Path("/etc/tokenport-workers/workers.yaml")  # absolute: no config folder
     if values is not None:
         assert settings.gateway.key_cache_refresh_s == 0.5
         assert settings.metering.languages == ["en", "zh", "ru", "kk"]
@@ -458,7 +493,6 @@ def test_gateway_runs_unprivileged_on_a_read_only_root(default_docs: list[Doc]) 
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts["/app/data"] == "data" and mounts["/tmp"] == "tmp"
     assert env_of(c)["TOKENPORT_DATA_DIR"]["value"] == "/app/data"
-    assert spec["automountServiceAccountToken"] is False
 
 
 def test_gateway_hpa_targets_the_gateway_deployment(default_docs: list[Doc]) -> None:
@@ -520,38 +554,251 @@ def test_a_catalogue_change_rolls_the_gateway(helm: str, default_docs: list[Doc]
 # ------------------------------------------------------------------ the model catalogue
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["default", "all-on"])
-def test_catalogue_points_the_gateway_at_the_worker_services(helm: str, values: Path | None) -> None:
+def catalogue_of(docs: list[Doc]) -> Any:
     from serving.settings import Catalogue
 
-    docs = render(helm, *(["-f", str(values)] if values else []))
     configmap = one(docs, "ConfigMap", f"{FULLNAME}-models")
-    catalogue = Catalogue.model_validate(yaml.safe_load(configmap["data"]["models.yaml"]))
-    models = yaml.safe_load((values or CHART / "values.yaml").read_text())["workers"]["models"]
+    return Catalogue.model_validate(yaml.safe_load(configmap["data"]["models.yaml"]))
+
+
+def values_models(values: Path | None) -> list[Doc]:
+    return yaml.safe_load((values or CHART / "values.yaml").read_text())["workers"]["models"]  # type: ignore[no-any-return]
+
+
+def gateway_mounts(docs: list[Doc]) -> tuple[dict[str, Doc], dict[str, Doc]]:
+    """The gateway's volumes and its container's mounts, by volume name."""
+    gateway = one(docs, "Deployment", f"{FULLNAME}-gateway")
+    volumes = {v["name"]: v for v in pod_spec(gateway)["volumes"]}
+    mounts = {m["name"]: m for m in container(gateway)["volumeMounts"]}
+    return volumes, mounts
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["default", "all-on"])
+def test_service_discovery_points_the_catalogue_at_the_worker_services(
+    helm: str, values: Path | None
+) -> None:
+    """gateway.workerDiscovery: service, the chart's first behaviour: one worker per model, its Service."""
+    docs = render(helm, *(["-f", str(values)] if values else []), "--set", "gateway.workerDiscovery=service")
+    catalogue = catalogue_of(docs)
+    models = values_models(values)
     assert [m.name for m in catalogue.models] == [m["name"] for m in models]
     assert catalogue.default_model == models[0]["name"]
     services = {s["metadata"]["name"]: s for s in find(docs, "Service")}
     for spec, model in zip(catalogue.models, models, strict=True):
         (worker,) = spec.workers
         assert not worker.launched
+        assert worker.router is model.get("router", False)
+        assert worker.health_path == model.get("healthPath", "/health")
         if "baseUrl" in model:
             assert worker.url() == model["baseUrl"].rstrip("/")
             assert worker.region == model["region"]
             continue
         match = re.fullmatch(rf"http://([a-z0-9-]+)\.{NAMESPACE}\.svc:8000", worker.url())
         assert match, worker.url()
+        assert worker.id == f"{match.group(1).removeprefix(f'{FULLNAME}-worker-')}-svc"
         service = services[match.group(1)]
         assert service["spec"]["clusterIP"] == "None"  # headless: one record per ready worker
         assert service["metadata"]["labels"]["tokenport.io/job"] == "vllm-workers"
         assert worker.region == "k8s"
         assert spec.max_model_len == model.get("maxModelLen", 2048)
-    # The gateway mounts it where TOKENPORT_MODELS_FILE says.
+    # The gateway mounts it where TOKENPORT_MODELS_FILE says, and no workers file.
     gateway = one(docs, "Deployment", f"{FULLNAME}-gateway")
-    assert env_of(container(gateway))["TOKENPORT_MODELS_FILE"]["value"] == "/etc/tokenport/models.yaml"
-    volumes = {v["name"]: v for v in pod_spec(gateway)["volumes"]}
+    env = env_of(container(gateway))
+    assert env["TOKENPORT_MODELS_FILE"]["value"] == "/etc/tokenport/models.yaml"
+    assert "TOKENPORT_WORKERS__FILE" not in env
+    volumes, mounts = gateway_mounts(docs)
     assert volumes["catalogue"]["configMap"]["name"] == f"{FULLNAME}-models"
-    mounts = {m["name"]: m["mountPath"] for m in container(gateway)["volumeMounts"]}
-    assert mounts["catalogue"] == "/etc/tokenport"
+    assert mounts["catalogue"]["mountPath"] == "/etc/tokenport"
+    assert "workers" not in volumes
+    assert not find(docs, "ConfigMap", f"{FULLNAME}-gateway-workers")
+    # No Kubernetes API access: no Role, no binding, no token in the pod.
+    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    assert pod_spec(gateway)["automountServiceAccountToken"] is False
+
+
+def rendered_workers_file(docs: list[Doc], tmp_path: Path) -> list[Any]:
+    """The workers ConfigMap's workers.yaml, loaded as the gateway loads it (serving/proxy/discovery.py)."""
+    from serving.proxy.discovery import load_workers_file
+
+    configmap = one(docs, "ConfigMap", f"{FULLNAME}-gateway-workers")
+    assert set(configmap["data"]) == {"workers.yaml"}
+    path = tmp_path / "workers.yaml"
+    path.write_text(configmap["data"]["workers.yaml"])
+    return load_workers_file(path, [m.name for m in catalogue_of(docs).models])
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["default", "all-on"])
+def test_discovery_lists_each_model_in_the_workers_file(
+    helm: str, values: Path | None, tmp_path: Path
+) -> None:
+    """Default (endpointslices): every ready pod of a chart-run model is a worker of the gateway."""
+    from serving.proxy.kube import service_of
+
+    docs = render(helm, *(["-f", str(values)] if values else []))
+    catalogue = catalogue_of(docs)
+    models = values_models(values)
+    assert [m.name for m in catalogue.models] == [m["name"] for m in models]
+    # The catalogue lists no workers (a change of them must not roll the gateways): they are in the file.
+    assert all(spec.workers == [] for spec in catalogue.models)
+    entries = rendered_workers_file(docs, tmp_path)
+    assert [e.model for e in entries] == [m["name"] for m in models]
+    services = {s["metadata"]["name"]: s for s in find(docs, "Service")}
+    for entry, model in zip(entries, models, strict=True):
+        assert entry.router is model.get("router", False)
+        assert entry.health_path == model.get("healthPath", "/health")
+        assert entry.region == model.get("region", "k8s")
+        if "baseUrl" in model:  # a router or workers elsewhere: one static worker
+            assert (entry.discover, entry.base_url) == ("static", model["baseUrl"].rstrip("/"))
+            continue
+        assert entry.discover == "endpointslices"
+        # The gateway's Kubernetes client reads the name as SERVICE.NAMESPACE:PORT.
+        name, namespace, port = service_of(entry.base_url, None)
+        assert (namespace, port) == (NAMESPACE, 8000)
+        assert entry.id == name.removeprefix(f"{FULLNAME}-worker-")
+        service = services[name]
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["ports"][0]["port"] == port
+        if model.get("multiNode", {}).get("enabled"):
+            # Only a group's leader serves the API: the Service's endpoints are the leaders.
+            assert service["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
+    if values is not None:
+        router = entries[-1]
+        assert (router.model, router.router, router.discover) == ("gemma-3-12b-it", True, "static")
+
+
+def test_each_discovered_endpoint_is_a_worker(default_docs: list[Doc], tmp_path: Path) -> None:
+    """The rendered entry expands, as the gateway's discovery does, into one worker per pod address."""
+    import asyncio
+
+    from serving.proxy.discovery import Discovery
+    from serving.proxy.pool import WorkerPool
+
+    (entry,) = rendered_workers_file(default_docs, tmp_path)
+    asked = []
+
+    async def endpoints(kind: str, base_url: str) -> list[tuple[str, int]]:
+        asked.append((kind, base_url))
+        return [("10.1.0.7", 8000), ("10.1.0.9", 8000)]
+
+    pool = WorkerPool([], models=[entry.model])
+    discovery = Discovery(pool, [], None, 5.0, lookups={"endpointslices": endpoints})
+    workers = asyncio.run(discovery.expand(entry, 0))
+    assert asked == [("endpointslices", f"http://{FULLNAME}-worker-smollm2-135m-instruct.{NAMESPACE}:8000")]
+    assert [(w.id, w.url, w.model) for w in workers] == [
+        ("smollm2-135m-instruct-10.1.0.7", "http://10.1.0.7:8000", "smollm2-135m-instruct"),
+        ("smollm2-135m-instruct-10.1.0.9", "http://10.1.0.9:8000", "smollm2-135m-instruct"),
+    ]
+
+
+def test_dns_discovery_needs_no_kubernetes_api(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, "--set", "gateway.workerDiscovery=dns")
+    (entry,) = rendered_workers_file(docs, tmp_path)
+    assert entry.discover == "dns"
+    assert entry.base_url == f"http://{FULLNAME}-worker-smollm2-135m-instruct.{NAMESPACE}:8000"
+    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    gateway = one(docs, "Deployment", f"{FULLNAME}-gateway")
+    assert pod_spec(gateway)["automountServiceAccountToken"] is False
+    assert (
+        env_of(container(gateway))["TOKENPORT_WORKERS__FILE"]["value"]
+        == "/etc/tokenport-workers/workers.yaml"
+    )
+
+
+@pytest.mark.parametrize("mode", ["endpointslices", "dns"])
+def test_the_workers_configmap_is_mounted_as_a_directory(helm: str, mode: str) -> None:
+    """kubelet updates a ConfigMap volume in place (a symlink swap); a subPath mount never sees it."""
+    docs = render(helm, "--set", f"gateway.workerDiscovery={mode}")
+    gateway = one(docs, "Deployment", f"{FULLNAME}-gateway")
+    volumes, mounts = gateway_mounts(docs)
+    assert volumes["workers"] == {"name": "workers", "configMap": {"name": f"{FULLNAME}-gateway-workers"}}
+    assert mounts["workers"] == {"name": "workers", "mountPath": "/etc/tokenport-workers", "readOnly": True}
+    assert not [m for m in container(gateway)["volumeMounts"] if "subPath" in m or "subPathExpr" in m]
+    # Not inside the catalogue's mount (a mount point in a read-only ConfigMap volume cannot be made).
+    assert not mounts["workers"]["mountPath"].startswith(mounts["catalogue"]["mountPath"] + "/")
+    file = Path(env_of(container(gateway))["TOKENPORT_WORKERS__FILE"]["value"])
+    assert (str(file.parent), file.name) == (mounts["workers"]["mountPath"], "workers.yaml")
+
+
+def test_a_workers_change_does_not_roll_the_gateway(helm: str, all_on_docs: list[Doc]) -> None:
+    """The gateway re-reads the workers file: only a catalogue change rolls it (checksum/models)."""
+    changed = render(
+        helm,
+        "-f",
+        str(ALL_ON),
+        "--set",
+        "workers.models[3].baseUrl=http://vllm-router-2.inference.svc:80",
+        "--set",
+        "gateway.region=eu-central-1",
+    )
+
+    def workers_yaml(docs: list[Doc]) -> str:
+        return one(docs, "ConfigMap", f"{FULLNAME}-gateway-workers")["data"]["workers.yaml"]  # type: ignore[no-any-return]
+
+    def annotations(docs: list[Doc]) -> Doc:
+        return one(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["metadata"]["annotations"]  # type: ignore[no-any-return]
+
+    assert workers_yaml(changed) != workers_yaml(all_on_docs)
+    assert "vllm-router-2" in workers_yaml(changed)
+    assert annotations(changed) == annotations(all_on_docs)
+    assert list(annotations(all_on_docs)) == ["checksum/models"]
+
+
+# ------------------------------------------------------------------ the gateway's ServiceAccount and RBAC
+
+
+def discovery_rbac(docs: list[Doc]) -> tuple[Doc, Doc]:
+    (role,) = find(docs, "Role")
+    (binding,) = find(docs, "RoleBinding")
+    return role, binding
+
+
+def test_endpointslices_discovery_may_list_endpointslices_only(default_docs: list[Doc]) -> None:
+    role, binding = discovery_rbac(default_docs)
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    assert "namespace" not in role["metadata"]  # the release namespace, where the workers are
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    gateway = one(default_docs, "Deployment", f"{FULLNAME}-gateway")
+    account = pod_spec(gateway)["serviceAccountName"]
+    assert account == f"{FULLNAME}-gateway"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    sa = one(default_docs, "ServiceAccount", account)
+    # The token is mounted in the gateway pod only (its pod spec), not in whatever else uses the account.
+    assert sa["automountServiceAccountToken"] is False
+    assert pod_spec(gateway)["automountServiceAccountToken"] is True
+    for d, template_ in pod_templates(default_docs):
+        if d is not gateway:
+            assert template_["spec"]["automountServiceAccountToken"] is False, d["metadata"]["name"]
+
+
+def test_service_account_and_rbac_follow_the_values(helm: str, all_on_docs: list[Doc]) -> None:
+    sa = one(all_on_docs, "ServiceAccount", "tokenport-gateway")
+    assert sa["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/tokenport-gateway"
+    }
+    _, binding = discovery_rbac(all_on_docs)
+    assert binding["subjects"][0]["name"] == "tokenport-gateway"
+    assert pod_spec(one(all_on_docs, "Deployment", f"{FULLNAME}-gateway"))["serviceAccountName"] == (
+        "tokenport-gateway"
+    )
+    # An account of your own, and the Role bound to it; or no Role at all (granted by you).
+    docs = render(helm, "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=gateway-sa")
+    assert not find(docs, "ServiceAccount")
+    assert discovery_rbac(docs)[1]["subjects"][0]["name"] == "gateway-sa"
+    gateway = one(docs, "Deployment", f"{FULLNAME}-gateway")
+    assert pod_spec(gateway)["serviceAccountName"] == "gateway-sa"
+    docs = render(helm, "--set", "rbac.create=false")
+    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    assert pod_spec(one(docs, "Deployment", f"{FULLNAME}-gateway"))["automountServiceAccountToken"] is True
 
 
 # ------------------------------------------------------------------ workers

@@ -138,6 +138,53 @@ key: {{ .Values.redis.urlSecret.key }}
   mountPath: /tmp
 {{- end -}}
 
+{{/* The gateway's ServiceAccount: the chart's own (<fullname>-gateway) or serviceAccount.name. */}}
+{{- define "tokenport.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (printf "%s-gateway" (include "tokenport.fullname" .)) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the gateway discovers each worker pod through a workers file (gateway.workerDiscovery
+     endpointslices or dns) rather than reaching a model's headless Service as one worker (service). */}}
+{{- define "tokenport.discovers" -}}
+{{- if ne .Values.gateway.workerDiscovery "service" }}true{{ end -}}
+{{- end -}}
+
+{{/* Where the gateway reads the workers file: the workers ConfigMap mounted as a directory (a
+     subPath mount would never see an update), beside the catalogue's, not inside it. */}}
+{{- define "tokenport.workersDir" -}}/etc/tokenport-workers{{- end -}}
+
+{{/* One worker entry of a model for the gateway, as JSON: include "tokenport.gatewayWorker" (list $ $model).
+     service: a catalogue worker (models.yaml) whose base_url is the model's headless Service name.
+     endpointslices / dns: a workers-file entry (serving/proxy/discovery.py) that stands for each
+     ready pod of the model's headless Service; a model with a baseUrl stays one static worker. */}}
+{{- define "tokenport.gatewayWorker" -}}
+{{- $root := index . 0 -}}
+{{- $m := index . 1 -}}
+{{- $mode := $root.Values.gateway.workerDiscovery -}}
+{{- $w := dict "region" ($m.region | default $root.Values.gateway.region) -}}
+{{- if eq $mode "service" -}}
+{{- $_ := set $w "id" (printf "%s-svc" (include "tokenport.modelId" $m)) -}}
+{{- $_ := set $w "base_url" (include "tokenport.workerUrl" (list $root $m)) -}}
+{{- else -}}
+{{- $_ := set $w "model" $m.name -}}
+{{- $_ := set $w "id" (include "tokenport.modelId" $m) -}}
+{{- if $m.baseUrl -}}
+{{- $_ := set $w "base_url" $m.baseUrl -}}
+{{- $_ := set $w "discover" "static" -}}
+{{- else -}}
+{{- $_ := set $w "base_url" (printf "http://%s.%s:%d" (include "tokenport.workerName" (list $root $m)) $root.Release.Namespace (int $root.Values.workers.port)) -}}
+{{- $_ := set $w "discover" $mode -}}
+{{- end -}}
+{{- end -}}
+{{- if $m.router }}{{ $_ := set $w "router" true }}{{ end -}}
+{{- with $m.healthPath }}{{ $_ := set $w "health_path" . }}{{ end -}}
+{{- toJson $w -}}
+{{- end -}}
+
 {{/* A model's base URL: its own baseUrl (workers run elsewhere), else its headless Service. */}}
 {{- define "tokenport.workerUrl" -}}
 {{- $root := index . 0 -}}
