@@ -102,6 +102,12 @@ class Backend(Protocol):
 
     async def status(self, key: str, now_ms: int) -> HoldStatus: ...
 
+    async def heartbeat(self, member: str, ttl_ms: int) -> int:
+        """Mark this process alive for ttl_ms; the number of processes alive (this one included)."""
+        ...
+
+    async def leave(self, member: str) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -210,6 +216,12 @@ class MemoryBackend:
             return HoldStatus(0, 0, False, 0)
         st.purge(now_ms)
         return HoldStatus(st.used, st.reserved, True, len(st.holds))
+
+    async def heartbeat(self, member: str, ttl_ms: int) -> int:
+        return 1  # one process: its own state
+
+    async def leave(self, member: str) -> None:
+        return None
 
     def forget_idle(self, now_ms: int) -> None:
         """Drop buckets that are full again (nothing to remember)."""

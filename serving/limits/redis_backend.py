@@ -7,6 +7,7 @@ slot and the scripts also work on Redis Cluster. Keys:
   tp:{T}:bg:<scope>:<window>:<unit>  hold state: used, reserved, epoch  (kept for the window + margin)
   ...:r  (hash rid -> amount)   ...:x  (zset rid -> expiry ms)          the holds in flight
   ...:g  (zset rid -> when it expired)                                  expired holds, for an hour
+  tp:live:{gateways}                 zset process id -> last heartbeat (the live gateway processes)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from serving.limits.backend import (
     HoldSpec,
     HoldStatus,
 )
+
+LIVE_KEY = "tp:live:{gateways}"  # zset process id -> last heartbeat (Redis's clock); one slot
 
 # Shared Lua: drop a window's expired holds (their amounts leave `reserved`, their ids move to the
 # "gone" set for an hour, so a late settle still counts its usage exactly once).
@@ -172,6 +175,18 @@ return {tonumber(st[1]), reserved, 1, redis.call('HLEN', KEYS[2])}
 )
 
 
+# One process's heartbeat: mark it alive, forget those silent for ttl, count the rest. Redis's own clock,
+# so the gateways' clocks need not agree.
+HEARTBEAT = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
 def _hold_keys(key: str) -> list[str]:
     return [key, key + ":r", key + ":x", key + ":g"]
 
@@ -206,6 +221,7 @@ class RedisBackend:
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
         self._status = self.client.register_script(STATUS)
+        self._heartbeat = self.client.register_script(HEARTBEAT)
 
     async def admit(
         self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec], new_epoch: str
@@ -246,6 +262,12 @@ class RedisBackend:
     async def status(self, key: str, now_ms: int) -> HoldStatus:
         raw = await self._status(keys=_hold_keys(key), args=[now_ms])
         return HoldStatus(int(raw[0]), int(raw[1]), bool(int(raw[2])), int(raw[3]))
+
+    async def heartbeat(self, member: str, ttl_ms: int) -> int:
+        return int(await self._heartbeat(keys=[LIVE_KEY], args=[member, ttl_ms]))
+
+    async def leave(self, member: str) -> None:
+        await self.client.zrem(LIVE_KEY, member)
 
     async def close(self) -> None:
         await self.client.aclose()
