@@ -18,6 +18,19 @@ rate limits itself in memory (the `fallback` backend) with buckets of limit / li
 (rounded up, at least 1) in size and refill, so N processes admit about one limit together, each its
 share as counted when Redis last answered (N unknown, never having reached Redis: the whole limit).
 Every request tries Redis first, so the shared counts take over again as soon as it answers.
+
+**Rate buckets after Redis lost its state.** Budgets are re-seeded from the ledger the first time a
+window is touched; rate buckets are too. A bucket lives in Redis for a day after its last request, so
+a bucket Redis does not hold is new or lost; the limiter then reads the tenant's requests and tokens
+that started in the last 60 s from the ledger (one grouped query, single flight per tenant in the
+process) and the bucket is created at limit - that usage. The script that creates it writes it at
+once, so when several processes seed at the same time only the first seed counts (nothing is
+subtracted twice) and no marker key is needed; a tenant idle for a day pays one small query. The seed
+is a lower bound of the lost bucket's level (whatever it held a minute ago, it refilled at most one
+limit since), so after a restart a tenant is never admitted more than one bucket plus refill allows;
+it may wait up to a minute longer than the lost bucket would have made it wait, once. Requests in
+flight at the loss are not in the ledger yet and are missed (as for budgets). If the ledger cannot
+be read, the buckets start full (rate limits are not money; budgets refuse instead).
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -149,6 +162,7 @@ class Limiter:
         self._tracked: dict[str, Admission] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seeding: dict[str, asyncio.Future[int]] = {}
+        self._rate_seeding: dict[str, asyncio.Future[dict[str, tuple[int, int]]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._heart: asyncio.Task[None] | None = None
         self.member = secrets.token_hex(8)  # this process in Redis's set of live gateways
@@ -338,6 +352,46 @@ class Limiter:
         finally:
             self._seeding.pop(hold_key, None)
 
+    async def _seed_buckets(self, adm: Admission) -> list[BucketSpec]:
+        """The admission's buckets with their seeds: requests and tokens of the last minute."""
+        try:
+            by_key = await self._recent_usage(adm.tenant.id)
+        except Exception as exc:  # noqa: BLE001 - the ledger is away: buckets start full
+            log.warning("cannot read the last minute's usage of %s from the ledger: %s", adm.tenant.id, exc)
+            by_key = {}
+        seeded = []
+        for b in adm.buckets:
+            rows = [u for k, u in by_key.items() if b.scope == "tenant" or k == adm.key_id]
+            used = sum(u[0] if b.kind == "requests" else u[1] for u in rows)
+            seeded.append(replace(b, seed=used))
+        return seeded
+
+    async def _recent_usage(self, tenant_id: str) -> dict[str, tuple[int, int]]:
+        """Per key of the tenant: (requests, tokens) that started in the last 60 s (single flight)."""
+        fut = self._rate_seeding.get(tenant_id)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._rate_seeding[tenant_id] = fut
+        try:
+            start = datetime.fromtimestamp(self.clock(), UTC) - timedelta(milliseconds=MINUTE_MS)
+            rows = await asyncio.to_thread(self.usage.summary, ["key_id"], tenant_id=tenant_id, start=start)
+            usage = {
+                str(r["key_id"]): (
+                    int(str(r["requests"])),
+                    int(str(r["prompt_tokens"])) + int(str(r["completion_tokens"])),
+                )
+                for r in rows
+            }
+            fut.set_result(usage)
+            return usage
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it
+            raise
+        finally:
+            self._rate_seeding.pop(tenant_id, None)
+
     # --- admission -----------------------------------------------------------------------
     async def admit(
         self,
@@ -368,10 +422,11 @@ class Limiter:
             ("tenant", f"{t}:t", eff.tenant_rpm, eff.tenant_tpm),
             ("key", f"{t}:k:{key_id}", eff.key_rpm, eff.key_tpm),
         ):
+            # seed=None: a bucket the backend lost (or never had) is created from the ledger
             if rpm is not None:
-                adm.buckets.append(BucketSpec(prefix + ":rpm", rpm, 1, "requests", scope))  # type: ignore[arg-type]
+                adm.buckets.append(BucketSpec(prefix + ":rpm", rpm, 1, "requests", scope, None))  # type: ignore[arg-type]
             if tpm is not None:
-                adm.buckets.append(BucketSpec(prefix + ":tpm", tpm, adm.worst_tokens, "tokens", scope))  # type: ignore[arg-type]
+                adm.buckets.append(BucketSpec(prefix + ":tpm", tpm, adm.worst_tokens, "tokens", scope, None))  # type: ignore[arg-type]
         ttl_ms = int(eff.timeout_s * 1000) + HOLD_MARGIN_MS
         for scope, budget in (("tenant", eff.tenant_budget), ("key", eff.key_budget)):
             if budget is None:
@@ -409,7 +464,7 @@ class Limiter:
 
     async def _admit(self, adm: Admission, now_ms: int) -> AdmitResult | None:
         specs = [h.spec for h in adm.holds]
-        for _attempt in range(4):
+        for _attempt in range(5):  # at most: seed two budgets, seed the buckets, admit
             try:
                 result = await self.backend.admit(
                     adm.request_id, now_ms, adm.buckets, specs, secrets.token_hex(6)
@@ -432,6 +487,9 @@ class Limiter:
                 return None
             if result.status == "ok":
                 return result
+            if result.status == "need_rate_seed":
+                adm.buckets = await self._seed_buckets(adm)
+                continue
             if result.status == "need_seed":
                 held = adm.holds[result.index]
                 try:

@@ -185,3 +185,45 @@ async def test_a_process_that_leaves_is_no_longer_counted(fleet: tuple[Limiter, 
     assert await b.beat() == 2
     await b.close()
     assert await a.beat() == 1
+
+
+@pytest.mark.parametrize(
+    "fleet",
+    [({"t": LimitPolicy(rpm=10), "u": LimitPolicy(rpm=10, tpm=1000)}, {})],
+    indirect=True,
+)
+async def test_a_redis_restarted_empty_seeds_the_rate_buckets_from_the_ledger_once(
+    fleet: tuple[Limiter, Limiter], redis: RedisServer, usage: CountingUsage
+) -> None:
+    """Redis comes back empty: the buckets start at limit - what the ledger says was used in the last
+    minute, not full; both processes admit at once, and the seed is subtracted once, not twice."""
+    a, b = fleet
+    assert await admit(a, "t", "key_1", 0) is not None  # buckets exist in Redis
+    used_in_the_last_minute(usage, "t", "key_1", 6)
+    usage.append_batch([make_event(tenant_id="t", started_at=datetime.now(UTC) - timedelta(seconds=90))])
+    used_in_the_last_minute(usage, "other", "key_9", 10)  # another tenant's usage does not count
+    used_in_the_last_minute(usage, "u", "key_1", 10, tokens=90)  # u: its whole RPM, 900 of 1000 TPM
+    redis.stop()
+    redis.start()  # empty
+    before = usage.summaries
+    results = await asyncio.gather(*(admit((a, b)[i % 2], "t", "key_1", 100 + i) for i in range(10)))
+    assert sum(r is not None for r in results) == 10 - 6  # seeded once: not 10 (full), not 0 (twice)
+    assert usage.summaries - before < 10  # single flight per process: not a read per request
+    assert await admit(a, "u", "key_1", 1) is None  # used its whole RPM a few seconds ago: refused
+    assert await admit(b, "u", "key_1", 2) is None
+
+
+@pytest.mark.parametrize(
+    "fleet", [({"u": LimitPolicy(rpm=100, tpm=1000)}, {"key_2": LimitPolicy(rpm=3)})], indirect=True
+)
+async def test_seeds_count_tokens_for_tpm_and_a_keys_own_requests_for_its_buckets(
+    fleet: tuple[Limiter, Limiter], redis: RedisServer, usage: CountingUsage
+) -> None:
+    a, _b = fleet
+    used_in_the_last_minute(usage, "u", "key_1", 5, tokens=100)  # 500 tokens
+    used_in_the_last_minute(usage, "u", "key_2", 2, tokens=100)  # 200 tokens; key_2: 2 of its 3 RPM
+    assert await admit(a, "u", "key_1", 0, tokens=301) is None  # 1000 - 700 = 300 left
+    assert await admit(a, "u", "key_2", 1, tokens=100) is not None  # key_2's third request
+    assert await admit(a, "u", "key_2", 2, tokens=100) is None  # key_2's RPM is used up
+    assert await admit(a, "u", "key_1", 3, tokens=200) is not None  # the tenant's last 200 tokens
+    assert await admit(a, "u", "key_1", 4, tokens=5) is None
