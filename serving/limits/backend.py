@@ -7,7 +7,9 @@ check and the charge; in Redis the same steps run as one Lua script, see redis_b
 Bucket (requests or tokens per minute): capacity C refilled continuously at C per 60 s, like
 OpenAI's limits. `remaining` is what is left now and `reset` the time until the bucket is full again.
 A token-bucket charge is the request's worst case; when the request ends, the unused part is given
-back (or the overshoot taken).
+back (or the overshoot taken). A bucket the state does not hold starts full, or, when its spec says
+`seed=None` (the limiter's shared buckets, see limiter.py), the state answers `need_rate_seed` and the
+bucket is then created once at capacity - seed (what the ledger says was used in the last minute).
 
 Hold (budget): state `used` (settled usage in the budget's window), `reserved` (holds of requests in
 flight) and one hold per request id with an expiry. Admit iff used + reserved + amount <= limit.
@@ -36,6 +38,8 @@ class BucketSpec:
     cost: int
     kind: Literal["requests", "tokens"]
     scope: Literal["tenant", "key"]
+    # A bucket the state does not hold: created with capacity - seed; None asks for one (need_rate_seed)
+    seed: int | None = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +64,7 @@ class BucketView:
 
 @dataclass(slots=True)
 class AdmitResult:
-    status: Literal["ok", "need_seed", "budget", "rate"]
+    status: Literal["ok", "need_seed", "need_rate_seed", "budget", "rate"]
     index: int = -1  # which bucket or hold refused (or needs a seed)
     buckets: list[BucketView] = field(default_factory=list)
     used: int = 0  # budget refusal: the hold's state
@@ -101,6 +105,12 @@ class Backend(Protocol):
     ) -> None: ...
 
     async def status(self, key: str, now_ms: int) -> HoldStatus: ...
+
+    async def heartbeat(self, member: str, ttl_ms: int) -> int:
+        """Mark this process alive for ttl_ms; the number of processes alive (this one included)."""
+        ...
+
+    async def leave(self, member: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -210,6 +220,12 @@ class MemoryBackend:
             return HoldStatus(0, 0, False, 0)
         st.purge(now_ms)
         return HoldStatus(st.used, st.reserved, True, len(st.holds))
+
+    async def heartbeat(self, member: str, ttl_ms: int) -> int:
+        return 1  # one process: its own state
+
+    async def leave(self, member: str) -> None:
+        return None
 
     def forget_idle(self, now_ms: int) -> None:
         """Drop buckets that are full again (nothing to remember)."""

@@ -9,27 +9,45 @@ A tenant therefore never ends above its budget while workers respect max_tokens 
 within their worst case: every admitted request's worst case was held, atomically, before it was
 sent. Holds that are never settled (a process died) expire after the tenant's request timeout plus a
 minute. If the backend (Redis) fails, `limits.on_backend_error_budget` (default closed: 503) and
-`limits.on_backend_error_rate` (default open) decide. Open is **bounded**: while Redis cannot be
-reached, each gateway process counts the rate limits itself in memory (the `fallback` backend), so a
-fleet of N processes admits at most N times a limit, never an unlimited flood; every request tries
-Redis first, so the shared counts take over again as soon as it answers (re-probed continuously, not
-decided once).
+`limits.on_backend_error_rate` (default open) decide.
+
+Open is **bounded to about one limit for the whole fleet**. While Redis answers, every process
+beats in it every HEARTBEAT_S (a sorted set of process ids, forgotten after LIVE_TTL_MS of silence)
+and remembers how many processes were alive. While Redis cannot be reached, each process counts the
+rate limits itself in memory (the `fallback` backend) with buckets of limit / live processes
+(rounded up, at least 1) in size and refill, so N processes admit about one limit together, each its
+share as counted when Redis last answered (N unknown, never having reached Redis: the whole limit).
+Every request tries Redis first, so the shared counts take over again as soon as it answers.
+
+**Rate buckets after Redis lost its state.** Budgets are re-seeded from the ledger the first time a
+window is touched; rate buckets are too. A bucket lives in Redis for a day after its last request, so
+a bucket Redis does not hold is new or lost; the limiter then reads the tenant's requests and tokens
+that started in the last 60 s from the ledger (one grouped query, single flight per tenant in the
+process) and the bucket is created at limit - that usage. The script that creates it writes it at
+once, so when several processes seed at the same time only the first seed counts (nothing is
+subtracted twice) and no marker key is needed; a tenant idle for a day pays one small query. The seed
+is a lower bound of the lost bucket's level (whatever it held a minute ago, it refilled at most one
+limit since), so after a restart a tenant is never admitted more than one bucket plus refill allows;
+it may wait up to a minute longer than the lost bucket would have made it wait, once. Requests in
+flight at the loss are not in the ledger yet and are missed (as for budgets). If the ledger cannot
+be read, the buckets start full (rate limits are not money; budgets refuse instead).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from billing.price_book import Tariff
 from metering.clock import utcnow
@@ -38,6 +56,7 @@ from metering.metrics import Metrics
 from metering.store_sql import UsageStore
 from metering.tenants import Tenant
 from serving.limits.backend import (
+    MINUTE_MS,
     AdmitResult,
     Backend,
     BucketRefund,
@@ -57,6 +76,8 @@ HOLD_MARGIN_MS = 60_000
 DAY_MS = 86_400_000
 SETTLE_RETRIES = (0.2, 1.0, 3.0, 10.0)
 GAUGE_EVERY_S = 1.0
+HEARTBEAT_S = 2.0  # each process marks itself alive in Redis this often
+LIVE_TTL_MS = 6_000  # a process silent this long is no longer counted
 FailMode = Literal["open", "closed"]
 
 
@@ -141,7 +162,11 @@ class Limiter:
         self._tracked: dict[str, Admission] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seeding: dict[str, asyncio.Future[int]] = {}
+        self._rate_seeding: dict[str, asyncio.Future[dict[str, tuple[int, int]]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._heart: asyncio.Task[None] | None = None
+        self.member = secrets.token_hex(8)  # this process in Redis's set of live gateways
+        self.live = 1  # gateway processes alive when Redis last answered (1 until it has)
         self._gauged: dict[str, float] = {}
         r = metrics.registry
         self.rejections = Counter(
@@ -153,6 +178,13 @@ class Limiter:
             ["op"],
             registry=r,
         )
+        self.live_gauge = Gauge(
+            "tokenport_limits_live_processes",
+            "Gateway processes alive in Redis at this process's last heartbeat; while Redis is away each "
+            "process admits this share (1/N) of every rate limit.",
+            registry=r,
+        )
+        self.live_gauge.set(1)
         for reason in ("requests", "tokens", "budget", "unavailable"):
             self.rejections.labels(reason)
         for op in ("admit", "settle"):
@@ -161,13 +193,40 @@ class Limiter:
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="limits-sweeper")
+        if self.fallback is not None:  # only a shared backend has a fleet to count
+            self._heart = asyncio.create_task(self._heartbeats(), name="limits-heartbeat")
 
     async def close(self) -> None:
         await self.drain()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._heart is not None:
+            self._heart.cancel()
+            self._heart = None
+        if self.fallback is not None:
+            with contextlib.suppress(Exception):  # leave the count now, not after LIVE_TTL_MS
+                await self.backend.leave(self.member)
         await self.backend.close()
+
+    async def beat(self) -> int:
+        """One heartbeat: mark this process alive in the backend and remember how many are (the
+        divisor of the rate limits while the backend is away). Keeps the last count if it fails."""
+        try:
+            self.live = max(1, await self.backend.heartbeat(self.member, LIVE_TTL_MS))
+        except Exception:  # noqa: BLE001 - Redis away: the last count stands
+            return self.live
+        self.live_gauge.set(self.live)
+        return self.live
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def share(self, capacity: int) -> int:
+        """This process's part of a rate limit while the backend is away."""
+        return max(1, math.ceil(capacity / self.live))
 
     async def drain(self) -> None:
         """Wait until every scheduled settle has run (tests, shutdown)."""
@@ -181,8 +240,9 @@ class Limiter:
             for rid, adm in list(self._tracked.items()):
                 if now - adm.created > adm.timeout_s + HOLD_MARGIN_MS / 1000:
                     self._tracked.pop(rid, None)  # its holds have expired in the backend
-            if isinstance(self.backend, MemoryBackend):
-                self.backend.forget_idle(self._now_ms())
+            for b in (self.backend, self.fallback):
+                if isinstance(b, MemoryBackend):
+                    b.forget_idle(self._now_ms())
 
     # --- policy --------------------------------------------------------------------------
     def effective(self, tenant_id: str, key_id: str) -> Effective:
@@ -292,6 +352,46 @@ class Limiter:
         finally:
             self._seeding.pop(hold_key, None)
 
+    async def _seed_buckets(self, adm: Admission) -> list[BucketSpec]:
+        """The admission's buckets with their seeds: requests and tokens of the last minute."""
+        try:
+            by_key = await self._recent_usage(adm.tenant.id)
+        except Exception as exc:  # noqa: BLE001 - the ledger is away: buckets start full
+            log.warning("cannot read the last minute's usage of %s from the ledger: %s", adm.tenant.id, exc)
+            by_key = {}
+        seeded = []
+        for b in adm.buckets:
+            rows = [u for k, u in by_key.items() if b.scope == "tenant" or k == adm.key_id]
+            used = sum(u[0] if b.kind == "requests" else u[1] for u in rows)
+            seeded.append(replace(b, seed=used))
+        return seeded
+
+    async def _recent_usage(self, tenant_id: str) -> dict[str, tuple[int, int]]:
+        """Per key of the tenant: (requests, tokens) that started in the last 60 s (single flight)."""
+        fut = self._rate_seeding.get(tenant_id)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._rate_seeding[tenant_id] = fut
+        try:
+            start = datetime.fromtimestamp(self.clock(), UTC) - timedelta(milliseconds=MINUTE_MS)
+            rows = await asyncio.to_thread(self.usage.summary, ["key_id"], tenant_id=tenant_id, start=start)
+            usage = {
+                str(r["key_id"]): (
+                    int(str(r["requests"])),
+                    int(str(r["prompt_tokens"])) + int(str(r["completion_tokens"])),
+                )
+                for r in rows
+            }
+            fut.set_result(usage)
+            return usage
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it
+            raise
+        finally:
+            self._rate_seeding.pop(tenant_id, None)
+
     # --- admission -----------------------------------------------------------------------
     async def admit(
         self,
@@ -322,10 +422,11 @@ class Limiter:
             ("tenant", f"{t}:t", eff.tenant_rpm, eff.tenant_tpm),
             ("key", f"{t}:k:{key_id}", eff.key_rpm, eff.key_tpm),
         ):
+            # seed=None: a bucket the backend lost (or never had) is created from the ledger
             if rpm is not None:
-                adm.buckets.append(BucketSpec(prefix + ":rpm", rpm, 1, "requests", scope))  # type: ignore[arg-type]
+                adm.buckets.append(BucketSpec(prefix + ":rpm", rpm, 1, "requests", scope, None))  # type: ignore[arg-type]
             if tpm is not None:
-                adm.buckets.append(BucketSpec(prefix + ":tpm", tpm, adm.worst_tokens, "tokens", scope))  # type: ignore[arg-type]
+                adm.buckets.append(BucketSpec(prefix + ":tpm", tpm, adm.worst_tokens, "tokens", scope, None))  # type: ignore[arg-type]
         ttl_ms = int(eff.timeout_s * 1000) + HOLD_MARGIN_MS
         for scope, budget in (("tenant", eff.tenant_budget), ("key", eff.key_budget)):
             if budget is None:
@@ -363,7 +464,7 @@ class Limiter:
 
     async def _admit(self, adm: Admission, now_ms: int) -> AdmitResult | None:
         specs = [h.spec for h in adm.holds]
-        for _attempt in range(4):
+        for _attempt in range(5):  # at most: seed two budgets, seed the buckets, admit
             try:
                 result = await self.backend.admit(
                     adm.request_id, now_ms, adm.buckets, specs, secrets.token_hex(6)
@@ -371,17 +472,24 @@ class Limiter:
             except Exception as exc:  # noqa: BLE001 - Redis down or slow: the fail mode decides
                 buckets = adm.buckets
                 self._backend_failed(adm, exc)  # raises when closed; else admitted uncounted by Redis
-                if self.fallback is not None and buckets:  # bounded: this process still counts
-                    local = await self.fallback.admit(
-                        adm.request_id, now_ms, buckets, [], secrets.token_hex(6)
-                    )
+                if self.fallback is not None and buckets:  # bounded: this process counts its share
+                    mine = [replace(b, capacity=self.share(b.capacity)) for b in buckets]
+                    local = await self.fallback.admit(adm.request_id, now_ms, mine, [], secrets.token_hex(6))
                     if local.status == "rate":
                         adm.buckets = buckets
+                        if (
+                            local.retry_after_ms is None
+                            and buckets[local.index].cost <= buckets[local.index].capacity
+                        ):
+                            local.retry_after_ms = MINUTE_MS  # larger than the share, not than the limit
                         self._refuse_rate(adm, local)
                     adm.headers = rate_headers(local.buckets)
                 return None
             if result.status == "ok":
                 return result
+            if result.status == "need_rate_seed":
+                adm.buckets = await self._seed_buckets(adm)
+                continue
             if result.status == "need_seed":
                 held = adm.holds[result.index]
                 try:

@@ -3,10 +3,16 @@
 Each script runs atomically in Redis, so concurrent admissions from any number of processes see one
 order. All keys of a request carry the tenant as hash tag (`tp:{tenant}:...`), so they live in one
 slot and the scripts also work on Redis Cluster. Keys:
-  tp:{T}:rl:<scope>:<rpm|tpm>        bucket: level, ts                  (expires after 2 idle minutes)
+  tp:{T}:rl:<scope>:<rpm|tpm>        bucket: level, ts                  (expires after an idle day)
   tp:{T}:bg:<scope>:<window>:<unit>  hold state: used, reserved, epoch  (kept for the window + margin)
   ...:r  (hash rid -> amount)   ...:x  (zset rid -> expiry ms)          the holds in flight
   ...:g  (zset rid -> when it expired)                                  expired holds, for an hour
+  tp:live:{gateways}                 zset process id -> last heartbeat (the live gateway processes)
+
+A bucket is kept for a day after its last request, so a missing bucket is new or was lost (Redis
+restarted empty): the limiter asks for it with seed=None, ADMIT answers need_rate_seed, and the
+next ADMIT creates it at capacity - seed and writes it at once, so of several processes that seeded
+concurrently only the first one's seed counts (never subtracted twice).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from serving.limits.backend import (
     HoldSpec,
     HoldStatus,
 )
+
+BUCKET_TTL_MS = 86_400_000  # a bucket outlives a day without requests: a missing one means new or lost
+LIVE_KEY = "tp:live:{gateways}"  # zset process id -> last heartbeat (Redis's clock); one slot
 
 # Shared Lua: drop a window's expired holds (their amounts leave `reserved`, their ids move to the
 # "gone" set for an hour, so a late settle still counts its usage exactly once).
@@ -47,6 +56,7 @@ end
 
 ADMIT = (
     PURGE
+    + f"local BUCKET_TTL = {BUCKET_TTL_MS}\n"
     + r"""
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -58,7 +68,7 @@ local epochs = {}
 for i = 1, nh do
   local k = nb + (i - 1) * 4
   local kst, kres, kexp, kgone = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
-  local o = a + nb * 2 + (i - 1) * 5
+  local o = a + nb * 3 + (i - 1) * 5
   local limit, amount, seed = tonumber(ARGV[o]), tonumber(ARGV[o + 1]), tonumber(ARGV[o + 3])
   local st = redis.call('HMGET', kst, 'used', 'reserved', 'epoch')
   if not st[3] then
@@ -75,16 +85,23 @@ for i = 1, nh do
 end
 local levels = {}
 for i = 1, nb do
-  local cap = tonumber(ARGV[a + (i - 1) * 2])
+  local cap, seed = tonumber(ARGV[a + (i - 1) * 3]), tonumber(ARGV[a + (i - 1) * 3 + 2])
   local st = redis.call('HMGET', KEYS[i], 'level', 'ts')
   local level = cap
   if st[1] then
     level = math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * cap / 60000)
+  elseif seed < 0 then
+    return {'need_rate_seed', i - 1}
+  else
+    -- created (from the ledger's last minute when asked for): written now, so only the first seed counts
+    level = math.max(0, cap - seed)
+    redis.call('HSET', KEYS[i], 'level', tostring(level), 'ts', now)
+    redis.call('PEXPIRE', KEYS[i], BUCKET_TTL)
   end
   levels[i] = level
 end
 for i = 1, nb do
-  local cap, cost = tonumber(ARGV[a + (i - 1) * 2]), tonumber(ARGV[a + (i - 1) * 2 + 1])
+  local cap, cost = tonumber(ARGV[a + (i - 1) * 3]), tonumber(ARGV[a + (i - 1) * 3 + 1])
   if cost > levels[i] then
     local retry = -1
     if cost <= cap then retry = math.ceil((cost - levels[i]) * 60000 / cap) end
@@ -95,14 +112,14 @@ for i = 1, nb do
 end
 local out = {'ok', -1, -1}
 for i = 1, nb do
-  local level = levels[i] - tonumber(ARGV[a + (i - 1) * 2 + 1])
+  local level = levels[i] - tonumber(ARGV[a + (i - 1) * 3 + 1])
   redis.call('HSET', KEYS[i], 'level', tostring(level), 'ts', now)
-  redis.call('PEXPIRE', KEYS[i], 120000)
+  redis.call('PEXPIRE', KEYS[i], BUCKET_TTL)
   table.insert(out, tostring(level))
 end
 for i = 1, nh do
   local k = nb + (i - 1) * 4
-  local o = a + nb * 2 + (i - 1) * 5
+  local o = a + nb * 3 + (i - 1) * 5
   local ttl, keyttl = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])
   -- held once per request id: a replayed admission (retried after its reply was lost) holds nothing more
   if redis.call('HSETNX', KEYS[k + 2], rid, ARGV[o + 1]) == 1 then
@@ -172,6 +189,18 @@ return {tonumber(st[1]), reserved, 1, redis.call('HLEN', KEYS[2])}
 )
 
 
+# One process's heartbeat: mark it alive, forget those silent for ttl, count the rest. Redis's own clock,
+# so the gateways' clocks need not agree.
+HEARTBEAT = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
 def _hold_keys(key: str) -> list[str]:
     return [key, key + ":r", key + ":x", key + ":g"]
 
@@ -206,6 +235,7 @@ class RedisBackend:
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
         self._status = self.client.register_script(STATUS)
+        self._heartbeat = self.client.register_script(HEARTBEAT)
 
     async def admit(
         self, rid: str, now_ms: int, buckets: list[BucketSpec], holds: list[HoldSpec], new_epoch: str
@@ -213,14 +243,14 @@ class RedisBackend:
         keys: list[str] = [b.key for b in buckets]
         argv: list[Any] = [now_ms, rid, len(buckets), len(holds), new_epoch]
         for b in buckets:
-            argv += [b.capacity, b.cost]
+            argv += [b.capacity, b.cost, -1 if b.seed is None else b.seed]
         for h in holds:
             keys += _hold_keys(h.key)
             argv += [h.limit, h.amount, h.ttl_ms, -1 if h.seed is None else h.seed, h.key_ttl_ms]
         raw = await self._admit(keys=keys, args=argv)
         status, index = _s(raw[0]), int(raw[1])
-        if status == "need_seed":
-            return AdmitResult("need_seed", index)
+        if status in ("need_seed", "need_rate_seed"):
+            return AdmitResult(status, index)  # type: ignore[arg-type]
         if status == "budget":
             return AdmitResult("budget", index, used=int(raw[2]), reserved=int(raw[3]))
         levels = [float(_s(v)) for v in raw[3 : 3 + len(buckets)]]
@@ -246,6 +276,12 @@ class RedisBackend:
     async def status(self, key: str, now_ms: int) -> HoldStatus:
         raw = await self._status(keys=_hold_keys(key), args=[now_ms])
         return HoldStatus(int(raw[0]), int(raw[1]), bool(int(raw[2])), int(raw[3]))
+
+    async def heartbeat(self, member: str, ttl_ms: int) -> int:
+        return int(await self._heartbeat(keys=[LIVE_KEY], args=[member, ttl_ms]))
+
+    async def leave(self, member: str) -> None:
+        await self.client.zrem(LIVE_KEY, member)
 
     async def close(self) -> None:
         await self.client.aclose()
