@@ -85,19 +85,23 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int | None) -> 
     for i in range(processes):
         start(i)
     code = 0
+    restarted: set[int] = set()  # a configuration error stops the fleet only at its start
     while True:
         alive = False
         for i, p in list(children.items()):
             rc = p.poll()
             if rc is None:
                 alive = True
-            elif not stopping and rc == CONFIG_ERROR:  # it would fail again: stop them all, say why
+            elif not stopping and rc == CONFIG_ERROR and i not in restarted:  # the start's configuration
                 print(f"gateway process {i} stopped on a configuration error; stopping", file=sys.stderr)
                 stop(signal.SIGTERM, None)
                 code = CONFIG_ERROR
             elif not stopping:
+                # a restarted process that finds a bad edit (the others keep their last good set) is
+                # retried, not a reason to stop the ones still serving
                 print(f"gateway process {i} (pid {p.pid}) exited with {rc}; restarting", file=sys.stderr)
                 time.sleep(RESTART_DELAY_S)
+                restarted.add(i)
                 start(i)
                 alive = True
             else:

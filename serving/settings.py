@@ -180,6 +180,15 @@ class GatewaySettings(BaseModel):
     # This request header (else the body's `user`) is the session under prefix_affinity, and it is
     # passed on to the worker (a production-stack router's session routing); null: none.
     session_header: str | None = Field(default="x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$")
+
+    @field_validator("session_header")
+    @classmethod
+    def _own_header(cls, value: str | None) -> str | None:
+        reserved = {"authorization", "connection", "content-length", "content-type", "cookie", "host", "te"}
+        reserved |= {"transfer-encoding", "upgrade", "keep-alive", "x-request-id", "idempotency-key"}
+        if value is not None and (value.lower() in reserved or value.lower().startswith("proxy-")):
+            raise ValueError(f"{value!r} is a header the gateway or HTTP uses itself; name a header of its own")
+        return value
     request_timeout_s: float = Field(default=600.0, gt=0)
     key_cache_refresh_s: float = Field(default=0.25, gt=0)
     max_tenant_labels: int = Field(default=200, ge=1)

@@ -105,7 +105,9 @@ class LineExecutor:
             # 5. attribute: the tenant's country (no client address); the prompt's language
             shaped_as, shaped = counted_as(route.endpoint, body)
             language = self.language.detect(prompt_sample(shaped)) if self.language is not None else None
-            # 7. admission: the tenant's caps, rate limits and budget, as for live traffic
+            # 7. admission: the tenant's caps, rate limits and budget, as for live traffic (a fail-closed
+            # ledger that is down puts the line back first, using none of the rate limit)
+            await self.forwarder.recorder.ledger.admit()
             admission = await self.guard.admit(tenant, key_id, rid, route.endpoint, body, len(raw))
             meter = RequestMeter(
                 request_id=rid,

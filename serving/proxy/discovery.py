@@ -77,6 +77,12 @@ class FileWorker(BaseModel):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("base_url must be http(s)://host[:port]")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+            if not parts.hostname.startswith("["):
+                parts.hostname.encode("idna")  # an empty or over-long label: refused here, not at lookup
+        except (ValueError, UnicodeError) as exc:
+            raise ValueError(f"base_url {value!r}: {exc}") from exc
         return value.rstrip("/")
 
     @model_validator(mode="after")
@@ -187,10 +193,9 @@ class DnsLookup:
         host, port = _host_port(base_url)
         if kind == "dns":
             return [(a, port) for a in await self.addresses(host)]
-        out: set[tuple[str, int]] = set()
-        for target, target_port in await self.srv(host):
-            out.update((a, target_port) for a in await self.addresses(target))
-        return sorted(out)
+        targets = await self.srv(host)
+        found = await asyncio.gather(*(self.addresses(t) for t, _p in targets))
+        return sorted({(a, p) for (_t, p), addresses in zip(targets, found, strict=True) for a in addresses})
 
 
 def address_url(base_url: str, address: str, port: int) -> str:
@@ -272,44 +277,53 @@ class Discovery:
             self._seen = stamp  # not again until it changes
             log.error("workers file refused, keeping the last good set: %s", exc)
 
-    async def expand(self, entry: FileWorker, n: int) -> list[Worker]:
-        """The workers one entry stands for: itself, or one per address it is discovered at."""
+    async def expand(self, entry: FileWorker) -> list[Worker]:
+        """The workers one entry stands for: itself, or one per address it is discovered at (IPv4
+        only when it has any: a dual-stack pod is one worker, not two)."""
         host, port = _host_port(entry.base_url)
         if entry.discover == "static":
-            return [to_worker(entry, entry.id or f"file-{n}")]
+            return [to_worker(entry, entry.id or urlsplit(entry.base_url).netloc[:64])]
         lookup = self.lookups.get(entry.discover)
         if lookup is None:
             raise LookupFailed(f"no {entry.discover} lookup in this gateway")
+        found = set(await lookup(entry.discover, entry.base_url))
+        v4 = {(a, p) for a, p in found if ":" not in a}
         name = entry.id or host
         return [
             to_worker(
                 entry,
-                f"{name}-{address}" + (f":{p}" if p != port else ""),
+                (f"{name}-{address}" + (f":{p}" if p != port else ""))[:64],
                 address_url(entry.base_url, address, p),
             )
-            for address, p in sorted(set(await lookup(entry.discover, entry.base_url)))
+            for address, p in sorted(v4 or found)
         ]
 
+    async def _expand_or_keep(self, entry: FileWorker) -> list[Worker]:
+        key = f"{entry.model} {entry.base_url} {entry.discover} {entry.id}"
+        try:
+            self._last[key] = await self.expand(entry)
+        except Exception as exc:  # noqa: BLE001 - one entry's failure keeps its last set, never the round's
+            self._error(entry.discover)
+            log.warning(
+                "cannot look up %s (%s: %s: %s): keeping its last %d worker(s)",
+                entry.base_url,
+                entry.discover,
+                type(exc).__name__,
+                exc,
+                len(self._last.get(key, [])),
+            )
+        return self._last.get(key, [])
+
     async def refresh(self, *, strict: bool = False) -> list[Worker]:
-        """One round: read, look up, replace; the new workers are health-checked before they serve."""
+        """One round: read, look up every entry at once, replace; the new workers are health-checked
+        before they serve."""
         if self.path is not None:
             self.read(strict=strict)
-        found: list[Worker] = list(self.static)
-        for n, entry in enumerate(self._entries):
-            key = f"{n}:{entry.model}:{entry.base_url}:{entry.discover}"
-            try:
-                self._last[key] = await self.expand(entry, n)
-            except (LookupFailed, OSError) as exc:  # keep what it was found at last time
-                self._error(entry.discover)
-                log.warning(
-                    "cannot look up %s (%s: %s): keeping its last %d worker(s)",
-                    entry.base_url,
-                    entry.discover,
-                    exc,
-                    len(self._last.get(key, [])),
-                )
-            found += self._last.get(key, [])
-        added = self.pool.replace(found)
+        groups = await asyncio.gather(*(self._expand_or_keep(e) for e in self._entries))
+        keep = {f"{e.model} {e.base_url} {e.discover} {e.id}" for e in self._entries}
+        for stale in set(self._last) - keep:  # entries no longer in the file
+            del self._last[stale]
+        added = self.pool.replace([*self.static, *(w for g in groups for w in g)])
         if added:
             await asyncio.gather(*(self.pool.check(w) for w in added))
         if self._on_refresh is not None:

@@ -5,7 +5,7 @@ Every request ends in exactly one usage event under its request id: `ok`, `clien
 first byte is billed its prompt, estimated), or `rejected` (the worker refused it with a 4xx: zero
 tokens; the client gets our own message, never the worker's text, see `rejected`). A connection failure
 before any byte reached the client (while connecting,
-while reading a non-streamed body, or before a stream's first event), or a 502/503/504 answer (a
+while reading a non-streamed body, or before a stream's first event), or a 502/503 answer (a
 router's or a worker's "overloaded / going away": nothing was generated for the client), is retried
 once on another healthy worker; only the attempt that answered is metered. A worker answer without
 usage is counted with the model's tokenizer (metering/tokencount.py) and marked `estimated`.
@@ -38,7 +38,9 @@ from serving.proxy.upstream import UpstreamError as UpstreamConnectionError
 
 JSON = "application/json"
 MAX_ATTEMPTS = 2
-RETRY_STATUSES = frozenset((502, 503, 504))  # another worker may answer: retried before the first byte
+# Retried before the first byte: the worker (or the router before it) refused the request, nothing was
+# generated. Not 504: a router's timeout often means the engine is still generating it.
+RETRY_STATUSES = frozenset((502, 503))
 
 
 class Forwarder:
@@ -87,7 +89,7 @@ class Forwarder:
     ) -> tuple[Worker, UpstreamResponse, bytes]:
         """POST to a healthy worker and read until the client's first byte is known: the whole body
         (non-streamed, or an error status), or a stream's first event. A connection failure before
-        that, or a 502/503/504, is retried once on another healthy worker; the deadline is the
+        that, or a 502/503, is retried once on another healthy worker; the deadline is the
         request's own."""
         tried: list[Worker] = []
         last: Exception | None = None

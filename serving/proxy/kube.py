@@ -130,7 +130,11 @@ class EndpointSlices:
 
     async def __call__(self, kind: str, base_url: str) -> list[tuple[str, int]]:
         service, namespace, port = service_of(base_url, self._namespace())
-        return ready_endpoints(await self.list_slices(service, namespace), port)
+        slices = await self.list_slices(service, namespace)
+        try:
+            return ready_endpoints(slices, port)
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:  # not the API's shape
+            raise LookupFailed(f"Kubernetes API: an EndpointSlice of {service} is malformed: {exc!r}") from exc
 
     async def close(self) -> None:
         if self._session is not None:

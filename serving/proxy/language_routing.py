@@ -65,7 +65,7 @@ class LanguageRouter:
         return model in self._routes
 
     def _healthy(self, model: str) -> bool:
-        return any(w.healthy for w in self._pool.workers if w.model == model)
+        return any(w.healthy and not w.draining for w in self._pool.workers if w.model == model)
 
     def choose(self, name: str, language: str | None, may_use: Callable[[str], bool]) -> str:
         """The model that serves a request to the routed `name` in `language`."""

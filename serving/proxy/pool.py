@@ -153,13 +153,26 @@ class WorkerPool:
             worker.failures = worker.ejections = 0
 
     def replace(self, desired: Iterable[Worker]) -> list[Worker]:
-        """Make the set `desired` (by model and URL): new workers join (unhealthy until checked: the
-        caller checks them), missing ones drain. Returns the new ones."""
-        current = {(w.model, w.url): w for w in self.workers if not w.draining}
-        want = {(w.model, w.url): w for w in desired}
-        added = [w for k, w in want.items() if k not in current]
+        """Make the set `desired` (a worker is its model, URL and id): new workers join (unhealthy
+        until checked: the caller checks them), missing ones drain, and a kept one takes the new
+        region, router and health_path in place (a region change reaches the next usage event). A
+        worker that comes back while it still drains is taken back as it is. Returns the new ones."""
+        current = {(w.model, w.url, w.id): w for w in self.workers}
+        want: dict[tuple[str, str, str], Worker] = {}
+        for w in desired:
+            want.setdefault((w.model, w.url, w.id), w)
+        added = []
+        for k, w in want.items():
+            have = current.get(k)
+            if have is None:
+                added.append(w)
+                continue
+            if have.draining:
+                have.draining = False
+                log.info("worker %s (%s) is back: no longer draining", have.id, have.url)
+            have.region, have.router, have.health_path = w.region, w.router, w.health_path
         for k, w in current.items():
-            if k not in want:
+            if k not in want and not w.draining:
                 w.draining = True
                 log.info("worker %s (%s) removed: draining %d request(s)", w.id, w.url, w.inflight)
         for w in added:
@@ -177,9 +190,10 @@ class WorkerPool:
         self.workers = [w for w in self.workers if w not in gone]
         for model, ws in list(self._by_model.items()):
             self._by_model[model] = [w for w in ws if w not in gone]
+        live = {(w.id, w.model) for w in self.workers}
         for w in gone:
             log.info("worker %s (%s) drained and removed", w.id, w.url)
-            if self._on_gone is not None:
+            if self._on_gone is not None and (w.id, w.model) not in live:  # its series are not another's
                 self._on_gone(w)
 
     def _set(self, worker: Worker, healthy: bool) -> None:

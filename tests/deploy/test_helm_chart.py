@@ -292,6 +292,7 @@ def test_validation_catches_a_broken_object(
         (["--set", "settings.workers.file=/etc/other.yaml"], "workers"),
         (["--set", "serviceAccount.automount=true"], "automount"),
         (["--set", "rbac.enabled=true"], "enabled"),
+        (["--set", "serviceAccount.create=false"], "name"),  # not the namespace's default account
     ],
 )
 def test_values_schema_refuses_bad_values(any_helm: str, args: list[str], message: str) -> None:
@@ -682,7 +683,7 @@ def test_each_discovered_endpoint_is_a_worker(default_docs: list[Doc], tmp_path:
 
     pool = WorkerPool([], models=[entry.model])
     discovery = Discovery(pool, [], None, 5.0, lookups={"endpointslices": endpoints})
-    workers = asyncio.run(discovery.expand(entry, 0))
+    workers = asyncio.run(discovery.expand(entry))
     assert asked == [("endpointslices", f"http://{FULLNAME}-worker-smollm2-135m-instruct.{NAMESPACE}:8000")]
     assert [(w.id, w.url, w.model) for w in workers] == [
         ("smollm2-135m-instruct-10.1.0.7", "http://10.1.0.7:8000", "smollm2-135m-instruct"),
@@ -758,7 +759,7 @@ def test_endpointslices_discovery_may_list_endpointslices_only(default_docs: lis
         {
             "apiGroups": ["discovery.k8s.io"],
             "resources": ["endpointslices"],
-            "verbs": ["get", "list", "watch"],
+            "verbs": ["list"],
         }
     ]
     assert "namespace" not in role["metadata"]  # the release namespace, where the workers are
