@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from metering.events import Outcome
-from serving.app import create_app
+from serving.app import build_workers, create_app
 from serving.deps import of_app
 from serving.settings import ConfigError, load_settings
 from tests.conftest import MODEL, metric, run_gateway, write_config
@@ -241,3 +241,12 @@ def test_the_cli_gateway_with_a_bad_workers_file_exits_2_without_a_traceback(tmp
     assert out.returncode == 2, said
     assert "configuration error" in said and "workers.0.colour" in said and "workers.yaml" in said
     assert "Traceback" not in said
+
+
+def test_a_router_in_the_catalogue_is_a_router_worker(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, [(MODEL, "rt", "http://127.0.0.1:9")], health_interval_s=1)
+    catalogue = yaml.safe_load((tmp_path / "models.yaml").read_text(encoding="utf-8"))
+    catalogue["models"][0]["workers"][0].update(router=True, health_path="/ready")
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(catalogue), encoding="utf-8")
+    [w] = build_workers(load_settings(config_file=cfg))
+    assert (w.id, w.router, w.health_path) == ("rt", True, "/ready")
