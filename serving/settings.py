@@ -187,8 +187,9 @@ class GatewaySettings(BaseModel):
         reserved = {"authorization", "connection", "content-length", "content-type", "cookie", "host", "te"}
         reserved |= {"transfer-encoding", "upgrade", "keep-alive", "x-request-id", "idempotency-key"}
         if value is not None and (value.lower() in reserved or value.lower().startswith("proxy-")):
-            raise ValueError(f"{value!r} is a header the gateway or HTTP uses itself; name a header of its own")
+            raise ValueError(f"{value!r} is a header the gateway or HTTP uses itself; name one of its own")
         return value
+
     request_timeout_s: float = Field(default=600.0, gt=0)
     key_cache_refresh_s: float = Field(default=0.25, gt=0)
     max_tenant_labels: int = Field(default=200, ge=1)

@@ -97,8 +97,12 @@ class BatchRunner:
             except Exception:
                 log.exception("batch runner tick failed")
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 a cancel (close) that lands as wait_for's
+            # own timeout fires became a TimeoutError, swallowed here, and the loop ran on (a close
+            # that hung until the server's shutdown deadline, seen in tests living ~poll_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+                async with asyncio.timeout(self.settings.poll_s):
+                    await self._wake.wait()
 
     async def tick(self) -> None:
         now = int(self.clock())

@@ -134,7 +134,7 @@ class EndpointSlices:
         try:
             return ready_endpoints(slices, port)
         except (TypeError, AttributeError, KeyError, ValueError) as exc:  # not the API's shape
-            raise LookupFailed(f"Kubernetes API: an EndpointSlice of {service} is malformed: {exc!r}") from exc
+            raise LookupFailed(f"Kubernetes API: a malformed EndpointSlice of {service}: {exc!r}") from exc
 
     async def close(self) -> None:
         if self._session is not None:

@@ -198,6 +198,7 @@ async def test_every_address_is_a_worker_named_by_id_or_host(
     # loopback addresses with nothing listening: health checks fail at once, membership is what counts
     lookup = FakeLookup()
     lookup.answers["http://vllm.llm:8000"] = [("127.0.0.2", 8000), ("127.0.0.3", 9000), ("::1", 8000)]
+    lookup.answers["http://v6.llm:8000"] = [("::1", 8000)]
     lookup.answers["http://vllm-b.llm:8000"] = [("127.0.0.6", 8000), ("127.0.0.6", 8000)]
     lookup.answers["http://_http._tcp.other.llm"] = [("127.0.0.4", 8000)]
     path = tmp_path / "workers.yaml"
@@ -207,6 +208,7 @@ async def test_every_address_is_a_worker_named_by_id_or_host(
         {"model": "m", "base_url": "http://vllm-b.llm:8000", "discover": "dns", "id": "q"},
         {"model": "m", "base_url": "http://_http._tcp.other.llm", "discover": "srv"},
         {"model": "m", "base_url": "http://127.0.0.5:8000"},
+        {"model": "m", "base_url": "http://v6.llm:8000", "discover": "dns"},
     )
     pool = WorkerPool([], models=["m"], interval_s=60)
     await pool.start(session)
@@ -220,12 +222,13 @@ async def test_every_address_is_a_worker_named_by_id_or_host(
     finally:
         await pool.close()
     assert ids(pool) == [
+        ("127.0.0.5:8000", "http://127.0.0.5:8000", False),  # a static entry without an id: host:port
         ("_http._tcp.other.llm-127.0.0.4:8000", "http://127.0.0.4:8000", False),  # SRV's port is not 80
-        ("file-3", "http://127.0.0.5:8000", False),  # a static entry without an id
         ("q-127.0.0.6", "http://127.0.0.6:8000", False),  # the id names it; an address twice is one
+        ("v6.llm-::1", "http://[::1]:8000", False),  # an IPv6-only name keeps them, in brackets
         ("vllm.llm-127.0.0.2", "http://127.0.0.2:8000", False),
         ("vllm.llm-127.0.0.3:9000", "http://127.0.0.3:9000", False),
-        ("vllm.llm-::1", "http://[::1]:8000", False),
+        # not ::1 too: a dual-stack name is its IPv4 addresses (one pod, one worker)
     ]
     assert len(added) == 6 and refreshed == [1]
     assert {w.region for w in pool.workers if w.id.startswith("vllm.llm-")} == {"eu"}

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # --- failover before the first byte --------------------------------------------------------------------
-@pytest.mark.parametrize(("status", "stream"), [(503, False), (503, True), (502, False), (504, True)])
+@pytest.mark.parametrize(("status", "stream"), [(503, False), (503, True), (502, False), (502, True)])
 async def test_a_5xx_before_the_first_byte_fails_over_and_is_billed_once(
     tmp_path: Path, fake_factory: FakeFactory, status: int, stream: bool
 ) -> None:
@@ -60,6 +60,21 @@ async def test_a_5xx_before_the_first_byte_fails_over_and_is_billed_once(
         assert (ev.event.prompt_tokens, ev.event.completion_tokens) == (17, 5)
         assert ev.event.serving_region == "region-w-free"
         assert pool.workers[0].failures == 1  # the 5xx counts towards ejecting w-busy
+
+
+async def test_a_504_is_not_retried_the_engine_may_still_be_generating(
+    tmp_path: Path, fake_factory: FakeFactory
+) -> None:
+    slow, free = await fake_factory(), await fake_factory()
+    slow.behave(status=504, error_body={"error": "upstream timed out"})
+    async with run_gateway(
+        tmp_path / "gw", [(MODEL, "w-slow", slow.url), (MODEL, "w-free", free.url)], health_interval_s=60
+    ) as gw:
+        _tenant, _key, plain = gw.new_tenant()
+        of_app(gw.app).pool.workers[1].inflight = 5  # least loaded picks w-slow first
+        r = await gw.http.post("/v1/chat/completions", json=chat_body(), headers=auth(plain))
+        assert_openai_error(r, 502, type="api_error", code="upstream_error")
+        assert len(slow.completion_requests()) == 1 and free.completion_requests() == []
 
 
 async def test_a_single_worker_s_503_reaches_the_client_as_an_openai_error(
