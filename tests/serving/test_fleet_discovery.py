@@ -60,6 +60,8 @@ BAD_FILES: dict[str, tuple[list[dict[str, Any]], str]] = {
     ),
     "bad base_url": ([{"model": "m", "base_url": "ftp://h"}], "base_url must be http(s)://host[:port]"),
     "unknown discover": ([{"model": "m", "base_url": "http://h", "discover": "mdns"}], "workers.0.discover"),
+    "empty host label": ([{"model": "m", "base_url": "http://vllm..llm:8000"}], "workers.0.base_url"),
+    "bad port": ([{"model": "m", "base_url": "http://h:99999"}], "workers.0.base_url"),
 }
 
 
@@ -526,3 +528,85 @@ def test_workers_are_counted_by_model_and_state() -> None:
     text = metrics.render().decode()
     assert metric(text, "tokenport_workers", model="m", state="active") == 1
     assert metric(text, "tokenport_workers", model="m", state="draining") == 0
+
+
+# --- review fixes: in-place edits, a worker back while draining, one entry failing --------------------
+def test_an_edit_that_keeps_the_url_reaches_the_worker_in_place() -> None:
+    w = Worker("gpu-1", "m", "http://a:8000", "kz-ala-1", healthy=True)
+    pool = WorkerPool([w], models=["m"])
+    edited = Worker("gpu-1", "m", "http://a:8000", "de-fra-1", router=True, health_path="/ready")
+    added = pool.replace([edited])
+    assert added == [] and pool.workers == [w] and w.healthy  # no drain, no new health check
+    assert (w.region, w.router, w.health_path) == ("de-fra-1", True, "/ready")
+    renamed = pool.replace([Worker("gpu-2", "m", "http://a:8000", "de-fra-1")])  # a new id: a new worker
+    assert [x.id for x in renamed] == ["gpu-2"] and w.draining
+
+
+def test_a_worker_back_while_draining_is_taken_back_and_keeps_its_series() -> None:
+    metrics = Metrics(["m"])
+    w = Worker("w1", "m", "http://a", "r", healthy=True)
+    pool = WorkerPool([w], on_gone=metrics.forget_worker, models=["m"])
+    metrics.worker_healthy.labels("w1", "m").set(1)
+    w.inflight = 1
+    pool.replace([])  # its pod left the Service: it drains a stream
+    assert w.draining
+    assert pool.replace([Worker("w1", "m", "http://a", "r")]) == []  # back: the same object serves again
+    assert not w.draining and pool.workers == [w]
+    w.inflight = 0
+    pool.sweep()
+    assert pool.workers == [w] and _series(metrics, "w1")  # nothing drained, nothing removed
+
+
+def test_a_drained_duplicate_does_not_remove_a_live_worker_s_series() -> None:
+    metrics = Metrics(["m"])
+    old = Worker("w1", "m", "http://a", "r", inflight=1, draining=True)
+    live = Worker("w1", "m", "http://b", "r", healthy=True)
+    pool = WorkerPool([old, live], on_gone=metrics.forget_worker, models=["m"])
+    metrics.worker_healthy.labels("w1", "m").set(1)
+    old.inflight = 0
+    pool.sweep()
+    assert pool.workers == [live] and _series(metrics, "w1")
+
+
+async def test_one_entry_failing_in_any_way_keeps_its_last_set_and_the_round_goes_on(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    path = tmp_path / "workers.yaml"
+    write_workers(
+        path,
+        {"model": "m", "base_url": "http://bad.llm:8000", "discover": "dns"},
+        {"model": "m", "base_url": "http://good.llm:8000", "discover": "dns"},
+    )
+
+    class Lookups:
+        calls = 0
+
+        async def __call__(self, kind: str, base_url: str) -> list[tuple[str, int]]:
+            self.calls += 1
+            if "bad" in base_url and self.calls > 2:
+                raise UnicodeError("label too long")  # not a LookupFailed: still only this entry's failure
+            return [("127.0.0.9", 8000)] if "bad" in base_url else [(f"127.0.0.{self.calls}", 8000)]
+
+    errors: list[str] = []
+    pool = WorkerPool([], models=["m"], interval_s=60)
+    await pool.start(session)
+    disco = Discovery(pool, [], path, 60, lookups={"dns": Lookups()}, on_error=errors.append)
+    disco.read(strict=True)
+    try:
+        await disco.refresh()
+        await disco.refresh()
+    finally:
+        await pool.close()
+    active = sorted(w.id for w in pool.workers if not w.draining)
+    assert active == ["bad.llm-127.0.0.9", "good.llm-127.0.0.4"] and errors == ["dns"]
+
+
+def test_the_session_header_cannot_be_one_http_or_the_gateway_uses() -> None:
+    from pydantic import ValidationError
+
+    from serving.settings import GatewaySettings
+
+    for name in ("Content-Length", "host", "authorization", "x-request-id", "proxy-authorization"):
+        with pytest.raises(ValidationError, match="name one of its own"):
+            GatewaySettings(session_header=name)
+    assert GatewaySettings(session_header="x-conversation").session_header == "x-conversation"
