@@ -26,7 +26,8 @@ URL is a router in front of the engines (README: Running a fleet).
 
 The pool (serving/proxy/pool.py `replace`) adds what is new after a health check and drains what is
 gone. At start a bad file stops the gateway with its reason; later a bad edit (YAML, an unknown model,
-a field) is logged with the file, the entry and the field, counted in
+a field, or the file gone: `workers: []` is how to remove them all) is logged with the file, the entry
+and the field, counted in
 `tokenport_worker_discovery_errors_total{source="workers_file"}`, and the last good set stays.
 """
 
@@ -254,9 +255,14 @@ class Discovery:
         except OSError as exc:
             if strict:
                 raise WorkersFileError(f"{self.path}: cannot read the workers file: {exc}") from exc
-            if self._entries:
-                log.warning("%s is gone: its workers drain", self.path)
-            self._entries, self._seen = [], None
+            if self._seen is not None:  # once per disappearance: a missing file is a bad edit too
+                self._error("workers_file")
+                log.error(
+                    "%s cannot be read (%s): keeping the last good set (`workers: []` removes them)",
+                    self.path,
+                    exc,
+                )
+            self._seen = None
             return
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._seen:

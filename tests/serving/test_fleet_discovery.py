@@ -610,3 +610,26 @@ def test_the_session_header_cannot_be_one_http_or_the_gateway_uses() -> None:
         with pytest.raises(ValidationError, match="name one of its own"):
             GatewaySettings(session_header=name)
     assert GatewaySettings(session_header="x-conversation").session_header == "x-conversation"
+
+
+async def test_a_workers_file_gone_keeps_the_last_set_and_is_counted_once(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    path = tmp_path / "workers.yaml"
+    write_workers(path, {"model": "m", "base_url": "http://127.0.0.7:8000", "id": "w7"})
+    errors: list[str] = []
+    pool = WorkerPool([], models=["m"], interval_s=60)
+    await pool.start(session)
+    disco = Discovery(pool, [], path, 60, on_error=errors.append)
+    disco.read(strict=True)
+    try:
+        await disco.refresh()
+        path.unlink()  # deleted by mistake (a ConfigMap swap never leaves it missing)
+        await disco.refresh()
+        await disco.refresh()
+        assert [(w.id, w.draining) for w in pool.workers] == [("w7", False)] and errors == ["workers_file"]
+        write_workers(path)  # emptied on purpose: they drain
+        await disco.refresh()
+        assert [(w.id, w.draining) for w in pool.workers] in ([("w7", True)], [])
+    finally:
+        await pool.close()
