@@ -167,7 +167,9 @@ class MemoryBackend:
             states.append(st)
         levels = []
         for b in buckets:
-            level, ts = self._buckets.get(b.key, (float(b.capacity), now_ms))
+            # a new bucket starts at capacity - seed (the limiter's fallback: its share of the level
+            # Redis last showed); seed None (shared buckets asking for one) starts full here
+            level, ts = self._buckets.get(b.key, (float(max(0, b.capacity - (b.seed or 0))), now_ms))
             levels.append(refill(level, ts, b.capacity, now_ms))
         for i, b in enumerate(buckets):
             if b.cost > levels[i]:

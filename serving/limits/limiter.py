@@ -167,6 +167,9 @@ class Limiter:
         self._heart: asyncio.Task[None] | None = None
         self.member = secrets.token_hex(8)  # this process in Redis's set of live gateways
         self.live = 1  # gateway processes alive when Redis last answered (1 until it has)
+        # bucket key -> (its level in Redis after this process's last admission there, when): where
+        # this process's share starts while Redis is away (not full: that was a whole extra bucket)
+        self._levels: dict[str, tuple[int, int]] = {}
         self._gauged: dict[str, float] = {}
         r = metrics.registry
         self.rejections = Counter(
@@ -227,6 +230,22 @@ class Limiter:
     def share(self, capacity: int) -> int:
         """This process's part of a rate limit while the backend is away."""
         return max(1, math.ceil(capacity / self.live))
+
+    def _fallback_bucket(self, b: BucketSpec, now_ms: int) -> BucketSpec:
+        """The bucket this process counts while the backend is away: its share of the capacity,
+        starting at its share of the level Redis last showed it (refilled since), not full."""
+        cap = self.share(b.capacity)
+        last = self._levels.get(b.key)
+        if last is None:
+            return replace(b, capacity=cap, seed=0)
+        level = min(b.capacity, last[0] + max(0, now_ms - last[1]) * b.capacity / MINUTE_MS)
+        return replace(b, capacity=cap, seed=max(0, cap - math.floor(level / self.live)))
+
+    def _remember_levels(self, buckets: list[BucketSpec], result: AdmitResult, now_ms: int) -> None:
+        if len(self._levels) > 100_000:  # a bound, not a limit: forget and learn again
+            self._levels.clear()
+        for b, v in zip(buckets, result.buckets, strict=False):
+            self._levels[b.key] = (v.remaining, now_ms)
 
     async def drain(self) -> None:
         """Wait until every scheduled settle has run (tests, shutdown)."""
@@ -473,7 +492,7 @@ class Limiter:
                 buckets = adm.buckets
                 self._backend_failed(adm, exc)  # raises when closed; else admitted uncounted by Redis
                 if self.fallback is not None and buckets:  # bounded: this process counts its share
-                    mine = [replace(b, capacity=self.share(b.capacity)) for b in buckets]
+                    mine = [self._fallback_bucket(b, now_ms) for b in buckets]
                     local = await self.fallback.admit(adm.request_id, now_ms, mine, [], secrets.token_hex(6))
                     if local.status == "rate":
                         adm.buckets = buckets
@@ -486,6 +505,8 @@ class Limiter:
                     adm.headers = rate_headers(local.buckets)
                 return None
             if result.status == "ok":
+                if self.fallback is not None:
+                    self._remember_levels(adm.buckets, result, now_ms)
                 return result
             if result.status == "need_rate_seed":
                 adm.buckets = await self._seed_buckets(adm)
@@ -504,6 +525,8 @@ class Limiter:
                 adm.holds[result.index] = HeldBudget(specs[result.index], held.budget, held.scope)
                 continue
             if result.status == "rate":
+                if self.fallback is not None:
+                    self._remember_levels(adm.buckets, result, now_ms)
                 self._refuse_rate(adm, result)
             self._refuse_budget(adm, result)
         raise LimitsUnavailable("Budgets cannot be checked right now; retry shortly.")

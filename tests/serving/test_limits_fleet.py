@@ -152,6 +152,23 @@ async def test_two_processes_admit_about_one_limit_together_while_redis_is_away(
 
 
 @pytest.mark.parametrize("fleet", [RPM10], indirect=True)
+async def test_an_outage_does_not_give_a_spent_limit_back(
+    fleet: tuple[Limiter, Limiter], redis: RedisServer
+) -> None:
+    """The whole RPM was used through Redis just before it went away: each process's share starts at
+    its part of the level Redis last showed (empty, refilled since), not full, so the outage is not a
+    second bucket (it was: 10 more admitted at once)."""
+    a, b = fleet
+    await a.beat()
+    assert await b.beat() == 2 and await a.beat() == 2
+    admitted = [await admit((a, b)[i % 2], "t", "key_1", i) for i in range(12)]
+    assert sum(x is not None for x in admitted) == 10  # the bucket, shared through Redis
+    redis.stop()
+    after = [await admit((a, b)[i % 2], "t", "key_1", 100 + i) for i in range(10)]
+    assert sum(x is not None for x in after) <= 1  # the refill of the last moments at most
+
+
+@pytest.mark.parametrize("fleet", [RPM10], indirect=True)
 async def test_started_processes_count_each_other_by_their_heartbeats(fleet: tuple[Limiter, Limiter]) -> None:
     a, b = fleet
     await a.start()
