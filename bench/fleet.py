@@ -1,6 +1,6 @@
 """Issue 14, measured here: three gateway replicas on one real PostgreSQL and one real Redis, under failures.
 
-    python -m bench.fleet [--scenarios steady,kill,redis,postgres] [--clients 64] [--out bench/results]
+    python -m bench.fleet [--scenarios steady,kill,redis,postgres] [--clients 64] [--tag T] [--out DIR]
     python -m bench.fleet upstream --port P      (the counting fake worker the bench starts itself)
 
 What it starts, all on loopback, in a run directory under bench/.run/ (git-ignored), all killed on exit:
@@ -10,8 +10,8 @@ What it starts, all on loopback, in a run directory under bench/.run/ (git-ignor
 - a counting fake vLLM worker (this module's `upstream`): bench/fake.py's 20-chunk stream with
   continuous usage (31 prompt + 20 completion tokens), one chunk every 50 ms, recording every
   request id it served (the gateway's `X-Request-Id`) and whether its stream reached the end;
-- `tokenport db upgrade`, then per scenario one tenant (USD, a small money budget, RPM and TPM
-  limits, max_tokens 24, request timeout 30 s) and one API key, with the CLI;
+- `tokenport db upgrade`, then per scenario one tenant (USD, a small money budget (none in
+  `redis-rate`), RPM and TPM limits, max_tokens 24, request timeout 30 s) and one API key, with the CLI;
 - 3 replicas of `tokenport gateway --port P --worker MODEL=URL` (each its own data dir, so its own
   metering spool; `limits.backend: redis`, metrics listener on port 0).
 
@@ -22,11 +22,17 @@ balancer; a replica that refused a connection is skipped for 2 s. They honour `r
 Scenarios: `steady` (load only), `kill` (kill -9 of one replica's process group at 15 s, restarted at
 25 s), `redis` (Redis stopped at 15 s for 10 s), `postgres` (PostgreSQL stopped at 15 s for 30 s), and,
 not run by default, `postgres-closed` (the same with every replica restarted with
-`metering.fail_closed: true`, as the Helm chart sets it).
+`metering.fail_closed: true`, as the Helm chart sets it) and `redis-rate` (the `redis` outage for a
+tenant without a budget, so `limits.on_backend_error_rate: open` admits while Redis is away, each
+replica its share of the limits; RPM 120 instead of 1,200: the 64 clients complete about 50 streams a
+second here, so in 10 s they could not reach even one limit of 1,200 and the outage could not tell one
+limit from three; one limit of 120 plus 10 s of refill is 140, three would be 420, both within reach).
 After each: the load stops, the bench waits until every spool is replayed and the ledger is quiet,
 then compares three independent counts (what clients received, what the fake worker served, what
 the ledger holds), the budget's use (`tokenport tenants limits --json`) with its limit, the requests
-and tokens admitted with what the RPM and TPM buckets allow, and runs `tokenport usage verify`.
+and tokens admitted with what the RPM and TPM buckets allow (over the run, and for a scenario with a
+failure per phase: before it, during it, after it, and from its start to the end, each against one
+bucket plus the refill over that phase), and runs `tokenport usage verify`.
 Results: bench/results/<date>-fleet.md and .json.
 """
 
@@ -266,7 +272,7 @@ class Fleet:
         self.procs.running.pop(gw.proc.pid, None)
         gw.proc = None
 
-    def tenant(self, tid: str, budget_usd: str) -> str:
+    def tenant(self, tid: str, budget_usd: str | None, rpm: int = RPM, tpm: int = TPM) -> str:
         self.tp(
             "tenants",
             "create",
@@ -286,13 +292,10 @@ class Fleet:
             "set-limits",
             tid,
             "--rpm",
-            str(RPM),
+            str(rpm),
             "--tpm",
-            str(TPM),
-            "--budget",
-            budget_usd,
-            "--budget-unit",
-            "money",
+            str(tpm),
+            *(["--budget", budget_usd, "--budget-unit", "money"] if budget_usd else []),
             "--max-tokens",
             str(MAX_TOKENS),
             "--timeout",
@@ -444,7 +447,7 @@ class ScenarioResult:
     name: str
     what: str
     seconds: float
-    budget_usd: str
+    budget_usd: str | None  # None: no budget
     marks: list[dict[str, Any]]
     requests_sent: int
     completed: int  # streams that ended with [DONE]
@@ -469,6 +472,7 @@ class ScenarioResult:
     tpm: dict[str, Any]
     verify: dict[str, Any]
     notable_logs: dict[str, int] = field(default_factory=dict)
+    rate_phases: list[dict[str, Any]] = field(default_factory=list)  # admitted per phase vs its bound
 
 
 def _phase(t: float, t0: float, marks: list[dict[str, Any]]) -> str:
@@ -550,17 +554,66 @@ def settle_ledger(fleet: Fleet, tenant: str, timeout: float = 90.0) -> None:
         engine.dispose()
 
 
+def rate_phases(
+    arrivals: dict[str, float],
+    tok_points: list[tuple[float, int]],
+    replica_of: dict[str, int],
+    t0: float,
+    seconds: float,
+    marks: list[dict[str, Any]],
+    rpm: int,
+    tpm: int,
+) -> list[dict[str, Any]]:
+    """For a scenario with a failure (two marks: it starts, it ends): the requests admitted (the worker's
+    arrivals, by request id) and the tokens billed (the ledger's started_at) before it, during it, after
+    it, and from its start to the end, each against what one RPM / TPM bucket plus the refill over that
+    phase's length allows. The last span is the one a bucket re-seeded from the ledger (Redis back empty)
+    answers for: whatever was admitted during the failure is in the ledger's last minute, so a seeded
+    bucket adds no second limit after it; a full bucket would."""
+    if len(marks) != 2:
+        return []
+    fail, back = float(marks[0]["at_s"]), float(marks[-1]["done_s"])
+    rel = {rid: t - t0 for rid, t in arrivals.items()}
+    end = max([seconds, *rel.values()])
+    out: list[dict[str, Any]] = []
+    for phase, lo, hi in (
+        ("before", 0.0, fail),
+        ("during", fail, back),
+        ("after", back, end),
+        ("during + after", fail, end),
+    ):
+        length = hi - lo
+        top = float("inf") if hi == end else hi  # the last phases take everything to the end
+        ids = [rid for rid, t in rel.items() if lo <= t < top]
+        tokens = sum(v for t, v in tok_points if lo <= t - t0 < top)
+        row: dict[str, Any] = {
+            "phase": phase,
+            "from_s": round(lo, 1),
+            "to_s": round(hi, 1),
+            "admitted": len(ids),
+            "rpm_bound": round(rpm * (1 + length / 60)),
+            "tokens": tokens,
+            "tpm_bound": round(tpm * (1 + length / 60)),
+            "by_replica": dict(sorted(Counter(replica_of.get(rid, -1) for rid in ids).items())),
+        }
+        row["holds"] = row["admitted"] <= row["rpm_bound"] and row["tokens"] <= row["tpm_bound"]
+        out.append(row)
+    return out
+
+
 def check(
     fleet: Fleet,
     name: str,
     what: str,
     tenant: str,
-    budget_usd: str,
+    budget_usd: str | None,
     seconds: float,
     t0: float,
     replies: list[Reply],
     marks: list[dict[str, Any]],
     log_since: dict[str, int],
+    rpm_limit: int = RPM,
+    tpm_limit: int = TPM,
 ) -> ScenarioResult:
     from metering.db import make_engine
     from metering.store_sql import UsageStore
@@ -585,7 +638,7 @@ def check(
     budget = dict(limits.get("budget_use") or {})
     budget["gateway_counter"] = fleet.redis.budget_state(tenant)
     used = float(budget.get("used", 0))
-    limit = float(budget.get("limit", budget_usd))
+    limit = float(budget.get("limit", budget_usd or "inf"))
     verify_run = fleet.tp("usage", "verify", "--json", check=False)
     try:
         verify = json.loads(verify_run.stdout)
@@ -601,20 +654,20 @@ def check(
     ]
     total_tokens = sum(v for _t, v in tok_points)
     rpm = {
-        "limit": RPM,
+        "limit": rpm_limit,
         "admitted": len(served),
         "first_to_last_s": round(run_s, 1),
-        "bound": round(RPM * (1 + run_s / 60)),
+        "bound": round(rpm_limit * (1 + run_s / 60)),
         "max_in_any_60s": _max_in_window(starts, 60.0),
-        "bound_any_60s": 2 * RPM,
+        "bound_any_60s": 2 * rpm_limit,
     }
     rpm["holds"] = rpm["admitted"] <= rpm["bound"] and rpm["max_in_any_60s"] <= rpm["bound_any_60s"]
     tpm = {
-        "limit": TPM,
+        "limit": tpm_limit,
         "billed_tokens": total_tokens,
-        "bound": round(TPM * (1 + run_s / 60)),
+        "bound": round(tpm_limit * (1 + run_s / 60)),
         "max_in_any_60s": _max_sum_in_window(tok_points, 60.0),
-        "bound_any_60s": 2 * TPM,
+        "bound_any_60s": 2 * tpm_limit,
     }
     tpm["holds"] = tpm["billed_tokens"] <= tpm["bound"] and tpm["max_in_any_60s"] <= tpm["bound_any_60s"]
 
@@ -642,18 +695,28 @@ def check(
         ledger_tokens=total_tokens,
         upstream_tokens_complete=len(complete_up) * (fake.PROMPT_TOKENS + fake.CONTENT_CHUNKS),
         budget=budget,
-        overrun_usd=f"{max(0.0, used - limit):.6f}",
+        overrun_usd=f"{max(0.0, used - limit):.6f}" if budget_usd else "n/a",
         rpm=rpm,
         tpm=tpm,
         verify={k: verify.get(k) for k in ("ok", "events", "head_seq", "first_break", "exit_code", "output")},
         notable_logs=_log_counts(fleet.run_dir, log_since),
+        rate_phases=rate_phases(
+            {rid: float(v["t"]) for rid, v in served.items()},
+            tok_points,
+            {r.rid: r.replica for r in replies if r.rid},
+            t0,
+            seconds,
+            marks,
+            rpm_limit,
+            tpm_limit,
+        ),
     )
 
 
 # --------------------------------------------------------------------------- scenarios
 
-SCENARIOS: dict[str, tuple[str, float, str]] = {
-    # name: (what, seconds, budget in USD)
+SCENARIOS: dict[str, tuple[str, float, str | None]] = {
+    # name: (what, seconds, budget in USD or None)
     "steady": ("steady load, the small budget runs out", 60.0, "0.004"),
     "kill": ("kill -9 of replica 0 at 15 s, restarted at 25 s", 60.0, "0.0045"),
     "redis": ("Redis stopped at 15 s for 10 s (no persistence: restarts empty)", 60.0, "0.0045"),
@@ -663,7 +726,16 @@ SCENARIOS: dict[str, tuple[str, float, str]] = {
         75.0,
         "0.0055",
     ),
+    "redis-rate": (
+        "Redis stopped at 15 s for 10 s (restarts empty), a tenant without a budget and RPM 120: "
+        "rate limits only, admitted fail-open by each replica's share while Redis is away",
+        60.0,
+        None,
+    ),
 }
+
+# name: (RPM, TPM) when not the bench's RPM and TPM (see the module's docstring for redis-rate's 120)
+SCENARIO_RATES: dict[str, tuple[int, int]] = {"redis-rate": (120, TPM)}
 
 
 SCENARIO_ENV: dict[str, dict[str, str]] = {"postgres-closed": {"TOKENPORT_METERING__FAIL_CLOSED": "true"}}
@@ -693,6 +765,7 @@ def events_for(name: str, fleet: Fleet, scale: float) -> list[tuple[float, Calla
     plan: dict[str, list[tuple[float, Callable[[], Any]]]] = {
         "kill": [(15.0, kill_9_replica_0), (25.0, restart_replica_0)],
         "redis": [(15.0, stop_redis), (25.0, start_redis)],
+        "redis-rate": [(15.0, stop_redis), (25.0, start_redis)],
         "postgres": [(15.0, stop_postgres), (45.0, start_postgres)],
         "postgres-closed": [(15.0, stop_postgres), (45.0, start_postgres)],
     }
@@ -707,7 +780,8 @@ def run_scenario(fleet: Fleet, name: str, scale: float = 1.0) -> ScenarioResult:
     if env != fleet.gateway_env:
         log(f"restarting the gateways with {env}")
         fleet.restart_gateways(env)
-    key = fleet.tenant(tenant, budget_usd)
+    rpm, tpm = SCENARIO_RATES.get(name, (RPM, TPM))
+    key = fleet.tenant(tenant, budget_usd, rpm, tpm)
     time.sleep(1.0)  # limits reach every replica within key_cache_refresh_s
     log(f"scenario {name}: {what} ({seconds:.0f} s, {fleet.clients} clients)")
     _upstream_stats(fleet.upstream_port)  # reset
@@ -716,12 +790,18 @@ def run_scenario(fleet: Fleet, name: str, scale: float = 1.0) -> ScenarioResult:
     replies, marks = asyncio.run(
         drive([g.port for g in fleet.gateways], key, fleet.clients, seconds, events_for(name, fleet, scale))
     )
-    res = check(fleet, name, what, tenant, budget_usd, seconds, t0, replies, marks, log_since)
+    res = check(fleet, name, what, tenant, budget_usd, seconds, t0, replies, marks, log_since, rpm, tpm)
     log(
         f"  sent {res.requests_sent}, completed {res.completed}, worker served {res.upstream_served}, "
         f"ledger {res.ledger_events}, lost {res.lost_completed}, doubled {res.doubled}, "
         f"overrun {res.overrun_usd}, verify {res.verify.get('ok')}"
     )
+    for ph in res.rate_phases:
+        log(
+            f"  {ph['phase']} ({ph['from_s']}-{ph['to_s']} s): {ph['admitted']} admitted "
+            f"(bound {ph['rpm_bound']}, by replica {ph['by_replica']}), {ph['tokens']} tokens "
+            f"(bound {ph['tpm_bound']})"
+        )
     return res
 
 
@@ -785,8 +865,9 @@ def write(results: list[ScenarioResult], meta: dict[str, Any], out: Path, stamp:
         f"Load: {meta['clients']} concurrent streaming clients spread over the 3 replicas; each request is a "
         f"stream of {fake.CONTENT_CHUNKS} chunks, {CHUNK_INTERVAL_S * 1000:.0f} ms apart, "
         f"{fake.PROMPT_TOKENS} prompt + {fake.CONTENT_CHUNKS} completion tokens, max_tokens {MAX_TOKENS}. "
-        f"Per scenario a fresh tenant: RPM {RPM}, TPM {TPM:,}, a money budget in USD (below), request "
-        "timeout 30 s. Gateways with the defaults: `limits.on_backend_error_budget: closed`, "
+        f"Per scenario a fresh tenant: RPM {RPM} (unless below), TPM {TPM:,}, a money budget in USD "
+        "(below; `redis-rate`: none), request timeout 30 s. Gateways with the defaults: "
+        "`limits.on_backend_error_budget: closed`, "
         "`on_backend_error_rate: open`, `metering.fail_closed: false` (spool).",
         "",
         "## Summary",
@@ -799,7 +880,9 @@ def write(results: list[ScenarioResult], meta: dict[str, Any], out: Path, stamp:
         b = r.budget
         lines.append(
             f"| {r.name} | {r.requests_sent} | {r.completed} | {r.upstream_served} | {r.ledger_events} | "
-            f"{r.lost_completed} | {r.doubled} | {b.get('used', '?')} / {b.get('limit', r.budget_usd)} "
+            f"{r.lost_completed} | {r.doubled} | "
+            + (f"{b.get('used', '?')} / {b.get('limit', r.budget_usd)}" if r.budget_usd else "no budget")
+            + f" "
             f"| {r.overrun_usd} | {'yes' if r.rpm['holds'] else 'NO'} "
             f"({r.rpm['admitted']} admitted, max {r.rpm['max_in_any_60s']} in 60 s) | "
             f"{'yes' if r.tpm['holds'] else 'NO'} (max {r.tpm['max_in_any_60s']:,} in 60 s) | "
@@ -816,7 +899,9 @@ def write(results: list[ScenarioResult], meta: dict[str, Any], out: Path, stamp:
         lines += [
             f"## {r.name}: {r.what}",
             "",
-            f"{r.seconds:.0f} s of load; budget {r.budget_usd} USD. Events: "
+            f"{r.seconds:.0f} s of load; "
+            + (f"budget {r.budget_usd} USD" if r.budget_usd else "no budget")
+            + f", RPM {r.rpm['limit']}, TPM {r.tpm['limit']:,}. Events: "
             + (
                 ", ".join(f"{m_['what']} at {m_['at_s']} s (done at {m_['done_s']} s)" for m_ in r.marks)
                 or "none"
@@ -839,15 +924,32 @@ def write(results: list[ScenarioResult], meta: dict[str, Any], out: Path, stamp:
             f"{r.served_without_event}; events the worker never saw: {r.events_without_upstream}; "
             f"events whose client did not receive `[DONE]`: {r.billed_not_delivered} |",
             f"| budget | {json.dumps(r.budget)}; overrun {r.overrun_usd} USD |",
-            f"| RPM {RPM} | {r.rpm['admitted']} admitted over {r.rpm['first_to_last_s']} s (bound RPM x "
-            f"(1 + T/60) = {r.rpm['bound']}), max {r.rpm['max_in_any_60s']} in any 60 s (bound 2 x RPM = "
-            f"{r.rpm['bound_any_60s']}) |",
-            f"| TPM {TPM:,} | {r.tpm['billed_tokens']:,} tokens billed (bound {r.tpm['bound']:,}), max "
-            f"{r.tpm['max_in_any_60s']:,} in any 60 s (bound {r.tpm['bound_any_60s']:,}) |",
+            f"| RPM {r.rpm['limit']} | {r.rpm['admitted']} admitted over {r.rpm['first_to_last_s']} s "
+            f"(bound RPM x (1 + T/60) = {r.rpm['bound']}), max {r.rpm['max_in_any_60s']} in any 60 s "
+            f"(bound 2 x RPM = {r.rpm['bound_any_60s']}) |",
+            f"| TPM {r.tpm['limit']:,} | {r.tpm['billed_tokens']:,} tokens billed "
+            f"(bound {r.tpm['bound']:,}), max {r.tpm['max_in_any_60s']:,} in any 60 s "
+            f"(bound {r.tpm['bound_any_60s']:,}) |",
             f"| `tokenport usage verify` | {json.dumps(r.verify)} |",
             f"| gateway log lines | {_fmt_replies(r.notable_logs) or 'none of note'} |",
             "",
         ]
+        if r.rate_phases:
+            lines += [
+                "Rate limits per phase: requests admitted (arrived at the worker) and tokens billed (the "
+                "ledger's `started_at`), against one bucket plus the refill over the phase's length, "
+                "RPM x (1 + T/60) and TPM x (1 + T/60). By replica: the replica the client sent it to.",
+                "",
+                "| phase | from-to (s) | admitted | bound | by replica | tokens | bound | holds |",
+                "| --- | --- | ---: | ---: | --- | ---: | ---: | --- |",
+            ]
+            for rp in r.rate_phases:
+                lines.append(
+                    f"| {rp['phase']} | {rp['from_s']}-{rp['to_s']} | {rp['admitted']} | {rp['rpm_bound']} | "
+                    f"{', '.join(f'{k}: {v}' for k, v in rp['by_replica'].items())} | {rp['tokens']:,} | "
+                    f"{rp['tpm_bound']:,} | {'yes' if rp['holds'] else 'NO'} |"
+                )
+            lines.append("")
     path = base.with_suffix(".md")
     path.write_text(keep_analysis(path, "\n".join(lines)))
     return path
