@@ -41,11 +41,11 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from prometheus_client import Counter, Gauge
 
@@ -79,6 +79,28 @@ GAUGE_EVERY_S = 1.0
 HEARTBEAT_S = 2.0  # each process marks itself alive in Redis this often
 LIVE_TTL_MS = 6_000  # a process silent this long is no longer counted
 FailMode = Literal["open", "closed"]
+T = TypeVar("T")
+
+
+async def _single_flight(
+    table: dict[str, asyncio.Future[T]], key: str, read: Callable[[], Awaitable[T]]
+) -> T:
+    """`read()` once per key at a time in this process: concurrent callers wait for the same answer."""
+    fut = table.get(key)
+    if fut is not None:
+        return await asyncio.shield(fut)
+    fut = asyncio.get_running_loop().create_future()
+    table[key] = fut
+    try:
+        value = await read()
+        fut.set_result(value)
+        return value
+    except BaseException as exc:
+        fut.set_exception(exc)
+        fut.exception()  # retrieved: waiters re-raise it
+        raise
+    finally:
+        table.pop(key, None)
 
 
 def duration(ms: int) -> str:
@@ -337,39 +359,28 @@ class Limiter:
 
     async def _seed(self, tenant: Tenant, scope: str, key_id: str, budget: Budget, hold_key: str) -> int:
         """Usage of the budget's window from the ledger (single flight per window in this process)."""
-        fut = self._seeding.get(hold_key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._seeding[hold_key] = fut
-        try:
-            _window, start = budget.window(datetime.fromtimestamp(self.clock(), UTC))
-            if self._tariffed(budget, tenant):  # billed units per event, as the invoice converts them
-                total = await asyncio.to_thread(self._seed_events, budget, tenant, scope, key_id, start)
-                fut.set_result(total)
-                return total
-            group = ["key_id", "model"] if scope == "key" else ["model"]
-            rows = await asyncio.to_thread(self.usage.summary, group, tenant_id=tenant.id, start=start)
-            total = 0
-            for r in rows:
-                if scope == "key" and r["key_id"] != key_id:
-                    continue
-                prompt, cached, completion = (
-                    int(str(r["prompt_tokens"])),
-                    int(str(r["cached_prompt_tokens"])),
-                    int(str(r["completion_tokens"])),
-                )
-                total += self._amount(
-                    budget, tenant, str(r["model"]), prompt=prompt, cached=cached, completion=completion
-                )
-            fut.set_result(total)
-            return total
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters re-raise it
-            raise
-        finally:
-            self._seeding.pop(hold_key, None)
+        read = lambda: self._read_seed(tenant, scope, key_id, budget)  # noqa: E731
+        return await _single_flight(self._seeding, hold_key, read)
+
+    async def _read_seed(self, tenant: Tenant, scope: str, key_id: str, budget: Budget) -> int:
+        _window, start = budget.window(datetime.fromtimestamp(self.clock(), UTC))
+        if self._tariffed(budget, tenant):  # billed units per event, as the invoice converts them
+            return await asyncio.to_thread(self._seed_events, budget, tenant, scope, key_id, start)
+        group = ["key_id", "model"] if scope == "key" else ["model"]
+        rows = await asyncio.to_thread(self.usage.summary, group, tenant_id=tenant.id, start=start)
+        total = 0
+        for r in rows:
+            if scope == "key" and r["key_id"] != key_id:
+                continue
+            prompt, cached, completion = (
+                int(str(r["prompt_tokens"])),
+                int(str(r["cached_prompt_tokens"])),
+                int(str(r["completion_tokens"])),
+            )
+            total += self._amount(
+                budget, tenant, str(r["model"]), prompt=prompt, cached=cached, completion=completion
+            )
+        return total
 
     async def _seed_buckets(self, adm: Admission) -> list[BucketSpec]:
         """The admission's buckets with their seeds: requests and tokens of the last minute."""
@@ -387,29 +398,18 @@ class Limiter:
 
     async def _recent_usage(self, tenant_id: str) -> dict[str, tuple[int, int]]:
         """Per key of the tenant: (requests, tokens) that started in the last 60 s (single flight)."""
-        fut = self._rate_seeding.get(tenant_id)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._rate_seeding[tenant_id] = fut
-        try:
-            start = datetime.fromtimestamp(self.clock(), UTC) - timedelta(milliseconds=MINUTE_MS)
-            rows = await asyncio.to_thread(self.usage.summary, ["key_id"], tenant_id=tenant_id, start=start)
-            usage = {
-                str(r["key_id"]): (
-                    int(str(r["requests"])),
-                    int(str(r["prompt_tokens"])) + int(str(r["completion_tokens"])),
-                )
-                for r in rows
-            }
-            fut.set_result(usage)
-            return usage
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters re-raise it
-            raise
-        finally:
-            self._rate_seeding.pop(tenant_id, None)
+        return await _single_flight(self._rate_seeding, tenant_id, lambda: self._read_recent(tenant_id))
+
+    async def _read_recent(self, tenant_id: str) -> dict[str, tuple[int, int]]:
+        start = datetime.fromtimestamp(self.clock(), UTC) - timedelta(milliseconds=MINUTE_MS)
+        rows = await asyncio.to_thread(self.usage.summary, ["key_id"], tenant_id=tenant_id, start=start)
+        return {
+            str(r["key_id"]): (
+                int(str(r["requests"])),
+                int(str(r["prompt_tokens"])) + int(str(r["completion_tokens"])),
+            )
+            for r in rows
+        }
 
     # --- admission -----------------------------------------------------------------------
     async def admit(
