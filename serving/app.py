@@ -119,7 +119,6 @@ def create_app(
         on_gone=metrics.forget_worker,
         models=served,
     )
-    kube = EndpointSlices()
     discovery = None
     if workers_file is not None:
         dns = DnsLookup()
@@ -128,7 +127,7 @@ def create_app(
             workers,
             workers_file,
             settings.workers.refresh_s,
-            lookups={"dns": dns, "srv": dns, "endpointslices": kube},
+            lookups={"dns": dns, "srv": dns, "endpointslices": EndpointSlices()},
             on_error=lambda source: metrics.discovery_errors.labels(source).inc(),
             on_refresh=lambda: metrics.count_workers(pool.models, pool.workers),
         )
@@ -219,7 +218,6 @@ def create_app(
             if discovery is not None:
                 await discovery.close()
             await pool.close()
-            await kube.close()
             await keyring.close()
             await ledger.close()  # flush every queued usage event
             await guardrails.close()  # settle what those events hold

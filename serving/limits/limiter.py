@@ -65,6 +65,7 @@ from serving.limits.backend import (
     HoldSettle,
     HoldSpec,
     MemoryBackend,
+    refill,
 )
 from serving.limits.cache import PolicyCache
 from serving.limits.errors import LimitsUnavailable, ModelNotPriced, QuotaExceeded, RateLimitExceeded
@@ -260,7 +261,7 @@ class Limiter:
         last = self._levels.get(b.key)
         if last is None:
             return replace(b, capacity=cap, seed=0)
-        level = min(b.capacity, last[0] + max(0, now_ms - last[1]) * b.capacity / MINUTE_MS)
+        level = refill(last[0], last[1], b.capacity, now_ms)
         return replace(b, capacity=cap, seed=max(0, cap - math.floor(level / self.live)))
 
     def _remember_levels(self, buckets: list[BucketSpec], result: AdmitResult, now_ms: int) -> None:
@@ -504,9 +505,9 @@ class Limiter:
                         self._refuse_rate(adm, local)
                     adm.headers = rate_headers(local.buckets)
                 return None
+            if self.fallback is not None:  # ok or rate: the levels the buckets have in Redis now
+                self._remember_levels(adm.buckets, result, now_ms)
             if result.status == "ok":
-                if self.fallback is not None:
-                    self._remember_levels(adm.buckets, result, now_ms)
                 return result
             if result.status == "need_rate_seed":
                 adm.buckets = await self._seed_buckets(adm)
@@ -525,8 +526,6 @@ class Limiter:
                 adm.holds[result.index] = HeldBudget(specs[result.index], held.budget, held.scope)
                 continue
             if result.status == "rate":
-                if self.fallback is not None:
-                    self._remember_levels(adm.buckets, result, now_ms)
                 self._refuse_rate(adm, result)
             self._refuse_budget(adm, result)
         raise LimitsUnavailable("Budgets cannot be checked right now; retry shortly.")

@@ -304,8 +304,12 @@ class Discovery:
             for address, p in sorted(v4 or found)
         ]
 
+    @staticmethod
+    def _key(entry: FileWorker) -> str:
+        return f"{entry.model} {entry.base_url} {entry.discover} {entry.id}"
+
     async def _expand_or_keep(self, entry: FileWorker) -> list[Worker]:
-        key = f"{entry.model} {entry.base_url} {entry.discover} {entry.id}"
+        key = self._key(entry)
         try:
             self._last[key] = await self.expand(entry)
         except Exception as exc:  # noqa: BLE001 - one entry's failure keeps its last set, never the round's
@@ -320,13 +324,13 @@ class Discovery:
             )
         return self._last.get(key, [])
 
-    async def refresh(self, *, strict: bool = False) -> list[Worker]:
+    async def refresh(self) -> list[Worker]:
         """One round: read, look up every entry at once, replace; the new workers are health-checked
         before they serve."""
         if self.path is not None:
-            self.read(strict=strict)
+            self.read()
         groups = await asyncio.gather(*(self._expand_or_keep(e) for e in self._entries))
-        keep = {f"{e.model} {e.base_url} {e.discover} {e.id}" for e in self._entries}
+        keep = {self._key(e) for e in self._entries}
         for stale in set(self._last) - keep:  # entries no longer in the file
             del self._last[stale]
         added = self.pool.replace([*self.static, *(w for g in groups for w in g)])
@@ -349,6 +353,11 @@ class Discovery:
                 log.exception("worker discovery round failed")
 
     async def close(self) -> None:
+        """Stop the rounds and close the lookups that hold a connection (the Kubernetes API's)."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        for lookup in {id(lk): lk for lk in self.lookups.values()}.values():
+            close = getattr(lookup, "close", None)
+            if close is not None:
+                await close()

@@ -169,8 +169,9 @@ class Forwarder:
     ) -> Response:
         """The worker's answer as the client's response (a stream relay for a stream); `timeout_s`: a
         tenant's own request timeout (else `gateway.request_timeout_s`); `session`: the request's
-        session id (`gateway.session_header`): its routing key under prefix_affinity, passed on."""
-        await self.recorder.ledger.admit()  # metering.fail_closed: 503 before any worker runs anything
+        session id (`gateway.session_header`): its routing key under prefix_affinity, passed on.
+        The caller has asked `recorder.ledger.admit()` before its admission (metering.fail_closed: a
+        503 before any worker runs anything, and before any rate limit is used)."""
         want_usage = want_continuous = False
         if meter.stream and meter.endpoint != "responses":  # a Responses stream always ends with its usage
             opts = body.get("stream_options") or {}

@@ -102,8 +102,7 @@ class WorkerPool:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or you do not have access to it.", param="model"
             )
-        skip = set(exclude)
-        healthy = [w for w in workers if w.healthy and not w.draining and w not in skip]
+        healthy = self._takers(workers, exclude)
         if not healthy:
             raise NoHealthyWorker(f"No healthy worker is serving '{model}' right now; retry shortly.")
         chosen = routing.choose(healthy, key if self.routing == "prefix_affinity" else None)
@@ -111,9 +110,14 @@ class WorkerPool:
         return chosen
 
     def has_other(self, model: str, tried: Iterable[Worker]) -> bool:
-        """Another healthy worker of `model` could take the request (a retry after a 502/503/504)."""
-        skip = set(tried)
-        return any(w.healthy and not w.draining and w not in skip for w in self._by_model.get(model, ()))
+        """Another healthy worker of `model` could take the request (a retry after a 502/503)."""
+        return bool(self._takers(self._by_model.get(model, ()), tried))
+
+    @staticmethod
+    def _takers(workers: Iterable[Worker], exclude: Iterable[Worker]) -> list[Worker]:
+        """The workers that may take a new request: healthy, not draining, not already tried."""
+        skip = set(exclude)
+        return [w for w in workers if w.healthy and not w.draining and w not in skip]
 
     def ready(self) -> bool:
         """Every model that has workers has a healthy one (a model given no worker yet, waiting for

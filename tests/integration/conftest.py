@@ -48,6 +48,17 @@ def wait_http(
     raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
 
 
+def start_gateway(port: int, env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`tokenport gateway --port PORT ARGS...` with `env`, its output in `log`."""
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [str(BIN / "tokenport"), "gateway", "--port", str(port), *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -119,13 +130,7 @@ def gateway(vllm_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "TOKENPORT_GATEWAY__TRUSTED_PROXIES": TRUSTED_LOOPBACK,
     }
     log = data / "gateway.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [str(BIN / "tokenport"), "gateway", "--port", str(port), "--worker", f"{MODEL}={vllm_worker}"],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    proc = start_gateway(port, env, log, "--worker", f"{MODEL}={vllm_worker}")
     try:
         wait_http(
             f"http://127.0.0.1:{port}/healthz", 60, proc, log

@@ -26,7 +26,16 @@ from openai.types.chat import ChatCompletionMessageParam
 from metering.db import make_engine
 from metering.events import UsageEvent
 from metering.store_sql import UsageStore
-from tests.integration.conftest import BIN, MODEL, REPO, TRUSTED_LOOPBACK, free_port, stop, wait_http
+from tests.integration.conftest import (
+    BIN,
+    MODEL,
+    REPO,
+    TRUSTED_LOOPBACK,
+    free_port,
+    start_gateway,
+    stop,
+    wait_http,
+)
 from tests.integration.test_end_to_end import worker_counts
 
 pytestmark = pytest.mark.integration
@@ -128,13 +137,7 @@ def front_door(
         "TOKENPORT_GATEWAY__TRUSTED_PROXIES": TRUSTED_LOOPBACK,
     }
     log = d / "gateway.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [str(BIN / "tokenport"), "gateway", "--port", str(port)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    proc = start_gateway(port, env, log)
     cli = [str(BIN / "tokenport")]
     try:
         # readyz: every model with workers has a healthy one (here the router, after its check)

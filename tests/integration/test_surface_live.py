@@ -24,7 +24,7 @@ from metering.events import TokenType
 from metering.store_sql import UsageStore
 from serving.settings import load_settings
 from serving.workers.supervisor import worker_command
-from tests.integration.conftest import BIN, MODEL, REPO, free_port, stop, wait_http
+from tests.integration.conftest import BIN, MODEL, REPO, free_port, start_gateway, stop, wait_http
 
 pytestmark = pytest.mark.integration
 EMBED = "smollm2-135m-embed"
@@ -108,13 +108,7 @@ def surface(
             [str(BIN / "tokenport"), *args], env=env, capture_output=True, text=True, check=True, timeout=120
         ).stdout
 
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [str(BIN / "tokenport"), "gateway", "--port", str(port)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    proc = start_gateway(port, env, log)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc, log)
         cli(

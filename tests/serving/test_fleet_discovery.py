@@ -7,6 +7,7 @@ removed, tokenport_workers{model,state})."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -194,6 +195,23 @@ def ids(pool: WorkerPool) -> list[tuple[str, str, bool]]:
     return sorted((w.id, w.url, w.draining) for w in pool.workers)
 
 
+@contextlib.asynccontextmanager
+async def discovering(
+    path: Path, session: aiohttp.ClientSession, **lookups: Any
+) -> AsyncIterator[tuple[WorkerPool, Discovery, list[str]]]:
+    """A started pool of model `m` fed by the workers file at `path` (read strictly, as at a start);
+    the sources of the errors it counted."""
+    errors: list[str] = []
+    pool = WorkerPool([], models=["m"], interval_s=60)
+    await pool.start(session)
+    disco = Discovery(pool, [], path, 60, lookups=lookups or None, on_error=errors.append)
+    disco.read(strict=True)
+    try:
+        yield pool, disco, errors
+    finally:
+        await pool.close()
+
+
 async def test_every_address_is_a_worker_named_by_id_or_host(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -287,12 +305,7 @@ async def test_a_bad_edit_is_counted_once_and_the_last_good_set_stays(
 ) -> None:
     path = tmp_path / "workers.yaml"
     write_workers(path, {"model": "m", "base_url": "http://127.0.0.2:8000", "id": "w1"})
-    errors: list[str] = []
-    pool = WorkerPool([], models=["m"], interval_s=60)
-    await pool.start(session)
-    disco = Discovery(pool, [], path, 60, on_error=errors.append)
-    disco.read(strict=True)
-    try:
+    async with discovering(path, session) as (pool, disco, errors):
         await disco.refresh()
         write_workers(path, {"model": "m", "base_url": "http://127.0.0.3:8000", "id": "w1", "prot": 1})
         await disco.refresh()
@@ -300,8 +313,6 @@ async def test_a_bad_edit_is_counted_once_and_the_last_good_set_stays(
         assert [w.id for w in pool.workers] == ["w1"] and errors == ["workers_file"]
         with pytest.raises(WorkersFileError, match=r"workers\.0\.prot"):  # at a start it stops the start
             Discovery(WorkerPool([], models=["m"]), [], path, 60).read(strict=True)
-    finally:
-        await pool.close()
 
 
 # --- Kubernetes EndpointSlices -------------------------------------------------------------------------
@@ -587,16 +598,9 @@ async def test_one_entry_failing_in_any_way_keeps_its_last_set_and_the_round_goe
                 raise UnicodeError("label too long")  # not a LookupFailed: still only this entry's failure
             return [("127.0.0.9", 8000)] if "bad" in base_url else [(f"127.0.0.{self.calls}", 8000)]
 
-    errors: list[str] = []
-    pool = WorkerPool([], models=["m"], interval_s=60)
-    await pool.start(session)
-    disco = Discovery(pool, [], path, 60, lookups={"dns": Lookups()}, on_error=errors.append)
-    disco.read(strict=True)
-    try:
+    async with discovering(path, session, dns=Lookups()) as (pool, disco, errors):
         await disco.refresh()
         await disco.refresh()
-    finally:
-        await pool.close()
     active = sorted(w.id for w in pool.workers if not w.draining)
     assert active == ["bad.llm-127.0.0.9", "good.llm-127.0.0.4"] and errors == ["dns"]
 
@@ -617,12 +621,7 @@ async def test_a_workers_file_gone_keeps_the_last_set_and_is_counted_once(
 ) -> None:
     path = tmp_path / "workers.yaml"
     write_workers(path, {"model": "m", "base_url": "http://127.0.0.7:8000", "id": "w7"})
-    errors: list[str] = []
-    pool = WorkerPool([], models=["m"], interval_s=60)
-    await pool.start(session)
-    disco = Discovery(pool, [], path, 60, on_error=errors.append)
-    disco.read(strict=True)
-    try:
+    async with discovering(path, session) as (pool, disco, errors):
         await disco.refresh()
         path.unlink()  # deleted by mistake (a ConfigMap swap never leaves it missing)
         await disco.refresh()
@@ -631,5 +630,3 @@ async def test_a_workers_file_gone_keeps_the_last_set_and_is_counted_once(
         write_workers(path)  # emptied on purpose: they drain
         await disco.refresh()
         assert [(w.id, w.draining) for w in pool.workers] in ([("w7", True)], [])
-    finally:
-        await pool.close()
