@@ -77,9 +77,11 @@ class MetricsListener:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise OSError(
+                exc.errno, f"the metrics listener cannot bind {self.host}:{self.port} (gateway.metrics_port)"
+            ) from exc
         self.port = sock.getsockname()[1]  # the port actually bound (0 = any free port)
         self._sock = sock
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="metrics listener")

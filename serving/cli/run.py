@@ -53,18 +53,48 @@ def _with_cli_workers(settings: Settings, extra: list[object]) -> Settings:
     return settings.model_copy(update={"catalogue": catalogue})
 
 
-def _check_bind(settings: Settings, host: str) -> None:
-    """Local mode binds loopback only; the default admin token is refused elsewhere, warned about here."""
+def _check_bind(settings: Settings, host: str, port: int, processes: int = 1) -> None:
+    """Local mode binds loopback only; the default admin token is refused elsewhere, warned about here.
+    The gateway's port and its metrics listeners' ports must be free: said now, with the setting to
+    change, not as a traceback once the workers have started."""
     from serving.settings import ConfigError, check_bind
 
     try:
         warnings = check_bind(settings, host)
+        _check_ports_free(settings, host, port, processes)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from exc
     for w in warnings:
         logging.getLogger("tokenport.gateway").warning("%s", w)
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+
+
+def _check_ports_free(settings: Settings, host: str, port: int, processes: int) -> None:
+    import socket
+
+    from serving.settings import ConfigError
+
+    gw = settings.gateway
+    wanted = [(host, port, "the gateway's port (--port, gateway.port)")]
+    if gw.metrics_port:  # 0 = any free port, None = no listener
+        wanted += [
+            (gw.metrics_host, gw.metrics_port + i, f"process {i}'s metrics port (gateway.metrics_port + {i})")
+            if processes > 1
+            else (gw.metrics_host, gw.metrics_port, "the metrics port (gateway.metrics_port)")
+            for i in range(processes)
+        ]
+    for h, p, what in wanted:
+        with socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners bind
+            try:
+                s.bind((h, p))
+            except OSError as exc:
+                raise ConfigError(
+                    f"{what} {h}:{p} cannot be used: {exc.strerror}. Stop what holds it or choose "
+                    "another port (TOKENPORT_GATEWAY__PORT / TOKENPORT_GATEWAY__METRICS_PORT; a metrics "
+                    "port of 0 takes any free port)."
+                ) from exc
 
 
 async def _serve(
@@ -187,7 +217,8 @@ def gateway(
     extra = _parse_workers(worker or [])
     if extra:
         settings = _with_cli_workers(settings, extra)
-    _check_bind(settings, host or settings.gateway.host)
+    if not reuse_port:  # a supervised process: its supervisor checked the ports
+        _check_bind(settings, host or settings.gateway.host, port or settings.gateway.port, processes)
     if processes > 1:
         import sys
 
@@ -368,7 +399,7 @@ def up(
     settings = _settings(ctx)
     if port is not None:
         settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={"port": port})})
-    _check_bind(settings, settings.gateway.host)  # before the workers start
+    _check_bind(settings, settings.gateway.host, settings.gateway.port)  # before the workers start
     _run(_supervise(settings, None, with_gateway=True))
 
 

@@ -15,23 +15,18 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from metering.db import make_engine
 from metering.store_sql import UsageStore
 from tests import redis_fixture
 from tests.conftest import MODEL, metric
-from tests.fakes import FakeWorker
+from tests.fakes import FakeWorker, free_port, free_port_run
 from tests.redis_fixture import RedisServer
 
 redis_server = redis_fixture.redis_server  # the fixture, for this module
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cli(env: dict[str, str], *args: str) -> dict[str, str]:
@@ -67,12 +62,35 @@ def test_processes_without_a_shared_limits_backend_are_refused(tmp_path: Path) -
     assert "limits.backend: redis" in " ".join(out.stdout.split())
 
 
+@pytest.mark.parametrize("processes", [1, 3])
+def test_a_taken_metrics_port_is_refused_before_start_with_the_setting_to_change(
+    tmp_path: Path, processes: int
+) -> None:
+    first = free_port_run(3)
+    taken = first + processes - 1  # the last process's metrics port
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "TOKENPORT_DATA_DIR": str(tmp_path),
+        "TOKENPORT_GATEWAY__METRICS_PORT": str(first),
+    }
+    argv = [sys.executable, "-c", "from serving.cli import main; main()", "gateway"]
+    argv += ["--port", str(free_port()), "--processes", str(processes), "--per-process-limits"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    said = " ".join(out.stdout.split())
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"127.0.0.1:{taken} cannot be used" in said and "TOKENPORT_GATEWAY__METRICS_PORT" in said
+    assert ("gateway.metrics_port + 2" in said) == (processes == 3)
+    assert "Traceback" not in out.stderr
+
+
 async def test_two_processes_share_one_port_one_ledger_and_one_rate_limit(
     tmp_path: Path, worker: FakeWorker, redis_server: RedisServer
 ) -> None:
-    port, metrics = free_port(), free_port()
-    while metrics + 1 == port:
-        metrics = free_port()
+    port, metrics = free_port(), free_port_run(2)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
