@@ -52,6 +52,19 @@ class _Server(uvicorn.Server):
         yield
 
 
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port as the gateway's listeners bind (SO_REUSEADDR); OSError says why
+    it cannot be (the CLI checks its ports with it before starting)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class MetricsListener:
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
         config = uvicorn.Config(
@@ -72,13 +85,9 @@ class MetricsListener:
 
     async def start(self) -> None:
         """Bind (an OSError says why it cannot, e.g. the port is taken) and serve in the background."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
+            sock = bind_tcp(self.host, self.port)
         except OSError as exc:
-            sock.close()
             raise OSError(
                 exc.errno, f"the metrics listener cannot bind {self.host}:{self.port} (gateway.metrics_port)"
             ) from exc

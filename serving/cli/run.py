@@ -71,30 +71,26 @@ def _check_bind(settings: Settings, host: str, port: int, processes: int = 1) ->
 
 
 def _check_ports_free(settings: Settings, host: str, port: int, processes: int) -> None:
-    import socket
-
+    from serving.metrics_listener import bind_tcp
     from serving.settings import ConfigError
 
     gw = settings.gateway
     wanted = [(host, port, "the gateway's port (--port, gateway.port)")]
     if gw.metrics_port:  # 0 = any free port, None = no listener
-        wanted += [
-            (gw.metrics_host, gw.metrics_port + i, f"process {i}'s metrics port (gateway.metrics_port + {i})")
-            if processes > 1
-            else (gw.metrics_host, gw.metrics_port, "the metrics port (gateway.metrics_port)")
-            for i in range(processes)
-        ]
+        for i in range(processes):
+            what = "the metrics port (gateway.metrics_port)"
+            if processes > 1:
+                what = f"process {i}'s metrics port (gateway.metrics_port + {i})"
+            wanted.append((gw.metrics_host, gw.metrics_port + i, what))
     for h, p, what in wanted:
-        with socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners bind
-            try:
-                s.bind((h, p))
-            except OSError as exc:
-                raise ConfigError(
-                    f"{what} {h}:{p} cannot be used: {exc.strerror}. Stop what holds it or choose "
-                    "another port (TOKENPORT_GATEWAY__PORT / TOKENPORT_GATEWAY__METRICS_PORT; a metrics "
-                    "port of 0 takes any free port)."
-                ) from exc
+        try:
+            bind_tcp(h, p).close()
+        except OSError as exc:
+            raise ConfigError(
+                f"{what} {h}:{p} cannot be used: {exc.strerror}. Stop what holds it or choose "
+                "another port (TOKENPORT_GATEWAY__PORT / TOKENPORT_GATEWAY__METRICS_PORT; a metrics "
+                "port of 0 takes any free port)."
+            ) from exc
 
 
 async def _serve(
