@@ -77,6 +77,14 @@ def _check_ports_free(settings: Settings, host: str, port: int, processes: int) 
     gw = settings.gateway
     wanted = [(host, port, "the gateway's port (--port, gateway.port)")]
     if gw.metrics_port:  # 0 = any free port, None = no listener
+        last = gw.metrics_port + processes - 1
+        shared = gw.metrics_host == host or {gw.metrics_host, host} & {"0.0.0.0", "::", ""}
+        if last > 65535 or (shared and port and gw.metrics_port <= port <= last):
+            raise ConfigError(
+                f"the metrics ports {gw.metrics_port}..{last} (gateway.metrics_port + process) "
+                + ("go past 65535" if last > 65535 else f"include the gateway's port {port}")
+                + ": choose another gateway.metrics_port (TOKENPORT_GATEWAY__METRICS_PORT)."
+            )
         for i in range(processes):
             what = "the metrics port (gateway.metrics_port)"
             if processes > 1:

@@ -87,6 +87,25 @@ def test_a_taken_metrics_port_is_refused_before_start_with_the_setting_to_change
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("metrics", "port", "said"), [(65534, 8000, "go past 65535"), (9000, 9001, "port 9001")]
+)
+def test_metrics_ports_past_65535_or_over_the_gateway_s_port_are_refused(
+    tmp_path: Path, metrics: int, port: int, said: str
+) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "TOKENPORT_DATA_DIR": str(tmp_path),
+        "TOKENPORT_GATEWAY__METRICS_PORT": str(metrics),
+    }
+    argv = [sys.executable, "-c", "from serving.cli import main; main()", "gateway", "--port", str(port)]
+    argv += ["--processes", "3", "--per-process-limits"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert said in " ".join(out.stdout.split()) and "Traceback" not in out.stderr
+
+
 async def test_two_processes_share_one_port_one_ledger_and_one_rate_limit(
     tmp_path: Path, worker: FakeWorker, redis_server: RedisServer
 ) -> None:
